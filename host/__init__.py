@@ -1,0 +1,1 @@
+"""Host side: device backends, the hybrid pipeline and the command-line interface."""

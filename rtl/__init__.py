@@ -1,0 +1,1 @@
+"""The decode core in Amaranth HDL."""

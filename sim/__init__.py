@@ -1,0 +1,1 @@
+"""Golden models: the float reference and, next to it, the hardware-faithful model."""
