@@ -1,0 +1,255 @@
+"""GPT-2 weights: Hugging Face checkpoint loading and saving, validation and random weights.
+
+Weights are a plain ``dict[str, np.ndarray]`` of float32 arrays keyed by the Hugging Face
+names without the ``transformer.`` prefix. ``c_attn``, ``c_proj`` and ``c_fc`` are
+Conv1D layers, so their weights are stored [in, out] and are used as ``x @ w``:
+nothing is transposed on load. The LM head is tied to ``wte.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from tandem.config import GPT2Config, preset
+
+Weights = dict[str, np.ndarray]
+
+_PREFIX = "transformer."
+# Causal-mask buffers that older transformers versions saved with the weights.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or weight dict that cannot be used, and why."""
+
+
+def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every weight name of ``cfg`` with its exact shape, in checkpoint order."""
+    e, f = cfg.n_embd, cfg.n_inner
+    shapes: dict[str, tuple[int, ...]] = {
+        "wte.weight": (cfg.n_vocab, e),
+        "wpe.weight": (cfg.n_ctx, e),
+    }
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        shapes.update({
+            p + "ln_1.weight": (e,), p + "ln_1.bias": (e,),
+            p + "attn.c_attn.weight": (e, 3 * e), p + "attn.c_attn.bias": (3 * e,),
+            p + "attn.c_proj.weight": (e, e), p + "attn.c_proj.bias": (e,),
+            p + "ln_2.weight": (e,), p + "ln_2.bias": (e,),
+            p + "mlp.c_fc.weight": (e, f), p + "mlp.c_fc.bias": (f,),
+            p + "mlp.c_proj.weight": (f, e), p + "mlp.c_proj.bias": (e,),
+        })
+    shapes["ln_f.weight"] = (e,)
+    shapes["ln_f.bias"] = (e,)
+    return shapes
+
+
+def _is_ignorable(key: str, weights: Weights) -> bool:
+    if key.startswith("h.") and key.endswith(_BUFFER_SUFFIXES):
+        return True
+    # A saved LM head is fine only if it really is tied to the embedding.
+    if key == "lm_head.weight" and "wte.weight" in weights:
+        a, b = weights[key], weights["wte.weight"]
+        return a.shape == b.shape and np.array_equal(a, b)
+    return False
+
+
+def validate(cfg: GPT2Config, weights: Weights, *, source: str | os.PathLike | None = None) -> None:
+    """Check that ``weights`` has exactly the keys and shapes ``cfg`` needs.
+
+    Raises CheckpointError naming the key, the expected and the actual shape, and ``source``.
+    """
+    where = f" in {source}" if source is not None else ""
+    shapes = expected_shapes(cfg)
+    missing = [k for k in shapes if k not in weights]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"missing weights{where}: {', '.join(missing[:5])}{more}")
+    unknown = [k for k in weights if k not in shapes and not _is_ignorable(k, weights)]
+    if unknown:
+        hint = ""
+        if "lm_head.weight" in unknown:
+            hint = " (lm_head.weight differs from wte.weight; Tandem needs a tied LM head)"
+        raise CheckpointError(f"unexpected weights{where}: {', '.join(unknown[:5])}{hint}")
+    for key, want in shapes.items():
+        got = tuple(np.shape(weights[key]))
+        if got != want:
+            raise CheckpointError(
+                f"weight {key!r}{where} has shape {got}, expected {want} for config {cfg.name!r}"
+            )
+
+
+def _strip_prefix(raw: dict[str, np.ndarray]) -> Weights:
+    return {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): v for k, v in raw.items()}
+
+
+def _as_f32(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return {k: _as_f32(v) for k, v in load_file(path).items()}
+    except (SafetensorError, TypeError, ValueError) as numpy_err:
+        # NumPy has no bfloat16; PyTorch reads it and converts.
+        from safetensors.torch import load_file as load_torch
+
+        try:
+            import torch
+
+            tensors = load_torch(path)
+            return {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
+        except Exception as err:
+            raise CheckpointError(f"cannot read {path}: {numpy_err}; {err}") from err
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {
+        k: v.detach().to(torch.float32).numpy()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def _weight_files(d: Path) -> Iterator[Path]:
+    """The weight files of a checkpoint folder, preferring safetensors; sharded ones in order."""
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (d / single).is_file():
+            yield d / single
+            return
+        if (d / index).is_file():
+            try:
+                weight_map = json.loads((d / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as err:
+                raise CheckpointError(f"bad shard index {d / index}: {err}") from err
+            yield from (d / name for name in sorted(set(weight_map.values())))
+            return
+    raise CheckpointError(
+        f"no weights in {d}: expected model.safetensors or pytorch_model.bin"
+    )
+
+
+def load_config(directory: str | os.PathLike) -> GPT2Config:
+    """Read and check ``config.json`` of a Hugging Face GPT-2 checkpoint folder."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint folder {d} does not exist or is not a folder")
+    path = d / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: a checkpoint folder needs config.json") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    try:
+        return GPT2Config.from_hf_dict(raw, name=d.resolve().name)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT2Config, Weights]:
+    """Load a Hugging Face GPT-2 checkpoint folder as (config, float32 weights).
+
+    Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or their
+    sharded forms). FP16 and BF16 weights become float32; the ``transformer.`` prefix of
+    ``GPT2LMHeadModel`` checkpoints is removed; buffers and a tied ``lm_head`` are dropped.
+    """
+    d = Path(directory)
+    cfg = load_config(d)
+    weights: Weights = {}
+    files = list(_weight_files(d))
+    for path in files:
+        raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
+        weights.update(_strip_prefix(raw))
+    source = files[0] if len(files) == 1 else d
+    validate(cfg, weights, source=source)
+    shapes = expected_shapes(cfg)
+    return cfg, {k: weights[k] for k in shapes}
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    cfg: GPT2Config,
+    weights: Weights,
+    *,
+    dtype: np.dtype | type = np.float32,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` as ``GPT2LMHeadModel.save_pretrained`` does.
+
+    Keys carry the ``transformer.`` prefix and the tied LM head is left out, so
+    ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` loads the folder.
+    """
+    from safetensors.numpy import save_file
+
+    validate(cfg, weights)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    tensors = {
+        _PREFIX + k: np.ascontiguousarray(np.asarray(weights[k], dtype=dtype))
+        for k in expected_shapes(cfg)
+    }
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def random_weights(cfg: GPT2Config, seed: int = 0) -> Weights:
+    """Deterministic GPT-2-style random weights (float32).
+
+    Matrices and embeddings are normal with std 0.02, the residual projections
+    (``c_proj``) with std 0.02 / sqrt(2 * n_layer), as in GPT-2's init. Unlike that
+    init, biases are normal(0, 0.02) and LayerNorm gains 1 + normal(0, 0.1), so that
+    tests exercise every bias and gain.
+    """
+    rng = np.random.default_rng(seed)
+    proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)
+    weights: Weights = {}
+    for key, shape in expected_shapes(cfg).items():
+        if ".ln_" in key or key.startswith("ln_f."):
+            if key.endswith(".weight"):
+                w = 1.0 + rng.normal(0.0, 0.1, shape)
+            else:
+                w = rng.normal(0.0, 0.02, shape)
+        elif key.endswith("c_proj.weight"):
+            w = rng.normal(0.0, proj_std, shape)
+        else:
+            w = rng.normal(0.0, 0.02, shape)
+        weights[key] = w.astype(np.float32)
+    return weights
+
+
+def embedded_default() -> tuple[GPT2Config, Weights]:
+    """The built-in model: preset ``embedded`` with ``random_weights(seed=0)``.
+
+    Its weights are random, so its text is gibberish; it exists so that every path
+    runs without a downloaded checkpoint.
+    """
+    cfg = preset("embedded")
+    return cfg, random_weights(cfg, seed=0)
+
+
+def load_weights(spec: str | os.PathLike | None = None) -> tuple[GPT2Config, Weights]:
+    """``None`` gives the built-in model; a path gives that checkpoint folder."""
+    if spec is None:
+        return embedded_default()
+    return load_checkpoint(spec)
