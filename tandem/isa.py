@@ -1,0 +1,525 @@
+"""The decode core's instruction set: the one definition of opcodes, fields and encoding.
+
+Every instruction is a 128-bit little-endian word. Bits [7:0] hold the opcode; the fields of its
+format follow from bit 8 upward, in the order listed in :data:`FORMATS`, each as an unsigned
+integer of its width (``ADDI``'s immediate is two's complement). Bits above the last field are
+reserved and must be zero. An unknown opcode, a non-zero reserved bit or a reserved flag bit is an
+illegal instruction (:class:`IllegalInstruction`); the core reports it in its status register.
+
+Architectural state: 16 scalar registers of 32 bits (``R0`` reads as 0, writes to it are
+dropped), the vector buffer (VBUF, binary16 elements), and the HBM pseudo-channels. HBM addresses
+in instructions are per-channel offsets in 64-byte lines (:data:`LINE`); the layout module says
+what lives where. Semantics are sequential: each instruction sees the effects of every earlier
+one. The hardware overlaps units behind a scoreboard without changing that.
+
+The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
+zero), with ``label:`` lines, branch targets given as labels or numbers, flags as ``A|B`` and
+comments after ``#``. :func:`disassemble` writes the same format, so text round-trips.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+WORD_BITS = 128
+WORD_BYTES = WORD_BITS // 8
+LINE = 64
+"""Bytes per HBM line, the unit of HBM addresses in instructions."""
+N_REGS = 16
+
+
+class IllegalInstruction(ValueError):
+    """An instruction word or text that does not encode a legal instruction."""
+
+
+class Op(enum.IntEnum):
+    """Opcodes. Zero is deliberately illegal, so that running into erased memory stops the core."""
+
+    HALT = 0x01
+    SYNC = 0x02
+    SETI = 0x03
+    ADDI = 0x04
+    LDARG = 0x05
+    BLT = 0x06
+    BGE = 0x07
+    JMP = 0x08
+    LDW = 0x09
+    STW = 0x0A
+    LOADV = 0x10
+    STOREV = 0x11
+    STROW = 0x12
+    STCOL = 0x13
+    MATVEC = 0x20
+    VADD = 0x30
+    VSUB = 0x31
+    VMUL = 0x32
+    VMAX = 0x33
+    VDOT = 0x34
+    VEXP = 0x35
+    VRECIP = 0x36
+    VRSQRT = 0x37
+    VGELU = 0x38
+    VSET = 0x39
+
+
+class Unit(enum.Enum):
+    """Which part of the core executes an instruction."""
+
+    CONTROL = "control"
+    DMA = "dma"
+    MPU = "mpu"
+    VPU = "vpu"
+
+
+class MatFlag(enum.IntFlag):
+    """``MATVEC`` flags (meanings in :data:`FLAG_DOCS`)."""
+
+    BIAS = 1
+    ARGMAX = 2
+    LIVE_ROWS = 4
+    LIVE_COLS = 8
+
+
+class VecFlag(enum.IntFlag):
+    """Flags of the binary vector ops."""
+
+    B_SCALAR = 1
+
+
+FLAG_DOCS = {  # keyed by name: IntFlag members of different classes compare equal as ints
+    "BIAS": "start each row's accumulator from VBUF[dst + row] (the bias put there first)",
+    "ARGMAX": "write the lowest index of the largest accumulator to R[rd], not VBUF",
+    "LIVE_ROWS": "compute only the first R[lreg] rows; later rows are not written",
+    "LIVE_COLS": "use only the first R[lreg] columns; later weights and inputs count as +0",
+    "B_SCALAR": "operand b is the single element VBUF[b], broadcast over the length",
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    width: int
+    doc: str
+    signed: bool = False
+    flags: type[enum.IntFlag] | None = None
+
+    @property
+    def lo(self) -> int:
+        return -(1 << (self.width - 1)) if self.signed else 0
+
+    @property
+    def hi(self) -> int:
+        return (1 << (self.width - 1)) - 1 if self.signed else (1 << self.width) - 1
+
+
+def _f(name, width, doc, **kw) -> Field:
+    return Field(name, width, doc, **kw)
+
+
+# Shared field shapes
+_VADDR = 16  # VBUF element address
+_LEN = 16
+_REG = 4
+_LINEF = 24  # HBM line address within a channel (1 GiB)
+_COUNT = 16
+_STRIDE = 12
+
+_LREG = _f("lreg", _REG, "if non-zero, the length is R[lreg] instead of len")
+
+FORMATS: dict[Op, tuple[Field, ...]] = {
+    Op.HALT: (_f("code", 8, "0: finished; non-zero: program-detected error, reported in status"),),
+    Op.SYNC: (),
+    Op.SETI: (_f("rd", _REG, "destination register"), _f("imm", 32, "value")),
+    Op.ADDI: (
+        _f("rd", _REG, "destination register"),
+        _f("ra", _REG, "source register"),
+        _f("imm", 32, "signed addend", signed=True),
+    ),
+    Op.LDARG: (
+        _f("rd", _REG, "destination register"),
+        _f("arg", 4, "index into tandem.regmap.SCALAR_ARGS"),
+    ),
+    Op.BLT: (
+        _f("ra", _REG, "left operand"),
+        _f("rb", _REG, "right operand"),
+        _f("target", 16, "instruction index"),
+    ),
+    Op.BGE: (
+        _f("ra", _REG, "left operand"),
+        _f("rb", _REG, "right operand"),
+        _f("target", 16, "instruction index"),
+    ),
+    Op.JMP: (_f("target", 16, "instruction index"),),
+    Op.LDW: (
+        _f("rd", _REG, "destination register"),
+        _f("line", _LINEF, "channel-0 line"),
+        _f("ri", _REG, "index register: byte address = line*64 + R[ri]*4"),
+    ),
+    Op.STW: (
+        _f("rs", _REG, "source register"),
+        _f("line", _LINEF, "channel-0 line"),
+        _f("ri", _REG, "index register: byte address = line*64 + R[ri]*4"),
+    ),
+    Op.LOADV: (
+        _f("dst", _VADDR, "VBUF destination"),
+        _f("len", _LEN, "elements"),
+        _f("line", _LINEF, "striped vector base line"),
+        _f("ri", _REG, "index register"),
+        _f("stride", 16, "lines added per unit of R[ri] (row lookup)"),
+    ),
+    Op.STOREV: (
+        _f("src", _VADDR, "VBUF source"),
+        _f("len", _LEN, "elements"),
+        _f("line", _LINEF, "striped vector base line"),
+        _f("ri", _REG, "index register"),
+        _f("stride", 16, "lines added per unit of R[ri]"),
+    ),
+    Op.STROW: (
+        _f("src", _VADDR, "VBUF source"),
+        _f("len", _LEN, "elements (columns written)"),
+        _f("line", _LINEF, "tiled matrix base line"),
+        _f("ri", _REG, "row index register"),
+        _f("cols", _COUNT, "allocated columns of the matrix"),
+        _f("stride", _STRIDE, "tiles between 64x64 blocks; 0: dense (64/lanes)"),
+    ),
+    Op.STCOL: (
+        _f("src", _VADDR, "VBUF source"),
+        _f("len", _LEN, "elements (rows written)"),
+        _f("line", _LINEF, "tiled matrix base line"),
+        _f("ri", _REG, "column index register"),
+        _f("cols", _COUNT, "allocated columns of the matrix"),
+        _f("stride", _STRIDE, "tiles between 64x64 blocks; 0: dense (64/lanes)"),
+    ),
+    Op.MATVEC: (
+        _f("dst", _VADDR, "VBUF result (and bias, with BIAS); with ARGMAX unused"),
+        _f("src", _VADDR, "VBUF input vector"),
+        _f("line", _LINEF, "tiled matrix base line"),
+        _f("rows", _COUNT, "allocated rows"),
+        _f("cols", _COUNT, "allocated columns"),
+        _f("stride", _STRIDE, "tiles between 64x64 blocks; 0: dense (64/lanes)"),
+        _f("flags", 4, "MatFlag", flags=MatFlag),
+        _LREG,
+        _f("rd", _REG, "ARGMAX destination register"),
+    ),
+}
+
+_VBIN = (
+    _f("dst", _VADDR, "VBUF destination"),
+    _f("a", _VADDR, "VBUF operand a"),
+    _f("b", _VADDR, "VBUF operand b"),
+    _f("len", _LEN, "elements"),
+    _f("flags", 4, "VecFlag", flags=VecFlag),
+    _LREG,
+)
+_VUN = (
+    _f("dst", _VADDR, "VBUF destination"),
+    _f("a", _VADDR, "VBUF operand"),
+    _f("len", _LEN, "elements"),
+    _LREG,
+)
+for _op in (Op.VADD, Op.VSUB, Op.VMUL, Op.VDOT):
+    FORMATS[_op] = _VBIN
+for _op in (Op.VMAX, Op.VEXP, Op.VRECIP, Op.VRSQRT, Op.VGELU):
+    FORMATS[_op] = _VUN
+FORMATS[Op.VSET] = (
+    _f("dst", _VADDR, "VBUF destination"),
+    _f("imm", 16, "binary16 bit pattern"),
+    _f("len", _LEN, "elements"),
+    _LREG,
+)
+
+_CONTROL_OPS = (Op.HALT, Op.SYNC, Op.SETI, Op.ADDI, Op.LDARG, Op.BLT, Op.BGE, Op.JMP)
+_DMA_OPS = (Op.LDW, Op.STW, Op.LOADV, Op.STOREV, Op.STROW, Op.STCOL)
+_VPU_OPS = (
+    Op.VADD,
+    Op.VSUB,
+    Op.VMUL,
+    Op.VMAX,
+    Op.VDOT,
+    Op.VEXP,
+    Op.VRECIP,
+    Op.VRSQRT,
+    Op.VGELU,
+    Op.VSET,
+)
+UNITS: dict[Op, Unit] = {
+    **dict.fromkeys(_CONTROL_OPS, Unit.CONTROL),
+    **dict.fromkeys(_DMA_OPS, Unit.DMA),
+    Op.MATVEC: Unit.MPU,
+    **dict.fromkeys(_VPU_OPS, Unit.VPU),
+}
+
+SEMANTICS: dict[Op, str] = {
+    Op.HALT: "Stop. Status reports `code` (0 = success).",
+    Op.SYNC: "Wait until every unit is idle and every HBM write has completed.",
+    Op.SETI: "R[rd] = imm.",
+    Op.ADDI: "R[rd] = R[ra] + imm (32-bit wrap).",
+    Op.LDARG: "R[rd] = scalar kernel argument number `arg` (tandem.regmap.SCALAR_ARGS).",
+    Op.BLT: "If R[ra] < R[rb] (unsigned), continue at `target`.",
+    Op.BGE: "If R[ra] >= R[rb] (unsigned), continue at `target`.",
+    Op.JMP: "Continue at `target`.",
+    Op.LDW: "R[rd] = 32-bit word at channel 0, byte line*64 + R[ri]*4.",
+    Op.STW: "32-bit word at channel 0, byte line*64 + R[ri]*4 = R[rs].",
+    Op.LOADV: "VBUF[dst:dst+len] = striped HBM vector at line + R[ri]*stride.",
+    Op.STOREV: "Striped HBM vector at line + R[ri]*stride = VBUF[src:src+len].",
+    Op.STROW: "Row R[ri], columns 0..len-1, of the tiled matrix at `line` = VBUF[src:src+len].",
+    Op.STCOL: "Column R[ri], rows 0..len-1, of the tiled matrix at `line` = VBUF[src:src+len].",
+    Op.MATVEC: (
+        "VBUF[dst+r] = binary16(sum_c W[r, c] * VBUF[src+c] (+ bias)) for each live row r, under "
+        "the block-floating-point contract of tandem.numerics.matvec; with ARGMAX, R[rd] = the "
+        "lowest row index of the largest accumulator."
+    ),
+    Op.VADD: "VBUF[dst+i] = VBUF[a+i] + b_i (binary16, nearest even).",
+    Op.VSUB: "VBUF[dst+i] = VBUF[a+i] - b_i.",
+    Op.VMUL: "VBUF[dst+i] = VBUF[a+i] * b_i.",
+    Op.VMAX: "VBUF[dst] = max_i VBUF[a+i] (NaN if any is NaN).",
+    Op.VDOT: "VBUF[dst] = binary16(sum_i VBUF[a+i] * b_i) under the matvec contract (a: weights).",
+    Op.VEXP: "VBUF[dst+i] = exp(VBUF[a+i]) by table.",
+    Op.VRECIP: "VBUF[dst+i] = 1 / VBUF[a+i] by table.",
+    Op.VRSQRT: "VBUF[dst+i] = 1 / sqrt(VBUF[a+i]) by table.",
+    Op.VGELU: "VBUF[dst+i] = gelu(VBUF[a+i]) by table (GPT-2's tanh form).",
+    Op.VSET: "VBUF[dst+i] = imm for i < len.",
+}
+
+
+@dataclass(frozen=True)
+class Instr:
+    """One decoded instruction: an opcode and its field values (missing fields are zero)."""
+
+    op: Op
+    fields: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def make(cls, op: Op, **values: int) -> Instr:
+        fmt = FORMATS[op]
+        names = {f.name for f in fmt}
+        unknown = set(values) - names
+        if unknown:
+            raise IllegalInstruction(
+                f"{op.name} has no field(s) {sorted(unknown)}; its fields are {sorted(names)}"
+            )
+        items = []
+        for f in fmt:
+            v = int(values.get(f.name, 0))
+            if not f.lo <= v <= f.hi:
+                raise IllegalInstruction(
+                    f"{op.name}.{f.name} = {v} does not fit {f.width} bits "
+                    f"({'signed' if f.signed else 'unsigned'})"
+                )
+            if f.flags is not None and v & ~_flag_mask(f.flags):
+                raise IllegalInstruction(f"{op.name}.{f.name} = {v:#x} sets reserved flag bits")
+            items.append((f.name, v))
+        return cls(Op(op), tuple(items))
+
+    def __getitem__(self, name: str) -> int:
+        for k, v in self.fields:
+            if k == name:
+                return v
+        raise KeyError(f"{self.op.name} has no field {name!r}")
+
+    def get(self, name: str, default: int = 0) -> int:
+        for k, v in self.fields:
+            if k == name:
+                return v
+        return default
+
+    @property
+    def unit(self) -> Unit:
+        return UNITS[self.op]
+
+    def __str__(self) -> str:
+        return disassemble_one(self)
+
+
+def _flag_mask(flags: type[enum.IntFlag]) -> int:
+    m = 0
+    for f in flags:
+        m |= int(f)
+    return m
+
+
+def make(op: Op, **values: int) -> Instr:
+    """Shorthand for :meth:`Instr.make`."""
+    return Instr.make(op, **values)
+
+
+# ----------------------------------------------------------------------------------------------
+# binary encoding
+
+
+def encode(instr: Instr) -> int:
+    word = int(instr.op)
+    pos = 8
+    for f in FORMATS[instr.op]:
+        v = instr.get(f.name)
+        word |= (v & ((1 << f.width) - 1)) << pos
+        pos += f.width
+    return word
+
+
+def decode(word: int, pc: int | None = None) -> Instr:
+    """Decode one 128-bit word; raise :class:`IllegalInstruction` for anything not legal."""
+    where = f" at instruction {pc}" if pc is not None else ""
+    if not 0 <= word < (1 << WORD_BITS):
+        raise IllegalInstruction(f"word {word:#x}{where} is not a 128-bit value")
+    code = word & 0xFF
+    try:
+        op = Op(code)
+    except ValueError:
+        raise IllegalInstruction(f"unknown opcode {code:#04x}{where}") from None
+    pos = 8
+    values = {}
+    for f in FORMATS[op]:
+        v = (word >> pos) & ((1 << f.width) - 1)
+        if f.signed and v >> (f.width - 1):
+            v -= 1 << f.width
+        if f.flags is not None and v & ~_flag_mask(f.flags):
+            raise IllegalInstruction(f"{op.name}{where}: reserved flag bits set in {v:#x}")
+        values[f.name] = v
+        pos += f.width
+    if word >> pos:
+        raise IllegalInstruction(f"{op.name}{where}: reserved bits above bit {pos} are set")
+    return Instr.make(op, **values)
+
+
+def encode_program(program: list[Instr]) -> bytes:
+    return b"".join(encode(i).to_bytes(WORD_BYTES, "little") for i in program)
+
+
+def decode_program(data: bytes) -> list[Instr]:
+    if len(data) % WORD_BYTES:
+        raise IllegalInstruction(f"program of {len(data)} bytes is not whole 16-byte words")
+    return [
+        decode(int.from_bytes(data[i : i + WORD_BYTES], "little"), pc=i // WORD_BYTES)
+        for i in range(0, len(data), WORD_BYTES)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# text
+
+
+def disassemble_one(instr: Instr, labels: dict[int, str] | None = None) -> str:
+    parts = [instr.op.name.lower()]
+    for f in FORMATS[instr.op]:
+        v = instr.get(f.name)
+        if v == 0 and f.name != "target":
+            continue
+        if f.flags is not None:
+            text = "|".join(m.name for m in f.flags if v & m)
+        elif f.name == "target" and labels and v in labels:
+            text = labels[v]
+        else:
+            text = str(v)
+        parts.append(f"{f.name}={text}")
+    return " ".join(parts)
+
+
+def disassemble(program: list[Instr]) -> str:
+    """Program text with a label at every branch target; :func:`assemble` reads it back."""
+    targets = sorted({i["target"] for i in program if "target" in dict(i.fields)})
+    labels = {t: f"L{t}" for t in targets}
+    lines = []
+    for pc, instr in enumerate(program):
+        if pc in labels:
+            lines.append(f"{labels[pc]}:")
+        lines.append("    " + disassemble_one(instr, labels))
+    return "\n".join(lines) + "\n"
+
+
+_LABEL = re.compile(r"^([A-Za-z_][\w.]*):$")
+
+
+def assemble(text: str) -> list[Instr]:
+    """Assemble program text (see the module docstring); errors name the line."""
+    lines = []
+    labels: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _LABEL.match(line)
+        if m:
+            if m.group(1) in labels:
+                raise IllegalInstruction(f"line {lineno}: label {m.group(1)!r} defined twice")
+            labels[m.group(1)] = len(lines)
+            continue
+        lines.append((lineno, line))
+    program = []
+    for lineno, line in lines:
+        name, *args = line.split()
+        try:
+            op = Op[name.upper()]
+        except KeyError:
+            raise IllegalInstruction(f"line {lineno}: unknown instruction {name!r}") from None
+        fmt = {f.name: f for f in FORMATS[op]}
+        values = {}
+        for arg in args:
+            key, sep, val = arg.partition("=")
+            if not sep or key not in fmt:
+                raise IllegalInstruction(
+                    f"line {lineno}: {arg!r} is not one of {op.name}'s fields {sorted(fmt)}"
+                )
+            f = fmt[key]
+            try:
+                if f.flags is not None:
+                    values[key] = sum(int(f.flags[p]) for p in val.split("|")) if val else 0
+                elif key == "target" and val in labels:
+                    values[key] = labels[val]
+                else:
+                    values[key] = int(val, 0)
+            except (KeyError, ValueError):
+                raise IllegalInstruction(f"line {lineno}: bad value {val!r} for {key}") from None
+        try:
+            program.append(Instr.make(op, **values))
+        except IllegalInstruction as e:
+            raise IllegalInstruction(f"line {lineno}: {e}") from None
+    return program
+
+
+# ----------------------------------------------------------------------------------------------
+# documentation
+
+
+def reference_markdown() -> str:
+    """docs/isa.md, generated from the definitions above (a test keeps the file in step)."""
+    out = [
+        "# Tandem ISA",
+        "",
+        "Generated from `tandem/isa.py` by `python -m tandem.isa > docs/isa.md`; do not edit.",
+        "",
+        __doc__.strip(),
+        "",
+        f"Words are {WORD_BITS} bits; HBM line = {LINE} bytes; {N_REGS} registers.",
+        "",
+        "## Flags",
+        "",
+    ]
+    for flags in (MatFlag, VecFlag):
+        out.append(f"`{flags.__name__}`:")
+        out.append("")
+        for m in flags:
+            out.append(f"- `{m.name}` = {int(m)}: {FLAG_DOCS[m.name]}")
+        out.append("")
+    out += ["## Instructions", ""]
+    for op in Op:
+        out.append(f"### `{op.name}` (opcode {int(op):#04x}, {UNITS[op].value})")
+        out.append("")
+        out.append(SEMANTICS[op])
+        out.append("")
+        if FORMATS[op]:
+            out.append("| bits | field | width | meaning |")
+            out.append("|---|---|---|---|")
+            pos = 8
+            for f in FORMATS[op]:
+                rng = f"{pos + f.width - 1}:{pos}"
+                out.append(f"| {rng} | `{f.name}` | {f.width} | {f.doc} |")
+                pos += f.width
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
