@@ -1,5 +1,7 @@
 """HBM layout: the address functions and the packers are two formulations that must agree."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -89,7 +91,7 @@ def test_kv_prefix_matches_head_regions(geom):
 def test_regions_are_disjoint_and_aligned():
     lay = L.HBMLayout(preset("gpt2"), geometry("u55c"))
     spans = sorted((r.base, r.end, r.name) for r in lay.regions.values())
-    for (_, end, a), (base, _, b) in zip(spans, spans[1:], strict=False):
+    for (_, end, a), (base, _, b) in itertools.pairwise(spans):
         assert end <= base, (a, b)
     assert all(r.base % L.LINE == 0 for r in lay.regions.values())
     # gpt2 streams ~124M binary16 weights (+ the row-major embedding copies)
