@@ -9,7 +9,9 @@ illegal instruction (:class:`IllegalInstruction`); the core reports it in its st
 Architectural state: 16 scalar registers of 32 bits (``R0`` reads as 0, writes to it are
 dropped), the vector buffer (VBUF, binary16 elements), and the HBM pseudo-channels. HBM addresses
 in instructions are per-channel offsets in 64-byte lines (:data:`LINE`); the layout module says
-what lives where. Semantics are sequential: each instruction sees the effects of every earlier
+what lives where. VBUF operand addresses (fields ``dst``, ``src``, ``a``, ``b``) are element
+addresses that must be multiples of 64 (one VBUF row, :data:`VBUF_ALIGN`); anything else is an
+illegal instruction. Semantics are sequential: each instruction sees the effects of every earlier
 one. The hardware overlaps units behind a scoreboard without changing that.
 
 The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
@@ -28,6 +30,9 @@ WORD_BYTES = WORD_BITS // 8
 LINE = 64
 """Bytes per HBM line, the unit of HBM addresses in instructions."""
 N_REGS = 16
+VBUF_ALIGN = 64
+"""VBUF operands start on a 64-element row (the numeric block), so every unit reads whole rows."""
+VBUF_FIELDS = ("dst", "src", "a", "b")
 
 
 class IllegalInstruction(ValueError):
@@ -310,6 +315,10 @@ class Instr:
                 )
             if f.flags is not None and v & ~_flag_mask(f.flags):
                 raise IllegalInstruction(f"{op.name}.{f.name} = {v:#x} sets reserved flag bits")
+            if f.name in VBUF_FIELDS and v % VBUF_ALIGN:
+                raise IllegalInstruction(
+                    f"{op.name}.{f.name} = {v} is not a multiple of {VBUF_ALIGN} (a VBUF row)"
+                )
             items.append((f.name, v))
         return cls(Op(op), tuple(items))
 
