@@ -19,12 +19,16 @@ layer and channel (the hybrid pipeline moves exactly that prefix): head ``h``'s 
 ``[n_ctx, 64]`` and transposed V matrix ``[64, n_ctx]`` are tiled matrices with base
 ``layer_base + h * 64/lanes`` tiles and ``stride = n_head * 64/lanes``.
 
-The control area (status record, prompt and output tokens, program) lives in channel 0.
+The control area (status record, program, prompt and output tokens) lives in channel 0. The
+status record and the program sit at fixed offsets (:data:`STATUS_BYTES` bytes at 0, then the
+program at :data:`PROGRAM_BASE`), because the core finds them before it knows anything of the
+model; everything else is found through the program.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -297,8 +301,60 @@ def mpu_tensors(cfg: GPT2Config, weights: dict[str, np.ndarray]) -> dict[str, np
 
 
 STATUS_BYTES = LINE
-"""Status record at channel 0, offset 0: u32 status, u32 pc, u32 tokens done, u32 reserved,
-u64 cycles (written by the core when it stops; mirrors the status registers)."""
+"""Status record at channel 0, offset 0: u32 status, u32 pc, u32 tokens done, u32 halt code,
+u64 cycles (written by the core when it stops; mirrors the status registers). See
+:class:`StatusRecord`."""
+
+PROGRAM_BASE = STATUS_BYTES
+"""Byte offset of the program in channel 0. Fixed for every model and geometry: at ap_start the
+core fetches ``imem_words`` instructions from here into its instruction memory."""
+
+TOKEN_BYTES = 4
+"""Prompt and output tokens are little-endian int32, one per slot, slot ``i`` at byte ``4*i``."""
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    """The status record the core writes at channel 0, offset 0, when it stops.
+
+    ``status`` holds :class:`tandem.regmap.Status` bits, ``pc`` the instruction index of the first
+    error (or of the final HALT), ``tokens`` the tokens written to the output area in the run,
+    ``halt_code`` the HALT code (:class:`tandem.regmap.HaltCode`; the word the first layout left
+    reserved) and ``cycles`` the run time in kernel cycles (0 from simulators without time).
+    """
+
+    status: int = 0
+    pc: int = 0
+    tokens: int = 0
+    halt_code: int = 0
+    cycles: int = 0
+
+    _FORMAT = "<IIIIQ"
+
+    def pack(self) -> bytes:
+        raw = struct.pack(
+            self._FORMAT, self.status, self.pc, self.tokens, self.halt_code, self.cycles
+        )
+        return raw + bytes(STATUS_BYTES - len(raw))
+
+    @classmethod
+    def unpack(cls, raw: bytes | np.ndarray) -> StatusRecord:
+        raw = bytes(raw)[: struct.calcsize(cls._FORMAT)]
+        return cls(*struct.unpack(cls._FORMAT, raw))
+
+
+def pack_tokens(ids) -> bytes:
+    """Token ids as the prompt and output areas store them."""
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    if ids.size and (ids.min() < -(1 << 31) or ids.max() >= 1 << 31):
+        raise ValueError(f"token ids must fit int32, got range [{ids.min()}, {ids.max()}]")
+    return ids.astype("<i4").tobytes()
+
+
+def unpack_tokens(raw: bytes | np.ndarray) -> list[int]:
+    """Inverse of :func:`pack_tokens`."""
+    raw = bytes(raw)
+    return np.frombuffer(raw[: len(raw) // TOKEN_BYTES * TOKEN_BYTES], "<i4").tolist()
 
 
 @dataclass
@@ -334,9 +390,10 @@ class HBMLayout:
             if value > limit:
                 raise LayoutError(f"{what} = {value} exceeds {limit}, the {why}")
         self._add("status", Kind.CONTROL, STATUS_BYTES)
-        self._add("prompt", Kind.CONTROL, 4 * (cfg.n_ctx + 1))
-        self._add("output", Kind.CONTROL, 4 * (cfg.n_ctx + 1))
         self._add("program", Kind.CONTROL, g.imem_words * WORD_BYTES)
+        assert self.regions["program"].base == PROGRAM_BASE
+        self._add("prompt", Kind.CONTROL, TOKEN_BYTES * (cfg.n_ctx + 1))
+        self._add("output", Kind.CONTROL, TOKEN_BYTES * (cfg.n_ctx + 1))
         e = cfg.n_embd
         self._rows("wte", cfg.n_vocab, e)
         self._rows("wpe", cfg.n_ctx, e)
@@ -434,6 +491,10 @@ class HBMImage:
     def read_striped(self, base: int, n: int) -> np.ndarray:
         self._check(base, n)
         return self.data[:, base : base + n]
+
+    def read_channel(self, ch: int, base: int, n: int) -> bytes:
+        self._check(base, n)
+        return self.data[ch, base : base + n].tobytes()
 
     def write_channel(self, ch: int, base: int, raw: bytes | np.ndarray) -> None:
         raw = np.frombuffer(bytes(raw), np.uint8) if not isinstance(raw, np.ndarray) else raw
