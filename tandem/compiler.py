@@ -1,0 +1,472 @@
+"""GPT-2 to decode core: one program and one HBM image per (model, geometry).
+
+:func:`compile_model` places every weight with :mod:`tandem.layout`, allocates the vector buffer
+(VBUF) and emits the instruction stream that decodes position after position. The arguments of a
+run (``start_pos``, ``prompt_len``, ``n_new``) arrive through ``LDARG``, so one program serves
+every prompt. The arithmetic is the normative decode step that ``tandem.sim.faithful`` implements,
+in the same order, so the ISA simulator and the RTL running this program equal that model bit for
+bit.
+
+Program
+-------
+``T`` is ``pos + 1``; ``E`` = n_embd, ``P`` = n_head * 64 (heads padded to one block), ``F`` = 4E.
+Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (broadcast) operand::
+
+    prologue   LDARG start_pos, prompt_len, n_new; k = 0
+               start_pos >= prompt_len (also prompt_len == 0) -> HALT BAD_ARGS
+               n_new == 0 -> HALT 0
+               VSET c_n = 1/E, eps, scale = 1/sqrt(head_dim), one = 1.0  (binary16)
+    loop       pos >= n_ctx -> HALT CONTEXT_FULL
+               tok = LDW prompt[pos] if pos < prompt_len (tok >= n_vocab -> HALT BAD_ARGS)
+                     else the last argmax
+    embedding  x = LOADV wte[tok]; y = LOADV wpe[pos]; x = VADD(x, y)
+    per layer  layer_norm(x; ln_1) -> y
+               qkv = LOADV c_attn.bias; qkv = MATVEC(c_attn, y, BIAS)          [3P]
+      head h   STROW k_h -> K_h row pos; STCOL v_h -> V^T_h column pos
+               qs = VMUL(q_h, scale[s]) len 64
+               s = MATVEC(K_h, qs, LIVE_ROWS T)                               [T]
+               m = VMAX(s) len T; s = VSUB(s, m[s]) len T; s = VEXP(s) len T
+               z = VDOT(s, one[s]) len T; r = VRECIP(z) len 1
+               o = MATVEC(V^T_h, s, LIVE_COLS T)                              [64]
+               att[h*64:] = VMUL(o, r[s]) len 64
+               a = LOADV attn.c_proj.bias; a = MATVEC(attn.c_proj, att, BIAS); x = VADD(x, a)
+               layer_norm(x; ln_2) -> y
+               hm = LOADV c_fc.bias; hm = MATVEC(c_fc, y, BIAS); hm = VGELU(hm)  [F]
+               a = LOADV mlp.c_proj.bias; a = MATVEC(mlp.c_proj, hm, BIAS); x = VADD(x, a)
+    lm_head    only if T >= prompt_len: layer_norm(x; ln_f) -> y
+               next = MATVEC(lm_head, y, ARGMAX); STW next -> output[k]; k += 1
+               k == n_new -> HALT 0
+               pos += 1; JMP loop
+
+    layer_norm(x; g, b) -> y:
+               g, b = LOADV; mu = VDOT(x, c_n[s]); d = VSUB(x, mu[s]); ds = VMUL(d, c_n[s])
+               var = VDOT(d, ds); var = VADD(var, eps[s]) len 1; rstd = VRSQRT(var) len 1
+               y = VMUL(d, rstd[s]); y = VMUL(y, g); y = VADD(y, b)
+
+VDOT's ``a`` operand is the weight side of the block-floating-point dot product, as in
+``tandem.numerics.dot_fp16(a, b)``. Every ``STW`` writes one output token (the core counts
+``STW``\\ s as the TOKENS it reports).
+
+Registers: see the ``R_*`` constants. R0 reads as zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import isa
+from .config import GPT2Config
+from .geometry import CoreGeometry
+from .isa import LINE, Instr, MatFlag, Op, VecFlag
+from .layout import (
+    HBMImage,
+    HBMLayout,
+    LayoutError,
+    Region,
+    StatusRecord,
+    build_image,
+    dense_stride,
+    mpu_tensors,
+    pack_tokens,
+    padded_heads,
+    unpack_tokens,
+)
+from .numerics import BLOCK, to_bits
+from .regmap import HaltCode, scalar_arg_index
+
+# Scalar registers of the compiled program.
+R_POS = 1  # position being processed
+R_T = 2  # live positions, pos + 1
+R_PLEN = 3  # prompt_len argument
+R_NNEW = 4  # n_new argument
+R_K = 5  # tokens generated so far (index into the output area)
+R_TOK = 6  # token at this position
+R_NEXT = 7  # the last argmax
+R_CTX = 8  # n_ctx
+R_VOCAB = 9  # n_vocab
+R_START = 10  # start_pos argument
+
+B = VecFlag.B_SCALAR
+
+
+@dataclass(frozen=True)
+class VbufSlot:
+    """One operand's place in the vector buffer (element address, elements reserved)."""
+
+    addr: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+
+class _VbufAllocator:
+    """Bump allocation of 64-aligned VBUF slots; the total is checked against the geometry."""
+
+    def __init__(self):
+        self.slots: dict[str, VbufSlot] = {}
+        self.cursor = 0
+
+    def alloc(self, name: str, n: int) -> VbufSlot:
+        slot = VbufSlot(self.cursor, n)
+        self.slots[name] = slot
+        self.cursor += -(-n // isa.VBUF_ALIGN) * isa.VBUF_ALIGN
+        return slot
+
+
+def vbuf_plan(cfg: GPT2Config, geom: CoreGeometry) -> dict[str, VbufSlot]:
+    """The VBUF allocation of the compiled program; raises LayoutError if it does not fit."""
+    e, p, f = cfg.n_embd, padded_heads(cfg), 4 * cfg.n_embd
+    v = _VbufAllocator()
+    for name, n in [
+        ("x", e),  # residual stream
+        ("y", e),  # LayerNorm output (and the position embedding)
+        ("d", e),  # LayerNorm: x - mean
+        ("ds", e),  # LayerNorm: d / n
+        ("ln_g", e),
+        ("ln_b", e),
+        ("qkv", 3 * p),
+        ("qs", BLOCK),  # scaled query of one head
+        ("s", cfg.n_ctx),  # scores, then softmax numerators
+        ("o", BLOCK),  # one head's unnormalised output
+        ("att", p),  # attention output, heads side by side
+        ("a", e),  # attention / MLP projection output
+        ("hm", f),  # MLP hidden
+    ]:
+        v.alloc(name, n)
+    for name in ("c_n", "eps", "scale", "one", "mu", "var", "rstd", "m", "z", "r"):
+        v.alloc(name, 1)
+    if v.cursor > geom.vbuf_elems:
+        raise LayoutError(
+            f"{cfg.name} needs {v.cursor} VBUF elements, more than vbuf_elems = "
+            f"{geom.vbuf_elems} of geometry {geom.name!r}"
+        )
+    return v.slots
+
+
+class _Program:
+    """An instruction list with forward labels (branch targets are resolved at the end)."""
+
+    def __init__(self):
+        self.items: list[tuple[Op, dict]] = []
+        self.labels: dict[str, int] = {}
+
+    def __call__(self, op: Op, **fields) -> None:
+        self.items.append((op, fields))
+
+    def label(self, name: str) -> None:
+        if name in self.labels:
+            raise ValueError(f"label {name!r} defined twice")
+        self.labels[name] = len(self.items)
+
+    def finish(self) -> list[Instr]:
+        out = []
+        for op, fields in self.items:
+            if isinstance(fields.get("target"), str):
+                fields = {**fields, "target": self.labels[fields["target"]]}
+            out.append(isa.make(op, **fields))
+        return out
+
+
+class _Emitter:
+    """Emits the blocks of the decode step; one method per block of the module docstring."""
+
+    def __init__(self, cfg: GPT2Config, geom: CoreGeometry, layout: HBMLayout, vbuf):
+        self.cfg, self.geom, self.layout, self.v = cfg, geom, layout, vbuf
+        self.p = _Program()
+        self.E = cfg.n_embd
+        self.P = padded_heads(cfg)
+
+    # helpers ------------------------------------------------------------------------------
+
+    def addr(self, name: str, offset: int = 0) -> int:
+        return self.v[name].addr + offset
+
+    def load_vector(self, dst: str, region: str) -> None:
+        r = self.layout[region]
+        self.p(Op.LOADV, dst=self.addr(dst), len=r.cols, line=r.line)
+
+    def matvec(self, dst: str, src: str, region: str, bias: str | None = None, **extra) -> None:
+        r = self.layout[region]
+        flags = 0
+        if bias is not None:
+            self.load_vector(dst, bias)
+            flags |= MatFlag.BIAS
+        self.p(
+            Op.MATVEC,
+            dst=self.addr(dst),
+            src=self.addr(src),
+            line=r.line,
+            rows=r.rows,
+            cols=r.cols,
+            flags=flags | extra.pop("flags", 0),
+            **extra,
+        )
+
+    def kv(self, layer: int, head: int, part: str) -> Region:
+        r = self.layout.kv_head(layer, head, part)
+        if r.base % LINE:
+            raise LayoutError(
+                f"head {head}'s {part} matrix starts at byte {r.base}, not on a {LINE}-byte line: "
+                f"geometry {self.geom.name!r} has {dense_stride(self.geom)} tiles of "
+                f"{self.geom.beat_bytes} bytes per head"
+            )
+        return r
+
+    # blocks -------------------------------------------------------------------------------
+
+    def embedding(self) -> None:
+        """x = wte[tok] + wpe[pos]."""
+        for dst, name, reg in (("x", "wte", R_TOK), ("y", "wpe", R_POS)):
+            r = self.layout[name]
+            stride = r.row_bytes // LINE
+            self.p(Op.LOADV, dst=self.addr(dst), len=self.E, line=r.line, ri=reg, stride=stride)
+        self.p(Op.VADD, dst=self.addr("x"), a=self.addr("x"), b=self.addr("y"), len=self.E)
+
+    def layer_norm(self, prefix: str) -> None:
+        """y = LayerNorm(x; prefix.weight, prefix.bias)."""
+        p, a, E = self.p, self.addr, self.E
+        self.load_vector("ln_g", prefix + ".weight")
+        self.load_vector("ln_b", prefix + ".bias")
+        p(Op.VDOT, dst=a("mu"), a=a("x"), b=a("c_n"), len=E, flags=B)
+        p(Op.VSUB, dst=a("d"), a=a("x"), b=a("mu"), len=E, flags=B)
+        p(Op.VMUL, dst=a("ds"), a=a("d"), b=a("c_n"), len=E, flags=B)
+        p(Op.VDOT, dst=a("var"), a=a("d"), b=a("ds"), len=E)
+        p(Op.VADD, dst=a("var"), a=a("var"), b=a("eps"), len=1, flags=B)
+        p(Op.VRSQRT, dst=a("rstd"), a=a("var"), len=1)
+        p(Op.VMUL, dst=a("y"), a=a("d"), b=a("rstd"), len=E, flags=B)
+        p(Op.VMUL, dst=a("y"), a=a("y"), b=a("ln_g"), len=E)
+        p(Op.VADD, dst=a("y"), a=a("y"), b=a("ln_b"), len=E)
+
+    def attention(self, layer: int) -> None:
+        """x += attn.c_proj(attention(c_attn(y))), with y = ln_1(x) already in VBUF."""
+        p, a, E, P = self.p, self.addr, self.E, self.P
+        pre = f"h.{layer}.attn."
+        self.matvec("qkv", "y", pre + "c_attn.weight", bias=pre + "c_attn.bias")
+        for h in range(self.cfg.n_head):
+            k, v = self.kv(layer, h, "k"), self.kv(layer, h, "v")
+            p(
+                Op.STROW,
+                src=a("qkv", P + h * BLOCK),
+                len=BLOCK,
+                line=k.line,
+                ri=R_POS,
+                cols=k.cols,
+                stride=k.stride,
+            )
+            p(
+                Op.STCOL,
+                src=a("qkv", 2 * P + h * BLOCK),
+                len=BLOCK,
+                line=v.line,
+                ri=R_POS,
+                cols=v.cols,
+                stride=v.stride,
+            )
+            p(Op.VMUL, dst=a("qs"), a=a("qkv", h * BLOCK), b=a("scale"), len=BLOCK, flags=B)
+            p(
+                Op.MATVEC,
+                dst=a("s"),
+                src=a("qs"),
+                line=k.line,
+                rows=k.rows,
+                cols=k.cols,
+                stride=k.stride,
+                flags=MatFlag.LIVE_ROWS,
+                lreg=R_T,
+            )
+            p(Op.VMAX, dst=a("m"), a=a("s"), lreg=R_T)
+            p(Op.VSUB, dst=a("s"), a=a("s"), b=a("m"), flags=B, lreg=R_T)
+            p(Op.VEXP, dst=a("s"), a=a("s"), lreg=R_T)
+            p(Op.VDOT, dst=a("z"), a=a("s"), b=a("one"), flags=B, lreg=R_T)
+            p(Op.VRECIP, dst=a("r"), a=a("z"), len=1)
+            p(
+                Op.MATVEC,
+                dst=a("o"),
+                src=a("s"),
+                line=v.line,
+                rows=v.rows,
+                cols=v.cols,
+                stride=v.stride,
+                flags=MatFlag.LIVE_COLS,
+                lreg=R_T,
+            )
+            p(Op.VMUL, dst=a("att", h * BLOCK), a=a("o"), b=a("r"), len=BLOCK, flags=B)
+        self.matvec("a", "att", pre + "c_proj.weight", bias=pre + "c_proj.bias")
+        p(Op.VADD, dst=a("x"), a=a("x"), b=a("a"), len=E)
+
+    def mlp(self, layer: int) -> None:
+        """x += mlp.c_proj(gelu(mlp.c_fc(y))), with y = ln_2(x) already in VBUF."""
+        p, a = self.p, self.addr
+        pre = f"h.{layer}.mlp."
+        self.matvec("hm", "y", pre + "c_fc.weight", bias=pre + "c_fc.bias")
+        p(Op.VGELU, dst=a("hm"), a=a("hm"), len=4 * self.E)
+        self.matvec("a", "hm", pre + "c_proj.weight", bias=pre + "c_proj.bias")
+        p(Op.VADD, dst=a("x"), a=a("x"), b=a("a"), len=self.E)
+
+    def lm_head(self) -> None:
+        """next = argmax(lm_head(ln_f(x))), stored as output token k."""
+        self.layer_norm("ln_f")
+        self.matvec("y", "y", "lm_head", flags=MatFlag.ARGMAX, rd=R_NEXT)
+        self.p(Op.STW, rs=R_NEXT, line=self.layout["output"].line, ri=R_K)
+        self.p(Op.ADDI, rd=R_K, ra=R_K, imm=1)
+
+    # the whole program --------------------------------------------------------------------
+
+    def program(self) -> list[Instr]:
+        p, a, cfg = self.p, self.addr, self.cfg
+        arg = scalar_arg_index
+        p(Op.LDARG, rd=R_START, arg=arg("start_pos"))
+        p(Op.LDARG, rd=R_PLEN, arg=arg("prompt_len"))
+        p(Op.LDARG, rd=R_NNEW, arg=arg("n_new"))
+        p(Op.SETI, rd=R_K, imm=0)
+        p(Op.SETI, rd=R_CTX, imm=cfg.n_ctx)
+        p(Op.SETI, rd=R_VOCAB, imm=cfg.n_vocab)
+        p(Op.BGE, ra=R_START, rb=R_PLEN, target="bad_args")
+        p(Op.BGE, ra=R_K, rb=R_NNEW, target="done")
+        constants = {
+            "c_n": to_bits(1.0 / cfg.n_embd),
+            "eps": to_bits(cfg.layer_norm_epsilon),
+            "scale": to_bits(1.0 / np.sqrt(cfg.head_dim)),
+            "one": to_bits(1.0),
+        }
+        for name, bits in constants.items():
+            p(Op.VSET, dst=a(name), imm=int(bits), len=1)
+        p(Op.ADDI, rd=R_POS, ra=R_START, imm=0)
+
+        p.label("loop")
+        p(Op.BGE, ra=R_POS, rb=R_CTX, target="context_full")
+        p(Op.BGE, ra=R_POS, rb=R_PLEN, target="generated")
+        p(Op.LDW, rd=R_TOK, line=self.layout["prompt"].line, ri=R_POS)
+        p(Op.BGE, ra=R_TOK, rb=R_VOCAB, target="bad_args")
+        p(Op.JMP, target="step")
+        p.label("generated")
+        p(Op.ADDI, rd=R_TOK, ra=R_NEXT, imm=0)
+        p.label("step")
+        p(Op.ADDI, rd=R_T, ra=R_POS, imm=1)
+        self.embedding()
+        for layer in range(cfg.n_layer):
+            self.layer_norm(f"h.{layer}.ln_1")
+            self.attention(layer)
+            self.layer_norm(f"h.{layer}.ln_2")
+            self.mlp(layer)
+        p(Op.BLT, ra=R_T, rb=R_PLEN, target="next")
+        self.lm_head()
+        p(Op.BGE, ra=R_K, rb=R_NNEW, target="done")
+        p.label("next")
+        p(Op.ADDI, rd=R_POS, ra=R_POS, imm=1)
+        p(Op.JMP, target="loop")
+
+        p.label("done")
+        p(Op.HALT, code=HaltCode.OK)
+        p.label("context_full")
+        p(Op.HALT, code=HaltCode.CONTEXT_FULL)
+        p.label("bad_args")
+        p(Op.HALT, code=HaltCode.BAD_ARGS)
+        return p.finish()
+
+
+@dataclass
+class Compiled:
+    """One model compiled for one geometry.
+
+    Attributes
+    ----------
+    program : list[Instr]
+    layout : HBMLayout
+    image : HBMImage
+        Weights placed, the program in the ``program`` region, KV and token areas zero.
+    vbuf_map : dict[str, VbufSlot]
+        Where the program keeps each operand; ``y`` holds the final LayerNorm output (the LM
+        head's input) after a run that generated a token, ``x`` the residual stream.
+    labels : dict[str, int]
+        Instruction index of each label of the program (``loop``, ``done``, ...).
+    """
+
+    cfg: GPT2Config
+    geom: CoreGeometry
+    program: list[Instr]
+    layout: HBMLayout
+    image: HBMImage
+    vbuf_map: dict[str, VbufSlot]
+    labels: dict[str, int]
+
+    @property
+    def vbuf_elems(self) -> int:
+        """VBUF elements the program uses."""
+        return max(s.addr + -(-s.length // BLOCK) * BLOCK for s in self.vbuf_map.values())
+
+    def assembly(self) -> str:
+        return isa.disassemble(self.program)
+
+    def args(self, prompt_len: int, n_new: int, start_pos: int = 0) -> dict[str, int]:
+        """Scalar arguments of a run (``hbm_bytes`` = the whole layout)."""
+        return {
+            "start_pos": start_pos,
+            "prompt_len": prompt_len,
+            "n_new": n_new,
+            "hbm_bytes": self.layout.channel_bytes,
+            "watchdog": 0,
+        }
+
+    # Token areas and the status record, on anything with read_channel/write_channel
+    # (an HBMImage or a host Device).
+
+    def write_prompt(self, target, ids: Sequence[int]) -> None:
+        """Store prompt tokens from slot 0 of the prompt area."""
+        if len(ids) > self.cfg.n_ctx + 1:
+            raise ValueError(
+                f"{len(ids)} prompt tokens do not fit the prompt area of n_ctx + 1 = "
+                f"{self.cfg.n_ctx + 1} slots"
+            )
+        target.write_channel(0, self.layout["prompt"].base, pack_tokens(ids))
+
+    def read_output(self, source, n: int) -> list[int]:
+        """The first ``n`` tokens of the output area."""
+        region = self.layout["output"]
+        return unpack_tokens(source.read_channel(0, region.base, 4 * n))
+
+    def read_status(self, source) -> StatusRecord:
+        region = self.layout["status"]
+        return StatusRecord.unpack(source.read_channel(0, region.base, region.nbytes))
+
+
+def compile_model(
+    cfg: GPT2Config, weights: Mapping[str, np.ndarray], geom: CoreGeometry
+) -> Compiled:
+    """Compile a GPT-2 model (float weights keyed as in tandem.checkpoint) for a core geometry.
+
+    Raises LayoutError naming the limit when the model does not fit the geometry (HBM channel
+    size, VBUF elements, instruction memory, instruction field widths).
+    """
+    layout = HBMLayout(cfg, geom)
+    vbuf = vbuf_plan(cfg, geom)
+    em = _Emitter(cfg, geom, layout, vbuf)
+    try:
+        program = em.program()
+    except isa.IllegalInstruction as err:
+        raise LayoutError(f"{cfg.name} on {geom.name}: {err}") from err
+    if len(program) > geom.imem_words:
+        raise LayoutError(
+            f"{cfg.name} compiles to {len(program)} instructions, more than imem_words = "
+            f"{geom.imem_words} of geometry {geom.name!r}"
+        )
+    image = build_image(layout, mpu_tensors(cfg, weights))
+    image.write_channel(0, layout["program"].base, isa.encode_program(program))
+    return Compiled(cfg, geom, program, layout, image, vbuf, dict(em.p.labels))
+
+
+def fits(cfg: GPT2Config, geom: CoreGeometry) -> str | None:
+    """None if ``cfg`` compiles for ``geom``, else the reason (without building the image)."""
+    try:
+        layout = HBMLayout(cfg, geom)
+        n = len(_Emitter(cfg, geom, layout, vbuf_plan(cfg, geom)).program())
+    except (LayoutError, isa.IllegalInstruction) as err:
+        return str(err)
+    if n > geom.imem_words:
+        return f"{n} instructions exceed imem_words = {geom.imem_words}"
+    return None
