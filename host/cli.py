@@ -9,17 +9,71 @@ from collections.abc import Sequence
 
 from tandem.checkpoint import load_weights, random_weights
 from tandem.config import PRESETS, preset
+from tandem.geometry import GEOMETRIES
 from tandem.tokenizer import parse_prompt, parse_token_ids, tokenizer_for
 
 
-def _generate_reference(weights, cfg, ids: list[int], n_new: int) -> list[int]:
+def _generate_reference(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     from tandem.sim.reference import generate_greedy
 
-    return generate_greedy(weights, cfg, ids, n_new)
+    t0 = time.perf_counter()
+    tokens = generate_greedy(weights, cfg, ids, n_new)
+    return {"tokens": tokens, "timings": {"decode": time.perf_counter() - t0}, "where": ""}
 
 
-# Backend name -> function(weights, cfg, prompt ids, n_new) -> new ids.
-GENERATE_BACKENDS = {"reference": _generate_reference}
+def _generate_on_device(backend: str):
+    def run(weights, cfg, ids: list[int], n_new: int, args) -> dict:
+        from tandem.host.runtime import generate, resolve_geometry
+
+        geom = resolve_geometry(cfg, args.geometry)
+        show = args.progress if args.progress is not None else sys.stderr.isatty()
+        progress = _Progress(n_new) if show else None
+        result = generate(cfg, weights, ids, n_new, geom, backend=backend, progress=progress)
+        if progress is not None:
+            progress.finish()
+        stats = result.stats
+        extra = ""
+        if "instructions" in stats:
+            extra = (
+                f"; {stats['instructions']:,} instructions, "
+                f"{(stats['hbm_read'] + stats['hbm_written']) / 1e6:,.1f} MB HBM traffic"
+            )
+        return {
+            "tokens": result.tokens,
+            "timings": result.timings,
+            "where": f" on {geom.name}",
+            "extra": extra,
+        }
+
+    return run
+
+
+class _Progress:
+    """Per-token progress on stderr: one rewritten line on a terminal, else a line per token."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, i: int, token: int) -> None:
+        dt = time.perf_counter() - self.t0
+        text = f"token {i + 1}/{self.total}: id {token} ({dt:.2f} s since start)"
+        if self.tty:
+            print("\r" + text, end="", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _backends() -> dict:
+    """Backend name -> function(weights, cfg, prompt ids, n_new, args) -> result dict."""
+    from tandem.host.device import BACKENDS
+
+    return {"reference": _generate_reference} | {n: _generate_on_device(n) for n in BACKENDS}
 
 
 def _load_model(args: argparse.Namespace):
@@ -45,21 +99,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer = tokenizer_for(args.checkpoint, cfg)
         ids = parse_prompt(args.prompt, cfg.n_vocab, tokenizer)
     t0 = time.perf_counter()
-    new = GENERATE_BACKENDS[args.backend](weights, cfg, ids, args.max_new_tokens)
+    out = _backends()[args.backend](weights, cfg, ids, args.max_new_tokens, args)
     elapsed = time.perf_counter() - t0
+    new = out["tokens"]
     if tokenizer is None:
         print(",".join(str(i) for i in ids + new))
     else:
         print(tokenizer.decode(ids + new))
+        print(
+            f"token ids: {','.join(str(i) for i in ids)} | {','.join(str(i) for i in new)}",
+            file=sys.stderr,
+        )
+    timings = ", ".join(f"{k} {v:.3f} s" for k, v in out["timings"].items())
+    print(f"timings: {timings}{out.get('extra', '')}", file=sys.stderr)
     print(
-        f"[{args.backend}] model {cfg.name}: {len(ids)} prompt + {len(new)} new tokens "
-        f"in {elapsed:.2f} s",
+        f"[{args.backend}] model {cfg.name}{out['where']}: {len(ids)} prompt + {len(new)} new "
+        f"tokens in {elapsed:.2f} s",
         file=sys.stderr,
     )
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tandem.host.bench import bench_decode, format_table
+
+    rows = [
+        bench_decode(
+            args.model,
+            geom,
+            prompt_len=args.prompt_len,
+            n_new=args.tokens,
+            seed=args.seed,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        for geom in args.geometry
+    ]
+    print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tandem.host.device import BACKENDS
+
     parser = argparse.ArgumentParser(
         prog="tandem", description="GPT-2 inference: prefill on a GPU, decode on an FPGA core."
     )
@@ -78,17 +159,46 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", default="Hello, my name is", help="prompt text")
     prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
     gen.add_argument("--max-new-tokens", type=int, default=16, metavar="N")
-    gen.add_argument("--backend", choices=sorted(GENERATE_BACKENDS), default="reference")
+    gen.add_argument(
+        "--backend",
+        choices=sorted({"reference", *BACKENDS}),
+        default="model",
+        help="model: the compiled program on the ISA simulator (bit-exact with the core); "
+        "reference: the float NumPy model",
+    )
+    gen.add_argument(
+        "--geometry",
+        choices=sorted(GEOMETRIES),
+        help="core geometry for device backends (default: the smallest the model fits)",
+    )
+    gen.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per-token progress on stderr (default: when stderr is a terminal)",
+    )
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="ISA-simulator decode speed (random weights)")
+    bench.add_argument("--model", choices=sorted(PRESETS), default="gpt2")
+    bench.add_argument(
+        "--geometry", choices=sorted(GEOMETRIES), nargs="+", default=["u55c"], metavar="GEOM"
+    )
+    bench.add_argument("--prompt-len", type=int, default=1, metavar="N")
+    bench.add_argument("--tokens", type=int, default=32, metavar="N")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tandem.host.runtime import RunError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
-        # Checkpoint, config, tokenizer and range errors carry a message made for users.
+    except (ValueError, RunError) as err:
+        # Checkpoint, config, tokenizer, range and device errors carry a message made for users.
         print(f"tandem {args.command}: error: {err}", file=sys.stderr)
         return 2
 

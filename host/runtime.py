@@ -1,0 +1,246 @@
+"""Greedy generation on a decode-core device: compile, load, write the prompt, run, read back.
+
+The explicit pipeline (as in FINN's ``execute``)::
+
+    session = Session(cfg, weights, geom, backend="model")   # compile + load
+    result = session.generate(prompt_ids, n_new)             # prompt in, run, tokens out
+
+:func:`generate` does both for one call. Every step is timed (``GenerateResult.timings``). A run
+that stops with error bits raises :class:`RunError`, which names the bits and keeps the tokens
+produced before the stop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tandem.compiler import Compiled, compile_model, fits
+from tandem.config import GPT2Config
+from tandem.geometry import GEOMETRIES, CoreGeometry, geometry
+from tandem.layout import StatusRecord
+from tandem.regmap import STATUS_DOCS, HaltCode, Status
+
+from .device import Device, open_device
+
+Progress = Callable[[int, int], None]
+"""``progress(i, token)`` after the ``i``-th generated token (0-based)."""
+
+
+def status_names(status: int) -> list[str]:
+    """Names of the Status bits set in ``status``."""
+    return [s.name for s in Status if status & s]
+
+
+def describe_status(record: StatusRecord) -> str:
+    """A sentence for users: which bits, what they mean, where, and the HALT code."""
+    if record.status == 0:
+        return f"ok ({record.tokens} tokens)"
+    parts = []
+    for name in status_names(record.status):
+        text = f"{name} ({STATUS_DOCS[name]})"
+        if name == "PROGRAM_ERROR":
+            try:
+                code = HaltCode(record.halt_code).name
+            except ValueError:
+                code = str(record.halt_code)
+            text += f", HALT code {code}"
+        parts.append(text)
+    return f"{'; '.join(parts)} at instruction {record.pc}, after {record.tokens} tokens"
+
+
+class RunError(RuntimeError):
+    """The core stopped with error bits set. ``tokens`` holds what it produced before."""
+
+    def __init__(self, record: StatusRecord, tokens: list[int], detail: str = ""):
+        self.record = record
+        self.tokens = tokens
+        msg = f"decode stopped: {describe_status(record)}"
+        if record.halt_code == HaltCode.CONTEXT_FULL and record.status == Status.PROGRAM_ERROR:
+            msg += " (the context is full: use a shorter prompt or fewer new tokens)"
+        super().__init__(msg + (f" [{detail}]" if detail else ""))
+
+
+@dataclass
+class GenerateResult:
+    """Generated ``tokens`` (prompt not included) and how the run went.
+
+    ``timings`` are seconds: ``compile`` and ``load`` (0 when a :class:`Session` is reused),
+    ``write`` (prompt into HBM), ``decode`` (start to done), ``read`` (tokens and status back).
+    ``stats`` holds backend counters when the backend has them (``model``: instructions per unit,
+    HBM bytes read and written).
+    """
+
+    tokens: list[int]
+    timings: dict[str, float]
+    status: StatusRecord
+    backend: str
+    geometry: str
+    positions: int
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        d = self.timings.get("decode", 0.0)
+        return len(self.tokens) / d if d > 0 else float("inf")
+
+
+def check_fits(cfg: GPT2Config, prompt_ids: Sequence[int], n_new: int) -> list[int]:
+    """Validate a greedy request; returns the prompt as ints.
+
+    The core processes positions ``0 .. len(prompt) + n_new - 2`` (the last token is never fed
+    back), so it needs ``len(prompt) + n_new - 1 <= n_ctx``.
+    """
+    if isinstance(n_new, bool) or not isinstance(n_new, int | np.integer) or n_new < 0:
+        raise ValueError(f"n_new must be a non-negative int, not {n_new!r}")
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise ValueError("the prompt must have at least one token")
+    bad = [t for t in ids if not 0 <= t < cfg.n_vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range [0, {cfg.n_vocab})")
+    need = max(len(ids), len(ids) + n_new - 1)
+    if need > cfg.n_ctx:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens + {n_new} new tokens needs {need} positions: it "
+            f"exceeds the context of {cfg.n_ctx} for {cfg.name!r} "
+            f"(the core needs len(prompt) + n_new - 1 <= n_ctx)"
+        )
+    return ids
+
+
+def resolve_geometry(cfg: GPT2Config, geom: CoreGeometry | str | None) -> CoreGeometry:
+    """A geometry by name or object; ``None`` picks the smallest preset the model fits."""
+    if isinstance(geom, CoreGeometry):
+        return geom
+    if geom is not None:
+        return geometry(geom)
+    reasons = []
+    for g in sorted(GEOMETRIES.values(), key=lambda g: (g.channels * g.port_bits, g.vbuf_elems)):
+        why = fits(cfg, g)
+        if why is None:
+            return g
+        reasons.append(f"{g.name}: {why}")
+    raise ValueError(f"{cfg.name} fits no core geometry: " + "; ".join(reasons))
+
+
+class Session:
+    """A model compiled for a geometry and loaded on a device, ready for many requests.
+
+    Parameters
+    ----------
+    cfg, weights
+        The model (float weights keyed as in tandem.checkpoint).
+    geom : CoreGeometry, geometry name, or None for the smallest that fits
+    backend : str
+        A name from ``tandem.host.device.BACKENDS``.
+    compiled : Compiled, optional
+        Reuse an existing compilation (``weights`` may then be None).
+    device_options : mapping, optional
+        Passed to the backend's constructor.
+    """
+
+    def __init__(
+        self,
+        cfg: GPT2Config,
+        weights: Mapping[str, np.ndarray] | None,
+        geom: CoreGeometry | str | None = None,
+        backend: str = "model",
+        compiled: Compiled | None = None,
+        device_options: Mapping | None = None,
+    ):
+        self.cfg = cfg
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if compiled is None:
+            compiled = compile_model(cfg, weights, resolve_geometry(cfg, geom))
+        self.compiled = compiled
+        t1 = time.perf_counter()
+        self.device: Device = open_device(backend, compiled.geom, **(device_options or {}))
+        self.device.load(compiled.image)
+        t2 = time.perf_counter()
+        self.timings = {"compile": t1 - t0, "load": t2 - t1}
+        self.backend = backend
+        self._fresh = True
+
+    @property
+    def geom(self) -> CoreGeometry:
+        return self.compiled.geom
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        n_new: int,
+        progress: Progress | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """Greedy decoding of ``n_new`` tokens after ``prompt_ids`` (the prompt runs on the core
+        too, one position at a time). Raises ValueError for requests that do not fit and
+        RunError if the core reports an error."""
+        ids = check_fits(self.cfg, prompt_ids, n_new)
+        c, dev = self.compiled, self.device
+        timings = dict(self.timings) if self._fresh else {"compile": 0.0, "load": 0.0}
+        self._fresh = False
+        t0 = time.perf_counter()
+        dev.write_tokens(c.layout, "prompt", ids)
+        dev.set_args(**c.args(prompt_len=len(ids), n_new=n_new))
+        t1 = time.perf_counter()
+        record = dev.run(timeout=timeout, on_token=progress)
+        t2 = time.perf_counter()
+        tokens = dev.read_tokens(c.layout, record.tokens)
+        t3 = time.perf_counter()
+        timings.update(write=t1 - t0, decode=t2 - t1, read=t3 - t2)
+        stats = {}
+        result = getattr(dev, "last_result", None)
+        if result is not None:
+            stats = {
+                "instructions": result.steps,
+                "units": dict(result.unit_counts),
+                "hbm_read": result.hbm_read,
+                "hbm_written": result.hbm_written,
+            }
+            if result.message and not result.ok:
+                stats["message"] = result.message
+        if record.status:
+            raise RunError(record, tokens, stats.get("message", ""))
+        return GenerateResult(
+            tokens=tokens,
+            timings=timings,
+            status=record,
+            backend=self.backend,
+            geometry=c.geom.name,
+            positions=len(ids) + n_new - 1 if n_new else 0,
+            stats=stats,
+        )
+
+    def close(self) -> None:
+        self.device.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def generate(
+    cfg: GPT2Config,
+    weights: Mapping[str, np.ndarray],
+    prompt_ids: Sequence[int],
+    n_new: int,
+    geom: CoreGeometry | str | None = None,
+    backend: str = "model",
+    progress: Progress | None = None,
+) -> GenerateResult:
+    """Compile ``cfg``/``weights`` for ``geom``, load it on ``backend`` and decode greedily.
+
+    Returns a :class:`GenerateResult` (tokens, timings incl. compile and load, status). The
+    request is checked first (ValueError if it does not fit the context); error bits in the
+    status raise :class:`RunError`.
+    """
+    check_fits(cfg, prompt_ids, n_new)
+    with Session(cfg, weights, geom, backend) as session:
+        return session.generate(prompt_ids, n_new, progress)
