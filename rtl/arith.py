@@ -1,0 +1,1001 @@
+"""Arithmetic units of the decode core, bit-exact with :mod:`tandem.numerics`.
+
+Every unit is a pipelined ``wiring.Component`` with an input stream ``i`` and an output stream
+``o`` (``lib.stream``, valid/ready). All of them stall the same way: the whole pipeline advances
+when ``o`` can accept (``~o.valid | o.ready``), and ``i.ready`` is that advance signal, so a
+unit takes and gives one item per cycle while ``o.ready`` stays high, and holds everything when
+it drops. Latency is counted from the cycle an item is accepted on ``i`` to the first cycle it
+is valid on ``o`` with no stall in between.
+
+Each unit carries an optional ``tag`` (any shape, default zero bits) from input to output
+unchanged, so that a datapath built from these units can keep row indices, flags and exponents
+beside the data without parallel delay lines.
+
+========================  ========  ==========  =============================================
+unit                      latency   throughput  contract
+========================  ========  ==========  =============================================
+:class:`FP16Add`          4         1 / cycle   ``numerics.fp16_add`` / ``fp16_sub``
+:class:`FP16Mul`          3         1 / cycle   ``numerics.fp16_mul``
+:class:`FP16Table`        1         1 / cycle   ``numerics.table(name)``
+:class:`BlockAlign`       2         1 / cycle   ``numerics.bfp_blocks`` (one block)
+:class:`BlockDot`         4         1 / cycle   exact integer block sum
+:class:`AccumulatorShift` 2         1 / cycle   ``shift_floor(sum, block_shift(...))``
+:class:`Accumulator`      1         1 / cycle   the 64-bit sum of a row's terms
+:class:`AccToFP16`        3         1 / cycle   ``numerics.acc_to_fp16`` (NaN if non-finite)
+========================  ========  ==========  =============================================
+
+(Latencies are for the default block size of 64; :class:`BlockDot` grows by one cycle per
+factor of four in block size.)
+"""
+
+import numpy as np
+from amaranth import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.lib import data, enum, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from tandem import numerics
+
+__all__ = [
+    "AccToFP16",
+    "Accumulator",
+    "AccumulatorShift",
+    "AddOp",
+    "Binary16",
+    "BlockAlign",
+    "BlockDot",
+    "FP16Add",
+    "FP16Mul",
+    "FP16Table",
+]
+
+
+class Binary16(data.Struct):
+    """An IEEE binary16 bit pattern, fields from the LSB up."""
+
+    frac: unsigned(10)
+    exp: unsigned(5)
+    sign: unsigned(1)
+
+
+class AddOp(enum.Enum, shape=1):
+    """What :class:`FP16Add` computes."""
+
+    ADD = 0
+    SUB = 1
+
+
+Q_WIDTH = numerics.SIG_BITS + 1
+"""Width of an aligned significand: 11 magnitude bits and a sign (|q| <= 2047)."""
+
+ACC_WIDTH = 64
+"""The accumulator is 64-bit two's complement (numerics: 61 bits suffice for 2**14 columns)."""
+
+EXP_WIDTH = 5
+"""A biased binary16 exponent (block exponents are at least 1)."""
+
+LAM_WIDTH = 8
+"""Signed width of ``lam``, the accumulator LSB exponent (the contract uses -42..-12)."""
+
+NO_TAG = unsigned(0)
+"""The default ``tag``: no side data."""
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _check_shape(name, shape):
+    """Validate a shape-castable, keeping layouts (so a struct ``tag`` keeps its fields)."""
+    try:
+        Shape.cast(shape)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a shape or layout (for example unsigned(8)), not {shape!r}"
+        ) from None
+    return shape
+
+
+def _check_positive_pow2(name: str, value) -> int:
+    if not isinstance(value, int) or value <= 0 or value & (value - 1):
+        raise ValueError(f"{name} must be a positive power of two, not {value!r}")
+    return value
+
+
+class _Stall:
+    """Register helper for a global-stall pipeline: registers load only when ``en`` is high."""
+
+    def __init__(self, m: Module, en):
+        self.m = m
+        self.en = en
+
+    def reg(self, value, shape=None, *, name: str):
+        sig = Signal(value.shape() if shape is None else shape, name=name)
+        with self.m.If(self.en):
+            self.m.d.sync += sig.eq(value)
+        return sig
+
+    def valid_chain(self, first, stages: int, *, name: str):
+        """``stages`` valid flags behind ``first`` (these reset to 0)."""
+        prev = first
+        for k in range(stages):
+            prev = self.reg(prev, 1, name=f"{name}{k + 1}")
+        return prev
+
+
+def _stream_pipe(m: Module, i, o, *, name: str) -> _Stall:
+    """Wire the global stall of a unit: advance when the output register is empty or taken."""
+    advance = Signal(name=f"{name}_advance")
+    m.d.comb += [advance.eq(~o.valid | o.ready), i.ready.eq(advance)]
+    return _Stall(m, advance)
+
+
+def leading_zeros(value) -> tuple:
+    """(all zero, count of leading zeros) of an unsigned value, as a balanced tree.
+
+    The count is only meaningful when the value is not zero.
+    """
+    width = len(value)
+    size = 1 << max(0, (width - 1).bit_length())
+    value = Cat(Const(0, size - width), value)  # pad at the LSB end: leading zeros unchanged
+
+    def tree(v):
+        if len(v) == 1:
+            return ~v[0], Const(0, 0)
+        half = len(v) // 2
+        z_lo, c_lo = tree(v[:half])
+        z_hi, c_hi = tree(v[half:])
+        return z_lo & z_hi, Mux(z_hi, Cat(c_lo, Const(1, 1)), Cat(c_hi, Const(0, 1)))
+
+    return tree(value)
+
+
+class _Normalized(data.Struct):
+    """A magnitude normalised for rounding: value = 0.hi,sticky * 2**(top + 1)."""
+
+    zero: unsigned(1)
+    sign: unsigned(1)
+    hi: unsigned(12)  # 11 result bits and the guard bit, leading one at the MSB
+    sticky: unsigned(1)  # any one below the guard bit
+    top: signed(12)  # exponent of the leading one (value = 1.xxx * 2**top)
+
+
+def _normalize(m: Module, mag, lam, sign, *, name: str):
+    """Comb: normalise ``mag * 2**lam`` (``mag`` unsigned, ``lam`` signed) for :func:`_round`."""
+    width = len(mag)
+    if width < 12:  # give the window its 12 bits; the value is unchanged
+        mag = Cat(Const(0, 12 - width), mag)
+        lam = lam - (12 - width)
+        width = 12
+    zero, lz = leading_zeros(mag)
+    shifted = Signal(width, name=f"{name}_shifted")
+    n = Signal(_Normalized, name=f"{name}_norm")
+    m.d.comb += [
+        shifted.eq(mag << lz),
+        n.zero.eq(zero),
+        n.sign.eq(sign),
+        n.hi.eq(shifted[width - 12 :]),
+        n.sticky.eq(shifted[: width - 12].any() if width > 12 else 0),
+        n.top.eq((width - 1) + lam - lz),
+    ]
+    return n
+
+
+def _round(m: Module, n, *, name: str):
+    """Comb: round a :class:`_Normalized` value to binary16, nearest-even, as
+    ``numerics.acc_to_fp16`` does (subnormals, overflow to +-Inf, zero gives +0)."""
+    # Below the normal range, shift right so the result LSB weighs 2**-24; 13 and more all
+    # leave only sticky bits, so the distance is clamped there.
+    under = Signal(signed(13), name=f"{name}_under")
+    m.d.comb += under.eq(-14 - n.top)
+    d = Signal(range(14), name=f"{name}_d")
+    with m.If(under <= 0):
+        m.d.comb += d.eq(0)
+    with m.Elif(under >= 13):
+        m.d.comb += d.eq(13)
+    with m.Else():
+        m.d.comb += d.eq(under)
+    window = Cat(n.sticky, n.hi)  # 13 bits: sticky, guard, 11 result bits
+    shifted = Signal(13, name=f"{name}_window")
+    lost = Signal(name=f"{name}_lost")
+    m.d.comb += [
+        shifted.eq(window >> d),
+        lost.eq((window & ((Const(1, 14) << d) - 1)[:13]).any()),
+    ]
+    kept = shifted[2:13]
+    guard = shifted[1]
+    rest = shifted[0] | lost
+    rounded = Signal(12, name=f"{name}_rounded")
+    m.d.comb += rounded.eq(kept + (guard & (rest | kept[0])))
+    carry = rounded[11]
+    sig = Signal(11, name=f"{name}_sig")
+    qexp = Signal(signed(14), name=f"{name}_qexp")  # exponent of the result LSB
+    m.d.comb += [
+        sig.eq(Mux(carry, rounded[1:12], rounded[:11])),
+        qexp.eq(n.top - 10 + d + carry),
+    ]
+    out = Signal(Binary16, name=f"{name}_out")
+    with m.If(n.zero):
+        m.d.comb += out.as_value().eq(0)
+    with m.Elif(qexp > 30 - 25):
+        m.d.comb += [out.sign.eq(n.sign), out.exp.eq(31), out.frac.eq(0)]
+    with m.Else():
+        m.d.comb += [
+            out.sign.eq(n.sign),
+            out.exp.eq(Mux(sig[10], qexp + 25, 0)),
+            out.frac.eq(sig[:10]),
+        ]
+    return out
+
+
+def _classify(x, m: Module, *, name: str) -> dict:
+    """Comb: decode a :class:`Binary16` view as numerics.decode does, plus its class."""
+    sig = Signal(11, name=f"{name}_sig")
+    exp = Signal(5, name=f"{name}_exp")
+    m.d.comb += [
+        sig.eq(Cat(x.frac, x.exp != 0)),
+        exp.eq(Mux(x.exp == 0, 1, x.exp)),
+    ]
+    special = x.exp == 31
+    return {
+        "sig": sig,
+        "exp": exp,
+        "nan": special & (x.frac != 0),
+        "inf": special & (x.frac == 0),
+        "zero": (x.exp == 0) & (x.frac == 0),
+    }
+
+
+def _canonical_nan():
+    return Const(numerics.CANONICAL_NAN, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# element-wise binary16
+
+
+class FP16Add(wiring.Component):
+    """IEEE binary16 adder/subtractor, round to nearest even, bit-exact with
+    ``numerics.fp16_add`` and ``numerics.fp16_sub``.
+
+    Subnormals are handled in and out, overflow gives +-Inf, every NaN result is the canonical
+    ``0x7E00``, ``(+0) + (-0) = +0`` and ``x - x = +0``. The datapath keeps three bits below the
+    larger operand's LSB (guard, round, sticky), which is enough for a correctly rounded sum.
+
+    Parameters
+    ----------
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(FP16Add.InLayout))``
+        ``a``, ``b`` (:class:`Binary16`), ``op`` (:class:`AddOp`), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``value`` (:class:`Binary16`), ``tag``.
+
+    Latency 4 cycles (decode and order; align; add; normalise and round), throughput one
+    operation per cycle.
+    """
+
+    LATENCY = 4
+
+    def __init__(self, *, tag=NO_TAG):
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout(
+            {"a": Binary16, "b": Binary16, "op": AddOp, "tag": self._tag}
+        )
+        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        return self.LATENCY
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="add")
+        a, b = self.i.payload.a, self.i.payload.b
+        b_sign = Signal(name="b_sign")
+        m.d.comb += b_sign.eq(b.sign ^ (self.i.payload.op == AddOp.SUB))
+        ca = _classify(a, m, name="a")
+        cb = _classify(b, m, name="b")
+
+        # Stage 1: order by magnitude (bit order is magnitude order), detect special results.
+        swap = Signal(name="swap")
+        m.d.comb += swap.eq(b.as_value()[:15] > a.as_value()[:15])
+        special = Signal(name="special")
+        special_value = Signal(16, name="special_value")
+        m.d.comb += special.eq(ca["nan"] | cb["nan"] | ca["inf"] | cb["inf"])
+        with m.If(ca["nan"] | cb["nan"] | (ca["inf"] & cb["inf"] & (a.sign != b_sign))):
+            m.d.comb += special_value.eq(_canonical_nan())
+        with m.Elif(ca["inf"]):
+            m.d.comb += special_value.eq(a.as_value())
+        with m.Else():
+            m.d.comb += special_value.eq(Cat(Const(0x7C00, 15), b_sign))
+        s1 = {
+            "special": p.reg(special, name="s1_special"),
+            "special_value": p.reg(special_value, name="s1_special_value"),
+            "both_zero": p.reg(ca["zero"] & cb["zero"], name="s1_both_zero"),
+            "zero_sign": p.reg(a.sign & b_sign, name="s1_zero_sign"),
+            "sign": p.reg(Mux(swap, b_sign, a.sign), name="s1_sign"),
+            "subtract": p.reg(a.sign ^ b_sign, name="s1_subtract"),
+            "exp": p.reg(Mux(swap, cb["exp"], ca["exp"]), name="s1_exp"),
+            "diff": p.reg(
+                Mux(swap, cb["exp"] - ca["exp"], ca["exp"] - cb["exp"])[:5], 5, name="s1_diff"
+            ),
+            "big": p.reg(Mux(swap, cb["sig"], ca["sig"]), name="s1_big"),
+            "small": p.reg(Mux(swap, ca["sig"], cb["sig"]), name="s1_small"),
+            "tag": p.reg(self.i.payload.tag, self._tag, name="s1_tag"),
+        }
+        v1 = p.valid_chain(self.i.valid, 1, name="add_valid")
+
+        # Stage 2: align the smaller significand (3 extra bits, sticky in the LSB) and add.
+        small = Cat(Const(0, 3), s1["small"])  # 14 bits
+        aligned = Signal(14, name="aligned")
+        lost = Signal(name="align_lost")
+        m.d.comb += [
+            aligned.eq(small >> s1["diff"]),
+            lost.eq((small & ((Const(1, 32) << s1["diff"]) - 1)[:14]).any()),
+        ]
+        term = Cat(aligned[0] | lost, aligned[1:])
+        big = Cat(Const(0, 3), s1["big"])
+        total = Signal(15, name="total")
+        m.d.comb += total.eq(Mux(s1["subtract"], big - term, big + term))
+        s2 = {k: p.reg(s1[k], name=f"s2_{k}") for k in ("special", "special_value", "sign")}
+        s2["total"] = p.reg(total, name="s2_total")
+        s2["exact_zero_sign"] = p.reg(s1["both_zero"] & s1["zero_sign"], name="s2_exact_zero_sign")
+        lam = Signal(signed(8), name="add_lam")
+        m.d.comb += lam.eq(s1["exp"] - 28)  # total's LSB weighs 2**(exp - 25 - 3)
+        s2["lam"] = p.reg(lam, name="s2_lam")
+        s2["tag"] = p.reg(s1["tag"], self._tag, name="s2_tag")
+        v2 = p.valid_chain(v1, 1, name="add_valid2_")
+
+        # Stage 3: normalise.
+        norm = _normalize(m, s2["total"], s2["lam"], s2["sign"], name="add")
+        s3 = {k: p.reg(s2[k], name=f"s3_{k}") for k in ("special", "special_value")}
+        s3["exact_zero_sign"] = p.reg(s2["exact_zero_sign"], name="s3_exact_zero_sign")
+        s3["norm"] = p.reg(norm, name="s3_norm")
+        s3["tag"] = p.reg(s2["tag"], self._tag, name="s3_tag")
+        v3 = p.valid_chain(v2, 1, name="add_valid3_")
+
+        # Stage 4: round and pack. An exact zero is +0 unless both operands were -0.
+        rounded = _round(m, s3["norm"], name="add_round")
+        result = Signal(16, name="add_result")
+        with m.If(s3["special"]):
+            m.d.comb += result.eq(s3["special_value"])
+        with m.Elif(s3["norm"].zero):
+            m.d.comb += result.eq(Cat(Const(0, 15), s3["exact_zero_sign"]))
+        with m.Else():
+            m.d.comb += result.eq(rounded.as_value())
+        with m.If(p.en):
+            m.d.sync += [
+                self.o.payload.value.eq(result),
+                self.o.payload.tag.eq(s3["tag"]),
+                self.o.valid.eq(v3),
+            ]
+        return m
+
+
+class FP16Mul(wiring.Component):
+    """IEEE binary16 multiplier, round to nearest even, bit-exact with ``numerics.fp16_mul``.
+
+    The 11 x 11-bit significand product is exact (22 bits); one rounding gives the result,
+    with subnormals in and out, overflow to +-Inf, ``Inf * 0`` and every NaN result the
+    canonical ``0x7E00``, and the sign of a zero result the XOR of the operand signs.
+
+    Parameters
+    ----------
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``a``, ``b`` (:class:`Binary16`), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``value`` (:class:`Binary16`), ``tag``.
+
+    Latency 3 cycles (decode and multiply; normalise; round), throughput one product per
+    cycle.
+    """
+
+    LATENCY = 3
+
+    def __init__(self, *, tag=NO_TAG):
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout({"a": Binary16, "b": Binary16, "tag": self._tag})
+        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        return self.LATENCY
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="mul")
+        a, b = self.i.payload.a, self.i.payload.b
+        ca = _classify(a, m, name="a")
+        cb = _classify(b, m, name="b")
+        sign = a.sign ^ b.sign
+
+        # Stage 1: specials and the exact product.
+        special = Signal(name="special")
+        special_value = Signal(16, name="special_value")
+        nan = ca["nan"] | cb["nan"] | (ca["inf"] & cb["zero"]) | (cb["inf"] & ca["zero"])
+        m.d.comb += special.eq(ca["nan"] | cb["nan"] | ca["inf"] | cb["inf"])
+        m.d.comb += special_value.eq(Mux(nan, _canonical_nan(), Cat(Const(0x7C00, 15), sign)))
+        lam = Signal(signed(8), name="mul_lam")
+        m.d.comb += lam.eq(ca["exp"] + cb["exp"] - 50)
+        s1 = {
+            "special": p.reg(special, name="s1_special"),
+            "special_value": p.reg(special_value, name="s1_special_value"),
+            "sign": p.reg(sign, name="s1_sign"),
+            "product": p.reg(ca["sig"] * cb["sig"], 22, name="s1_product"),
+            "lam": p.reg(lam, name="s1_lam"),
+            "tag": p.reg(self.i.payload.tag, self._tag, name="s1_tag"),
+        }
+        v1 = p.valid_chain(self.i.valid, 1, name="mul_valid")
+
+        # Stage 2: normalise.
+        norm = _normalize(m, s1["product"], s1["lam"], s1["sign"], name="mul")
+        s2 = {k: p.reg(s1[k], name=f"s2_{k}") for k in ("special", "special_value", "sign")}
+        s2["norm"] = p.reg(norm, name="s2_norm")
+        s2["tag"] = p.reg(s1["tag"], self._tag, name="s2_tag")
+        v2 = p.valid_chain(v1, 1, name="mul_valid2_")
+
+        # Stage 3: round and pack; a zero product keeps the XOR sign.
+        rounded = _round(m, s2["norm"], name="mul_round")
+        result = Signal(16, name="mul_result")
+        with m.If(s2["special"]):
+            m.d.comb += result.eq(s2["special_value"])
+        with m.Elif(s2["norm"].zero):
+            m.d.comb += result.eq(Cat(Const(0, 15), s2["sign"]))
+        with m.Else():
+            m.d.comb += result.eq(rounded.as_value())
+        with m.If(p.en):
+            m.d.sync += [
+                self.o.payload.value.eq(result),
+                self.o.payload.tag.eq(s2["tag"]),
+                self.o.valid.eq(v2),
+            ]
+        return m
+
+
+# --------------------------------------------------------------------------------------------
+# function tables
+
+
+class FP16Table(wiring.Component):
+    """One of the contract's 65,536-entry binary16 function tables as a ROM.
+
+    Parameters
+    ----------
+    name : str
+        ``"exp"``, ``"recip"``, ``"rsqrt"`` or ``"gelu"``; the contents are
+        ``numerics.table(name)``, so the unit is bit-exact with ``numerics.lookup`` for every
+        input.
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``x`` (:class:`Binary16`), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``value`` (:class:`Binary16`), ``tag``.
+
+    Latency 1 cycle (the synchronous read), throughput one lookup per cycle. The ROM is
+    65,536 x 16 bits (1 Mibit, 32 RAMB36 or 4 URAM per read port pair on an UltraScale+).
+    """
+
+    LATENCY = 1
+
+    def __init__(self, name: str, *, tag=NO_TAG):
+        if name not in numerics._FUNCTIONS:
+            raise ValueError(
+                f"unknown function table {name!r}; expected one of {numerics._FUNCTIONS}"
+            )
+        self._name = name
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout({"x": Binary16, "tag": self._tag})
+        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        return self.LATENCY
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name=self._name)
+        contents = np.asarray(numerics.table(self._name), dtype=np.uint16)
+        m.submodules.rom = rom = memory.Memory(
+            shape=unsigned(16), depth=len(contents), init=[int(v) for v in contents]
+        )
+        port = rom.read_port()
+        m.d.comb += [
+            port.addr.eq(self.i.payload.x.as_value()),
+            port.en.eq(p.en),
+            self.o.payload.value.eq(port.data),
+        ]
+        with m.If(p.en):
+            m.d.sync += [self.o.payload.tag.eq(self.i.payload.tag), self.o.valid.eq(self.i.valid)]
+        return m
+
+
+# --------------------------------------------------------------------------------------------
+# block floating point
+
+
+def _aligned_layout(size: int):
+    return data.ArrayLayout(signed(Q_WIDTH), size)
+
+
+class BlockAlign(wiring.Component):
+    """Align one block of binary16 values to its largest exponent (``numerics.bfp_blocks``).
+
+    Each element's 11-bit significand is shifted right by ``block_exp - exp`` (truncating) and
+    given its sign, so ``|q| <= 2047``. Subnormals take exponent 1, and Inf and NaN decode like
+    finite values with exponent 31; ``nonfinite`` says the block held one of those.
+
+    Parameters
+    ----------
+    size : int
+        Elements per block (a power of two; the contract's block is 64).
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``x`` (``size`` x :class:`Binary16`), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``exp`` (block exponent, 1..31), ``q`` (``size`` x ``signed(12)``), ``nonfinite``,
+        ``tag``.
+
+    Latency 2 cycles (maximum tree; shift), throughput one block per cycle.
+    """
+
+    LATENCY = 2
+
+    def __init__(self, size: int = numerics.BLOCK, *, tag=NO_TAG):
+        self._size = _check_positive_pow2("size", size)
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout(
+            {"x": data.ArrayLayout(Binary16, size), "tag": self._tag}
+        )
+        self.out_layout = data.StructLayout(
+            {
+                "exp": unsigned(EXP_WIDTH),
+                "q": _aligned_layout(size),
+                "nonfinite": unsigned(1),
+                "tag": self._tag,
+            }
+        )
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        return self.LATENCY
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="align")
+        xs = [self.i.payload.x[k] for k in range(self._size)]
+        exps = [Mux(x.exp == 0, 1, x.exp) for x in xs]
+        sigs = [Cat(x.frac, x.exp != 0) for x in xs]
+
+        level = exps
+        while len(level) > 1:
+            level = [Mux(a > b, a, b) for a, b in zip(level[0::2], level[1::2], strict=True)]
+        block_exp = Signal(EXP_WIDTH, name="block_exp")
+        m.d.comb += block_exp.eq(level[0])
+
+        # Stage 1: block exponent; keep sign, significand and exponent of every element.
+        s1_exp = p.reg(block_exp, name="s1_block_exp")
+        s1_nonfinite = p.reg(Cat(*(x.exp == 31 for x in xs)).any(), name="s1_nonfinite")
+        s1_sig = [p.reg(s, 11, name=f"s1_sig{k}") for k, s in enumerate(sigs)]
+        s1_e = [p.reg(e, EXP_WIDTH, name=f"s1_exp{k}") for k, e in enumerate(exps)]
+        s1_neg = [p.reg(x.sign, 1, name=f"s1_neg{k}") for k, x in enumerate(xs)]
+        s1_tag = p.reg(self.i.payload.tag, self._tag, name="s1_tag")
+        v1 = p.valid_chain(self.i.valid, 1, name="align_valid")
+
+        # Stage 2: shift right by the exponent gap (>= 11 leaves nothing) and apply the sign.
+        with m.If(p.en):
+            for k in range(self._size):
+                mag = Signal(11, name=f"mag{k}")
+                m.d.comb += mag.eq(s1_sig[k] >> (s1_exp - s1_e[k])[:EXP_WIDTH])
+                m.d.sync += self.o.payload.q[k].eq(Mux(s1_neg[k], -mag, mag))
+            m.d.sync += [
+                self.o.payload.exp.eq(s1_exp),
+                self.o.payload.nonfinite.eq(s1_nonfinite),
+                self.o.payload.tag.eq(s1_tag),
+                self.o.valid.eq(v1),
+            ]
+        return m
+
+
+class BlockDot(wiring.Component):
+    """Exact integer dot product of two aligned blocks: the sum of ``size`` products of
+    ``signed(12)`` significands, by a pipelined adder tree.
+
+    Parameters
+    ----------
+    size : int
+        Elements per block (a power of two; the contract's block is 64).
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``w``, ``x`` (``size`` x ``signed(12)``), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``sum`` (``signed(23 + log2(size))``, 29 bits for 64: exact since ``|q| <= 2047``),
+        ``tag``.
+
+    Latency ``1 + ceil(log2(size) / 2)`` cycles (products; a register after every two adder
+    levels), 4 for a 64-block; throughput one block per cycle.
+    """
+
+    def __init__(self, size: int = numerics.BLOCK, *, tag=NO_TAG):
+        self._size = _check_positive_pow2("size", size)
+        self._tag = _check_shape("tag", tag)
+        self._levels = size.bit_length() - 1
+        self.in_layout = data.StructLayout(
+            {"w": _aligned_layout(size), "x": _aligned_layout(size), "tag": self._tag}
+        )
+        self.out_layout = data.StructLayout({"sum": self.sum_shape, "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def sum_shape(self) -> Shape:
+        """Products need 23 bits (2047**2 < 2**22); each adder level one more."""
+        return signed(2 * Q_WIDTH - 1 + self._levels)
+
+    @property
+    def latency(self) -> int:
+        return 1 + (self._levels + 1) // 2
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="dot")
+        w, x = self.i.payload.w, self.i.payload.x
+        width = 2 * Q_WIDTH - 1
+        level = [p.reg(w[k] * x[k], signed(width), name=f"product{k}") for k in range(self._size)]
+        tag = p.reg(self.i.payload.tag, self._tag, name="tag1")
+        valid = p.valid_chain(self.i.valid, 1, name="dot_valid")
+        depth = 0
+        while len(level) > 1:
+            width += 1
+            depth += 1
+            sums = [a + b for a, b in zip(level[0::2], level[1::2], strict=True)]
+            if depth % 2 == 0 or len(sums) == 1:
+                level = [
+                    p.reg(s, signed(width), name=f"sum{depth}_{k}") for k, s in enumerate(sums)
+                ]
+                tag = p.reg(tag, self._tag, name=f"tag_d{depth}")
+                valid = p.valid_chain(valid, 1, name=f"dot_valid_d{depth}_")
+            else:
+                level = sums
+        m.d.comb += [
+            self.o.payload.sum.eq(level[0]),
+            self.o.payload.tag.eq(tag),
+            self.o.valid.eq(valid),
+        ]
+        return m
+
+
+class AccumulatorShift(wiring.Component):
+    """Place a block sum in the accumulator's fixed point:
+    ``numerics.shift_floor(sum, numerics.block_shift(w_exp, x_exp, xe_max))`` as int64.
+
+    The shift is ``w_exp + x_exp - xe_max - EW_MAX + ACC_FRAC``: a left shift when positive, a
+    flooring (arithmetic) right shift when negative; the result wraps to 64 bits as NumPy's
+    int64 does. For 5-bit exponents the shift lies in -38..55, which the unit covers entirely.
+
+    The same unit places a bias (``numerics.bias_to_acc``): give ``sum = +-significand``,
+    ``w_exp`` the bias's exponent and ``x_exp = 25``, since
+    ``exp - 25 - lam == exp + 25 - xe_max - EW_MAX + ACC_FRAC``.
+
+    Parameters
+    ----------
+    sum_shape : shape
+        Signed shape of the block sum (default the 64-block :class:`BlockDot` sum, 29 bits).
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``sum``, ``w_exp``, ``x_exp``, ``xe_max`` (5-bit exponents), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``value`` (``signed(64)``), ``tag``.
+
+    Latency 2 cycles (shift amount; shift), throughput one block sum per cycle.
+    """
+
+    LATENCY = 2
+
+    def __init__(self, *, sum_shape=None, tag=NO_TAG):
+        if sum_shape is None:
+            sum_shape = BlockDot().sum_shape
+        self._sum_shape = _check_shape("sum_shape", sum_shape)
+        if not self._sum_shape.signed or self._sum_shape.width > ACC_WIDTH:
+            raise ValueError(f"sum_shape must be signed and at most 64 bits, not {sum_shape!r}")
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout(
+            {
+                "sum": self._sum_shape,
+                "w_exp": unsigned(EXP_WIDTH),
+                "x_exp": unsigned(EXP_WIDTH),
+                "xe_max": unsigned(EXP_WIDTH),
+                "tag": self._tag,
+            }
+        )
+        self.out_layout = data.StructLayout({"value": signed(ACC_WIDTH), "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def sum_shape(self) -> Shape:
+        return self._sum_shape
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        return self.LATENCY
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="ashift")
+        i = self.i.payload
+        shift = Signal(signed(8), name="shift")
+        m.d.comb += shift.eq(i.w_exp + i.x_exp - i.xe_max - numerics.EW_MAX + numerics.ACC_FRAC)
+        s1_shift = p.reg(shift, name="s1_shift")
+        s1_sum = p.reg(i.sum, self._sum_shape, name="s1_sum")
+        s1_tag = p.reg(i.tag, self._tag, name="s1_tag")
+        v1 = p.valid_chain(self.i.valid, 1, name="ashift_valid")
+
+        wide = Signal(signed(ACC_WIDTH), name="sum_wide")
+        left = Signal(signed(ACC_WIDTH), name="shifted_left")
+        right = Signal(signed(ACC_WIDTH), name="shifted_right")
+        m.d.comb += [
+            wide.eq(s1_sum),
+            left.eq(wide << s1_shift.as_unsigned()[:6]),  # truncation = int64 wrap
+            right.eq(wide >> (-s1_shift).as_unsigned()[:6]),  # >> on signed is flooring
+        ]
+        with m.If(p.en):
+            m.d.sync += [
+                self.o.payload.value.eq(Mux(s1_shift >= 0, left, right)),
+                self.o.payload.tag.eq(s1_tag),
+                self.o.valid.eq(v1),
+            ]
+        return m
+
+
+class Accumulator(wiring.Component):
+    """Sum a row's accumulator terms in 64-bit two's complement (wrapping like int64).
+
+    Parameters
+    ----------
+    tag : shape
+        Side data carried from the ``last`` term of a row to its sum (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``value`` (``signed(64)``), ``first`` (start a new sum), ``last`` (emit the sum),
+        ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``acc`` (``signed(64)``), ``tag``: one item per ``last``.
+
+    Latency 1 cycle from the ``last`` term, throughput one term per cycle.
+    """
+
+    LATENCY = 1
+
+    def __init__(self, *, tag=NO_TAG):
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout(
+            {
+                "value": signed(ACC_WIDTH),
+                "first": unsigned(1),
+                "last": unsigned(1),
+                "tag": self._tag,
+            }
+        )
+        self.out_layout = data.StructLayout({"acc": signed(ACC_WIDTH), "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        return self.LATENCY
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="acc")
+        i = self.i.payload
+        running = Signal(signed(ACC_WIDTH), name="running")
+        total = Signal(signed(ACC_WIDTH), name="total")
+        m.d.comb += total.eq(Mux(i.first, i.value, running + i.value))
+        with m.If(p.en):
+            m.d.sync += self.o.valid.eq(self.i.valid & i.last)
+            with m.If(self.i.valid):
+                m.d.sync += [
+                    running.eq(total),
+                    self.o.payload.acc.eq(total),
+                    self.o.payload.tag.eq(i.tag),
+                ]
+        return m
+
+
+class AccToFP16(wiring.Component):
+    """Round ``acc * 2**lam`` to binary16, nearest-even (``numerics.acc_to_fp16``); a row that
+    saw a non-finite operand gives the canonical NaN (``numerics.matvec_fp16``).
+
+    Overflow gives +-Inf, tiny values round into the subnormals or to a signed zero, and a zero
+    accumulator is +0.
+
+    Parameters
+    ----------
+    acc_width : int
+        Width of the signed accumulator (default 64). Results are exact for
+        ``|acc| < 2**(acc_width - 1)``.
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``acc`` (``signed(acc_width)``), ``lam`` (``signed(8)``), ``nonfinite``, ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``value`` (:class:`Binary16`), ``tag``.
+
+    Latency 3 cycles (magnitude; normalise; round), throughput one value per cycle.
+    """
+
+    LATENCY = 3
+
+    def __init__(self, *, acc_width: int = ACC_WIDTH, tag=NO_TAG):
+        if not isinstance(acc_width, int) or not 2 <= acc_width <= 128:
+            raise ValueError(f"acc_width must be an integer in 2..128, not {acc_width!r}")
+        self._acc_width = acc_width
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout(
+            {
+                "acc": signed(acc_width),
+                "lam": signed(LAM_WIDTH),
+                "nonfinite": unsigned(1),
+                "tag": self._tag,
+            }
+        )
+        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def acc_width(self) -> int:
+        return self._acc_width
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        return self.LATENCY
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="round")
+        i = self.i.payload
+        mag = Signal(self._acc_width, name="mag")
+        m.d.comb += mag.eq(Mux(i.acc < 0, -i.acc, i.acc))
+        s1_mag = p.reg(mag, name="s1_mag")
+        s1_neg = p.reg(i.acc < 0, 1, name="s1_neg")
+        s1_lam = p.reg(i.lam, signed(LAM_WIDTH), name="s1_lam")
+        s1_nonfinite = p.reg(i.nonfinite, 1, name="s1_nonfinite")
+        s1_tag = p.reg(i.tag, self._tag, name="s1_tag")
+        v1 = p.valid_chain(self.i.valid, 1, name="round_valid")
+
+        norm = _normalize(m, s1_mag, s1_lam, s1_neg, name="acc")
+        s2_norm = p.reg(norm, name="s2_norm")
+        s2_nonfinite = p.reg(s1_nonfinite, name="s2_nonfinite")
+        s2_tag = p.reg(s1_tag, self._tag, name="s2_tag")
+        v2 = p.valid_chain(v1, 1, name="round_valid2_")
+
+        rounded = _round(m, s2_norm, name="acc_round")
+        with m.If(p.en):
+            m.d.sync += [
+                self.o.payload.value.eq(Mux(s2_nonfinite, _canonical_nan(), rounded.as_value())),
+                self.o.payload.tag.eq(s2_tag),
+                self.o.valid.eq(v2),
+            ]
+        return m

@@ -1,0 +1,67 @@
+"""The arithmetic units (rtl/arith.py) under cocotb on Verilator and Icarus, bit-exact against
+tandem.numerics; plus construction checks and quick Amaranth-simulator tests.
+
+The cocotb testbench is arith_tb.py next to this file, the units and stimulus are in
+arith_cases.py. Each pytest function builds one unit for one simulator in its own build folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import arith_cases
+import pytest
+
+from tandem.sim import runner
+
+TB = Path(__file__).with_name("arith_tb.py")
+TABLES = ("exp", "recip", "rsqrt", "gelu")
+
+
+def run_unit(unit: str, sim: str, *, name: str | None = None, **params):
+    runner.run(
+        lambda: arith_cases.build_unit(unit),
+        TB,
+        name=f"arith-{name or unit}",
+        sim=sim,
+        params={"unit": unit, **params},
+    )
+
+
+@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize("unit", ["add", "mul"])
+def test_fp16_binary(unit, sim):
+    """Every pair of special classes plus 20,000 seeded random pairs (add: random add/sub)."""
+    run_unit(unit, sim, seed=1, pairs=20000)
+
+
+@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize("table", TABLES)
+def test_fp16_table_exhaustive(table, sim):
+    """All 65,536 inputs, then 4,000 random ones under idle cycles and backpressure."""
+    run_unit(f"table-{table}", sim, seed=2)
+
+
+@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize(
+    ("unit", "size"),
+    [
+        ("align", {"blocks": 400}),
+        ("dot", {"blocks": 400}),
+        ("shift", {"items": 4000}),
+        ("acc", {"rows": 600}),
+        ("round", {"items": 6000}),
+        ("dotrow", {"rows": 120}),
+    ],
+)
+def test_block_floating_point(unit, size, sim):
+    run_unit(unit, sim, seed=3, **size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unit", ["add", "mul"])
+def test_fp16_binary_million(unit):
+    """Benchmark size: 1,000,000 random pairs at full rate on Verilator."""
+    if "verilator" not in runner.simulators():
+        pytest.skip("SIM selects another simulator")
+    run_unit(unit, "verilator", seed=11, pairs=1_000_000, schedule="full")
