@@ -30,7 +30,9 @@ Speed: a static weight matrix (one the program never writes) is gathered from th
 aligned into a ``numerics.PreparedMatrix`` once and cached; any write overlapping it (by the
 program or by the host through :meth:`IsaSim.invalidate`) drops the cached copy. Matrices read
 with ``LIVE_ROWS`` / ``LIVE_COLS`` (the KV cache) are gathered with ``layout.tiled_address`` on
-every use, live part only.
+every use, live part only. A run of attention heads in the compiler's normative per-head form is
+executed as one batched computation over the heads (see :func:`_head_groups`), bit for bit what
+the instructions give one by one; ``batch_heads=False`` turns that off.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from tandem.regmap import SCALAR_ARGS, Status
 DEFAULT_MAX_STEPS = 1 << 26
 """Instructions a run may execute before it stops with WATCHDOG (a full gpt2 context is ~2.3M)."""
 
+BLOCK = nm.BLOCK
 _MASK32 = 0xFFFFFFFF
 _GRID_LIMIT = 1 << 22  # cache address grids of matrices up to this many elements
 
@@ -125,7 +128,14 @@ class IsaSim:
         ``acc * 2.0**lam``), for tests; the hardware does not expose them.
     """
 
-    def __init__(self, geom: CoreGeometry, image: HBMImage, *, max_steps: int = DEFAULT_MAX_STEPS):
+    def __init__(
+        self,
+        geom: CoreGeometry,
+        image: HBMImage,
+        *,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        batch_heads: bool = True,
+    ):
         if image.geom.channels != geom.channels:
             raise ValueError(
                 f"image has {image.geom.channels} channels, geometry {geom.name!r} {geom.channels}"
@@ -133,6 +143,8 @@ class IsaSim:
         self.geom = geom
         self.image = image
         self.max_steps = max_steps
+        self.batch_heads = batch_heads
+        self.batched_groups = 0  # head groups run batched in the last run (for tests)
         self.u16 = image.data.view(np.uint16)  # [channels, nbytes / 2]
         self.regs = [0] * isa.N_REGS
         self.vbuf = np.zeros(geom.vbuf_elems, np.uint16)
@@ -306,6 +318,16 @@ class IsaSim:
         if imem != self._imem:
             self._imem = imem
             self._decoded = [None] * self.geom.imem_words
+            pc = 0
+            try:  # decode up to the first illegal word now; anything after it on first use
+                while pc < self.geom.imem_words:
+                    self._decode(pc)
+                    pc += 1
+            except _Stop:
+                pass
+            if self.batch_heads:
+                for group in _head_groups(self._decoded[:pc], self.geom):
+                    self._decoded[group.start] = (*self._decoded[group.start][:4], group)
 
     def _decode(self, pc: int):
         if not 0 <= pc < self.geom.imem_words:
@@ -324,7 +346,7 @@ class IsaSim:
                 f"LDARG at {pc}: argument {ins['arg']} does not exist "
                 f"({len(SCALAR_ARGS)} scalar arguments)",
             )
-        entry = (self._dispatch[ins.op], dict(ins.fields), ins.unit, ins.op)
+        entry = (self._dispatch[ins.op], dict(ins.fields), ins.unit, ins.op, None)
         self._decoded[pc] = entry
         return entry
 
@@ -346,6 +368,7 @@ class IsaSim:
         self.tokens = 0
         self.hbm_read = 0
         self.hbm_written = 0
+        self.batched_groups = 0
         units: Counter = Counter()
         ops: Counter = Counter()
         pc = steps = 0
@@ -359,7 +382,16 @@ class IsaSim:
                 entry = decoded[pc] if 0 <= pc < len(decoded) else None
                 if entry is None:
                     entry = self._decode(pc)
-                handler, f, unit, op = entry
+                handler, f, unit, op, group = entry
+                if group is not None and steps + group.n_instr <= self.max_steps:
+                    nxt = self._run_heads(group)
+                    if nxt is not None:
+                        for (u, o), n in group.counts.items():
+                            units[u] += n
+                            ops[o] += n
+                        steps += group.n_instr
+                        pc = nxt
+                        continue
                 nxt = handler(f)
                 units[unit] += 1
                 ops[op] += 1
@@ -577,3 +609,299 @@ class IsaSim:
     def _VSET(self, f):
         n = self._len(f)
         self.vbuf[self._vb(f["dst"], n, "VSET dst")] = f["imm"]
+
+    # attention heads, batched -----------------------------------------------------------------
+
+    def _run_heads(self, g: _HeadGroup) -> int | None:
+        """Run a head group (see :func:`_head_groups`) as one batched computation.
+
+        Returns the pc after the group, or None (nothing done) when this run's operands would
+        overlap or leave range: then the instructions run one by one and report any error at
+        its own pc.
+        """
+        regs = self.regs
+        T, pos = regs[g.r_len], regs[g.r_pos]
+        if not (0 < T <= min(g.k_rows, g.v_cols) and pos < min(g.k_rows, g.v_cols)):
+            return None
+        k_end = int(g.k_base.max()) + self._tiled_extent(g.k_rows, BLOCK, BLOCK, g.k_stride)
+        v_end = int(g.v_base.max()) + self._tiled_extent(BLOCK, g.v_cols, g.v_cols, g.v_stride)
+        if max(k_end, v_end) > min(self._limit, self.image.nbytes):
+            return None
+        spans = [(a, a + BLOCK, True) for a in g.inputs] + [(a, a + 1, True) for a in g.scalars]
+        spans += [(a, a + BLOCK, False) for a in g.att]
+        spans += [
+            (a, a + n, False) for a, n in zip(g.scratch, (BLOCK, T, 1, 1, 1, BLOCK), strict=True)
+        ]
+        if not _disjoint(spans, self.geom.vbuf_elems):
+            return None
+        vbuf, u16, H = self.vbuf, self.u16, len(g.att)
+        lane = np.arange(BLOCK)
+        # STROW k_h -> K_h row pos, STCOL v_h -> V^T_h column pos, for every head
+        kch, khalf = self._tiled_addresses(g.k_rows, BLOCK, g.k_rows, BLOCK, g.k_stride)
+        vch, vhalf = self._tiled_addresses(BLOCK, g.v_cols, BLOCK, g.v_cols, g.v_stride)
+        u16[kch[pos], g.k_base[:, None] // 2 + khalf[pos]] = vbuf[g.k_src[:, None] + lane]
+        u16[vch[:, pos], g.v_base[:, None] // 2 + vhalf[:, pos]] = vbuf[g.v_src[:, None] + lane]
+        self.invalidate(int(g.k_base.min()), k_end)
+        self.invalidate(int(g.v_base.min()), v_end)
+        # qs = q_h * scale; s = K_h[:T] qs
+        qs = nm.fp16_mul(vbuf[g.q_src[:, None] + lane], vbuf[g.scale])  # [H, 64]
+        kbits = u16[kch[None, :T], g.k_base[:, None, None] // 2 + khalf[None, :T]]  # [H, T, 64]
+        kq, ke, knf = nm.bfp_blocks(kbits)  # one block per row
+        kq = kq[:, None].astype(np.float32)  # [H, 1 block, T rows, 64]
+        s = _round(*_matvec_batch(kq, ke[:, None, :, 0], knf[..., 0], qs))  # [H, T]
+        # softmax numerators and their sum
+        m = _max_rows(s)  # [H]
+        e = nm.lookup("exp", nm.fp16_sub(s, m[:, None]))  # [H, T]
+        eq, ee, enf = nm.bfp_blocks(nm.pad_to_block(e))  # e is VDOT's weight side
+        nb = ee.shape[1]
+        ones = np.broadcast_to(vbuf[g.one], (H, T))
+        eq = eq.reshape(H, nb, 1, BLOCK).astype(np.float32)
+        z = _round(*_matvec_batch(eq, ee[:, :, None], enf.any(axis=1)[:, None], ones))[:, 0]
+        r = nm.lookup("recip", z)  # [H]
+        # o = V^T_h[:, :T] e; att_h = o * r
+        vbits = u16[vch[None, :, :T], g.v_base[:, None, None] // 2 + vhalf[None, :, :T]]
+        vq, ve, vnf = nm.bfp_blocks(nm.pad_to_block(vbits))  # [H, 64, nb*64], [H, 64, nb]
+        vq = vq.reshape(H, BLOCK, nb, BLOCK).transpose(0, 2, 1, 3).astype(np.float32)
+        o = _round(*_matvec_batch(vq, ve.transpose(0, 2, 1), vnf.any(axis=2), e))  # [H, 64]
+        vbuf[g.att[:, None] + lane] = nm.fp16_mul(o, r[:, None])
+        # the scratch operands hold the last head's values, as after running it alone
+        a_qs, a_s, a_m, a_z, a_r, a_o = g.scratch
+        vbuf[a_qs : a_qs + BLOCK] = qs[-1]
+        vbuf[a_s : a_s + T] = e[-1]
+        vbuf[a_m], vbuf[a_z], vbuf[a_r] = m[-1], z[-1], r[-1]
+        vbuf[a_o : a_o + BLOCK] = o[-1]
+        self.hbm_written += H * 2 * 2 * BLOCK
+        self.hbm_read += H * (self._tiles_bytes(T, BLOCK) + self._tiles_bytes(BLOCK, T))
+        self.batched_groups += 1
+        return g.start + g.n_instr
+
+
+# ----------------------------------------------------------------------------------------------
+# batched attention heads
+#
+# The compiler emits the attention of one head as the normative 11-instruction sequence below,
+# once per head. The heads are independent: each writes its own K/V^T tiles and its own slice of
+# the attention output, and passes through the same scratch operands. Run one by one, a head's
+# small operations cost NumPy call overhead, not arithmetic, so the simulator runs a group of
+# consecutive heads as one batched computation with the same numerics primitives (bfp_blocks,
+# block_shift, shift_floor, acc_to_fp16, the tables), bit for bit what the instructions give in
+# sequence (tests compare both ways). The group must match exactly; anything else runs one
+# instruction at a time.
+
+_HEAD_OPS = (
+    Op.STROW,
+    Op.STCOL,
+    Op.VMUL,
+    Op.MATVEC,
+    Op.VMAX,
+    Op.VSUB,
+    Op.VEXP,
+    Op.VDOT,
+    Op.VRECIP,
+    Op.MATVEC,
+    Op.VMUL,
+)
+
+
+@dataclass
+class _HeadGroup:
+    start: int
+    n_instr: int
+    counts: dict  # (unit, op) -> instructions
+    r_pos: int  # register with the position (row of K, column of V^T)
+    r_len: int  # register with T, the live length
+    k_rows: int
+    k_stride: int
+    v_cols: int
+    v_stride: int
+    k_base: np.ndarray  # [H] byte base of each head's K
+    v_base: np.ndarray
+    k_src: np.ndarray  # [H] VBUF of each head's k, v, q and attention output
+    v_src: np.ndarray
+    q_src: np.ndarray
+    att: np.ndarray
+    scratch: tuple[int, ...]  # VBUF of qs, s, m, z, r, o
+    scale: int
+    one: int
+
+    @property
+    def inputs(self):
+        return [*self.k_src, *self.v_src, *self.q_src]
+
+    @property
+    def scalars(self):
+        return [self.scale, self.one]
+
+
+def _head_fields(entries) -> dict | None:
+    """The fields of one head's 11 instructions if they have the normative form, else None."""
+    if len(entries) < len(_HEAD_OPS) or any(
+        e is None or e[3] is not op for e, op in zip(entries, _HEAD_OPS, strict=False)
+    ):
+        return None
+    strow, stcol, vmul_q, mv_k, vmax, vsub, vexp, vdot, vrecip, mv_v, vmul_o = (
+        e[1] for e in entries[: len(_HEAD_OPS)]
+    )
+    B, n = VecFlag.B_SCALAR, BLOCK
+    qs, s, m, z, r, o = (
+        mv_k["src"],
+        mv_k["dst"],
+        vmax["dst"],
+        vdot["dst"],
+        vrecip["dst"],
+        mv_v["dst"],
+    )
+    t = mv_k["lreg"]
+    ok = (
+        strow["len"] == stcol["len"] == n
+        and strow["ri"] == stcol["ri"] != 0
+        and (strow["line"], strow["cols"], strow["stride"]) == (mv_k["line"], n, mv_k["stride"])
+        and (stcol["line"], stcol["cols"], stcol["stride"])
+        == (mv_v["line"], mv_v["cols"], mv_v["stride"])
+        and (vmul_q["dst"], vmul_q["len"], vmul_q["flags"], vmul_q["lreg"]) == (qs, n, B, 0)
+        and (mv_k["cols"], mv_k["flags"], mv_k["stride"] > 0) == (n, MatFlag.LIVE_ROWS, True)
+        and (mv_v["rows"], mv_v["src"], mv_v["flags"], mv_v["stride"] > 0)
+        == (n, s, MatFlag.LIVE_COLS, True)
+        and t != 0
+        and mv_v["lreg"] == vmax["lreg"] == vsub["lreg"] == vexp["lreg"] == vdot["lreg"] == t
+        and vmax["a"] == s
+        and (vsub["dst"], vsub["a"], vsub["b"], vsub["flags"]) == (s, s, m, B)
+        and (vexp["dst"], vexp["a"]) == (s, s)
+        and (vdot["a"], vdot["flags"]) == (s, B)
+        and (vrecip["a"], vrecip["len"], vrecip["lreg"]) == (z, 1, 0)
+        and (vmul_o["a"], vmul_o["b"], vmul_o["len"], vmul_o["flags"], vmul_o["lreg"])
+        == (o, r, n, B, 0)
+    )
+    if not ok:
+        return None
+    return {
+        "shared": (
+            strow["ri"],
+            t,
+            mv_k["rows"],
+            mv_k["stride"],
+            mv_v["cols"],
+            mv_v["stride"],
+            qs,
+            s,
+            m,
+            z,
+            r,
+            o,
+            vmul_q["b"],
+            vdot["b"],
+        ),
+        "k": (strow["line"] * LINE, strow["src"]),
+        "v": (stcol["line"] * LINE, stcol["src"]),
+        "q": vmul_q["a"],
+        "att": vmul_o["dst"],
+    }
+
+
+def _heads_disjoint(bases: np.ndarray, stride: int, geom: CoreGeometry) -> bool:
+    """Whether matrices at ``bases`` with the same tiled ``stride`` use disjoint tiles: each
+    takes ``64 / lanes`` consecutive tiles out of every ``stride``."""
+    st = dense_stride(geom)
+    offsets = np.sort(bases - bases.min())
+    if (offsets % geom.beat_bytes).any():
+        return False
+    tiles = offsets // geom.beat_bytes
+    return bool((np.diff(tiles) >= st).all() and tiles[-1] + st <= stride)
+
+
+def _head_groups(decoded: list, geom: CoreGeometry) -> list[_HeadGroup]:
+    """Runs of at least two consecutive heads of the normative form that may run batched."""
+    groups, pc, n = [], 0, len(_HEAD_OPS)
+    while pc < len(decoded):
+        heads = []
+        while (h := _head_fields(decoded[pc + len(heads) * n : pc + (len(heads) + 1) * n])) and (
+            not heads or h["shared"] == heads[0]["shared"]
+        ):
+            heads.append(h)
+        if len(heads) < 2:
+            pc += 1
+            continue
+        r_pos, r_len, k_rows, k_stride, v_cols, v_stride, *scratch, scale, one = heads[0]["shared"]
+        k_base = np.array([h["k"][0] for h in heads], np.int64)
+        v_base = np.array([h["v"][0] for h in heads], np.int64)
+        g = _HeadGroup(
+            start=pc,
+            n_instr=n * len(heads),
+            counts=dict(Counter((e[2], e[3]) for e in decoded[pc : pc + n * len(heads)])),
+            r_pos=r_pos,
+            r_len=r_len,
+            k_rows=k_rows,
+            k_stride=k_stride,
+            v_cols=v_cols,
+            v_stride=v_stride,
+            k_base=k_base,
+            v_base=v_base,
+            k_src=np.array([h["k"][1] for h in heads], np.int64),
+            v_src=np.array([h["v"][1] for h in heads], np.int64),
+            q_src=np.array([h["q"] for h in heads], np.int64),
+            att=np.array([h["att"] for h in heads], np.int64),
+            scratch=tuple(scratch),
+            scale=scale,
+            one=one,
+        )
+        k_span = (int(k_base.min()), int(k_base.max()) + _span(k_rows, BLOCK, k_stride, geom))
+        v_span = (int(v_base.min()), int(v_base.max()) + _span(BLOCK, v_cols, v_stride, geom))
+        if (
+            _heads_disjoint(k_base, k_stride, geom)
+            and _heads_disjoint(v_base, v_stride, geom)
+            and (k_span[1] <= v_span[0] or v_span[1] <= k_span[0])
+        ):
+            groups.append(g)
+        pc += g.n_instr
+    return groups
+
+
+def _span(rows: int, cols: int, stride: int, geom: CoreGeometry) -> int:
+    """Bytes from a tiled matrix's base to the end of its last tile (rows, cols allocated)."""
+    blocks = -(-rows // BLOCK) * -(-cols // BLOCK)
+    return ((blocks - 1) * stride + dense_stride(geom)) * geom.beat_bytes
+
+
+def _disjoint(spans, limit: int) -> bool:
+    """Whether VBUF ranges (start, end, read_only) fit ``limit`` and overlap only where both are
+    read-only."""
+    spans = sorted(spans)
+    end_written = end_read = 0
+    for lo, hi, read_only in spans:
+        if hi > limit or lo < end_written or (not read_only and lo < end_read):
+            return False
+        if read_only:
+            end_read = max(end_read, hi)
+        else:
+            end_written = max(end_written, hi)
+    return True
+
+
+def _matvec_batch(wq, we, wnf, x_bits):
+    """``numerics.matvec`` of ``H`` matrices with ``H`` input vectors, composed of the same
+    primitives: ``wq``, ``we``, ``wnf`` as in ``PreparedMatrix`` with a leading head axis
+    (q float32 [H, nb, rows, 64], block_exp [H, nb, rows], non-finite rows [H, rows]); ``x_bits``
+    [H, cols]. Returns (acc [H, rows], lam [H], nonfinite [H, rows])."""
+    H, nb = wq.shape[:2]
+    xq, xe, xnf = nm.bfp_blocks(nm.pad_to_block(x_bits))  # [H, nb*64], [H, nb], [H, nb]
+    mag, sgn = np.abs(xq), np.sign(xq)
+    xs = np.stack([sgn * (mag >> 5), sgn * (mag & 31)], axis=-1)  # q = 32*hi + lo, exact
+    xs = xs.astype(np.float32).reshape(H, nb, BLOCK, 2)
+    sums = np.matmul(wq, xs)  # [H, nb, rows, 2]
+    s = 32 * sums[..., 0].astype(np.int64) + sums[..., 1].astype(np.int64)
+    xe_max = xe.max(axis=1)  # [H]
+    acc = nm.shift_floor(s, nm.block_shift(we, xe[:, :, None], xe_max[:, None, None])).sum(axis=1)
+    return acc, nm.acc_lsb_exponent(xe_max), wnf | xnf.any(axis=1)[:, None]
+
+
+def _round(acc, lam, nonfinite) -> np.ndarray:
+    """``matvec_fp16``'s rounding for [H, rows] accumulators with per-head ``lam``."""
+    out = nm.acc_to_fp16(acc, lam[:, None])
+    return np.where(nonfinite, np.uint16(nm.CANONICAL_NAN), out).astype(np.uint16)
+
+
+def _max_rows(bits: np.ndarray) -> np.ndarray:
+    """``numerics.fp16_max`` of every row of [H, T]."""
+    nan = (((bits & 0x7C00) == 0x7C00) & ((bits & 0x3FF) != 0)).any(axis=1)
+    top = np.take_along_axis(bits, np.argmax(nm.order_key(bits), axis=1)[:, None], axis=1)
+    return np.where(nan, np.uint16(nm.CANONICAL_NAN), top[:, 0]).astype(np.uint16)

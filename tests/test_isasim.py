@@ -1,0 +1,374 @@
+"""Compiled program on the ISA simulator == the hardware-faithful model, bit for bit.
+
+Tokens, the LM head's input (read from VBUF after the run), its accumulators (the logits) and the
+KV cache the program left in HBM are all compared. Then the ways a run can stop: context full, bad
+arguments, illegal instructions, HBM and VBUF range, the watchdog.
+"""
+
+import functools
+import threading
+
+import numpy as np
+import pytest
+
+from tandem import isa
+from tandem import layout as L
+from tandem.checkpoint import random_weights
+from tandem.compiler import compile_model
+from tandem.config import preset
+from tandem.geometry import geometry
+from tandem.host.device import DeviceError, ModelDevice, open_device
+from tandem.host.runtime import RunError, Session, generate
+from tandem.regmap import HaltCode, Status
+from tandem.sim.faithful import FaithfulModel
+from tandem.sim.isasim import IsaSim
+
+CONFIGS = ["test-tiny", "test-odd"]
+GEOMS = ["tiny", "small"]
+
+
+def lively_weights(cfg, seed=1):
+    """Random weights with a strong position embedding and strong residual branches, so greedy
+    decoding moves between many tokens instead of repeating the prompt's last one."""
+    w = random_weights(cfg, seed=seed)
+    return {
+        k: v * 10 if k == "wpe.weight" or k.endswith("c_proj.weight") else v for k, v in w.items()
+    }
+
+
+@functools.cache
+def model(name):
+    cfg = preset(name)
+    w = lively_weights(cfg)
+    return cfg, w, FaithfulModel(cfg, w)
+
+
+@functools.cache
+def compiled(name, geom):
+    cfg, w, _ = model(name)
+    return compile_model(cfg, w, geometry(geom))
+
+
+def fresh_image(c):
+    img = L.HBMImage(c.geom, c.image.nbytes)
+    img.data[:] = c.image.data
+    return img
+
+
+def run_sim(c, ids, n_new, **args):
+    img = fresh_image(c)
+    c.write_prompt(img, ids)
+    sim = IsaSim(c.geom, img)
+    result = sim.run({**c.args(len(ids), n_new), **args})
+    return sim, result
+
+
+def faithful(fm, ids, n_new):
+    """Greedy decoding on the faithful model: (tokens, last StepResult, cache)."""
+    cache = fm.new_cache()
+    res = fm.prefill(ids, cache)
+    tokens = [res.token]
+    while len(tokens) < n_new:
+        res = fm.step(tokens[-1], cache.n_tokens, cache)
+        tokens.append(res.token)
+    return tokens, res, cache
+
+
+def check_kv(c, img, cache):
+    """Every layer's K and V^T prefix in HBM equals the faithful cache placed by the layout."""
+    t_len = cache.n_tokens
+    for layer in range(c.cfg.n_layer):
+        k = cache.k[layer, :, :t_len]  # [H, T, 64]
+        v = cache.vt[layer, :, :, :t_len].transpose(0, 2, 1)  # [H, T, 64]
+        kb, vb = L.pack_kv_prefix(c.geom, k, v)
+        for part, want in (("k", kb), ("v", vb)):
+            got = img.read_striped(c.layout[f"h.{layer}.{part}"].base, want.shape[1])
+            assert np.array_equal(got, want), f"layer {layer} {part}"
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("prompt", [[7], [3, 1, 4, 1, 5, 9, 2, 6]], ids=["len1", "len8"])
+def test_bit_exact_with_faithful_model(name, geom, prompt):
+    cfg, _, fm = model(name)
+    c = compiled(name, geom)
+    n_new = 12
+    sim, r = run_sim(c, prompt, n_new)
+    assert r.ok, r.message
+    assert r.halt_code == HaltCode.OK and r.tokens == n_new
+    want, last, cache = faithful(fm, prompt, n_new)
+    assert c.read_output(sim.image, n_new) == want
+    assert len(set(want)) > 3  # the test weights keep decoding lively
+    y = c.vbuf_map["y"]
+    assert np.array_equal(sim.vbuf[y.addr : y.addr + cfg.n_embd], last.hidden16)
+    acc, lam = sim.last_argmax
+    assert lam == last.lam and np.array_equal(acc, last.acc)
+    check_kv(c, sim.image, cache)
+    rec = c.read_status(sim.image)
+    assert rec == L.StatusRecord(0, r.pc, n_new, 0, 0)
+    assert r.pc == c.labels["done"]
+    # every position streamed every weight matrix once; the LM head ran once per new token
+    positions = len(prompt) + n_new - 1
+    assert r.op_counts["MATVEC"] == positions * cfg.n_layer * (4 + 2 * cfg.n_head) + n_new
+
+    def streamed_bytes(region):  # whole tiles of `lanes` rows x 64 columns
+        g = c.geom
+        return -(-region.rows // g.lanes) * -(-region.cols // 64) * g.channels * g.beat_bytes
+
+    per_position = sum(
+        streamed_bytes(reg)
+        for name, reg in c.layout.regions.items()
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+    )
+    streamed = positions * per_position + n_new * streamed_bytes(c.layout["lm_head"])
+    assert streamed <= r.hbm_read < 1.2 * streamed
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_generation_up_to_and_past_the_context(name, geom):
+    cfg, _, fm = model(name)
+    c = compiled(name, geom)
+    prompt = list(range(5, 5 + cfg.n_ctx - 6))
+    fit = cfg.n_ctx - len(prompt) + 1  # the last position processed is n_ctx - 1
+    want, _, cache = faithful(fm, prompt, fit)
+    sim, r = run_sim(c, prompt, fit)
+    assert r.ok and c.read_output(sim.image, r.tokens) == want
+    check_kv(c, sim.image, cache)
+    assert cache.n_tokens == cfg.n_ctx
+    # one token more would need position n_ctx: the core stops cleanly with what it has
+    sim, r = run_sim(c, prompt, fit + 3)
+    assert r.status == Status.PROGRAM_ERROR and r.halt_code == HaltCode.CONTEXT_FULL
+    assert r.pc == c.labels["context_full"]
+    assert r.tokens == fit and c.read_output(sim.image, r.tokens) == want
+    rec = c.read_status(sim.image)
+    assert (rec.status, rec.halt_code, rec.tokens) == (Status.PROGRAM_ERROR, 1, fit)
+
+
+def test_hybrid_start_from_a_host_written_kv_prefix():
+    """Positions below start_pos come from HBM (as the GPU prefill leaves them): the run
+    continues exactly as if the core had processed them itself."""
+    cfg, _, fm = model("test-odd")
+    c = compiled("test-odd", "small")
+    prompt = [11, 22, 33, 44, 55]
+    want, _, _ = faithful(fm, prompt, 8)
+    cache = fm.new_cache()
+    first = fm.prefill(prompt, cache).token
+    img = fresh_image(c)
+    for layer in range(cfg.n_layer):
+        kb, vb = L.pack_kv_prefix(
+            c.geom, cache.k[layer, :, :5], cache.vt[layer, :, :, :5].transpose(0, 2, 1)
+        )
+        img.write_striped(c.layout[f"h.{layer}.k"].base, kb)
+        img.write_striped(c.layout[f"h.{layer}.v"].base, vb)
+    c.write_prompt(img, [*prompt, first])
+    r = IsaSim(c.geom, img).run(c.args(prompt_len=6, n_new=7, start_pos=5))
+    assert r.ok and c.read_output(img, 7) == want[1:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"start_pos": 3, "prompt_len": 3},
+        {"start_pos": 0, "prompt_len": 0},
+        {"start_pos": 9, "prompt_len": 2},
+    ],
+)
+def test_bad_arguments_halt(args):
+    c = compiled("test-tiny", "tiny")
+    _, r = run_sim(c, [1, 2, 3], 4, **args)
+    assert r.status == Status.PROGRAM_ERROR and r.halt_code == HaltCode.BAD_ARGS
+    assert r.tokens == 0 and r.pc == c.labels["bad_args"]
+
+
+def test_token_out_of_vocabulary_halts():
+    c = compiled("test-tiny", "tiny")
+    _, r = run_sim(c, [1, c.cfg.n_vocab, 3], 4)
+    assert r.halt_code == HaltCode.BAD_ARGS and r.tokens == 0
+
+
+def test_zero_new_tokens_halts_at_once():
+    c = compiled("test-tiny", "tiny")
+    _, r = run_sim(c, [1, 2], 0)
+    assert r.ok and r.tokens == 0 and r.op_counts.get("MATVEC", 0) == 0
+
+
+def test_illegal_instruction_stops_with_its_pc():
+    c = compiled("test-tiny", "tiny")
+    img = fresh_image(c)
+    c.write_prompt(img, [1, 2])
+    pc = c.labels["step"] + 5
+    img.write_channel(0, L.PROGRAM_BASE + pc * isa.WORD_BYTES, bytes(isa.WORD_BYTES))
+    r = IsaSim(c.geom, img).run(c.args(2, 3))
+    assert r.status == Status.ILLEGAL_INSTRUCTION and r.pc == pc and r.tokens == 0
+    assert "unknown opcode 0x00" in r.message
+    rec = c.read_status(img)
+    assert (rec.status, rec.pc) == (Status.ILLEGAL_INSTRUCTION, pc)
+    # reserved bits set in an otherwise legal word
+    word = isa.encode(c.program[pc]) | (1 << 127)
+    img.write_channel(0, L.PROGRAM_BASE + pc * isa.WORD_BYTES, word.to_bytes(16, "little"))
+    r = IsaSim(c.geom, img).run(c.args(2, 3))
+    assert r.status == Status.ILLEGAL_INSTRUCTION and r.pc == pc
+
+
+def test_hbm_range():
+    c = compiled("test-tiny", "tiny")
+    limit = c.layout["wte"].base  # the control area only: the first embedding load is outside
+    _, r = run_sim(c, [1, 2], 3, hbm_bytes=limit)
+    first_loadv = next(pc for pc, i in enumerate(c.program) if i.op is isa.Op.LOADV)
+    assert r.status == Status.HBM_RANGE and r.pc == first_loadv
+    assert "hbm_bytes" in r.message
+    # an hbm_bytes larger than the buffer: the memory answers DECERR
+    _, r = run_sim(c, [1, 2], 3, hbm_bytes=c.image.nbytes + 4096)
+    assert r.ok
+    img = L.HBMImage(c.geom, c.layout["wte"].base)
+    img.data[:] = c.image.data[:, : img.nbytes]
+    r = IsaSim(c.geom, img).run({**c.args(1, 1), "hbm_bytes": c.image.nbytes})
+    assert r.status == Status.AXI_ERROR
+
+
+def small_program(text, geom="tiny", **kw):
+    g = geometry(geom)
+    img = L.HBMImage(g, 1 << 16)
+    img.write_channel(0, L.PROGRAM_BASE, isa.encode_program(isa.assemble(text)))
+    return IsaSim(g, img, **kw), img
+
+
+def test_vbuf_range_and_watchdog():
+    g = geometry("tiny")
+    sim, _ = small_program(f"vset dst={g.vbuf_elems - 64} imm=1 len=65\nhalt")
+    r = sim.run()
+    assert r.status == Status.VBUF_RANGE and r.pc == 0
+    sim, _ = small_program("seti rd=1 imm=1\nloop:\njmp target=loop", max_steps=1000)
+    r = sim.run()
+    assert r.status == Status.WATCHDOG and r.steps == 1000
+    sim, _ = small_program("seti rd=1 imm=5\njmp target=9")  # off the end: erased memory
+    r = sim.run()
+    assert r.status == Status.ILLEGAL_INSTRUCTION and r.pc == 9
+
+
+def test_scalar_semantics():
+    sim, img = small_program(
+        """
+            ldarg rd=1 arg=2         # n_new
+            seti rd=0 imm=5          # R0 stays 0
+            addi rd=2 ra=0 imm=-1    # wraps to 0xFFFFFFFF
+            blt ra=1 rb=2 target=big # unsigned compare: taken
+            halt code=9
+        big:
+            seti rd=3 imm=0x40
+            stw rs=2 line=0 ri=3     # byte 64*0 + 4*64 = 256
+            ldw rd=4 line=4          # read it back from line 4
+            stw rs=4 line=4 ri=1     # byte 256 + 4*n_new
+            halt
+        """
+    )
+    r = sim.run({"n_new": 3})
+    assert r.ok and r.tokens == 2
+    assert sim.regs[:5] == [0, 3, 0xFFFFFFFF, 0x40, 0xFFFFFFFF]
+    assert img.read_channel(0, 256 + 12, 4) == b"\xff\xff\xff\xff"
+    assert r.unit_counts == {"control": 6, "dma": 3, "mpu": 0, "vpu": 0}
+
+
+def test_host_writes_invalidate_cached_weights():
+    fm = model("test-tiny")[2]
+    c = compiled("test-tiny", "tiny")
+    dev = open_device("model", c.geom)
+    dev.load(c.image)
+    dev.write_tokens(c.layout, "prompt", [4, 5])
+    dev.set_args(**c.args(2, 3))
+    assert dev.run(timeout=60).status == 0
+    assert dev.read_tokens(c.layout, 3) == fm.generate([4, 5], 3)
+    lm = c.layout["lm_head"]
+    dev.write_striped(lm.base, np.zeros((c.geom.channels, lm.nbytes), np.uint8))
+    assert dev.run(timeout=60).tokens == 3
+    assert dev.read_tokens(c.layout, 3) == [0, 0, 0]  # all logits +0: the lowest index wins
+    with pytest.raises(DeviceError, match="no scalar argument"):
+        dev.set_args(n_tokens=3)
+
+
+def test_runtime_generate_and_errors():
+    cfg, w, fm = model("test-odd")
+    got = []
+    res = generate(cfg, w, [1, 2, 3], 6, "tiny", progress=lambda i, t: got.append((i, t)))
+    assert res.tokens == fm.generate([1, 2, 3], 6)
+    assert got == list(enumerate(res.tokens))
+    assert set(res.timings) >= {"compile", "load", "decode"} and res.status.tokens == 6
+    with pytest.raises(ValueError, match="exceeds the context of 48"):
+        generate(cfg, w, [1] * 40, 10, "tiny")
+    with pytest.raises(ValueError, match="out of range"):
+        generate(cfg, w, [1, 97], 1, "tiny")
+    c = compiled("test-odd", "tiny")
+    with Session(cfg, None, compiled=c) as s:
+        assert s.generate([1, 2, 3], 2).tokens == res.tokens[:2]
+        pc = c.labels["next"] - 1  # after the first token's STW
+        s.device.write_channel(0, L.PROGRAM_BASE + pc * isa.WORD_BYTES, bytes(isa.WORD_BYTES))
+        with pytest.raises(RunError, match="ILLEGAL_INSTRUCTION") as err:
+            s.generate([1, 2, 3], 2)
+        assert err.value.tokens == res.tokens[:1]
+        assert f"at instruction {pc}, after 1 tokens" in str(err.value)
+
+
+def test_device_contract():
+    c = compiled("test-tiny", "tiny")
+    dev = ModelDevice(c.geom)
+    with pytest.raises(DeviceError, match="no image"):
+        dev.read_status()
+    with pytest.raises(ValueError, match="unknown device backend 'gpu'"):
+        open_device("gpu", c.geom)
+    dev.load(c.image)
+    assert dev.read_striped(0, 64).shape == (c.geom.channels, 64)
+    dev.write_tokens(c.layout, "prompt", [1])
+    dev.set_args(**c.args(1, 30))
+    release = threading.Event()
+    run = dev.sim.run
+    dev.sim.run = lambda *a: release.wait() and run(*a)
+    dev.start()
+    with pytest.raises(DeviceError, match="running"):
+        dev.write_channel(0, 0, b"x")
+    with pytest.raises(TimeoutError):
+        dev.wait(timeout=0.01)
+    release.set()
+    rec = dev.wait(timeout=60)
+    assert rec.status == 0 and rec.tokens == 30
+    assert dev.last_result.tokens == 30
+
+
+def run_both_ways(c, ids, n_new):
+    """The program with attention heads batched and one instruction at a time."""
+    out = []
+    for batch in (True, False):
+        img = fresh_image(c)
+        c.write_prompt(img, ids)
+        sim = IsaSim(c.geom, img, batch_heads=batch)
+        out.append((sim, sim.run(c.args(len(ids), n_new)), img))
+    return out
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+def test_batched_heads_equal_one_instruction_at_a_time(geom):
+    c = compiled("test-odd", geom)
+    (a, ra, ia), (b, rb, ib) = run_both_ways(c, [3, 1, 4], 9)
+    assert a.batched_groups == 11 * c.cfg.n_layer and b.batched_groups == 0
+    assert ra == rb and a.regs == b.regs
+    assert np.array_equal(a.vbuf, b.vbuf) and np.array_equal(ia.data, ib.data)
+
+
+def test_non_finite_values_propagate_alike():
+    """An embedding that overflows binary16 turns the residual stream to Inf/NaN: both ways of
+    running the program and the faithful model agree on every bit (NaN is canonical)."""
+    cfg = preset("test-odd")
+    w = lively_weights(cfg)
+    w["wpe.weight"] = w["wpe.weight"].copy()
+    w["wpe.weight"][2, 5] = 1e6  # position 2: +Inf in binary16
+    c = compile_model(cfg, w, geometry("tiny"))
+    (a, ra, ia), (b, rb, ib) = run_both_ways(c, [3, 1, 4, 1], 4)
+    assert ra.ok and ra == rb and np.array_equal(a.vbuf, b.vbuf)
+    assert np.array_equal(ia.data, ib.data)
+    tokens, last, cache = faithful(FaithfulModel(cfg, w), [3, 1, 4, 1], 4)
+    assert c.read_output(ia, 4) == tokens
+    y = c.vbuf_map["y"]
+    assert np.array_equal(a.vbuf[y.addr : y.addr + cfg.n_embd], last.hidden16)
+    check_kv(c, ia, cache)
+    kv = ia.read_striped(c.layout["h.0.v"].base, c.layout["h.0.v"].nbytes)
+    assert (kv.view(np.uint16) == 0x7E00).any()  # NaN reached the V cache
