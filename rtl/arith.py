@@ -28,6 +28,9 @@ unit                      latency   throughput  contract
 factor of four in block size.)
 """
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 from amaranth import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
@@ -46,6 +49,8 @@ __all__ = [
     "FP16Add",
     "FP16Mul",
     "FP16Table",
+    "TablePlan",
+    "table_plan",
 ]
 
 
@@ -486,15 +491,124 @@ class FP16Mul(wiring.Component):
 # function tables
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Outputs at one end of a sign half that need no storage: a constant, or the input itself."""
+
+    identity: bool
+    value: int  # the constant (unused for identity)
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """How :class:`FP16Table` stores a function table without losing an entry.
+
+    Per sign, finite magnitudes ``m`` (``x & 0x7FFF < 0x7C00``) below ``lo[s]`` follow
+    ``low[s]`` and above ``hi[s]`` follow ``high[s]``; only the window ``lo..hi`` is stored,
+    at ROM address ``base[s] + m - lo[s]``. An odd function (``f(-x) = -f(x)``, so recip) stores
+    the positive window once and flips the sign for negative inputs. Inf inputs give
+    ``inf[s]`` and NaN inputs the canonical NaN (every table's rule). :func:`table_plan` checks
+    that the plan reproduces all 65,536 entries.
+    """
+
+    name: str
+    lo: tuple[int, int]
+    hi: tuple[int, int]
+    low: tuple[_Run, _Run]
+    high: tuple[_Run, _Run]
+    base: tuple[int, int]
+    odd: bool
+    inf: tuple[int, int]
+    rom: np.ndarray
+
+    @property
+    def depth(self) -> int:
+        return len(self.rom)
+
+    def lookup(self, bits) -> np.ndarray:
+        """The plan evaluated in NumPy (what the hardware computes)."""
+        x = np.asarray(bits, dtype=np.uint16).astype(np.int64)
+        s, m = x >> 15, x & 0x7FFF
+        out = np.full(x.shape, numerics.CANONICAL_NAN, dtype=np.int64)
+        for sign in (0, 1):
+            here = s == sign
+            lo, hi = self.lo[sign], self.hi[sign]
+            for run, sel in ((self.low[sign], m < lo), (self.high[sign], (m > hi) & (m < 0x7C00))):
+                out = np.where(here & sel, x if run.identity else run.value, out)
+            win = here & (m >= lo) & (m <= hi) & (m < 0x7C00)
+            addr = np.clip(self.base[sign] + m - lo, 0, max(self.depth - 1, 0))
+            data = self.rom[addr].astype(np.int64) if self.depth else np.zeros_like(m)
+            flip = 0x8000 if (self.odd and sign) else 0
+            out = np.where(win, data ^ flip, out)
+            out = np.where(here & (m == 0x7C00), self.inf[sign], out)
+        return out.astype(np.uint16)
+
+
+def _run(values: np.ndarray, inputs: np.ndarray) -> tuple[int, _Run]:
+    """Longest prefix of ``values`` that is one constant or equal to ``inputs``."""
+    const = int(np.argmax(values != values[0])) if (values != values[0]).any() else len(values)
+    same = values == inputs
+    ident = int(np.argmax(~same)) if (~same).any() else len(values)
+    if ident > const:
+        return ident, _Run(True, 0)
+    return const, _Run(False, int(values[0]))
+
+
+@functools.cache
+def table_plan(name: str) -> TablePlan:
+    """The exact reduced storage of ``numerics.table(name)`` (see :class:`TablePlan`)."""
+    table = np.asarray(numerics.table(name), dtype=np.int64)
+    finite = np.arange(0x7C00)
+    halves = [table[finite], table[0x8000 | finite]]
+    odd = bool((halves[1] == (halves[0] ^ 0x8000)).all())
+    lo, hi, low, high = [], [], [], []
+    for sign, vals in enumerate(halves):
+        x = (sign << 15) | finite
+        n_low, r_low = _run(vals, x)
+        n_high, r_high = _run(vals[::-1], x[::-1])
+        lo.append(n_low)
+        hi.append(max(0x7C00 - 1 - n_high, n_low - 1))
+        low.append(r_low)
+        high.append(r_high)
+    windows = [halves[s][lo[s] : hi[s] + 1] for s in (0, 1)]
+    if odd:
+        rom, base = windows[0], (0, 0)
+    else:
+        rom, base = np.concatenate(windows), (0, len(windows[0]))
+    plan = TablePlan(
+        name=name,
+        lo=tuple(lo),
+        hi=tuple(hi),
+        low=tuple(low),
+        high=tuple(high),
+        base=base,
+        odd=odd,
+        inf=(int(table[0x7C00]), int(table[0xFC00])),
+        rom=rom.astype(np.uint16),
+    )
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    if not (plan.lookup(every) == table).all():  # also requires every NaN entry canonical
+        raise AssertionError(f"the reduced {name} table does not reproduce numerics.table")
+    return plan
+
+
 class FP16Table(wiring.Component):
-    """One of the contract's 65,536-entry binary16 function tables as a ROM.
+    """One of the contract's binary16 function tables (``numerics.table(name)``) as a ROM.
+
+    Bit-exact with ``numerics.lookup(name, x)`` for all 65,536 inputs.
+
+    With ``reduced=True`` (the default) only the part of the table that carries information is
+    stored (see :class:`TablePlan`): runs of a constant or of the identity at either end of each
+    sign half, Inf and NaN inputs, and the negative half of an odd function are computed by
+    comparators. That halves the ROM: exp 31,201 entries, recip 31,484, rsqrt 31,742 and
+    gelu 34,825, against 65,536 for ``reduced=False``.
 
     Parameters
     ----------
     name : str
-        ``"exp"``, ``"recip"``, ``"rsqrt"`` or ``"gelu"``; the contents are
-        ``numerics.table(name)``, so the unit is bit-exact with ``numerics.lookup`` for every
-        input.
+        ``"exp"``, ``"recip"``, ``"rsqrt"`` or ``"gelu"``.
+    reduced : bool
+        Store the reduced table (default) or all 65,536 entries.
     tag : shape
         Side data carried from input to output unchanged (default: none).
 
@@ -505,18 +619,18 @@ class FP16Table(wiring.Component):
     o : ``Out(stream.Signature(...))``
         ``value`` (:class:`Binary16`), ``tag``.
 
-    Latency 1 cycle (the synchronous read), throughput one lookup per cycle. The ROM is
-    65,536 x 16 bits (1 Mibit, 32 RAMB36 or 4 URAM per read port pair on an UltraScale+).
+    Latency 1 cycle (the synchronous ROM read), throughput one lookup per cycle.
     """
 
     LATENCY = 1
 
-    def __init__(self, name: str, *, tag=NO_TAG):
+    def __init__(self, name: str, *, reduced: bool = True, tag=NO_TAG):
         if name not in numerics._FUNCTIONS:
             raise ValueError(
                 f"unknown function table {name!r}; expected one of {numerics._FUNCTIONS}"
             )
         self._name = name
+        self._reduced = bool(reduced)
         self._tag = _check_shape("tag", tag)
         self.in_layout = data.StructLayout({"x": Binary16, "tag": self._tag})
         self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
@@ -532,6 +646,15 @@ class FP16Table(wiring.Component):
         return self._name
 
     @property
+    def reduced(self) -> bool:
+        return self._reduced
+
+    @property
+    def depth(self) -> int:
+        """ROM entries."""
+        return table_plan(self._name).depth if self._reduced else 1 << 16
+
+    @property
     def tag(self):
         """Shape (or layout) of the side data carried through."""
         return self._tag
@@ -543,18 +666,49 @@ class FP16Table(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         p = _stream_pipe(m, self.i, self.o, name=self._name)
-        contents = np.asarray(numerics.table(self._name), dtype=np.uint16)
+        x = self.i.payload.x.as_value()
+        if self._reduced:
+            plan = table_plan(self._name)
+            contents = plan.rom
+        else:
+            contents = np.asarray(numerics.table(self._name), dtype=np.uint16)
         m.submodules.rom = rom = memory.Memory(
-            shape=unsigned(16), depth=len(contents), init=[int(v) for v in contents]
+            shape=unsigned(16), depth=max(len(contents), 1), init=[int(v) for v in contents]
         )
         port = rom.read_port()
-        m.d.comb += [
-            port.addr.eq(self.i.payload.x.as_value()),
-            port.en.eq(p.en),
-            self.o.payload.value.eq(port.data),
-        ]
+        m.d.comb += port.en.eq(p.en)
         with m.If(p.en):
             m.d.sync += [self.o.payload.tag.eq(self.i.payload.tag), self.o.valid.eq(self.i.valid)]
+        if not self._reduced:
+            m.d.comb += [port.addr.eq(x), self.o.payload.value.eq(port.data)]
+            return m
+
+        mag, sign = x[:15], x[15]
+        use_rom = Signal(name="use_rom")
+        flip = Signal(name="flip")
+        fixed = Signal(16, name="fixed")
+        m.d.comb += port.addr.eq(0)
+        with m.If(mag > 0x7C00):
+            m.d.comb += fixed.eq(numerics.CANONICAL_NAN)
+        with m.Elif(mag == 0x7C00):
+            m.d.comb += fixed.eq(Mux(sign, plan.inf[1], plan.inf[0]))
+        for s in (0, 1):
+            with m.Elif((sign == s) & (mag < plan.lo[s])):
+                m.d.comb += fixed.eq(x if plan.low[s].identity else plan.low[s].value)
+            with m.Elif((sign == s) & (mag > plan.hi[s])):
+                m.d.comb += fixed.eq(x if plan.high[s].identity else plan.high[s].value)
+        with m.Else():
+            m.d.comb += [
+                use_rom.eq(1),
+                flip.eq(sign & plan.odd),
+                port.addr.eq(Mux(sign, plan.base[1] - plan.lo[1], plan.base[0] - plan.lo[0]) + mag),
+            ]
+        s1_use_rom = p.reg(use_rom, name="s1_use_rom")
+        s1_flip = p.reg(flip, name="s1_flip")
+        s1_fixed = p.reg(fixed, name="s1_fixed")
+        m.d.comb += self.o.payload.value.eq(
+            Mux(s1_use_rom, port.data ^ Cat(Const(0, 15), s1_flip), s1_fixed)
+        )
         return m
 
 

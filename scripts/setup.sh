@@ -13,8 +13,9 @@ fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "setup: $PYTHON is older than Python 3.11" >&2; exit 1; }
 
-# System packages: Icarus (second simulator), PoCL (OpenCL on the CPU), Tcl (vendor scripts).
-apt_packages=(iverilog pocl-opencl-icd tcl)
+# System packages: Icarus (second simulator), PoCL (OpenCL on the CPU), Tcl (vendor scripts),
+# ccache (Verilator builds share their runtime objects; see sim/runner.py).
+apt_packages=(iverilog pocl-opencl-icd tcl ccache)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -42,6 +42,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -151,6 +152,14 @@ def _toolchain_env(sim: str, extra: Mapping[str, str]) -> Iterator[None]:
         flags = os.environ.get("MAKEFLAGS", "")
         if "CFG_CXXFLAGS_PCH_I" not in flags:
             changes["MAKEFLAGS"] = f"{flags} CFG_CXXFLAGS_PCH_I=-include".strip()
+        # Every build compiles the same Verilator and cocotb runtime sources; with ccache
+        # (optional, apt) all but the first build of a session reuse those objects.
+        if "OBJCACHE" not in os.environ and shutil.which("ccache"):
+            changes["OBJCACHE"] = "ccache"
+            changes.setdefault(
+                "CCACHE_SLOPPINESS",
+                os.environ.get("CCACHE_SLOPPINESS", "pch_defines,time_macros,include_file_mtime"),
+            )
     saved = {key: os.environ.get(key) for key in changes}
     os.environ.update(changes)
     try:

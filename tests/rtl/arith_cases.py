@@ -172,7 +172,11 @@ class DotRow(wiring.Component):
 
 
 def build_unit(name: str):
-    """The unit called ``name`` (``add``, ``mul``, ``table-exp``, ..., ``dotrow``)."""
+    """The unit called ``name``: ``add``, ``mul``, ``table-<function>`` (reduced ROM),
+    ``table-full-<function>`` (65,536 entries), ``align``, ``dot``, ``shift``, ``acc``, ``round``
+    or ``dotrow``."""
+    if name.startswith("table-full-"):
+        return FP16Table(name.removeprefix("table-full-"), reduced=False, tag=TAG)
     if name.startswith("table-"):
         return FP16Table(name.removeprefix("table-"), tag=TAG)
     factories = {
@@ -333,7 +337,7 @@ def case_mul(params, rng):
 
 
 def case_table(params, rng):
-    name = params["unit"].removeprefix("table-")
+    name = params["unit"].removeprefix("table-").removeprefix("full-")
     xs = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     # all inputs in order, then a random sample again (it runs under backpressure)
     xs = np.concatenate([xs, rng.integers(0, 1 << 16, params.get("extra", 4000), dtype=np.uint16)])

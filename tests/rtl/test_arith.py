@@ -43,6 +43,12 @@ def test_fp16_table_exhaustive(table, sim):
 
 
 @pytest.mark.parametrize("sim", runner.simulators())
+def test_fp16_table_full_rom(sim):
+    """The unreduced 65,536-entry ROM, exhaustively, for one function."""
+    run_unit("table-full-gelu", sim, seed=2)
+
+
+@pytest.mark.parametrize("sim", runner.simulators())
 @pytest.mark.parametrize(
     ("unit", "size"),
     [
