@@ -69,7 +69,9 @@ class GenerateResult:
     """Generated ``tokens`` (prompt not included) and how the run went.
 
     ``timings`` are seconds: ``compile`` and ``load`` (0 when a :class:`Session` is reused),
-    ``write`` (prompt into HBM), ``decode`` (start to done), ``read`` (tokens and status back).
+    ``write`` (prompt into HBM), ``decode`` (start to done), ``read`` (tokens and status back),
+    and ``decode_cpu``, the CPU time this process spent during ``decode`` (all threads; for a
+    simulator backend it tells the host's share when other jobs compete for the cores).
     ``stats`` holds backend counters when the backend has them (``model``: instructions per unit,
     HBM bytes read and written).
     """
@@ -187,12 +189,12 @@ class Session:
         t0 = time.perf_counter()
         dev.write_tokens(c.layout, "prompt", ids)
         dev.set_args(**c.args(prompt_len=len(ids), n_new=n_new))
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         record = dev.run(timeout=timeout, on_token=progress)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         tokens = dev.read_tokens(c.layout, record.tokens)
         t3 = time.perf_counter()
-        timings.update(write=t1 - t0, decode=t2 - t1, read=t3 - t2)
+        timings.update(write=t1 - t0, decode=t2 - t1, read=t3 - t2, decode_cpu=c2 - c1)
         stats = {}
         result = getattr(dev, "last_result", None)
         if result is not None:

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from tandem import isa
 from tandem import numerics as nm
@@ -116,6 +117,12 @@ class IsaSim:
         The device memory; the simulator reads and writes it in place.
     max_steps : int
         Instruction budget of one run (stands in for the watchdog).
+    batch_heads : bool
+        Run groups of attention heads batched (same results, much faster).
+    blas_threads : int or None
+        BLAS threads during a run (None: leave BLAS alone). The MPU products are
+        [rows, 64] x [64, 2] per block; a second OpenBLAS thread mostly spins on them (measured on
+        2 cores: twice the CPU time and half the speed), so the default is 1.
 
     Attributes
     ----------
@@ -135,6 +142,7 @@ class IsaSim:
         *,
         max_steps: int = DEFAULT_MAX_STEPS,
         batch_heads: bool = True,
+        blas_threads: int | None = 1,
     ):
         if image.geom.channels != geom.channels:
             raise ValueError(
@@ -144,6 +152,7 @@ class IsaSim:
         self.image = image
         self.max_steps = max_steps
         self.batch_heads = batch_heads
+        self.blas_threads = blas_threads
         self.batched_groups = 0  # head groups run batched in the last run (for tests)
         self.u16 = image.data.view(np.uint16)  # [channels, nbytes / 2]
         self.regs = [0] * isa.N_REGS
@@ -361,6 +370,12 @@ class IsaSim:
         ones are 0, and ``hbm_bytes`` 0 means the whole image. ``on_token(i, token)`` is called
         for every ``STW`` (the ``i``-th token of the run).
         """
+        if self.blas_threads is None:
+            return self._run(args, on_token)
+        with threadpool_limits(limits=self.blas_threads, user_api="blas"):
+            return self._run(args, on_token)
+
+    def _run(self, args, on_token) -> SimResult:
         self._argv = self._args(args)
         self._limit = self._argv[[n for n, _ in SCALAR_ARGS].index("hbm_bytes")]
         self._on_token = on_token
