@@ -50,6 +50,7 @@ __all__ = [
     "FP16Mul",
     "FP16Table",
     "TablePlan",
+    "block_sum_shape",
     "table_plan",
 ]
 
@@ -818,6 +819,12 @@ class BlockAlign(wiring.Component):
         return m
 
 
+def block_sum_shape(size: int) -> Shape:
+    """Exact shape of a sum of ``size`` products of aligned significands: a product needs 23
+    bits (``2047**2 < 2**22``), and each level of the adder tree one more."""
+    return signed(2 * Q_WIDTH - 1 + (size - 1).bit_length())
+
+
 class BlockDot(wiring.Component):
     """Exact integer dot product of two aligned blocks: the sum of ``size`` products of
     ``signed(12)`` significands, by a pipelined adder tree.
@@ -867,8 +874,7 @@ class BlockDot(wiring.Component):
 
     @property
     def sum_shape(self) -> Shape:
-        """Products need 23 bits (2047**2 < 2**22); each adder level one more."""
-        return signed(2 * Q_WIDTH - 1 + self._levels)
+        return block_sum_shape(self._size)
 
     @property
     def latency(self) -> int:
@@ -936,7 +942,7 @@ class AccumulatorShift(wiring.Component):
 
     def __init__(self, *, sum_shape=None, tag=NO_TAG):
         if sum_shape is None:
-            sum_shape = BlockDot().sum_shape
+            sum_shape = block_sum_shape(numerics.BLOCK)
         self._sum_shape = _check_shape("sum_shape", sum_shape)
         if not self._sum_shape.signed or self._sum_shape.width > ACC_WIDTH:
             raise ValueError(f"sum_shape must be signed and at most 64 bits, not {sum_shape!r}")
