@@ -72,8 +72,8 @@ class GenerateResult:
     ``write`` (prompt into HBM), ``decode`` (start to done), ``read`` (tokens and status back),
     and ``decode_cpu``, the CPU time this process spent during ``decode`` (all threads; for a
     simulator backend it tells the host's share when other jobs compete for the cores).
-    ``stats`` holds backend counters when the backend has them (``model``: instructions per unit,
-    HBM bytes read and written).
+    ``positions`` counts the positions the core processed. ``stats`` holds backend counters
+    when the backend has them (``model``: instructions per unit, HBM bytes read and written).
     """
 
     tokens: list[int]
@@ -178,17 +178,26 @@ class Session:
         n_new: int,
         progress: Progress | None = None,
         timeout: float | None = None,
+        start_pos: int = 0,
     ) -> GenerateResult:
         """Greedy decoding of ``n_new`` tokens after ``prompt_ids`` (the prompt runs on the core
         too, one position at a time). Raises ValueError for requests that do not fit and
-        RunError if the core reports an error."""
+        RunError if the core reports an error.
+
+        With ``start_pos`` > 0 the core starts there: positions below must already be in the
+        device's KV regions (the hybrid pipeline writes the GPU prefill's K/V prefix with
+        ``layout.pack_kv_prefix`` and passes the prompt plus the GPU's first token, with
+        ``start_pos`` = the prompt length).
+        """
         ids = check_fits(self.cfg, prompt_ids, n_new)
+        if not 0 <= start_pos < len(ids):
+            raise ValueError(f"start_pos {start_pos} must be in [0, {len(ids)}), the prompt")
         c, dev = self.compiled, self.device
         timings = dict(self.timings) if self._fresh else {"compile": 0.0, "load": 0.0}
         self._fresh = False
         t0 = time.perf_counter()
         dev.write_tokens(c.layout, "prompt", ids)
-        dev.set_args(**c.args(prompt_len=len(ids), n_new=n_new))
+        dev.set_args(**c.args(prompt_len=len(ids), n_new=n_new, start_pos=start_pos))
         t1, c1 = time.perf_counter(), time.process_time()
         record = dev.run(timeout=timeout, on_token=progress)
         t2, c2 = time.perf_counter(), time.process_time()
@@ -214,7 +223,7 @@ class Session:
             status=record,
             backend=self.backend,
             geometry=c.geom.name,
-            positions=len(ids) + n_new - 1 if n_new else 0,
+            positions=len(ids) + n_new - 1 - start_pos if n_new else 0,
             stats=stats,
         )
 

@@ -154,16 +154,25 @@ def test_hybrid_start_from_a_host_written_kv_prefix():
     want, _, _ = faithful(fm, prompt, 8)
     cache = fm.new_cache()
     first = fm.prefill(prompt, cache).token
-    img = fresh_image(c)
+    prefix = {}  # region base -> the prefix bytes of positions 0..4
     for layer in range(cfg.n_layer):
         kb, vb = L.pack_kv_prefix(
             c.geom, cache.k[layer, :, :5], cache.vt[layer, :, :, :5].transpose(0, 2, 1)
         )
-        img.write_striped(c.layout[f"h.{layer}.k"].base, kb)
-        img.write_striped(c.layout[f"h.{layer}.v"].base, vb)
+        prefix[c.layout[f"h.{layer}.k"].base] = kb
+        prefix[c.layout[f"h.{layer}.v"].base] = vb
+    img = fresh_image(c)
+    for base, chunk in prefix.items():
+        img.write_striped(base, chunk)
     c.write_prompt(img, [*prompt, first])
     r = IsaSim(c.geom, img).run(c.args(prompt_len=6, n_new=7, start_pos=5))
     assert r.ok and c.read_output(img, 7) == want[1:]
+    # the same through the runtime, on a device whose KV prefix the host wrote
+    with Session(cfg, None, compiled=c) as s:
+        for base, chunk in prefix.items():
+            s.device.write_striped(base, chunk)
+        res = s.generate([*prompt, first], 7, start_pos=5)
+        assert res.tokens == want[1:] and res.positions == 7
 
 
 @pytest.mark.parametrize(
