@@ -242,9 +242,13 @@ def matvec(
         raise ValueError(f"input shape {x_bits.shape} does not match {mat.cols} columns")
     xs, xe, xnf = prepare_input(x_bits, mat.n_blocks)
     sums = np.matmul(mat.q, xs)  # [n_blocks, rows, 2]; every partial sum < 2**24: exact
-    s = 32 * sums[..., 0].astype(np.int64) + sums[..., 1].astype(np.int64)
+    # Block sums (|s| < 2**29) scaled by powers of two stay exact in float64 (at most 53 bits
+    # after a left shift of up to ACC_FRAC), so the flooring shift is ldexp + floor; this is the
+    # same value as shift_floor on int64, at half the cost.
+    s = sums[..., 0].astype(np.float64) * 32 + sums[..., 1]
     xe_max = int(xe.max())
-    acc = shift_floor(s, block_shift(mat.block_exp, xe[:, None], xe_max)).sum(axis=0)
+    shift = block_shift(mat.block_exp, xe[:, None], xe_max)
+    acc = np.floor(np.ldexp(s, shift)).astype(np.int64).sum(axis=0)
     nonfinite = mat.nonfinite_rows | bool(xnf.any())
     if bias_bits is not None:
         bias_bits = np.asarray(bias_bits, dtype=np.uint16)
