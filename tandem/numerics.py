@@ -292,7 +292,8 @@ def _bit_length(mag: np.ndarray) -> np.ndarray:
 def acc_to_fp16(acc: np.ndarray, lam) -> np.ndarray:
     """Round ``acc * 2**lam`` (int64 ``acc``, |acc| < 2**62) to binary16 bits, nearest-even.
 
-    Overflow gives +-Inf, tiny values round into the subnormals or to zero, and zero is +0.
+    Overflow gives +-Inf, tiny values round into the subnormals or to a zero of their sign, and an
+    exact zero accumulator gives +0.
     """
     acc = np.asarray(acc, dtype=np.int64)
     lam = np.broadcast_to(np.asarray(lam, dtype=np.int64), acc.shape)
@@ -416,7 +417,7 @@ def table(name: str) -> np.ndarray:
     """The 65,536-entry binary16 table of ``exp``, ``recip``, ``rsqrt`` or ``gelu``.
 
     Entry ``i`` is the correctly rounded binary16 of the function at the binary16 with bits ``i``.
-    Values are computed in float64 and, where that lands within 2**-30 (relative) of a rounding
+    Values are computed in float64 and, where that lands within 2**-20 (relative) of a rounding
     boundary, recomputed in 60-digit decimal arithmetic, so the table does not depend on the
     platform's libm. Special inputs: NaN -> NaN; exp(+-Inf) = +Inf / +0; recip(+-0) = +-Inf;
     recip(+-Inf) = +-0; rsqrt(x<0) = NaN; rsqrt(+-0) = +-Inf; rsqrt(+Inf) = +0;
