@@ -135,24 +135,47 @@ def _stream_pipe(m: Module, i, o, *, name: str) -> _Stall:
     return _Stall(m, advance)
 
 
-def leading_zeros(value) -> tuple:
-    """(all zero, count of leading zeros) of an unsigned value, as a balanced tree.
+def leading_zeros(m: Module, value, *, name: str) -> tuple:
+    """(all zero, count of leading zeros) of an unsigned value, by a balanced tree.
 
-    The count is only meaningful when the value is not zero.
+    The count is only meaningful when the value is not zero. Every tree node is a signal:
+    Amaranth lowers each use of an expression separately, so a node used twice as an
+    expression would double the logic at every level.
     """
     width = len(value)
     size = 1 << max(0, (width - 1).bit_length())
     value = Cat(Const(0, size - width), value)  # pad at the LSB end: leading zeros unchanged
 
-    def tree(v):
+    def tree(v, path):
         if len(v) == 1:
             return ~v[0], Const(0, 0)
         half = len(v) // 2
-        z_lo, c_lo = tree(v[:half])
-        z_hi, c_hi = tree(v[half:])
-        return z_lo & z_hi, Mux(z_hi, Cat(c_lo, Const(1, 1)), Cat(c_hi, Const(0, 1)))
+        z_lo, c_lo = tree(v[:half], path + "l")
+        z_hi, c_hi = tree(v[half:], path + "h")
+        zero = Signal(name=f"{name}_z{path}")
+        count = Signal(len(c_lo) + 1, name=f"{name}_c{path}")
+        m.d.comb += [
+            zero.eq(z_lo & z_hi),
+            count.eq(Mux(z_hi, Cat(c_lo, Const(1, 1)), Cat(c_hi, Const(0, 1)))),
+        ]
+        return zero, count
 
-    return tree(value)
+    return tree(value, "")
+
+
+def _max_tree(m: Module, values, *, name: str):
+    """Largest of ``values`` (unsigned) by a balanced tree of signals (see leading_zeros)."""
+    level = list(values)
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for k, (a, b) in enumerate(zip(level[0::2], level[1::2], strict=True)):
+            node = Signal.like(a, name=f"{name}_{depth}_{k}")
+            m.d.comb += node.eq(Mux(a > b, a, b))
+            nxt.append(node)
+        level = nxt
+    return level[0]
 
 
 class _Normalized(data.Struct):
@@ -172,7 +195,7 @@ def _normalize(m: Module, mag, lam, sign, *, name: str):
         mag = Cat(Const(0, 12 - width), mag)
         lam = lam - (12 - width)
         width = 12
-    zero, lz = leading_zeros(mag)
+    zero, lz = leading_zeros(m, mag, name=f"{name}_lz")
     shifted = Signal(width, name=f"{name}_shifted")
     n = Signal(_Normalized, name=f"{name}_norm")
     m.d.comb += [
@@ -786,14 +809,11 @@ class BlockAlign(wiring.Component):
         m = Module()
         p = _stream_pipe(m, self.i, self.o, name="align")
         xs = [self.i.payload.x[k] for k in range(self._size)]
-        exps = [Mux(x.exp == 0, 1, x.exp) for x in xs]
-        sigs = [Cat(x.frac, x.exp != 0) for x in xs]
-
-        level = exps
-        while len(level) > 1:
-            level = [Mux(a > b, a, b) for a, b in zip(level[0::2], level[1::2], strict=True)]
-        block_exp = Signal(EXP_WIDTH, name="block_exp")
-        m.d.comb += block_exp.eq(level[0])
+        exps = [Signal(EXP_WIDTH, name=f"exp{k}") for k in range(self._size)]
+        sigs = [Signal(11, name=f"sig{k}") for k in range(self._size)]
+        for x, e, sig in zip(xs, exps, sigs, strict=True):
+            m.d.comb += [e.eq(Mux(x.exp == 0, 1, x.exp)), sig.eq(Cat(x.frac, x.exp != 0))]
+        block_exp = _max_tree(m, exps, name="max")
 
         # Stage 1: block exponent; keep sign, significand and exponent of every element.
         s1_exp = p.reg(block_exp, name="s1_block_exp")
@@ -805,10 +825,11 @@ class BlockAlign(wiring.Component):
         v1 = p.valid_chain(self.i.valid, 1, name="align_valid")
 
         # Stage 2: shift right by the exponent gap (>= 11 leaves nothing) and apply the sign.
+        mags = [Signal(11, name=f"mag{k}") for k in range(self._size)]
+        for k, mag in enumerate(mags):
+            m.d.comb += mag.eq(s1_sig[k] >> (s1_exp - s1_e[k])[:EXP_WIDTH])
         with m.If(p.en):
-            for k in range(self._size):
-                mag = Signal(11, name=f"mag{k}")
-                m.d.comb += mag.eq(s1_sig[k] >> (s1_exp - s1_e[k])[:EXP_WIDTH])
+            for k, mag in enumerate(mags):
                 m.d.sync += self.o.payload.q[k].eq(Mux(s1_neg[k], -mag, mag))
             m.d.sync += [
                 self.o.payload.exp.eq(s1_exp),
