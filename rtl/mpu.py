@@ -1,0 +1,639 @@
+"""The matrix unit (MPU): block-floating-point matrix-vector products, one weight tile per cycle."""
+
+# No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from tandem.geometry import CoreGeometry
+from tandem.isa import MatFlag
+from tandem.numerics import BLOCK, MAX_DOT_LEN, acc_lsb_exponent
+
+from .arith import AccToFP16, AccumulatorShift, BlockAlign, BlockDot
+
+__all__ = ["Block", "MatrixUnit", "MatvecCommand", "MatvecFlags"]
+
+Block = data.ArrayLayout(unsigned(16), BLOCK)
+"""One 64-element binary16 row: an input block, a bias row, a result row."""
+
+_LAM0 = int(acc_lsb_exponent(0))
+"""Accumulator LSB exponent for ``xe_max = 0``: ``lam = xe_max + _LAM0``."""
+
+_MAX_GROUPS = -(-0xFFFF // BLOCK)
+"""Row groups of the largest command (``rows`` is a 16-bit field)."""
+
+_BIAS_XE = 25
+"""A bias element is placed like a block sum ``sig * 2**(exp - 25)`` with ``xe = 25``:
+``numerics.bias_to_acc`` shifts by ``exp - 25 - lam`` = ``block_shift(exp, 25, xe_max)``."""
+
+
+class MatvecFlags(data.Struct):
+    """``MATVEC`` flags in the bit order of :class:`tandem.isa.MatFlag`, so that the instruction's
+    flag field casts to it unchanged. The MPU reads ``bias`` and ``argmax``; the ``live_*`` bits
+    are resolved by the controller into the command's ``live_rows`` and ``live_cols``."""
+
+    bias: 1
+    argmax: 1
+    live_rows: 1
+    live_cols: 1
+
+
+for _name, _field in data.Layout.cast(MatvecFlags):
+    if 1 << _field.offset != MatFlag[_name.upper()]:
+        raise AssertionError(f"MatvecFlags.{_name} is not at MatFlag's bit position")
+
+
+class MatvecCommand(data.Struct):
+    """One ``MATVEC`` as the MPU sees it.
+
+    ``rows``/``cols`` are the allocated shape; ``live_rows``/``live_cols`` the part to compute
+    (equal to ``rows``/``cols`` unless a ``LIVE_*`` flag is set). The MPU uses
+    ``min(live, allocated)`` of each.
+    """
+
+    rows: unsigned(16)
+    cols: unsigned(16)
+    live_rows: unsigned(16)
+    live_cols: unsigned(16)
+    flags: MatvecFlags
+
+
+def _probe(unit):
+    """A unit built only to read its latency: it is never elaborated, so silence Amaranth's
+    unused-elaboratable warning for it."""
+    unit._MustUse__silence = True
+    return unit
+
+
+def _pow2(v) -> bool:
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+
+
+class MatrixUnit(wiring.Component):
+    """Matrix-vector unit: ``lanes`` rows x 64 columns of block-floating-point products per cycle.
+
+    For each command it loads the input vector ``x`` (``n_cb = ceil(live_cols / 64)`` blocks,
+    aligned once into an on-chip buffer), then consumes the weight tiles of the live part in the
+    tiled order of :mod:`tandem.layout`: for each row group ``g`` (64 rows), for each column block
+    ``cb``, for each row block ``rb`` (``64 / lanes`` of them), one tile of ``lanes`` rows x 64
+    columns. The arithmetic is :func:`tandem.numerics.matvec`, bit for bit: per lane and tile,
+    ``BlockAlign`` of the 64 weights, ``BlockDot`` with x block ``cb``, ``AccumulatorShift`` into
+    the row's 64-bit accumulator; after the last ``cb`` the bias (``numerics.bias_to_acc``) is
+    added and ``AccToFP16`` rounds, with the canonical NaN for rows that saw a non-finite operand.
+    Columns at or past ``live_cols`` in the last block count as +0 for x and the weights (stale
+    HBM data there does not matter), also for the block exponents.
+
+    Parameters
+    ----------
+    geom : CoreGeometry
+        Only ``lanes`` and ``tree`` (must be 64) matter; the tile is one beat of every channel.
+    max_cols : int
+        Longest input vector (size of the aligned x buffer); default the VBUF capacity, at most
+        :data:`tandem.numerics.MAX_DOT_LEN`. A command with more live columns is not defined
+        (the controller must not issue one).
+
+    Members
+    -------
+    cmd : In(stream.Signature(MatvecCommand))
+    x : In(stream.Signature(Block))
+        The ``n_cb`` live input blocks, in order, at the start of each command.
+    weights : In(stream.Signature(ArrayLayout(Block, lanes)))
+        One tile per transfer; ``payload[lane][j]`` is row ``rb*lanes + lane`` of the group,
+        column ``cb*64 + j``. Its bits are the channel beats of one tile concatenated (channel 0
+        in the low bits), exactly as :func:`tandem.layout.pack_tiled` stores them.
+    bias : In(stream.Signature(Block))
+        With ``flags.bias``: one row per row group (bias of rows ``g*64 .. g*64+63``). Accepted
+        from the command's start, up to ``n_groups`` rows.
+    result : Out(stream.Signature(Block))
+        Without ``flags.argmax``: one row per row group, element ``i`` = row ``g*64 + i``. Rows at
+        or past ``live_rows`` are +0 (the controller writes only live rows).
+    argmax : Out(stream.Signature(unsigned(16)))
+        With ``flags.argmax``: one transfer per command, the lowest row index of the largest
+        accumulator (bias included, non-finite flags ignored) among the live rows.
+    busy : Out(1)
+        A command is in progress (``cmd.ready`` is low).
+
+    Timing
+    ------
+    Throughput: one tile (``lanes x 64`` MACs) per cycle, with no bubble between tiles, column
+    blocks or row groups while the weight stream is valid and the outputs are ready. Group ends
+    are not a pipeline step: the final sum of a row block leaves the accumulators the cycle it is
+    formed and is rounded by ``lanes`` AccToFP16 units (one row block per cycle, the rate tiles
+    arrive), into a :attr:`result_depth`-row output FIFO. Tiles stall only when that FIFO, or
+    with a bias the :attr:`bias_depth`-row bias buffer, could run out (credits are taken when
+    the tile that needs them is accepted), or before ``x`` is loaded.
+
+    Cycles of one command whose streams never stall, from the cycle ``cmd`` is accepted up to
+    the first cycle ``cmd.ready`` is high again::
+
+        1 + n_cb + x_latency + n_groups * n_cb * (64 / lanes) + tail
+
+        n_groups = ceil(min(live_rows, rows) / 64),  n_cb = ceil(min(live_cols, cols) / 64)
+        x_latency = A + 1                        (3)    x alignment and buffer write
+        tail = drain_latency = P + 3             (17)   results; last transfer 2 cycles earlier
+        tail = argmax_latency = A+D+H+4+log2(lanes)     with ARGMAX (tiny 13, u55c 16);
+                                                        the index transfer is 1 cycle earlier
+        P = pipeline_depth = 1 + A + D + H + 2 + R   (14)
+
+    with the unit latencies of rtl/arith.py (:attr:`latencies`): BlockAlign ``A`` = 2,
+    BlockDot ``D`` = 4, AccumulatorShift ``H`` = 2, AccToFP16 ``R`` = 3. The x load is
+    ``n_cb`` cycles at one block per cycle. Commands do not overlap: the next one is accepted
+    after the last output transfer. A command with no live rows or no live columns takes 2
+    cycles, consumes nothing and produces no result rows (argmax: index 0).
+    """
+
+    def __init__(self, geom: CoreGeometry, *, max_cols: int | None = None):
+        if not isinstance(geom, CoreGeometry):
+            raise ValueError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
+        if geom.tree != BLOCK:
+            raise ValueError(f"the MPU needs tree == {BLOCK} (one numeric block), not {geom.tree}")
+        if not _pow2(geom.lanes) or geom.lanes > BLOCK:
+            raise ValueError(
+                f"lanes must be a power of two from 1 to {BLOCK} (a row group of 64 rows is "
+                f"64/lanes tiles), not {geom.lanes!r}"
+            )
+        if geom.lanes * geom.tree != geom.channels * geom.beat_elems:
+            raise ValueError(
+                f"a tile ({geom.lanes} x {geom.tree}) must be one beat of every channel "
+                f"({geom.channels} x {geom.beat_elems})"
+            )
+        if max_cols is None:
+            max_cols = min(MAX_DOT_LEN, geom.vbuf_elems)
+        if not isinstance(max_cols, int) or not BLOCK <= max_cols <= MAX_DOT_LEN:
+            raise ValueError(f"max_cols must be an int in {BLOCK}..{MAX_DOT_LEN}, not {max_cols!r}")
+        if max_cols % BLOCK:
+            raise ValueError(f"max_cols must be a multiple of {BLOCK}, not {max_cols}")
+        self._geom = geom
+        self._lanes = geom.lanes
+        self._stride = BLOCK // geom.lanes
+        self._x_blocks = max_cols // BLOCK
+        dot = _probe(BlockDot())
+        a = _probe(BlockAlign()).latency
+        d = dot.latency
+        h = _probe(AccumulatorShift(sum_shape=dot.sum_shape)).latency
+        r = _probe(AccToFP16()).latency
+        if a < 1:
+            raise ValueError(f"BlockAlign must be registered (latency {a}): x is read at stage A-1")
+        self._lat = {"align": a, "dot": d, "shift": h, "round": r}
+        # Stages count cycles after the input register (stage 0) that holds an accepted tile.
+        self._st_acc = a + d + h  # accumulate (the shifted block sum arrives)
+        self._st_out = self._st_acc + 2 + r  # result assembly: +1 final sum, +1 bias added, round
+        self._st_amax = self._st_acc + 2 + (self._lanes - 1).bit_length()  # argmax compare
+        # Output FIFO: a group claims a row when its last tile is accepted and frees it when the
+        # row leaves, st_out + 3 cycles later without stalls; one group ends every 64/lanes
+        # cycles at most, so this depth never stalls an unstalled stream.
+        self._result_depth = max(2, -(-(self._st_out + 3) // self._stride) + 1)
+        # Bias rows: claimed at a group's first last-column-block tile, popped when the group's
+        # last tile reaches the bias shifter (stride + a + d cycles), refilled 2 cycles later.
+        self._bias_depth = max(2, -(-(a + d + self._stride + 3) // self._stride) + 1)
+        super().__init__(
+            {
+                "cmd": In(stream.Signature(MatvecCommand)),
+                "x": In(stream.Signature(Block)),
+                "weights": In(stream.Signature(data.ArrayLayout(Block, self._lanes))),
+                "bias": In(stream.Signature(Block)),
+                "result": Out(stream.Signature(Block)),
+                "argmax": Out(stream.Signature(unsigned(16))),
+                "busy": Out(1),
+            }
+        )
+
+    # read-only parameters -------------------------------------------------------------------
+
+    @property
+    def geom(self) -> CoreGeometry:
+        return self._geom
+
+    @property
+    def lanes(self) -> int:
+        return self._lanes
+
+    @property
+    def max_cols(self) -> int:
+        return self._x_blocks * BLOCK
+
+    @property
+    def latencies(self) -> dict[str, int]:
+        """Latencies of the arithmetic units the pipeline is built from (rtl/arith.py)."""
+        return dict(self._lat)
+
+    @property
+    def x_latency(self) -> int:
+        """Cycles from the last x transfer to the first cycle a tile can be accepted, minus one:
+        the x block's alignment (BlockAlign) and its write into the x buffer."""
+        return self._lat["align"] + 1
+
+    @property
+    def pipeline_depth(self) -> int:
+        """Register stages from an accepted tile to its group's result row: input register,
+        BlockAlign, BlockDot, AccumulatorShift, accumulate, bias add, AccToFP16."""
+        return self._st_out + 1
+
+    @property
+    def drain_latency(self) -> int:
+        """Cycles from the last tile transfer to ``cmd.ready`` rising, when the result stream is
+        ready: the pipeline, the output FIFO (write, read-out: 2), the transfer, the credit
+        return and the state change."""
+        return self.pipeline_depth + 3
+
+    @property
+    def argmax_latency(self) -> int:
+        """As :attr:`drain_latency` with ``ARGMAX``: input register, BlockAlign, BlockDot,
+        AccumulatorShift, accumulate, bias add, a log2(lanes)-level max tree, the running
+        compare, and the index transfer."""
+        return self._st_amax + 2
+
+    @property
+    def result_depth(self) -> int:
+        """Rows the output FIFO holds (enough for no stall at one tile per cycle)."""
+        return self._result_depth
+
+    @property
+    def bias_depth(self) -> int:
+        """Rows the bias buffer holds."""
+        return self._bias_depth
+
+    def cycles(self, n_groups: int, n_cb: int, *, argmax: bool = False) -> int:
+        """The documented cycle count of one command whose streams never stall (see Timing)."""
+        if n_groups == 0 or n_cb == 0:
+            return 2
+        tail = self.argmax_latency if argmax else self.drain_latency
+        return 1 + n_cb + self.x_latency + n_groups * n_cb * self._stride + tail
+
+    # ----------------------------------------------------------------------------------------
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes, stride, xb = self._lanes, self._stride, self._x_blocks
+        A = self._lat["align"]
+        D = self._lat["dot"]
+        H = self._lat["shift"]
+        K = self._st_acc
+        Z = self._st_out
+        AM = self._st_amax
+        n_stages = max(Z, AM) + 1
+
+        # ---- command ------------------------------------------------------------------------
+        cmd = self.cmd.payload
+        last_cb = Signal(range(xb))
+        last_grp = Signal(range(_MAX_GROUPS))
+        col_mask = Signal(BLOCK)  # live columns of the last column block
+        do_bias = Signal()
+        do_argmax = Signal()
+        rows_left = Signal(17)  # live rows from the current group on
+
+        eff_rows = Signal(16)
+        eff_cols = Signal(16)
+        m.d.comb += [
+            eff_rows.eq(Mux(cmd.live_rows < cmd.rows, cmd.live_rows, cmd.rows)),
+            eff_cols.eq(Mux(cmd.live_cols < cmd.cols, cmd.live_cols, cmd.cols)),
+        ]
+        cmd_groups = (eff_rows + BLOCK - 1) >> 6
+        cmd_cbs = (eff_cols + BLOCK - 1) >> 6
+
+        # ---- x load: align each block once into the x buffer ------------------------------------
+        x_entry = data.StructLayout({"q": data.ArrayLayout(signed(12), BLOCK), "e": unsigned(5)})
+        m.submodules.xbuf = xbuf = Memory(shape=x_entry, depth=xb, init=[])
+        x_wr = xbuf.write_port()
+        x_rd = xbuf.read_port(domain="sync")
+
+        m.submodules.x_align = x_align = BlockAlign()
+        x_count = Signal(range(xb))
+        x_in = Signal(Block)
+        # Dead columns of the last block become +0 by one wide AND with an element mask, not per
+        # element: simulators (Icarus most of all) re-run a piecewise-written register's whole
+        # process for every changed piece, which made the tile path 10x slower.
+        last_keep = Signal(BLOCK * 16)  # col_mask, each bit widened to an element
+        m.d.comb += last_keep.eq(Cat(*(col_mask[j].replicate(16) for j in range(BLOCK))))
+        xv = [Signal(name=f"x_valid{i}") for i in range(A + 1)]
+        xa = [Signal(range(xb), name=f"x_addr{i}") for i in range(A + 1)]
+        for i in range(A):
+            m.d.sync += [xv[i + 1].eq(xv[i]), xa[i + 1].eq(xa[i])]
+        xe_max = Signal(5)
+        x_nonfinite = Signal()
+        x_handshake = self.x.valid & self.x.ready
+        m.d.sync += [xv[0].eq(x_handshake), xa[0].eq(x_count)]
+        x_last_block = x_count == last_cb
+        with m.If(x_handshake):
+            m.d.sync += x_in.eq(
+                self.x.payload.as_value() & Mux(x_last_block, last_keep, Const(-1, BLOCK * 16))
+            )
+        xo = x_align.o.payload
+        m.d.comb += [
+            x_align.i.payload.x.as_value().eq(x_in.as_value()),
+            x_align.i.valid.eq(xv[0]),
+            x_align.o.ready.eq(1),  # never stalls: every unit below advances each cycle
+            x_wr.en.eq(xv[A]),
+            x_wr.addr.eq(xa[A]),
+            x_wr.data.q.eq(xo.q),
+            x_wr.data.e.eq(xo.exp),
+        ]
+        with m.If(xv[A]):
+            with m.If(xo.exp > xe_max):
+                m.d.sync += xe_max.eq(xo.exp)
+            with m.If(xo.nonfinite):
+                m.d.sync += x_nonfinite.eq(1)
+
+        # ---- credits --------------------------------------------------------------------------
+        rd = self._result_depth
+        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(width=BLOCK * 16, depth=rd)
+        m.submodules.bias_fifo = bias_fifo = fifo.SyncFIFO(width=BLOCK * 16, depth=self._bias_depth)
+        out_free = Signal(range(rd + 1), init=rd)
+        bias_avail = Signal(range(self._bias_depth + 1))
+        bias_todo = Signal(range(_MAX_GROUPS + 1))
+        out_claim = Signal()
+        bias_claim = Signal()
+        result_taken = self.result.valid & self.result.ready
+        bias_taken = self.bias.valid & self.bias.ready
+        m.d.sync += out_free.eq(out_free + result_taken - out_claim)
+        m.d.sync += bias_avail.eq(bias_avail + bias_taken - bias_claim)
+        with m.If(bias_taken):
+            m.d.sync += bias_todo.eq(bias_todo - 1)
+        m.d.comb += [
+            bias_fifo.w_data.eq(self.bias.payload.as_value()),
+            bias_fifo.w_en.eq(bias_taken),
+            self.result.payload.eq(out_fifo.r_data),
+            self.result.valid.eq(out_fifo.r_rdy),
+            out_fifo.r_en.eq(self.result.ready),
+        ]
+
+        # ---- tile counters and acceptance -------------------------------------------------------
+        rb = Signal(range(stride))
+        cb = Signal(range(xb))
+        grp = Signal(range(_MAX_GROUPS))
+        is_last_cb = cb == last_cb
+        is_group_end = is_last_cb & (rb == stride - 1)
+        is_cmd_end = is_group_end & (grp == last_grp)
+        need_out = is_group_end & ~do_argmax
+        need_bias = is_last_cb & (rb == 0) & do_bias
+        streaming = Signal()
+        m.d.comb += self.weights.ready.eq(
+            streaming & (~need_out | (out_free != 0)) & (~need_bias | (bias_avail != 0))
+        )
+        w_handshake = self.weights.valid & self.weights.ready
+        m.d.comb += [out_claim.eq(w_handshake & need_out), bias_claim.eq(w_handshake & need_bias)]
+
+        tag_layout = data.StructLayout(
+            {
+                "valid": 1,
+                "rb": range(stride),
+                "cb": range(xb),
+                "grp": range(_MAX_GROUPS),
+                "first": 1,
+                "last": 1,
+                "group_end": 1,
+                "cmd_end": 1,
+                "live": lanes,
+            }
+        )
+        tags = [Signal(tag_layout, name=f"tag{i}") for i in range(n_stages)]
+        for i in range(n_stages - 1):
+            m.d.sync += tags[i + 1].eq(tags[i])
+        live = Signal(lanes)
+        for lane in range(lanes):
+            m.d.comb += live[lane].eq(rb * lanes + lane < rows_left)
+        m.d.sync += [
+            tags[0].valid.eq(w_handshake),
+            tags[0].rb.eq(rb),
+            tags[0].cb.eq(cb),
+            tags[0].grp.eq(grp),
+            tags[0].first.eq(cb == 0),
+            tags[0].last.eq(is_last_cb),
+            tags[0].group_end.eq(is_group_end),
+            tags[0].cmd_end.eq(is_cmd_end),
+            tags[0].live.eq(live),
+        ]
+        tile_in = Signal(data.ArrayLayout(Block, lanes))
+        w_keep = Signal(BLOCK * 16 * lanes)
+        m.d.comb += w_keep.eq(Mux(is_last_cb, last_keep.replicate(lanes), Const(-1, len(w_keep))))
+        with m.If(w_handshake):
+            m.d.sync += tile_in.eq(self.weights.payload.as_value() & w_keep)
+            with m.If(rb == stride - 1):
+                m.d.sync += rb.eq(0)
+                with m.If(is_last_cb):
+                    m.d.sync += [cb.eq(0), grp.eq(grp + 1), rows_left.eq(rows_left - BLOCK)]
+                with m.Else():
+                    m.d.sync += cb.eq(cb + 1)
+            with m.Else():
+                m.d.sync += rb.eq(rb + 1)
+
+        # ---- tile pipeline ----------------------------------------------------------------------
+        def delay(sig, n, name):
+            """``sig`` delayed by ``n`` cycles through registers."""
+            for i in range(n):
+                nxt = Signal.like(sig, name=f"{name}_d{i + 1}")
+                m.d.sync += nxt.eq(sig)
+                sig = nxt
+            return sig
+
+        # x block for the tile: read at stage A-1 so that it arrives with the aligned weights.
+        m.d.comb += x_rd.addr.eq(tags[A - 1].cb)
+        x_q = x_rd.data.q
+        x_e = delay(x_rd.data.e, D, "x_e")
+
+        t_bias = tags[A + D]
+        bias_head = data.ArrayLayout(data.ArrayLayout(unsigned(16), lanes), stride)(
+            bias_fifo.r_data
+        )
+        m.d.comb += bias_fifo.r_en.eq(
+            t_bias.valid & t_bias.last & (t_bias.rb == stride - 1) & do_bias
+        )
+
+        t_acc = tags[K]
+        t_fin = tags[K + 1]
+        acc = [
+            Array(Signal(signed(64), name=f"acc{ln}_{i}") for i in range(stride))
+            for ln in range(lanes)
+        ]
+        acc_nf = [
+            Array(Signal(name=f"acc_nf{ln}_{i}") for i in range(stride)) for ln in range(lanes)
+        ]
+        fin = [Signal(signed(64), name=f"fin{ln}") for ln in range(lanes)]
+        fin_b = [Signal(signed(64), name=f"fin_b{ln}") for ln in range(lanes)]
+        fin_nf = Signal(lanes)
+        total = [Signal(signed(64), name=f"total{ln}") for ln in range(lanes)]
+        total_nf = Signal(lanes)
+        rounded = []
+        for lane in range(lanes):
+            align = BlockAlign()
+            dot = BlockDot()
+            shift = AccumulatorShift(sum_shape=dot.sum_shape)
+            bshift = AccumulatorShift(sum_shape=signed(12))
+            rnd = AccToFP16()
+            m.submodules[f"align{lane}"] = align
+            m.submodules[f"dot{lane}"] = dot
+            m.submodules[f"shift{lane}"] = shift
+            m.submodules[f"bias_shift{lane}"] = bshift
+            m.submodules[f"round{lane}"] = rnd
+            for unit in (align, dot, shift, bshift, rnd):
+                m.d.comb += [unit.i.valid.eq(1), unit.o.ready.eq(1)]
+            m.d.comb += [
+                align.i.payload.x.as_value().eq(tile_in[lane].as_value()),
+                dot.i.payload.w.eq(align.o.payload.q),
+                dot.i.payload.x.eq(x_q),
+                shift.i.payload.sum.eq(dot.o.payload.sum),
+                shift.i.payload.w_exp.eq(delay(align.o.payload.exp, D, f"we{lane}")),
+                shift.i.payload.x_exp.eq(x_e),
+                shift.i.payload.xe_max.eq(xe_max),
+            ]
+            w_nf = delay(align.o.payload.nonfinite, D + H, f"w_nf{lane}")
+            # bias element of this lane's row, placed by the same shifter as a block sum
+            b_bits = bias_head[t_bias.rb][lane]
+            b_field = b_bits[10:15]
+            b_sig = Cat(b_bits[:10], b_field != 0)
+            m.d.comb += [
+                bshift.i.payload.sum.eq(Mux(b_bits[15], -b_sig, b_sig)),
+                bshift.i.payload.w_exp.eq(Mux(b_field == 0, 1, b_field)),
+                bshift.i.payload.x_exp.eq(_BIAS_XE),
+                bshift.i.payload.xe_max.eq(xe_max),
+            ]
+            b_nf = delay(b_field == 31, H, f"b_nf{lane}")
+
+            # accumulate (stage K): the first column block starts the row afresh
+            base = Mux(t_acc.first, 0, acc[lane][t_acc.rb])
+            base_nf = Mux(t_acc.first, 0, acc_nf[lane][t_acc.rb])
+            s = Signal(signed(64), name=f"sum{lane}")
+            s_nf = Signal(name=f"sum_nf{lane}")
+            m.d.comb += [s.eq(base + shift.o.payload.value), s_nf.eq(base_nf | w_nf)]
+            with m.If(t_acc.valid):
+                m.d.sync += [acc[lane][t_acc.rb].eq(s), acc_nf[lane][t_acc.rb].eq(s_nf)]
+            # final sums only move when there is one (fewer toggles, in silicon and simulators)
+            with m.If(t_acc.valid & t_acc.last):
+                m.d.sync += [
+                    fin[lane].eq(s),
+                    fin_b[lane].eq(Mux(do_bias, bshift.o.payload.value, 0)),
+                    fin_nf[lane].eq(s_nf | (do_bias & b_nf)),
+                ]
+            with m.If(t_fin.valid & t_fin.last):  # stage K+2: bias added
+                m.d.sync += [
+                    total[lane].eq(fin[lane] + fin_b[lane]),
+                    total_nf[lane].eq(fin_nf[lane]),
+                ]
+            m.d.comb += [
+                rnd.i.payload.acc.eq(total[lane]),
+                rnd.i.payload.lam.eq(xe_max + _LAM0),
+                rnd.i.payload.nonfinite.eq(total_nf[lane] | x_nonfinite),
+            ]
+            rounded.append(rnd.o.payload.value.as_value())
+
+        # ---- result rows (stage Z) ------------------------------------------------------------
+        t_out = tags[Z]
+        vals = Signal(data.ArrayLayout(unsigned(16), lanes))
+        for lane in range(lanes):
+            m.d.comb += vals[lane].eq(Mux(t_out.live[lane], rounded[lane], 0))
+        row = Array(
+            Signal(data.ArrayLayout(unsigned(16), lanes), name=f"row{i}") for i in range(stride)
+        )
+        out_valid = t_out.valid & t_out.last
+        with m.If(out_valid):
+            m.d.sync += row[t_out.rb].eq(vals)
+        m.d.comb += [
+            out_fifo.w_data.eq(Cat(*[row[i].as_value() for i in range(stride - 1)], vals)),
+            out_fifo.w_en.eq(out_valid & t_out.group_end & ~do_argmax),
+        ]
+
+        # ---- argmax (stage K+2 .. AM) ---------------------------------------------------------
+        cand_layout = data.StructLayout({"valid": 1, "value": signed(64), "index": 16})
+        t_tot = tags[K + 2]
+        level = []
+        for lane in range(lanes):
+            c = Signal(cand_layout, name=f"cand{lane}")
+            m.d.comb += [
+                c.valid.eq(t_tot.valid & t_tot.last & t_tot.live[lane]),
+                c.value.eq(total[lane]),
+                c.index.eq(
+                    Cat(Const(lane, (lanes - 1).bit_length()), t_tot.rb, t_tot.grp)
+                    if lanes > 1
+                    else Cat(t_tot.rb, t_tot.grp)
+                ),
+            ]
+            level.append(c)
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level), 2):
+                a_, b_ = level[i], level[i + 1]
+                c = Signal(cand_layout, name=f"cand_l{depth}_{i // 2}")
+                take_b = b_.valid & (~a_.valid | (b_.value > a_.value))  # ties: lower index
+                m.d.sync += c.eq(Mux(take_b, b_, a_))
+                nxt.append(c)
+            level = nxt
+            depth += 1
+        cand = level[0]
+        best = Signal(cand_layout)
+        amax_done = Signal()
+        t_am = tags[AM]
+        with m.If(cand.valid & (~best.valid | (cand.value > best.value))):
+            m.d.sync += best.eq(cand)
+        with m.If(t_am.valid & t_am.cmd_end):
+            m.d.sync += amax_done.eq(1)
+        m.d.comb += self.argmax.payload.eq(best.index)
+
+        # ---- sequencing -------------------------------------------------------------------------
+        with m.FSM(name="mpu_fsm"):
+            with m.State("Idle"):
+                m.d.comb += self.cmd.ready.eq(1)
+                with m.If(self.cmd.valid):
+                    rem = eff_cols[:6]
+                    m.d.sync += [
+                        last_grp.eq(cmd_groups - 1),
+                        last_cb.eq(cmd_cbs - 1),
+                        col_mask.eq(
+                            Mux(rem == 0, Const(-1, BLOCK), (Const(1, BLOCK + 1) << rem) - 1)
+                        ),
+                        do_bias.eq(cmd.flags.bias),
+                        do_argmax.eq(cmd.flags.argmax),
+                        bias_todo.eq(Mux(cmd.flags.bias, cmd_groups, 0)),
+                        rows_left.eq(eff_rows),
+                        x_count.eq(0),
+                        rb.eq(0),
+                        cb.eq(0),
+                        grp.eq(0),
+                        xe_max.eq(0),
+                        x_nonfinite.eq(0),
+                        best.valid.eq(0),
+                        best.index.eq(0),
+                        amax_done.eq(0),
+                    ]
+                    with m.If((cmd_groups == 0) | (cmd_cbs == 0)):
+                        m.d.sync += bias_todo.eq(0)
+                        m.next = "Finish"
+                    with m.Else():
+                        m.next = "Load-X"
+            with m.State("Load-X"):
+                m.d.comb += self.x.ready.eq(1)
+                with m.If(self.x.valid):
+                    m.d.sync += x_count.eq(x_count + 1)
+                    with m.If(x_last_block):
+                        m.next = "Wait-X"
+            # The last x block is written in the cycle xv[A] is high; xe_max is final after it.
+            with m.State("Wait-X"), m.If(~Cat(*xv[:A]).any()):
+                m.next = "Stream"
+            with m.State("Stream"):
+                m.d.comb += streaming.eq(1)
+                with m.If(w_handshake & is_cmd_end):
+                    m.next = "Drain"
+            with m.State("Drain"):
+                with m.If(do_argmax):
+                    m.d.comb += self.argmax.valid.eq(amax_done)
+                    with m.If(self.argmax.valid & self.argmax.ready):
+                        m.next = "Idle"
+                with m.Elif(out_free == rd):
+                    m.next = "Idle"
+            with m.State("Finish"):  # nothing live: no rows; argmax reports index 0
+                with m.If(do_argmax):
+                    m.d.comb += self.argmax.valid.eq(1)
+                    with m.If(self.argmax.ready):
+                        m.next = "Idle"
+                with m.Else():
+                    m.next = "Idle"
+        m.d.comb += self.busy.eq(~self.cmd.ready)
+
+        bias_open = Signal()
+        m.d.comb += [
+            bias_open.eq(bias_todo != 0),
+            self.bias.ready.eq(bias_open & bias_fifo.w_rdy),
+        ]
+        return m

@@ -1,0 +1,448 @@
+# amaranth: UnusedElaboratable=no
+"""cocotb testbench of the MPU (rtl/mpu.py), bit-exact against tandem.numerics.
+
+Run from tests/rtl/test_mpu.py through tandem.sim.runner; the pytest side passes the geometry
+and the suite size as parameters. The weight stream is built with tandem.layout.pack_tiled, the
+one definition of the tiled format, and the expected results come from tandem.numerics.matvec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cocotb
+import numpy as np
+
+from tandem import numerics as nm
+from tandem.geometry import geometry
+from tandem.layout import dense_stride, pack_tiled
+from tandem.rtl.mpu import MatvecCommand, MatvecFlags
+from tandem.sim import streams
+from tandem.sim.runner import tb_params
+
+BLOCK = nm.BLOCK
+
+
+# ----------------------------------------------------------------------------------------------
+# the model: one command as the streams see it
+
+
+_COMMAND = streams.Packer(MatvecCommand)
+_FLAGS = streams.Packer(MatvecFlags)
+
+
+def _cmd_word(rows, cols, live_rows, live_cols, bias, argmax) -> int:
+    flags = _FLAGS.pack(bias=bias, argmax=argmax)
+    return _COMMAND.pack(
+        rows=rows, cols=cols, live_rows=live_rows, live_cols=live_cols, flags=flags
+    )
+
+
+def _row_int(bits: np.ndarray) -> int:
+    return int.from_bytes(np.ascontiguousarray(bits, dtype="<u2").tobytes(), "little")
+
+
+def _int_row(value: int, n: int = BLOCK) -> np.ndarray:
+    return np.frombuffer(value.to_bytes(2 * n, "little"), dtype="<u2").astype(np.uint16)
+
+
+@dataclass
+class Case:
+    """One MATVEC: the allocated matrix in HBM (live part plus stale data), x, bias, flags."""
+
+    w: np.ndarray  # uint16 [64 * groups_alloc, 64 * cbs_alloc]: whole tiles, stale data included
+    rows: int
+    cols: int
+    live_rows: int
+    live_cols: int
+    x: np.ndarray  # uint16 [64 * cbs_alloc] (stale beyond live_cols)
+    bias: np.ndarray | None  # uint16 [64 * groups_alloc] or None
+    argmax: bool = False
+    label: str = ""
+    expect_rows: list[np.ndarray] = field(default_factory=list)
+    expect_argmax: int | None = None
+
+    @property
+    def eff_rows(self):
+        return min(self.rows, self.live_rows)
+
+    @property
+    def eff_cols(self):
+        return min(self.cols, self.live_cols)
+
+    @property
+    def n_groups(self):
+        return -(-self.eff_rows // BLOCK)
+
+    @property
+    def n_cb(self):
+        return -(-self.eff_cols // BLOCK)
+
+    def expect(self) -> None:
+        r, c = self.eff_rows, self.eff_cols
+        if r == 0 or c == 0:  # nothing live: no rows, argmax 0 (MatrixUnit's docstring)
+            self.expect_rows = []
+            self.expect_argmax = 0 if self.argmax else None
+            return
+        mat = nm.PreparedMatrix(self.w[:r, :c])
+        bias = None if self.bias is None else self.bias[:r]
+        acc, _, _ = nm.matvec(mat, self.x[:c], bias)
+        if self.argmax:
+            self.expect_argmax = nm.argmax(acc)
+            return
+        y = nm.matvec_fp16(mat, self.x[:c], bias)
+        padded = np.zeros(self.n_groups * BLOCK, np.uint16)
+        padded[:r] = y
+        self.expect_rows = [padded[g * BLOCK : (g + 1) * BLOCK] for g in range(self.n_groups)]
+
+    def streams(self, geom):
+        """(cmd word, x beats, weight tiles, bias rows) as stream payload integers."""
+        live = self.n_groups and self.n_cb  # else the MPU consumes nothing but the command
+        cmd = _cmd_word(
+            self.rows,
+            self.cols,
+            self.live_rows,
+            self.live_cols,
+            int(self.bias is not None),
+            int(self.argmax),
+        )
+        if not live:
+            return cmd, [], [], []
+        xs = [_row_int(self.x[b * BLOCK : (b + 1) * BLOCK]) for b in range(self.n_cb)]
+        packed = pack_tiled(geom, self.w)  # the HBM image of the whole allocated matrix
+        cbs_alloc = -(-self.cols // BLOCK)
+        stride = dense_stride(geom)
+        tiles = []
+        for g in range(self.n_groups):
+            for cb in range(self.n_cb):
+                for rb in range(stride):
+                    t = (g * cbs_alloc + cb) * stride + rb
+                    beat = packed[:, t * geom.beat_bytes : (t + 1) * geom.beat_bytes]
+                    tiles.append(int.from_bytes(beat.tobytes(), "little"))  # channel 0 lowest
+        bias = []
+        if self.bias is not None:
+            bias = [_row_int(self.bias[g * BLOCK : (g + 1) * BLOCK]) for g in range(self.n_groups)]
+        return cmd, xs, tiles, bias
+
+
+# ----------------------------------------------------------------------------------------------
+# value generators
+
+
+def normal_bits(rng, shape, scale=1.0):
+    return nm.to_bits(rng.standard_normal(shape) * scale)
+
+
+def garbage_bits(rng, shape):
+    """Stale HBM/VBUF contents: any pattern, Inf and NaN included."""
+    return rng.integers(0, 1 << 16, size=shape, dtype=np.uint32).astype(np.uint16)
+
+
+SPECIALS = np.array(
+    [
+        0x0000,
+        0x8000,
+        0x0001,
+        0x8001,
+        0x03FF,
+        0x83FF,
+        0x0400,
+        0x7BFF,
+        0xFBFF,
+        0x3C00,
+        0xBC00,
+        0x7C00,
+        0xFC00,
+        0x7E00,
+        0x7C01,
+        0xFE00,
+    ],
+    np.uint16,
+)
+
+
+def make_case(
+    rng,
+    rows,
+    cols,
+    *,
+    live_rows=None,
+    live_cols=None,
+    bias=False,
+    argmax=False,
+    scale=1.0,
+    label="",
+    values=None,
+) -> Case:
+    live_rows = rows if live_rows is None else live_rows
+    live_cols = cols if live_cols is None else live_cols
+    ga, ca = -(-rows // BLOCK), -(-cols // BLOCK)
+    w = garbage_bits(rng, (ga * BLOCK, ca * BLOCK))
+    r, c = min(rows, live_rows), min(cols, live_cols)
+    w[:r, :c] = normal_bits(rng, (r, c), scale) if values is None else values(rng, (r, c))
+    x = garbage_bits(rng, ca * BLOCK)
+    x[:c] = normal_bits(rng, c) if values is None else values(rng, c)
+    b = None
+    if bias:
+        b = garbage_bits(rng, ga * BLOCK)
+        b[:r] = normal_bits(rng, r, 4.0) if values is None else values(rng, r)
+    case = Case(w, rows, cols, live_rows, live_cols, x, b, argmax, label)
+    case.expect()
+    return case
+
+
+# ----------------------------------------------------------------------------------------------
+# the testbench
+
+
+class TB(streams.ClockedTB):
+    """Clock, reset and one endpoint per MPU stream; :meth:`run` feeds commands and checks
+    every output against the model, in order."""
+
+    def __init__(self, dut, geom):
+        super().__init__(dut)
+        self.geom = geom
+        self.cmd = streams.StreamSource(dut, "cmd")
+        self.x = streams.StreamSource(dut, "x")
+        self.w = streams.StreamSource(dut, "weights")
+        self.bias = streams.StreamSource(dut, "bias")
+        self.result = streams.StreamSink(dut, "result")
+        self.argmax = streams.StreamSink(dut, "argmax")
+        self.sources = [self.cmd, self.x, self.w, self.bias]
+        self.sinks = [self.result, self.argmax]
+
+    def set_patterns(self, inputs=None, outputs=None) -> None:
+        """``inputs``/``outputs``: factories ``f(k)`` of 0/1 iterators (valid offered / ready)
+        for the k-th stream; ``None`` means always."""
+        for k, src in enumerate(self.sources):
+            src.pattern = inputs(k) if inputs else None
+        for k, sink in enumerate(self.sinks):
+            sink.pattern = outputs(k) if outputs else None
+
+    async def run(self, cases: list[Case], *, cycles_per_beat: int = 40) -> dict[str, list]:
+        """Queue every case's streams at once, run until all outputs are out and the unit is
+        idle, and check them. Returns the edges of every command transfer (``"cmd"``) and of
+        every edge that sampled ``cmd.ready`` high (``"ready"``)."""
+        n_rows = n_amax = budget = 0
+        for case in cases:
+            cmd, xs, tiles, bias = case.streams(self.geom)
+            self.cmd.send([cmd])
+            self.x.send(xs)
+            self.w.send(tiles)
+            self.bias.send(bias)
+            n_rows += len(case.expect_rows)
+            n_amax += case.expect_argmax is not None
+            budget += 200 + cycles_per_beat * (len(tiles) + len(xs) + len(bias))
+        rows0, amax0 = len(self.result.items), len(self.argmax.items)
+        edges = {"cmd": [], "ready": []}
+        cmd_sent = self.cmd.sent
+        ready = self.dut.cmd__ready
+
+        def monitor(edge: int) -> None:
+            nonlocal cmd_sent
+            if self.cmd.sent != cmd_sent:
+                cmd_sent = self.cmd.sent
+                edges["cmd"].append(edge)
+            if ready.value:
+                edges["ready"].append(edge)
+
+        def done() -> bool:
+            return (
+                len(self.result.items) - rows0 == n_rows
+                and len(self.argmax.items) - amax0 == n_amax
+                and self.cmd.idle
+                and bool(ready.value)
+            )
+
+        await streams.pump(
+            self.clk, self.sources, self.sinks, until=done, timeout=budget, on_edge=monitor
+        )
+        await streams.pump(self.clk, self.sources, self.sinks, until=None, timeout=4)
+        assert len(self.result.items) - rows0 == n_rows, "extra result rows"
+        assert len(self.argmax.items) - amax0 == n_amax, "extra argmax transfers"
+        for src in self.sources:
+            assert src.idle, f"{len(src.queue)} {src.name} beats were not consumed"
+        got_rows = iter(self.result.items[rows0:])
+        got_amax = iter(self.argmax.items[amax0:])
+        for case in cases:
+            if case.expect_argmax is not None:
+                got = next(got_amax)
+                assert got == case.expect_argmax, (
+                    f"{case.label}: argmax {got}, expected {case.expect_argmax}"
+                )
+            for g, want in enumerate(case.expect_rows):
+                got = _int_row(next(got_rows))
+                if not np.array_equal(got, want):
+                    bad = np.flatnonzero(got != want)
+                    i = bad[0]
+                    raise AssertionError(
+                        f"{case.label}: row group {g}: {bad.size} of 64 differ, first row "
+                        f"{g * 64 + i}: got {got[i]:#06x}, expected {want[i]:#06x}"
+                    )
+        return edges
+
+
+def _geom():
+    return geometry(tb_params().get("geometry", "tiny"))
+
+
+def _mpu_model():
+    from tandem.rtl.mpu import MatrixUnit
+
+    return MatrixUnit(_geom(), max_cols=tb_params().get("max_cols"))
+
+
+def _lite() -> bool:
+    """A smaller workload (for Icarus, about 20x slower per cycle than Verilator here)."""
+    return tb_params().get("workload", "full") == "lite"
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+
+SHAPES = [(70, 130), (3, 200), (130, 65), (1, 1), (64, 64), (128, 256), (65, 64), (200, 3)]
+
+
+@cocotb.test()
+async def shapes_and_cycle_formula(dut):
+    """Fixed shapes in every mode, back to back with no stall: bit-exact and exact cycles."""
+    geom = _geom()
+    rng = np.random.default_rng(tb_params().get("seed", 1))
+    tb = TB(dut, geom)
+    await tb.reset()
+    cases = []
+    for rows, cols in SHAPES[:4] if _lite() else SHAPES:
+        cases.append(make_case(rng, rows, cols, label=f"{rows}x{cols}"))
+        cases.append(make_case(rng, rows, cols, bias=True, label=f"{rows}x{cols} bias"))
+        cases.append(make_case(rng, rows, cols, argmax=True, label=f"{rows}x{cols} argmax"))
+    cases.append(make_case(rng, 130, 200, live_rows=77, live_cols=90, bias=True, label="live"))
+    cases.append(make_case(rng, 130, 200, live_rows=100, live_cols=1, argmax=True, label="live am"))
+    for live_rows, live_cols, argmax in ((0, 64, False), (64, 0, True), (0, 0, True)):
+        label = f"nothing live {live_rows}x{live_cols}"
+        cases.append(
+            make_case(
+                rng,
+                64,
+                64,
+                live_rows=live_rows,
+                live_cols=live_cols,
+                bias=True,
+                argmax=argmax,
+                label=label,
+            )
+        )
+    edges = await tb.run(cases)
+    # each command's occupancy: from its transfer to the next edge that samples cmd.ready high
+    mpu = _mpu_model()
+    report = []
+    for case, c0 in zip(cases, edges["cmd"], strict=True):
+        c1 = next(c for c in edges["ready"] if c > c0)
+        want = mpu.cycles(case.n_groups, case.n_cb, argmax=case.argmax)
+        report.append((case.label, case.n_groups, case.n_cb, c1 - c0, want))
+    dut._log.info("cycles (label, n_groups, n_cb, measured, formula): %s", report)
+    wrong = [r for r in report if r[3] != r[4]]
+    assert not wrong, f"measured cycles differ from the documented formula: {wrong}"
+
+
+@cocotb.test()
+async def special_values(dut):
+    """Subnormals, signed zeros, Inf/NaN (row -> NaN), max finite, huge dynamic range."""
+    geom = _geom()
+    rng = np.random.default_rng(tb_params().get("seed", 1) + 1)
+    tb = TB(dut, geom)
+    await tb.reset()
+
+    def specials(r, shape, p=0.15):
+        v = normal_bits(r, shape)
+        pick = r.random(shape) < p
+        return np.where(pick, r.choice(SPECIALS, size=shape), v).astype(np.uint16)
+
+    def finite_specials(r, shape):
+        v = specials(r, shape, 0.3)
+        return np.where((v & 0x7C00) == 0x7C00, np.uint16(0x7BFF), v).astype(np.uint16)
+
+    def wide_range(r, shape):
+        e = r.integers(0, 31, size=shape)  # every exponent field but 31
+        f = r.integers(0, 1024, size=shape)
+        s = r.integers(0, 2, size=shape)
+        return ((s << 15) | (e << 10) | f).astype(np.uint16)
+
+    def subnormal(r, shape):
+        return (r.integers(0, 1024, size=shape) | (r.integers(0, 2, size=shape) << 15)).astype(
+            np.uint16
+        )
+
+    def rare_nonfinite(r, shape):  # a few rows hit Inf/NaN, the rest stay finite
+        v = normal_bits(r, shape)
+        if isinstance(shape, tuple):
+            for _ in range(3):
+                v[r.integers(shape[0]), r.integers(shape[1])] = r.choice(SPECIALS[11:])
+        return v
+
+    def zeros(r, shape):
+        return np.where(r.random(shape) < 0.5, 0x8000, 0).astype(np.uint16)
+
+    def maxfin(r, shape):
+        return np.where(r.random(shape) < 0.5, 0x7BFF, 0xFBFF).astype(np.uint16)
+
+    cases = []
+    for name, gen in (
+        ("specials", specials),
+        ("finite specials", finite_specials),
+        ("wide range", wide_range),
+        ("subnormal", subnormal),
+        ("rare nonfinite", rare_nonfinite),
+        ("zeros", zeros),
+        ("max finite", maxfin),
+    ):
+        modes = [(False, False), (True, False), (False, True)]  # (bias, argmax)
+        for bias, argmax in [modes[len(cases) % 3]] if _lite() else modes:
+            label = f"{name}{' bias' if bias else ''}{' argmax' if argmax else ''}"
+            cases.append(make_case(rng, 70, 130, bias=bias, argmax=argmax, values=gen, label=label))
+    # argmax ties: identical rows, the lowest index must win
+    tie = make_case(rng, 100, 64, argmax=True, label="ties")
+    tie.w[:100, :64] = tie.w[7, :64]
+    tie.expect()
+    cases.append(tie)
+    await tb.run(cases)
+
+
+@cocotb.test()
+async def stalls_and_random_shapes(dut):
+    """Random shapes, flags and live parts, with idle cycles on every input and backpressure."""
+    geom = _geom()
+    params = tb_params()
+    seed = params.get("seed", 1) + 2
+    rng = np.random.default_rng(seed)
+    tb = TB(dut, geom)
+    await tb.reset()
+    # (input valid, output ready) patterns: 1 = offer / accept
+    patterns = [
+        (lambda k: streams.cycle([1, 1, 1, 0]), lambda k: streams.cycle([1, 1, 1, 0])),
+        (lambda k: streams.bernoulli(0.7, seed + k), lambda k: streams.bernoulli(0.6, seed - k)),
+        (None, lambda k: streams.bernoulli(0.1, seed + 10 + k)),  # heavy backpressure
+        (lambda k: streams.bernoulli(0.2, seed + 20 + k), None),  # starved inputs
+        (lambda k: streams.bursts(seed + 30 + k), lambda k: streams.bursts(seed + 40 + k)),
+    ]
+    if _lite():
+        patterns = patterns[:3]
+    for k, (inputs, outputs) in enumerate(patterns):
+        tb.set_patterns(inputs, outputs)
+        cases = []
+        for i in range(params.get("random_cases", 6)):
+            rows = int(rng.integers(1, 200))
+            cols = int(rng.integers(1, 300))
+            live = rng.random() < 0.4
+            cases.append(
+                make_case(
+                    rng,
+                    rows,
+                    cols,
+                    live_rows=int(rng.integers(1, rows + 1)) if live else None,
+                    live_cols=int(rng.integers(1, cols + 1)) if live else None,
+                    bias=bool(rng.random() < 0.5),
+                    argmax=bool(rng.random() < 0.3),
+                    label=f"pattern {k} case {i}",
+                )
+            )
+        await tb.run(cases)
