@@ -1,0 +1,120 @@
+"""tandem.gpu.contract equals tandem.numerics bit for bit, on random inputs and special values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tandem import numerics as nm
+from tandem.gpu import contract as c
+
+SPECIALS = np.array(
+    [
+        0x0000,
+        0x8000,
+        0x0001,
+        0x8001,
+        0x03FF,
+        0x0400,
+        0x7BFF,
+        0xFBFF,
+        0x7C00,
+        0xFC00,
+        0x7E00,
+        0x7C01,
+        0xFE01,
+        0x3C00,
+        0xBC00,
+        0x3555,
+        0x0200,
+    ],
+    np.uint16,
+)
+
+
+def _random_bits(rng, shape, specials=True, scale=None):
+    if scale is None:
+        bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint32).astype(np.uint16)
+    else:
+        bits = nm.to_bits(rng.standard_normal(shape) * scale)
+    if specials:
+        mask = rng.random(shape) < 0.05
+        bits = np.where(mask, rng.choice(SPECIALS, size=shape), bits).astype(np.uint16)
+    return bits
+
+
+def _t(a):
+    return c.bits_from_numpy(a)
+
+
+def _n(t):
+    return c.bits_to_numpy(t)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul"])
+def test_elementwise(op):
+    rng = np.random.default_rng(1)
+    a = np.concatenate([_random_bits(rng, 200_000), np.repeat(SPECIALS, SPECIALS.size)])
+    b = np.concatenate([_random_bits(rng, 200_000), np.tile(SPECIALS, SPECIALS.size)])
+    got = _n(getattr(c, f"fp16_{op}")(_t(a), _t(b)))
+    np.testing.assert_array_equal(got, getattr(nm, f"fp16_{op}")(a, b))
+
+
+def test_acc_to_fp16():
+    rng = np.random.default_rng(2)
+    acc = np.concatenate(
+        [
+            rng.integers(-(1 << 61), 1 << 61, 20_000),
+            rng.integers(-5000, 5000, 20_000),
+            np.array([0, 1, -1, 2047, 2048, 2049, 4095, 4097, -(1 << 61)]),
+        ]
+    ).astype(np.int64)
+    lam = rng.integers(-90, 10, acc.size).astype(np.int64)
+    got = _n(c.acc_to_fp16(torch.from_numpy(acc), torch.from_numpy(lam)))
+    np.testing.assert_array_equal(got, nm.acc_to_fp16(acc, lam))
+
+
+@pytest.mark.parametrize("rows,cols,T", [(5, 64, 3), (37, 200, 7), (130, 96, 1)])
+@pytest.mark.parametrize("specials", [False, True])
+def test_matmul(rows, cols, T, specials):
+    rng = np.random.default_rng(rows + cols + T)
+    w = _random_bits(rng, (rows, cols), specials, scale=None if specials else 0.5)
+    x = _random_bits(rng, (T, cols), specials, scale=None if specials else 2.0)
+    b = _random_bits(rng, (rows,), specials, scale=None if specials else 0.1)
+    pm = nm.PreparedMatrix(w)
+    for prep in (c.PreparedMatrix.from_bits(_t(w)), c.PreparedMatrix.from_numpy(pm)):
+        acc, lam, nf = c.matmul(prep, _t(x), _t(b))
+        got16 = _n(c.matmul_fp16(prep, _t(x), _t(b)))
+        for t in range(T):
+            a_ref, l_ref, nf_ref = nm.matvec(pm, x[t], b)
+            np.testing.assert_array_equal(acc[t].numpy(), a_ref)
+            assert int(lam[t]) == l_ref
+            np.testing.assert_array_equal(nf[t].numpy(), nf_ref)
+            np.testing.assert_array_equal(got16[t], nm.matvec_fp16(pm, x[t], b))
+
+
+@pytest.mark.parametrize("n", [1, 64, 100, 1024])
+def test_dot_rows(n):
+    rng = np.random.default_rng(n)
+    for specials in (False, True):
+        a = _random_bits(rng, (9, n), specials, scale=None if specials else 1.0)
+        b = _random_bits(rng, (9, n), specials, scale=None if specials else 0.01)
+        got = _n(c.dot_fp16(_t(a), _t(b)))
+        want = np.array([nm.dot_fp16(a[i], b[i]) for i in range(9)], np.uint16)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_max_and_tables():
+    rng = np.random.default_rng(5)
+    x = _random_bits(rng, (50, 33))
+    x[3] = nm.to_bits(rng.standard_normal(33))
+    got = _n(c.fp16_max(_t(x)))
+    np.testing.assert_array_equal(got, [nm.fp16_max(r) for r in x])
+    live = rng.random((50, 33)) < 0.5
+    live[:, 0] = True
+    got = _n(c.fp16_max(_t(x), torch.from_numpy(live)))
+    np.testing.assert_array_equal(got, [nm.fp16_max(r[m]) for r, m in zip(x, live, strict=True)])
+    allbits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for name in ("exp", "recip", "rsqrt", "gelu"):
+        np.testing.assert_array_equal(_n(c.lookup(name, _t(allbits))), nm.lookup(name, allbits))
