@@ -1,0 +1,687 @@
+"""The controller: instruction fetch, decode, scalar execution, and issue to DMA, MPU and VPU."""
+
+# No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
+
+from types import SimpleNamespace
+
+from amaranth import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from tandem import isa, regmap
+from tandem.geometry import CoreGeometry
+from tandem.layout import PROGRAM_BASE
+
+from .dma import ChannelRun, DMAErrors, ReadCommand, ReadKind, StoreCommand, StoreKind
+from .mpu import MatvecCommand
+from .shell import args_layout, status_layout
+from .vpu import VectorCommand, VectorOp
+
+__all__ = ["Controller", "MpuIssue", "StoreIssue", "UnitBusy", "instruction_layout"]
+
+BLOCK = 64
+DEFAULT_WATCHDOG = 1 << 24
+Status = regmap.Status
+
+
+def instruction_layout(op: isa.Op) -> data.StructLayout:
+    """The 128-bit word of ``op`` as a layout built from :data:`tandem.isa.FORMATS`: ``opcode``
+    (8 bits), the fields in order, and ``reserved`` (the bits above the last field)."""
+    fields = {"opcode": unsigned(8)}
+    pos = 8
+    for f in isa.FORMATS[op]:
+        fields[f.name] = signed(f.width) if f.signed else unsigned(f.width)
+        pos += f.width
+    fields["reserved"] = unsigned(isa.WORD_BITS - pos)
+    return data.StructLayout(fields)
+
+
+def _flag_mask(op: isa.Op) -> int:
+    for f in isa.FORMATS[op]:
+        if f.flags is not None:
+            return sum(int(m) for m in f.flags)
+    return 0
+
+
+class MpuIssue(data.Struct):
+    """A MATVEC for the MPU side of the core: the MPU's command plus the VBUF rows of its input
+    ``src``, its result/bias ``dst`` (element address / 64)."""
+
+    cmd: MatvecCommand
+    src_row: unsigned(16)
+    dst_row: unsigned(16)
+
+
+class StoreIssue(data.Struct):
+    """A store for the DMA side of the core: the DMA's command plus, for VECTOR, ROW and COL,
+    the first VBUF row its data comes from (``src / 64``)."""
+
+    cmd: StoreCommand
+    src_row: unsigned(16)
+
+
+class UnitBusy(data.Struct):
+    """What the core tells the controller about its units (1 = work in progress).
+
+    ``dma_read``: a read (TILES, ROWS or WORD) is queued or its data is not yet delivered;
+    ``dma_vbuf``: a LOADV is still writing the VBUF or a store is still reading it;
+    ``dma_write``: an HBM write has not had its response; ``mpu``: the MPU or its VBUF feeder is
+    working; ``vpu``: the VPU is working."""
+
+    dma_read: 1
+    dma_vbuf: 1
+    dma_write: 1
+    mpu: 1
+    vpu: 1
+
+
+class Controller(wiring.Component):
+    """Fetches the program into instruction memory, then decodes and executes it.
+
+    On :attr:`start` the controller reads ``imem_words`` instructions from channel 0 at
+    :data:`tandem.layout.PROGRAM_BASE` (:attr:`fetch_cmd` / :attr:`fetch_data`, whole beats of
+    the channel's port) into its instruction memory, then runs from pc 0. Decoding uses one
+    ``data.StructLayout`` per format, built from :data:`tandem.isa.FORMATS`; an unknown opcode,
+    non-zero reserved bits or reserved flags, a misaligned VBUF operand, an ``LDARG`` past
+    :data:`tandem.regmap.SCALAR_ARGS` or a pc outside the instruction memory is
+    ``ILLEGAL_INSTRUCTION`` at that pc. Control instructions execute in the controller; the
+    others are issued with their register operands and lengths resolved:
+
+    * ``LDW``, ``LOADV``, ``MATVEC`` weights: :attr:`dma_read` (``tag`` = pc);
+      ``STW``, ``STOREV``, ``STROW``, ``STCOL``: :attr:`dma_store`;
+    * ``MATVEC``: :attr:`mpu` (the MPU command with the VBUF rows of x and the result);
+    * vector ops: :attr:`vpu`.
+
+    Scoreboard (conservative, correct first): a VBUF user (vector op, LOADV, a store, the MPU's
+    x read) starts only when no other unit is using the VBUF; a DMA read waits for every
+    outstanding HBM write (a program may read what it just stored). A ``MATVEC`` sends its weight
+    read to the DMA as soon as the DMA takes it, so the weights stream into the MPU's input
+    while the VPU still computes; its MPU command follows when the VBUF is quiet. ``LDW`` and
+    ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT`` wait for every
+    unit and every write.
+
+    Errors: VBUF operands past ``vbuf_elems`` (``VBUF_RANGE``) are checked at issue; the DMA
+    reports ``HBM_RANGE`` and ``AXI_ERROR`` with the pc of the failing instruction
+    (:attr:`dma_error`, :attr:`dma_error_tag`); the watchdog fires after ``watchdog`` cycles
+    (0: 2**24) without an instruction issued (``WATCHDOG``). On any stop the controller
+    stops issuing, waits for the units to drain (bounded by the watchdog), writes the status
+    record with a ``STATUS`` store, waits for the write response and pulses :attr:`done`.
+    ``TOKENS`` counts the ``STW`` instructions issued, as ``sim.isasim`` does.
+
+    Timing: two cycles per instruction (instruction memory read, execute) when the target unit
+    accepts at once; fetch takes ``imem_words`` cycles after the data arrives.
+
+    Members
+    -------
+    start : In(1)
+    args : In(args_layout(channels))
+    done : Out(1)
+        One-cycle pulse after the status record is written.
+    status : Out(status_layout(channels))
+        The status registers (valid from ``done`` until the next ``start``).
+    fetch_cmd : Out(stream.Signature(ChannelRun))
+    fetch_data : In(stream.Signature(port_bits))
+    dma_read : Out(stream.Signature(ReadCommand))
+    dma_word : In(stream.Signature(32))
+    dma_store : Out(stream.Signature(StoreIssue))
+    record : Out(StatusRecordLayout fields)
+        The record a ``STATUS`` store writes.
+    dma_error : In(DMAErrors), dma_error_tag : In(16)
+    mpu : Out(stream.Signature(MpuIssue))
+    mpu_argmax : In(stream.Signature(16))
+    vpu : Out(stream.Signature(VectorCommand))
+    busy : In(UnitBusy)
+    """
+
+    def __init__(self, geom: CoreGeometry):
+        if not isinstance(geom, CoreGeometry):
+            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
+        if geom.imem_words > 1 << 16:
+            raise ValueError(
+                f"imem_words must be at most 65536 (16-bit targets), not {geom.imem_words}"
+            )
+        if (geom.beat_bytes % isa.WORD_BYTES) or (PROGRAM_BASE % geom.beat_bytes):
+            raise ValueError(
+                f"a {geom.beat_bytes}-byte beat must hold whole instructions and PROGRAM_BASE "
+                f"({PROGRAM_BASE}) must be beat-aligned"
+            )
+        self._geom = geom
+        from .dma import StatusRecordLayout
+
+        super().__init__(
+            {
+                "start": In(1),
+                "args": In(args_layout(geom.channels)),
+                "done": Out(1),
+                "status": Out(status_layout(geom.channels)),
+                "fetch_cmd": Out(stream.Signature(ChannelRun)),
+                "fetch_data": In(stream.Signature(geom.port_bits)),
+                "dma_read": Out(stream.Signature(ReadCommand)),
+                "dma_word": In(stream.Signature(32)),
+                "dma_store": Out(stream.Signature(StoreIssue)),
+                "record": Out(StatusRecordLayout),
+                "dma_error": In(DMAErrors),
+                "dma_error_tag": In(16),
+                "mpu": Out(stream.Signature(MpuIssue)),
+                "mpu_argmax": In(stream.Signature(16)),
+                "vpu": Out(stream.Signature(VectorCommand)),
+                "busy": In(UnitBusy),
+            }
+        )
+
+    @property
+    def geom(self) -> CoreGeometry:
+        return self._geom
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._geom
+        vbuf_elems = g.vbuf_elems
+        words_per_beat = g.beat_bytes // isa.WORD_BYTES
+        fetch_beats = g.imem_words // words_per_beat
+
+        m.submodules.imem = imem = memory.Memory(shape=isa.WORD_BITS, depth=g.imem_words, init=[])
+        wr = imem.write_port()
+        rd = imem.read_port(domain="sync")
+        m.d.comb += rd.en.eq(0)  # a read port's enable defaults to 1: hold data while executing
+
+        regs = Array(Signal(32, name=f"r{i}") for i in range(isa.N_REGS))
+        pc = Signal(16)
+        tokens = Signal(32)
+        cycles = Signal(64)
+        running = Signal()
+        status = Signal(8)
+        err_pc = Signal(32)
+        halt_code = Signal(32)
+        watchdog = Signal(32)
+        wd_limit = Signal(32)
+        argv = Array(self.args[name] for name, _ in regmap.SCALAR_ARGS)
+        hbm_bytes = self.args["hbm_bytes"]
+
+        m.d.comb += [
+            self.status["status"].eq(status),
+            self.status["error_pc"].eq(err_pc),
+            self.status["error_code"].eq(halt_code),
+            self.status["tokens"].eq(tokens),
+            self.status["cycles_lo"].eq(cycles[:32]),
+            self.status["cycles_hi"].eq(cycles[32:]),
+            self.record.status.eq(status),
+            self.record.pc.eq(err_pc),
+            self.record.tokens.eq(tokens),
+            self.record.halt_code.eq(halt_code),
+            self.record.cycles.eq(cycles),
+        ]
+        with m.If(running):
+            m.d.sync += cycles.eq(cycles + 1)
+
+        # ---- decode (combinational, from the instruction memory's read data) ------------------
+        word = rd.data
+        opcode = word[:8]
+        views = {op: data.View(instruction_layout(op), word) for op in isa.Op}
+        known = Signal()
+        legal = Signal()
+        m.d.comb += known.eq(Cat(*(opcode == int(op) for op in isa.Op)).any())
+        with m.Switch(opcode):
+            for op in isa.Op:
+                with m.Case(int(op)):
+                    v = views[op]
+                    ok = v.reserved == 0
+                    mask = _flag_mask(op)
+                    if mask:
+                        ok &= (v.flags & (0xF & ~mask)) == 0
+                    for f in isa.FORMATS[op]:
+                        if f.name in isa.VBUF_FIELDS:
+                            ok &= v[f.name][:6] == 0
+                    if op is isa.Op.LDARG:
+                        ok &= v.arg < len(regmap.SCALAR_ARGS)
+                    m.d.comb += legal.eq(ok)
+
+        def reg(index):
+            return regs[index]
+
+        def length(v):
+            """``R[lreg]`` if ``lreg`` else ``len``, 32 bits."""
+            return Mux(v.lreg != 0, reg(v.lreg), v.len)
+
+        def over(addr, n):
+            """VBUF operand [addr, addr + n) past the buffer (33-bit sum, no wrap)."""
+            return (addr + n) > vbuf_elems
+
+        busy = self.busy
+        vbuf_quiet = Signal()
+        mpu_pending = Signal()
+        m.d.comb += vbuf_quiet.eq(
+            ~busy.vpu
+            & ~busy.mpu
+            & ~busy.dma_vbuf
+            & ~mpu_pending
+            & ~self.vpu.valid
+            & ~self.mpu.valid
+            & ~self.dma_store.valid
+        )
+        all_idle = Signal()
+        m.d.comb += all_idle.eq(
+            vbuf_quiet & ~busy.dma_read & ~busy.dma_write & ~self.dma_read.valid
+        )
+        write_quiet = Signal()
+        m.d.comb += write_quiet.eq(~busy.dma_write & ~self.dma_store.valid)
+
+        # Stream outputs are registers: set on issue, cleared on the handshake.
+        for s in (self.dma_read, self.dma_store, self.mpu, self.vpu, self.fetch_cmd):
+            with m.If(s.ready):
+                m.d.sync += s.valid.eq(0)
+        pending = Signal(MpuIssue)
+        with m.If(
+            mpu_pending
+            & ~self.mpu.valid
+            & ~busy.vpu
+            & ~busy.dma_vbuf
+            & ~busy.mpu
+            & ~self.vpu.valid
+            & ~self.dma_store.valid
+        ):
+            m.d.sync += [self.mpu.payload.eq(pending), self.mpu.valid.eq(1), mpu_pending.eq(0)]
+
+        # ---- stop handling --------------------------------------------------------------------
+        stop_now = Signal()  # set in the Exec state when an error or HALT is found
+        stop_status = Signal(8)
+        stop_pc = Signal(16)
+        issued = Signal()  # an instruction retired this cycle (watchdog progress)
+
+        dma_err = Signal()
+        m.d.comb += dma_err.eq(self.dma_error.hbm_range | self.dma_error.axi_error)
+        dma_err_bits = Signal(8)
+        m.d.comb += dma_err_bits.eq(
+            Mux(self.dma_error.hbm_range, Status.HBM_RANGE, 0)
+            | Mux(self.dma_error.axi_error, Status.AXI_ERROR, 0)
+        )
+        wd_fire = Signal()
+        m.d.comb += wd_fire.eq(watchdog >= wd_limit)
+        with m.If(running):
+            m.d.sync += watchdog.eq(Mux(issued, 0, watchdog + 1))
+
+        fetch_count = Signal(range(g.imem_words + 1))
+        beat = Signal(g.port_bits)
+        sub = Signal(range(words_per_beat + 1))
+        word_pending = Signal()  # LDW waiting for its word
+        word_rd = Signal(4)
+        argmax_pending = Signal()
+        argmax_rd = Signal(4)
+        m.d.comb += [self.dma_word.ready.eq(1), self.mpu_argmax.ready.eq(1)]
+
+        def finish(bits, at_pc, code=0):
+            m.d.sync += [stop_status.eq(bits), stop_pc.eq(at_pc), halt_code.eq(code)]
+            m.d.comb += stop_now.eq(1)
+
+        with m.FSM(name="ctrl"):
+            with m.State("Idle"), m.If(self.start):
+                m.d.sync += [
+                    running.eq(1),
+                    cycles.eq(0),
+                    tokens.eq(0),
+                    status.eq(0),
+                    err_pc.eq(0),
+                    halt_code.eq(0),
+                    pc.eq(0),
+                    watchdog.eq(0),
+                    wd_limit.eq(
+                        Mux(self.args["watchdog"] == 0, DEFAULT_WATCHDOG, self.args["watchdog"])
+                    ),
+                    fetch_count.eq(0),
+                    word_pending.eq(0),
+                    argmax_pending.eq(0),
+                    mpu_pending.eq(0),
+                    stop_status.eq(0),
+                    stop_pc.eq(0),
+                ]
+                m.d.sync += [r.eq(0) for r in regs]
+                m.next = "Fetch-Check"
+            with m.State("Fetch-Check"):
+                end = PROGRAM_BASE + g.imem_words * isa.WORD_BYTES
+                with m.If(hbm_bytes.as_unsigned() < end):
+                    m.d.sync += [stop_status.eq(Status.HBM_RANGE), stop_pc.eq(0)]
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+                with m.Else():
+                    m.d.sync += [
+                        self.fetch_cmd.valid.eq(1),
+                        self.fetch_cmd.payload.offset.eq(PROGRAM_BASE),
+                        self.fetch_cmd.payload.beats.eq(fetch_beats),
+                        sub.eq(0),
+                    ]
+                    m.next = "Fetch"
+            with m.State("Fetch"):
+                # take a beat, write its words one per cycle
+                m.d.comb += self.fetch_data.ready.eq(sub == 0)
+                with m.If(self.fetch_data.valid & (sub == 0)):
+                    m.d.sync += [beat.eq(self.fetch_data.payload), sub.eq(words_per_beat)]
+                with m.If(sub != 0):
+                    m.d.comb += [
+                        wr.en.eq(1),
+                        wr.addr.eq(fetch_count),
+                        wr.data.eq(beat[: isa.WORD_BITS]),
+                    ]
+                    m.d.sync += [
+                        beat.eq(beat >> isa.WORD_BITS),
+                        sub.eq(sub - 1),
+                        fetch_count.eq(fetch_count + 1),
+                        watchdog.eq(0),
+                    ]
+                    with m.If(fetch_count == g.imem_words - 1):
+                        m.next = "Read"
+                with m.If(dma_err):
+                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(0)]
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+                with m.Elif(wd_fire):
+                    m.d.sync += [stop_status.eq(Status.WATCHDOG), stop_pc.eq(0)]
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+            with m.State("Read"):
+                m.d.comb += [rd.addr.eq(pc), rd.en.eq(1)]
+                with m.If(dma_err):
+                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(self.dma_error_tag)]
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+                with m.Elif(pc >= g.imem_words):
+                    m.d.sync += [stop_status.eq(Status.ILLEGAL_INSTRUCTION), stop_pc.eq(pc)]
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+                with m.Else():
+                    m.next = "Exec"
+            with m.State("Exec"):
+                self._exec(m, SimpleNamespace(**locals()))
+                with m.If(dma_err):
+                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(self.dma_error_tag)]
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+                with m.Elif(stop_now):
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+                with m.Elif(wd_fire):
+                    m.d.sync += [stop_status.eq(Status.WATCHDOG), stop_pc.eq(pc)]
+                    m.d.sync += watchdog.eq(0)
+                    m.next = "Drain"
+                with m.Elif(issued):
+                    m.next = "Read"
+            with m.State("Drain"):
+                # Let issued work finish (bounded by the watchdog) so the status record is the
+                # last write and no unit is left mid-command for the next run.
+                with m.If(mpu_pending):  # never issued: drop it
+                    m.d.sync += mpu_pending.eq(0)
+                with m.If(dma_err & (stop_status == 0)):
+                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(self.dma_error_tag)]
+                with m.If((all_idle & ~word_pending & ~argmax_pending) | wd_fire):
+                    m.d.sync += [
+                        status.eq(stop_status | Mux(wd_fire & ~all_idle, Status.WATCHDOG, 0)),
+                        err_pc.eq(stop_pc),
+                    ]
+                    m.next = "Status"
+            with m.State("Status"), m.If(~self.dma_store.valid):
+                m.d.sync += [
+                    self.dma_store.valid.eq(1),
+                    self.dma_store.payload.eq(0),
+                    self.dma_store.payload.cmd.kind.eq(StoreKind.STATUS),
+                    self.dma_store.payload.cmd.tag.eq(err_pc),
+                ]
+                m.next = "Status-Sent"
+            with m.State("Status-Sent"):
+                m.next = "Status-Wait"  # one cycle for the DMA to show the write as busy
+            with m.State("Status-Wait"), m.If(~self.dma_store.valid & ~self.busy.dma_write):
+                m.d.sync += running.eq(0)
+                m.d.comb += self.done.eq(1)
+                m.next = "Idle"
+
+        # results coming back to registers
+        with m.If(self.dma_word.valid & word_pending):
+            m.d.sync += word_pending.eq(0)
+            with m.If(word_rd != 0):
+                m.d.sync += regs[word_rd].eq(self.dma_word.payload)
+        with m.If(self.mpu_argmax.valid & argmax_pending):
+            m.d.sync += argmax_pending.eq(0)
+            with m.If(argmax_rd != 0):
+                m.d.sync += regs[argmax_rd].eq(self.mpu_argmax.payload)
+        return m
+
+    def _exec(self, m, c):
+        """Execute the instruction at ``pc`` (``c``: the signals and helpers of elaborate)."""
+        views, legal, known, regs, pc, tokens, argv = (
+            c.views,
+            c.legal,
+            c.known,
+            c.regs,
+            c.pc,
+            c.tokens,
+            c.argv,
+        )
+        reg, length, over, finish, issued = c.reg, c.length, c.over, c.finish, c.issued
+        vbuf_quiet, all_idle, write_quiet = c.vbuf_quiet, c.all_idle, c.write_quiet
+        word_pending, word_rd, argmax_pending = c.word_pending, c.word_rd, c.argmax_pending
+        Op = isa.Op
+        opcode = views[Op.HALT].opcode
+        nxt = Signal(16)
+        m.d.comb += nxt.eq(pc + 1)
+        # A register result still on its way blocks every instruction (simple and exact).
+        waiting = Signal()
+        m.d.comb += waiting.eq(word_pending | argmax_pending)
+
+        def retire(target=None):
+            m.d.comb += issued.eq(1)
+            m.d.sync += pc.eq(nxt if target is None else target)
+
+        def set_reg(rd, value):
+            with m.If(rd != 0):
+                m.d.sync += regs[rd].eq(value)
+
+        with m.If(~known | ~legal):
+            finish(Status.ILLEGAL_INSTRUCTION, pc)
+        with m.Elif(waiting):
+            pass
+        with m.Else(), m.Switch(opcode):
+            with m.Case(Op.HALT):
+                v = views[Op.HALT]
+                with m.If(all_idle):
+                    finish(Mux(v.code != 0, Status.PROGRAM_ERROR, 0), pc, v.code)
+            with m.Case(Op.SYNC), m.If(all_idle):
+                retire()
+            with m.Case(Op.SETI):
+                v = views[Op.SETI]
+                set_reg(v.rd, v.imm)
+                retire()
+            with m.Case(Op.ADDI):
+                v = views[Op.ADDI]
+                set_reg(v.rd, (reg(v.ra) + v.imm.as_unsigned())[:32])
+                retire()
+            with m.Case(Op.LDARG):
+                v = views[Op.LDARG]
+                set_reg(v.rd, argv[v.arg])
+                retire()
+            with m.Case(Op.BLT):
+                v = views[Op.BLT]
+                retire(Mux(reg(v.ra) < reg(v.rb), v.target, nxt))
+            with m.Case(Op.BGE):
+                v = views[Op.BGE]
+                retire(Mux(reg(v.ra) >= reg(v.rb), v.target, nxt))
+            with m.Case(Op.JMP):
+                retire(views[Op.JMP].target)
+            with m.Case(Op.LDW):
+                v = views[Op.LDW]
+                with m.If(~self.dma_read.valid & write_quiet):
+                    p = self.dma_read.payload
+                    m.d.sync += [
+                        self.dma_read.valid.eq(1),
+                        p.eq(0),
+                        p.kind.eq(ReadKind.WORD),
+                        p.offset.eq(v.line * isa.LINE + reg(v.ri) * 4),
+                        p.tag.eq(pc),
+                        word_pending.eq(1),
+                        word_rd.eq(v.rd),
+                    ]
+                    retire()
+            with m.Case(Op.STW):
+                v = views[Op.STW]
+                with m.If(~self.dma_store.valid):
+                    p = self.dma_store.payload.cmd
+                    m.d.sync += [
+                        self.dma_store.valid.eq(1),
+                        self.dma_store.payload.eq(0),
+                        p.kind.eq(StoreKind.WORD),
+                        p.offset.eq(v.line * isa.LINE + reg(v.ri) * 4),
+                        p.value.eq(reg(v.rs)),
+                        p.tag.eq(pc),
+                        tokens.eq(tokens + 1),
+                    ]
+                    retire()
+            with m.Case(Op.LOADV):
+                v = views[Op.LOADV]
+                with m.If(over(v.dst, v.len)):
+                    finish(Status.VBUF_RANGE, pc)
+                with m.Elif(~self.dma_read.valid & vbuf_quiet & write_quiet):
+                    p = self.dma_read.payload
+                    m.d.sync += [
+                        self.dma_read.valid.eq(1),
+                        p.eq(0),
+                        p.kind.eq(ReadKind.ROWS),
+                        p.offset.eq((v.line + reg(v.ri) * v.stride) * isa.LINE),
+                        p.length.eq(v.len),
+                        p.vbuf_row.eq(v.dst >> 6),
+                        p.tag.eq(pc),
+                    ]
+                    retire()
+            with m.Case(Op.STOREV):
+                v = views[Op.STOREV]
+                with m.If(over(v.src, v.len)):
+                    finish(Status.VBUF_RANGE, pc)
+                with m.Elif(~self.dma_store.valid & vbuf_quiet):
+                    p = self.dma_store.payload.cmd
+                    m.d.sync += [
+                        self.dma_store.valid.eq(1),
+                        self.dma_store.payload.eq(0),
+                        self.dma_store.payload.src_row.eq(v.src >> 6),
+                        p.kind.eq(StoreKind.VECTOR),
+                        p.offset.eq((v.line + reg(v.ri) * v.stride) * isa.LINE),
+                        p.length.eq(v.len),
+                        p.tag.eq(pc),
+                    ]
+                    retire()
+            for op, kind in ((Op.STROW, StoreKind.ROW), (Op.STCOL, StoreKind.COL)):
+                with m.Case(op):
+                    v = views[op]
+                    with m.If(over(v.src, v.len)):
+                        finish(Status.VBUF_RANGE, pc)
+                    with m.Elif(v.len == 0):
+                        retire()
+                    with m.Elif(~self.dma_store.valid & vbuf_quiet):
+                        p = self.dma_store.payload.cmd
+                        m.d.sync += [
+                            self.dma_store.valid.eq(1),
+                            self.dma_store.payload.eq(0),
+                            self.dma_store.payload.src_row.eq(v.src >> 6),
+                            p.kind.eq(kind),
+                            p.offset.eq(v.line * isa.LINE),
+                            p.length.eq(v.len),
+                            p.index.eq(reg(v.ri)),
+                            p.cols.eq(v.cols),
+                            p.stride.eq(v.stride),
+                            p.tag.eq(pc),
+                        ]
+                        retire()
+            with m.Case(Op.MATVEC):
+                self._matvec(m, views[Op.MATVEC], c, retire)
+            with m.Case(*(op for op, u in isa.UNITS.items() if u is isa.Unit.VPU)):
+                self._vector(m, views, opcode, pc, length, over, finish, retire, vbuf_quiet)
+
+    def _matvec(self, m, v, c, retire):
+        pc, reg, over, finish, pending = c.pc, c.reg, c.over, c.finish, c.pending
+        mpu_pending, write_quiet, argmax_pending, argmax_rd = (
+            c.mpu_pending,
+            c.write_quiet,
+            c.argmax_pending,
+            c.argmax_rd,
+        )
+        flags = v.flags
+        live = Signal(32)
+        m.d.comb += live.eq(reg(v.lreg))
+        n_rows = Signal(33)
+        n_cols = Signal(33)
+        m.d.comb += [
+            n_rows.eq(Mux(flags[2], live, v.rows)),
+            n_cols.eq(Mux(flags[3], live, v.cols)),
+        ]
+        clamp_r = Signal(16)
+        clamp_c = Signal(16)
+        m.d.comb += [
+            clamp_r.eq(Mux(n_rows < v.rows, n_rows, v.rows)),
+            clamp_c.eq(Mux(n_cols < v.cols, n_cols, v.cols)),
+        ]
+        argmax = flags[1]
+        bad = Signal()
+        m.d.comb += bad.eq(
+            over(v.src, n_cols)
+            | (flags[0] & over(v.dst, n_rows))
+            | (~argmax & (n_rows != 0) & over(v.dst, n_rows))
+        )
+        nothing = Signal()  # no weights to stream: the MPU alone answers
+        m.d.comb += nothing.eq((clamp_r == 0) | (clamp_c == 0))
+        with m.If(bad):
+            finish(Status.VBUF_RANGE, pc)
+        with m.Elif(~self.dma_read.valid & ~mpu_pending & ~self.mpu.valid & write_quiet):
+            cmd = Signal(MpuIssue)
+            m.d.comb += [
+                cmd.cmd.rows.eq(v.rows),
+                cmd.cmd.cols.eq(v.cols),
+                cmd.cmd.live_rows.eq(clamp_r),
+                cmd.cmd.live_cols.eq(clamp_c),
+                cmd.cmd.flags.eq(flags),
+                cmd.src_row.eq(v.src >> 6),
+                cmd.dst_row.eq(v.dst >> 6),
+            ]
+            with m.If(~nothing):
+                p = self.dma_read.payload
+                m.d.sync += [
+                    self.dma_read.valid.eq(1),
+                    p.eq(0),
+                    p.kind.eq(ReadKind.TILES),
+                    p.offset.eq(v.line * isa.LINE),
+                    p.rows.eq(v.rows),
+                    p.cols.eq(v.cols),
+                    p.live_rows.eq(clamp_r),
+                    p.live_cols.eq(clamp_c),
+                    p.stride.eq(v.stride),
+                    p.tag.eq(pc),
+                ]
+            m.d.sync += [pending.eq(cmd), mpu_pending.eq(1)]
+            with m.If(argmax):
+                m.d.sync += [argmax_pending.eq(1), argmax_rd.eq(v.rd)]
+            retire()
+
+    def _vector(self, m, views, opcode, pc, length, over, finish, retire, vbuf_quiet):
+        Op = isa.Op
+        for op in (op for op, u in isa.UNITS.items() if u is isa.Unit.VPU):
+            with m.If(opcode == int(op)):
+                v = views[op]
+                n = Signal(32, name=f"len_{op.name.lower()}")
+                m.d.comb += n.eq(length(v))
+                bad = over(v.dst, 1 if op in (Op.VMAX, Op.VDOT) else n)
+                if op is not Op.VSET:
+                    bad |= over(v.a, n)
+                if op in (Op.VADD, Op.VSUB, Op.VMUL, Op.VDOT):
+                    bad |= over(v.b, Mux(v.flags[0], 1, n))
+                with m.If(bad):
+                    finish(Status.VBUF_RANGE, pc)
+                with m.Elif(~self.vpu.valid & vbuf_quiet):
+                    p = self.vpu.payload
+                    m.d.sync += [
+                        self.vpu.valid.eq(1),
+                        p.eq(0),
+                        p.op.eq(VectorOp(int(op))),
+                        p.dst.eq(v.dst),
+                        p.length.eq(n),
+                    ]
+                    if op is not Op.VSET:
+                        m.d.sync += p.a.eq(v.a)
+                    else:
+                        m.d.sync += p.imm.eq(v.imm)
+                    if op in (Op.VADD, Op.VSUB, Op.VMUL, Op.VDOT):
+                        m.d.sync += [p.b.eq(v.b), p.b_scalar.eq(v.flags[0])]
+                    retire()

@@ -1,0 +1,268 @@
+# amaranth: UnusedElaboratable=no
+"""The controller (rtl/controller.py) on Amaranth's simulator, with Python models of the units.
+
+The models answer the controller's streams: channel 0 serves the program fetch and LDW words
+from an ``HBMImage``, stores are applied to it (STW) or recorded, the VPU and MPU take their
+commands and stay busy for a few cycles, ARGMAX answers with a chosen index. Control-flow
+results (registers through STW, tokens, status, error pc) are compared with ``sim.isasim`` on
+the same image and arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from tandem import isa
+from tandem.geometry import geometry
+from tandem.isa import Op, make
+from tandem.layout import PROGRAM_BASE, HBMImage, StatusRecord
+from tandem.regmap import SCALAR_ARGS, Status
+from tandem.rtl.controller import Controller, instruction_layout
+from tandem.rtl.dma import ReadKind, StoreKind
+from tandem.sim.isasim import IsaSim
+
+GEOM = geometry("tiny").replace(imem_words=64)
+OUT_LINE = 64  # token area for these programs: channel 0, byte 4096
+
+
+def _image(program, nbytes=1 << 14) -> HBMImage:
+    image = HBMImage(GEOM, nbytes)
+    code = isa.encode_program(program) if program and isinstance(program[0], isa.Instr) else b""
+    raw = code or b"".join(w.to_bytes(16, "little") for w in program)
+    image.write_channel(0, PROGRAM_BASE, np.frombuffer(raw, np.uint8))
+    return image
+
+
+def run_controller(
+    image: HBMImage, args: dict, *, vpu_cycles=3, argmax=7, vpu_hang=False, max_cycles=20000
+):
+    """Run the controller once over ``image``; returns (status dict, log of issued commands)."""
+    dut = Controller(GEOM)
+    log = []
+    result = {}
+    argv = {n: int(args.get(n, 0)) for n, _ in SCALAR_ARGS}
+    if not argv["hbm_bytes"]:
+        argv["hbm_bytes"] = image.nbytes
+
+    async def bench(ctx):
+        for name, value in argv.items():
+            ctx.set(dut.args[name], value)
+        ctx.set(dut.start, 1)
+        await ctx.tick()
+        ctx.set(dut.start, 0)
+        fetch_beats = []
+        vpu_busy = mpu_busy = 0
+        word_q = []
+        argmax_q = []
+        for _ in range(max_cycles):
+            # fetch
+            if ctx.get(dut.fetch_cmd.valid):
+                cmd = ctx.get(dut.fetch_cmd.payload)
+                off, beats = cmd.offset, cmd.beats
+                raw = image.read_channel(0, off, beats * GEOM.beat_bytes)
+                fetch_beats = [
+                    int.from_bytes(raw[i : i + GEOM.beat_bytes], "little")
+                    for i in range(0, len(raw), GEOM.beat_bytes)
+                ]
+            ctx.set(dut.fetch_cmd.ready, 1)
+            ctx.set(dut.fetch_data.valid, bool(fetch_beats))
+            if fetch_beats:
+                ctx.set(dut.fetch_data.payload, fetch_beats[0])
+            # units
+            ctx.set(dut.dma_read.ready, 1)
+            ctx.set(dut.dma_store.ready, 1)
+            ctx.set(dut.vpu.ready, not vpu_busy)
+            ctx.set(dut.mpu.ready, not mpu_busy)
+            ctx.set(dut.busy.vpu, bool(vpu_busy))
+            ctx.set(dut.busy.mpu, bool(mpu_busy))
+            ctx.set(dut.dma_word.valid, bool(word_q))
+            if word_q:
+                ctx.set(dut.dma_word.payload, word_q[0])
+            ctx.set(dut.mpu_argmax.valid, bool(argmax_q))
+            if argmax_q:
+                ctx.set(dut.mpu_argmax.payload, argmax_q[0])
+            # sample handshakes before the edge
+            took_fetch = ctx.get(dut.fetch_data.valid) and ctx.get(dut.fetch_data.ready)
+            rd = ctx.get(dut.dma_read.payload) if ctx.get(dut.dma_read.valid) else None
+            st = ctx.get(dut.dma_store.payload) if ctx.get(dut.dma_store.valid) else None
+            vp = ctx.get(dut.vpu.payload) if ctx.get(dut.vpu.valid) and not vpu_busy else None
+            mp = ctx.get(dut.mpu.payload) if ctx.get(dut.mpu.valid) and not mpu_busy else None
+            took_word = bool(word_q) and ctx.get(dut.dma_word.ready)
+            took_amax = bool(argmax_q) and ctx.get(dut.mpu_argmax.ready)
+            done = ctx.get(dut.done)
+            if done:
+                result.update(
+                    {
+                        k: ctx.get(dut.status[k])
+                        for k in ("status", "error_pc", "error_code", "tokens")
+                    }
+                )
+                result["record"] = ctx.get(dut.record)
+                break
+            await ctx.tick()
+            if took_fetch:
+                fetch_beats.pop(0)
+            if took_word:
+                word_q.pop(0)
+            if took_amax:
+                argmax_q.pop(0)
+            if vpu_busy and not vpu_hang:
+                vpu_busy -= 1
+            if mpu_busy:
+                mpu_busy -= 1
+            if rd is not None:
+                log.append(("read", rd.kind, rd.offset, rd.tag))
+                if rd.kind == ReadKind.WORD:
+                    word_q.append(int.from_bytes(image.read_channel(0, rd.offset, 4), "little"))
+            if st is not None:
+                cmd = st.cmd
+                log.append(("store", cmd.kind, cmd.offset, cmd.value, st.src_row))
+                if cmd.kind == StoreKind.WORD:
+                    image.write_channel(
+                        0, cmd.offset, np.frombuffer(int(cmd.value).to_bytes(4, "little"), np.uint8)
+                    )
+                if cmd.kind == StoreKind.STATUS:
+                    rec = ctx.get(dut.record)
+                    image.write_channel(0, 0, np.frombuffer(StoreRecord(rec).pack(), np.uint8))
+            if vp is not None:
+                log.append(("vpu", vp.op, vp.dst, vp.a, vp.b, vp.length, vp.b_scalar, vp.imm))
+                vpu_busy = vpu_cycles
+            if mp is not None:
+                c = mp.cmd
+                log.append(
+                    ("mpu", c.rows, c.cols, c.live_rows, c.live_cols, mp.src_row, mp.dst_row)
+                )
+                mpu_busy = 4
+                if c.flags.argmax:
+                    argmax_q.append(argmax)
+        else:
+            raise AssertionError(f"no done in {max_cycles} cycles")
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return result, log
+
+
+def StoreRecord(rec) -> StatusRecord:
+    return StatusRecord(rec.status, rec.pc, rec.tokens, rec.halt_code, 0)
+
+
+def reference(image: HBMImage, args: dict):
+    ref = image.data.copy()
+    sim_image = HBMImage(GEOM, image.nbytes)
+    sim_image.data[:] = ref
+    res = IsaSim(GEOM, sim_image).run(args)
+    return res, sim_image
+
+
+def check_against_isasim(program, args, **kw):
+    image = _image(program)
+    res, ref_image = reference(image, args)
+    got, log = run_controller(image, args, **kw)
+    assert got["status"] == int(res.status), (got, res)
+    assert got["error_pc"] == res.pc, (got, res)
+    assert got["tokens"] == res.tokens
+    assert got["error_code"] == res.halt_code
+    # token area and the status record (cycles aside) as the ISA simulator left them
+    np.testing.assert_array_equal(
+        image.data[0, 4096 : 4096 + 256], ref_image.data[0, 4096 : 4096 + 256]
+    )
+    assert StatusRecord.unpack(image.data[0, :64]) == StatusRecord.unpack(ref_image.data[0, :64])
+    return got, log, res
+
+
+def test_layouts_follow_isa():
+    for op in Op:
+        layout = instruction_layout(op)
+        assert layout.size == isa.WORD_BITS
+        pos = 8
+        for f in isa.FORMATS[op]:
+            assert layout[f.name].offset == pos
+            pos += f.width
+
+
+def test_control_flow_and_tokens():
+    """A loop over LDARG/ADDI/BLT/BGE/JMP/LDW emitting tokens with STW, then HALT 0."""
+    p = [
+        make(Op.LDARG, rd=1, arg=2),  # n_new
+        make(Op.SETI, rd=2, imm=0),
+        make(Op.SETI, rd=3, imm=100),
+        make(Op.SETI, rd=5, imm=0xFFFFFFFF),
+        # loop (4)
+        make(Op.STW, rs=3, line=OUT_LINE, ri=2),
+        make(Op.ADDI, rd=3, ra=3, imm=-7),
+        make(Op.ADDI, rd=2, ra=2, imm=1),
+        make(Op.BLT, ra=2, rb=1, target=4),
+        make(Op.LDW, rd=6, line=OUT_LINE, ri=0),  # reads token 0 back
+        make(Op.ADDI, rd=6, ra=6, imm=1),
+        make(Op.STW, rs=6, line=OUT_LINE, ri=2),
+        make(Op.BGE, ra=0, rb=5, target=20),  # 0 >= 0xffffffff unsigned: not taken
+        make(Op.JMP, target=14),
+        make(Op.HALT, code=3),
+        make(Op.ADDI, rd=0, ra=5, imm=5),  # R0 stays 0
+        make(Op.STW, rs=0, line=OUT_LINE, ri=1),
+        make(Op.HALT, code=0),
+    ]
+    got, _log, res = check_against_isasim(p, {"n_new": 5})
+    assert res.tokens == 7 and got["status"] == 0
+
+
+def test_halt_code_is_program_error():
+    got, _, _ = check_against_isasim([make(Op.SETI, rd=1, imm=1), make(Op.HALT, code=1)], {})
+    assert got["status"] == Status.PROGRAM_ERROR and got["error_code"] == 1
+
+
+@pytest.mark.parametrize("bad", ["opcode", "reserved", "flag", "align", "ldarg", "fall-off"])
+def test_illegal_instruction(bad):
+    good = [make(Op.SETI, rd=1, imm=1), make(Op.STW, rs=1, line=OUT_LINE)]
+    word = {
+        "opcode": 0x7F,
+        "reserved": isa.encode(make(Op.SYNC)) | 1 << 100,
+        "flag": isa.encode(make(Op.VADD, dst=0, a=0, b=0, len=4)) | 2 << (8 + 64),
+        "align": isa.encode(make(Op.VSET, len=4)) | 3 << 8,
+        "ldarg": isa.encode(make(Op.LDARG, rd=1)) | 9 << 12,
+        "fall-off": isa.encode(make(Op.JMP, target=GEOM.imem_words + 5)),
+    }[bad]
+    program = [isa.encode(i) for i in good] + [word, isa.encode(make(Op.HALT))]
+    got, _, _ = check_against_isasim(program, {})
+    assert got["status"] == Status.ILLEGAL_INSTRUCTION
+    assert got["error_pc"] == (2 if bad != "fall-off" else GEOM.imem_words + 5)
+
+
+def test_vbuf_range_and_issue_fields():
+    n = GEOM.vbuf_elems
+    p = [
+        make(Op.SETI, rd=4, imm=130),
+        make(Op.VSET, dst=64, imm=0x3C00, len=100),
+        make(Op.VADD, dst=128, a=64, b=0, len=0, lreg=4, flags=1),
+        make(Op.MATVEC, dst=0, src=64, line=10, rows=128, cols=192, flags=2 | 8, lreg=4, rd=7),
+        make(Op.STW, rs=7, line=OUT_LINE),
+        make(Op.VEXP, dst=n - 64, a=0, len=65),  # past the end
+        make(Op.HALT),
+    ]
+    got, log, _res = check_against_isasim(p, {}, argmax=0)
+    assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 5
+    vpu = [e for e in log if e[0] == "vpu"]
+    assert vpu[0][2:] == (64, 0, 0, 100, 0, 0x3C00)
+    assert vpu[1][2:7] == (128, 64, 0, 130, 1)
+    mpu = [e for e in log if e[0] == "mpu"]
+    assert mpu == [("mpu", 128, 192, 128, 130, 1, 0)]
+    reads = [e for e in log if e[0] == "read"]
+    assert reads == [("read", ReadKind.TILES, 640, 3)]
+
+
+def test_watchdog_on_a_hung_unit():
+    p = [make(Op.VSET, dst=0, len=64), make(Op.SYNC), make(Op.HALT)]
+    image = _image(p)
+    got, _ = run_controller(image, {"watchdog": 200}, vpu_hang=True, max_cycles=2000)
+    assert got["status"] & Status.WATCHDOG and got["error_pc"] == 1
+
+
+def test_program_past_hbm_bytes():
+    p = [make(Op.HALT)]
+    got, _, res = check_against_isasim(p, {"hbm_bytes": 512})
+    assert got["status"] == Status.HBM_RANGE and res.status == Status.HBM_RANGE
