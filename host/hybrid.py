@@ -1,0 +1,138 @@
+"""Hybrid generation: prefill on the GPU, decode on the core, joined by the KV handoff.
+
+The pipeline::
+
+    ids ──► GPU prefill (tandem.gpu.prefill) ──► first token
+              │ per layer, as soon as K/V are final
+              └─► reshape on the GPU ─► host buffers ─► device HBM (tandem.gpu.transfer)
+    core: Session.generate(ids + [first], n_new - 1, start_pos=len(ids)) ──► the rest
+
+The prefill computes under the core's numeric contract, so the cache it hands over is the one
+the core would have built, and the tokens equal ``FaithfulModel.generate``'s. The core starts at
+position ``L = len(ids)`` with the first generated token at ``prompt[L]`` (``prompt_len = L+1``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tandem.checkpoint import validate
+from tandem.config import GPT2Config
+from tandem.geometry import CoreGeometry
+from tandem.gpu.prefill import PreparedModel, prefill
+from tandem.gpu.transfer import KVTransfer, TransferReport
+
+from .runtime import Progress, Session, check_fits
+
+
+@dataclass
+class HybridResult:
+    """Generated ``tokens`` and the timing breakdown (seconds): ``prefill`` (GPU compute),
+    ``reshape`` and ``copy`` (summed over layers), ``transfer_write`` (into device HBM),
+    ``transfer_exposed`` / ``transfer_hidden``, ``decode`` (the core), ``total``."""
+
+    tokens: list[int]
+    timings: dict[str, float]
+    transfer: TransferReport
+    kv_bytes: int
+    stats: dict = field(default_factory=dict)
+
+
+class HybridSession:
+    """A model prepared for GPU prefill and compiled and loaded on a decode device.
+
+    Parameters
+    ----------
+    cfg, weights : the model (float weights keyed as in tandem.checkpoint; checked against cfg)
+    geom : core geometry, name, or None for the smallest that fits
+    backend : decode device backend name (``tandem.host.device.BACKENDS``)
+    prefill_device : 'cpu', 'cuda' or None (CUDA when available)
+    """
+
+    def __init__(
+        self,
+        cfg: GPT2Config,
+        weights: Mapping[str, np.ndarray],
+        geom: CoreGeometry | str | None = None,
+        backend: str = "model",
+        prefill_device=None,
+        device_options: Mapping | None = None,
+    ):
+        validate(cfg, weights)
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.model = PreparedModel(cfg, weights, prefill_device)
+        t1 = time.perf_counter()
+        self.session = Session(cfg, weights, geom, backend, device_options=device_options)
+        self.timings = {"prepare": t1 - t0, **self.session.timings}
+
+    @property
+    def geom(self) -> CoreGeometry:
+        return self.session.geom
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        n_new: int,
+        progress: Progress | None = None,
+        timeout: float | None = None,
+    ) -> HybridResult:
+        """Greedy decoding of ``n_new`` tokens after ``prompt_ids``. Raises ValueError for a
+        request that does not fit (empty prompt, over the context, bad ids)."""
+        ids = check_fits(self.cfg, prompt_ids, n_new)
+        L = len(ids)
+        if n_new == 0:
+            return HybridResult([], {}, TransferReport(), 0)
+        layout = self.session.compiled.layout
+        transfer = KVTransfer(self.session.device, layout, self.model.device)
+        t0 = time.perf_counter()
+        try:
+            pre = prefill(self.cfg, self.model, ids, on_layer=transfer.on_layer)
+        finally:
+            t1 = time.perf_counter()
+            report = transfer.finish()
+        tokens = [pre.first_token]
+        if progress is not None:
+            progress(0, pre.first_token)
+        decode, stats = 0.0, {}
+        if n_new > 1:
+
+            def shifted(i, tok):
+                progress(i + 1, tok)
+
+            res = self.session.generate(
+                [*ids, pre.first_token],
+                n_new - 1,
+                progress=shifted if progress is not None else None,
+                timeout=timeout,
+                start_pos=L,
+            )
+            tokens += res.tokens
+            decode, stats = res.timings["decode"], res.stats
+        t3 = time.perf_counter()
+        timings = {
+            "prefill": t1
+            - t0
+            - (report.total("reshape") + report.total("copy") if not transfer.lane.cuda else 0.0),
+            "reshape": report.total("reshape"),
+            "copy": report.total("copy"),
+            "transfer_write": report.total("write"),
+            "transfer_exposed": report.exposed,
+            "transfer_hidden": report.hidden,
+            "decode": decode,
+            "total": t3 - t0,
+        }
+        return HybridResult(tokens, timings, report, report.nbytes, stats)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
