@@ -48,6 +48,27 @@ def _generate_on_device(backend: str):
     return run
 
 
+def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
+    """GPU prefill (torch; the CPU without CUDA), KV handoff, decode on ``args.backend``."""
+    from tandem.host.hybrid import HybridSession
+    from tandem.host.runtime import resolve_geometry
+
+    geom = resolve_geometry(cfg, args.geometry)
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = _Progress(n_new) if show else None
+    with HybridSession(cfg, weights, geom, args.backend, args.prefill_device) as hs:
+        result = hs.generate(ids, n_new, progress=progress)
+        where = f" on {geom.name}, prefill on {hs.model.device}"
+    if progress is not None:
+        progress.finish()
+    return {
+        "tokens": result.tokens,
+        "timings": result.timings,
+        "where": where,
+        "extra": f"; KV moved {result.kv_bytes / 1e6:,.3f} MB",
+    }
+
+
 class _Progress:
     """Per-token progress on stderr: one rewritten line on a terminal, else a line per token."""
 
@@ -99,7 +120,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer = tokenizer_for(args.checkpoint, cfg)
         ids = parse_prompt(args.prompt, cfg.n_vocab, tokenizer)
     t0 = time.perf_counter()
-    out = _backends()[args.backend](weights, cfg, ids, args.max_new_tokens, args)
+    if args.placement == "hybrid":
+        if args.backend == "reference":
+            raise ValueError("--placement hybrid decodes on a device: choose a device --backend")
+        out = _generate_hybrid(weights, cfg, ids, args.max_new_tokens, args)
+    else:
+        out = _backends()[args.backend](weights, cfg, ids, args.max_new_tokens, args)
     elapsed = time.perf_counter() - t0
     new = out["tokens"]
     if tokenizer is None:
@@ -170,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--geometry",
         choices=sorted(GEOMETRIES),
         help="core geometry for device backends (default: the smallest the model fits)",
+    )
+    gen.add_argument(
+        "--placement",
+        choices=["fpga", "hybrid"],
+        default="fpga",
+        help="fpga: the core consumes the prompt too; hybrid: prefill in PyTorch (GPU, or the "
+        "CPU without CUDA) under the core's numerics, KV handed to the core, which decodes",
+    )
+    gen.add_argument(
+        "--prefill-device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where --placement hybrid runs the prefill (default: CUDA when available)",
     )
     gen.add_argument(
         "--progress",
