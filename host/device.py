@@ -264,3 +264,7 @@ class ModelDevice(Device):
         if self._thread is not None:
             self._thread.join()
         self.image = self.sim = None
+
+
+# The XRT backend lives in its own module (pyopencl); importing it registers it.
+from . import fpga as _fpga  # noqa: E402, F401
