@@ -1,0 +1,1216 @@
+"""DMA: one AXI4 manager per HBM pseudo-channel, and the engine that runs the ISA's memory
+operations over all of them.
+
+Everything but the control area is striped (:mod:`tandem.layout`): a tensor occupies the same
+byte range in every channel, so one command drives every channel with the same per-channel
+offsets, and each channel adds its own kernel pointer. :class:`ChannelDMA` turns runs of beats
+into AXI4 bursts for one channel; :class:`DMAEngine` plans the runs of each ISA operation,
+merges the channels' read data into MPU weight tiles or VBUF rows, scatters stores into beats
+with byte strobes, and checks every access against the ``hbm_bytes`` argument first.
+"""
+
+# No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
+
+from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from tandem import regmap
+from tandem.geometry import CoreGeometry
+from tandem.layout import STATUS_BYTES
+from tandem.numerics import BLOCK
+
+from .axi import FOUR_KB, AXI4Signature, Burst, Resp, burst_limit
+from .shell import args_layout
+
+__all__ = [
+    "ChannelDMA",
+    "ChannelRun",
+    "DMAEngine",
+    "DMAErrors",
+    "ReadCommand",
+    "ReadKind",
+    "StatusRecordLayout",
+    "StoreCommand",
+    "StoreKind",
+    "row_write_layout",
+    "write_beat_layout",
+]
+
+ROW = data.ArrayLayout(unsigned(16), BLOCK)
+"""One VBUF row (64 binary16 values, element 0 in the low bits), as rtl/vbuf.py's ``Row``."""
+
+_RUN_BEATS = 26  # a dense 65535 x 65535 matrix is 2**25 tiles on the smallest-lane geometry
+
+
+class ChannelRun(data.Struct):
+    """A run of consecutive beats in one channel: ``offset`` bytes past the channel's kernel
+    pointer (low bits below the beat size are ignored), ``beats`` full-width beats (0: nothing)."""
+
+    offset: unsigned(32)
+    beats: unsigned(_RUN_BEATS)
+
+
+def write_beat_layout(port_bits: int) -> data.StructLayout:
+    """A write beat: ``data`` and its byte strobes ``strb`` (bit ``k`` writes byte ``k``)."""
+    return data.StructLayout({"data": port_bits, "strb": port_bits // 8})
+
+
+def _row_bits(vbuf_rows: int) -> int:
+    return max(1, (vbuf_rows - 1).bit_length())  # as rtl/vbuf.py sizes its row addresses
+
+
+def row_write_layout(geom: CoreGeometry) -> data.StructLayout:
+    """What a VBUF write port takes (rtl/vbuf.py ``WritePortSignature``): the row ``addr``,
+    ``data`` and the element ``mask``."""
+    return data.StructLayout(
+        {"addr": _row_bits(geom.vbuf_elems // BLOCK), "data": ROW, "mask": BLOCK}
+    )
+
+
+class ReadKind(enum.Enum, shape=2):
+    """Where a read command's data goes."""
+
+    TILES = 0  # MATVEC weights: one tile (a beat of every channel) per transfer on ``tiles``
+    ROWS = 1  # LOADV: a striped vector, one VBUF row per transfer on ``rows``
+    WORD = 2  # LDW: one 32-bit word of channel 0 on ``word``
+
+
+class ReadCommand(data.Struct):
+    """One read, with the instruction's register operands already resolved by the controller.
+
+    ``offset`` is a byte offset inside every channel's buffer: the matrix base ``line * 64``
+    (TILES), the vector base ``(line + R[ri] * stride) * 64`` (ROWS), or the word's byte address
+    ``line * 64 + R[ri] * 4`` (WORD, channel 0 only).
+
+    TILES takes the MATVEC fields as :class:`tandem.rtl.mpu.MatvecCommand` does: ``rows``,
+    ``cols`` allocated, ``live_rows``, ``live_cols`` (the DMA streams ``min(live, allocated)`` of
+    each, whole 64-row groups and 64-column blocks, in the MPU's order) and the tiled
+    ``stride`` (0: dense). ROWS takes ``length`` in elements and the first VBUF row
+    ``vbuf_row`` (``dst // 64``). ``tag`` comes back on :attr:`DMAEngine.error_tag` if the
+    command is out of range (the controller passes the instruction's pc).
+    """
+
+    kind: ReadKind
+    offset: unsigned(32)
+    rows: unsigned(16)
+    cols: unsigned(16)
+    live_rows: unsigned(16)
+    live_cols: unsigned(16)
+    stride: unsigned(12)
+    length: unsigned(16)
+    vbuf_row: unsigned(16)
+    tag: unsigned(16)
+
+
+class StoreKind(enum.Enum, shape=3):
+    """What a store command writes."""
+
+    VECTOR = 0  # STOREV: a striped vector
+    ROW = 1  # STROW: elements 0..length-1 of row ``index`` of a tiled matrix
+    COL = 2  # STCOL: elements 0..length-1 of column ``index`` of a tiled matrix
+    WORD = 3  # STW: the 32-bit ``value`` at channel 0, byte ``offset``
+    STATUS = 4  # the status record (``record``) at channel 0, offset 0
+
+
+class StoreCommand(data.Struct):
+    """One store, register operands resolved. ``offset`` is the vector base
+    ``(line + R[ri] * stride) * 64`` (VECTOR), the matrix base ``line * 64`` (ROW, COL) or the
+    byte address ``line * 64 + R[ri] * 4`` (WORD); ``index`` is ``R[ri]`` for ROW and COL,
+    ``cols`` and ``stride`` are the instruction's fields (stride 0: dense). VECTOR, ROW and COL
+    take ``ceil(length / 64)`` rows from :attr:`DMAEngine.store_data`. ``tag`` as in
+    :class:`ReadCommand`."""
+
+    kind: StoreKind
+    offset: unsigned(32)
+    length: unsigned(16)
+    index: unsigned(32)
+    cols: unsigned(16)
+    stride: unsigned(12)
+    value: unsigned(32)
+    tag: unsigned(16)
+
+
+class StatusRecordLayout(data.Struct):
+    """The fields of :class:`tandem.layout.StatusRecord`, in its byte order (``<IIIIQ``)."""
+
+    status: unsigned(32)
+    pc: unsigned(32)
+    tokens: unsigned(32)
+    halt_code: unsigned(32)
+    cycles: unsigned(64)
+
+
+class DMAErrors(data.Struct):
+    """Sticky error flags, as :class:`tandem.regmap.Status` bits name them."""
+
+    hbm_range: 1
+    axi_error: 1
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bound}, not {value!r}")
+    return value
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def _check_geometry(geom) -> CoreGeometry:
+    if not isinstance(geom, CoreGeometry):
+        raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
+    if geom.beat_bytes > 64:
+        raise ValueError(f"a beat of {geom.beat_bytes} bytes is wider than a 64-byte HBM line")
+    return geom
+
+
+def _check_channel(
+    geom, *, fifo_beats, max_reads, max_writes, write_fifo_beats, cmd_depth=4
+) -> None:
+    """Validate :class:`ChannelDMA`'s parameters (also for :class:`DMAEngine`, up front)."""
+    _check_int("fifo_beats", fifo_beats, 2 * burst_limit(geom.beat_bytes))
+    if fifo_beats & (fifo_beats - 1):
+        raise ValueError(f"fifo_beats must be a power of two, not {fifo_beats}")
+    _check_int("max_reads", max_reads, 1, 1024)
+    _check_int("max_writes", max_writes, 1, 1024)
+    _check_int("write_fifo_beats", write_fifo_beats, 2)
+    _check_int("cmd_depth", cmd_depth, 2)
+
+
+class _Bursts:
+    """Splits runs into AXI4 INCR bursts: at most ``max_beats`` beats, never across 4 KiB.
+
+    ``cmd`` is a ``ChannelRun`` FIFO read side (``r_rdy``, ``r_en``, ``r_data``). While
+    ``valid``, the next burst is ``addr`` / ``beats``; pulse ``take`` to consume it. ``active`` is
+    high while a run has bursts left.
+    """
+
+    def __init__(self, m: Module, cmd, base, *, beat_bytes: int, max_beats: int, name: str):
+        lb = _log2(beat_bytes)
+        self.addr = Signal(64, name=f"{name}_addr")
+        self.remaining = Signal(_RUN_BEATS, name=f"{name}_remaining")
+        self.active = Signal(name=f"{name}_active")
+        self.take = Signal(name=f"{name}_take")
+        self.beats = Signal(range(max_beats + 1), name=f"{name}_beats")
+        self.valid = self.active
+        to_4k = Signal(range(FOUR_KB // beat_bytes + 1), name=f"{name}_to_4k")
+        m.d.comb += to_4k.eq((FOUR_KB >> lb) - self.addr[lb:12])
+        cap = Signal.like(self.beats, name=f"{name}_cap")
+        m.d.comb += [
+            cap.eq(Mux(to_4k < max_beats, to_4k, max_beats)),
+            self.beats.eq(Mux(self.remaining < cap, self.remaining, cap)),
+        ]
+        run = ChannelRun(cmd.r_data)
+        last = Signal(name=f"{name}_last")
+        m.d.comb += [
+            last.eq(self.take & (self.remaining == self.beats)),
+            cmd.r_en.eq(~self.active | last),
+        ]
+        with m.If(self.take):
+            m.d.sync += [
+                self.addr.eq(self.addr + (self.beats << lb)),
+                self.remaining.eq(self.remaining - self.beats),
+            ]
+            with m.If(last):
+                m.d.sync += self.active.eq(0)
+        with m.If(cmd.r_en & cmd.r_rdy):
+            full = base + run.offset
+            m.d.sync += [
+                self.addr.eq(Cat(Const(0, lb), full[lb:64])),
+                self.remaining.eq(run.beats),
+                self.active.eq(run.beats != 0),
+            ]
+
+
+class ChannelDMA(wiring.Component):
+    """The AXI4 manager of one HBM pseudo-channel.
+
+    Reads: each ``rd_cmd`` run becomes INCR bursts of full-width beats (at most
+    :attr:`max_burst` beats, split exactly at every 4 KiB boundary) at ``base + offset``. A burst
+    is issued only when the read FIFO has room for all of its beats besides every beat already
+    requested (so ``rready`` never falls and the channel never blocks the AXI fabric), and while
+    fewer than ``max_reads`` bursts are outstanding. Data leaves in order on ``rd_data``.
+
+    Writes: each ``wr_cmd`` run becomes bursts the same way; its beats are taken from
+    ``wr_data`` (through a ``write_fifo_beats`` FIFO) and sent on W after their burst's address
+    was accepted, with ``wlast`` on each burst's last beat. At most ``max_writes`` bursts wait for
+    their response; ``bready`` is always high.
+
+    Any response other than OKAY (SLVERR, DECERR) sets the sticky ``axi_error`` until ``clear``;
+    the transfer still completes, so nothing waits forever.
+
+    Parameters
+    ----------
+    geom : CoreGeometry
+        ``port_bits`` sets the data width.
+    fifo_beats : int
+        Read FIFO depth in beats (a power of two, at least two bursts). Sustained reads need it
+        to cover the read latency in beats plus one burst: 256 covers ~190 cycles of HBM
+        latency with 64-beat bursts.
+    max_reads, max_writes : int
+        Outstanding read / write bursts.
+    write_fifo_beats : int
+        Write data FIFO depth.
+    cmd_depth : int
+        Depth of each run FIFO.
+
+    Members
+    -------
+    axi : Out(AXI4Signature(addr_width=64, data_width=port_bits))
+    base : In(64)
+        The channel's kernel pointer (beat aligned; XRT buffers are 4 KiB aligned).
+    rd_cmd, wr_cmd : In(stream.Signature(ChannelRun))
+    rd_data : Out(stream.Signature(port_bits))
+    wr_data : In(stream.Signature(write_beat_layout(port_bits)))
+    clear : In(1)
+    axi_error : Out(1)
+    rd_idle : Out(1)
+        No read run waiting, no burst outstanding, no beat left in the read FIFO.
+    wr_idle : Out(1)
+        Every write run issued and every burst acknowledged: the writes are visible to reads.
+
+    Timing
+    ------
+    A run is taken 1 cycle after it enters ``rd_cmd``'s FIFO (2 cycles after the transfer);
+    its first AR is valid on the next cycle, then one burst per cycle while credits last. Read
+    data is on ``rd_data`` 2 cycles after its R beat (FIFO write and output register). Reads
+    sustain one beat per cycle when ``fifo_beats`` covers latency + a burst. Writes issue one AW
+    per cycle and one W beat per cycle.
+    """
+
+    def __init__(
+        self,
+        geom: CoreGeometry,
+        *,
+        fifo_beats: int = 256,
+        max_reads: int = 64,
+        max_writes: int = 16,
+        write_fifo_beats: int = 16,
+        cmd_depth: int = 4,
+    ):
+        self._geom = _check_geometry(geom)
+        self._max_burst = burst_limit(geom.beat_bytes)
+        _check_channel(
+            geom,
+            fifo_beats=fifo_beats,
+            max_reads=max_reads,
+            max_writes=max_writes,
+            write_fifo_beats=write_fifo_beats,
+            cmd_depth=cmd_depth,
+        )
+        self._fifo_beats = fifo_beats
+        self._max_reads = max_reads
+        self._max_writes = max_writes
+        self._write_fifo_beats = write_fifo_beats
+        self._cmd_depth = cmd_depth
+        super().__init__(
+            {
+                "axi": Out(AXI4Signature(addr_width=64, data_width=geom.port_bits)),
+                "base": In(64),
+                "rd_cmd": In(stream.Signature(ChannelRun)),
+                "rd_data": Out(stream.Signature(geom.port_bits)),
+                "wr_cmd": In(stream.Signature(ChannelRun)),
+                "wr_data": In(stream.Signature(write_beat_layout(geom.port_bits))),
+                "clear": In(1),
+                "axi_error": Out(1),
+                "rd_idle": Out(1),
+                "wr_idle": Out(1),
+            }
+        )
+
+    @property
+    def geom(self) -> CoreGeometry:
+        return self._geom
+
+    @property
+    def max_burst(self) -> int:
+        """Longest burst: 256 beats or 4 KiB, whichever is fewer."""
+        return self._max_burst
+
+    @property
+    def fifo_beats(self) -> int:
+        return self._fifo_beats
+
+    @property
+    def max_reads(self) -> int:
+        return self._max_reads
+
+    @property
+    def max_writes(self) -> int:
+        return self._max_writes
+
+    def elaborate(self, platform):
+        m = Module()
+        axi = self.axi
+        bb = self._geom.beat_bytes
+        size = _log2(bb)
+        m.d.comb += [
+            axi.arsize.eq(size),
+            axi.awsize.eq(size),
+            axi.arburst.eq(Burst.INCR),
+            axi.awburst.eq(Burst.INCR),
+            axi.arid.eq(0),
+            axi.awid.eq(0),
+        ]
+        error = Signal()
+        m.d.comb += self.axi_error.eq(error)
+
+        # ---- reads ----------------------------------------------------------------------------
+        m.submodules.rd_cmds = rd_cmds = fifo.SyncFIFOBuffered(
+            width=ChannelRun.as_shape().size, depth=self._cmd_depth
+        )
+        m.d.comb += [
+            rd_cmds.w_data.eq(self.rd_cmd.payload),
+            rd_cmds.w_en.eq(self.rd_cmd.valid),
+            self.rd_cmd.ready.eq(rd_cmds.w_rdy),
+        ]
+        rb = _Bursts(m, rd_cmds, self.base, beat_bytes=bb, max_beats=self._max_burst, name="ar")
+        m.submodules.rd_fifo = rd_fifo = fifo.SyncFIFOBuffered(
+            width=self._geom.port_bits, depth=self._fifo_beats
+        )
+        reserved = Signal(range(self._fifo_beats + 1))  # beats requested and not yet popped
+        reads_out = Signal(range(self._max_reads + 1))
+        credit = Signal()
+        m.d.comb += [
+            credit.eq(reserved + rb.beats <= self._fifo_beats),
+            axi.arvalid.eq(rb.valid & credit & (reads_out != self._max_reads)),
+            axi.araddr.eq(rb.addr),
+            axi.arlen.eq(rb.beats - 1),
+            rb.take.eq(axi.arvalid & axi.arready),
+        ]
+        popped = self.rd_data.valid & self.rd_data.ready
+        r_beat = axi.rvalid & axi.rready
+        m.d.comb += [
+            axi.rready.eq(rd_fifo.w_rdy),  # always high: every beat has a reserved place
+            rd_fifo.w_data.eq(axi.rdata),
+            rd_fifo.w_en.eq(axi.rvalid),
+            self.rd_data.payload.eq(rd_fifo.r_data),
+            self.rd_data.valid.eq(rd_fifo.r_rdy),
+            rd_fifo.r_en.eq(self.rd_data.ready),
+        ]
+        m.d.sync += reserved.eq(reserved + Mux(rb.take, rb.beats, 0) - popped)
+        m.d.sync += reads_out.eq(reads_out + rb.take - (r_beat & axi.rlast))
+        # levels, not r_rdy: a buffered FIFO holds a new item a cycle before r_rdy shows it
+        m.d.comb += self.rd_idle.eq(
+            (rd_cmds.level == 0) & ~rb.active & (reads_out == 0) & (rd_fifo.level == 0)
+        )
+
+        # ---- writes ---------------------------------------------------------------------------
+        m.submodules.wr_cmds = wr_cmds = fifo.SyncFIFOBuffered(
+            width=ChannelRun.as_shape().size, depth=self._cmd_depth
+        )
+        m.d.comb += [
+            wr_cmds.w_data.eq(self.wr_cmd.payload),
+            wr_cmds.w_en.eq(self.wr_cmd.valid),
+            self.wr_cmd.ready.eq(wr_cmds.w_rdy),
+        ]
+        wb = _Bursts(m, wr_cmds, self.base, beat_bytes=bb, max_beats=self._max_burst, name="aw")
+        beat_layout = write_beat_layout(self._geom.port_bits)
+        m.submodules.wr_fifo = wr_fifo = fifo.SyncFIFOBuffered(
+            width=beat_layout.size, depth=self._write_fifo_beats
+        )
+        m.submodules.wr_lens = wr_lens = fifo.SyncFIFOBuffered(
+            width=len(wb.beats), depth=self._max_writes
+        )
+        writes_out = Signal(range(self._max_writes + 1))
+        m.d.comb += [
+            wr_fifo.w_data.eq(self.wr_data.payload),
+            wr_fifo.w_en.eq(self.wr_data.valid),
+            self.wr_data.ready.eq(wr_fifo.w_rdy),
+            axi.awvalid.eq(wb.valid & wr_lens.w_rdy & (writes_out != self._max_writes)),
+            axi.awaddr.eq(wb.addr),
+            axi.awlen.eq(wb.beats - 1),
+            wb.take.eq(axi.awvalid & axi.awready),
+            wr_lens.w_data.eq(wb.beats),
+            wr_lens.w_en.eq(wb.take),
+        ]
+        w_count = Signal.like(wb.beats)
+        beat = data.View(beat_layout, wr_fifo.r_data)
+        w_last = Signal()
+        w_go = axi.wvalid & axi.wready
+        m.d.comb += [
+            w_last.eq(w_count + 1 == wr_lens.r_data),
+            axi.wvalid.eq(wr_lens.r_rdy & wr_fifo.r_rdy),
+            axi.wdata.eq(beat.data),
+            axi.wstrb.eq(beat.strb),
+            axi.wlast.eq(w_last),
+            wr_fifo.r_en.eq(w_go),
+            wr_lens.r_en.eq(w_go & w_last),
+            axi.bready.eq(1),
+        ]
+        with m.If(w_go):
+            m.d.sync += w_count.eq(Mux(w_last, 0, w_count + 1))
+        b_done = axi.bvalid & axi.bready
+        m.d.sync += writes_out.eq(writes_out + wb.take - b_done)
+        m.d.comb += self.wr_idle.eq((wr_cmds.level == 0) & ~wb.active & (writes_out == 0))
+
+        with m.If(self.clear):
+            m.d.sync += error.eq(0)
+        with m.Elif((r_beat & (axi.rresp != Resp.OKAY)) | (b_done & (axi.bresp != Resp.OKAY))):
+            m.d.sync += error.eq(1)
+        return m
+
+
+class _Broadcast:
+    """Hands one item to a set of streams, each of which takes it in its own time.
+
+    The producer offers ``payload`` with ``mask`` (which targets get it) and ``valid``; the item
+    is accepted (``valid & ready``) once the previous one has been taken by all of its targets
+    (possibly in this same cycle) and is then held in a register, so the producer may move on at
+    once: one item per cycle while every target is ready. With ``per_target``, ``payload`` is an
+    ``ArrayLayout`` and target ``i`` gets element ``i``; otherwise all get the same payload.
+    """
+
+    def __init__(self, m: Module, targets, shape, *, name: str, per_target: bool = False):
+        n = len(targets)
+        self.payload = Signal(shape, name=f"{name}_payload")
+        self.mask = Signal(n, name=f"{name}_mask")
+        self.valid = Signal(name=f"{name}_valid")
+        self.ready = Signal(name=f"{name}_ready")
+        self.idle = Signal(name=f"{name}_idle")
+        pending = Signal(n, name=f"{name}_pending")
+        held = Signal(shape, name=f"{name}_held")
+        taken = Cat(*(t.valid & t.ready for t in targets))
+        rest = pending & ~taken
+        m.d.comb += [self.ready.eq(rest == 0), self.idle.eq(pending == 0)]
+        with m.If(self.valid & self.ready):
+            m.d.sync += [pending.eq(self.mask), held.eq(self.payload)]
+        with m.Else():
+            m.d.sync += pending.eq(rest)
+        for i, t in enumerate(targets):
+            m.d.comb += [t.valid.eq(pending[i]), t.payload.eq(held[i] if per_target else held)]
+
+
+class _ReadEntry(data.Struct):
+    """What the merge stage needs to know of one read command, in command order."""
+
+    kind: ReadKind
+    dummy: 1  # out of range: deliver zeros, read nothing
+    total: unsigned(_RUN_BEATS)  # tiles, or stripes (ROWS), or 1 (WORD)
+    length: unsigned(16)
+    vbuf_row: unsigned(16)
+    word: unsigned(4)  # the 32-bit word within the beat (WORD)
+
+
+def _ceil_blocks(v):
+    return (v + BLOCK - 1) >> 6
+
+
+class DMAEngine(wiring.Component):
+    """All HBM channels' DMA: the ISA's memory operations over one :class:`ChannelDMA` each.
+
+    **Reads** (:attr:`read`, one :class:`ReadCommand` at a time):
+
+    * ``TILES`` streams the live part of a tiled matrix in the MPU's order (row group, column
+      block, row block): ``n_groups * n_cb * 64/lanes`` transfers on :attr:`tiles`, each the
+      concatenation of one beat of every channel, channel 0 in the low bits -- exactly the
+      MPU's ``weights`` payload. Each channel reads runs of consecutive tiles: the live part of
+      each row group of a dense matrix (one run for the whole matrix when every column is live),
+      or ``64/lanes`` tiles every ``stride`` tiles for the head-interleaved KV matrices.
+    * ``ROWS`` reads the ``ceil(length / (lanes*64))`` stripes of a striped vector and sends its
+      ``ceil(length / 64)`` rows on :attr:`rows` for VBUF rows ``vbuf_row``, ``vbuf_row + 1``,
+      ... (the last row's ``mask`` ends at the vector's length).
+    * ``WORD`` reads the beat holding a 32-bit word of channel 0 and sends the word on
+      :attr:`word`.
+
+    **Stores** (:attr:`store`, with the VBUF rows on :attr:`store_data`):
+
+    * ``VECTOR`` writes the stripes, with element strobes ending at ``length``.
+    * ``ROW`` writes the row into the ``64/beat_elems`` channels of its lane: one single-beat
+      burst per 64-column block.
+    * ``COL`` writes one burst of up to ``64/lanes`` beats per 64-row group into the ``lanes``
+      channels that hold the column, each beat with one 2-byte strobe per lane.
+    * ``WORD`` writes one 4-byte strobe in channel 0.
+    * ``STATUS`` writes the 64-byte status record (:class:`tandem.layout.StatusRecord` bytes from
+      :attr:`record`) at channel 0, offset 0.
+
+    **Range.** Before anything is issued, the end of the command's last beat (of the word, for
+    ``WORD``) is compared with the ``hbm_bytes`` argument (0: no limit, as in the ISA
+    simulator). Past it, the command completes without touching memory -- reads deliver the
+    expected number of all-zero tiles, rows or words, stores consume their rows -- and
+    ``error.hbm_range`` is set, with ``error_tag`` = the command's ``tag`` (of the first error
+    since ``clear``). A response other than OKAY sets ``error.axi_error``. Both stay set until
+    ``clear``. STATUS is never range checked: the core always writes its record.
+
+    **Ordering.** Reads complete in order, and so do stores, but a read is not ordered after
+    an earlier store: before reading what was stored, wait for :attr:`write_idle` (every write
+    acknowledged by the memory), as ``SYNC`` does.
+
+    Parameters
+    ----------
+    geom : CoreGeometry
+    fifo_beats, max_reads, max_writes, write_fifo_beats
+        Passed to every :class:`ChannelDMA`.
+    queue_depth : int
+        Read commands planned ahead of the merge stage.
+
+    Members
+    -------
+    m_axi_hbm<ch> : Out(AXI4Signature(64, port_bits)), one per channel
+        Named after the pointer arguments' ports in :func:`tandem.regmap.arguments`.
+    args : In(args_layout(channels))
+        The kernel arguments (rtl/shell.py): the ``hbm<ch>`` pointers and ``hbm_bytes``.
+    clear : In(1)
+        Clear the error flags (at the start of a run).
+    read : In(stream.Signature(ReadCommand))
+    tiles : Out(stream.Signature(ArrayLayout(ArrayLayout(unsigned(16), 64), lanes)))
+    rows : Out(stream.Signature(row_write_layout(geom)))
+    word : Out(stream.Signature(unsigned(32)))
+    store : In(stream.Signature(StoreCommand))
+    store_data : In(stream.Signature(ArrayLayout(unsigned(16), 64)))
+    record : In(StatusRecordLayout)
+        Sampled when a ``STATUS`` command is accepted.
+    error : Out(DMAErrors)
+    error_tag : Out(16)
+    read_idle : Out(1)
+        No read command anywhere in the engine and nothing left to deliver.
+    write_idle : Out(1)
+        No store in the engine and every write acknowledged.
+
+    Timing
+    ------
+    A read command is accepted when the read planner is idle; planning takes 5 cycles
+    (:attr:`PLAN_CYCLES`), then the runs go to the channels at one per cycle. The merge stage
+    spends one cycle per command picking it up, then moves one tile per cycle (``tiles``), one
+    row per cycle (``rows``; a stripe of ``lanes`` rows is loaded as the previous stripe's last
+    row leaves) or one word. Sustained, ``tiles`` moves one tile per cycle whenever every
+    channel's memory delivers a beat per cycle. Stores are planned in 5 cycles too; then VECTOR
+    takes a row per cycle and writes a stripe every ``lanes`` rows, ROW writes one beat per row
+    and cycle, COL ``64/lanes`` beats per row.
+    """
+
+    PLAN_CYCLES = 5
+    """Cycles from accepting a command to its first run (or its range error)."""
+
+    def __init__(
+        self,
+        geom: CoreGeometry,
+        *,
+        fifo_beats: int = 256,
+        max_reads: int = 64,
+        max_writes: int = 16,
+        write_fifo_beats: int = 16,
+        queue_depth: int = 4,
+    ):
+        self._geom = _check_geometry(geom)
+        self._queue_depth = _check_int("queue_depth", queue_depth, 2)
+        self._channel_args = {
+            "fifo_beats": fifo_beats,
+            "max_reads": max_reads,
+            "max_writes": max_writes,
+            "write_fifo_beats": write_fifo_beats,
+        }
+        _check_channel(geom, **self._channel_args)
+        pointers = [a for a in regmap.arguments(geom.channels) if a.kind == "pointer"]
+        self._ports = [a.port for a in pointers]
+        self._pointers = [a.name for a in pointers]
+        members = {
+            port: Out(AXI4Signature(addr_width=64, data_width=geom.port_bits))
+            for port in self._ports
+        }
+        members.update(
+            {
+                "args": In(args_layout(geom.channels)),
+                "clear": In(1),
+                "read": In(stream.Signature(ReadCommand)),
+                "tiles": Out(stream.Signature(data.ArrayLayout(ROW, geom.lanes))),
+                "rows": Out(stream.Signature(row_write_layout(geom))),
+                "word": Out(stream.Signature(32)),
+                "store": In(stream.Signature(StoreCommand)),
+                "store_data": In(stream.Signature(ROW)),
+                "record": In(StatusRecordLayout),
+                "error": Out(DMAErrors),
+                "error_tag": Out(16),
+                "read_idle": Out(1),
+                "write_idle": Out(1),
+            }
+        )
+        super().__init__(members)
+
+    @property
+    def geom(self) -> CoreGeometry:
+        return self._geom
+
+    @property
+    def ports(self) -> list[str]:
+        """The AXI4 member names, channel 0 first."""
+        return list(self._ports)
+
+    def axi(self, channel: int):
+        """The AXI4 interface of ``channel``."""
+        return getattr(self, self._ports[channel])
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self._geom
+        chans = []
+        for ch in range(g.channels):
+            dma = ChannelDMA(g, **self._channel_args)
+            m.submodules[f"ch{ch}"] = dma
+            wiring.connect(m, wiring.flipped(self.axi(ch)), dma.axi)
+            m.d.comb += [
+                dma.base.eq(getattr(self.args, self._pointers[ch])),
+                dma.clear.eq(self.clear),
+            ]
+            chans.append(dma)
+
+        limit = Signal(33)  # hbm_bytes; 0 means no limit
+        m.d.comb += limit.eq(Mux(self.args.hbm_bytes == 0, 1 << 32, self.args.hbm_bytes))
+
+        read_idle, read_bad, read_tag = self._reads(m, chans, limit)
+        write_idle, store_bad, store_tag = self._stores(m, chans, limit)
+        m.d.comb += [self.read_idle.eq(read_idle), self.write_idle.eq(write_idle)]
+
+        hbm_range = Signal()
+        with m.If(self.clear):
+            m.d.sync += hbm_range.eq(0)
+        with m.Elif(read_bad | store_bad):
+            m.d.sync += hbm_range.eq(1)
+            with m.If(~hbm_range):
+                m.d.sync += self.error_tag.eq(Mux(read_bad, read_tag, store_tag))
+        m.d.comb += [
+            self.error.hbm_range.eq(hbm_range),
+            self.error.axi_error.eq(Cat(*(c.axi_error for c in chans)).any()),
+        ]
+        return m
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def _reads(self, m, chans, limit):
+        """The read planner: command -> range check -> runs to the channels."""
+        g = self._geom
+        C, B = g.channels, g.beat_bytes
+        T, DS = g.tile_elems, BLOCK // g.lanes
+        lB, lT, lDS = _log2(B), _log2(T), _log2(DS)
+
+        rc = Signal(ReadCommand)
+        m.submodules.read_queue = queue = fifo.SyncFIFOBuffered(
+            width=_ReadEntry.as_shape().size, depth=self._queue_depth
+        )
+        runs = _Broadcast(m, [c.rd_cmd for c in chans], ChannelRun, name="rd_runs")
+
+        n_g = Signal(11)  # live row groups
+        n_cbl = Signal(11)  # live column blocks
+        n_cb = Signal(11)  # allocated column blocks
+        st = Signal(12)
+        start = Signal(32)  # the offset, beat aligned
+        word_end = Signal(34)
+        # the pattern: p_groups groups of p_runs runs of p_run beats
+        p_run = Signal(_RUN_BEATS)
+        p_runs = Signal(11)
+        p_groups = Signal(11)
+        p_run_step = Signal(32)  # bytes
+        p_group_step = Signal(40)
+        p_total = Signal(_RUN_BEATS)
+        p_end = Signal(56)  # end of the access, bytes
+        i_run = Signal(11)
+        i_group = Signal(11)
+        run_addr = Signal(40)
+        group_addr = Signal(40)
+        bad = Signal()
+
+        entry = _ReadEntry(queue.w_data)
+        m.d.comb += [
+            entry.kind.eq(rc.kind),
+            entry.dummy.eq(bad),
+            entry.total.eq(p_total),
+            entry.length.eq(rc.length),
+            entry.vbuf_row.eq(rc.vbuf_row),
+            entry.word.eq(rc.offset[2:lB]),
+            runs.payload.offset.eq(run_addr),
+            runs.payload.beats.eq(p_run),
+            runs.mask.eq(Mux(rc.kind == ReadKind.WORD, 1, (1 << C) - 1)),
+        ]
+        checked = Signal()  # the range check happens at this edge
+
+        with m.FSM(name="read_plan") as fsm:
+            with m.State("Idle"):
+                m.d.comb += self.read.ready.eq(1)
+                with m.If(self.read.valid):
+                    m.d.sync += rc.eq(self.read.payload)
+                    m.next = "Shape"
+            with m.State("Shape"):
+                eff_rows = Mux(rc.live_rows < rc.rows, rc.live_rows, rc.rows)
+                eff_cols = Mux(rc.live_cols < rc.cols, rc.live_cols, rc.cols)
+                m.d.sync += [
+                    n_g.eq(_ceil_blocks(eff_rows)),
+                    n_cbl.eq(_ceil_blocks(eff_cols)),
+                    n_cb.eq(_ceil_blocks(rc.cols)),
+                    st.eq(Mux(rc.stride == 0, DS, rc.stride)),
+                    start.eq(Cat(Const(0, lB), rc.offset[lB:])),
+                    word_end.eq(rc.offset + 4),
+                ]
+                m.next = "Pattern"
+            with m.State("Pattern"):
+                with m.Switch(rc.kind):
+                    with m.Case(ReadKind.TILES):
+                        m.d.sync += [p_groups.eq(n_g), p_total.eq((n_g * n_cbl) << lDS)]
+                        with m.If(st == DS):  # a row group's live tiles are consecutive
+                            m.d.sync += [
+                                p_run.eq(n_cbl << lDS),
+                                p_runs.eq(1),
+                                p_run_step.eq(0),
+                                p_group_step.eq(n_cb << (lDS + lB)),
+                            ]
+                        with m.Else():  # 64/lanes tiles every `stride` tiles
+                            m.d.sync += [
+                                p_run.eq(DS),
+                                p_runs.eq(n_cbl),
+                                p_run_step.eq(st << lB),
+                                p_group_step.eq((n_cb * st) << lB),
+                            ]
+                    with m.Case(ReadKind.ROWS):
+                        stripes = (rc.length + T - 1) >> lT
+                        m.d.sync += [
+                            p_groups.eq(1),
+                            p_runs.eq(1),
+                            p_run.eq(stripes),
+                            p_total.eq(stripes),
+                            p_run_step.eq(0),
+                            p_group_step.eq(0),
+                        ]
+                    with m.Default():  # WORD
+                        m.d.sync += [
+                            p_groups.eq(1),
+                            p_runs.eq(1),
+                            p_run.eq(1),
+                            p_total.eq(1),
+                            p_run_step.eq(0),
+                            p_group_step.eq(0),
+                        ]
+                m.next = "Extent"
+            with m.State("Extent"):
+                with m.If(p_total == 0):
+                    m.d.sync += p_end.eq(start)
+                with m.Else():
+                    m.d.sync += p_end.eq(
+                        start
+                        + (p_groups - 1) * p_group_step
+                        + (p_runs - 1) * p_run_step
+                        + (p_run << lB)
+                    )
+                with m.If((p_runs == 1) & ((p_run << lB) == p_group_step)):
+                    m.d.sync += [p_run.eq(p_total), p_groups.eq(1)]  # one contiguous run
+                m.next = "Check"
+            with m.State("Check"):
+                m.d.comb += bad.eq(Mux(rc.kind == ReadKind.WORD, word_end > limit, p_end > limit))
+                m.d.sync += [i_run.eq(0), i_group.eq(0), run_addr.eq(start), group_addr.eq(start)]
+                with m.If(queue.w_rdy | (p_total == 0)):
+                    m.d.comb += [checked.eq(1), queue.w_en.eq(p_total != 0)]
+                    with m.If(bad | (p_total == 0)):
+                        m.next = "Idle"
+                    with m.Else():
+                        m.next = "Issue"
+            with m.State("Issue"):
+                m.d.comb += runs.valid.eq(1)
+                with m.If(runs.ready):
+                    with m.If(i_run + 1 != p_runs):
+                        m.d.sync += [i_run.eq(i_run + 1), run_addr.eq(run_addr + p_run_step)]
+                    with m.Elif(i_group + 1 != p_groups):
+                        m.d.sync += [
+                            i_run.eq(0),
+                            i_group.eq(i_group + 1),
+                            group_addr.eq(group_addr + p_group_step),
+                            run_addr.eq(group_addr + p_group_step),
+                        ]
+                    with m.Else():
+                        m.next = "Idle"
+
+        merge_idle = self._merge(m, chans, queue)
+        channels_idle = Cat(*(c.rd_idle for c in chans)).all()
+        idle = Signal()
+        m.d.comb += idle.eq(
+            fsm.ongoing("Idle") & ~self.read.valid & runs.idle & merge_idle & channels_idle
+        )
+        return idle, checked & bad, rc.tag
+
+    def _merge(self, m, chans, queue):
+        """Delivers the channels' read data in command order; returns its idle flag."""
+        g = self._geom
+        L, B = g.lanes, g.beat_bytes
+        row_bits = BLOCK * 16
+        head = _ReadEntry(queue.r_data)
+        count = Signal(_RUN_BEATS)  # transfers left in the command
+        rows_left = Signal(11)  # ROWS: rows left in the command
+        row_addr = Signal.like(self.rows.payload.addr)
+        stripe = Signal(L * row_bits)  # ROWS: the loaded stripe, next row in the low bits
+        stripe_rows = Signal(range(L + 1))
+        stripes_left = Signal(_RUN_BEATS)
+        tail = Signal(6)  # elements of the last row, 0 meaning 64
+
+        all_valid = Cat(*(c.rd_data.valid for c in chans)).all()
+        beats = Cat(*(c.rd_data.payload for c in chans))
+        pop_all = Signal()
+        pop_first = Signal()
+        for ch, c in enumerate(chans):
+            m.d.comb += c.rd_data.ready.eq(pop_all | (pop_first if ch == 0 else 0))
+
+        with m.FSM(name="merge") as fsm:
+            with m.State("Head"), m.If(queue.r_rdy):
+                m.d.sync += [
+                    count.eq(head.total),
+                    stripes_left.eq(head.total),
+                    rows_left.eq(_ceil_blocks(head.length)),
+                    row_addr.eq(head.vbuf_row),
+                    tail.eq(head.length[:6]),
+                    stripe_rows.eq(0),
+                ]
+                with m.Switch(head.kind):
+                    with m.Case(ReadKind.TILES):
+                        m.next = "Tiles"
+                    with m.Case(ReadKind.ROWS):
+                        m.next = "Rows"
+                    with m.Default():
+                        m.next = "Word"
+            with m.State("Tiles"):
+                m.d.comb += [
+                    self.tiles.valid.eq(head.dummy | all_valid),
+                    self.tiles.payload.eq(Mux(head.dummy, 0, beats)),
+                    pop_all.eq(self.tiles.ready & all_valid & ~head.dummy),
+                ]
+                with m.If(self.tiles.valid & self.tiles.ready):
+                    m.d.sync += count.eq(count - 1)
+                    with m.If(count == 1):
+                        m.d.comb += queue.r_en.eq(1)
+                        m.next = "Head"
+            with m.State("Rows"):
+                taken = self.rows.valid & self.rows.ready
+                last_row = rows_left == 1
+                m.d.comb += [
+                    self.rows.valid.eq(stripe_rows != 0),
+                    self.rows.payload.addr.eq(row_addr),
+                    self.rows.payload.data.eq(stripe[:row_bits]),
+                    self.rows.payload.mask.eq(
+                        Mux(last_row & (tail != 0), (Const(1, BLOCK + 1) << tail) - 1, -1)
+                    ),
+                ]
+                need = (stripe_rows == 0) | ((stripe_rows == 1) & taken)
+                load = need & (stripes_left != 0) & (head.dummy | all_valid)
+                after = rows_left - taken  # rows left once this cycle's row is gone
+                m.d.comb += pop_all.eq(load & ~head.dummy)
+                with m.If(load):
+                    m.d.sync += [
+                        stripe.eq(Mux(head.dummy, 0, beats)),
+                        stripe_rows.eq(Mux(after < L, after, L)),
+                        stripes_left.eq(stripes_left - 1),
+                    ]
+                with m.Elif(taken):
+                    m.d.sync += [stripe.eq(stripe >> row_bits), stripe_rows.eq(stripe_rows - 1)]
+                with m.If(taken):
+                    m.d.sync += [rows_left.eq(rows_left - 1), row_addr.eq(row_addr + 1)]
+                    with m.If(last_row):
+                        m.d.comb += queue.r_en.eq(1)
+                        m.next = "Head"
+            with m.State("Word"):
+                words = data.ArrayLayout(32, B // 4)(chans[0].rd_data.payload)
+                first_valid = chans[0].rd_data.valid
+                m.d.comb += [
+                    self.word.valid.eq(head.dummy | first_valid),
+                    self.word.payload.eq(Mux(head.dummy, 0, words[head.word[: _log2(B // 4)]])),
+                    pop_first.eq(self.word.ready & first_valid & ~head.dummy),
+                ]
+                with m.If(self.word.valid & self.word.ready):
+                    m.d.comb += queue.r_en.eq(1)
+                    m.next = "Head"
+        return fsm.ongoing("Head") & (queue.level == 0)
+
+    # ---- stores -------------------------------------------------------------------------------
+
+    def _stores(self, m, chans, limit):
+        """The store planner: command -> range check -> runs and strobed beats."""
+        g = self._geom
+        C, L, P, B = g.channels, g.lanes, g.port_bits, g.beat_bytes
+        E, T, DS = g.beat_elems, g.tile_elems, BLOCK // g.lanes
+        lB, lL, lT, lE = _log2(B), _log2(L), _log2(T), _log2(E)
+        cpl = g.channels_per_lane
+        row_bits = BLOCK * 16
+
+        sc = Signal(StoreCommand)
+        record = Signal(StatusRecordLayout)
+        runs = _Broadcast(m, [c.wr_cmd for c in chans], ChannelRun, name="wr_runs")
+        beats = _Broadcast(
+            m,
+            [c.wr_data for c in chans],
+            data.ArrayLayout(write_beat_layout(P), C),
+            name="wr_beats",
+            per_target=True,
+        )
+        # A beat of every channel, as one tile: data and element enables (2-byte strobes).
+        wdata = Signal(T * 16)
+        wen = Signal(T)
+        for ch in range(C):
+            m.d.comb += [
+                beats.payload[ch].data.eq(wdata[ch * P : (ch + 1) * P]),
+                beats.payload[ch].strb.eq(Cat(*(wen[ch * E + e].replicate(2) for e in range(E)))),
+            ]
+
+        n_rows = Signal(11)  # VBUF rows the command takes
+        n_cb = Signal(11)
+        st = Signal(12)
+        stripes = Signal(11)
+        lane = Signal(range(L))
+        rb0 = Signal(range(DS))
+        col = Signal(6)
+        tail = Signal(6)  # elements in the last row, 0 meaning 64
+        major = Signal(26)  # row group (ROW) or column block (COL) of the index
+        a1 = Signal(48)
+        a2 = Signal(24)
+        first = Signal(64)  # byte offset of the first run
+        step = Signal(48)  # bytes between runs
+        end = Signal(64)
+        last_beats = Signal(range(DS + 1))  # COL: beats of the last group's burst
+        addr = Signal(40)
+        rows_left = Signal(11)
+        k = Signal(range(max(L, DS, STATUS_BYTES // B) + 1))
+        vrows = Array(Signal(ROW, name=f"vrow{i}") for i in range(L))
+        colrow = Signal(row_bits)
+        bad = Signal()
+        checked = Signal()
+
+        kind = sc.kind
+        full = (1 << C) - 1
+        lane_channels = Signal(C)  # ROW: the channels of the row's lane
+        col_channels = Signal(C)  # COL: in every lane, the channel holding column `col`
+        m.d.comb += [
+            lane_channels.eq(((1 << cpl) - 1) << (lane * cpl)),
+            col_channels.eq(
+                sum(1 << (ln * cpl) for ln in range(L)) << (col >> lE) if cpl > 1 else full
+            ),
+        ]
+
+        with m.FSM(name="store_plan") as fsm:
+            with m.State("Idle"):
+                m.d.comb += self.store.ready.eq(1)
+                with m.If(self.store.valid):
+                    m.d.sync += [sc.eq(self.store.payload), record.eq(self.record)]
+                    m.next = "Shape"
+            with m.State("Shape"):
+                m.d.sync += [
+                    n_rows.eq(
+                        Mux(
+                            (sc.kind == StoreKind.WORD) | (sc.kind == StoreKind.STATUS),
+                            0,
+                            _ceil_blocks(sc.length),
+                        )
+                    ),
+                    n_cb.eq(_ceil_blocks(sc.cols)),
+                    st.eq(Mux(sc.stride == 0, DS, sc.stride)),
+                    stripes.eq((sc.length + T - 1) >> lT),
+                    lane.eq(sc.index[:lL]),
+                    rb0.eq(sc.index[lL:6]),
+                    col.eq(sc.index[:6]),
+                    tail.eq(sc.length[:6]),
+                    major.eq(sc.index[6:]),
+                    last_beats.eq(((sc.length - 1)[:6] >> lL) + 1),
+                ]
+                m.next = "Multiply"
+            with m.State("Multiply"):
+                with m.If(kind == StoreKind.ROW):
+                    m.d.sync += a1.eq(major * n_cb)
+                with m.Else():
+                    m.d.sync += [a1.eq(major * st), a2.eq(n_cb * st)]
+                m.next = "Place"
+            with m.State("Place"):
+                aligned = Cat(Const(0, lB), sc.offset[lB:])
+                with m.Switch(kind):
+                    with m.Case(StoreKind.ROW):
+                        m.d.sync += [
+                            first.eq(sc.offset + ((a1 * st + rb0) << lB)),
+                            step.eq(st << lB),
+                        ]
+                    with m.Case(StoreKind.COL):
+                        m.d.sync += [first.eq(sc.offset + (a1 << lB)), step.eq(a2 << lB)]
+                    with m.Case(StoreKind.STATUS):
+                        m.d.sync += [first.eq(0), step.eq(0)]
+                    with m.Default():
+                        m.d.sync += [first.eq(aligned), step.eq(0)]
+                m.next = "Extent"
+            with m.State("Extent"):
+                span = Signal(64)
+                with m.Switch(kind):
+                    with m.Case(StoreKind.ROW):
+                        m.d.comb += span.eq((n_rows - 1) * step + B)
+                    with m.Case(StoreKind.COL):
+                        m.d.comb += span.eq((n_rows - 1) * step + (last_beats << lB))
+                    with m.Case(StoreKind.VECTOR):
+                        m.d.comb += span.eq(stripes << lB)
+                m.d.sync += [
+                    end.eq(Mux(kind == StoreKind.WORD, sc.offset + 4, first + span)),
+                    addr.eq(first),
+                    rows_left.eq(n_rows),
+                    k.eq(0),
+                ]
+                m.next = "Check"
+            with m.State("Check"):
+                takes_rows = (
+                    (kind == StoreKind.VECTOR) | (kind == StoreKind.ROW) | (kind == StoreKind.COL)
+                )
+                empty = takes_rows & (n_rows == 0)
+                # an empty ROW/COL touches nothing (as in the ISA simulator); an empty VECTOR
+                # is still checked at its offset
+                unchecked = (kind == StoreKind.STATUS) | (empty & (kind != StoreKind.VECTOR))
+                m.d.comb += [checked.eq(1), bad.eq(~unchecked & (end > limit))]
+                with m.If(bad & ~empty & takes_rows):
+                    m.next = "Drain"
+                with m.Elif(bad | empty):
+                    m.next = "Idle"
+                with m.Else(), m.Switch(kind):
+                    with m.Case(StoreKind.VECTOR):
+                        m.next = "Vector-Run"
+                    with m.Case(StoreKind.ROW):
+                        m.next = "Row"
+                    with m.Case(StoreKind.COL):
+                        m.next = "Col-Run"
+                    with m.Case(StoreKind.WORD):
+                        m.next = "Word"
+                    with m.Default():
+                        m.next = "Status-Run"
+
+            with m.State("Drain"):  # out of range: take the rows, write nothing
+                m.d.comb += self.store_data.ready.eq(1)
+                with m.If(self.store_data.valid):
+                    m.d.sync += rows_left.eq(rows_left - 1)
+                    with m.If(rows_left == 1):
+                        m.next = "Idle"
+
+            # VECTOR: one run of `stripes` beats in every channel; each beat is `lanes` rows.
+            with m.State("Vector-Run"):
+                m.d.comb += [
+                    runs.valid.eq(1),
+                    runs.mask.eq(full),
+                    runs.payload.offset.eq(addr),
+                    runs.payload.beats.eq(stripes),
+                ]
+                with m.If(runs.ready):
+                    m.next = "Vector-Gather"
+            with m.State("Vector-Gather"):
+                m.d.comb += self.store_data.ready.eq(1)
+                with m.If(self.store_data.valid):
+                    m.d.sync += [
+                        vrows[k].eq(self.store_data.payload),
+                        k.eq(k + 1),
+                        rows_left.eq(rows_left - 1),
+                    ]
+                    with m.If((k == L - 1) | (rows_left == 1)):
+                        m.next = "Vector-Beat"
+            with m.State("Vector-Beat"):
+                tile_tail = Signal(lT)
+                m.d.comb += tile_tail.eq(sc.length[:lT])
+                count = Mux((rows_left == 0) & (tile_tail != 0), tile_tail, T)
+                m.d.comb += [
+                    beats.valid.eq(1),
+                    beats.mask.eq(full),
+                    wdata.eq(Cat(*vrows)),
+                    wen.eq((Const(1, T + 1) << count) - 1),
+                ]
+                with m.If(beats.ready):
+                    m.d.sync += k.eq(0)
+                    with m.If(rows_left == 0):
+                        m.next = "Idle"
+                    with m.Else():
+                        m.next = "Vector-Gather"
+
+            # ROW: per 64-column block, one beat into the channels of the row's lane.
+            with m.State("Row"):
+                go = self.store_data.valid & runs.ready & beats.ready
+                last = rows_left == 1
+                emask = Mux(last & (tail != 0), (Const(1, BLOCK + 1) << tail) - 1, -1)
+                m.d.comb += [
+                    self.store_data.ready.eq(runs.ready & beats.ready),
+                    runs.valid.eq(go),
+                    beats.valid.eq(go),
+                    runs.mask.eq(lane_channels),
+                    beats.mask.eq(lane_channels),
+                    runs.payload.offset.eq(addr),
+                    runs.payload.beats.eq(1),
+                    wdata.eq(self.store_data.payload.as_value().replicate(L)),
+                    wen.eq(Cat(*(Mux(lane == ln, emask[:BLOCK], 0) for ln in range(L)))),
+                ]
+                with m.If(go):
+                    m.d.sync += [addr.eq(addr + step), rows_left.eq(rows_left - 1)]
+                    with m.If(last):
+                        m.next = "Idle"
+
+            # COL: per 64-row group, a burst of 64/lanes beats into one channel of every lane.
+            with m.State("Col-Run"):
+                go = self.store_data.valid & runs.ready
+                m.d.comb += [
+                    self.store_data.ready.eq(runs.ready),
+                    runs.valid.eq(go),
+                    runs.mask.eq(col_channels),
+                    runs.payload.offset.eq(addr),
+                    runs.payload.beats.eq(Mux(rows_left == 1, last_beats, DS)),
+                ]
+                with m.If(go):
+                    m.d.sync += [colrow.eq(self.store_data.payload), k.eq(0)]
+                    m.next = "Col-Beat"
+            with m.State("Col-Beat"):
+                group_rows = Mux((rows_left == 1) & (tail != 0), tail, BLOCK)
+                at_col = Signal(BLOCK)
+                m.d.comb += at_col.eq(1 << col)
+                elems = [colrow[16 * ln : 16 * ln + 16] for ln in range(L)]
+                m.d.comb += [
+                    beats.valid.eq(1),
+                    beats.mask.eq(col_channels),
+                    wdata.eq(Cat(*(e.replicate(BLOCK) for e in elems))),
+                    wen.eq(Cat(*(Mux((k << lL) + ln < group_rows, at_col, 0) for ln in range(L)))),
+                ]
+                n_beats = Mux(rows_left == 1, last_beats, DS)
+                with m.If(beats.ready):
+                    m.d.sync += [k.eq(k + 1), colrow.eq(colrow >> (16 * L))]
+                    with m.If(k + 1 == n_beats):
+                        m.d.sync += [addr.eq(addr + step), rows_left.eq(rows_left - 1)]
+                        m.next = "Col-Run"
+                        with m.If(rows_left == 1):
+                            m.next = "Idle"
+
+            # WORD: one 4-byte strobe in channel 0.
+            with m.State("Word"):
+                go = runs.ready & beats.ready
+                m.d.comb += [
+                    runs.valid.eq(go),
+                    beats.valid.eq(go),
+                    runs.mask.eq(1),
+                    beats.mask.eq(1),
+                    runs.payload.offset.eq(addr),
+                    runs.payload.beats.eq(1),
+                    wdata.eq(sc.value.replicate(T // 2)),
+                    wen.eq(Const(3, E) << Cat(Const(0, 1), sc.offset[2:lB])),
+                ]
+                with m.If(go):
+                    m.next = "Idle"
+
+            # STATUS: the record's bytes, zero padded, at channel 0 offset 0.
+            n_status = STATUS_BYTES // B
+            with m.State("Status-Run"):
+                m.d.comb += [
+                    runs.valid.eq(1),
+                    runs.mask.eq(1),
+                    runs.payload.offset.eq(0),
+                    runs.payload.beats.eq(n_status),
+                ]
+                with m.If(runs.ready):
+                    m.next = "Status-Beat"
+            with m.State("Status-Beat"):
+                padded = Cat(record.as_value(), Const(0, STATUS_BYTES * 8 - len(record.as_value())))
+                chunks = Array(padded[i * P : (i + 1) * P] for i in range(n_status))
+                m.d.comb += [
+                    beats.valid.eq(1),
+                    beats.mask.eq(1),
+                    wdata.eq(chunks[k]),
+                    wen.eq((1 << E) - 1),
+                ]
+                with m.If(beats.ready):
+                    m.d.sync += k.eq(k + 1)
+                    with m.If(k == n_status - 1):
+                        m.next = "Idle"
+
+        channels_idle = Cat(*(c.wr_idle for c in chans)).all()
+        idle = Signal()
+        m.d.comb += idle.eq(
+            fsm.ongoing("Idle") & ~self.store.valid & runs.idle & beats.idle & channels_idle
+        )
+        return idle, checked & bad, sc.tag
