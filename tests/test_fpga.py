@@ -141,7 +141,7 @@ def test_per_layer_kv_writes_match_model_backend(model):
 
 
 def test_run_through_stand_in_kernel(model):
-    cfg, _, compiled = model
+    _, _, compiled = model
     with PoclDevice(compiled.geom, compiled.layout) as dev:
         dev.load(compiled.image)
         dev.write_tokens(compiled.layout, "prompt", [5, 6, 7])

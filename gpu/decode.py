@@ -1,0 +1,90 @@
+"""GPT-2 decode in PyTorch under the core's numeric contract (``--placement gpu``).
+
+After :func:`tandem.gpu.prefill.prefill`, each new token runs one position through the same
+contract ops with the K/V cache kept on the device. Attention reuses the prefill's
+:func:`~tandem.gpu.prefill.attention` on the whole cache with the new query in the last row
+(other rows zero, their outputs dropped): for the last position that is exactly the core's
+single-query attention, so the tokens equal ``FaithfulModel.generate``'s. It costs O(T) extra
+rows of attention per token; the weight matmuls (one row each) dominate at GPT-2 sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.config import GPT2Config
+
+from . import contract as c
+from .cuda import synchronize
+from .prefill import BLOCK, PreparedModel, attention, layer_norm, prefill
+
+
+@dataclass
+class TorchGenerateResult:
+    tokens: list[int]
+    timings: dict = field(default_factory=dict)  # prefill, decode, decode_per_token (s)
+
+
+def decode_step(cfg: GPT2Config, model: PreparedModel, token: int, k, v) -> tuple[int, list, list]:
+    """One position: ``token`` at position ``T = k[0].shape[1]``; ``k``/``v`` per layer
+    [H, T, 64] bits. Returns (next token, k, v) with the new position appended."""
+    dev = model.device
+    H, P = cfg.n_head, cfg.n_head * BLOCK
+    pos = k[0].shape[1]
+    if pos >= cfg.n_ctx:
+        raise ValueError(f"position {pos} is past the context of {cfg.n_ctx}")
+    x = c.fp16_add(model.wte[torch.tensor([token], device=dev)], model.wpe[pos : pos + 1])
+    k2, v2 = [], []
+    for i, lw in enumerate(model.layers):
+        y = layer_norm(x, lw.ln_1_g, lw.ln_1_b, model.c_n, model.eps16)
+        qkv = c.matmul_fp16(lw.c_attn, y, lw.c_attn_b)  # [1, 3P]
+        q, kn, vn = (
+            qkv[:, j * P : (j + 1) * P].reshape(1, H, BLOCK).transpose(0, 1) for j in (0, 1, 2)
+        )
+        kc = torch.cat([k[i], kn], dim=1)
+        vc = torch.cat([v[i], vn], dim=1)
+        k2.append(kc)
+        v2.append(vc)
+        qf = torch.zeros_like(kc)
+        qf[:, -1:] = q
+        att = attention(qf, kc, vc, model.q_scale)[:, -1:].transpose(0, 1).reshape(1, P)
+        x = c.fp16_add(x, c.matmul_fp16(lw.attn_proj, att, lw.attn_proj_b))
+        y = layer_norm(x, lw.ln_2_g, lw.ln_2_b, model.c_n, model.eps16)
+        hmid = c.lookup("gelu", c.matmul_fp16(lw.c_fc, y, lw.c_fc_b))
+        x = c.fp16_add(x, c.matmul_fp16(lw.mlp_proj, hmid, lw.mlp_proj_b))
+    hidden = layer_norm(x, model.ln_f_g, model.ln_f_b, model.c_n, model.eps16)
+    acc, _, _ = c.matmul(model.lm_head, hidden)
+    return int(torch.argmax(acc[0])), k2, v2
+
+
+def generate(
+    cfg: GPT2Config, model: PreparedModel, ids: Sequence[int], n_new: int, progress=None
+) -> TorchGenerateResult:
+    """Greedy: prefill ``ids`` then ``n_new - 1`` decode steps, all in torch."""
+    if n_new == 0:
+        return TorchGenerateResult([])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pre = prefill(cfg, model, ids)
+        synchronize(model.device)
+        t1 = time.perf_counter()
+        tokens = [pre.first_token]
+        if progress is not None:
+            progress(0, tokens[0])
+        k = list(pre.k.unbind(0))
+        v = list(pre.v.unbind(0))
+        for i in range(1, n_new):
+            tok, k, v = decode_step(cfg, model, tokens[-1], k, v)
+            tokens.append(tok)
+            if progress is not None:
+                progress(i, tok)
+        synchronize(model.device)
+    t2 = time.perf_counter()
+    per = (t2 - t1) / (n_new - 1) if n_new > 1 else 0.0
+    return TorchGenerateResult(
+        tokens, {"prefill": t1 - t0, "decode": t2 - t1, "decode_per_token": per}
+    )
