@@ -114,8 +114,9 @@ class _Stall:
         self.m = m
         self.en = en
 
-    def reg(self, value, shape=None, *, name: str):
-        sig = Signal(value.shape() if shape is None else shape, name=name)
+    def reg(self, value, shape=None, *, name: str, reset_less: bool = True):
+        # Data registers need no reset (only the valid flags do): less logic and reset fanout.
+        sig = Signal(value.shape() if shape is None else shape, name=name, reset_less=reset_less)
         with self.m.If(self.en):
             self.m.d.sync += sig.eq(value)
         return sig
@@ -124,7 +125,7 @@ class _Stall:
         """``stages`` valid flags behind ``first`` (these reset to 0)."""
         prev = first
         for k in range(stages):
-            prev = self.reg(prev, 1, name=f"{name}{k + 1}")
+            prev = self.reg(prev, 1, name=f"{name}{k + 1}", reset_less=False)
         return prev
 
 

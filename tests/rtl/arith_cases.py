@@ -248,50 +248,52 @@ def _ties(a, b, op) -> np.ndarray:
     return np.isfinite(exact) & np.isfinite(mid) & (exact != r) & (mid == exact)
 
 
-def binary_pairs(op: str, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` random operand pairs for ``add``/``sub``/``mul``: a mix of uniform bit patterns,
-    close exponents (cancellation, alignment), overflow/underflow boundaries and exact ties."""
-    n_uniform = n // 2
-    a = [rng.integers(0, 1 << 16, n_uniform, dtype=np.uint16)]
-    b = [rng.integers(0, 1 << 16, n_uniform, dtype=np.uint16)]
-    n_rest = n - n_uniform
-    n_ties = n_rest // 5
-    n_near = n_rest - n_ties
-    sa, sb = rng.integers(0, 2, (2, n_near))
-    fa, fb = rng.integers(0, 1024, (2, n_near))
+def _near_pairs(op: str, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs with close exponents (add/sub: cancellation and alignment) or exponent sums at the
+    subnormal and overflow thresholds (mul)."""
+    sa, sb = rng.integers(0, 2, (2, n))
+    fa, fb = rng.integers(0, 1024, (2, n))
+    ea = rng.integers(0, 31, n)
     if op == "mul":
-        # exponent sums around the subnormal and overflow thresholds
-        target = rng.choice([2, 3, 5, 8, 10, 12, 14, 15, 44, 45, 46, 47], n_near)
-        ea = rng.integers(0, 31, n_near)
+        target = rng.choice([2, 3, 5, 8, 10, 12, 14, 15, 44, 45, 46, 47], n)
         eb = np.clip(target - ea, 0, 30)
     else:
-        ea = rng.integers(0, 31, n_near)
-        eb = np.clip(ea - rng.integers(-13, 14, n_near), 0, 30)
-    a.append(_fields(sa, ea, fa))
-    b.append(_fields(sb, eb, fb))
-    # exact ties, found by filtering many candidates with close exponents
+        eb = np.clip(ea - rng.integers(-13, 14, n), 0, 30)
+    return _fields(sa, ea, fa), _fields(sb, eb, fb)
+
+
+def _tie_pairs(op: str, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` pairs whose exact result lies exactly halfway between two binary16 values,
+    found by filtering random candidates with close exponents."""
     fn = {"add": np.add, "sub": np.subtract, "mul": np.multiply}[op]
     found_a, found_b, have = [], [], 0
-    for _ in range(50):
+    for _ in range(40):
+        if have >= n:
+            break
         m = 200_000
         ca = _fields(rng.integers(0, 2, m), rng.integers(0, 31, m), rng.integers(0, 1024, m))
         if op == "mul":
-            eb2 = np.clip(rng.integers(0, 31, m), 0, 30)
+            eb = rng.integers(0, 31, m)
         else:
-            eb2 = np.clip(((ca >> 10) & 31).astype(np.int64) - rng.integers(0, 14, m), 0, 30)
-        cb = _fields(rng.integers(0, 2, m), eb2, rng.integers(0, 1024, m))
+            eb = np.clip(((ca >> 10) & 31).astype(np.int64) - rng.integers(0, 14, m), 0, 30)
+        cb = _fields(rng.integers(0, 2, m), eb, rng.integers(0, 1024, m))
         sel = _ties(ca, cb, fn)
         found_a.append(ca[sel])
         found_b.append(cb[sel])
         have += int(sel.sum())
-        if have >= n_ties:
-            break
-    ta = np.concatenate(found_a)[:n_ties]
-    tb = np.concatenate(found_b)[:n_ties]
-    a.append(ta)
-    b.append(tb)
-    a, b = np.concatenate(a), np.concatenate(b)
-    order = rng.permutation(len(a))
+    return np.concatenate(found_a)[:n], np.concatenate(found_b)[:n]
+
+
+def binary_pairs(op: str, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly ``n`` random operand pairs for ``add``/``sub``/``mul``: half uniform bit
+    patterns, a tenth exact rounding ties (as many as a bounded search finds), the rest close
+    exponents or overflow/underflow boundaries (:func:`_near_pairs`), shuffled."""
+    ua = rng.integers(0, 1 << 16, n // 2, dtype=np.uint16)
+    ub = rng.integers(0, 1 << 16, n // 2, dtype=np.uint16)
+    ta, tb = _tie_pairs(op, n // 10, rng)
+    na, nb = _near_pairs(op, n - len(ua) - len(ta), rng)
+    a, b = np.concatenate([ua, ta, na]), np.concatenate([ub, tb, nb])
+    order = rng.permutation(n)
     return a[order], b[order]
 
 
