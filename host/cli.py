@@ -69,6 +69,32 @@ def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     }
 
 
+def _generate_gpu(weights, cfg, ids: list[int], n_new: int, args) -> dict:
+    """Torch prefill and torch decode under the core's contract (CUDA, or the CPU without)."""
+    from tandem.gpu.decode import generate
+    from tandem.gpu.prefill import PreparedModel
+
+    model = PreparedModel(cfg, weights, args.prefill_device)
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = _Progress(n_new) if show else None
+    result = generate(cfg, model, ids, n_new, progress)
+    if progress is not None:
+        progress.finish()
+    return {"tokens": result.tokens, "timings": result.timings, "where": f" on {model.device}"}
+
+
+def _choose_placement(weights, cfg, ids: list[int], n_new: int, args) -> str:
+    from tandem.gpu.prefill import PreparedModel
+    from tandem.host.placement import choose
+    from tandem.host.runtime import check_fits, resolve_geometry
+
+    check_fits(cfg, ids, n_new)
+    geom = resolve_geometry(cfg, args.geometry)
+    choice = choose(cfg, geom, PreparedModel(cfg, weights, args.prefill_device), ids, n_new)
+    print(choice.explain(), file=sys.stderr)
+    return choice.placement
+
+
 class _Progress:
     """Per-token progress on stderr: one rewritten line on a terminal, else a line per token."""
 
@@ -120,7 +146,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer = tokenizer_for(args.checkpoint, cfg)
         ids = parse_prompt(args.prompt, cfg.n_vocab, tokenizer)
     t0 = time.perf_counter()
-    if args.placement == "hybrid":
+    placement = args.placement
+    if placement == "auto":
+        placement = _choose_placement(weights, cfg, ids, args.max_new_tokens, args)
+        if placement != "gpu" and args.backend == "reference":
+            args.backend = "model"
+    if placement == "gpu":
+        out = _generate_gpu(weights, cfg, ids, args.max_new_tokens, args)
+    elif placement == "hybrid":
         if args.backend == "reference":
             raise ValueError("--placement hybrid decodes on a device: choose a device --backend")
         out = _generate_hybrid(weights, cfg, ids, args.max_new_tokens, args)
@@ -146,8 +179,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_thesis(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tandem.host.thesis import format_thesis, plot_timeline, thesis_table
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    cells, sources, cpu, fpga, cfg, g = thesis_table(args.measure_model, log=log)
+    print(format_thesis(cells, sources, cfg, g))
+    P, N = max(cells)[0], min(cells)[1]
+    png = plot_timeline(Path(args.plot), cpu, fpga, cfg, g, P, N)
+    print(f"timeline (prompt {P}, output {N}): {png}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tandem.host.bench import bench_decode, format_table
+
+    if args.thesis:
+        return cmd_bench_thesis(args)
 
     rows = [
         bench_decode(
@@ -199,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--placement",
-        choices=["fpga", "hybrid"],
+        choices=["gpu", "fpga", "hybrid", "auto"],
         default="fpga",
         help="fpga: the core consumes the prompt too; hybrid: prefill in PyTorch (GPU, or the "
-        "CPU without CUDA) under the core's numerics, KV handed to the core, which decodes",
+        "CPU without CUDA) under the core's numerics, KV handed to the core, which decodes; "
+        "gpu: torch prefill and torch decode under the same numerics; auto: the thesis's cost "
+        "model picks one and prints the numbers and their sources",
     )
     gen.add_argument(
         "--prefill-device",
@@ -226,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-len", type=int, default=1, metavar="N")
     bench.add_argument("--tokens", type=int, default=32, metavar="N")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--thesis",
+        action="store_true",
+        help="the thesis's 3x3 table (prompt 64/256/512 x output 64/256/512, gpt2-medium "
+        "dimensions) with GPU-only, FPGA-only and hybrid columns, each labelled by source",
+    )
+    bench.add_argument(
+        "--measure-model",
+        choices=sorted(PRESETS),
+        default="gpt2-medium",
+        help="--thesis: the model whose torch prefill/decode is timed on this CPU (labelled)",
+    )
+    bench.add_argument("--plot", default="build/thesis_timeline.png", help="--thesis: PNG path")
     bench.set_defaults(func=cmd_bench)
     return parser
 
