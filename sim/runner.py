@@ -291,13 +291,21 @@ def run(
         t0 = time.monotonic()
         if not fresh:
             stamp.unlink(missing_ok=True)
+            sources, build_waves = [source, *extra_files], waves
+            if sim == "icarus" and waves:
+                # cocotb's own Icarus dump module is SystemVerilog, which -g2005 rejects
+                dump = folder / "tandem_waves.v"
+                _write_if_changed(dump, _icarus_dump_module(toplevel, folder / f"{toplevel}.fst"))
+                sources.append(dump)
+                args = [*args, "-s", "tandem_waves"]
+                build_waves = False
             runner.build(
-                sources=[source, *extra_files],
+                sources=sources,
                 hdl_toplevel=toplevel,
                 build_dir=folder,
                 build_args=args,
                 always=True,
-                waves=waves,
+                waves=build_waves,
                 timescale=_TIMESCALE,
             )
             stamp.write_text(digest + "\n")
@@ -337,6 +345,17 @@ def run(
     if failed:
         raise AssertionError(f"{failed} of {total} cocotb tests failed for {name} on {sim}")
     return results
+
+
+def _icarus_dump_module(toplevel: str, path: Path) -> str:
+    """A Verilog-2005 module that records every signal of ``toplevel`` (vvp's ``-fst`` plusarg,
+    which the runner passes when waves are on, makes it FST)."""
+    quoted = str(path).replace("\\", "\\\\").replace('"', '\\"')
+    return (
+        "module tandem_waves;\n"
+        f'  initial begin $dumpfile("{quoted}"); $dumpvars(0, {toplevel}); end\n'
+        "endmodule\n"
+    )
 
 
 def _log(name: str, sim: str) -> Callable[[str], None]:

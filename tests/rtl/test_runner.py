@@ -82,3 +82,19 @@ def test_failing_cocotb_test_raises(tmp_path, monkeypatch):
         runner.run(
             Counter(), TB, name="counter", sim="icarus", params={"step": 1}, testcase="always_fails"
         )
+
+
+@pytest.mark.parametrize("sim", runner.simulators())
+def test_waves(sim, tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_SIM_BUILD", str(tmp_path))
+    runner.run(
+        Counter(),
+        TB,
+        name="counter",
+        sim=sim,
+        params={"step": 2},
+        testcase="counts_by_param",
+        waves=True,
+    )
+    dump = tmp_path / f"counter-{sim}" / ("dump.vcd" if sim == "verilator" else "top.fst")
+    assert dump.is_file() and dump.stat().st_size > 0
