@@ -37,14 +37,22 @@ def reshape_kv(geom: CoreGeometry, k: torch.Tensor, v: torch.Tensor):
             f"K/V must be [n_head, T, {BLOCK}], got {tuple(k.shape)} and {tuple(v.shape)}"
         )
     g, st, lanes = _groups(t_len), dense_stride(geom), geom.lanes
+    be = geom.beat_elems
+    jj = BLOCK // be  # beats per 64-wide tile row: channel = lane * jj + (column // be)
     pad = g * BLOCK - t_len
     kp = torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k
     vp = torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v
-    # K rows are positions: [h, g, rb, lane, j] -> [g, h, rb, lane, j]
-    kt = kp.reshape(n_head, g, st, lanes, BLOCK).permute(1, 0, 2, 3, 4)
-    # V^T rows are dims, columns positions: [h, cb, j(pos), rb, lane] -> [cb, h, rb, lane, j]
-    vt = vp.reshape(n_head, g, BLOCK, st, lanes).permute(1, 0, 3, 4, 2)
-    return _to_channels(geom, kt), _to_channels(geom, vt)
+    # One permute and one copy each (no intermediate tile-order tensor): the output is
+    # [channel = (lane, jj), g, h, rb, e], i.e. per channel the tiles in region order.
+    # K rows are positions: [h, g, rb, lane, jj, e] (row = g*64 + rb*lanes + lane, col = jj*be+e)
+    kt = kp.reshape(n_head, g, st, lanes, jj, be).permute(3, 4, 1, 0, 2, 5)
+    # V^T rows are dims, columns positions: [h, g, jj, e, rb, lane] (position = g*64 + jj*be + e)
+    vt = vp.reshape(n_head, g, jj, be, st, lanes).permute(5, 2, 1, 0, 4, 3)
+
+    def out(t):
+        return t.contiguous().view(torch.uint8).reshape(geom.channels, -1)
+
+    return out(kt), out(vt)
 
 
 def unreshape_kv(
