@@ -21,12 +21,6 @@ def _groups(t_len: int) -> int:
     return -(-t_len // BLOCK)
 
 
-def _to_channels(geom: CoreGeometry, t: torch.Tensor) -> torch.Tensor:
-    """[..., tiles in order] int16 -> uint8 [channels, bytes]: each tile is one beat per channel."""
-    t = t.reshape(-1, geom.channels, geom.beat_elems).transpose(0, 1).contiguous()
-    return t.view(torch.uint8).reshape(geom.channels, -1)
-
-
 def reshape_kv(geom: CoreGeometry, k: torch.Tensor, v: torch.Tensor):
     """K, V int16 bits [n_head, T, 64] -> (k_bytes, v_bytes), uint8 [channels,
     kv_prefix_bytes(T)] on the same device: the prefixes of the layer's ``h.<l>.k`` and
