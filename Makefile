@@ -1,7 +1,7 @@
 # Tandem developer targets. `make setup` once, then the others.
 PYTHON ?= python
 
-.PHONY: setup test lint run bench verilog
+.PHONY: setup test lint run bench verilog bitstream hw_emu
 
 setup:
 	bash scripts/setup.sh
@@ -20,5 +20,15 @@ bench:
 	$(PYTHON) -m tandem.host.cli bench --model gpt2 --geometry u55c
 
 # Verilog of the kernel top level tandem_decode_core: build/<geometry>/tandem_decode_core.v
+# (GEOMETRY=u55c|tiny|small for one geometry; default tiny and u55c).
 verilog:
-	$(PYTHON) scripts/make_verilog.py tiny u55c
+	$(PYTHON) scripts/make_verilog.py $(or $(GEOMETRY),tiny u55c)
+
+# The Vitis flow (docs/build.md): writes every input under build/<geometry>/, then runs vivado
+# and v++ if they are on PATH; without them it stops with exit code 3 and says what to source.
+PLATFORM ?= xilinx_u55c_gen3x16_xdma_3_202210_1
+bitstream:
+	$(PYTHON) scripts/bitstream.py --geometry $(or $(GEOMETRY),u55c) --platform $(PLATFORM) --target hw
+
+hw_emu:
+	$(PYTHON) scripts/bitstream.py --geometry $(or $(GEOMETRY),u55c) --platform $(PLATFORM) --target hw_emu

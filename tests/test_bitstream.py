@@ -1,0 +1,399 @@
+"""The `make bitstream` flow without vendor tools: generated inputs, their consistency, the stop.
+
+One run of scripts/bitstream.py on the tiny geometry (a subprocess with no vendor tools on PATH)
+produces the inputs every test here reads. Nothing here runs Vivado or v++.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tandem import regmap
+from tandem.geometry import geometry
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "bitstream.py"
+GEOM = geometry("tiny")
+KERNEL = "tandem_decode_core"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("tandem_bitstream", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bs = _load_script()
+
+
+def _env_without_tools() -> dict:
+    """The environment with PATH cut down to Python's folder and the system's, no XRT."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XILINX_XRT", "XILINX_VIVADO")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    for tool in ("vivado", "v++"):
+        assert shutil.which(tool, path=env["PATH"]) is None, f"{tool} found in {env['PATH']}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The entry point on the tiny geometry, without the tools: (CompletedProcess, folder)."""
+    out = tmp_path_factory.mktemp("bitstream") / "tiny"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--geometry", "tiny", "--out", str(out)],
+        env=_env_without_tools(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    return proc, out
+
+
+@pytest.fixture
+def out(run):
+    return run[1]
+
+
+@pytest.fixture
+def copy(out, tmp_path):
+    """A private copy of the generated inputs, for tests that break them on purpose."""
+    dst = tmp_path / "tiny"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def _ports(folder: Path):
+    return bs.parse_ports((folder / f"{KERNEL}.v").read_text(), KERNEL)
+
+
+# ---- the entry point ------------------------------------------------------------------------
+
+
+def test_stops_without_tools_and_says_what_to_do(run):
+    proc, out = run
+    assert proc.returncode == bs.EXIT_TOOLS_MISSING, proc.stderr
+    err = proc.stderr
+    for needle in (
+        "`vivado`",
+        "`v++`",
+        "not found on PATH",
+        "nothing was built",
+        "2022.2",
+        "source /tools/Xilinx/Vitis/2022.2/settings64.sh",
+        "source /opt/xilinx/xrt/setup.sh",
+        "XILINX_XRT",
+        "make bitstream GEOMETRY=tiny",
+        str(out),
+    ):
+        assert needle in err, f"{needle!r} missing from:\n{err}"
+    assert "consistent with tandem.regmap" in proc.stdout
+
+
+def test_leaves_every_input_and_no_output(out):
+    for name in (f"{KERNEL}.v", *bs.KERNEL_FILES, "build.sh", "regmap.json"):
+        assert (out / name).is_file(), name
+    for name in bs.CONSTRAINT_FILES:
+        assert (out / "constraints" / name).read_bytes() == (
+            ROOT / "constraints" / name
+        ).read_bytes()
+    assert not list(out.glob("*.xo")) and not list(out.glob("*.xclbin"))
+
+
+def test_missing_core_is_a_clear_error(monkeypatch):
+    import tandem.rtl
+
+    monkeypatch.setitem(sys.modules, "tandem.rtl.core", None)
+    monkeypatch.delattr(tandem.rtl, "core", raising=False)
+    with pytest.raises(bs.BuildError, match=r"rtl/core\.py DecodeCore not available yet"):
+        bs.load_top()
+
+
+def test_kernel_name_is_the_host_backends():
+    from tandem.host.fpga import KERNEL_NAME
+    from tandem.rtl.core import TOPLEVEL
+
+    assert TOPLEVEL == KERNEL_NAME == KERNEL
+
+
+def test_makefile_targets_call_the_script():
+    for target, flow in (("bitstream", "hw"), ("hw_emu", "hw_emu")):
+        proc = subprocess.run(
+            ["make", "-n", target, "GEOMETRY=tiny", "PLATFORM=p"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert f"scripts/bitstream.py --geometry tiny --platform p --target {flow}" in proc.stdout
+
+
+# ---- consistency --------------------------------------------------------------------------------
+
+
+def test_generated_inputs_are_consistent(out):
+    assert bs.check_inputs(GEOM, out, KERNEL) == []
+
+
+def test_every_port_is_in_the_tcl_and_every_master_in_the_link_config(out):
+    ports = _ports(out)
+    names = {p.name for p in ports}
+    assert {"ap_clk", "ap_rst_n", "interrupt"} <= names
+    tcl_words = set(re.findall(r"[\w+]+", (out / "package_kernel.tcl").read_text()))
+    assert names <= tcl_words, names - tcl_words
+    masters = {p.name.rsplit("_", 1)[0] for p in ports if p.name.startswith("m_axi_")}
+    assert masters == {f"m_axi_hbm{ch}" for ch in range(GEOM.channels)}
+    cfg = (out / "link.cfg").read_text()
+    for bus in masters:
+        assert re.search(rf"^sp={KERNEL}_1\.{bus}:HBM\[\d+\]$", cfg, re.M), bus
+
+
+def test_each_master_on_its_own_pseudo_channel(out):
+    sp = re.findall(r"^sp=\S+\.(m_axi_hbm\d+):HBM\[(\d+)\]$", (out / "link.cfg").read_text(), re.M)
+    assert len(sp) == GEOM.channels
+    banks = [int(b) for _, b in sp]
+    assert len(set(banks)) == len(banks)
+    assert {p for p, _ in sp} == {f"m_axi_hbm{ch}" for ch in range(GEOM.channels)}
+
+
+def test_kernel_xml_arguments_equal_the_regmap(out):
+    k = ET.parse(out / "kernel.xml").getroot().find("kernel")
+    assert k.get("name") == KERNEL and k.get("hwControlProtocol") == "ap_ctrl_hs"
+    got = [
+        (a.get("name"), int(a.get("offset"), 16), int(a.get("size"), 16), a.get("port"))
+        for a in k.iter("arg")
+    ]
+    want = [
+        (a.name, a.offset, a.size, a.port if a.kind == "pointer" else "s_axi_control")
+        for a in regmap.arguments(GEOM.channels)
+    ]
+    assert got == want
+    ports = {p.get("name"): p for p in k.iter("port")}
+    control_range = int(ports["s_axi_control"].get("range"), 16)
+    assert control_range == max(0x1000, regmap.address_space_bytes(GEOM.channels))
+    for ch in range(GEOM.channels):
+        assert ports[f"m_axi_hbm{ch}"].get("dataWidth") == str(GEOM.port_bits)
+
+
+def _replace(path: Path, old: str, new: str, count: int = 1):
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, count))
+
+
+def test_checker_catches_a_wrong_kernel_xml_offset(copy):
+    arg = regmap.arguments(GEOM.channels)[-1]
+    _replace(copy / "kernel.xml", f'offset="{arg.offset:#x}"', f'offset="{arg.offset + 8:#x}"')
+    problems = bs.check_inputs(GEOM, copy, KERNEL)
+    assert any(
+        f"kernel.xml argument {len(regmap.arguments(GEOM.channels)) - 1}" in p for p in problems
+    )
+
+
+def test_checker_catches_a_wrong_tcl_register(copy):
+    arg = regmap.arguments(GEOM.channels)[0]
+    _replace(copy / "package_kernel.tcl", f" {arg.name} {arg.offset:#05x} ", f" {arg.name} 0x100 ")
+    assert any(f"register {arg.name}" in p for p in bs.check_inputs(GEOM, copy, KERNEL))
+
+
+def test_checker_catches_a_shared_pseudo_channel(copy):
+    _replace(copy / "link.cfg", "m_axi_hbm1:HBM[1]", "m_axi_hbm1:HBM[0]")
+    assert any("same HBM[0]" in p for p in bs.check_inputs(GEOM, copy, KERNEL))
+
+
+def test_checker_catches_a_port_without_sp(copy):
+    _replace(copy / "link.cfg", f"sp={KERNEL}_1.m_axi_hbm2:HBM[2]\n", "")
+    assert any("0 sp= lines for m_axi_hbm2" in p for p in bs.check_inputs(GEOM, copy, KERNEL))
+
+
+def test_checker_catches_a_port_missing_from_the_tcl(copy):
+    _replace(copy / "package_kernel.tcl", " m_axi_hbm3_rlast", "")
+    problems = bs.check_inputs(GEOM, copy, KERNEL)
+    assert "Verilog port m_axi_hbm3_rlast is not in package_kernel.tcl" in problems
+
+
+def test_checker_catches_a_bus_not_on_ap_clk(copy):
+    _replace(
+        copy / "package_kernel.tcl",
+        "-busif m_axi_hbm0 -clock ap_clk",
+        "-busif m_axi_hbm0 -clock clk2",
+    )
+    assert "package_kernel.tcl does not associate m_axi_hbm0 with ap_clk" in bs.check_inputs(
+        GEOM, copy, KERNEL
+    )
+
+
+def test_checker_catches_a_stray_verilog_port(copy):
+    _replace(copy / f"{KERNEL}.v", "  input ap_rst_n;", "  input ap_rst_n;\n  input debug_pin;")
+    assert any("debug_pin" in p for p in bs.check_inputs(GEOM, copy, KERNEL))
+
+
+# ---- Tcl ---------------------------------------------------------------------------------------
+
+TCLSH = shutil.which("tclsh")
+needs_tclsh = pytest.mark.skipif(TCLSH is None, reason="tclsh not installed (apt-get install tcl)")
+
+# Stand-ins for the Vivado commands package_kernel.tcl uses; every call is printed. Anything else
+# is an error, so a misspelt command fails here as it would in Vivado.
+VIVADO_STUBS = r"""
+proc unknown {args} { error "not a stubbed Vivado command: $args" }
+proc record {args} { puts "CALL $args" }
+proc positional {arglist} {
+    set out {}
+    set skip 0
+    foreach a $arglist {
+        if {$skip} { set skip 0; continue }
+        if {$a eq "-of_objects"} { set skip 1; continue }
+        if {[string match -* $a]} { continue }
+        lappend out $a
+    }
+    return $out
+}
+namespace eval ipx {}
+foreach cmd {create_project add_files update_compile_order close_project package_xo
+             ipx::package_project ipx::unload_core ipx::edit_ip_in_project
+             ipx::associate_bus_interfaces ipx::add_field ipx::create_xgui_files
+             ipx::update_checksums ipx::check_integrity ipx::save_core} {
+    proc $cmd {args} "record $cmd {*}\$args"
+}
+proc set_property {args} { record set_property {*}$args }
+proc current_fileset {args} { return sources_1 }
+proc ipx::current_core {args} { return core }
+proc ipx::get_bus_interfaces {args} { return "bif:[lindex [positional $args] 0]" }
+proc ipx::get_port_maps {args} {
+    set bif [lindex $args end]
+    set ports [dict get $::tandem_bus_ports [string range $bif 4 end]]
+    if {[info exists ::drop_port] && [lsearch $ports $::drop_port] >= 0} {
+        set ports [lsearch -all -inline -not $ports $::drop_port]
+    }
+    return $ports
+}
+proc get_property {name obj} { return $obj }
+proc ipx::get_ports {args} { return [lindex [positional $args] 0] }
+proc ipx::add_bus_parameter {args} { return param }
+proc ipx::add_memory_map {args} { return map }
+proc ipx::add_address_block {args} { return block }
+proc ipx::add_register {args} { record ipx::add_register {*}$args; return "reg" }
+proc ipx::add_register_parameter {args} { return regparam }
+"""
+
+
+def _tclsh(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``script`` as a file: tclsh exits non-zero on an uncaught error only then (reading
+    stdin it reports the error and carries on)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".tcl", delete=False) as f:
+        f.write(script)
+    try:
+        return subprocess.run([TCLSH, f.name], cwd=cwd, capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+
+
+@needs_tclsh
+def test_tcl_is_complete_and_runs_against_stubbed_vivado(out):
+    check = _tclsh(
+        f"set f [open {{{out / 'package_kernel.tcl'}}}]; puts [info complete [read $f]]", out
+    )
+    assert check.stdout.strip() == "1", check.stderr
+    proc = _tclsh(VIVADO_STUBS + f"source {{{out / 'package_kernel.tcl'}}}\n", out)
+    assert proc.returncode == 0, proc.stderr
+    calls = proc.stdout.splitlines()
+    for bus in ["s_axi_control", *(f"m_axi_hbm{ch}" for ch in range(GEOM.channels))]:
+        assert f"CALL ipx::associate_bus_interfaces -busif {bus} -clock ap_clk core" in calls
+    assert "CALL set_property sdx_kernel true core" in calls
+    assert "CALL set_property sdx_kernel_type rtl core" in calls
+    xo = [c for c in calls if c.startswith("CALL package_xo")]
+    assert len(xo) == 1 and f"-kernel_name {KERNEL}" in xo[0]
+    assert f"-kernel_xml {out / 'kernel.xml'}" in xo[0]
+    regs = [
+        next(t for t in c.split()[2:] if not t.startswith("-"))
+        for c in calls
+        if c.startswith("CALL ipx::add_register ")
+    ]
+    assert regs == [
+        "CTRL",
+        "GIER",
+        "IP_IER",
+        "IP_ISR",
+        *(a.name for a in regmap.arguments(GEOM.channels)),
+    ]
+
+
+@needs_tclsh
+def test_tcl_stops_when_vivado_maps_a_port_elsewhere(out):
+    stub = VIVADO_STUBS + "set ::drop_port m_axi_hbm1_rdata\n"
+    proc = _tclsh(stub + f"source {{{out / 'package_kernel.tcl'}}}\n", out)
+    assert proc.returncode != 0
+    assert "tandem: bus m_axi_hbm1 maps ports" in proc.stderr
+    assert "CALL package_xo" not in proc.stdout
+
+
+PBLOCK_STUBS = r"""
+proc unknown {args} { error "not a stubbed Vivado command: $args" }
+set ::cells {level0_i/ulp/tandem_decode_core_1/inst/dma
+             level0_i/ulp/tandem_decode_core_1/inst/dma/ch0/dma
+             level0_i/ulp/tandem_decode_core_1/inst/mpu
+             level0_i/ulp/other_kernel_1/inst/dma}
+proc get_pblocks {args} { if {$::have_pblock} { return [lindex $args end] } else { return {} } }
+proc get_cells {args} {
+    set i [lsearch $args -filter]
+    if {$i < 0} { return [lindex $args end] }
+    regexp {NAME =~ (.*)} [lindex $args [expr {$i + 1}]] -> pattern
+    return [lsearch -all -inline -regexp $::cells "^${pattern}\$"]
+}
+proc add_cells_to_pblock {pblock cells} { puts "ADD $pblock $cells" }
+"""
+
+
+@needs_tclsh
+@pytest.mark.parametrize("have_pblock", [1, 0])
+def test_slr0_constraint(out, have_pblock):
+    script = PBLOCK_STUBS + f"set ::have_pblock {have_pblock}\nsource {{{out / 'impl_pre.tcl'}}}\n"
+    proc = _tclsh(script, out)
+    assert proc.returncode == 0, proc.stderr
+    adds = [line for line in proc.stdout.splitlines() if line.startswith("ADD")]
+    if have_pblock:
+        assert adds == ["ADD pblock_dynamic_SLR0 level0_i/ulp/tandem_decode_core_1/inst/dma"]
+    else:
+        assert adds == [] and "WARNING: [tandem] no pblock_dynamic_SLR0" in proc.stdout
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def test_link_commands_use_the_geometry_and_config(out):
+    hw = bs.commands(GEOM, KERNEL, bs.DEFAULT_PLATFORM, "hw")
+    assert hw[0][:3] == ["vivado", "-mode", "batch"] and "package_kernel.tcl" in hw[0]
+    link = hw[-1]
+    assert link[:4] == ["v++", "--link", "-t", "hw"]
+    assert link[link.index("--kernel_frequency") + 1] == "250"
+    assert link[link.index("--platform") + 1] == "xilinx_u55c_gen3x16_xdma_3_202210_1"
+    configs = [link[i + 1] for i, a in enumerate(link) if a == "--config"]
+    assert configs == ["link.cfg", "impl.cfg"]
+    assert link[link.index("-o") + 1] == "tandem.xclbin" and link[-1] == f"{KERNEL}.xo"
+    script = (out / "build.sh").read_text()
+    assert "v++ --link -t hw " in script and "vivado -mode batch" in script
+    emu = bs.commands(GEOM.replace(clock_mhz=300.0), KERNEL, "p", "hw_emu")
+    assert [c[0] for c in emu] == ["vivado", "emconfigutil", "v++"]
+    assert "impl.cfg" not in emu[-1] and emu[-1][emu[-1].index("-o") + 1] == "tandem.hw_emu.xclbin"
+    assert emu[-1][emu[-1].index("--kernel_frequency") + 1] == "300"
+
+
+def test_impl_hook_is_absolute_and_sources_the_constraints(out):
+    cfg = (out / "impl.cfg").read_text()
+    hook = re.search(r"^prop=run\.impl_1\.STEPS\.OPT_DESIGN\.TCL\.PRE=(.+)$", cfg, re.M).group(1)
+    assert Path(hook).is_absolute() and Path(hook) == (out / "impl_pre.tcl").resolve()
+    pre = (out / "impl_pre.tcl").read_text()
+    assert f"set tandem_cu {KERNEL}_1" in pre
+    assert f"source {(out / 'constraints' / 'hbm_slr0.tcl').resolve()}" in pre
