@@ -323,6 +323,9 @@ def acc_to_fp16(acc: np.ndarray, lam) -> np.ndarray:
 
 
 def _binary(op, a, b) -> np.ndarray:
+    # NumPy computes float16 arithmetic in float32 and rounds again to float16. For +, -, * that
+    # double rounding is innocuous because float32 has at least 2*11 + 2 significand bits
+    # (Figueroa, "When is double rounding innocuous?", 1995), so the result is correctly rounded.
     with np.errstate(all="ignore"):
         r = op(from_bits(a), from_bits(b))  # float16 ops round once, nearest-even
     return canonicalize_nan(np.asarray(r, dtype=np.float16).view(np.uint16))
