@@ -1,0 +1,695 @@
+"""The vector unit (VPU): the ISA's element-wise, reduction and table operations over VBUF rows."""
+
+# No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
+
+from collections.abc import Mapping
+
+from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from tandem import isa, numerics
+from tandem.geometry import CoreGeometry
+
+from .arith import (
+    NO_TAG,
+    AccToFP16,
+    Accumulator,
+    AccumulatorShift,
+    AddOp,
+    BlockAlign,
+    BlockDot,
+    FP16Add,
+    FP16Mul,
+    FP16Table,
+    _stream_pipe,
+)
+from .vbuf import ROW_ELEMS, ReadPortSignature, Row, WritePortSignature
+
+__all__ = ["RowMax", "VectorCommand", "VectorOp", "VectorUnit"]
+
+
+class VectorOp(enum.Enum, shape=8):
+    """The VPU's operations, with their ISA opcodes as values (so an instruction's opcode byte
+    casts to it unchanged)."""
+
+    VADD = isa.Op.VADD.value
+    VSUB = isa.Op.VSUB.value
+    VMUL = isa.Op.VMUL.value
+    VMAX = isa.Op.VMAX.value
+    VDOT = isa.Op.VDOT.value
+    VEXP = isa.Op.VEXP.value
+    VRECIP = isa.Op.VRECIP.value
+    VRSQRT = isa.Op.VRSQRT.value
+    VGELU = isa.Op.VGELU.value
+    VSET = isa.Op.VSET.value
+
+
+_ISA_VPU_OPS = {op.name: op.value for op, unit in isa.UNITS.items() if unit is isa.Unit.VPU}
+if {op.name: op.value for op in VectorOp} != _ISA_VPU_OPS:
+    raise AssertionError(f"VectorOp does not match the ISA's VPU operations {_ISA_VPU_OPS}")
+
+TABLE_OPS = {
+    VectorOp.VEXP: "exp",
+    VectorOp.VRECIP: "recip",
+    VectorOp.VRSQRT: "rsqrt",
+    VectorOp.VGELU: "gelu",
+}
+"""Table operations and the ``numerics.table`` each looks up."""
+
+_BINARY_OPS = (VectorOp.VADD, VectorOp.VSUB, VectorOp.VMUL)
+_READS_B = (*_BINARY_OPS, VectorOp.VDOT)
+
+
+class VectorCommand(data.Struct):
+    """One VPU instruction as the controller hands it over.
+
+    ``dst``, ``a`` and ``b`` are VBUF element addresses (the ISA makes them multiples of 64;
+    the VPU ignores their low 6 bits). ``length`` is resolved (``R[lreg]`` or ``len``) and
+    range-checked by the controller: every operand lies inside the VBUF. ``b_scalar`` is
+    :attr:`tandem.isa.VecFlag.B_SCALAR`; ``imm`` is ``VSET``'s bit pattern. Fields an op does
+    not use are ignored.
+    """
+
+    op: VectorOp
+    dst: unsigned(16)
+    a: unsigned(16)
+    b: unsigned(16)
+    length: unsigned(17)
+    b_scalar: unsigned(1)
+    imm: unsigned(16)
+
+
+def _probe(unit):
+    """A unit built only to read its latency: never elaborated, so silence the warning."""
+    unit._MustUse__silence = True
+    return unit
+
+
+def _pow2(v) -> bool:
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+
+
+def _order_key(x):
+    """``numerics.order_key`` of a 16-bit pattern: unsigned order is the numeric order."""
+    return Mux(x[15], ~x, x | 0x8000)[:16]
+
+
+class RowMax(wiring.Component):
+    """The largest of 64 binary16 values under ``numerics.order_key`` (-0 < +0), and whether any
+    is a NaN: one row of ``numerics.fp16_max``.
+
+    Members
+    -------
+    i : In(stream.Signature(...))
+        ``x`` (:data:`~tandem.rtl.vbuf.Row`), ``tag``.
+    o : Out(stream.Signature(...))
+        ``key`` (the order key of the maximum; :meth:`from_key` gives its bits), ``nan``,
+        ``tag``.
+
+    Latency 2 cycles (keys and three levels of the comparison tree; three more levels),
+    throughput one row per cycle.
+    """
+
+    LATENCY = 2
+
+    def __init__(self, *, tag=NO_TAG):
+        self._tag = tag
+        self.in_layout = data.StructLayout({"x": Row, "tag": tag})
+        self.out_layout = data.StructLayout({"key": unsigned(16), "nan": unsigned(1), "tag": tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @staticmethod
+    def from_key(key):
+        """The bit pattern whose order key is ``key``."""
+        return Mux(key[15], key ^ 0x8000, ~key)[:16]
+
+    def elaborate(self, platform):
+        m = Module()
+        p = _stream_pipe(m, self.i, self.o, name="rowmax")
+        xs = [self.i.payload.x[k] for k in range(ROW_ELEMS)]
+
+        def levels(values, n):
+            for _ in range(n):
+                values = [Mux(a > b, a, b) for a, b in zip(values[0::2], values[1::2], strict=True)]
+            return values
+
+        nan = Cat(*((x[:15] > 0x7C00) for x in xs)).any()
+        s1 = [
+            p.reg(v, 16, name=f"s1_key{k}")
+            for k, v in enumerate(levels([_order_key(x) for x in xs], 3))
+        ]
+        s1_nan = p.reg(nan, 1, name="s1_nan")
+        s1_tag = p.reg(self.i.payload.tag, self._tag, name="s1_tag")
+        v1 = p.valid_chain(self.i.valid, 1, name="rowmax_valid")
+        (top,) = levels(s1, 3)
+        with m.If(p.en):
+            m.d.sync += [
+                self.o.payload.key.eq(top),
+                self.o.payload.nan.eq(s1_nan),
+                self.o.payload.tag.eq(s1_tag),
+                self.o.valid.eq(v1),
+            ]
+        return m
+
+
+class VectorUnit(wiring.Component):
+    """The vector unit: one ``VectorCommand`` at a time over the vector buffer, bit-exact with
+    ``tandem.isa.SEMANTICS`` as ``tandem.sim.isasim`` executes it.
+
+    Datapath, all from rtl/arith.py except :class:`RowMax`:
+
+    * ``VADD``/``VSUB``: ``lanes`` :class:`FP16Add`; ``VMUL``: ``lanes`` :class:`FP16Mul`. With
+      ``b_scalar`` the element ``VBUF[b]`` is read once, at the start, and broadcast.
+    * Tables (``VEXP``, ``VRECIP``, ``VRSQRT``, ``VGELU``): ``table_lanes[f]``
+      :class:`FP16Table` ROMs per function.
+    * ``VMAX`` (a row per cycle): :class:`RowMax` and a running maximum; elements past
+      ``length`` count as -Inf (``length`` 0 gives -Inf), a NaN anywhere gives the canonical
+      NaN.
+    * ``VDOT`` (a row per cycle): ``numerics.dot_fp16(a, b)``. Without ``b_scalar`` a first
+      pass reads b's rows through b's :class:`BlockAlign` to find ``xe_max``; the second pass
+      streams both operands through :class:`BlockAlign` x2, :class:`BlockDot`,
+      :class:`AccumulatorShift`, :class:`Accumulator` and :class:`AccToFP16` (one rounding;
+      canonical NaN if any live element of a or b is non-finite). With ``b_scalar``,
+      ``xe_max`` is the scalar's exponent and there is no first pass. Elements past
+      ``length`` count as +0 (``length`` 0 gives +0).
+    * ``VSET`` (a row per cycle): writes ``imm``.
+
+    An op narrower than a row reads each row once and takes it ``n`` elements per cycle. Results
+    go to ``VBUF[dst]`` under an element mask: elements at or past ``length`` are never written;
+    ``VMAX`` and ``VDOT`` write element ``dst`` only.
+
+    Operand overlap: rows are read in increasing order, each before it is written; a scalar
+    ``b``, and all inputs of ``VMAX``/``VDOT``, are read before any result is written. So a
+    ``dst`` equal to ``a`` or ``b`` (in place, as the compiler emits) or disjoint from them is
+    exact. A ``dst`` that overlaps a vector operand at a different start is not supported: a
+    row may then be read after an earlier result overwrote it, unlike the ISA's read-all-first
+    semantics. The controller checks operand ranges (``VBUF_RANGE``) before issuing.
+
+    Parameters
+    ----------
+    geom : CoreGeometry
+        ``vbuf_elems`` sets the address widths, ``vpu_lanes`` the default lanes.
+    lanes : int, optional
+        Elements per cycle of ``VADD``, ``VSUB`` and ``VMUL`` (a power of two, 1..64; default
+        ``geom.vpu_lanes``).
+    table_lanes : mapping of str to int, optional
+        Lookups per cycle of each function (a power of two, 1..64), overriding the default
+        ``{"exp": vpu_lanes, "gelu": vpu_lanes, "recip": 1, "rsqrt": 1}``. Each lane is one
+        :class:`FP16Table` ROM. The compiled program applies exp (softmax) and GELU (MLP) to
+        whole vectors, but recip and rsqrt only to single elements, hence one lane each.
+
+    Members
+    -------
+    cmd : In(stream.Signature(VectorCommand))
+        Accepted when the unit is idle, or in the cycle its ``done`` is taken.
+    done : Out(stream.Signature(VectorOp))
+        One transfer per command, after its last VBUF write (the op, for checking).
+    read_a, read_b : Out(ReadPortSignature(rows))
+        Two VBUF read ports of its own (``VectorBuffer.read[k]``): no arbitration, no stall.
+    write : Out(WritePortSignature(rows))
+        A VBUF write port; ``mask`` is zero whenever the unit does not write.
+
+    Timing
+    ------
+    Nothing inside the unit stalls. An op reads ``beats = max(1, ceil(length / n))`` times,
+    one per cycle, with ``n`` = :meth:`op_lanes` (``lanes`` for add/sub/mul, the table's lanes,
+    else 64). From the cycle ``cmd`` is accepted to the first cycle ``done.valid`` is high::
+
+        cycles = pass1 + beats + 3 + U
+
+        U = 4   VADD, VSUB (FP16Add)          U = 3   VMUL (FP16Mul)
+        U = 1   table ops (FP16Table)         U = 0   VSET
+        U = 3   VMAX (RowMax 2, running maximum 1)
+        U = 12  VDOT (BlockAlign 2, BlockDot 4, AccumulatorShift 2, Accumulator 1, AccToFP16 3)
+        pass1 = max(1, ceil(length / 64)) for VDOT without b_scalar, else 0
+
+    (3 = command register, VBUF read, operand register.) With ``done.ready`` high, the next
+    command is accepted in the cycle ``done`` is taken, so a run of commands takes the sum of
+    :meth:`cycles`. For GPT-2 on u55c a LayerNorm over 768 elements takes 231 cycles.
+
+    Resources: ``lanes`` FP16Add and FP16Mul (one DSP each), two BlockAlign, a BlockDot (64
+    12x12 products), RowMax, and the table ROMs, ``table_entries`` x 16 bits: per lane the
+    reduced depth of :class:`FP16Table` (exp 31,201, recip 31,484, rsqrt 31,742, gelu
+    34,825 entries; 16 to 18 RAMB36 each). Default lanes: tiny 10 ROMs (5.0 Mibit), u55c 66
+    ROMs (33.2 Mibit, about 1,120 RAMB36 of the U55C's 2,016). Sharing each ROM between two
+    lanes through the block RAM's second port would halve that; it needs a two-port
+    :class:`FP16Table`.
+    """
+
+    DEFAULT_SCALAR_TABLES = ("recip", "rsqrt")
+    """Functions that get one lane by default: the compiled program applies them to one
+    element at a time."""
+
+    def __init__(
+        self,
+        geom: CoreGeometry,
+        *,
+        lanes: int | None = None,
+        table_lanes: Mapping[str, int] | None = None,
+    ):
+        if not isinstance(geom, CoreGeometry):
+            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
+        if geom.vbuf_elems % ROW_ELEMS:
+            raise ValueError(
+                f"vbuf_elems must be a multiple of {ROW_ELEMS} (one row), not {geom.vbuf_elems}"
+            )
+        if geom.vbuf_elems > 1 << 16:
+            raise ValueError(
+                f"vbuf_elems must be at most 65536 (16-bit ISA addresses), not {geom.vbuf_elems}"
+            )
+        if lanes is None:
+            lanes = geom.vpu_lanes
+        if not _pow2(lanes) or lanes > ROW_ELEMS:
+            raise ValueError(f"lanes must be a power of two from 1 to {ROW_ELEMS}, not {lanes!r}")
+        tables = {
+            f: 1 if f in self.DEFAULT_SCALAR_TABLES else geom.vpu_lanes for f in TABLE_OPS.values()
+        }
+        if table_lanes is not None:
+            unknown = set(table_lanes) - set(tables)
+            if unknown:
+                raise ValueError(
+                    f"table_lanes names unknown functions {sorted(unknown)}; "
+                    f"the tables are {sorted(tables)}"
+                )
+            tables.update(table_lanes)
+        for f, n in tables.items():
+            if not _pow2(n) or n > ROW_ELEMS:
+                raise ValueError(
+                    f"table_lanes[{f!r}] must be a power of two from 1 to {ROW_ELEMS}, not {n!r}"
+                )
+        self._geom = geom
+        self._rows = geom.vbuf_elems // ROW_ELEMS
+        self._lanes = lanes
+        self._table_lanes = tables
+        self._op_lanes = dict.fromkeys(VectorOp, ROW_ELEMS)
+        self._op_lanes.update(dict.fromkeys(_BINARY_OPS, lanes))
+        self._op_lanes.update({op: tables[f] for op, f in TABLE_OPS.items()})
+        dot = _probe(BlockDot())
+        self._lat = {
+            VectorOp.VADD: FP16Add.LATENCY,
+            VectorOp.VSUB: FP16Add.LATENCY,
+            VectorOp.VMUL: FP16Mul.LATENCY,
+            VectorOp.VMAX: RowMax.LATENCY + 1,  # and the running maximum
+            VectorOp.VDOT: BlockAlign.LATENCY
+            + dot.latency
+            + AccumulatorShift.LATENCY
+            + Accumulator.LATENCY
+            + AccToFP16.LATENCY,
+            VectorOp.VSET: 0,
+            **dict.fromkeys(TABLE_OPS, FP16Table.LATENCY),
+        }
+        super().__init__(
+            {
+                "cmd": In(stream.Signature(VectorCommand)),
+                "done": Out(stream.Signature(VectorOp, payload_init=VectorOp.VADD)),
+                "read_a": Out(ReadPortSignature(self._rows)),
+                "read_b": Out(ReadPortSignature(self._rows)),
+                "write": Out(WritePortSignature(self._rows)),
+            }
+        )
+
+    # read-only parameters -------------------------------------------------------------------
+
+    @property
+    def geom(self) -> CoreGeometry:
+        return self._geom
+
+    @property
+    def rows(self) -> int:
+        """VBUF rows."""
+        return self._rows
+
+    @property
+    def lanes(self) -> int:
+        """Elements per cycle of ``VADD``, ``VSUB`` and ``VMUL``."""
+        return self._lanes
+
+    @property
+    def table_lanes(self) -> dict[str, int]:
+        """Lookups per cycle of each function."""
+        return dict(self._table_lanes)
+
+    @property
+    def table_entries(self) -> int:
+        """ROM entries (16 bits each) of all table lanes together."""
+        return sum(n * _probe(FP16Table(f)).depth for f, n in self._table_lanes.items())
+
+    def op_lanes(self, op) -> int:
+        """Elements per read cycle of ``op``: :attr:`lanes`, a table's lanes, or 64."""
+        return self._op_lanes[VectorOp(op)]
+
+    def unit_latency(self, op) -> int:
+        """``U`` of the cycle formula: the latency of ``op``'s arithmetic."""
+        return self._lat[VectorOp(op)]
+
+    def cycles(self, op, length: int, *, b_scalar: bool = False) -> int:
+        """Cycles from accepting a command to ``done.valid`` (the docstring's formula)."""
+        op = VectorOp(op)
+        if not isinstance(length, int) or not 0 <= length <= self._geom.vbuf_elems:
+            raise ValueError(f"length must be 0..{self._geom.vbuf_elems}, not {length!r}")
+        beats = max(1, -(-length // self.op_lanes(op)))
+        pass1 = max(1, -(-length // ROW_ELEMS)) if op is VectorOp.VDOT and not b_scalar else 0
+        return pass1 + beats + 3 + self.unit_latency(op)
+
+    # ----------------------------------------------------------------------------------------
+
+    def elaborate(self, platform):
+        m = Module()
+        row_bits = len(self.read_a.addr)
+        ones = Const((1 << ROW_ELEMS) - 1, ROW_ELEMS)
+
+        def widen(mask):
+            """A 64-bit element mask as a 1,024-bit row mask (one wide AND, not 64 muxes)."""
+            return Cat(*(mask[e].replicate(16) for e in range(ROW_ELEMS)))
+
+        def broadcast(value):
+            return value.replicate(ROW_ELEMS)
+
+        # ---- command ------------------------------------------------------------------------
+        cmd = self.cmd.payload
+        accept = Signal()
+        m.d.comb += accept.eq(self.cmd.valid & self.cmd.ready)
+
+        op = Signal(VectorOp, init=VectorOp.VADD)
+        dst_row = Signal(row_bits)
+        a_row = Signal(row_bits)
+        b_row = Signal(row_bits)
+        scalar = Signal()
+        imm = Signal(16)
+        last_row = Signal(17)  # of the operand rows
+        last_beat = Signal(17)  # of the main pass
+        chunk_bits = Signal(range(7))  # log2(64 / lanes)
+        last_mask = Signal(ROW_ELEMS)  # live elements of the last row
+        two_pass = Signal()
+
+        log_lanes = Signal(range(7))
+        with m.Switch(cmd.op):
+            for o in VectorOp:
+                with m.Case(o):
+                    m.d.comb += log_lanes.eq(self._op_lanes[o].bit_length() - 1)
+        length_m1 = Signal(17)
+        rem = Signal(6)
+        m.d.comb += [length_m1.eq(cmd.length - 1), rem.eq(cmd.length[:6])]
+        empty = cmd.length == 0
+        with m.If(accept):
+            m.d.sync += [
+                op.eq(cmd.op),
+                dst_row.eq(cmd.dst[6:]),
+                a_row.eq(cmd.a[6:]),
+                b_row.eq(cmd.b[6:]),
+                scalar.eq(cmd.b_scalar),
+                imm.eq(cmd.imm),
+                last_row.eq(Mux(empty, 0, length_m1 >> 6)),
+                last_beat.eq(Mux(empty, 0, length_m1 >> log_lanes)),
+                chunk_bits.eq(6 - log_lanes),
+                last_mask.eq(Mux(empty, 0, Mux(rem == 0, ones, (Const(1, 65) << rem) - 1))),
+                two_pass.eq((cmd.op == VectorOp.VDOT) & ~cmd.b_scalar),
+            ]
+
+        # ---- issue: one beat (a row, or a chunk of a row for table ops) per cycle --------------
+        issuing = Signal()
+        beat = Signal(17)
+        pass1 = Signal()  # VDOT's first pass over b
+        with m.If(accept):
+            m.d.sync += [beat.eq(0), pass1.eq((cmd.op == VectorOp.VDOT) & ~cmd.b_scalar)]
+
+        i_row = Signal(17)
+        i_chunk = Signal(6)
+        i_last = Signal()
+        m.d.comb += [
+            i_row.eq(Mux(pass1, beat, beat >> chunk_bits)),
+            i_chunk.eq(Mux(pass1, 0, beat & ((Const(1, 7) << chunk_bits) - 1))),
+            i_last.eq(Mux(pass1, beat == last_row, beat == last_beat)),
+        ]
+        reads_a = (op != VectorOp.VSET) & ~pass1
+        reads_b = Cat(*(op == o for o in _READS_B)).any()
+        m.d.comb += [
+            self.read_a.addr.eq(a_row + i_row),
+            self.read_a.en.eq(issuing & reads_a & (i_chunk == 0)),
+            self.read_b.addr.eq(b_row + Mux(scalar, 0, i_row)),
+            self.read_b.en.eq(issuing & reads_b & Mux(scalar, ~pass1 & (beat == 0), i_chunk == 0)),
+        ]
+
+        # ---- stage 1: the rows arrive; mask, broadcast and select ------------------------------
+        s1_valid = Signal()
+        s1_row = Signal(row_bits)
+        s1_chunk = Signal(6)
+        s1_first = Signal()
+        s1_last = Signal()
+        s1_pass1 = Signal()
+        m.d.sync += [
+            s1_valid.eq(issuing),
+            s1_row.eq(i_row),
+            s1_chunk.eq(i_chunk),
+            s1_first.eq(beat == 0),
+            s1_last.eq(i_last),
+            s1_pass1.eq(pass1),
+        ]
+        live = Signal(ROW_ELEMS)  # elements of this row below length
+        m.d.comb += live.eq(Mux(s1_row == last_row[:row_bits], last_mask, ones))
+        # Ops narrower than a row take a chunk of it per cycle, moved to element 0 up.
+        chunk_mask = Signal(ROW_ELEMS)
+        a_in = self.read_a.data.as_value()
+        b_row_in = Mux(scalar, broadcast(self.read_b.data[0]), self.read_b.data.as_value())
+        a_sel = Signal(len(a_in))
+        b_sel = Signal(len(a_in))
+        m.d.comb += [chunk_mask.eq(ones), a_sel.eq(a_in), b_sel.eq(b_row_in)]
+        for o, n in self._op_lanes.items():
+            if n == ROW_ELEMS:
+                continue
+            chunk = s1_chunk[: 6 - (n.bit_length() - 1)]
+            with m.If(op == o):
+                m.d.comb += [
+                    a_sel.eq(a_in.word_select(chunk, 16 * n)),
+                    b_sel.eq(b_row_in.word_select(chunk, 16 * n)),
+                    chunk_mask.eq(Cat(*(chunk == (e // n) for e in range(ROW_ELEMS)))),
+                ]
+        keep = widen(live)
+        neg_inf = broadcast(Const(numerics.NEG_INF, 16))
+        a_op = Signal(len(a_in))
+        with m.Switch(op):
+            with m.Case(VectorOp.VMAX):  # past the length: -Inf, the identity of max
+                m.d.comb += a_op.eq((a_in & keep) | (neg_inf & ~keep))
+            with m.Case(VectorOp.VDOT):  # past the length: +0
+                m.d.comb += a_op.eq(a_in & keep)
+            with m.Default():
+                m.d.comb += a_op.eq(a_sel)
+
+        # ---- stage 2: operand registers feed the units ------------------------------------------
+        s2_valid = Signal()
+        s2_a = Signal(Row)
+        s2_b = Signal(Row)
+        s2_row = Signal(row_bits)
+        s2_mask = Signal(ROW_ELEMS)
+        s2_first = Signal()
+        s2_last = Signal()
+        s2_pass1 = Signal()
+        m.d.sync += [
+            s2_valid.eq(s1_valid),
+            s2_a.as_value().eq(a_op),
+            s2_b.as_value().eq(Mux(op == VectorOp.VDOT, b_sel & keep, b_sel)),
+            s2_row.eq(s1_row),
+            s2_mask.eq(live & chunk_mask),
+            s2_first.eq(s1_first),
+            s2_last.eq(s1_last),
+            s2_pass1.eq(s1_pass1),
+        ]
+        xe_max = Signal(5)  # VDOT: largest block exponent of b
+        with m.If(accept):
+            m.d.sync += xe_max.eq(1)
+        with m.Elif(s1_valid & s1_first & scalar & (op == VectorOp.VDOT)):
+            b_exp = self.read_b.data[0][10:15]
+            m.d.sync += xe_max.eq(Mux(b_exp == 0, 1, b_exp))
+
+        # ---- the units ----------------------------------------------------------------------
+        # Every unit's output is always ready: nothing in the VPU stalls. Only lane 0 of a group
+        # carries the write tag; the lanes run in lockstep.
+        wtag = data.StructLayout({"row": row_bits, "mask": ROW_ELEMS, "last": 1})
+        writes = []  # (valid, row, row data, mask, last)
+
+        def set_tag(unit):
+            t = unit.i.payload.tag
+            return [t.row.eq(s2_row), t.mask.eq(s2_mask), t.last.eq(s2_last)]
+
+        def lane_group(name, n, make, drive, valid):
+            units = []
+            for k in range(n):
+                u = make(wtag if k == 0 else unsigned(0))
+                m.submodules[f"{name}{k}"] = u
+                m.d.comb += [u.i.valid.eq(valid), u.o.ready.eq(1), *drive(u, k)]
+                units.append(u)
+            m.d.comb += set_tag(units[0])
+            o = units[0].o
+            values = Cat(*(u.o.payload.value.as_value() for u in units))
+            writes.append(
+                (
+                    o.valid,
+                    o.payload.tag.row,
+                    values.replicate(ROW_ELEMS // n),
+                    o.payload.tag.mask,
+                    o.payload.tag.last,
+                )
+            )
+
+        is_sub = op == VectorOp.VSUB
+        lane_group(
+            "add",
+            self._lanes,
+            lambda tag: FP16Add(tag=tag),
+            lambda u, k: [
+                u.i.payload.a.eq(s2_a[k]),
+                u.i.payload.b.eq(s2_b[k]),
+                u.i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)),
+            ],
+            s2_valid & ((op == VectorOp.VADD) | is_sub),
+        )
+        lane_group(
+            "mul",
+            self._lanes,
+            lambda tag: FP16Mul(tag=tag),
+            lambda u, k: [u.i.payload.a.eq(s2_a[k]), u.i.payload.b.eq(s2_b[k])],
+            s2_valid & (op == VectorOp.VMUL),
+        )
+        for t_op, f in TABLE_OPS.items():
+            lane_group(
+                f,
+                self._table_lanes[f],
+                lambda tag, f=f: FP16Table(f, tag=tag),
+                lambda u, k: [u.i.payload.x.eq(s2_a[k])],
+                s2_valid & (op == t_op),
+            )
+
+        # VSET writes from the operand stage.
+        writes.append((s2_valid & (op == VectorOp.VSET), s2_row, broadcast(imm), s2_mask, s2_last))
+
+        # VMAX: row maxima, then the running maximum over the rows.
+        flags = data.StructLayout({"first": 1, "last": 1})
+        m.submodules.rowmax = rowmax = RowMax(tag=flags)
+        m.d.comb += [
+            rowmax.i.valid.eq(s2_valid & (op == VectorOp.VMAX)),
+            rowmax.i.payload.x.eq(s2_a),
+            rowmax.i.payload.tag.first.eq(s2_first),
+            rowmax.i.payload.tag.last.eq(s2_last),
+            rowmax.o.ready.eq(1),
+        ]
+        run_key = Signal(16)
+        run_nan = Signal()
+        max_done = Signal()
+        r = rowmax.o.payload
+        m.d.sync += max_done.eq(rowmax.o.valid & r.tag.last)
+        with m.If(rowmax.o.valid):
+            m.d.sync += [
+                run_key.eq(Mux(r.tag.first | (r.key > run_key), r.key, run_key)),
+                run_nan.eq(r.nan | (run_nan & ~r.tag.first)),
+            ]
+        max_value = Mux(run_nan, numerics.CANONICAL_NAN, RowMax.from_key(run_key))
+        writes.append((max_done, 0, max_value, Const(1, ROW_ELEMS), 1))
+
+        # VDOT: a is the weight side, b the input side (numerics.dot_fp16).
+        m.submodules.align_a = align_a = BlockAlign(tag=flags)
+        m.submodules.align_b = align_b = BlockAlign(tag=unsigned(1))  # pass 1
+        m.d.comb += [
+            align_a.i.valid.eq(s2_valid & (op == VectorOp.VDOT) & ~s2_pass1),
+            align_a.i.payload.x.eq(s2_a),
+            align_a.i.payload.tag.first.eq(s2_first),
+            align_a.i.payload.tag.last.eq(s2_last),
+            align_a.o.ready.eq(1),
+            align_b.i.valid.eq(s2_valid & (op == VectorOp.VDOT)),
+            align_b.i.payload.x.eq(s2_b),
+            align_b.i.payload.tag.eq(s2_pass1),
+            align_b.o.ready.eq(1),
+        ]
+        with m.If(align_b.o.valid & align_b.o.payload.tag & (align_b.o.payload.exp > xe_max)):
+            m.d.sync += xe_max.eq(align_b.o.payload.exp)
+
+        term = data.StructLayout({"first": 1, "last": 1, "nonfinite": 1})
+        dot_tag = data.StructLayout({"term": term, "w_exp": 5, "x_exp": 5})
+        m.submodules.dot = dot = BlockDot(tag=dot_tag)
+        wa, xb = align_a.o.payload, align_b.o.payload
+        m.d.comb += [
+            dot.i.valid.eq(align_a.o.valid),
+            dot.i.payload.w.eq(wa.q),
+            dot.i.payload.x.eq(xb.q),
+            dot.i.payload.tag.term.first.eq(wa.tag.first),
+            dot.i.payload.tag.term.last.eq(wa.tag.last),
+            dot.i.payload.tag.term.nonfinite.eq(wa.nonfinite | xb.nonfinite),
+            dot.i.payload.tag.w_exp.eq(wa.exp),
+            dot.i.payload.tag.x_exp.eq(xb.exp),
+            dot.o.ready.eq(1),
+        ]
+        m.submodules.shift = shift = AccumulatorShift(sum_shape=dot.sum_shape, tag=term)
+        d = dot.o.payload
+        m.d.comb += [
+            shift.i.valid.eq(dot.o.valid),
+            shift.i.payload.sum.eq(d.sum),
+            shift.i.payload.w_exp.eq(d.tag.w_exp),
+            shift.i.payload.x_exp.eq(d.tag.x_exp),
+            shift.i.payload.xe_max.eq(xe_max),
+            shift.i.payload.tag.eq(d.tag.term),
+            shift.o.ready.eq(1),
+        ]
+        m.submodules.acc = acc = Accumulator()
+        s = shift.o.payload
+        nonfinite = Signal()  # any live element of a or b so far
+        with m.If(shift.o.valid):
+            m.d.sync += nonfinite.eq(s.tag.nonfinite | (nonfinite & ~s.tag.first))
+        m.d.comb += [
+            acc.i.valid.eq(shift.o.valid),
+            acc.i.payload.value.eq(s.value),
+            acc.i.payload.first.eq(s.tag.first),
+            acc.i.payload.last.eq(s.tag.last),
+            acc.o.ready.eq(1),
+        ]
+        m.submodules.round = rnd = AccToFP16()
+        m.d.comb += [
+            rnd.i.valid.eq(acc.o.valid),
+            rnd.i.payload.acc.eq(acc.o.payload.acc),
+            rnd.i.payload.lam.eq(xe_max + int(numerics.acc_lsb_exponent(0))),
+            rnd.i.payload.nonfinite.eq(nonfinite),
+            rnd.o.ready.eq(1),
+        ]
+        writes.append((rnd.o.valid, 0, rnd.o.payload.value.as_value(), Const(1, ROW_ELEMS), 1))
+
+        # ---- the write port: one source at a time ---------------------------------------------
+        w_valid = Signal()
+        w_last = Signal()
+        for valid, row, value, mask, last in writes:
+            with m.If(valid):
+                m.d.comb += [
+                    w_valid.eq(1),
+                    w_last.eq(last),
+                    self.write.addr.eq(dst_row + row),
+                    self.write.data.as_value().eq(value),
+                    self.write.mask.eq(mask),
+                ]
+
+        # ---- sequencing -----------------------------------------------------------------------
+        m.d.comb += self.done.payload.eq(op)
+        with m.FSM(name="vpu"):
+            with m.State("Idle"):
+                m.d.comb += self.cmd.ready.eq(1)
+                with m.If(self.cmd.valid):
+                    m.next = "Issue"
+            with m.State("Issue"):
+                m.d.comb += issuing.eq(1)
+                with m.If(i_last & pass1):
+                    m.d.sync += [beat.eq(0), pass1.eq(0)]
+                with m.Elif(i_last):
+                    m.next = "Drain"
+                with m.Else():
+                    m.d.sync += beat.eq(beat + 1)
+            with m.State("Drain"), m.If(w_valid & w_last):
+                m.next = "Respond"
+            with m.State("Respond"):
+                m.d.comb += [self.done.valid.eq(1), self.cmd.ready.eq(self.done.ready)]
+                with m.If(self.done.ready & self.cmd.valid):
+                    m.next = "Issue"
+                with m.Elif(self.done.ready):
+                    m.next = "Idle"
+        return m
