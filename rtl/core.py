@@ -134,11 +134,11 @@ class DecodeCore(wiring.Component):
                 dma.read.payload.offset.eq(fetch_off),
                 dma.read.payload.length.eq(fetch_n * stripe_elems),
             ]
-            with m.If(dma.read.ready & (fetch_left != 0)):
+            fetch_issue = dma.read.ready & (fetch_left != 0)
+            with m.If(fetch_issue):
                 m.d.sync += [
                     fetch_left.eq(fetch_left - fetch_n),
                     fetch_off.eq(fetch_off + fetch_n * g.beat_bytes),
-                    fetch_rows_left.eq(fetch_rows_left + fetch_n * rows_per_stripe),
                 ]
             # channel 0's beat is the low part of the first row of every stripe
             m.d.comb += [
@@ -152,9 +152,15 @@ class DecodeCore(wiring.Component):
                     if rows_per_stripe > 1
                     else 0
                 )
-                m.d.sync += fetch_rows_left.eq(fetch_rows_left - 1)
                 with m.If((fetch_left == 0) & (fetch_rows_left == 1)):
                     m.d.sync += fetching.eq(0)
+            # rows requested minus rows taken; a chunk can be issued in the cycle a row of the
+            # previous chunk is taken, so both updates go into one assignment
+            m.d.sync += fetch_rows_left.eq(
+                fetch_rows_left
+                + Mux(fetch_issue, fetch_n * rows_per_stripe, 0)
+                - (dma.rows.valid & dma.rows.ready)
+            )
         with m.Else():
             connect(m, ctrl.dma_read, dma.read)
 

@@ -112,7 +112,7 @@ class CoreTB:
     def pc(self) -> str:
         try:
             return str(int(self.dut.ctrl.pc.value))
-        except Exception:  # noqa: BLE001 - internal names differ between simulators
+        except Exception:  # internal names differ between simulators
             return "?"
 
     @staticmethod
@@ -211,7 +211,10 @@ class CoreTB:
 
         # status registers and the host helper
         assert (st.status, st.error_pc, st.error_code, st.tokens) == (
-            int(want.status), want.pc, want.halt_code, want.tokens
+            int(want.status),
+            want.pc,
+            want.halt_code,
+            want.tokens,
         ), (st, want)
         if want.status:
             try:
