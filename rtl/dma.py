@@ -577,13 +577,13 @@ class DMAEngine(wiring.Component):
     spends one cycle per command picking it up, then moves one tile per cycle (``tiles``), one
     row per cycle (``rows``; a stripe of ``lanes`` rows is loaded as the previous stripe's last
     row leaves) or one word. Sustained, ``tiles`` moves one tile per cycle whenever every
-    channel's memory delivers a beat per cycle. Stores are planned in 5 cycles too; then VECTOR
+    channel's memory delivers a beat per cycle. Stores are planned in 6 cycles; then VECTOR
     takes a row per cycle and writes a stripe every ``lanes`` rows, ROW writes one beat per row
     and cycle, COL ``64/lanes`` beats per row.
     """
 
     PLAN_CYCLES = 5
-    """Cycles from accepting a command to its first run (or its range error)."""
+    """Cycles from accepting a read command to offering its first run to the channels."""
 
     def __init__(
         self,

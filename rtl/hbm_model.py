@@ -34,6 +34,7 @@ from tandem import regmap
 from tandem.geometry import CoreGeometry
 
 from .axi import AXI4Signature, Resp
+from .dma import _check_int
 
 __all__ = [
     "MEMORY_MODULE",
@@ -134,13 +135,6 @@ def read_hex(path: os.PathLike, beat_bytes: int) -> np.ndarray:
             continue
         words.append(bytes.fromhex(line.zfill(2 * beat_bytes))[::-1])
     return np.frombuffer(b"".join(words), np.uint8).copy()
-
-
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {bound}, not {value!r}")
-    return value
 
 
 class HBMChannelModel(wiring.Component):

@@ -492,24 +492,15 @@ def random_stores(tb: DmaTB, n: int) -> list[tuple[dict, int]]:
             if span >= BUFFER:
                 continue
             offset = rng.randrange(0, (BUFFER - span) // 64) * 64
-            if kind is StoreKind.ROW:
-                c = store_command(
-                    kind,
-                    offset=offset,
-                    index=rng.randrange(rows),
-                    length=rng.randint(0, cols),
-                    cols=cols,
-                    stride=stride,
-                )
-            else:
-                c = store_command(
-                    kind,
-                    offset=offset,
-                    index=rng.randrange(cols),
-                    length=rng.randint(0, rows),
-                    cols=cols,
-                    stride=stride,
-                )
+            along, across = (rows, cols) if kind is StoreKind.ROW else (cols, rows)
+            c = store_command(
+                kind,
+                offset=offset,
+                index=rng.randrange(along),
+                length=rng.randint(0, across),
+                cols=cols,
+                stride=stride,
+            )
         else:
             c = store_command(
                 kind, offset=rng.randrange(0, BUFFER // 4) * 4, value=rng.getrandbits(32)
