@@ -18,6 +18,14 @@ from tandem.sim import runner
 TB = Path(__file__).with_name("core_tb.py")
 
 
+def _sims():
+    """Verilator in the default suite; Icarus runs the 12 MB core at a few cycles per second of
+    wall time (the MPU alone measured ~90 cycles/s), so its cases are marked slow."""
+    return [
+        pytest.param(s, marks=pytest.mark.slow) if s == "icarus" else s for s in runner.simulators()
+    ]
+
+
 @functools.cache
 def _design():
     core = DecodeCore(geometry("tiny"))
@@ -38,12 +46,12 @@ def run_cases(sim, cases, name="core-tiny"):
     )
 
 
-@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize("sim", _sims())
 def test_tiny_prompt_1(sim):
     run_cases(sim, [{"cfg": "test-tiny", "prompt": [7], "n_new": 3}])
 
 
-@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize("sim", _sims())
 def test_errors_then_clean_run(sim):
     """An illegal opcode, then an hbm_bytes that only covers the control area: status bits and
     ERROR_PC as IsaSim, KernelStatus.check() raises; then a clean run on a fresh image, with no
@@ -58,7 +66,7 @@ def test_errors_then_clean_run(sim):
     )
 
 
-@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize("sim", _sims())
 def test_odd_8_tokens_with_stalls(sim):
     """The second model (3 heads, vocab 97), 8 generated tokens, random pauses on every AXI
     channel of all four memories and the control port."""
@@ -66,7 +74,7 @@ def test_odd_8_tokens_with_stalls(sim):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize("sim", _sims())
 def test_context_full(sim):
     """A prompt that reaches the context limit: the tokens that fit, then CONTEXT_FULL."""
     n_ctx = 48  # test-odd
