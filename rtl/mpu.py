@@ -140,8 +140,13 @@ class MatrixUnit(wiring.Component):
     with the unit latencies of rtl/arith.py (:attr:`latencies`): BlockAlign ``A`` = 2,
     BlockDot ``D`` = 4, AccumulatorShift ``H`` = 2, AccToFP16 ``R`` = 3. The x load is
     ``n_cb`` cycles at one block per cycle. Commands do not overlap: the next one is accepted
-    after the last output transfer. A command with no live rows or no live columns takes 2
-    cycles, consumes nothing and produces no result rows (argmax: index 0).
+    after the last output transfer.
+
+    Degenerate commands, as :mod:`tandem.sim.isasim` defines them: with no live column the unit
+    takes neither x nor tiles but computes as if on one all-zero block (``n_cb`` = 1 in the
+    formula; the result rows are the bias rounded, or +0, and the bias stream is consumed as
+    usual). With no live row it takes nothing but the command and produces no rows (argmax:
+    index 0), in 2 cycles.
     """
 
     def __init__(self, geom: CoreGeometry, *, max_cols: int | None = None):
@@ -257,8 +262,9 @@ class MatrixUnit(wiring.Component):
 
     def cycles(self, n_groups: int, n_cb: int, *, argmax: bool = False) -> int:
         """The documented cycle count of one command whose streams never stall (see Timing)."""
-        if n_groups == 0 or n_cb == 0:
+        if n_groups == 0:
             return 2
+        n_cb = max(n_cb, 1)  # no live column: one all-zero block of the unit's own
         tail = self.argmax_latency if argmax else self.drain_latency
         return 1 + n_cb + self.x_latency + n_groups * n_cb * self._stride + tail
 
@@ -279,7 +285,6 @@ class MatrixUnit(wiring.Component):
         cmd = self.cmd.payload
         last_cb = Signal(range(xb))
         last_grp = Signal(range(_MAX_GROUPS))
-        col_mask = Signal(BLOCK)  # live columns of the last column block
         do_bias = Signal()
         do_argmax = Signal()
         rows_left = Signal(17)  # live rows from the current group on
@@ -304,22 +309,27 @@ class MatrixUnit(wiring.Component):
         x_in = Signal(Block)
         # Dead columns of the last block become +0 by one wide AND with an element mask, not per
         # element: simulators (Icarus most of all) re-run a piecewise-written register's whole
-        # process for every changed piece, which made the tile path 10x slower.
-        last_keep = Signal(BLOCK * 16)  # col_mask, each bit widened to an element
-        m.d.comb += last_keep.eq(Cat(*(col_mask[j].replicate(16) for j in range(BLOCK))))
+        # process for every changed piece, which made the tile path 10x slower. The mask is a
+        # register so that its uses stay one name in the Verilog (Verilator refuses lines of
+        # over 40,000 tokens, which a mask expanded bit by bit into 16 lanes makes).
+        last_keep = Signal(BLOCK * 16)  # all ones for live columns of the last block
         xv = [Signal(name=f"x_valid{i}") for i in range(A + 1)]
         xa = [Signal(range(xb), name=f"x_addr{i}") for i in range(A + 1)]
         for i in range(A):
             m.d.sync += [xv[i + 1].eq(xv[i]), xa[i + 1].eq(xa[i])]
         xe_max = Signal(5)
         x_nonfinite = Signal()
-        x_handshake = self.x.valid & self.x.ready
-        m.d.sync += [xv[0].eq(x_handshake), xa[0].eq(x_count)]
+        # With no live column the unit computes on one all-zero x block and all-zero tiles of
+        # its own (consuming neither stream), as the ISA simulator defines: results = bias.
+        no_cols = Signal()
+        loading = Signal()
+        x_take = loading & (self.x.valid | no_cols)
+        m.d.comb += self.x.ready.eq(loading & ~no_cols)
+        m.d.sync += [xv[0].eq(x_take), xa[0].eq(x_count)]
         x_last_block = x_count == last_cb
-        with m.If(x_handshake):
-            m.d.sync += x_in.eq(
-                self.x.payload.as_value() & Mux(x_last_block, last_keep, Const(-1, BLOCK * 16))
-            )
+        with m.If(x_take):
+            x_keep = Mux(x_last_block, last_keep, Const(-1, BLOCK * 16))
+            m.d.sync += x_in.eq(Mux(no_cols, 0, self.x.payload.as_value() & x_keep))
         xo = x_align.o.payload
         m.d.comb += [
             x_align.i.payload.x.as_value().eq(x_in.as_value()),
@@ -369,11 +379,10 @@ class MatrixUnit(wiring.Component):
         need_out = is_group_end & ~do_argmax
         need_bias = is_last_cb & (rb == 0) & do_bias
         streaming = Signal()
-        m.d.comb += self.weights.ready.eq(
-            streaming & (~need_out | (out_free != 0)) & (~need_bias | (bias_avail != 0))
-        )
-        w_handshake = self.weights.valid & self.weights.ready
-        m.d.comb += [out_claim.eq(w_handshake & need_out), bias_claim.eq(w_handshake & need_bias)]
+        can_take = streaming & (~need_out | (out_free != 0)) & (~need_bias | (bias_avail != 0))
+        m.d.comb += self.weights.ready.eq(can_take & ~no_cols)
+        tile_take = can_take & (self.weights.valid | no_cols)
+        m.d.comb += [out_claim.eq(tile_take & need_out), bias_claim.eq(tile_take & need_bias)]
 
         tag_layout = data.StructLayout(
             {
@@ -395,7 +404,7 @@ class MatrixUnit(wiring.Component):
         for lane in range(lanes):
             m.d.comb += live[lane].eq(rb * lanes + lane < rows_left)
         m.d.sync += [
-            tags[0].valid.eq(w_handshake),
+            tags[0].valid.eq(tile_take),
             tags[0].rb.eq(rb),
             tags[0].cb.eq(cb),
             tags[0].grp.eq(grp),
@@ -408,8 +417,8 @@ class MatrixUnit(wiring.Component):
         tile_in = Signal(data.ArrayLayout(Block, lanes))
         w_keep = Signal(BLOCK * 16 * lanes)
         m.d.comb += w_keep.eq(Mux(is_last_cb, last_keep.replicate(lanes), Const(-1, len(w_keep))))
-        with m.If(w_handshake):
-            m.d.sync += tile_in.eq(self.weights.payload.as_value() & w_keep)
+        with m.If(tile_take):
+            m.d.sync += tile_in.eq(Mux(no_cols, 0, self.weights.payload.as_value() & w_keep))
             with m.If(rb == stride - 1):
                 m.d.sync += rb.eq(0)
                 with m.If(is_last_cb):
@@ -579,9 +588,10 @@ class MatrixUnit(wiring.Component):
                     rem = eff_cols[:6]
                     m.d.sync += [
                         last_grp.eq(cmd_groups - 1),
-                        last_cb.eq(cmd_cbs - 1),
-                        col_mask.eq(
-                            Mux(rem == 0, Const(-1, BLOCK), (Const(1, BLOCK + 1) << rem) - 1)
+                        last_cb.eq(Mux(cmd_cbs == 0, 0, cmd_cbs - 1)),
+                        no_cols.eq(cmd_cbs == 0),
+                        last_keep.eq(
+                            Cat(*(((rem == 0) | (j < rem)).replicate(16) for j in range(BLOCK)))
                         ),
                         do_bias.eq(cmd.flags.bias),
                         do_argmax.eq(cmd.flags.argmax),
@@ -597,14 +607,13 @@ class MatrixUnit(wiring.Component):
                         best.index.eq(0),
                         amax_done.eq(0),
                     ]
-                    with m.If((cmd_groups == 0) | (cmd_cbs == 0)):
-                        m.d.sync += bias_todo.eq(0)
+                    with m.If(cmd_groups == 0):
                         m.next = "Finish"
                     with m.Else():
                         m.next = "Load-X"
             with m.State("Load-X"):
-                m.d.comb += self.x.ready.eq(1)
-                with m.If(self.x.valid):
+                m.d.comb += loading.eq(1)
+                with m.If(x_take):
                     m.d.sync += x_count.eq(x_count + 1)
                     with m.If(x_last_block):
                         m.next = "Wait-X"
@@ -613,7 +622,7 @@ class MatrixUnit(wiring.Component):
                 m.next = "Stream"
             with m.State("Stream"):
                 m.d.comb += streaming.eq(1)
-                with m.If(w_handshake & is_cmd_end):
+                with m.If(tile_take & is_cmd_end):
                     m.next = "Drain"
             with m.State("Drain"):
                 with m.If(do_argmax):
@@ -622,7 +631,7 @@ class MatrixUnit(wiring.Component):
                         m.next = "Idle"
                 with m.Elif(out_free == rd):
                     m.next = "Idle"
-            with m.State("Finish"):  # nothing live: no rows; argmax reports index 0
+            with m.State("Finish"):  # no live row: no result rows; argmax reports index 0
                 with m.If(do_argmax):
                     m.d.comb += self.argmax.valid.eq(1)
                     with m.If(self.argmax.ready):

@@ -95,4 +95,5 @@ def test_cycle_formula_counts_one_cycle_per_tile():
     assert mpu.cycles(16, 16) - one == 15 + (16 * 16 - 1) * 4
     assert mpu.cycles(16, 1) - one == 15 * 4
     assert mpu.cycles(1, 1, argmax=True) - one == mpu.argmax_latency - mpu.drain_latency
-    assert mpu.cycles(0, 5) == mpu.cycles(5, 0) == 2
+    assert mpu.cycles(0, 5) == 2  # no live row: the command only
+    assert mpu.cycles(5, 0) == mpu.cycles(5, 1)  # no live column: one all-zero block
