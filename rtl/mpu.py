@@ -2,7 +2,7 @@
 
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -452,13 +452,10 @@ class MatrixUnit(wiring.Component):
 
         t_acc = tags[K]
         t_fin = tags[K + 1]
-        acc = [
-            Array(Signal(signed(64), name=f"acc{ln}_{i}") for i in range(stride))
-            for ln in range(lanes)
-        ]
-        acc_nf = [
-            Array(Signal(name=f"acc_nf{ln}_{i}") for i in range(stride)) for ln in range(lanes)
-        ]
+        # Each lane's 64/lanes accumulators (and their non-finite flags) are a small memory
+        # read asynchronously at the accumulate stage and written at its end: distributed RAM
+        # on the FPGA, and one process in a simulator instead of one per accumulator.
+        acc_entry = data.StructLayout({"value": signed(64), "nonfinite": 1})
         fin = [Signal(signed(64), name=f"fin{ln}") for ln in range(lanes)]
         fin_b = [Signal(signed(64), name=f"fin_b{ln}") for ln in range(lanes)]
         fin_nf = Signal(lanes)
@@ -501,13 +498,23 @@ class MatrixUnit(wiring.Component):
             b_nf = delay(b_field == 31, H, f"b_nf{lane}")
 
             # accumulate (stage K): the first column block starts the row afresh
-            base = Mux(t_acc.first, 0, acc[lane][t_acc.rb])
-            base_nf = Mux(t_acc.first, 0, acc_nf[lane][t_acc.rb])
+            accs = Memory(shape=acc_entry, depth=stride, init=[])
+            m.submodules[f"acc{lane}"] = accs
+            acc_rd = accs.read_port(domain="comb")
+            acc_wr = accs.write_port()
+            base = Mux(t_acc.first, 0, acc_rd.data.value)
+            base_nf = Mux(t_acc.first, 0, acc_rd.data.nonfinite)
             s = Signal(signed(64), name=f"sum{lane}")
             s_nf = Signal(name=f"sum_nf{lane}")
-            m.d.comb += [s.eq(base + shift.o.payload.value), s_nf.eq(base_nf | w_nf)]
-            with m.If(t_acc.valid):
-                m.d.sync += [acc[lane][t_acc.rb].eq(s), acc_nf[lane][t_acc.rb].eq(s_nf)]
+            m.d.comb += [
+                acc_rd.addr.eq(t_acc.rb),
+                s.eq(base + shift.o.payload.value),
+                s_nf.eq(base_nf | w_nf),
+                acc_wr.addr.eq(t_acc.rb),
+                acc_wr.data.value.eq(s),
+                acc_wr.data.nonfinite.eq(s_nf),
+                acc_wr.en.eq(t_acc.valid & ~t_acc.last),  # a last block's sum leaves as `fin`
+            ]
             # final sums only move when there is one (fewer toggles, in silicon and simulators)
             with m.If(t_acc.valid & t_acc.last):
                 m.d.sync += [
@@ -532,16 +539,17 @@ class MatrixUnit(wiring.Component):
         vals = Signal(data.ArrayLayout(unsigned(16), lanes))
         for lane in range(lanes):
             m.d.comb += vals[lane].eq(Mux(t_out.live[lane], rounded[lane], 0))
-        row = Array(
-            Signal(data.ArrayLayout(unsigned(16), lanes), name=f"row{i}") for i in range(stride)
-        )
+        # Row blocks of a group arrive in order (rb = 0, 1, ...): shift them into the row, so
+        # that the group's last one completes it; the row is written whole, never piecewise.
         out_valid = t_out.valid & t_out.last
-        with m.If(out_valid):
-            m.d.sync += row[t_out.rb].eq(vals)
-        m.d.comb += [
-            out_fifo.w_data.eq(Cat(*[row[i].as_value() for i in range(stride - 1)], vals)),
-            out_fifo.w_en.eq(out_valid & t_out.group_end & ~do_argmax),
-        ]
+        if stride > 1:
+            row = Signal((stride - 1) * lanes * 16)  # row blocks 0 .. stride-2 of the group
+            with m.If(out_valid):
+                m.d.sync += row.eq(Cat(row[lanes * 16 :], vals))
+            m.d.comb += out_fifo.w_data.eq(Cat(row, vals))
+        else:
+            m.d.comb += out_fifo.w_data.eq(vals)
+        m.d.comb += out_fifo.w_en.eq(out_valid & t_out.group_end & ~do_argmax)
 
         # ---- argmax (stage K+2 .. AM) ---------------------------------------------------------
         cand_layout = data.StructLayout({"valid": 1, "value": signed(64), "index": 16})
