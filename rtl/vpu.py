@@ -134,20 +134,24 @@ class RowMax(wiring.Component):
         p = _stream_pipe(m, self.i, self.o, name="rowmax")
         xs = [self.i.payload.x[k] for k in range(ROW_ELEMS)]
 
-        def levels(values, n):
-            for _ in range(n):
-                values = [Mux(a > b, a, b) for a, b in zip(values[0::2], values[1::2], strict=True)]
+        def levels(values, n, name):
+            # Each level is a Signal: a Mux tree of expressions would repeat its inputs at every
+            # level (2**n copies in the generated Verilog, slow to convert and simulate).
+            for lv in range(n):
+                pairs = list(zip(values[0::2], values[1::2], strict=True))
+                values = [Signal(16, name=f"{name}{lv}_{k}") for k in range(len(pairs))]
+                for v, (a, b) in zip(values, pairs, strict=True):
+                    m.d.comb += v.eq(Mux(a > b, a, b))
             return values
 
+        keys = [Signal(16, name=f"key{k}") for k in range(ROW_ELEMS)]
+        m.d.comb += [key.eq(_order_key(x)) for key, x in zip(keys, xs, strict=True)]
         nan = Cat(*((x[:15] > 0x7C00) for x in xs)).any()
-        s1 = [
-            p.reg(v, 16, name=f"s1_key{k}")
-            for k, v in enumerate(levels([_order_key(x) for x in xs], 3))
-        ]
+        s1 = [p.reg(v, 16, name=f"s1_key{k}") for k, v in enumerate(levels(keys, 3, "max_a"))]
         s1_nan = p.reg(nan, 1, name="s1_nan")
         s1_tag = p.reg(self.i.payload.tag, self._tag, name="s1_tag")
         v1 = p.valid_chain(self.i.valid, 1, name="rowmax_valid")
-        (top,) = levels(s1, 3)
+        (top,) = levels(s1, 3, "max_b")
         with m.If(p.en):
             m.d.sync += [
                 self.o.payload.key.eq(top),
@@ -517,12 +521,22 @@ class VectorUnit(wiring.Component):
             t = unit.i.payload.tag
             return [t.row.eq(s2_row), t.mask.eq(s2_mask), t.last.eq(s2_last)]
 
-        def lane_group(name, n, make, drive, valid):
+        def isolate(value, valid):
+            """Operand isolation: a unit sees zeros unless its op is running, so idle units do
+            not toggle (less power; and Icarus re-evaluates a wide unit for every input
+            change, which made simulation 30x slower)."""
+            return Mux(valid, value, 0)
+
+        def lane_group(name, n, make, operands, valid):
             units = []
             for k in range(n):
                 u = make(wtag if k == 0 else unsigned(0))
                 m.submodules[f"{name}{k}"] = u
-                m.d.comb += [u.i.valid.eq(valid), u.o.ready.eq(1), *drive(u, k)]
+                m.d.comb += [u.i.valid.eq(valid), u.o.ready.eq(1)]
+                m.d.comb += [
+                    getattr(u.i.payload, port).eq(isolate(row[k], valid))
+                    for port, row in operands.items()
+                ]
                 units.append(u)
             m.d.comb += set_tag(units[0])
             o = units[0].o
@@ -536,24 +550,22 @@ class VectorUnit(wiring.Component):
                     o.payload.tag.last,
                 )
             )
+            return units
 
         is_sub = op == VectorOp.VSUB
-        lane_group(
+        adders = lane_group(
             "add",
             self._lanes,
             lambda tag: FP16Add(tag=tag),
-            lambda u, k: [
-                u.i.payload.a.eq(s2_a[k]),
-                u.i.payload.b.eq(s2_b[k]),
-                u.i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)),
-            ],
+            {"a": s2_a, "b": s2_b},
             s2_valid & ((op == VectorOp.VADD) | is_sub),
         )
+        m.d.comb += [u.i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)) for u in adders]
         lane_group(
             "mul",
             self._lanes,
             lambda tag: FP16Mul(tag=tag),
-            lambda u, k: [u.i.payload.a.eq(s2_a[k]), u.i.payload.b.eq(s2_b[k])],
+            {"a": s2_a, "b": s2_b},
             s2_valid & (op == VectorOp.VMUL),
         )
         for t_op, f in TABLE_OPS.items():
@@ -561,7 +573,7 @@ class VectorUnit(wiring.Component):
                 f,
                 self._table_lanes[f],
                 lambda tag, f=f: FP16Table(f, tag=tag),
-                lambda u, k: [u.i.payload.x.eq(s2_a[k])],
+                {"x": s2_a},
                 s2_valid & (op == t_op),
             )
 
@@ -571,9 +583,10 @@ class VectorUnit(wiring.Component):
         # VMAX: row maxima, then the running maximum over the rows.
         flags = data.StructLayout({"first": 1, "last": 1})
         m.submodules.rowmax = rowmax = RowMax(tag=flags)
+        max_valid = s2_valid & (op == VectorOp.VMAX)
         m.d.comb += [
-            rowmax.i.valid.eq(s2_valid & (op == VectorOp.VMAX)),
-            rowmax.i.payload.x.eq(s2_a),
+            rowmax.i.valid.eq(max_valid),
+            rowmax.i.payload.x.eq(isolate(s2_a.as_value(), max_valid)),
             rowmax.i.payload.tag.first.eq(s2_first),
             rowmax.i.payload.tag.last.eq(s2_last),
             rowmax.o.ready.eq(1),
@@ -594,14 +607,16 @@ class VectorUnit(wiring.Component):
         # VDOT: a is the weight side, b the input side (numerics.dot_fp16).
         m.submodules.align_a = align_a = BlockAlign(tag=flags)
         m.submodules.align_b = align_b = BlockAlign(tag=unsigned(1))  # pass 1
+        dot_a_valid = s2_valid & (op == VectorOp.VDOT) & ~s2_pass1
+        dot_b_valid = s2_valid & (op == VectorOp.VDOT)
         m.d.comb += [
-            align_a.i.valid.eq(s2_valid & (op == VectorOp.VDOT) & ~s2_pass1),
-            align_a.i.payload.x.eq(s2_a),
+            align_a.i.valid.eq(dot_a_valid),
+            align_a.i.payload.x.eq(isolate(s2_a.as_value(), dot_a_valid)),
             align_a.i.payload.tag.first.eq(s2_first),
             align_a.i.payload.tag.last.eq(s2_last),
             align_a.o.ready.eq(1),
-            align_b.i.valid.eq(s2_valid & (op == VectorOp.VDOT)),
-            align_b.i.payload.x.eq(s2_b),
+            align_b.i.valid.eq(dot_b_valid),
+            align_b.i.payload.x.eq(isolate(s2_b.as_value(), dot_b_valid)),
             align_b.i.payload.tag.eq(s2_pass1),
             align_b.o.ready.eq(1),
         ]
