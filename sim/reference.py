@@ -113,7 +113,7 @@ def block(
 def layer_params(weights: Weights, i: int, dtype=np.float32) -> dict[str, np.ndarray]:
     """Block ``i``'s weights keyed without the ``h.{i}.`` prefix, cast to ``dtype``."""
     p = f"h.{i}."
-    return {k[len(p):]: np.asarray(w, dtype=dtype) for k, w in weights.items() if k.startswith(p)}
+    return {k[len(p) :]: np.asarray(w, dtype=dtype) for k, w in weights.items() if k.startswith(p)}
 
 
 @dataclass

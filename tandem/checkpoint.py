@@ -37,14 +37,22 @@ def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
     }
     for i in range(cfg.n_layer):
         p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (e,), p + "ln_1.bias": (e,),
-            p + "attn.c_attn.weight": (e, 3 * e), p + "attn.c_attn.bias": (3 * e,),
-            p + "attn.c_proj.weight": (e, e), p + "attn.c_proj.bias": (e,),
-            p + "ln_2.weight": (e,), p + "ln_2.bias": (e,),
-            p + "mlp.c_fc.weight": (e, f), p + "mlp.c_fc.bias": (f,),
-            p + "mlp.c_proj.weight": (f, e), p + "mlp.c_proj.bias": (e,),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (e,),
+                p + "ln_1.bias": (e,),
+                p + "attn.c_attn.weight": (e, 3 * e),
+                p + "attn.c_attn.bias": (3 * e,),
+                p + "attn.c_proj.weight": (e, e),
+                p + "attn.c_proj.bias": (e,),
+                p + "ln_2.weight": (e,),
+                p + "ln_2.bias": (e,),
+                p + "mlp.c_fc.weight": (e, f),
+                p + "mlp.c_fc.bias": (f,),
+                p + "mlp.c_proj.weight": (f, e),
+                p + "mlp.c_proj.bias": (e,),
+            }
+        )
     shapes["ln_f.weight"] = (e,)
     shapes["ln_f.bias"] = (e,)
     return shapes
@@ -86,7 +94,7 @@ def validate(cfg: GPT2Config, weights: Weights, *, source: str | os.PathLike | N
 
 
 def _strip_prefix(raw: dict[str, np.ndarray]) -> Weights:
-    return {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): v for k, v in raw.items()}
+    return {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in raw.items()}
 
 
 def _as_f32(x) -> np.ndarray:
@@ -144,9 +152,7 @@ def _weight_files(d: Path) -> Iterator[Path]:
                 raise CheckpointError(f"bad shard index {d / index}: {err}") from err
             yield from (d / name for name in sorted(set(weight_map.values())))
             return
-    raise CheckpointError(
-        f"no weights in {d}: expected model.safetensors or pytorch_model.bin"
-    )
+    raise CheckpointError(f"no weights in {d}: expected model.safetensors or pytorch_model.bin")
 
 
 def load_config(directory: str | os.PathLike) -> GPT2Config:

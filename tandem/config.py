@@ -58,12 +58,13 @@ class GPT2Config:
                 raise ValueError(f"GPT2Config.{field} must be a positive int, not {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
-                f"GPT2Config.n_embd ({self.n_embd}) must be a multiple of "
-                f"n_head ({self.n_head})"
+                f"GPT2Config.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"
             )
         eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not (
-            math.isfinite(eps) and eps > 0
+        if (
+            isinstance(eps, bool)
+            or not isinstance(eps, int | float)
+            or not (math.isfinite(eps) and eps > 0)
         ):
             raise ValueError(
                 f"GPT2Config.layer_norm_epsilon must be a positive finite number, not {eps!r}"
@@ -85,11 +86,15 @@ class GPT2Config:
         e, f = self.n_embd, self.n_inner
         per_layer = (
             2 * e  # ln_1
-            + e * 3 * e + 3 * e  # attn.c_attn
-            + e * e + e  # attn.c_proj
+            + e * 3 * e
+            + 3 * e  # attn.c_attn
+            + e * e
+            + e  # attn.c_proj
             + 2 * e  # ln_2
-            + e * f + f  # mlp.c_fc
-            + f * e + e  # mlp.c_proj
+            + e * f
+            + f  # mlp.c_fc
+            + f * e
+            + e  # mlp.c_proj
         )
         total = self.n_vocab * e + self.n_ctx * e + self.n_layer * per_layer + 2 * e
         if include_lm_head:
@@ -206,6 +211,4 @@ def preset(name: str) -> GPT2Config:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}"
-        ) from None
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None

@@ -23,8 +23,10 @@ def test_errors_are_reported_not_raised(capsys):
     assert main(["generate", "--preset", "test-tiny", "--prompt", "hi"]) == 2
     assert "--prompt-ids" in capsys.readouterr().err
     # The core never feeds the last token back: 1 prompt + 64 new tokens fit n_ctx = 64, 65 don't.
-    assert main(["generate", "--preset", "test-tiny", "--prompt-ids", "1", "--max-new-tokens",
-                 "65"]) == 2
+    assert (
+        main(["generate", "--preset", "test-tiny", "--prompt-ids", "1", "--max-new-tokens", "65"])
+        == 2
+    )
     assert "exceeds the context of 64" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", "/nonexistent/ckpt"]) == 2
     assert "does not exist" in capsys.readouterr().err

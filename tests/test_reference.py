@@ -179,4 +179,3 @@ def test_decode_step_rejects_bad_cache_and_overflow(tiny):
         ref.decode_step(weights, cfg, 1, cache)
     with pytest.raises(ValueError, match="out of range"):
         ref.decode_step(weights, cfg, cfg.n_vocab, cache)
-
