@@ -115,6 +115,54 @@ class CoreTB:
         except Exception:  # internal names differ between simulators
             return "?"
 
+    DEBUG = (
+        "mpu_active",
+        "store_active",
+        "cmd_sent",
+        "rd_phase",
+        "rd_i",
+        "rd_wait",
+        "held",
+        "res_i",
+        "st_cmd_sent",
+        "st_i",
+        "st_rows",
+        "st_wait",
+        "st_held",
+        "loadv_rows",
+        "fetching",
+        "fetch_rows_left",
+        "vpu_busy",
+        "busy",
+        "read_idle",
+        "write_idle",
+        "mpu__valid",
+        "mpu__ready",
+        "x__valid",
+        "x__ready",
+        "bias__valid",
+        "bias__ready",
+        "result__valid",
+        "argmax__valid",
+        "store__valid",
+        "store__ready",
+        "store_data__valid",
+        "store_data__ready",
+        "dma_store__valid",
+        "rows__valid",
+        "rows__ready",
+    )
+
+    def dump_state(self) -> None:
+        """Top-level feeder state, for a run that did not finish."""
+        vals = []
+        for name in self.DEBUG:
+            try:
+                vals.append(f"{name}={int(getattr(self.dut, name).value):#x}")
+            except Exception:  # not visible on this simulator
+                vals.append(f"{name}=?")
+        self.log.error("state at timeout: pc %s %s", self.pc(), " ".join(vals))
+
     @staticmethod
     def base(ch: int) -> int:
         return (ch + 1) * BASE_STEP
@@ -191,12 +239,16 @@ class CoreTB:
 
         start = self.cycles
         t0 = time.monotonic()
-        st = await self.driver.run(
-            args,
-            {ch: self.base(ch) for ch in range(GEOM.channels)},
-            poll=poll,
-            max_polls=max_cycles // POLL_CYCLES + 1,
-        )
+        try:
+            st = await self.driver.run(
+                args,
+                {ch: self.base(ch) for ch in range(GEOM.channels)},
+                poll=poll,
+                max_polls=max_cycles // POLL_CYCLES + 1,
+            )
+        except TimeoutError:
+            self.dump_state()
+            raise
         took = self.cycles - start
         wall = time.monotonic() - t0
         self.log.info(
