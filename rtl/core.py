@@ -184,6 +184,13 @@ class DecodeCore(wiring.Component):
             ctrl.dma_word.payload.eq(dma.word.payload),
         ]
 
+        # ---- MATVEC weights: DMA tiles straight into the MPU --------------------------------
+        m.d.comb += [
+            mpu.weights.valid.eq(dma.tiles.valid),
+            mpu.weights.payload.eq(dma.tiles.payload),
+            dma.tiles.ready.eq(mpu.weights.ready),
+        ]
+
         # ---- MPU feeder ---------------------------------------------------------------------
         issue = Signal(MpuIssue)
         mpu_active = Signal()
