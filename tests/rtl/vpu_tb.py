@@ -346,6 +346,8 @@ def random_command(rng, rows: int) -> Command:
     dst = a if mode < 0.25 else b if mode < 0.4 and not b_scalar else None
     if dst is None or not all(_equal_or_disjoint(dst, v, n) for v in vectors):
         dst = _disjoint(rng, rows, n, vectors)
+    if dst is None:  # a and b overlap and leave no room: b in place of a
+        b, dst = a, _disjoint(rng, rows, n, [a])
     return Command(op, dst, a, b, length, b_scalar)
 
 
@@ -353,9 +355,10 @@ def _equal_or_disjoint(x: int, y: int, n: int) -> bool:
     return x == y or x + n * ROW_ELEMS <= y or y + n * ROW_ELEMS <= x
 
 
-def _disjoint(rng, rows: int, n: int, taken: list[int]) -> int:
+def _disjoint(rng, rows: int, n: int, taken: list[int]) -> int | None:
     """A start row for ``n`` rows equal to or disjoint from each ``n``-row operand at ``taken``,
-    preferring disjoint ones (in place on the first operand if nothing else fits)."""
+    preferring disjoint ones (in place on an operand if nothing else fits); None if neither
+    exists."""
     for _ in range(100):
         d = int(rng.integers(0, rows - n + 1)) * ROW_ELEMS
         if all(d + n * ROW_ELEMS <= t or t + n * ROW_ELEMS <= d for t in taken):
@@ -363,7 +366,7 @@ def _disjoint(rng, rows: int, n: int, taken: list[int]) -> int:
     for d in taken:
         if all(_equal_or_disjoint(d, t, n) for t in taken):
             return d
-    raise AssertionError(f"no legal destination for operands at {taken} of {n} rows")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
