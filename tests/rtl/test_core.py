@@ -15,10 +15,9 @@ from tandem.rtl.axi import vitis_ports
 from tandem.rtl.core import TOPLEVEL, DecodeCore
 from tandem.sim import runner
 
-# The end-to-end core does not pass yet (issue 4: the first run times out waiting for ap_done).
-# Until it does, these cases are excluded from the default suite by the `pending` marker; run
-# them with `python -m pytest -m pending tests/rtl/test_core.py`.
-pytestmark = pytest.mark.pending
+# test_tiny_prompt_1 passes on Verilator (bit-exact with IsaSim, whole memory). The other cases
+# have not been run yet since the weights fix; they stay `pending` (excluded by default) until
+# they are seen passing: `python -m pytest -m pending tests/rtl/test_core.py`.
 
 TB = Path(__file__).with_name("core_tb.py")
 
@@ -56,6 +55,7 @@ def test_tiny_prompt_1(sim):
     run_cases(sim, [{"cfg": "test-tiny", "prompt": [7], "n_new": 3, "max_cycles": 60_000}])
 
 
+@pytest.mark.pending
 @pytest.mark.parametrize("sim", _sims())
 def test_errors_then_clean_run(sim):
     """An illegal opcode, then an hbm_bytes that only covers the control area: status bits and
@@ -71,6 +71,7 @@ def test_errors_then_clean_run(sim):
     )
 
 
+@pytest.mark.pending
 @pytest.mark.parametrize("sim", _sims())
 def test_odd_8_tokens_with_stalls(sim):
     """The second model (3 heads, vocab 97), 8 generated tokens, random pauses on every AXI
@@ -78,6 +79,7 @@ def test_odd_8_tokens_with_stalls(sim):
     run_cases(sim, [{"cfg": "test-odd", "prompt": [3, 14, 15], "n_new": 8, "stall": 0.3}])
 
 
+@pytest.mark.pending
 @pytest.mark.slow
 @pytest.mark.parametrize("sim", _sims())
 def test_context_full(sim):
