@@ -390,7 +390,6 @@ class VectorUnit(wiring.Component):
         last_beat = Signal(17)  # of the main pass
         chunk_bits = Signal(range(7))  # log2(64 / lanes)
         last_mask = Signal(ROW_ELEMS)  # live elements of the last row
-        two_pass = Signal()
 
         log_lanes = Signal(range(7))
         with m.Switch(cmd.op):
@@ -413,10 +412,9 @@ class VectorUnit(wiring.Component):
                 last_beat.eq(Mux(empty, 0, length_m1 >> log_lanes)),
                 chunk_bits.eq(6 - log_lanes),
                 last_mask.eq(Mux(empty, 0, Mux(rem == 0, ones, (Const(1, 65) << rem) - 1))),
-                two_pass.eq((cmd.op == VectorOp.VDOT) & ~cmd.b_scalar),
             ]
 
-        # ---- issue: one beat (a row, or a chunk of a row for table ops) per cycle --------------
+        # ---- issue: one beat (a row, or a chunk of it for a narrower op) per cycle -------------
         issuing = Signal()
         beat = Signal(17)
         pass1 = Signal()  # VDOT's first pass over b
