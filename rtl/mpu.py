@@ -309,7 +309,7 @@ class MatrixUnit(wiring.Component):
         x_in = Signal(Block)
         # Dead columns of the last block become +0 by one wide AND with an element mask, not per
         # element: simulators (Icarus most of all) re-run a piecewise-written register's whole
-        # process for every changed piece, which made the tile path 10x slower. The mask is a
+        # process for every changed piece (it cost the tile path 1.8x on Icarus). The mask is a
         # register so that its uses stay one name in the Verilog (Verilator refuses lines of
         # over 40,000 tokens, which a mask expanded bit by bit into 16 lanes makes).
         last_keep = Signal(BLOCK * 16)  # all ones for live columns of the last block
