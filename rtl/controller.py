@@ -247,6 +247,10 @@ class Controller(wiring.Component):
             """VBUF operand [addr, addr + n) past the buffer (33-bit sum, no wrap)."""
             return (addr + n) > vbuf_elems
 
+        def partial(dst, src, n):
+            """[dst, dst + n) and [src, src + n) overlap at different starts (tandem.isa)."""
+            return (n != 0) & (dst != src) & (dst < src + n) & (src < dst + n)
+
         busy = self.busy
         vbuf_quiet = Signal()
         mpu_pending = Signal()
@@ -589,7 +593,9 @@ class Controller(wiring.Component):
             with m.Case(Op.MATVEC):
                 self._matvec(m, views[Op.MATVEC], c, retire)
             with m.Case(*(op for op, u in isa.UNITS.items() if u is isa.Unit.VPU)):
-                self._vector(m, views, opcode, pc, length, over, finish, retire, vbuf_quiet)
+                self._vector(
+                    m, views, opcode, pc, length, over, c.partial, finish, retire, vbuf_quiet
+                )
 
     def _matvec(self, m, v, c, retire):
         pc, reg, over, finish, pending = c.pc, c.reg, c.over, c.finish, c.pending
@@ -655,7 +661,7 @@ class Controller(wiring.Component):
                 m.d.sync += [argmax_pending.eq(1), argmax_rd.eq(v.rd)]
             retire()
 
-    def _vector(self, m, views, opcode, pc, length, over, finish, retire, vbuf_quiet):
+    def _vector(self, m, views, opcode, pc, length, over, partial, finish, retire, vbuf_quiet):
         Op = isa.Op
         for op in (op for op, u in isa.UNITS.items() if u is isa.Unit.VPU):
             with m.If(opcode == int(op)):
@@ -663,10 +669,15 @@ class Controller(wiring.Component):
                 n = Signal(32, name=f"len_{op.name.lower()}")
                 m.d.comb += n.eq(length(v))
                 bad = over(v.dst, 1 if op in (Op.VMAX, Op.VDOT) else n)
+                elementwise = op not in (Op.VMAX, Op.VDOT, Op.VSET)
                 if op is not Op.VSET:
                     bad |= over(v.a, n)
+                if elementwise:
+                    bad |= partial(v.dst, v.a, n)
                 if op in (Op.VADD, Op.VSUB, Op.VMUL, Op.VDOT):
                     bad |= over(v.b, Mux(v.flags[0], 1, n))
+                if op in (Op.VADD, Op.VSUB, Op.VMUL):
+                    bad |= ~v.flags[0] & partial(v.dst, v.b, n)
                 with m.If(bad):
                     finish(Status.VBUF_RANGE, pc)
                 with m.Elif(~self.vpu.valid & vbuf_quiet):

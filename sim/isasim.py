@@ -570,6 +570,17 @@ class IsaSim:
 
     # VPU -------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _no_partial_overlap(f, n: int, operand: str, name: str) -> None:
+        """An element-wise op's ``dst`` equals a vector operand or is disjoint from it
+        (tandem.isa: a partial overlap is ``VBUF_RANGE``)."""
+        d, s = f["dst"], f[operand]
+        if n and d != s and d < s + n and s < d + n:
+            raise _Stop(
+                Status.VBUF_RANGE,
+                f"{name} dst VBUF[{d}:{d + n}] partly overlaps {operand} VBUF[{s}:{s + n}]",
+            )
+
     def _binary(self, f, fn, name: str):
         n = self._len(f)
         a = self.vbuf[self._vb(f["a"], n, name + " a")]
@@ -577,7 +588,10 @@ class IsaSim:
             b = self.vbuf[self._vb(f["b"], 1, name + " b")][0]
         else:
             b = self.vbuf[self._vb(f["b"], n, name + " b")]
-        self.vbuf[self._vb(f["dst"], n, name + " dst")] = fn(a, b)
+            self._no_partial_overlap(f, n, "b", name)
+        dst = self._vb(f["dst"], n, name + " dst")
+        self._no_partial_overlap(f, n, "a", name)
+        self.vbuf[dst] = fn(a, b)
 
     def _VADD(self, f):
         self._binary(f, nm.fp16_add, "VADD")
@@ -607,7 +621,9 @@ class IsaSim:
     def _unary(self, f, table: str, name: str):
         n = self._len(f)
         a = self.vbuf[self._vb(f["a"], n, name + " a")]
-        self.vbuf[self._vb(f["dst"], n, name + " dst")] = nm.lookup(table, a)
+        dst = self._vb(f["dst"], n, name + " dst")
+        self._no_partial_overlap(f, n, "a", name)
+        self.vbuf[dst] = nm.lookup(table, a)
 
     def _VEXP(self, f):
         self._unary(f, "exp", "VEXP")

@@ -14,6 +14,13 @@ addresses that must be multiples of 64 (one VBUF row, :data:`VBUF_ALIGN`); anyth
 illegal instruction. Semantics are sequential: each instruction sees the effects of every earlier
 one. The hardware overlaps units behind a scoreboard without changing that.
 
+An element-wise vector instruction (``VADD``, ``VSUB``, ``VMUL``, ``VEXP``, ``VRECIP``,
+``VRSQRT``, ``VGELU``) may write in place (``dst`` equal to ``a``, or to a vector ``b``) or to a
+range disjoint from its vector operands; a ``dst`` range that partly overlaps a vector operand
+starting elsewhere is an operand error (``Status.VBUF_RANGE``), because the vector unit streams
+rows and would read some after writing them. Lengths come from registers, so this is checked when
+the instruction executes, like the buffer bound.
+
 The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
 zero), with ``label:`` lines, branch targets given as labels or numbers, flags as ``A|B`` and
 comments after ``#``. :func:`disassemble` writes the same format, so text round-trips.

@@ -75,7 +75,7 @@ class Status(enum.IntFlag):
 
     ILLEGAL_INSTRUCTION = 1 << 0
     HBM_RANGE = 1 << 1  # an access beyond hbm_bytes
-    VBUF_RANGE = 1 << 2  # a vector operand beyond the vector buffer
+    VBUF_RANGE = 1 << 2  # a vector operand beyond the vector buffer, or a partial dst overlap
     WATCHDOG = 1 << 3  # no progress for watchdog cycles
     PROGRAM_ERROR = 1 << 4  # HALT with a non-zero code (e.g. context full)
     AXI_ERROR = 1 << 5  # SLVERR/DECERR on an AXI response
@@ -84,7 +84,8 @@ class Status(enum.IntFlag):
 STATUS_DOCS = {
     "ILLEGAL_INSTRUCTION": "unknown opcode or reserved bits set",
     "HBM_RANGE": "an HBM access fell outside the hbm_bytes buffer",
-    "VBUF_RANGE": "a vector operand fell outside the vector buffer",
+    "VBUF_RANGE": "a vector operand fell outside the vector buffer, or an element-wise op's "
+    "dst partly overlapped an operand",
     "WATCHDOG": "no unit made progress for `watchdog` cycles",
     "PROGRAM_ERROR": "the program stopped with a non-zero HALT code (see ERROR_CODE)",
     "AXI_ERROR": "an AXI read or write returned SLVERR or DECERR",

@@ -238,7 +238,7 @@ def test_vbuf_range_and_issue_fields():
     p = [
         make(Op.SETI, rd=4, imm=130),
         make(Op.VSET, dst=64, imm=0x3C00, len=100),
-        make(Op.VADD, dst=128, a=64, b=0, len=0, lreg=4, flags=1),
+        make(Op.VADD, dst=256, a=64, b=0, len=0, lreg=4, flags=1),
         make(Op.MATVEC, dst=0, src=64, line=10, rows=128, cols=192, flags=2 | 8, lreg=4, rd=7),
         make(Op.STW, rs=7, line=OUT_LINE),
         make(Op.VEXP, dst=n - 64, a=0, len=65),  # past the end
@@ -248,11 +248,38 @@ def test_vbuf_range_and_issue_fields():
     assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 5
     vpu = [e for e in log if e[0] == "vpu"]
     assert vpu[0][2:] == (64, 0, 0, 100, 0, 0x3C00)
-    assert vpu[1][2:7] == (128, 64, 0, 130, 1)
+    assert vpu[1][2:7] == (256, 64, 0, 130, 1)
     mpu = [e for e in log if e[0] == "mpu"]
     assert mpu == [("mpu", 128, 192, 128, 130, 1, 0)]
     reads = [e for e in log if e[0] == "read"]
     assert reads == [("read", ReadKind.TILES, 640, 3)]
+
+
+@pytest.mark.parametrize(
+    "instr, bad",
+    [
+        (make(Op.VADD, dst=64, a=64, b=192, len=100), False),  # in place on a
+        (make(Op.VMUL, dst=128, a=64, b=128, len=64), False),  # in place on b
+        (make(Op.VEXP, dst=192, a=64, len=128), False),  # disjoint, touching
+        (make(Op.VEXP, dst=128, a=64, len=100), True),  # dst inside a, other start
+        (make(Op.VGELU, dst=64, a=128, len=65), True),  # a inside dst
+        (make(Op.VSUB, dst=192, a=0, b=128, len=100), True),  # partial on b
+        (make(Op.VSUB, dst=192, a=0, b=128, len=100, flags=1), False),  # b scalar
+        (make(Op.VDOT, dst=64, a=0, b=128, len=100), False),  # reduction: reads all first
+        (make(Op.VEXP, dst=128, a=64, len=0, lreg=4), False),  # zero length
+    ],
+    ids=lambda v: str(v) if isinstance(v, bool) else str(v).split()[0],
+)
+def test_partial_dst_overlap_is_a_vbuf_range_error(instr, bad):
+    """tandem.isa: an element-wise op's dst either equals a vector operand or is disjoint."""
+    p = [make(Op.SETI, rd=4, imm=0), make(Op.VSET, dst=0, imm=0x3C00, len=256), instr]
+    got, log, _ = check_against_isasim([*p, make(Op.HALT)], {})
+    if bad:
+        assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 2
+        assert len([e for e in log if e[0] == "vpu"]) == 1  # not issued
+    else:
+        assert got["status"] == 0
+        assert len([e for e in log if e[0] == "vpu"]) == 2
 
 
 def test_watchdog_on_a_hung_unit():
