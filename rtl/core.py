@@ -213,7 +213,8 @@ class DecodeCore(wiring.Component):
                 n_cb.eq((lc + BLOCK - 1) >> 6),
                 n_groups.eq((lr + BLOCK - 1) >> 6),
                 rd_i.eq(0),
-                rd_phase.eq(0),
+                # no live column: no x rows (the MPU computes on zeros), bias rows only if any
+                rd_phase.eq(Mux(lc == 0, Mux(c.flags.bias, 1, 2), 0)),
                 rd_wait.eq(0),
                 held.eq(0),
                 res_i.eq(0),
@@ -222,7 +223,7 @@ class DecodeCore(wiring.Component):
         m.d.comb += [mpu.cmd.payload.eq(issue.cmd), mpu.cmd.valid.eq(mpu_active & ~cmd_sent)]
         with m.If(mpu.cmd.valid & mpu.cmd.ready):
             m.d.sync += cmd_sent.eq(1)
-        nothing = (n_cb == 0) | (n_groups == 0)
+        nothing = n_groups == 0  # no live row: the MPU takes only the command
         use_bias = issue.cmd.flags.bias
         argmax = issue.cmd.flags.argmax
         # reader: x rows from src_row, then bias rows from dst_row
