@@ -28,7 +28,9 @@ def _generate_on_device(backend: str):
         geom = resolve_geometry(cfg, args.geometry)
         show = args.progress if args.progress is not None else sys.stderr.isatty()
         progress = _Progress(n_new) if show else None
-        result = generate(cfg, weights, ids, n_new, geom, backend=backend, progress=progress)
+        result = generate(
+            cfg, weights, ids, n_new, geom, backend=backend, progress=progress, timeout=args.timeout
+        )
         if progress is not None:
             progress.finish()
         stats = result.stats
@@ -57,7 +59,7 @@ def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = _Progress(n_new) if show else None
     with HybridSession(cfg, weights, geom, args.backend, args.prefill_device) as hs:
-        result = hs.generate(ids, n_new, progress=progress)
+        result = hs.generate(ids, n_new, progress=progress, timeout=args.timeout)
         where = f" on {geom.name}, prefill on {hs.model.device}"
     if progress is not None:
         progress.finish()
@@ -265,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where --placement hybrid runs the prefill (default: CUDA when available)",
     )
     gen.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="device backends: give up if the decode has not finished after this many seconds "
+        "(default: wait until done)",
+    )
+    gen.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -298,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tandem.host.runtime import RunError
+    from tandem.host.runtime import DecodeTimeout, RunError
 
     args = build_parser().parse_args(argv)
     try:
@@ -307,6 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Checkpoint, config, tokenizer, range and device errors carry a message made for users.
         print(f"tandem {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except DecodeTimeout as err:
+        print(
+            f"tandem {args.command}: error: {err} (rerun with a larger --timeout, or without one)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tandem.checkpoint import validate
+from tandem.compiler import fits
 from tandem.config import GPT2Config
 from tandem.geometry import CoreGeometry
 from tandem.gpu.prefill import PreparedModel, prefill
 from tandem.gpu.transfer import KVTransfer, TransferReport
 
-from .runtime import Progress, Session, check_fits
+from .runtime import DecodeTimeout, Progress, Session, check_fits, resolve_geometry
 
 
 @dataclass
@@ -63,6 +64,13 @@ class HybridSession:
         device_options: Mapping | None = None,
     ):
         validate(cfg, weights)
+        geom = resolve_geometry(cfg, geom)
+        why = fits(cfg, geom)
+        if why is not None:  # before the (slow) preparation and compilation
+            raise ValueError(
+                f"{cfg.name} does not fit the {geom.name} core geometry: {why}; choose a larger "
+                "geometry (or none, for the smallest that fits)"
+            )
         self.cfg = cfg
         t0 = time.perf_counter()
         self.model = PreparedModel(cfg, weights, prefill_device)
@@ -82,11 +90,16 @@ class HybridSession:
         timeout: float | None = None,
     ) -> HybridResult:
         """Greedy decoding of ``n_new`` tokens after ``prompt_ids``. Raises ValueError for a
-        request that does not fit (empty prompt, over the context, bad ids)."""
+        request that does not fit (empty prompt, over the context, bad ids), and
+        :class:`~tandem.host.runtime.DecodeTimeout` if the device does not finish the decode
+        within ``timeout`` seconds (its ``tokens`` hold the GPU's first token; the session stays
+        usable, and calling ``generate`` again retries the request)."""
         ids = check_fits(self.cfg, prompt_ids, n_new)
         L = len(ids)
         if n_new == 0:
             return HybridResult([], {}, TransferReport(), 0)
+        # A run an earlier request timed out on must end before the KV transfer writes HBM.
+        self.session.settle(timeout)
         layout = self.session.compiled.layout
         transfer = KVTransfer(self.session.device, layout, self.model.device)
         t0 = time.perf_counter()
@@ -104,13 +117,17 @@ class HybridSession:
             def shifted(i, tok):
                 progress(i + 1, tok)
 
-            res = self.session.generate(
-                [*ids, pre.first_token],
-                n_new - 1,
-                progress=shifted if progress is not None else None,
-                timeout=timeout,
-                start_pos=L,
-            )
+            try:
+                res = self.session.generate(
+                    [*ids, pre.first_token],
+                    n_new - 1,
+                    progress=shifted if progress is not None else None,
+                    timeout=timeout,
+                    start_pos=L,
+                )
+            except DecodeTimeout as err:
+                err.tokens = tokens + err.tokens
+                raise
             tokens += res.tokens
             decode, stats = res.timings["decode"], res.stats
         t3 = time.perf_counter()

@@ -7,7 +7,8 @@ The explicit pipeline (as in FINN's ``execute``)::
 
 :func:`generate` does both for one call. Every step is timed (``GenerateResult.timings``). A run
 that stops with error bits raises :class:`RunError`, which names the bits and keeps the tokens
-produced before the stop.
+produced before the stop. A run that does not finish within ``timeout`` raises
+:class:`DecodeTimeout`; the session stays usable and the request can be retried.
 """
 
 from __future__ import annotations
@@ -62,6 +63,39 @@ class RunError(RuntimeError):
         if record.halt_code == HaltCode.CONTEXT_FULL and record.status == Status.PROGRAM_ERROR:
             msg += " (the context is full: use a shorter prompt or fewer new tokens)"
         super().__init__(msg + (f" [{detail}]" if detail else ""))
+
+
+class DecodeTimeout(TimeoutError):
+    """The device did not finish a request's decode within ``timeout`` seconds.
+
+    Nothing is lost: the run is left going (a device cannot be stopped mid-run), the session
+    remembers it, and its next ``generate`` first waits for that run to end and then runs the
+    new request from the start, so retrying the same call (with a longer time-out, or none)
+    gives the full answer. ``tokens`` holds what the host already has (the hybrid pipeline's
+    GPU token; the device's own tokens are not readable while it runs).
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        timeout: float | None,
+        detail: str,
+        tokens: list[int] | None = None,
+        previous: bool = False,
+    ):
+        self.backend = backend
+        self.timeout = timeout
+        self.tokens = list(tokens or [])
+        what = (
+            "an earlier request's run, which had timed out, is still going"
+            if previous
+            else f"the {backend} device did not finish decoding within the time-out of {timeout} s"
+        )
+        super().__init__(
+            f"{what} ({detail}). Nothing is lost: the session stays usable and waits for that "
+            "run before the next request; retry with a longer time-out (none waits until done) "
+            "or fewer new tokens"
+        )
 
 
 @dataclass
@@ -167,6 +201,7 @@ class Session:
         self.timings = {"compile": t1 - t0, "load": t2 - t1}
         self.backend = backend
         self._fresh = True
+        self._running = False  # a run that timed out and may still be going
 
     @property
     def geom(self) -> CoreGeometry:
@@ -193,13 +228,25 @@ class Session:
         if not 0 <= start_pos < len(ids):
             raise ValueError(f"start_pos {start_pos} must be in [0, {len(ids)}), the prompt")
         c, dev = self.compiled, self.device
+        self.settle(timeout)
         timings = dict(self.timings) if self._fresh else {"compile": 0.0, "load": 0.0}
         self._fresh = False
         t0 = time.perf_counter()
         dev.write_tokens(c.layout, "prompt", ids)
         dev.set_args(**c.args(prompt_len=len(ids), n_new=n_new, start_pos=start_pos))
         t1, c1 = time.perf_counter(), time.process_time()
-        record = dev.run(timeout=timeout, on_token=progress)
+        self._running = True
+        try:
+            record = dev.run(timeout=timeout, on_token=progress)
+        except TimeoutError as err:
+            n = len(ids) + n_new - 1 - start_pos
+            raise DecodeTimeout(
+                self.backend, timeout, f"{n} positions from position {start_pos}; {err}"
+            ) from err
+        except BaseException:
+            self._running = False
+            raise
+        self._running = False
         t2, c2 = time.perf_counter(), time.process_time()
         tokens = dev.read_tokens(c.layout, record.tokens)
         t3 = time.perf_counter()
@@ -227,8 +274,30 @@ class Session:
             stats=stats,
         )
 
+    @property
+    def running(self) -> bool:
+        """True while a run whose request timed out may still be going on the device."""
+        return self._running
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait (up to ``timeout`` s) for a run an earlier request gave up on; its result is
+        dropped (that request already raised). Raises :class:`DecodeTimeout` if it is still
+        going."""
+        if not self._running:
+            return
+        try:
+            self.device.wait(timeout)
+        except TimeoutError as err:
+            raise DecodeTimeout(self.backend, timeout, str(err), previous=True) from err
+        except RuntimeError:
+            pass  # the abandoned run's own error bits or failure: not this request's
+        self._running = False
+
     def close(self) -> None:
-        self.device.close()
+        """Release the device; a run that timed out and is still going keeps it (closing
+        would wait for, or pull the buffers from under, that run)."""
+        if not self._running:
+            self.device.close()
 
     def __enter__(self):
         return self
@@ -245,13 +314,14 @@ def generate(
     geom: CoreGeometry | str | None = None,
     backend: str = "model",
     progress: Progress | None = None,
+    timeout: float | None = None,
 ) -> GenerateResult:
     """Compile ``cfg``/``weights`` for ``geom``, load it on ``backend`` and decode greedily.
 
     Returns a :class:`GenerateResult` (tokens, timings incl. compile and load, status). The
     request is checked first (ValueError if it does not fit the context); error bits in the
-    status raise :class:`RunError`.
+    status raise :class:`RunError`, a run longer than ``timeout`` s :class:`DecodeTimeout`.
     """
     check_fits(cfg, prompt_ids, n_new)
     with Session(cfg, weights, geom, backend) as session:
-        return session.generate(prompt_ids, n_new, progress)
+        return session.generate(prompt_ids, n_new, progress, timeout=timeout)
