@@ -184,12 +184,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench_thesis(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tandem.host.thesis import format_thesis, plot_timeline, thesis_table
+    from tandem.host.thesis import CpuTimes, format_thesis, plot_timeline, thesis_table
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    cells, sources, cpu, fpga, cfg, g = thesis_table(args.measure_model, log=log)
+    cpu = None
+    if args.load_times:
+        cpu = CpuTimes.load(Path(args.load_times), log)
+        log(f"CPU times from {args.load_times} ({cpu.cfg.name}), not timed again")
+    cells, sources, cpu, fpga, cfg, g = thesis_table(args.measure_model, log=log, cpu=cpu)
+    if args.save_times:
+        cpu.save(Path(args.save_times))
+        log(f"CPU times written to {args.save_times}")
     print(format_thesis(cells, sources, cfg, g))
     P, N = max(cells)[0], min(cells)[1]
     png = plot_timeline(Path(args.plot), cpu, fpga, cfg, g, P, N)
@@ -303,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="--thesis: the model whose torch prefill/decode is timed on this CPU (labelled)",
     )
     bench.add_argument("--plot", default="build/thesis_timeline.png", help="--thesis: PNG path")
+    bench.add_argument(
+        "--save-times",
+        metavar="JSON",
+        help="--thesis: write the CPU prefill/decode times (and load averages) to this file",
+    )
+    bench.add_argument(
+        "--load-times",
+        metavar="JSON",
+        help="--thesis: use CPU times saved by --save-times instead of timing again "
+        "(--measure-model is then the saved one)",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -5,8 +5,10 @@ Hybrid beats GPU-only when ``GPU decode - FPGA decode > transfer``, and beats FP
 
 - GPU prefill and GPU decode per token: measured here, by timing the torch prefill of the request's
   prompt and one torch decode step on the torch device (CPU without CUDA: labelled so);
-- FPGA prefill and decode: :class:`tandem.host.thesis.FpgaDecodeModel` (RTL cycles when
-  ``make bench-rtl`` left them, otherwise the labelled 85%-of-HBM-peak assumption);
+- FPGA prefill and decode: :class:`tandem.host.thesis.FpgaDecodeModel`: the HBM efficiency
+  ``make bench-rtl`` measured in RTL simulation (``build/bench-rtl.json``, else the committed
+  ``docs/bench-rtl.json``) applied to this model's bytes per position, labelled "projected";
+  without a result for this geometry, the labelled 85%-of-HBM-peak assumption;
 - transfer: KV prefix bytes over PCIe Gen3 x16 at 12 GB/s, two hops (modelled).
 """
 
@@ -21,7 +23,7 @@ from tandem.config import GPT2Config
 from tandem.geometry import CoreGeometry
 from tandem.layout import HBMLayout
 
-from .thesis import PCIE_BYTES_S, PCIE_LABEL, FpgaDecodeModel, kv_moved_bytes
+from .thesis import PCIE_BYTES_S, PCIE_LABEL, RTL_RESULTS, FpgaDecodeModel, kv_moved_bytes
 
 
 @dataclass
@@ -45,8 +47,16 @@ def decide(gpu_prefill, gpu_decode, fpga_prefill, fpga_decode, transfer) -> str:
     return "gpu"
 
 
-def choose(cfg: GPT2Config, geom: CoreGeometry, model, ids: list[int], n_new: int) -> Choice:
-    """Time the torch prefill and one decode step for this request, then :func:`decide`."""
+def choose(
+    cfg: GPT2Config,
+    geom: CoreGeometry,
+    model,
+    ids: list[int],
+    n_new: int,
+    rtl_paths=RTL_RESULTS,
+) -> Choice:
+    """Time the torch prefill and one decode step for this request, then :func:`decide`.
+    ``rtl_paths``: where :class:`~tandem.host.thesis.FpgaDecodeModel` looks for RTL cycles."""
     from tandem.gpu.cuda import synchronize
     from tandem.gpu.decode import decode_step
     from tandem.gpu.prefill import prefill
@@ -63,13 +73,13 @@ def choose(cfg: GPT2Config, geom: CoreGeometry, model, ids: list[int], n_new: in
             decode_step(cfg, model, pre.first_token, k, v)
             synchronize(model.device)
             step = time.perf_counter() - t1
-    fpga = FpgaDecodeModel(cfg, geom, HBMLayout(cfg, geom))
+    fpga = FpgaDecodeModel(cfg, geom, HBMLayout(cfg, geom), rtl_paths)
     P = len(ids)
     moved = kv_moved_bytes(cfg, geom, P)
     numbers = {
         "GPU prefill": (t1 - t0, where),
         "GPU decode": (step * max(0, n_new - 1), where + f", one step x {max(0, n_new - 1)}"),
-        "FPGA prefill": (fpga.tokens(0, P), fpga.label),
+        "FPGA prefill": (fpga.prompt(P), fpga.label),
         "FPGA decode": (fpga.tokens(P, max(0, n_new - 1)), fpga.label),
         "transfer": (2 * moved / PCIE_BYTES_S, f"{PCIE_LABEL}, {moved:,} B x 2 hops"),
     }

@@ -6,10 +6,17 @@ Nothing here has a GPU or an FPGA, so every number carries its source:
 - ``measured (this CPU, <model>)``: the torch prefill and torch decode (gpu/prefill.py,
   gpu/decode.py, the same code a GPU runs) timed on this machine's CPU. They stand in for the GPU
   columns; they are not GPU times.
-- ``projected (RTL cycles)``: FPGA decode from an RTL-simulation cycle count (``make bench-rtl``,
-  read from :data:`RTL_RESULT`) divided by the kernel clock. Until that exists the FPGA decode is
-  ``assumed``: HBM bytes per token over :data:`ASSUMED_HBM_EFFICIENCY` of the U55C's peak, the
-  DFX-style target, and is labelled so.
+- ``projected (RTL cycles ...)``: FPGA time per position from ``make bench-rtl``'s result
+  (:data:`RTL_RESULTS`: ``build/bench-rtl.json``, else the committed ``docs/bench-rtl.json``):
+  the HBM efficiency it measured in RTL simulation (achieved bytes per cycle over the
+  32-channel peak) applied to the bytes the model streams per position at each context length
+  (the layout's weights and KV prefix, times the ratio of bytes the core read to the layout's
+  count when the result gives it). For the measured model itself this is its measured cycles at
+  the measured context, and scales with the KV bytes elsewhere; for another model (the table's
+  gpt2-medium when gpt2 was simulated) it is a projection and labelled so. Without a result the
+  FPGA time is ``assumed``: :data:`ASSUMED_HBM_EFFICIENCY` of the U55C's peak, the DFX-style
+  target, and labelled so. Prompt positions skip the LM head (the core computes it only from
+  the last prompt position on), so they stream fewer bytes.
 - ``modelled (PCIe Gen3 x16, 12 GB/s)``: KV bytes (``layout.kv_prefix_bytes``) over the link,
   twice (GPU to host, host to FPGA).
 """
@@ -17,6 +24,7 @@ Nothing here has a GPU or an FPGA, so every number carries its source:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +41,20 @@ OUTPUTS = (64, 256, 512)
 PCIE_BYTES_S = 12e9
 PCIE_LABEL = "modelled (PCIe Gen3 x16, 12 GB/s)"
 ASSUMED_HBM_EFFICIENCY = 0.85
-RTL_RESULT = Path("build/bench-rtl.json")
-"""Where ``make bench-rtl`` is to leave ``{"model": ..., "cycles_per_token": ...}``."""
+REPO = Path(__file__).resolve().parents[1]
+RTL_RESULTS = (REPO / "build" / "bench-rtl.json", REPO / "docs" / "bench-rtl.json")
+"""Where ``make bench-rtl`` leaves its result, and its committed copy (``--record``); the first
+that exists is used."""
+RTL_FIELDS = (
+    "model",
+    "geometry",
+    "clock_mhz",
+    "ctx",
+    "cycles_per_token",
+    "bytes_per_token",
+    "hbm_efficiency",
+)
+"""Fields :class:`FpgaDecodeModel` needs from it (``layout_bytes_per_token`` is optional)."""
 
 
 @dataclass
@@ -54,6 +74,12 @@ def streamed_bytes(layout: HBMLayout) -> int:
     )
 
 
+def head_bytes(layout: HBMLayout) -> int:
+    """HBM bytes of the LM head and the final LayerNorm, which prompt positions skip."""
+    g = layout.geom
+    return sum(layout[n].nbytes * g.channels for n in ("ln_f.weight", "ln_f.bias", "lm_head"))
+
+
 def kv_read_bytes(cfg: GPT2Config, g: CoreGeometry, ctx: int) -> int:
     return 2 * cfg.n_layer * g.channels * kv_prefix_bytes(g, cfg.n_head, ctx)
 
@@ -68,67 +94,195 @@ def full_kv_bytes(cfg: GPT2Config, g: CoreGeometry) -> int:
     return kv_read_bytes(cfg, g, cfg.n_ctx)
 
 
-class FpgaDecodeModel:
-    """Seconds per FPGA token at a context length, from RTL cycles if measured, else assumed."""
+def read_rtl_result(paths=RTL_RESULTS) -> tuple[dict | None, Path | None]:
+    """The first of ``paths`` that exists, parsed, with its path; (None, None) if none does.
+    Raises ValueError naming the file if it lacks a field of :data:`RTL_FIELDS`."""
+    for path in map(Path, paths):
+        if path.is_file():
+            data = json.loads(path.read_text())
+            missing = [f for f in RTL_FIELDS if f not in data]
+            if missing:
+                raise ValueError(f"{path} lacks {', '.join(missing)} (make bench-rtl writes them)")
+            return data, path
+    return None, None
 
-    def __init__(self, cfg: GPT2Config, g: CoreGeometry, layout: HBMLayout):
+
+class FpgaDecodeModel:
+    """Seconds per FPGA position at a context length: from RTL cycles (``make bench-rtl``) when
+    a result for this geometry exists, else assumed. See the module docstring.
+
+    Parameters
+    ----------
+    cfg, g, layout : the model on the core geometry
+    rtl_paths : where to look for the bench-rtl JSON, in order (default :data:`RTL_RESULTS`)
+
+    Attributes: ``label`` (the source, for tables), ``efficiency`` (fraction of the HBM peak),
+    ``read_ratio`` (bytes the core reads per layout byte), ``rtl`` (the JSON, or None),
+    ``rtl_path``, and ``note`` (why a result that exists was not used).
+    """
+
+    def __init__(self, cfg: GPT2Config, g: CoreGeometry, layout: HBMLayout, rtl_paths=RTL_RESULTS):
         self.cfg, self.g, self.layout = cfg, g, layout
         self.peak = g.channels * g.channel_gbps * 1e9
-        self.cycles = None
-        if RTL_RESULT.is_file():
-            data = json.loads(RTL_RESULT.read_text())
-            if data.get("model") == cfg.name:
-                self.cycles = float(data["cycles_per_token"])
-        mid = self.per_token(cfg.n_ctx // 2)
-        if self.cycles is not None:
-            self.label = f"projected (RTL cycles, {self.cycles:,.0f} @ {g.clock_mhz:.0f} MHz)"
-        else:
+        self._streamed = streamed_bytes(layout)
+        self._head = head_bytes(layout)
+        self.efficiency, self.read_ratio = ASSUMED_HBM_EFFICIENCY, 1.0
+        self.rtl, self.rtl_path, self.note = None, None, ""
+        data, path = read_rtl_result(rtl_paths)
+        if data is not None and data["geometry"] != g.name:
+            self.note = f"{path} is for the {data['geometry']} geometry, not {g.name}: not used"
+        elif data is not None:
+            self.rtl, self.rtl_path = data, path
+            self.efficiency = float(data["hbm_efficiency"])
+            same = data["model"] == cfg.name
+            lay = (
+                self.position_bytes(int(data["ctx"]))
+                if same
+                else data.get("layout_bytes_per_token")
+            )
+            if lay:
+                self.read_ratio = float(data["bytes_per_token"]) / float(lay)
+        if self.rtl is None:
+            mid = self.per_token(cfg.n_ctx // 2)
             self.label = (
                 f"assumed: {mid * 1e3:.2f} ms/token (DFX-style {ASSUMED_HBM_EFFICIENCY:.0%} of "
                 f"HBM peak target), awaiting make bench-rtl"
             )
+            return
+        d = self.rtl
+        where = f"RTL cycles of {d['model']} at {d['geometry']}"
+        if d["model"] == cfg.name:
+            self.label = (
+                f"projected ({where}: {d['cycles_per_token']:,} cycles/token at context "
+                f"{d['ctx']}, {d['clock_mhz']:.0f} MHz, {self.efficiency:.1%} of HBM peak)"
+            )
+        else:
+            ratio = (
+                f", {self.read_ratio:.3f}x the layout's bytes"
+                if d.get("layout_bytes_per_token")
+                else ""
+            )
+            self.label = (
+                f"projected ({where}, {self.efficiency:.1%} of HBM peak{ratio}, applied to "
+                f"{cfg.name}'s bytes per token)"
+            )
 
-    def per_token(self, ctx: int) -> float:
-        if self.cycles is not None:
-            return self.cycles / (self.g.clock_mhz * 1e6)
-        nbytes = streamed_bytes(self.layout) + kv_read_bytes(self.cfg, self.g, ctx)
-        return nbytes / (ASSUMED_HBM_EFFICIENCY * self.peak)
+    def origin(self) -> str:
+        """Where the FPGA numbers came from, for a table's notes ("" when assumed for lack of
+        any result)."""
+        if self.rtl_path is not None:
+            path = self.rtl_path
+            shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+            return f"; from {shown}"
+        return f" ({self.note})" if self.note else ""
+
+    def position_bytes(self, ctx: int, head: bool = True) -> int:
+        """Layout bytes one position streams with ``ctx`` positions of KV (``head``: the LM
+        head too, as every position from the last prompt position on)."""
+        head_part = 0 if head else self._head
+        return self._streamed - head_part + kv_read_bytes(self.cfg, self.g, ctx)
+
+    def per_token(self, ctx: int, head: bool = True) -> float:
+        """Seconds for one position with ``ctx`` positions of KV."""
+        nbytes = self.position_bytes(ctx, head) * self.read_ratio
+        return nbytes / (self.efficiency * self.peak)
 
     def tokens(self, first: int, n: int) -> float:
-        """Positions first .. first+n-1, one at a time."""
+        """Generating positions first .. first+n-1, one at a time (LM head on each)."""
         return sum(self.per_token(t + 1) for t in range(first, first + n))
+
+    def prompt(self, n: int) -> float:
+        """The core consuming an ``n``-token prompt: positions 0 .. n-2 without the LM head,
+        then position n-1 with it (which gives the first token)."""
+        if n <= 0:
+            return 0.0
+        return sum(self.per_token(t + 1, head=False) for t in range(n - 1)) + self.per_token(n)
 
 
 class CpuTimes:
-    """Torch prefill and decode timed on this CPU (stand-ins for the GPU)."""
+    """Torch prefill and decode timed on this CPU (stand-ins for the GPU).
+
+    Times are kept in ``prefill_s``, ``layer_s`` and ``decode_s``; :meth:`save` writes them
+    (with the model, thread count and load averages) and :meth:`load` reads them back, so the
+    table can be redrawn (e.g. once ``make bench-rtl`` has run) without timing again.
+    """
 
     def __init__(self, model_name: str, log: Callable[[str], None], decode_steps: int = 2):
         import torch
 
-        from tandem.checkpoint import random_weights
-        from tandem.gpu.prefill import PreparedModel
-
         self.cfg = preset(model_name)
-        self.label = f"measured (this CPU, {model_name}, {torch.get_num_threads()} threads)"
-        log(f"{model_name}: random weights, preparing for torch on the CPU ...")
-        self.model = PreparedModel(self.cfg, random_weights(self.cfg, seed=0), "cpu")
+        self.threads = torch.get_num_threads()
+        self.label = f"measured (this CPU, {model_name}, {self.threads} threads)"
+        self.model = None
         self.decode_steps = decode_steps
         self.prefill_s: dict[int, float] = {}
         self.layer_s: dict[int, list[float]] = {}
         self.decode_s: dict[int, float] = {}
+        self.loadavg: list[list[float]] = []
         self.log = log
+
+    def _prepared(self):
+        if self.model is None:
+            from tandem.checkpoint import random_weights
+            from tandem.gpu.prefill import PreparedModel
+
+            self.log(f"{self.cfg.name}: random weights, preparing for torch on the CPU ...")
+            self.model = PreparedModel(self.cfg, random_weights(self.cfg, seed=0), "cpu")
+        return self.model
+
+    def _note_load(self) -> None:
+        self.loadavg.append([round(x, 2) for x in os.getloadavg()])
+
+    def save(self, path: Path) -> None:
+        data = {
+            "model": self.cfg.name,
+            "threads": self.threads,
+            "decode_steps": self.decode_steps,
+            "cpus": os.cpu_count(),
+            "loadavg_1_5_15": self.loadavg,
+            "prefill_s": self.prefill_s,
+            "layer_s": self.layer_s,
+            "decode_s": self.decode_s,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+
+    @classmethod
+    def load(cls, path: Path, log: Callable[[str], None] = lambda m: None) -> CpuTimes:
+        """Times saved by :meth:`save` (measured earlier on this machine; labelled so)."""
+        data = json.loads(Path(path).read_text())
+        self = cls.__new__(cls)
+        self.cfg = preset(data["model"])
+        self.threads = data["threads"]
+        self.label = (
+            f"measured (this CPU, {data['model']}, {self.threads} threads; "
+            f"saved in {Path(path).name})"
+        )
+        self.model = None
+        self.decode_steps = data["decode_steps"]
+        self.prefill_s = {int(k): v for k, v in data["prefill_s"].items()}
+        self.layer_s = {int(k): v for k, v in data["layer_s"].items()}
+        self.decode_s = {int(k): v for k, v in data["decode_s"].items()}
+        self.loadavg = data.get("loadavg_1_5_15", [])
+        self.log = log
+        return self
 
     def prefill(self, T: int) -> float:
         from tandem.gpu.prefill import prefill
 
-        if T not in self.prefill_s:
+        if T not in self.prefill_s or (T not in self.decode_s and self._kv_for != T):
             self.log(f"timing prefill of {T} tokens on the CPU ...")
             ids = np.random.default_rng(T).integers(0, self.cfg.n_vocab, T).tolist()
-            r = prefill(self.cfg, self.model, ids)
+            self._note_load()
+            r = prefill(self.cfg, self._prepared(), ids)
+            self._note_load()
             self.prefill_s[T] = r.timings["total"]
             self.layer_s[T] = r.timings["layers"]
-            self.kv = (r.k, r.v, r.first_token)
+            self.kv, self._kv_for = (r.k, r.v, r.first_token), T
+            self.log(f"  prefill {T}: {r.timings['total']:.2f} s")
         return self.prefill_s[T]
+
+    _kv_for: int | None = None
 
     def decode_per_token(self, ctx: int) -> float:
         """One decode step at context ``ctx`` (mean of a few steps after a ``ctx`` prefill)."""
@@ -144,8 +298,10 @@ class CpuTimes:
             t0 = time.perf_counter()
             with torch.no_grad():
                 for _ in range(self.decode_steps):
-                    tok, k, v = decode_step(self.cfg, self.model, tok, k, v)
+                    tok, k, v = decode_step(self.cfg, self._prepared(), tok, k, v)
             self.decode_s[ctx] = (time.perf_counter() - t0) / self.decode_steps
+            self._note_load()
+            self.log(f"  decode at {ctx}: {self.decode_s[ctx]:.3f} s/token")
         return self.decode_s[ctx]
 
 
@@ -162,12 +318,17 @@ def thesis_table(
     geom: str = "u55c",
     log: Callable[[str], None] = lambda m: None,
     decode_steps: int = 2,
+    cpu: CpuTimes | None = None,
+    rtl_paths=RTL_RESULTS,
 ):
-    """Returns (cells[(P, N)], sources dict, cpu) for the 3x3 table."""
+    """Returns (cells[(P, N)], sources dict, cpu, fpga, cfg, g) for the 3x3 table. ``cpu``:
+    times measured earlier (:meth:`CpuTimes.load`) instead of timing now; ``rtl_paths``: where
+    to look for the bench-rtl result (:class:`FpgaDecodeModel`)."""
     cfg, g = preset("gpt2-medium"), geometry(geom)
     layout = HBMLayout(cfg, g)
-    fpga = FpgaDecodeModel(cfg, g, layout)
-    cpu = CpuTimes(measure_model, log, decode_steps)
+    fpga = FpgaDecodeModel(cfg, g, layout, rtl_paths)
+    if cpu is None:
+        cpu = CpuTimes(measure_model, log, decode_steps)
     cells = {}
     for P in PROMPTS:
         pre = cpu.prefill(P)
@@ -180,12 +341,12 @@ def thesis_table(
             fpga_decode = fpga.tokens(P, N - 1)
             cells[P, N] = Cell(
                 gpu_only=pre + gpu_decode,
-                fpga_only=fpga.tokens(0, P) + fpga_decode,
+                fpga_only=fpga.prompt(P) + fpga_decode,
                 hybrid=pre + last_layer + fpga_decode,
                 parts={
                     "prefill": pre,
                     "gpu_decode": gpu_decode,
-                    "fpga_prefill": fpga.tokens(0, P),
+                    "fpga_prefill": fpga.prompt(P),
                     "fpga_decode": fpga_decode,
                     "transfer": xfer,
                     "transfer_exposed": last_layer,
@@ -194,7 +355,7 @@ def thesis_table(
             )
     sources = {
         "gpu": cpu.label + " (prefill once; decode: one timed step at context P, x (N-1))",
-        "fpga": fpga.label,
+        "fpga": fpga.label + fpga.origin(),
         "transfer": PCIE_LABEL + " (exposed: the last layer's share; the rest overlaps prefill)",
     }
     return cells, sources, cpu, fpga, cfg, g
