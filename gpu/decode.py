@@ -1,11 +1,10 @@
 """GPT-2 decode in PyTorch under the core's numeric contract (``--placement gpu``).
 
 After :func:`tandem.gpu.prefill.prefill`, each new token runs one position through the same
-contract ops with the K/V cache kept on the device. Attention reuses the prefill's
-:func:`~tandem.gpu.prefill.attention` on the whole cache with the new query in the last row
-(other rows zero, their outputs dropped): for the last position that is exactly the core's
-single-query attention, so the tokens equal ``FaithfulModel.generate``'s. It costs O(T) extra
-rows of attention per token; the weight matmuls (one row each) dominate at GPT-2 sizes.
+contract ops with the K/V cache kept on the device. Attention is the prefill's
+:func:`~tandem.gpu.prefill.attention` with the one new query over the whole cache: exactly the
+core's single-query attention, so the tokens equal ``FaithfulModel.generate``'s, at O(T) cost
+per token (the weight matmuls, one row each, dominate at GPT-2 sizes).
 """
 
 from __future__ import annotations
@@ -49,9 +48,7 @@ def decode_step(cfg: GPT2Config, model: PreparedModel, token: int, k, v) -> tupl
         vc = torch.cat([v[i], vn], dim=1)
         k2.append(kc)
         v2.append(vc)
-        qf = torch.zeros_like(kc)
-        qf[:, -1:] = q
-        att = attention(qf, kc, vc, model.q_scale)[:, -1:].transpose(0, 1).reshape(1, P)
+        att = attention(q, kc, vc, model.q_scale).transpose(0, 1).reshape(1, P)
         x = c.fp16_add(x, c.matmul_fp16(lw.attn_proj, att, lw.attn_proj_b))
         y = layer_norm(x, lw.ln_2_g, lw.ln_2_b, model.c_n, model.eps16)
         hmid = c.lookup("gelu", c.matmul_fp16(lw.c_fc, y, lw.c_fc_b))

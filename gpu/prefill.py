@@ -153,10 +153,13 @@ def layer_norm(x, g, b, c_n, eps16):
 
 
 def attention(q, k, v, q_scale) -> torch.Tensor:
-    """Causal attention of every position, each exactly as the core attends one query.
+    """Causal attention of every query, each exactly as the core attends one query.
 
-    ``q``, ``k``, ``v``: [H, T, 64] bits. Query ``t`` sees positions ``u <= t``, and its
-    products are those of ``faithful.FaithfulModel.attention`` at ``T = t + 1``:
+    ``k``, ``v``: [H, T, 64] bits; ``q``: [H, Tq, 64] bits, the queries of the *last* ``Tq``
+    positions ``T - Tq .. T - 1`` (the prefill passes all ``T``; a decode step only the new
+    position, so its cost is O(T), not O(T^2)). Query at position ``t`` sees positions
+    ``u <= t``, and its products are those of ``faithful.FaithfulModel.attention`` at
+    ``T = t + 1``:
 
     * scores ``K[:t+1] qs``: each K row is one block, so its alignment does not depend on ``t``;
     * ``e = exp(s - max s)`` over the live positions, +0 elsewhere (padding, as in the core);
@@ -166,68 +169,76 @@ def attention(q, k, v, q_scale) -> torch.Tensor:
     positions, so a block's alignment depends on ``t`` only while ``t`` lies inside it: blocks
     wholly before ``t`` use their full alignment (one batched matmul), and the block holding
     ``t`` is aligned per query with the running (cumulative) maximum of exponents.
-    Returns [H, T, 64] bits.
+    Returns [H, Tq, 64] bits.
     """
-    H, T, _ = q.shape
+    H, Tq, _ = q.shape
+    T = k.shape[1]
+    q0 = T - Tq  # position of the first query
+    if q0 < 0 or v.shape != k.shape:
+        raise ValueError(f"queries {tuple(q.shape)} for K {tuple(k.shape)}, V {tuple(v.shape)}")
     dev = q.device
     qs = c.fp16_mul(q, q_scale)
     kq, ke, knf = c.bfp_blocks(k)  # [H, T, 64], [H, T, 1], [H, T, 1]
     qq, qe, qnf = c.bfp_blocks(qs)
     hi, lo = c.split_input(qq)
-    xs = torch.cat([hi, lo], dim=1).transpose(1, 2)  # [H, 64, 2T]
-    sums = torch.bmm(kq.to(torch.float32), xs)  # [H, U, 2T], exact
-    s = sums[:, :, :T].double() * 32 + sums[:, :, T:].double()
+    xs = torch.cat([hi, lo], dim=1).transpose(1, 2)  # [H, 64, 2Tq]
+    sums = torch.bmm(kq.to(torch.float32), xs)  # [H, U, 2Tq], exact
+    s = sums[:, :, :Tq].double() * 32 + sums[:, :, Tq:].double()
     # one input block, so xe == xe_max and the shift is the K row's exponent alone
-    acc = c.floor_scale(s, ke + c._SHIFT_OFFSET)  # [H, U, T]
-    lam = qe[:, :, 0] + c._LAM_OFFSET  # [H, T]
+    acc = c.floor_scale(s, ke + c._SHIFT_OFFSET)  # [H, U, Tq]
+    lam = qe[:, :, 0] + c._LAM_OFFSET  # [H, Tq]
     nf = knf + qnf[:, :, 0][:, None, :]  # bool or
-    s16 = c.round_acc(acc, lam[:, None, :], nf.bool()).transpose(1, 2)  # [H, T(t), U(u)]
+    s16 = c.round_acc(acc, lam[:, None, :], nf.bool()).transpose(1, 2)  # [H, Tq(t), U(u)]
     pos = torch.arange(T, device=dev)
-    live = pos[None, :] <= pos[:, None]  # [t, u]
-    m = c.fp16_max(s16, live)  # [H, T]
+    qpos = pos[q0:]
+    live = pos[None, :] <= qpos[:, None]  # [t, u]
+    m = c.fp16_max(s16, live)  # [H, Tq]
     e = c.lookup("exp", c.fp16_sub(s16, m[:, :, None]))
-    e = torch.where(live, e, torch.zeros((), dtype=torch.int16, device=dev))  # [H, T, U]
+    e = torch.where(live, e, torch.zeros((), dtype=torch.int16, device=dev))  # [H, Tq, U]
     ones = c.const(int(nm.to_bits(1.0)), (T,), dev)
-    z = c.dot_fp16(e, ones)  # [H, T]
+    z = c.dot_fp16(e, ones)  # [H, Tq]
     r = c.lookup("recip", z)
 
     # S.V: e is the input side, V^T [64, t+1] the matrix side.
-    ep = c.pad_to_block(e)  # [H, T, Upad]
-    eq, ee, enf = c.bfp_blocks(ep)  # [H, T, Upad], [H, T, nb], [H, T, nb]
+    ep = c.pad_to_block(e)  # [H, Tq, Upad]
+    eq, ee, enf = c.bfp_blocks(ep)  # [H, Tq, Upad], [H, Tq, nb], [H, Tq, nb]
     nb = ee.shape[2]
-    ee_max = ee.amax(dim=2)  # [H, T]
+    ee_max = ee.amax(dim=2)  # [H, Tq]
     vp = c.pad_to_block(v.transpose(1, 2)).transpose(1, 2)  # [H, Upad, 64]
     neg, sig, exp = c.decode(vp)
     blk = (H, nb, BLOCK, BLOCK)  # [h, b, u', d]
     neg, sig, exp = neg.reshape(blk), sig.reshape(blk), exp.reshape(blk)
     full_e = exp.amax(dim=2)  # [H, nb, d]
-    tblock = pos // BLOCK  # block of each query
+    tblock = qpos // BLOCK  # block of each query
     # wholly earlier blocks: full alignment, e masked to those blocks
     mag = sig >> torch.clamp(full_e[:, :, None, :] - exp, max=63)
     vq = torch.where(neg, -mag, mag).transpose(2, 3).to(torch.float32)  # [H, nb, d, u']
     ublock = torch.arange(nb * BLOCK, device=dev) // BLOCK
     early = ublock[None, :] < tblock[:, None]  # [t, u]
-    e_off = torch.where(early, eq, 0).reshape(H, T, nb, BLOCK).permute(0, 2, 3, 1)  # [H,nb,u',T]
+    e_off = torch.where(early, eq, 0).reshape(H, Tq, nb, BLOCK).permute(0, 2, 3, 1)  # [H,nb,u',t]
     ohi, olo = c.split_input(e_off)
-    osum = torch.matmul(vq, torch.cat([ohi, olo], dim=3))  # [H, nb, d, 2T], exact
-    so = osum[..., :T].double() * 32 + osum[..., T:].double()
+    osum = torch.matmul(vq, torch.cat([ohi, olo], dim=3))  # [H, nb, d, 2Tq], exact
+    so = osum[..., :Tq].double() * 32 + osum[..., Tq:].double()
     shift = full_e[..., None] + (ee - ee_max[:, :, None]).permute(0, 2, 1)[:, :, None, :]
-    acc = c.floor_scale(so, shift + c._SHIFT_OFFSET).sum(dim=1)  # [H, d, T]
-    acc = acc.transpose(1, 2).contiguous()  # [H, T, d]
+    acc = c.floor_scale(so, shift + c._SHIFT_OFFSET).sum(dim=1)  # [H, d, Tq]
+    acc = acc.transpose(1, 2).contiguous()  # [H, Tq, d]
     # the block holding t, aligned to the running maximum over its live positions
     run_e = torch.cummax(exp, dim=2).values  # [H, nb, j, d]
     for b in range(nb):
-        t0, t1 = b * BLOCK, min(T, (b + 1) * BLOCK)
-        ce = run_e[:, b, : t1 - t0]  # [H, J, d]
+        t0, t1 = max(b * BLOCK, q0), min(T, (b + 1) * BLOCK)  # this block's queries
+        if t0 >= t1:
+            continue
+        j0, j1, r0, r1 = t0 - b * BLOCK, t1 - b * BLOCK, t0 - q0, t1 - q0
+        ce = run_e[:, b, j0:j1]  # [H, J, d]
         sh = torch.clamp(ce[:, :, None, :] - exp[:, b, None], 0, 63)  # [H, J, u', d]
         m_b = sig[:, b, None] >> sh
         vq_t = torch.where(neg[:, b, None], -m_b, m_b)
-        e_d = eq[:, t0:t1, t0 : t0 + BLOCK]  # [H, J, u']: positions past t are +0
+        e_d = eq[:, r0:r1, b * BLOCK : (b + 1) * BLOCK]  # [H, J, u']: positions past t are +0
         sd = (vq_t * e_d[..., None]).sum(dim=2)  # [H, J, d], exact int64
-        shd = ce + ee[:, t0:t1, b, None] - ee_max[:, t0:t1, None] + c._SHIFT_OFFSET
-        acc[:, t0:t1] += c.shift_floor(sd, shd)
+        shd = ce + ee[:, r0:r1, b, None] - ee_max[:, r0:r1, None] + c._SHIFT_OFFSET
+        acc[:, r0:r1] += c.shift_floor(sd, shd)
     vnf = torch.cummax((exp == 31).reshape(H, nb * BLOCK, BLOCK).to(torch.int8), dim=1).values
-    nf = vnf[:, :T].bool() | enf.any(dim=2)[:, :, None]  # [H, T, d]
+    nf = vnf[:, q0:T].bool() | enf.any(dim=2)[:, :, None]  # [H, Tq, d]
     o = c.round_acc(acc, (ee_max + c._LAM_OFFSET)[:, :, None], nf)
     return c.fp16_mul(o, r[:, :, None])
 

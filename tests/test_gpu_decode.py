@@ -13,7 +13,7 @@ from tandem.sim.faithful import FaithfulModel
 
 
 @pytest.mark.parametrize("name", ["test-tiny", "test-odd"])
-@pytest.mark.parametrize("L,n_new", [(1, 5), (13, 4), (60, 5)])
+@pytest.mark.parametrize("L,n_new", [(1, 5), (13, 4), (60, 5), (62, 6)])
 def test_torch_decode_equals_faithful(name, L, n_new):
     cfg = preset(name)
     if L + n_new - 1 > cfg.n_ctx:
@@ -22,3 +22,31 @@ def test_torch_decode_equals_faithful(name, L, n_new):
     ids = np.random.default_rng(L).integers(0, cfg.n_vocab, L).tolist()
     res = generate(cfg, PreparedModel(cfg, weights, "cpu"), ids, n_new)
     assert res.tokens == FaithfulModel(cfg, weights).generate(ids, n_new)
+
+
+@pytest.mark.parametrize("tq", [1, 3, 70])
+def test_attention_of_the_last_queries_equals_the_full_rows(tq):
+    """Queries for the last ``tq`` positions only (a decode step) give exactly the last rows
+    of the all-positions attention, across 64-position blocks and with non-finite values."""
+    import torch
+
+    from tandem import numerics as nm
+    from tandem.gpu import contract as c
+    from tandem.gpu.prefill import attention
+
+    rng = np.random.default_rng(tq)
+    H, T = 3, 150
+
+    def bits(scale):
+        a = nm.to_bits((rng.standard_normal((H, T, 64)) * scale).astype(np.float16))
+        return np.asarray(a, dtype=np.uint16)
+
+    q, k, v = bits(2.0), bits(2.0), bits(1.0)
+    v[1, 100, 5] = 0x7C00  # +inf in block 1
+    k[2, 10, 7] = 0x7E00  # NaN in block 0
+    q, k, v = (c.bits_from_numpy(x) for x in (q, k, v))
+    scale = c.const(int(nm.to_bits(0.125)))
+    full = attention(q, k, v, scale)
+    last = attention(q[:, T - tq :], k, v, scale)
+    assert last.shape == (H, tq, 64)
+    assert torch.equal(last, full[:, T - tq :])
