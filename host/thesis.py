@@ -354,7 +354,9 @@ def thesis_table(
                 },
             )
     sources = {
-        "gpu": cpu.label + " (prefill once; decode: one timed step at context P, x (N-1))",
+        "gpu": cpu.label
+        + f" (prefill once; decode: the mean of {cpu.decode_steps} timed steps after the "
+        "prefill of P tokens, x (N-1))",
         "fpga": fpga.label + fpga.origin(),
         "transfer": PCIE_LABEL + " (exposed: the last layer's share; the rest overlaps prefill)",
     }
