@@ -418,7 +418,7 @@ def plot_timeline(path: Path, cpu: CpuTimes, fpga: FpgaDecodeModel, cfg, g, P: i
     ax.set_yticks([24, 14, 4, -6])
     ax.set_yticklabels(
         [
-            "prefill per layer\n(" + cpu.label.split(" (")[0] + ")",
+            f"prefill per layer\n(measured on this CPU,\n{cpu.cfg.name})",
             "KV GPU->host\n(modelled PCIe)",
             "KV host->FPGA\n(modelled PCIe)",
             "FPGA decode\n(" + fpga.label.split(",")[0].split(" (")[0] + ")",
@@ -427,7 +427,8 @@ def plot_timeline(path: Path, cpu: CpuTimes, fpga: FpgaDecodeModel, cfg, g, P: i
     )
     ax.set_xlabel("time (ms)")
     ax.set_title(
-        f"gpt2-medium, prompt {P}, output {N}: prefill / per-layer KV transfer / decode",
+        f"gpt2-medium, prompt {P}, output {N}: prefill (this CPU, standing in for the GPU) / "
+        "per-layer KV transfer / decode",
         fontsize=10,
     )
     ax.grid(axis="x", alpha=0.3)
