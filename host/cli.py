@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted({"reference", *BACKENDS}),
         default="model",
         help="model: the compiled program on the ISA simulator (bit-exact with the core); "
-        "reference: the float NumPy model",
+        "reference: the float NumPy model; rtl: the core's RTL in Verilator (small models such "
+        "as test-tiny on --geometry tiny; builds the core on first use); fpga: an Alveo card",
     )
     gen.add_argument(
         "--geometry",
@@ -326,12 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tandem.host.device import DeviceError
     from tandem.host.runtime import DecodeTimeout, RunError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RunError) as err:
+    except (ValueError, RunError, DeviceError) as err:
         # Checkpoint, config, tokenizer, range and device errors carry a message made for users.
         print(f"tandem {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -268,3 +268,4 @@ class ModelDevice(Device):
 
 # The XRT backend lives in its own module (pyopencl); importing it registers it.
 from . import fpga as _fpga  # noqa: E402, F401
+from . import rtldevice as _rtldevice  # noqa: E402, F401
