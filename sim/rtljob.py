@@ -81,7 +81,9 @@ COUNTERS = (
     "dma_read_busy",
     "dma_write_busy",
     "vpu_no_read",  # VPU busy and no R handshake on any channel
-    "idle_no_read",  # neither MPU nor VPU busy and no R handshake on any channel
+    "idle_no_read",  # neither MPU nor VPU busy and no R handshake on any channel; of those:
+    "idle_read_wait",  # ... a DMA read in flight (HBM latency, or a queued read)
+    "idle_write_wait",  # ... no read, an HBM write not yet acknowledged (or a store feeding)
 )
 """Counters of :class:`JobTop`, counting from the shell's ``start`` pulse to ``done``."""
 
@@ -203,6 +205,8 @@ class JobTop(wiring.Component):
         any_r = Signal()
         m.d.comb += any_r.eq(_any(r_hs))
         busy = ctrl.busy
+        idle = Signal()
+        m.d.comb += idle.eq(~busy.mpu & ~busy.vpu & ~any_r)
         incs = {
             "cycles": 1,
             "r_beats": popcount(r_hs),
@@ -216,7 +220,9 @@ class JobTop(wiring.Component):
             "dma_read_busy": busy.dma_read,
             "dma_write_busy": busy.dma_write,
             "vpu_no_read": busy.vpu & ~any_r,
-            "idle_no_read": ~busy.mpu & ~busy.vpu & ~any_r,
+            "idle_no_read": idle,
+            "idle_read_wait": idle & busy.dma_read,
+            "idle_write_wait": idle & ~busy.dma_read & busy.dma_write,
         }
         assert set(incs) == set(COUNTERS)
         counting = Signal()

@@ -1,0 +1,358 @@
+"""`make bench-rtl`: decode-core cycles per token from RTL simulation (issue 4).
+
+gpt2 (124M, ``tandem.checkpoint.random_weights``) compiled for the u55c geometry (32 channels x
+512 bits, 16 lanes, 250 MHz) runs on the whole RTL core (rtl/core.py) in Verilator over the
+simulated HBM (rtl/hbm_model.py: U55C per-channel bandwidth, 80-cycle read latency), through
+:mod:`tandem.sim.rtljob`: a prompt of a few tokens, then a few decode tokens. The harness's
+monitors give the cycle at which each output token was issued and the HBM beats read up to it,
+so each decode token's cycles and bytes are measured, not computed.
+
+Printed and written to ``build/bench-rtl.json`` (``--record`` copies it to docs/):
+
+- cycles per decode token (the mean over the decode tokens, each the cycles between two
+  consecutive output tokens: one whole forward pass and the LM head);
+- HBM bytes read per decode token (R-channel beats x 64 bytes, counted in the simulation), and
+  what the layout says a token streams, for comparison;
+- achieved bandwidth: bytes / (cycles x 1,840 B/cycle), as a fraction of the 460 GB/s peak;
+- ms per token for gpt2, and for gpt2-medium projected from the measured efficiency and
+  gpt2-medium's bytes per token (from its layout). Every time is a **projection (simulated
+  cycles / 250 MHz)**: no FPGA ran;
+- where the cycles went (monitor counters): cycles with HBM data moving, with the VPU busy and
+  no data moving, and with no unit busy.
+
+Options make shorter runs (``--layers``, ``--tokens``); the default is the honest gpt2. With
+``--layers`` the model is named e.g. ``gpt2-2L`` so host/thesis.py will not take it for gpt2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "build" / "bench-rtl.json"
+DOC = REPO / "docs" / "bench-rtl.json"
+RAW = REPO / "build" / "bench-rtl-raw.json"
+LABEL = "projection (simulated cycles / 250 MHz)"
+
+
+def log(msg: str) -> None:
+    print(f"[bench-rtl] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_child_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+
+
+def layout_bytes(cfg, g, ctx: int) -> int:
+    """What one generated token streams according to the layout: every MPU matrix and vector
+    once, and the KV prefix of ``ctx`` positions (host/thesis.py's formula)."""
+    from tandem.host.thesis import kv_read_bytes, streamed_bytes
+    from tandem.layout import HBMLayout
+
+    return streamed_bytes(HBMLayout(cfg, g)) + kv_read_bytes(cfg, g, ctx)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--geometry", default="u55c")
+    ap.add_argument("--prompt-len", type=int, default=3, metavar="N")
+    ap.add_argument("--tokens", type=int, default=4, metavar="N", help="tokens to generate")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (a shorter run)")
+    ap.add_argument("--read-latency", type=int, default=80)
+    ap.add_argument(
+        "--opt",
+        default="-O1",
+        help="C++ optimisation of the Verilator model (OPT_FAST; Verilator's default -Os). "
+        "-O1 builds the u55c core faster; part of the build key",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-cycles", type=int, default=50_000_000)
+    ap.add_argument("--json", type=Path, default=OUT)
+    ap.add_argument("--record", action="store_true", help=f"also copy the JSON to {DOC}")
+    ap.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help=f"no simulation: redo the table and JSON from the last run's raw record ({RAW})",
+    )
+    args = ap.parse_args(argv)
+    if args.reanalyse:
+        return finish(json.loads(RAW.read_text()), args)
+
+    from tandem import layout as L
+    from tandem.checkpoint import random_weights
+    from tandem.compiler import compile_model
+    from tandem.config import preset
+    from tandem.geometry import geometry
+    from tandem.sim import rtljob
+
+    g = geometry(args.geometry)
+    cfg = preset(args.model)
+    if args.layers is not None and args.layers != cfg.n_layer:
+        cfg = dataclasses.replace(cfg, n_layer=args.layers, name=f"{cfg.name}-{args.layers}L")
+    if args.tokens < 2:
+        ap.error("--tokens must be at least 2 (a decode token is the gap between two tokens)")
+    t_all = time.monotonic()
+
+    t0 = time.monotonic()
+    log(f"{cfg.name}: random weights (seed {args.seed}) ...")
+    weights = random_weights(cfg, seed=args.seed)
+    log(f"compiling for {g.name} ...")
+    c = compile_model(cfg, weights, g)
+    del weights
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, cfg.n_vocab, args.prompt_len).tolist()
+    image = L.HBMImage(g, c.image.nbytes)
+    image.data[:] = c.image.data
+    c.write_prompt(image, prompt)
+    scalars = c.args(len(prompt), args.tokens)
+    t_compile = time.monotonic() - t0
+    mem = rtljob.memory_class(image.nbytes)
+    log(
+        f"compiled in {t_compile:.0f} s: {image.nbytes:,} bytes per channel x {g.channels}; "
+        f"simulated HBM {mem >> 20} MiB per channel"
+    )
+
+    make_vars = {"OPT_FAST": args.opt} if args.opt else None
+    log(
+        f"Verilog and Verilator build of the {g.name} core (cached under build/sim when "
+        f"unchanged; the first u55c build takes a long time, progress below) ..."
+    )
+    tb = rtljob.build(g, mem, read_latency=args.read_latency, make_vars=make_vars)
+    build_rss = peak_child_gb()
+    log(
+        f"Verilog {tb['verilog']:.0f} s, build {tb['build']:.0f} s, peak child RSS so far "
+        f"{build_rss:.1f} GB"
+    )
+
+    log(
+        f"running prompt {len(prompt)} + {args.tokens} tokens ({len(prompt) + args.tokens - 1} "
+        f"positions); a line per token"
+    )
+    res = rtljob.run_job(
+        g,
+        image,
+        scalars,
+        dump=[(c.layout["output"].base, c.layout["output"].nbytes)],
+        mem_bytes=mem,
+        read_latency=args.read_latency,
+        max_cycles=args.max_cycles,
+        make_vars=make_vars,
+        progress_s=60.0,
+        log=log,
+    )
+    res.status.check()
+    out_region = res.dumps[(c.layout["output"].base, c.layout["output"].nbytes)]
+    mem_tokens = L.unpack_tokens(out_region[0, : 4 * res.status.tokens])
+    if mem_tokens != res.tokens or len(res.tokens) != args.tokens:
+        raise SystemExit(f"token mismatch: monitor {res.tokens}, memory {mem_tokens}")
+
+    raw = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("json",)},
+        "model": cfg.name,
+        "n_layer": cfg.n_layer,
+        "geometry": g.name,
+        "prompt": prompt,
+        "tokens": res.tokens,
+        "cycles": res.cycles,
+        "events": res.events,
+        "counters": res.counters,
+        "build": {
+            "opt_fast": args.opt,
+            "verilog_s": round(tb["verilog"], 1),
+            "build_s": round(tb["build"], 1),
+            "peak_child_rss_gb_build": round(build_rss, 2),
+            "peak_child_rss_gb": round(peak_child_gb(), 2),
+            "simulation_s": round(res.timings["run"], 1),
+            "load_s": round(res.timings["load"], 1),
+            "total_s": round(time.monotonic() - t_all, 1),
+            "cycles_per_s": round(res.cycles / max(res.timings["run"], 1e-9)),
+        },
+    }
+    RAW.parent.mkdir(parents=True, exist_ok=True)
+    RAW.write_text(json.dumps(raw, indent=1) + "\n")
+    return finish(raw, args)
+
+
+def finish(raw: dict, args) -> int:
+    report = analyse(raw, args)
+    print(format_report(report))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.json}")
+    if args.record:
+        shutil.copyfile(args.json, DOC)
+        log(f"recorded {DOC}")
+    return 0
+
+
+def analyse(raw: dict, args) -> dict:
+    from tandem.config import preset
+    from tandem.geometry import geometry
+    from tandem.layout import LayoutError
+
+    g = geometry(raw["geometry"])
+    cfg = preset(raw["args"]["model"])
+    if raw["n_layer"] != cfg.n_layer:
+        cfg = dataclasses.replace(cfg, n_layer=raw["n_layer"], name=raw["model"])
+    prompt = raw["prompt"]
+    base_name = raw["args"]["model"]
+
+    beat = g.beat_bytes
+    peak_bpc = g.channels * g.channel_gbps * 1e9 / (g.clock_mhz * 1e6)  # 1,840 B/cycle on u55c
+    clock = g.clock_mhz * 1e6
+    toks = [e for e in raw["events"] if e["kind"] == "token"]
+    P = len(prompt)
+    rows = []
+    for i, e in enumerate(toks):
+        prev = toks[i - 1] if i else dict.fromkeys(e, 0)
+        d = {k: e[k] - prev[k] for k in e if k not in ("kind", "value")}
+        rows.append(
+            {
+                "token": i,
+                "id": e["value"],
+                # token i is generated at position P - 1 + i; token 0's interval is the fetch
+                # and every prompt position
+                "positions": P if i == 0 else 1,
+                "ctx": P + i,
+                "at_cycle": e["cycles"],
+                "cycles": d["cycles"],
+                "bytes_read": d["r_beats"] * beat,
+                "hbm_efficiency": d["r_beats"] * beat / (d["cycles"] * peak_bpc),
+                "r_cycles": d["r_cycles"],
+                "vpu_no_read": d["vpu_no_read"],
+                "idle_no_read": d["idle_no_read"],
+                "idle_read_wait": d.get("idle_read_wait", 0),
+                "idle_write_wait": d.get("idle_write_wait", 0),
+                "mpu_no_read": d["cycles"] - d["r_cycles"] - d["vpu_no_read"] - d["idle_no_read"],
+                "tiles": d["tiles"],
+            }
+        )
+    dec = rows[1:]
+    cyc = float(np.mean([r["cycles"] for r in dec]))
+    nbytes = float(np.mean([r["bytes_read"] for r in dec]))
+    eff = nbytes / (cyc * peak_bpc)
+    # token i comes from position P - 1 + i, which attends over P + i positions: the decode
+    # tokens' mean context
+    ctx_i = round(float(np.mean([r["ctx"] for r in dec])))
+    lay = layout_bytes(cfg, g, ctx_i)
+
+    def share(key):
+        return float(np.sum([r[key] for r in dec]) / np.sum([r["cycles"] for r in dec]))
+
+    proj = {}
+    for name in (base_name, "gpt2-medium"):
+        pc = preset(name)
+        if name == base_name and cfg.n_layer != pc.n_layer:
+            continue
+        try:
+            lb = layout_bytes(pc, g, ctx_i)
+        except LayoutError as err:  # e.g. gpt2-medium on a test geometry
+            log(f"no projection for {name}: {err}")
+            continue
+        # bytes the core reads scale with the layout's (same read pattern per matrix)
+        b = lb * (nbytes / lay)
+        cycles = cyc if name == cfg.name else b / (eff * peak_bpc)
+        proj[name] = {
+            "layout_bytes_per_token": lb,
+            "bytes_per_token": round(b),
+            "cycles_per_token": round(cycles),
+            "ms_per_token": cycles / clock * 1e3,
+            "source": "measured in RTL simulation"
+            if name == cfg.name
+            else "projected from the measured HBM efficiency and its layout's bytes per token",
+        }
+    return {
+        "model": cfg.name,
+        "geometry": g.name,
+        "clock_mhz": g.clock_mhz,
+        "ctx": ctx_i,
+        "cycles_per_token": round(cyc),
+        "bytes_per_token": round(nbytes),
+        "layout_bytes_per_token": lay,
+        "hbm_efficiency": eff,
+        "peak_gbps": g.channels * g.channel_gbps,
+        "ms_per_token": cyc / clock * 1e3,
+        "label": LABEL,
+        "read_latency": raw["args"]["read_latency"],
+        "n_layer": cfg.n_layer,
+        "decode_tokens_measured": len(dec),
+        "cycle_shares": {
+            "hbm_data_moving": share("r_cycles"),
+            "vpu_busy_no_read": share("vpu_no_read"),
+            "mpu_busy_no_read": share("mpu_no_read"),
+            "no_unit_busy_no_read": share("idle_no_read"),
+            "of_which_dma_read_in_flight": share("idle_read_wait"),
+            "of_which_hbm_write_pending": share("idle_write_wait"),
+        },
+        "per_token": rows,
+        "total_cycles": raw["cycles"],
+        "projection": proj,
+        "prompt": prompt,
+        "tokens": raw["tokens"],
+        "build": raw["build"],
+        "counters": raw["counters"],
+    }
+
+
+def format_report(r: dict) -> str:
+    g = r["geometry"]
+    lines = [
+        f"Decode core cycles: {r['model']} on {g} ({r['clock_mhz']:.0f} MHz), RTL in Verilator "
+        f"over the simulated HBM (read latency {r['read_latency']} cycles)",
+        f"prompt {len(r['prompt'])} tokens, {len(r['tokens'])} generated: {r['tokens']}; "
+        f"{r['total_cycles']:,} cycles start to done",
+        "",
+        "| token | positions | cycles | MB read | % of 460 GB/s | data moving | VPU, no read "
+        "| MPU, no read | nothing busy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in r["per_token"]:
+        c = t["cycles"]
+        lines.append(
+            f"| {t['token']} | {t['positions']} | {c:,} | {t['bytes_read'] / 1e6:,.2f} | "
+            f"{t['hbm_efficiency']:.1%} | {t['r_cycles'] / c:.1%} | {t['vpu_no_read'] / c:.1%} | "
+            f"{t['mpu_no_read'] / c:.1%} | {t['idle_no_read'] / c:.1%} |"
+        )
+    lines += [
+        "",
+        f"(token 0 includes the program fetch and all {len(r['prompt'])} prompt positions)",
+        "",
+        f"| quantity ({LABEL}) | value |",
+        "|---|---:|",
+        f"| cycles per decode token (mean of {r['decode_tokens_measured']}, ctx ~{r['ctx']}) | "
+        f"{r['cycles_per_token']:,} |",
+        f"| HBM bytes read per token (counted R beats) | {r['bytes_per_token']:,} |",
+        f"| bytes per token by the layout (weights + KV) | {r['layout_bytes_per_token']:,} |",
+        f"| achieved bandwidth, % of {r['peak_gbps']:.0f} GB/s | {r['hbm_efficiency']:.1%} |",
+    ]
+    for name, p in r["projection"].items():
+        lines.append(
+            f"| {name}: ms per token ({p['cycles_per_token']:,} cycles, "
+            f"{p['bytes_per_token'] / 1e6:,.1f} MB; {p['source']}) | {p['ms_per_token']:.3f} |"
+        )
+    s = r["cycle_shares"]
+    lines += [
+        "",
+        "Where the decode cycles go: "
+        f"HBM data moving {s['hbm_data_moving']:.1%}, VPU busy with no data moving "
+        f"{s['vpu_busy_no_read']:.1%}, MPU busy with no data moving {s['mpu_busy_no_read']:.1%}, "
+        f"nothing busy and no data moving {s['no_unit_busy_no_read']:.1%} (of which a DMA read "
+        f"in flight {s['of_which_dma_read_in_flight']:.1%}, an HBM write pending "
+        f"{s['of_which_hbm_write_pending']:.1%}, the rest the controller alone)",
+        f"build: {r['build']}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
