@@ -40,7 +40,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "build" / "bench-rtl.json"
 DOC = REPO / "docs" / "bench-rtl.json"
-RAW = REPO / "build" / "bench-rtl-raw.json"
+
+
+def raw_path(json_path: Path) -> Path:
+    """The raw record beside the result (``build/bench-rtl-raw.json``)."""
+    return json_path.with_name(json_path.stem + "-raw.json")
+
+
 LABEL = "projection (simulated cycles / 250 MHz)"
 
 
@@ -68,6 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=3, metavar="N")
     ap.add_argument("--tokens", type=int, default=4, metavar="N", help="tokens to generate")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (a shorter run)")
+    ap.add_argument(
+        "--start-pos",
+        type=int,
+        default=0,
+        metavar="S",
+        help="start the core at position S (as the hybrid handoff does) to measure a longer "
+        "context: positions below S keep an all-zero KV cache (no prefill ran; the core's "
+        "cycles do not depend on the values), labelled in the output",
+    )
     ap.add_argument("--read-latency", type=int, default=80)
     ap.add_argument(
         "--opt",
@@ -82,11 +97,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--reanalyse",
         action="store_true",
-        help=f"no simulation: redo the table and JSON from the last run's raw record ({RAW})",
+        help="no simulation: redo the table and JSON from the last run's raw record "
+        "(<json>-raw.json)",
     )
     args = ap.parse_args(argv)
     if args.reanalyse:
-        return finish(json.loads(RAW.read_text()), args)
+        return finish(json.loads(raw_path(args.json).read_text()), args)
 
     from tandem import layout as L
     from tandem.checkpoint import random_weights
@@ -110,11 +126,11 @@ def main(argv=None) -> int:
     c = compile_model(cfg, weights, g)
     del weights
     rng = np.random.default_rng(args.seed)
-    prompt = rng.integers(0, cfg.n_vocab, args.prompt_len).tolist()
+    prompt = rng.integers(0, cfg.n_vocab, args.start_pos + args.prompt_len).tolist()
     image = L.HBMImage(g, c.image.nbytes)
     image.data[:] = c.image.data
     c.write_prompt(image, prompt)
-    scalars = c.args(len(prompt), args.tokens)
+    scalars = c.args(len(prompt), args.tokens, start_pos=args.start_pos)
     t_compile = time.monotonic() - t0
     mem = rtljob.memory_class(image.nbytes)
     log(
@@ -135,8 +151,8 @@ def main(argv=None) -> int:
     )
 
     log(
-        f"running prompt {len(prompt)} + {args.tokens} tokens ({len(prompt) + args.tokens - 1} "
-        f"positions); a line per token"
+        f"running prompt {len(prompt)} + {args.tokens} tokens from position {args.start_pos} "
+        f"({len(prompt) + args.tokens - 1 - args.start_pos} positions); a line per token"
     )
     res = rtljob.run_job(
         g,
@@ -178,8 +194,8 @@ def main(argv=None) -> int:
             "cycles_per_s": round(res.cycles / max(res.timings["run"], 1e-9)),
         },
     }
-    RAW.parent.mkdir(parents=True, exist_ok=True)
-    RAW.write_text(json.dumps(raw, indent=1) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    raw_path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
     return finish(raw, args)
 
 
@@ -193,6 +209,17 @@ def finish(raw: dict, args) -> int:
         shutil.copyfile(args.json, DOC)
         log(f"recorded {DOC}")
     return 0
+
+
+def matvecs_per_position(cfg, g) -> int:
+    """MATVEC instructions the compiled program runs per generated token (the program has no
+    loop inside a position; the prologue has none)."""
+    from tandem.compiler import _Emitter, vbuf_plan
+    from tandem.isa import Op
+    from tandem.layout import HBMLayout
+
+    program = _Emitter(cfg, g, HBMLayout(cfg, g), vbuf_plan(cfg, g)).program()
+    return sum(i.op == Op.MATVEC for i in program)
 
 
 def analyse(raw: dict, args) -> dict:
@@ -212,6 +239,7 @@ def analyse(raw: dict, args) -> dict:
     clock = g.clock_mhz * 1e6
     toks = [e for e in raw["events"] if e["kind"] == "token"]
     P = len(prompt)
+    S = int(raw["args"].get("start_pos", 0))
     rows = []
     for i, e in enumerate(toks):
         prev = toks[i - 1] if i else dict.fromkeys(e, 0)
@@ -222,7 +250,7 @@ def analyse(raw: dict, args) -> dict:
                 "id": e["value"],
                 # token i is generated at position P - 1 + i; token 0's interval is the fetch
                 # and every prompt position
-                "positions": P if i == 0 else 1,
+                "positions": P - S if i == 0 else 1,
                 "ctx": P + i,
                 "at_cycle": e["cycles"],
                 "cycles": d["cycles"],
@@ -249,6 +277,31 @@ def analyse(raw: dict, args) -> dict:
     def share(key):
         return float(np.sum([r[key] for r in dec]) / np.sum([r["cycles"] for r in dec]))
 
+    # Cycles lost against the link: the HBM model passes 115/128 of a beat per cycle per
+    # channel on average in bursts of whole beats, and the channels move in step (one tile a
+    # cycle), so even a stream at the full link rate has cycles with no R beat: about
+    # r_cycles * 13/115 of them. The cycles with no R beat beyond those are the loss.
+    sum_dec = {k: int(np.sum([r[k] for r in dec])) for k in dec[0] if isinstance(dec[0][k], int)}
+    beat_rate = peak_bpc / (g.channels * beat)  # 115/128 of a beat per cycle and channel
+    ideal = sum_dec["bytes_read"] / peak_bpc
+    link_gaps = sum_dec["r_cycles"] * (1 / beat_rate - 1)
+    lost = sum_dec["cycles"] - ideal
+    n_mv = matvecs_per_position(cfg, g)
+    n = len(dec)
+    loss = {
+        "ideal_cycles_at_link_rate": ideal / n,
+        "lost_cycles": lost / n,
+        "vpu_busy_no_read": sum_dec["vpu_no_read"] / n,
+        "mpu_busy_no_read_beyond_link_gaps": (sum_dec["mpu_no_read"] - link_gaps) / n,
+        "nothing_busy_dma_read_in_flight": sum_dec["idle_read_wait"] / n,
+        "nothing_busy_hbm_write_pending": sum_dec["idle_write_wait"] / n,
+        "nothing_busy_controller_only": (
+            sum_dec["idle_no_read"] - sum_dec["idle_read_wait"] - sum_dec["idle_write_wait"]
+        )
+        / n,
+        "matvecs_per_token": n_mv,
+    }
+    loss["mpu_no_read_per_matvec"] = loss["mpu_busy_no_read_beyond_link_gaps"] / n_mv
     proj = {}
     for name in (base_name, "gpt2-medium"):
         pc = preset(name)
@@ -294,7 +347,15 @@ def analyse(raw: dict, args) -> dict:
             "of_which_dma_read_in_flight": share("idle_read_wait"),
             "of_which_hbm_write_pending": share("idle_write_wait"),
         },
+        "start_pos": S,
+        "kv_note": (
+            f"positions 0..{S - 1} were not run: the core started at position {S} over an "
+            "all-zero KV cache (cycles do not depend on the values)"
+            if S
+            else "every position run from 0"
+        ),
         "per_token": rows,
+        "lost_cycles_per_token": loss,
         "total_cycles": raw["cycles"],
         "projection": proj,
         "prompt": prompt,
@@ -309,6 +370,7 @@ def format_report(r: dict) -> str:
     lines = [
         f"Decode core cycles: {r['model']} on {g} ({r['clock_mhz']:.0f} MHz), RTL in Verilator "
         f"over the simulated HBM (read latency {r['read_latency']} cycles)",
+        f"{r['kv_note']}",
         f"prompt {len(r['prompt'])} tokens, {len(r['tokens'])} generated: {r['tokens']}; "
         f"{r['total_cycles']:,} cycles start to done",
         "",
@@ -325,7 +387,8 @@ def format_report(r: dict) -> str:
         )
     lines += [
         "",
-        f"(token 0 includes the program fetch and all {len(r['prompt'])} prompt positions)",
+        f"(token 0 includes the program fetch and the {len(r['prompt']) - r['start_pos']} "
+        "prompt positions run)",
         "",
         f"| quantity ({LABEL}) | value |",
         "|---|---:|",
@@ -349,8 +412,31 @@ def format_report(r: dict) -> str:
         f"nothing busy and no data moving {s['no_unit_busy_no_read']:.1%} (of which a DMA read "
         f"in flight {s['of_which_dma_read_in_flight']:.1%}, an HBM write pending "
         f"{s['of_which_hbm_write_pending']:.1%}, the rest the controller alone)",
+        "",
+        _format_loss(r["lost_cycles_per_token"], r["cycles_per_token"]),
         f"build: {r['build']}",
     ]
+    return "\n".join(lines)
+
+
+def _format_loss(lo: dict, cycles: int) -> str:
+    parts = [
+        ("VPU busy, no data moving", lo["vpu_busy_no_read"]),
+        (
+            f"MPU busy, no data moving beyond the link's own gaps "
+            f"(~{lo['mpu_no_read_per_matvec']:.0f} per MATVEC x {lo['matvecs_per_token']})",
+            lo["mpu_busy_no_read_beyond_link_gaps"],
+        ),
+        ("nothing busy, a DMA read in flight", lo["nothing_busy_dma_read_in_flight"]),
+        ("nothing busy, an HBM write pending", lo["nothing_busy_hbm_write_pending"]),
+        ("the controller alone", lo["nothing_busy_controller_only"]),
+    ]
+    lines = [
+        f"Per decode token: {cycles:,} cycles = {lo['ideal_cycles_at_link_rate']:,.0f} at the "
+        f"link rate for the bytes read + {lo['lost_cycles']:,.0f} lost "
+        f"({lo['lost_cycles'] / cycles:.1%}):"
+    ]
+    lines += [f"  {name}: {v:,.0f} ({v / cycles:.1%})" for name, v in parts]
     return "\n".join(lines)
 
 
