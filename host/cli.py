@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from tandem.checkpoint import load_weights, random_weights
 from tandem.config import PRESETS, preset
@@ -21,6 +22,17 @@ def _generate_reference(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     return {"tokens": tokens, "timings": {"decode": time.perf_counter() - t0}, "where": ""}
 
 
+def _device_options(args) -> dict:
+    """Backend options from the command line: ``--xclbin`` for the ``fpga`` backend."""
+    if args.xclbin is None:
+        return {}
+    if args.backend != "fpga":
+        raise ValueError(f"--xclbin is for --backend fpga, not --backend {args.backend}")
+    if not Path(args.xclbin).is_file():
+        raise ValueError(f"--xclbin {args.xclbin}: no such file (make bitstream writes one)")
+    return {"xclbin": args.xclbin}
+
+
 def _generate_on_device(backend: str):
     def run(weights, cfg, ids: list[int], n_new: int, args) -> dict:
         from tandem.host.runtime import generate, resolve_geometry
@@ -29,7 +41,15 @@ def _generate_on_device(backend: str):
         show = args.progress if args.progress is not None else sys.stderr.isatty()
         progress = _Progress(n_new) if show else None
         result = generate(
-            cfg, weights, ids, n_new, geom, backend=backend, progress=progress, timeout=args.timeout
+            cfg,
+            weights,
+            ids,
+            n_new,
+            geom,
+            backend=backend,
+            progress=progress,
+            timeout=args.timeout,
+            device_options=_device_options(args),
         )
         if progress is not None:
             progress.finish()
@@ -58,7 +78,9 @@ def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     geom = resolve_geometry(cfg, args.geometry)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = _Progress(n_new) if show else None
-    with HybridSession(cfg, weights, geom, args.backend, args.prefill_device) as hs:
+    with HybridSession(
+        cfg, weights, geom, args.backend, args.prefill_device, device_options=_device_options(args)
+    ) as hs:
         result = hs.generate(ids, n_new, progress=progress, timeout=args.timeout)
         where = f" on {geom.name}, prefill on {hs.model.device}"
     if progress is not None:
@@ -253,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model: the compiled program on the ISA simulator (bit-exact with the core); "
         "reference: the float NumPy model; rtl: the core's RTL in Verilator (small models such "
         "as test-tiny on --geometry tiny; builds the core on first use); fpga: an Alveo card",
+    )
+    gen.add_argument(
+        "--xclbin",
+        metavar="FILE",
+        help="--backend fpga: the FPGA image to load (build/u55c/tandem.xclbin from make "
+        "bitstream); the --geometry must be the one it was built for",
     )
     gen.add_argument(
         "--geometry",

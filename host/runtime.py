@@ -315,13 +315,15 @@ def generate(
     backend: str = "model",
     progress: Progress | None = None,
     timeout: float | None = None,
+    device_options: Mapping | None = None,
 ) -> GenerateResult:
     """Compile ``cfg``/``weights`` for ``geom``, load it on ``backend`` and decode greedily.
+    ``device_options`` go to the backend (the ``fpga`` backend's ``xclbin``, for example).
 
     Returns a :class:`GenerateResult` (tokens, timings incl. compile and load, status). The
     request is checked first (ValueError if it does not fit the context); error bits in the
     status raise :class:`RunError`, a run longer than ``timeout`` s :class:`DecodeTimeout`.
     """
     check_fits(cfg, prompt_ids, n_new)
-    with Session(cfg, weights, geom, backend) as session:
+    with Session(cfg, weights, geom, backend, device_options=device_options) as session:
         return session.generate(prompt_ids, n_new, progress, timeout=timeout)

@@ -32,6 +32,14 @@ def test_errors_are_reported_not_raised(capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_xclbin_option_is_checked(capsys, tmp_path):
+    base = ["generate", "--preset", "test-tiny", "--prompt-ids", "1", "--max-new-tokens", "2"]
+    assert main([*base, "--backend", "model", "--xclbin", str(tmp_path / "x.xclbin")]) == 2
+    assert "--xclbin is for --backend fpga" in capsys.readouterr().err
+    assert main([*base, "--backend", "fpga", "--xclbin", str(tmp_path / "x.xclbin")]) == 2
+    assert "no such file (make bitstream writes one)" in capsys.readouterr().err
+
+
 def test_generate_backends_agree(capsys):
     base = ["generate", "--preset", "test-odd", "--prompt-ids", "5,6", "--max-new-tokens", "6"]
     assert main([*base, "--backend", "reference"]) == 0
