@@ -26,7 +26,7 @@ def test_registered():
     assert BACKENDS["rtl"].name == "rtl"
 
 
-def test_refuses_large_images_and_cores():
+def test_refuses_large_images_and_cores(capsys):
     dev = open_device("rtl", geometry("tiny"))
     with pytest.raises(DeviceError, match=r"2,097,152 bytes per channel .* at most 1,048,576"):
         dev.load(HBMImage(geometry("tiny"), 2 << 20))
@@ -34,6 +34,10 @@ def test_refuses_large_images_and_cores():
         open_device("rtl", geometry("u55c"))
     with pytest.raises(DeviceError, match="no image loaded"):
         dev.read_channel(0, 0, 4)
+    # the CLI reports it as a user error (exit 2), not a traceback
+    args = ["generate", "--preset", "test-tiny", "--prompt-ids", "1", "--max-new-tokens", "1"]
+    assert main([*args, "--backend", "rtl", "--geometry", "u55c"]) == 2
+    assert "too large for that" in capsys.readouterr().err
 
 
 def test_hybrid_on_rtl_equals_model():
