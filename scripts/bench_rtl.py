@@ -54,6 +54,19 @@ def log(msg: str) -> None:
     print(f"[bench-rtl] {msg}", file=sys.stderr, flush=True)
 
 
+def core_revision() -> str:
+    """The commit the RTL came from, and whether rtl/ or tandem/ had uncommitted changes."""
+    import subprocess
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "rtl", "tandem")
+    return rev + (" + uncommitted changes in rtl/ or tandem/" if dirty else "")
+
+
 def peak_child_gb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
 
@@ -144,6 +157,7 @@ def main(argv=None) -> int:
         f"unchanged (the first u55c run: about 7 minutes converting to Verilog, no output, then "
         f"about 8 minutes of Verilator and make output, 7 GB of memory) ..."
     )
+    core_rev = core_revision()
     tb = rtljob.build(g, mem, read_latency=args.read_latency, make_vars=make_vars)
     build_rss = peak_child_gb()
     log(
@@ -184,6 +198,7 @@ def main(argv=None) -> int:
         "events": res.events,
         "counters": res.counters,
         "build": {
+            "core": core_rev,
             "opt_fast": args.opt,
             "verilog_s": round(tb["verilog"], 1),
             "build_s": round(tb["build"], 1),

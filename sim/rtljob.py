@@ -286,10 +286,11 @@ def _support_files(folder: Path) -> list[Path]:
 
 
 def _source_key(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> str:
-    """A hash of everything the top's Verilog depends on: the Python sources of the RTL, the
-    definitions it imports (geometry, regmap, ISA, numerics tables), this module, the Amaranth
-    version and the parameters."""
+    """A hash of everything the top's Verilog depends on: the Python sources of the RTL and of
+    the definitions it imports (geometry, regmap, ISA, numerics tables), the source of
+    :class:`JobTop` and its constants, the Amaranth version and the parameters."""
     import hashlib
+    import inspect
     from importlib.metadata import version
 
     import tandem
@@ -297,9 +298,10 @@ def _source_key(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> str:
 
     h = hashlib.sha256()
     h.update(repr((_geom_dict(geom), mem_bytes, read_latency, version("amaranth"))).encode())
+    own = (TOPLEVEL, COUNTERS, COUNTER_BITS, EV_TOKEN, EV_STATUS)
+    h.update((inspect.getsource(JobTop) + inspect.getsource(_any) + repr(own)).encode())
     folders = [Path(tandem.__file__).parent, Path(tandem.rtl.__file__).parent]
-    files = [*sorted(f for d in folders for f in d.glob("*.py")), Path(__file__)]
-    for f in files:
+    for f in sorted(f for d in folders for f in d.glob("*.py")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -357,6 +359,7 @@ def build(
         verilog_sources=_support_files(runner.build_root() / "verilog"),
         make_vars=make_vars,
         waves=False,
+        output_to_stderr=True,
         testcase="build_only",
     )
     return {"verilog": t1 - t0, "build": time.monotonic() - t1}
@@ -503,6 +506,7 @@ def run_job(
                 verilog_sources=_support_files(runner.build_root() / "verilog"),
                 make_vars=make_vars,
                 waves=False,
+                output_to_stderr=True,
                 testcase="rtl_job",
             )
         except AssertionError as err:

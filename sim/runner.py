@@ -227,6 +227,7 @@ def run(
     build_args: Sequence[str] = (),
     verilog_sources: Sequence[os.PathLike] = (),
     make_vars: Mapping[str, str] | None = None,
+    output_to_stderr: bool = False,
 ) -> Path:
     """Convert ``design`` to Verilog, build it for ``sim`` (cached) and run cocotb tests on it.
 
@@ -260,6 +261,9 @@ def run(
     make_vars
         Verilator only: variables for the make run that compiles the C++ model, for example
         ``{"OPT_FAST": "-O1"}`` (Verilator's default is ``-Os``); part of the build key.
+    output_to_stderr
+        Send the build's and the simulator's output to this process's stderr (file
+        descriptor 2) instead of stdout, for callers whose stdout carries results (the CLI).
 
     Returns
     -------
@@ -293,6 +297,10 @@ def run(
 
     env = {PARAMS_ENV: json.dumps(dict(params or {})), **(extra_env or {})}
     runner = get_runner(sim)
+    if output_to_stderr:
+        # cocotb's runner passes `stdout` to subprocess.run; a descriptor number works there
+        # even when sys.stderr is replaced (pytest's capsys)
+        runner._execute = lambda cmds, cwd: runner._execute_cmds(cmds, cwd, 2)
     results = folder / "results.xml"
     log = _log(name, sim)
     with _locked(folder), _toolchain_env(sim, env, make_vars):
