@@ -390,7 +390,8 @@ def format_report(r: dict) -> str:
         f"prompt {len(r['prompt'])} tokens, {len(r['tokens'])} generated: {r['tokens']}; "
         f"{r['total_cycles']:,} cycles start to done",
         "",
-        "| token | positions | cycles | MB read | % of 460 GB/s | data moving | VPU, no read "
+        f"| token | positions | cycles | MB read | % of {r['peak_gbps']:.0f} GB/s | data moving "
+        "| VPU, no read "
         "| MPU, no read | nothing busy |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
