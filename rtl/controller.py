@@ -93,7 +93,10 @@ class Controller(wiring.Component):
     * vector ops: :attr:`vpu`.
 
     Scoreboard (conservative, correct first): a VBUF user (vector op, LOADV, a store, the MPU's
-    x read) starts only when no other unit is using the VBUF; a DMA read waits for every
+    x read) starts only when no other unit is using the VBUF, except that vector ops follow each
+    other without waiting (the vector unit runs its commands in order, each finished before the
+    next starts, so the core may queue them and the controller runs ahead to the next
+    ``MATVEC``, whose weight read then overlaps the vector work); a DMA read waits for every
     outstanding HBM write (a program may read what it just stored). A ``MATVEC`` sends its weight
     read to the DMA as soon as the DMA takes it, so the weights stream into the MPU's input
     while the VPU still computes; its MPU command follows when the VBUF is quiet. ``LDW`` and
@@ -254,9 +257,26 @@ class Controller(wiring.Component):
         busy = self.busy
         vbuf_quiet = Signal()
         mpu_pending = Signal()
+        loadv_queued = Signal()  # a LOADV not yet taken by the DMA (busy.dma_vbuf counts after)
+        m.d.comb += loadv_queued.eq(
+            self.dma_read.valid & (self.dma_read.payload.kind == ReadKind.ROWS)
+        )
         m.d.comb += vbuf_quiet.eq(
             ~busy.vpu
             & ~busy.mpu
+            & ~loadv_queued
+            & ~busy.dma_vbuf
+            & ~mpu_pending
+            & ~self.vpu.valid
+            & ~self.mpu.valid
+            & ~self.dma_store.valid
+        )
+        # Vector ops need only the other VBUF users quiet: the vector unit runs its commands in
+        # order, each finished (results written) before the next reads, so they may queue.
+        vpu_may_issue = Signal()
+        m.d.comb += vpu_may_issue.eq(
+            ~busy.mpu
+            & ~loadv_queued
             & ~busy.dma_vbuf
             & ~mpu_pending
             & ~self.vpu.valid
@@ -594,7 +614,7 @@ class Controller(wiring.Component):
                 self._matvec(m, views[Op.MATVEC], c, retire)
             with m.Case(*(op for op, u in isa.UNITS.items() if u is isa.Unit.VPU)):
                 self._vector(
-                    m, views, opcode, pc, length, over, c.partial, finish, retire, vbuf_quiet
+                    m, views, opcode, pc, length, over, c.partial, finish, retire, c.vpu_may_issue
                 )
 
     def _matvec(self, m, v, c, retire):
@@ -661,7 +681,7 @@ class Controller(wiring.Component):
                 m.d.sync += [argmax_pending.eq(1), argmax_rd.eq(v.rd)]
             retire()
 
-    def _vector(self, m, views, opcode, pc, length, over, partial, finish, retire, vbuf_quiet):
+    def _vector(self, m, views, opcode, pc, length, over, partial, finish, retire, may_issue):
         Op = isa.Op
         for op in (op for op, u in isa.UNITS.items() if u is isa.Unit.VPU):
             with m.If(opcode == int(op)):
@@ -680,7 +700,7 @@ class Controller(wiring.Component):
                     bad |= ~v.flags[0] & partial(v.dst, v.b, n)
                 with m.If(bad):
                     finish(Status.VBUF_RANGE, pc)
-                with m.Elif(~self.vpu.valid & vbuf_quiet):
+                with m.Elif(may_issue):
                     p = self.vpu.payload
                     m.d.sync += [
                         self.vpu.valid.eq(1),

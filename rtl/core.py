@@ -3,7 +3,7 @@
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
 from amaranth import ClockDomain, Module, Mux, Signal
-from amaranth.lib import wiring
+from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out, connect
 
 from tandem import regmap
@@ -22,6 +22,8 @@ __all__ = ["TOPLEVEL", "DecodeCore", "verilog"]
 TOPLEVEL = "tandem_decode_core"
 BLOCK = 64
 _FETCH_CHUNK = 1 << 15  # elements per ROWS command of the program fetch (16-bit length)
+VPU_QUEUE = 8
+"""Vector commands the core holds between the controller and the vector unit."""
 
 
 class DecodeCore(wiring.Component):
@@ -94,7 +96,18 @@ class DecodeCore(wiring.Component):
         ]
 
         # ---- VPU ----------------------------------------------------------------------------
-        connect(m, ctrl.vpu, vpu.cmd)
+        # a command queue: the controller issues vector ops back to back and runs ahead
+        m.submodules.vpu_queue = vq = fifo.SyncFIFOBuffered(
+            width=len(ctrl.vpu.payload.as_value()), depth=VPU_QUEUE
+        )
+        m.d.comb += [
+            vq.w_data.eq(ctrl.vpu.payload.as_value()),
+            vq.w_en.eq(ctrl.vpu.valid),
+            ctrl.vpu.ready.eq(vq.w_rdy),
+            vpu.cmd.payload.eq(vq.r_data),
+            vpu.cmd.valid.eq(vq.r_rdy),
+            vq.r_en.eq(vpu.cmd.ready),
+        ]
         connect(m, vpu.read_a, vbuf.read[0])
         connect(m, vpu.read_b, vbuf.read[1])
         vpu_busy = Signal()
@@ -337,7 +350,7 @@ class DecodeCore(wiring.Component):
             ]
 
         m.d.comb += [
-            ctrl.busy.vpu.eq(vpu_busy | vpu.cmd.valid),
+            ctrl.busy.vpu.eq(vpu_busy | (vq.level != 0) | ctrl.vpu.valid),
             ctrl.busy.mpu.eq(mpu_active),
             ctrl.busy.dma_read.eq(~dma.read_idle | fetching),
             ctrl.busy.dma_vbuf.eq((loadv_rows != 0) | store_active),
