@@ -202,6 +202,19 @@ class PreparedMatrix:
         q = q.reshape(rows, nb, BLOCK).permute(1, 0, 2).to(torch.float32).contiguous()
         return cls(q, e.T.contiguous(), nf.any(dim=1), cols)
 
+    def row_slice(self, start: int, stop: int) -> PreparedMatrix:
+        """Rows ``start:stop`` as a PreparedMatrix of views (no copy). Rows are independent in
+        :func:`matmul` (each has its own block exponents), so its results equal the matching
+        rows of the whole matrix's, bit for bit."""
+        if not 0 <= start < stop <= self.rows:
+            raise ValueError(f"rows {start}:{stop} out of 0:{self.rows}")
+        return PreparedMatrix(
+            self.q[:, start:stop],
+            self.block_exp[:, start:stop],
+            self.nonfinite_rows[start:stop],
+            self.cols,
+        )
+
     @classmethod
     def from_numpy(cls, pm: nm.PreparedMatrix, device="cpu") -> PreparedMatrix:
         """Reuse an alignment ``tandem.numerics`` already made (same numbers, no recompute)."""
@@ -217,11 +230,18 @@ class PreparedMatrix:
 _CHUNK_ELEMS = 1 << 24
 
 
-def matmul(mat: PreparedMatrix, x_bits: torch.Tensor, bias_bits: torch.Tensor | None = None):
+def matmul(
+    mat: PreparedMatrix,
+    x_bits: torch.Tensor,
+    bias_bits: torch.Tensor | None = None,
+    transposed: bool = False,
+):
     """``numerics.matvec`` for every row of ``x_bits`` [T, cols] at once.
 
     Returns (acc int64 [T, rows], lam int64 [T], nonfinite bool [T, rows]); row ``t`` equals
-    ``numerics.matvec(mat, x_bits[t], bias_bits)``.
+    ``numerics.matvec(mat, x_bits[t], bias_bits)``. With ``transposed=True``, ``acc`` and
+    ``nonfinite`` are [rows, T] instead (column ``t`` is that product): the batched product's
+    natural orientation, so no transposing copy is made. The values are the same either way.
     """
     T, cols = x_bits.shape
     if cols != mat.cols:
@@ -240,22 +260,30 @@ def matmul(mat: PreparedMatrix, x_bits: torch.Tensor, bias_bits: torch.Tensor | 
         c = t1 - t0
         s = sums[:, :, :c].double() * 32 + sums[:, :, c:].double()
         shift = mat.block_exp[:, :, None] + (xe[t0:t1] - xe_max[t0:t1, None]).T[:, None, :]
-        accs.append(floor_scale(s, shift + _SHIFT_OFFSET).sum(dim=0).T)  # [c, rows]
-    acc = torch.cat(accs, dim=0)
-    nonfinite = mat.nonfinite_rows[None, :] | xnf.any(dim=1)[:, None]
+        accs.append(floor_scale(s, shift + _SHIFT_OFFSET).sum(dim=0))  # [rows, c]
+    xnf_t = xnf.any(dim=1)  # [T]
+    if transposed:
+        acc = accs[0] if len(accs) == 1 else torch.cat(accs, dim=1)  # [rows, T]
+        nonfinite = mat.nonfinite_rows[:, None] | xnf_t[None, :]
+        bias_shape, lam_b = (slice(None), None), lam[None, :]
+    else:
+        acc = torch.cat([a.T for a in accs], dim=0)  # [T, rows]
+        nonfinite = mat.nonfinite_rows[None, :] | xnf_t[:, None]
+        bias_shape, lam_b = (None, slice(None)), lam[:, None]
     if bias_bits is not None:
         if bias_bits.shape != (mat.rows,):
             raise ValueError(f"bias shape {tuple(bias_bits.shape)} does not match {mat.rows} rows")
-        b, bnf = bias_to_acc(bias_bits[None, :], lam[:, None])
+        b, bnf = bias_to_acc(bias_bits[bias_shape], lam_b)
         acc = acc + b
         nonfinite = nonfinite | bnf
     return acc, lam, nonfinite
 
 
-def matmul_fp16(mat: PreparedMatrix, x_bits, bias_bits=None) -> torch.Tensor:
-    """:func:`matmul` rounded: [T, rows] binary16 bits (``numerics.matvec_fp16`` per row)."""
-    acc, lam, nonfinite = matmul(mat, x_bits, bias_bits)
-    return round_acc(acc, lam[:, None], nonfinite)
+def matmul_fp16(mat: PreparedMatrix, x_bits, bias_bits=None, transposed=False) -> torch.Tensor:
+    """:func:`matmul` rounded: [T, rows] binary16 bits (``numerics.matvec_fp16`` per row), or
+    [rows, T] with ``transposed=True`` (same values, no transposing copy)."""
+    acc, lam, nonfinite = matmul(mat, x_bits, bias_bits, transposed)
+    return round_acc(acc, lam[None, :] if transposed else lam[:, None], nonfinite)
 
 
 def dot_rows(a_bits: torch.Tensor, b_bits: torch.Tensor):

@@ -19,7 +19,7 @@ from tandem.config import GPT2Config
 
 from . import contract as c
 from .cuda import synchronize
-from .prefill import BLOCK, PreparedModel, attention, layer_norm, prefill
+from .prefill import BLOCK, PreparedModel, attention, layer_norm, prefill, qkv
 
 
 @dataclass
@@ -28,34 +28,32 @@ class TorchGenerateResult:
     timings: dict = field(default_factory=dict)  # prefill, decode, decode_per_token (s)
 
 
-def decode_step(cfg: GPT2Config, model: PreparedModel, token: int, k, v) -> tuple[int, list, list]:
-    """One position: ``token`` at position ``T = k[0].shape[1]``; ``k``/``v`` per layer
-    [H, T, 64] bits. Returns (next token, k, v) with the new position appended."""
+def decode_step(cfg: GPT2Config, model: PreparedModel, token: int, k, vt) -> tuple[int, list, list]:
+    """One position: ``token`` at position ``T = k[0].shape[1]``; per layer ``k`` [H, T, 64] and
+    ``vt`` (V transposed, as the prefill returns it) [H, 64, T] bits. Returns
+    (next token, k, vt) with the new position appended."""
     dev = model.device
     H, P = cfg.n_head, cfg.n_head * BLOCK
     pos = k[0].shape[1]
     if pos >= cfg.n_ctx:
         raise ValueError(f"position {pos} is past the context of {cfg.n_ctx}")
     x = c.fp16_add(model.wte[torch.tensor([token], device=dev)], model.wpe[pos : pos + 1])
-    k2, v2 = [], []
+    k2, vt2 = [], []
     for i, lw in enumerate(model.layers):
         y = layer_norm(x, lw.ln_1_g, lw.ln_1_b, model.c_n, model.eps16)
-        qkv = c.matmul_fp16(lw.c_attn, y, lw.c_attn_b)  # [1, 3P]
-        q, kn, vn = (
-            qkv[:, j * P : (j + 1) * P].reshape(1, H, BLOCK).transpose(0, 1) for j in (0, 1, 2)
-        )
+        q, kn, vtn = qkv(lw, y, H)  # [H, 1, 64], [H, 1, 64], [H, 64, 1]
         kc = torch.cat([k[i], kn], dim=1)
-        vc = torch.cat([v[i], vn], dim=1)
+        vtc = torch.cat([vt[i], vtn], dim=2)
         k2.append(kc)
-        v2.append(vc)
-        att = attention(q, kc, vc, model.q_scale).transpose(0, 1).reshape(1, P)
+        vt2.append(vtc)
+        att = attention(q, kc, vtc, model.q_scale).transpose(0, 1).reshape(1, P)
         x = c.fp16_add(x, c.matmul_fp16(lw.attn_proj, att, lw.attn_proj_b))
         y = layer_norm(x, lw.ln_2_g, lw.ln_2_b, model.c_n, model.eps16)
         hmid = c.lookup("gelu", c.matmul_fp16(lw.c_fc, y, lw.c_fc_b))
         x = c.fp16_add(x, c.matmul_fp16(lw.mlp_proj, hmid, lw.mlp_proj_b))
     hidden = layer_norm(x, model.ln_f_g, model.ln_f_b, model.c_n, model.eps16)
     acc, _, _ = c.matmul(model.lm_head, hidden)
-    return int(torch.argmax(acc[0])), k2, v2
+    return int(torch.argmax(acc[0])), k2, vt2
 
 
 def generate(
@@ -73,9 +71,9 @@ def generate(
         if progress is not None:
             progress(0, tokens[0])
         k = list(pre.k.unbind(0))
-        v = list(pre.v.unbind(0))
+        vt = list(pre.v.unbind(0))  # V transposed, [H, 64, T] per layer
         for i in range(1, n_new):
-            tok, k, v = decode_step(cfg, model, tokens[-1], k, v)
+            tok, k, vt = decode_step(cfg, model, tokens[-1], k, vt)
             tokens.append(tok)
             if progress is not None:
                 progress(i, tok)

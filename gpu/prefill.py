@@ -5,9 +5,17 @@ The prefill runs the whole prompt at once but computes every position exactly as
 K/V cache and first token are bit-identical to the core's: the hybrid pipeline hands that cache
 to the core and decoding continues as if the core had consumed the prompt itself.
 
-Layer by layer, as soon as a layer's K and V are final, ``on_layer(layer, k, v)`` is called
-(k, v: int16 binary16 bits [n_head, T, 64] on the device), so that the reshape and the transfer
-to the decode device overlap the next layer's compute (:mod:`tandem.gpu.transfer`).
+V is kept transposed, as the core stores it: ``vt`` [n_head, head_dim=64, T] (row = dimension,
+column = position). The c_attn product is computed as two row slices of the same prepared
+matrix, Q and K in the usual [T, rows] orientation and V in the product's natural [rows, T]
+orientation (:func:`~tandem.gpu.contract.matmul` with ``transposed=True``), so V^T costs no
+transposing copy, here or in the KV reshape. Rows are independent, so the values are exactly
+those of the whole product.
+
+Layer by layer, as soon as a layer's K and V are final, ``on_layer(layer, k, vt)`` is called
+(int16 binary16 bits on the device: k [n_head, T, 64], vt [n_head, 64, T]), so that the reshape
+and the transfer to the decode device overlap the next layer's compute
+(:mod:`tandem.gpu.transfer`).
 """
 
 from __future__ import annotations
@@ -128,8 +136,10 @@ class PreparedModel:
 @dataclass
 class PrefillResult:
     """``first_token`` (argmax of the LM head's raw accumulators at the last position, lowest
-    index on ties), the cache as int16 binary16 bits ``k``, ``v`` [n_layer, n_head, T, 64] on the
-    prefill device (heads padded to 64 lanes), and ``timings`` in seconds (``prepare`` when the
+    index on ties), the cache as int16 binary16 bits on the prefill device (heads padded to 64
+    lanes): ``k`` [n_layer, n_head, T, 64] (row = position) and ``v`` **transposed**,
+    [n_layer, n_head, 64, T] (row = head dimension, column = position; the core's and
+    ``FaithfulCache.vt``'s orientation); and ``timings`` in seconds (``prepare`` when the
     weights were prepared in the call, ``layers`` per layer, ``head``, ``total``)."""
 
     first_token: int
@@ -138,7 +148,7 @@ class PrefillResult:
     timings: dict = field(default_factory=dict)
 
     def kv_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer ``layer``'s K and V as NumPy uint16 [n_head, T, 64]."""
+        """Layer ``layer``'s K [n_head, T, 64] and V^T [n_head, 64, T] as NumPy uint16."""
         return c.bits_to_numpy(self.k[layer]), c.bits_to_numpy(self.v[layer])
 
 
@@ -152,12 +162,25 @@ def layer_norm(x, g, b, c_n, eps16):
     return c.fp16_add(c.fp16_mul(c.fp16_mul(d, rstd[:, None]), g), b)
 
 
-def attention(q, k, v, q_scale) -> torch.Tensor:
+def qkv(lw: PreparedLayer, y: torch.Tensor, n_head: int):
+    """The c_attn product of ``y`` [T, n_embd] split per head: q, k [H, T, 64] and v
+    *transposed*, vt [H, 64, T] (bits). Q/K and V are two row slices of the one prepared matrix
+    (rows are independent, so each value equals the whole product's); V's slice is taken in the
+    product's natural [rows, T] orientation, so V^T needs no transposing copy."""
+    T, P = y.shape[0], n_head * BLOCK
+    qk = c.matmul_fp16(lw.c_attn.row_slice(0, 2 * P), y, lw.c_attn_b[: 2 * P])  # [T, 2P]
+    vt = c.matmul_fp16(lw.c_attn.row_slice(2 * P, 3 * P), y, lw.c_attn_b[2 * P :], True)
+    q, k = (qk[:, j * P : (j + 1) * P].reshape(T, n_head, BLOCK).transpose(0, 1) for j in (0, 1))
+    return q, k, vt.view(n_head, BLOCK, T)
+
+
+def attention(q, k, vt, q_scale) -> torch.Tensor:
     """Causal attention of every query, each exactly as the core attends one query.
 
-    ``k``, ``v``: [H, T, 64] bits; ``q``: [H, Tq, 64] bits, the queries of the *last* ``Tq``
-    positions ``T - Tq .. T - 1`` (the prefill passes all ``T``; a decode step only the new
-    position, so its cost is O(T), not O(T^2)). Query at position ``t`` sees positions
+    ``k``: [H, T, 64] bits; ``vt``: V transposed, [H, 64, T] bits (the core's orientation);
+    ``q``: [H, Tq, 64] bits, the queries of the *last* ``Tq`` positions ``T - Tq .. T - 1`` (the
+    prefill passes all ``T``; a decode step only the new position, so its cost is O(T), not
+    O(T^2)). Query at position ``t`` sees positions
     ``u <= t``, and its products are those of ``faithful.FaithfulModel.attention`` at
     ``T = t + 1``:
 
@@ -174,8 +197,8 @@ def attention(q, k, v, q_scale) -> torch.Tensor:
     H, Tq, _ = q.shape
     T = k.shape[1]
     q0 = T - Tq  # position of the first query
-    if q0 < 0 or v.shape != k.shape:
-        raise ValueError(f"queries {tuple(q.shape)} for K {tuple(k.shape)}, V {tuple(v.shape)}")
+    if q0 < 0 or vt.shape != (H, BLOCK, T) or k.shape != (H, T, BLOCK):
+        raise ValueError(f"queries {tuple(q.shape)} for K {tuple(k.shape)}, V^T {tuple(vt.shape)}")
     dev = q.device
     qs = c.fp16_mul(q, q_scale)
     kq, ke, knf = c.bfp_blocks(k)  # [H, T, 64], [H, T, 1], [H, T, 1]
@@ -204,10 +227,11 @@ def attention(q, k, v, q_scale) -> torch.Tensor:
     eq, ee, enf = c.bfp_blocks(ep)  # [H, Tq, Upad], [H, Tq, nb], [H, Tq, nb]
     nb = ee.shape[2]
     ee_max = ee.amax(dim=2)  # [H, Tq]
-    vp = c.pad_to_block(v.transpose(1, 2)).transpose(1, 2)  # [H, Upad, 64]
-    neg, sig, exp = c.decode(vp)
-    blk = (H, nb, BLOCK, BLOCK)  # [h, b, u', d]
-    neg, sig, exp = neg.reshape(blk), sig.reshape(blk), exp.reshape(blk)
+    # V^T [H, d, Upad] as blocks [h, b, u', d]: a permuted view of V^T's own layout, so the
+    # matmul's [d, u'] operand below (vq) needs no transposing copy
+    neg, sig, exp = (
+        x.reshape(H, BLOCK, nb, BLOCK).permute(0, 2, 3, 1) for x in c.decode(c.pad_to_block(vt))
+    )
     full_e = exp.amax(dim=2)  # [H, nb, d]
     tblock = qpos // BLOCK  # block of each query
     # wholly earlier blocks: full alignment, e masked to those blocks
@@ -237,8 +261,9 @@ def attention(q, k, v, q_scale) -> torch.Tensor:
         sd = (vq_t * e_d[..., None]).sum(dim=2)  # [H, J, d], exact int64
         shd = ce + ee[:, r0:r1, b, None] - ee_max[:, r0:r1, None] + c._SHIFT_OFFSET
         acc[:, r0:r1] += c.shift_floor(sd, shd)
-    vnf = torch.cummax((exp == 31).reshape(H, nb * BLOCK, BLOCK).to(torch.int8), dim=1).values
-    nf = vnf[:, q0:T].bool() | enf.any(dim=2)[:, :, None]  # [H, Tq, d]
+    # a non-finite V at or before t poisons query t's output (exponent field 31)
+    vnf = torch.cummax(((vt & 0x7C00) == 0x7C00).to(torch.int8), dim=2).values  # [H, d, T]
+    nf = vnf[:, :, q0:T].transpose(1, 2).bool() | enf.any(dim=2)[:, :, None]  # [H, Tq, d]
     o = c.round_acc(acc, (ee_max + c._LAM_OFFSET)[:, :, None], nf)
     return c.fp16_mul(o, r[:, :, None])
 
@@ -287,20 +312,20 @@ def prefill(
     with torch.no_grad():
         idx = torch.tensor(ids, device=dev)
         x = c.fp16_add(model.wte[idx], model.wpe[:T])  # [T, n_embd]
-        k_all = torch.empty((cfg.n_layer, H, T, BLOCK), dtype=torch.int16, device=dev)
-        v_all = torch.empty_like(k_all)
+        # each layer's K and V^T side by side in one buffer: the KV reshape then gathers both
+        # with one index (tandem.gpu.reshape)
+        kv = torch.empty((cfg.n_layer, 2, H * T * BLOCK), dtype=torch.int16, device=dev)
+        k_all = kv[:, 0].view(cfg.n_layer, H, T, BLOCK)
+        vt_all = kv[:, 1].view(cfg.n_layer, H, BLOCK, T)
         layer_times = []
         for i, lw in enumerate(model.layers):
             t0 = time.perf_counter()
             y = layer_norm(x, lw.ln_1_g, lw.ln_1_b, model.c_n, model.eps16)
-            qkv = c.matmul_fp16(lw.c_attn, y, lw.c_attn_b)  # [T, 3P]
-            q, k, v = (
-                qkv[:, j * P : (j + 1) * P].reshape(T, H, BLOCK).transpose(0, 1) for j in range(3)
-            )
-            k_all[i], v_all[i] = k, v
+            q, k, vt = qkv(lw, y, H)
+            k_all[i], vt_all[i] = k, vt
             if on_layer is not None:
-                on_layer(i, k_all[i], v_all[i])
-            att = attention(q, k, v, model.q_scale).transpose(0, 1).reshape(T, P)
+                on_layer(i, k_all[i], vt_all[i])
+            att = attention(q, k_all[i], vt_all[i], model.q_scale).transpose(0, 1).reshape(T, P)
             if i == cfg.n_layer - 1:
                 # only the last position feeds the LM head; its K/V are already out
                 x, att = x[-1:], att[-1:]
@@ -317,4 +342,4 @@ def prefill(
         timings["head"] = time.perf_counter() - t0
     timings["layers"] = layer_times
     timings["total"] = time.perf_counter() - t_start
-    return PrefillResult(first, k_all, v_all, timings)
+    return PrefillResult(first, k_all, vt_all, timings)

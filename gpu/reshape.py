@@ -6,12 +6,24 @@ PCIe. Only the rows the prompt filled are produced, rounded up to whole 64-posit
 (``kv_prefix_bytes``), never the n_ctx-sized region. tests/test_gpu_reshape.py checks the bytes
 against the layout function and the round trip back.
 
-How: the region is a sequence of beats (``geom.beat_elems`` binary16 values, 64 bytes on the
-u55c), and every beat of K is one contiguous run of a K row. So K is **one gather of whole
-beats** (``index_select`` of rows with a cached beat index): each beat is copied as a unit and
-the output is written front to back. V is stored transposed (rows are dimensions, columns
-positions), so its beats are not runs of V: V takes one transposing copy into 64x64 V^T blocks
-(the only element-by-element pass), then the same beat gather. The same ops run on CUDA.
+Inputs are the prefill's orientation (:mod:`tandem.gpu.prefill`): K [n_head, T, 64] (row =
+position) and V **transposed**, V^T [n_head, 64, T] (row = head dimension, column = position),
+which is how the layout stores V. Both regions are then the same kind of thing: per 64-position
+group ``g`` and head ``h`` a 64x64 tile, ``K[h, g*64 + r, c]`` or ``V^T[h, r, g*64 + c]``,
+whose row ``r = tile_row * lanes + lane``, columns ``j*beat .. (j+1)*beat``, is the beat of
+channel ``lane * (64 // beat) + j`` at stripe ``(g, h, tile_row)``.
+
+How: every output beat (``geom.beat_elems`` values, 64 bytes on the u55c) is one contiguous run
+of the source, for K and V^T alike (nothing is transposed), but no two consecutive beats of the
+output are consecutive in the source (on the u55c a channel's next beat is 16 rows further
+down), so 64 bytes is the longest run on both sides. The fast path, taken when K and V^T are
+contiguous in one storage, as the prefill allocates them, and T is whole groups, is **one
+gather of whole beats for both regions**: a single ``index_select`` over that storage with a
+cached index, writing the output front to back. Otherwise (any strides, T not whole groups) K is
+the same gather on its own, from a view whose rows start at every element (strides 1, 1; no
+copy), with the positions past T zeroed after, and V^T is strided copies of views in the
+region's order (its head and tile-row strides merge, so the inner loops are long), zero past T.
+The same ops run on CUDA. Measured throughput: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -30,68 +42,140 @@ def _groups(t_len: int) -> int:
     return -(-t_len // BLOCK)
 
 
-@functools.lru_cache(maxsize=64)
-def _beat_index(lanes: int, beat: int, n_head: int, rows: int, t_len: int, device: str):
-    """For each output beat, in region order ``[channel, group, head, tile row]`` with
-    ``channel = lane * (64 // beat) + j``, the beat of a [n_head, rows, 64] source it copies:
-    source row ``g*64 + rb*lanes + lane``, columns ``j*beat ..``. Rows at or past ``t_len``
-    (padding) point at beat 0 and are listed in the second tensor, to be zeroed."""
-    g, st, jj = _groups(t_len), BLOCK // lanes, BLOCK // beat
+def _starts(lanes, beat, n_head, t_len, s_head, s_pos, s_row, v_region):
+    """Element offset of the first value of every beat of one region, in region order
+    ``[lane, j, group, head, tile row]`` (channel ``lane * (64 // beat) + j``, then stripes),
+    int64 on the CPU. K (``not v_region``): tile ``g``'s row ``r`` is position ``g*64 + r``, at
+    ``h * s_head + (g*64 + r) * s_pos``. V^T: row ``r`` is dimension ``r``, column ``c``
+    position ``g*64 + c``, at ``h * s_head + r * s_row + (g*64 + c) * s_pos``. Beats not wholly
+    before ``t_len`` point at offset 0: the caller writes them."""
+    jj, st, g_n = BLOCK // beat, BLOCK // lanes, _groups(t_len)
     lane = torch.arange(lanes).view(lanes, 1, 1, 1, 1)
-    j = torch.arange(jj).view(1, jj, 1, 1, 1)
-    grp = torch.arange(g).view(1, 1, g, 1, 1)
-    h = torch.arange(n_head).view(1, 1, 1, n_head, 1)
-    rb = torch.arange(st).view(1, 1, 1, 1, st)
-    row = grp * BLOCK + rb * lanes + lane
-    shape = (lanes, jj, g, n_head, st)
-    src = ((h * rows + row) * jj + j).expand(shape).reshape(-1)
-    pad = (row >= t_len).expand(shape).reshape(-1)
-    src = torch.where(pad, 0, src)
-    return src.to(device), pad.nonzero().reshape(-1).to(device)
+    j = torch.arange(jj).view(1, jj, 1, 1, 1) * beat
+    g = torch.arange(g_n).view(1, 1, g_n, 1, 1) * BLOCK
+    h = torch.arange(n_head).view(1, 1, 1, n_head, 1) * s_head
+    r = torch.arange(st).view(1, 1, 1, 1, st) * lanes + lane
+    if v_region:
+        start, live = h + r * s_row + (g + j) * s_pos, g + j + beat <= t_len
+    else:
+        start, live = h + (g + r) * s_pos + j, g + r < t_len
+    return torch.where(live, start, 0).expand(lanes, jj, g_n, n_head, st).reshape(-1)
 
 
-def _gather_beats(geom: CoreGeometry, src: torch.Tensor, t_len: int, out: torch.Tensor) -> None:
-    """``out`` (int16 [n_beats, beat_elems]) <- the beats of ``src`` [n_head, rows, 64] in
-    region order; rows at or past ``t_len`` come out as zeros."""
-    n_head, rows, _ = src.shape
-    be = geom.beat_elems
-    index, pad = _beat_index(geom.lanes, be, n_head, rows, t_len, str(src.device))
-    torch.index_select(src.reshape(-1, be), 0, index, out=out)
-    if pad.numel():
-        out.index_fill_(0, pad, 0)
+@functools.lru_cache(maxsize=32)
+def _joint_index(lanes, beat, n_head, t_len, k_at, v_at, device):
+    """Beat indices (units of ``beat`` values) of the K region then the V region, for
+    contiguous K at element ``k_at`` and V^T at ``v_at`` of one storage (T whole groups)."""
+    sk = _starts(lanes, beat, n_head, t_len, t_len * BLOCK, BLOCK, 0, False) + k_at
+    sv = _starts(lanes, beat, n_head, t_len, t_len * BLOCK, 1, t_len, True) + v_at
+    return torch.cat([sk, sv]).div(beat, rounding_mode="floor").to(device)
 
 
-def reshape_kv(geom: CoreGeometry, k: torch.Tensor, v: torch.Tensor):
-    """K, V int16 bits [n_head, T, 64] -> (k_bytes, v_bytes), uint8 [channels,
-    kv_prefix_bytes(T)] on the same device: the prefixes of the layer's ``h.<l>.k`` and
-    ``h.<l>.v`` regions, equal to ``pack_kv_prefix``'s."""
-    n_head, t_len, width = k.shape
-    if width != BLOCK or v.shape != k.shape:
-        raise ValueError(
-            f"K/V must be [n_head, T, {BLOCK}], got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    g, full = _groups(t_len), t_len // BLOCK
-    dev = k.device
-    # V^T in 64x64 blocks [h, group, dim, position], zero past T: K's form, rows = dimensions.
-    vt = torch.empty((n_head, g, BLOCK, BLOCK), dtype=v.dtype, device=dev)
+def _joint(k: torch.Tensor, vt: torch.Tensor, beat: int):
+    """(first element, K's and V^T's offsets from it) when one gather can serve both regions:
+    T whole groups, K and V^T contiguous in one storage at beat-aligned offsets; else None."""
+    if k.shape[1] % BLOCK or not (k.is_contiguous() and vt.is_contiguous()):
+        return None
+    if k.untyped_storage().data_ptr() != vt.untyped_storage().data_ptr():
+        return None
+    ko, vo = k.storage_offset(), vt.storage_offset()
+    base = min(ko, vo)
+    if (ko - base) % beat or (vo - base) % beat:
+        return None
+    return base, ko - base, vo - base
+
+
+@functools.lru_cache(maxsize=64)
+def _k_index(lanes, beat, n_head, t_len, s_head, s_pos, device):
+    """K's beat offsets on ``device`` and the rows its overlapping beat view needs."""
+    s = _starts(lanes, beat, n_head, t_len, s_head, s_pos, 0, False)
+    return s.to(device), int(s.max()) + 1
+
+
+def _k_region(geom: CoreGeometry, k: torch.Tensor, out: torch.Tensor) -> None:
+    """K [H, T, 64] (any strides) -> ``out`` int16 [n_beats, beat] in region order: one
+    gather of whole beats from a view of K whose rows start at every element (strides 1, 1;
+    no copy); positions at or past T in the last group are then zeroed."""
+    if k.stride(2) != 1:
+        k = k.contiguous()
+    be, lanes = geom.beat_elems, geom.lanes
+    n_head, t_len, _ = k.shape
+    starts, rows = _k_index(lanes, be, n_head, t_len, k.stride(0), k.stride(1), k.device)
+    torch.index_select(k.as_strided((rows, be), (1, 1)), 0, starts, out=out)
+    full, rem = divmod(t_len, BLOCK)
+    if rem:  # tile rows rb * lanes + lane >= rem of the last group
+        last = out.view(lanes, BLOCK // be, full + 1, n_head, BLOCK // lanes, be)[:, :, full]
+        rb0, l0 = divmod(rem, lanes)
+        last[:, :, :, rb0 + 1 :].zero_()
+        last[l0:, :, :, rb0].zero_()
+
+
+def _v_region(geom: CoreGeometry, vt: torch.Tensor, out: torch.Tensor) -> None:
+    """V^T [H, 64, T] (any strides) -> ``out`` int16 [n_beats, beat] in region order by
+    strided copies (no index): V^T seen as ``[lane, j, group, head, tile row, beat]``, the
+    region's own order; its head and tile-row strides merge (64 rows = 4 tile rows x 16
+    lanes), so the copy's inner loops are long. Positions at or past T are zero."""
+    if vt.stride(2) != 1:
+        vt = vt.contiguous()
+    be, lanes = geom.beat_elems, geom.lanes
+    jj, st = BLOCK // be, BLOCK // lanes
+    n_head, _, t_len = vt.shape
+    s_head, s_row = vt.stride(0), vt.stride(1)
+    full, rem = divmod(t_len, BLOCK)
+    dst = out.view(lanes, jj, full + (rem > 0), n_head, st, be)
+
+    def src(g_n, j_n, width, at):  # V^T positions at + g*64 + j*beat + e, as dst's dims
+        size = (lanes, j_n, g_n, n_head, st, width)
+        return vt.as_strided(size, (s_row, be, BLOCK, s_head, lanes * s_row, 1), at)
+
+    at = vt.storage_offset()
     if full:
-        vt[:, :full].copy_(v[:, : full * BLOCK].reshape(n_head, full, BLOCK, BLOCK).transpose(2, 3))
-    if full < g:
-        rem = t_len - full * BLOCK
-        vt[:, full, :, :rem].copy_(v[:, full * BLOCK :].transpose(1, 2))
-        vt[:, full, :, rem:].zero_()
-    n = geom.channels * kv_prefix_bytes(geom, n_head, t_len) // geom.beat_bytes
-    out = torch.empty((2, n, geom.beat_elems), dtype=k.dtype, device=dev)
-    _gather_beats(geom, k.contiguous(), t_len, out[0])
-    _gather_beats(geom, vt.view(n_head, g * BLOCK, BLOCK), g * BLOCK, out[1])
-    out = out.view(torch.uint8).reshape(2, geom.channels, -1)
-    return out[0], out[1]
+        dst[:, :, :full].copy_(src(full, jj, be, at))
+    if rem:
+        js, w = divmod(rem, be)  # whole beats, then one straddling T (w values)
+        at += full * BLOCK
+        if js:
+            dst[:, :js, full].copy_(src(1, js, be, at)[:, :, 0])
+        if w:
+            last = dst[:, js, full]  # [lane, head, tile row, beat]
+            last[..., :w].copy_(src(1, 1, w, at + js * be)[:, 0, 0])
+            last[..., w:].zero_()
+            js += 1
+        dst[:, js:, full].zero_()
+
+
+def reshape_kv(geom: CoreGeometry, k: torch.Tensor, vt: torch.Tensor):
+    """K [n_head, T, 64] and V transposed, V^T [n_head, 64, T] (int16 bits, the prefill's
+    orientation; any strides) -> (k_bytes, v_bytes), uint8 [channels, kv_prefix_bytes(T)] on
+    the same device: the prefixes of the layer's ``h.<l>.k`` and ``h.<l>.v`` regions, equal to
+    ``pack_kv_prefix(geom, k, vt.transpose(1, 2))``."""
+    n_head, t_len, width = k.shape
+    if width != BLOCK or vt.shape != (n_head, BLOCK, t_len) or vt.dtype != k.dtype:
+        raise ValueError(
+            f"need K [n_head, T, {BLOCK}] and V^T [n_head, {BLOCK}, T] of one dtype, got "
+            f"{tuple(k.shape)} and {tuple(vt.shape)}"
+        )
+    be, ch = geom.beat_elems, geom.channels
+    joint = _joint(k, vt, be)
+    if joint is not None:  # one gather for both regions
+        base, k_at, v_at = joint
+        index = _joint_index(geom.lanes, be, n_head, t_len, k_at, v_at, k.device)
+        rows = (max(k_at, v_at) + n_head * t_len * BLOCK) // be
+        src = k.as_strided((1, rows, be), (rows * be, be, 1), base)  # contiguous beat view
+        out = torch.index_select(src, 1, index)  # [1, 2 * beats, beat]
+    else:
+        n = ch * _groups(t_len) * n_head * dense_stride(geom)
+        out = torch.empty((2, n, be), dtype=k.dtype, device=k.device)
+        _k_region(geom, k, out[0])
+        _v_region(geom, vt, out[1])
+    return out.view(torch.uint8).view(2, ch, -1).unbind(0)
 
 
 def unreshape_kv(
     geom: CoreGeometry, k_bytes: torch.Tensor, v_bytes: torch.Tensor, n_head: int, t_len: int
 ):
-    """Inverse of :func:`reshape_kv`: region-prefix bytes -> K, V int16 [n_head, T, 64]."""
+    """Inverse of :func:`reshape_kv`: region-prefix bytes -> K [n_head, T, 64] and V^T
+    [n_head, 64, T] (int16 bits, contiguous)."""
     n = kv_prefix_bytes(geom, n_head, t_len)
     g, st, lanes = _groups(t_len), dense_stride(geom), geom.lanes
 
@@ -99,10 +183,9 @@ def unreshape_kv(
         if b.shape[0] != geom.channels or b.shape[1] < n:
             raise ValueError(f"need uint8 [{geom.channels}, >= {n}], got {tuple(b.shape)}")
         t = b[:, :n].contiguous().view(torch.int16).reshape(geom.channels, -1, geom.beat_elems)
-        return t.transpose(0, 1).contiguous()
+        # [stripe (g, h, tile row), lane, 64 columns]
+        return t.transpose(0, 1).reshape(g, n_head, st, lanes, BLOCK)
 
-    k = tiles(k_bytes).reshape(g, n_head, st, lanes, BLOCK).permute(1, 0, 2, 3, 4)
-    v = tiles(v_bytes).reshape(g, n_head, st, lanes, BLOCK).permute(1, 0, 4, 2, 3)
-    k = k.reshape(n_head, g * BLOCK, BLOCK)[:, :t_len]
-    v = v.reshape(n_head, g * BLOCK, BLOCK)[:, :t_len]
-    return k.contiguous(), v.contiguous()
+    k = tiles(k_bytes).permute(1, 0, 2, 3, 4).reshape(n_head, g * BLOCK, BLOCK)
+    vt = tiles(v_bytes).permute(1, 2, 3, 0, 4).reshape(n_head, BLOCK, g * BLOCK)
+    return k[:, :t_len].contiguous(), vt[:, :, :t_len].contiguous()

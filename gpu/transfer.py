@@ -1,6 +1,7 @@
 """Layer-by-layer transfer of the prefill's KV cache into the decode device's HBM regions.
 
-As each layer's K and V become final (``prefill(..., on_layer=transfer.on_layer)``):
+As each layer's K and V become final (``prefill(..., on_layer=transfer.on_layer)``; K
+[n_head, T, 64] and V transposed, V^T [n_head, 64, T], as the prefill keeps them):
 
 1. on a side lane ordered after the compute stream, reshape them into the HBM KV layout
    (:func:`tandem.gpu.reshape.reshape_kv`) and copy the bytes into host buffers;
@@ -80,21 +81,22 @@ class KVTransfer:
         self._worker.start()
         self._finished = False
 
-    def on_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Prefill callback: queue layer ``layer``'s K, V [n_head, T, 64] for the device."""
+    def on_layer(self, layer: int, k: torch.Tensor, vt: torch.Tensor) -> None:
+        """Prefill callback: queue layer ``layer``'s K [n_head, T, 64] and V^T [n_head, 64, T]
+        for the device."""
         if self._error is not None:
             raise RuntimeError(f"KV transfer failed: {self._error!r}") from self._error
         lane, dev = self.lane, self.lane.device
         t0 = time.perf_counter()
         with lane.after(lane.record()):
-            kb, vb = reshape_kv(self.geom, k, v)
+            kb, vb = reshape_kv(self.geom, k, vt)
             t1 = time.perf_counter()
             hk = host_buffer(kb.shape, torch.uint8, dev)
             hv = host_buffer(vb.shape, torch.uint8, dev)
             hk.copy_(kb, non_blocking=True)
             hv.copy_(vb, non_blocking=True)
             lane.keep_alive(k)
-            lane.keep_alive(v)
+            lane.keep_alive(vt)
             done = lane.event()
         t2 = time.perf_counter()
         timing = LayerTiming(layer, 2 * kb.numel(), reshape=t1 - t0, copy=t2 - t1)

@@ -4,26 +4,30 @@ fraction of a plain copy of the same bytes (both torch ops on the same device).
     python scripts/measure_kv_reshape.py [--model gpt2-medium] [--prompt 512] [--device cpu]
                                          [--reps 200]
 
-Reshape and copy are timed interleaved (copy, reshape, copy, reshape, ...) and the best of each
-is kept, so a burst of load from other jobs hits both alike; torch runs one thread. The load
-average before and after is printed: on a shared machine it says how much to trust the figure.
-Also timed, for the record: the reshape's parts (K gather, V transpose, V gather) and the
-previous implementation (one permute-and-copy per tensor), on the same inputs.
+The inputs are one layer's K [n_head, T, 64] and V^T [n_head, 64, T] (V transposed), in one
+buffer side by side, as ``tandem.gpu.prefill`` hands them to the reshape. Reshape and copy are
+timed interleaved (copy, reshape, copy, reshape, ...) and the best of each is kept, so a burst
+of load from other jobs hits both alike; torch runs one thread. The load average before and
+after is printed: on a shared machine it says how much to trust the figure. Also timed, on the
+same data, for the record: the reshape's parts (K gather alone, V^T by strided copies), the
+reshape of K and V^T in separate buffers (its general path), and the previous implementation
+(commit 9a408b1: V [n_head, T, 64] from the prefill, transposed inside the reshape).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
 import torch
 
 from tandem.config import preset
-from tandem.geometry import geometry
+from tandem.geometry import CoreGeometry, geometry
 from tandem.gpu.cuda import resolve_device, synchronize
-from tandem.gpu.reshape import _gather_beats, reshape_kv
-from tandem.layout import HBMLayout, dense_stride, kv_prefix_bytes
+from tandem.gpu.reshape import _k_region, _v_region, reshape_kv
+from tandem.layout import HBMLayout, kv_prefix_bytes
 
 
 def interleaved_best(fns: dict, dev, reps: int) -> dict:
@@ -39,18 +43,32 @@ def interleaved_best(fns: dict, dev, reps: int) -> dict:
     return best
 
 
-def permute_reshape(g, k, v):
-    """The previous gpu/reshape.py (commit 5ab773e): one permute + one copy per tensor straight
-    into channel order (T a multiple of 64 here). Kept only to compare against."""
+@functools.lru_cache(maxsize=8)
+def _previous_index(lanes: int, beat: int, n_head: int, rows: int, device: str):
+    g, st, jj = rows // 64, 64 // lanes, 64 // beat
+    lane = torch.arange(lanes).view(lanes, 1, 1, 1, 1)
+    j = torch.arange(jj).view(1, jj, 1, 1, 1)
+    grp = torch.arange(g).view(1, 1, g, 1, 1)
+    h = torch.arange(n_head).view(1, 1, 1, n_head, 1)
+    rb = torch.arange(st).view(1, 1, 1, 1, st)
+    row = grp * 64 + rb * lanes + lane
+    return ((h * rows + row) * jj + j).expand(lanes, jj, g, n_head, st).reshape(-1).to(device)
+
+
+def previous_reshape(geom: CoreGeometry, k: torch.Tensor, v: torch.Tensor):
+    """The previous gpu/reshape.py (commit 9a408b1), T a multiple of 64: K one beat gather;
+    V [n_head, T, 64] transposed into 64x64 V^T blocks (element by element), then the same
+    gather. Kept only to compare against."""
     n_head, t_len, _ = k.shape
-    gg, st, lanes, be = t_len // 64, dense_stride(g), g.lanes, g.beat_elems
-    jj = 64 // be
-    kt = k.reshape(n_head, gg, st, lanes, jj, be).permute(3, 4, 1, 0, 2, 5)
-    vt = v.reshape(n_head, gg, jj, be, st, lanes).permute(5, 2, 1, 0, 4, 3)
-    return (
-        kt.contiguous().view(torch.uint8).reshape(g.channels, -1),
-        vt.contiguous().view(torch.uint8).reshape(g.channels, -1),
-    )
+    g, be = t_len // 64, geom.beat_elems
+    vt = torch.empty((n_head, g, 64, 64), dtype=v.dtype, device=v.device)
+    vt.copy_(v.reshape(n_head, g, 64, 64).transpose(2, 3))
+    index = _previous_index(geom.lanes, be, n_head, t_len, str(k.device))
+    out = torch.empty((2, index.numel(), be), dtype=k.dtype, device=k.device)
+    torch.index_select(k.reshape(-1, be), 0, index, out=out[0])
+    torch.index_select(vt.view(-1, be), 0, index, out=out[1])
+    out = out.view(torch.uint8).reshape(2, geom.channels, -1)
+    return out[0], out[1]
 
 
 def load() -> str:
@@ -68,8 +86,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)  # the host is shared; one thread gives stable numbers
     cfg, g, dev = preset(a.model), geometry(a.geometry), resolve_device(a.device)
-    T = a.prompt
-    per_layer = 2 * g.channels * kv_prefix_bytes(g, cfg.n_head, T)
+    T, H = a.prompt, cfg.n_head
+    per_layer = 2 * g.channels * kv_prefix_bytes(g, H, T)
     total = per_layer * cfg.n_layer
     region = HBMLayout(cfg, g)["h.0.k"].nbytes * g.channels * 2 * cfg.n_layer
     print(
@@ -77,25 +95,26 @@ def main() -> None:
         f"({per_layer / 1e6:.3f} MB per layer); full n_ctx={cfg.n_ctx} regions "
         f"{region / 1e6:.2f} MB"
     )
-    k = torch.randint(-(1 << 15), 1 << 15, (cfg.n_head, T, 64), dtype=torch.int16, device=dev)
-    v = torch.randint(-(1 << 15), 1 << 15, (cfg.n_head, T, 64), dtype=torch.int16, device=dev)
-    kk, vv = k.clone(), v.clone()
-    kb, vb = reshape_kv(g, k, v)
-    gg = -(-T // 64)
-    vt = torch.empty((cfg.n_head, gg, 64, 64), dtype=torch.int16, device=dev)
-    beats = torch.empty((kb.numel() // g.beat_bytes, g.beat_elems), dtype=torch.int16, device=dev)
+    # one layer's K and V^T side by side in one buffer, as the prefill allocates them
+    kv = torch.randint(-(1 << 15), 1 << 15, (2, H * T * 64), dtype=torch.int16, device=dev)
+    k, vt = kv[0].view(H, T, 64), kv[1].view(H, 64, T)
+    kk, vv = k.clone(), vt.clone()
+    kb, vb = reshape_kv(g, k, vt)
+    sep = (k.clone(), vt.clone())  # separate buffers: the general path
+    beats = torch.empty((kb.numel() // g.beat_bytes, g.beat_elems), dtype=k.dtype, device=dev)
     fns = {
-        "copy": lambda: (kk.copy_(k), vv.copy_(v)),
-        "reshape": lambda: reshape_kv(g, k, v),
+        "copy": lambda: (kk.copy_(k), vv.copy_(vt)),
+        "reshape": lambda: reshape_kv(g, k, vt),
+        "separate": lambda: reshape_kv(g, *sep),
+        "K gather": lambda: _k_region(g, k, beats),
+        "V^T copy": lambda: _v_region(g, vt, beats),
     }
+    got = reshape_kv(g, *sep)
+    assert torch.equal(got[0], kb) and torch.equal(got[1], vb)
     if T % 64 == 0:
-        fns |= {
-            "K gather": lambda: _gather_beats(g, k, T, beats),
-            "V transpose": lambda: vt.copy_(v.reshape(cfg.n_head, gg, 64, 64).transpose(2, 3)),
-            "V gather": lambda: _gather_beats(g, vt.view(cfg.n_head, -1, 64), T, beats),
-            "previous": lambda: permute_reshape(g, k, v),
-        }
-        prev = permute_reshape(g, k, v)
+        v = vt.transpose(1, 2).contiguous()  # what the prefill used to hand over
+        fns["previous"] = lambda: previous_reshape(g, k, v)
+        prev = previous_reshape(g, k, v)
         assert torch.equal(prev[0], kb) and torch.equal(prev[1], vb)
     before = load()
     best = interleaved_best(fns, dev, a.reps)
@@ -107,9 +126,10 @@ def main() -> None:
         f"{torch.get_num_threads()} torch thread(s), {dev}:"
     )
     for name, t in best.items():
-        moved = nbytes // 2 if name in ("K gather", "V transpose", "V gather") else nbytes
+        moved = nbytes // 2 if name in ("K gather", "V^T copy") else nbytes
         print(
             f"  {name:12s} {t * 1e3:7.3f} ms  ({moved / 1e6:.3f} MB, {moved / t / 1e9:6.2f} GB/s)"
+            f"  {t_copy * moved / nbytes / t:4.0%} of the copy's rate"
         )
     print(f"reshape at {t_copy / t_reshape:.0%} of a plain copy of the same bytes")
     if "previous" in best:

@@ -94,6 +94,39 @@ def test_matmul(rows, cols, T, specials):
             np.testing.assert_array_equal(got16[t], nm.matvec_fp16(pm, x[t], b))
 
 
+@pytest.mark.parametrize("rows,cols,T,split", [(192, 130, 37, 128), (96, 64, 1, 32), (9, 70, 5, 3)])
+@pytest.mark.parametrize("specials", [False, True])
+def test_matmul_row_slices_and_transposed(rows, cols, T, split, specials, monkeypatch):
+    """The prefill's c_attn product: row slices of one prepared matrix (Q/K, and V taken
+    transposed) equal the whole product's columns bit for bit, non-finite values included; also
+    across several T chunks (a small chunk budget)."""
+    rng = np.random.default_rng(rows * T + split)
+    w = _random_bits(rng, (rows, cols), False, scale=0.5)
+    x = _random_bits(rng, (T, cols), False, scale=2.0)
+    b = _random_bits(rng, (rows,), False, scale=0.1)
+    if specials:  # a non-finite weight row, input position and bias, and +-0 / subnormals
+        w[1, 5], x[0, 3], b[-1] = 0x7C00, 0x7E00 if T > 1 else 0x0001, 0xFC00
+        w[2], x[-1, :7] = 0x8000, SPECIALS[1:8]
+    pm = c.PreparedMatrix.from_bits(_t(w))
+    for chunk in (c._CHUNK_ELEMS, 2 * pm.n_blocks * rows):
+        monkeypatch.setattr(c, "_CHUNK_ELEMS", chunk)
+        whole = c.matmul(pm, _t(x), _t(b))
+        whole16 = c.matmul_fp16(pm, _t(x), _t(b))
+        top, bottom = pm.row_slice(0, split), pm.row_slice(split, rows)
+        assert torch.equal(c.matmul_fp16(top, _t(x), _t(b[:split])), whole16[:, :split])
+        got = c.matmul(bottom, _t(x), _t(b[split:]), transposed=True)
+        assert torch.equal(got[0], whole[0][:, split:].T)
+        assert torch.equal(got[1], whole[1])
+        assert torch.equal(got[2], whole[2][:, split:].T)
+        vt = c.matmul_fp16(bottom, _t(x), _t(b[split:]), transposed=True)
+        assert vt.shape == (rows - split, T) and vt.is_contiguous()
+        assert torch.equal(vt, whole16[:, split:].T)
+    if specials:
+        assert c.is_nan(whole16).any() and not c.is_nan(whole16).all()
+    with pytest.raises(ValueError, match="out of"):
+        pm.row_slice(3, rows + 1)
+
+
 @pytest.mark.parametrize("n", [1, 64, 100, 1024])
 def test_dot_rows(n):
     rng = np.random.default_rng(n)

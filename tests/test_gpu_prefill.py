@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tandem.checkpoint import random_weights
 from tandem.config import preset
@@ -25,12 +26,12 @@ def _check(cfg, fm, pm, ids):
     got = prefill(cfg, pm, ids)
     T = len(ids)
     assert got.first_token == ref.token
+    assert got.k.shape == (cfg.n_layer, cfg.n_head, T, 64)
+    assert got.v.shape == (cfg.n_layer, cfg.n_head, 64, T)  # V transposed, as the core's cache
     for layer in range(cfg.n_layer):
-        k, v = got.kv_numpy(layer)
+        k, vt = got.kv_numpy(layer)
         np.testing.assert_array_equal(k, cache.k[layer, :, :T], err_msg=f"K layer {layer}")
-        np.testing.assert_array_equal(
-            v, cache.vt[layer, :, :, :T].transpose(0, 2, 1), err_msg=f"V layer {layer}"
-        )
+        np.testing.assert_array_equal(vt, cache.vt[layer, :, :, :T], err_msg=f"V^T layer {layer}")
 
 
 @pytest.mark.parametrize("T", [1, 2, 5, 17])
@@ -55,10 +56,36 @@ def test_prefill_from_faithful_weights(model):
 def test_prefill_layer_callback(model):
     cfg, _, _, pm = model
     seen = []
-    res = prefill(cfg, pm, [4, 5, 6], on_layer=lambda i, k, v: seen.append((i, k.clone())))
-    assert [i for i, _ in seen] == list(range(cfg.n_layer))
-    for i, k in seen:
-        assert (k == res.k[i]).all()
+
+    def on_layer(i, k, vt):
+        seen.append((i, k.clone(), vt.clone()))
+
+    res = prefill(cfg, pm, [4, 5, 6], on_layer=on_layer)
+    assert [i for i, _, _ in seen] == list(range(cfg.n_layer))
+    for i, k, vt in seen:
+        assert torch.equal(k, res.k[i]) and torch.equal(vt, res.v[i])
+        assert vt.shape == (cfg.n_head, 64, 3)
+
+
+def test_qkv_equals_the_whole_c_attn_product(model):
+    """q, k and V^T from the split product equal slices of the one [T, 3P] product, including
+    non-finite inputs."""
+    from tandem.gpu import contract as c
+    from tandem.gpu.prefill import qkv
+
+    cfg, _, _, pm = model
+    H, P, T = cfg.n_head, cfg.n_head * 64, 70
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 1 << 16, (T, cfg.n_embd), dtype=np.uint32).astype(np.uint16)
+    y[rng.random(y.shape) < 0.8] = 0x3C00  # mostly finite rows, some inf/NaN left in
+    y = c.bits_from_numpy(y)
+    for lw in pm.layers:
+        whole = c.matmul_fp16(lw.c_attn, y, lw.c_attn_b)  # [T, 3P]
+        q, k, vt = qkv(lw, y, H)
+        want = [whole[:, j * P : (j + 1) * P].reshape(T, H, 64).transpose(0, 1) for j in range(3)]
+        assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+        assert torch.equal(vt, want[2].transpose(1, 2))
+        assert c.is_nan(whole).any()
 
 
 def test_prefill_rejects_bad_input(model):
