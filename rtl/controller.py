@@ -99,7 +99,9 @@ class Controller(wiring.Component):
     ``MATVEC``, whose weight read then overlaps the vector work); a DMA read waits for every
     outstanding HBM write (a program may read what it just stored). A ``MATVEC`` sends its weight
     read to the DMA as soon as the DMA takes it, so the weights stream into the MPU's input
-    while the VPU still computes; its MPU command follows when the VBUF is quiet. ``LDW`` and
+    while the VPU still computes; its MPU command follows, in order, when the VBUF is quiet. Two
+    MATVECs may wait so at once: the second one's weights queue behind the first one's, which
+    hides the HBM read latency of short products (attention heads). ``LDW`` and
     ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT`` wait for every
     unit and every write.
 
@@ -256,7 +258,11 @@ class Controller(wiring.Component):
 
         busy = self.busy
         vbuf_quiet = Signal()
+        # MATVECs whose weight read has gone to the DMA and whose MPU command waits for the VBUF
+        # (in order, at most 2: the second one's weights stream behind the first one's)
+        n_pending = Signal(range(3))
         mpu_pending = Signal()
+        m.d.comb += mpu_pending.eq(n_pending != 0)
         loadv_queued = Signal()  # a LOADV not yet taken by the DMA (busy.dma_vbuf counts after)
         m.d.comb += loadv_queued.eq(
             self.dma_read.valid & (self.dma_read.payload.kind == ReadKind.ROWS)
@@ -294,8 +300,12 @@ class Controller(wiring.Component):
         for s in (self.dma_read, self.dma_store, self.mpu, self.vpu, self.fetch_cmd):
             with m.If(s.ready):
                 m.d.sync += s.valid.eq(0)
-        pending = Signal(MpuIssue)
-        with m.If(
+        pending = Signal(MpuIssue)  # the older pending MATVEC
+        pending1 = Signal(MpuIssue)  # the younger, when n_pending == 2
+        push = Signal()  # a MATVEC issues this cycle (set in Exec)
+        push_cmd = Signal(MpuIssue)
+        send = Signal()
+        m.d.comb += send.eq(
             mpu_pending
             & ~self.mpu.valid
             & ~busy.vpu
@@ -303,8 +313,19 @@ class Controller(wiring.Component):
             & ~busy.mpu
             & ~self.vpu.valid
             & ~self.dma_store.valid
-        ):
-            m.d.sync += [self.mpu.payload.eq(pending), self.mpu.valid.eq(1), mpu_pending.eq(0)]
+        )
+        with m.If(send):
+            m.d.sync += [self.mpu.payload.eq(pending), self.mpu.valid.eq(1)]
+        with m.If(send & ~push):
+            m.d.sync += [pending.eq(pending1), n_pending.eq(n_pending - 1)]
+        with m.Elif(push & ~send):
+            with m.If(n_pending == 0):
+                m.d.sync += pending.eq(push_cmd)
+            with m.Else():
+                m.d.sync += pending1.eq(push_cmd)
+            m.d.sync += n_pending.eq(n_pending + 1)
+        with m.Elif(push & send):  # n_pending == 1: the new one takes the sent one's place
+            m.d.sync += pending.eq(push_cmd)
 
         # ---- stop handling --------------------------------------------------------------------
         stop_now = Signal()  # set in the Exec state when an error or HALT is found
@@ -354,7 +375,7 @@ class Controller(wiring.Component):
                     fetch_count.eq(0),
                     word_pending.eq(0),
                     argmax_pending.eq(0),
-                    mpu_pending.eq(0),
+                    n_pending.eq(0),
                     stop_status.eq(0),
                     stop_pc.eq(0),
                 ]
@@ -431,8 +452,8 @@ class Controller(wiring.Component):
             with m.State("Drain"):
                 # Let issued work finish (bounded by the watchdog) so the status record is the
                 # last write and no unit is left mid-command for the next run.
-                with m.If(mpu_pending):  # never issued: drop it
-                    m.d.sync += mpu_pending.eq(0)
+                with m.If(mpu_pending):  # never issued: drop them
+                    m.d.sync += n_pending.eq(0)
                 with m.If(dma_err & (stop_status == 0)):
                     m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(self.dma_error_tag)]
                 with m.If((all_idle & ~word_pending & ~argmax_pending) | wd_fire):
@@ -618,9 +639,9 @@ class Controller(wiring.Component):
                 )
 
     def _matvec(self, m, v, c, retire):
-        pc, reg, over, finish, pending = c.pc, c.reg, c.over, c.finish, c.pending
-        mpu_pending, write_quiet, argmax_pending, argmax_rd = (
-            c.mpu_pending,
+        pc, reg, over, finish = c.pc, c.reg, c.over, c.finish
+        n_pending, push, push_cmd = c.n_pending, c.push, c.push_cmd
+        write_quiet, argmax_pending, argmax_rd = (
             c.write_quiet,
             c.argmax_pending,
             c.argmax_rd,
@@ -651,7 +672,7 @@ class Controller(wiring.Component):
         m.d.comb += nothing.eq((clamp_r == 0) | (clamp_c == 0))
         with m.If(bad):
             finish(Status.VBUF_RANGE, pc)
-        with m.Elif(~self.dma_read.valid & ~mpu_pending & ~self.mpu.valid & write_quiet):
+        with m.Elif(~self.dma_read.valid & (n_pending < 2) & ~self.mpu.valid & write_quiet):
             cmd = Signal(MpuIssue)
             m.d.comb += [
                 cmd.cmd.rows.eq(v.rows),
@@ -676,7 +697,7 @@ class Controller(wiring.Component):
                     p.stride.eq(v.stride),
                     p.tag.eq(pc),
                 ]
-            m.d.sync += [pending.eq(cmd), mpu_pending.eq(1)]
+            m.d.comb += [push.eq(1), push_cmd.eq(cmd)]
             with m.If(argmax):
                 m.d.sync += [argmax_pending.eq(1), argmax_rd.eq(v.rd)]
             retire()
