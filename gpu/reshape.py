@@ -47,8 +47,10 @@ def _starts(lanes, beat, n_head, t_len, s_head, s_pos, s_row, v_region):
     ``[lane, j, group, head, tile row]`` (channel ``lane * (64 // beat) + j``, then stripes),
     int64 on the CPU. K (``not v_region``): tile ``g``'s row ``r`` is position ``g*64 + r``, at
     ``h * s_head + (g*64 + r) * s_pos``. V^T: row ``r`` is dimension ``r``, column ``c``
-    position ``g*64 + c``, at ``h * s_head + r * s_row + (g*64 + c) * s_pos``. Beats not wholly
-    before ``t_len`` point at offset 0: the caller writes them."""
+    position ``g*64 + c``, at ``h * s_head + r * s_row + (g*64 + c) * s_pos``.
+
+    Beats not wholly before ``t_len`` point at offset 0: the caller writes them
+    (:func:`_straddle`, :func:`_tail`)."""
     jj, st, g_n = BLOCK // beat, BLOCK // lanes, _groups(t_len)
     lane = torch.arange(lanes).view(lanes, 1, 1, 1, 1)
     j = torch.arange(jj).view(1, jj, 1, 1, 1) * beat
@@ -63,26 +65,66 @@ def _starts(lanes, beat, n_head, t_len, s_head, s_pos, s_row, v_region):
 
 
 @functools.lru_cache(maxsize=32)
-def _joint_index(lanes, beat, n_head, t_len, k_at, v_at, device):
-    """Beat indices (units of ``beat`` values) of the K region then the V region, for
-    contiguous K at element ``k_at`` and V^T at ``v_at`` of one storage (T whole groups)."""
+def _joint_index(lanes, beat, n_head, t_len, k_at, v_at, aligned, device):
+    """Index of the K region's then the V region's beats for contiguous K at element ``k_at``
+    and V^T at ``v_at`` of one storage, in units of ``beat`` values when ``aligned`` (every
+    start a whole beat), else of elements; and the rows the source view needs."""
     sk = _starts(lanes, beat, n_head, t_len, t_len * BLOCK, BLOCK, 0, False) + k_at
     sv = _starts(lanes, beat, n_head, t_len, t_len * BLOCK, 1, t_len, True) + v_at
-    return torch.cat([sk, sv]).div(beat, rounding_mode="floor").to(device)
+    index = torch.cat([sk, sv])
+    if aligned:
+        index = index.div(beat, rounding_mode="floor")
+    return index.to(device), int(index.max()) + 1
 
 
-def _joint(k: torch.Tensor, vt: torch.Tensor, beat: int):
+def _joint(k: torch.Tensor, vt: torch.Tensor):
     """(first element, K's and V^T's offsets from it) when one gather can serve both regions:
-    T whole groups, K and V^T contiguous in one storage at beat-aligned offsets; else None."""
-    if k.shape[1] % BLOCK or not (k.is_contiguous() and vt.is_contiguous()):
+    K and V^T contiguous in one storage; else None."""
+    if not (k.is_contiguous() and vt.is_contiguous()):
         return None
     if k.untyped_storage().data_ptr() != vt.untyped_storage().data_ptr():
         return None
     ko, vo = k.storage_offset(), vt.storage_offset()
     base = min(ko, vo)
-    if (ko - base) % beat or (vo - base) % beat:
-        return None
     return base, ko - base, vo - base
+
+
+def _tail(geom: CoreGeometry, out: torch.Tensor, n_head: int, t_len: int, v_region: bool):
+    """Zero a region's values (``out`` int16 [n_beats, beat]) of positions at or past T in a
+    partly filled last group: K's tile rows ``rb * lanes + lane``, V^T's columns
+    ``j * beat + e`` from T % 64 on (sliced ``zero_``; a broadcast mask is much slower)."""
+    full, rem = divmod(t_len, BLOCK)
+    if not rem:
+        return
+    be, lanes = geom.beat_elems, geom.lanes
+    jj, st = BLOCK // be, BLOCK // lanes
+    last = out.view(lanes, jj, full + 1, n_head, st, be)[:, :, full]  # [l, j, h, rb, e]
+    if v_region:
+        js, w = divmod(rem, be)
+        if w:
+            last[:, js, :, :, w:].zero_()
+            js += 1
+        if js < jj:
+            last[:, js:].zero_()
+    else:
+        rb0, l0 = divmod(rem, lanes)
+        if rb0 + 1 < st:
+            last[:, :, :, rb0 + 1 :].zero_()
+        last[l0:, :, :, rb0].zero_()
+
+
+def _straddle(geom: CoreGeometry, out: torch.Tensor, vt: torch.Tensor) -> None:
+    """Copy the values before T of the V beats that straddle T (when T % beat > 0) into the V
+    region ``out`` (int16 [n_beats, beat]); their values past T are :func:`_tail`'s."""
+    n_head, _, t_len = vt.shape
+    full, rem = divmod(t_len, BLOCK)
+    be, lanes = geom.beat_elems, geom.lanes
+    js, w = divmod(rem, be)
+    if w:
+        last = out.view(lanes, BLOCK // be, full + 1, n_head, BLOCK // lanes, be)[:, js, full]
+        p = full * BLOCK + js * be
+        part = vt[:, :, p:t_len].unflatten(1, (-1, lanes)).permute(2, 0, 1, 3)  # [l, h, rb, w]
+        last[..., :w].copy_(part)
 
 
 @functools.lru_cache(maxsize=64)
@@ -95,19 +137,14 @@ def _k_index(lanes, beat, n_head, t_len, s_head, s_pos, device):
 def _k_region(geom: CoreGeometry, k: torch.Tensor, out: torch.Tensor) -> None:
     """K [H, T, 64] (any strides) -> ``out`` int16 [n_beats, beat] in region order: one
     gather of whole beats from a view of K whose rows start at every element (strides 1, 1;
-    no copy); positions at or past T in the last group are then zeroed."""
+    no copy), then zeros past T."""
     if k.stride(2) != 1:
         k = k.contiguous()
     be, lanes = geom.beat_elems, geom.lanes
     n_head, t_len, _ = k.shape
     starts, rows = _k_index(lanes, be, n_head, t_len, k.stride(0), k.stride(1), k.device)
     torch.index_select(k.as_strided((rows, be), (1, 1)), 0, starts, out=out)
-    full, rem = divmod(t_len, BLOCK)
-    if rem:  # tile rows rb * lanes + lane >= rem of the last group
-        last = out.view(lanes, BLOCK // be, full + 1, n_head, BLOCK // lanes, be)[:, :, full]
-        rb0, l0 = divmod(rem, lanes)
-        last[:, :, :, rb0 + 1 :].zero_()
-        last[l0:, :, :, rb0].zero_()
+    _tail(geom, out, n_head, t_len, False)
 
 
 def _v_region(geom: CoreGeometry, vt: torch.Tensor, out: torch.Tensor) -> None:
@@ -124,24 +161,19 @@ def _v_region(geom: CoreGeometry, vt: torch.Tensor, out: torch.Tensor) -> None:
     full, rem = divmod(t_len, BLOCK)
     dst = out.view(lanes, jj, full + (rem > 0), n_head, st, be)
 
-    def src(g_n, j_n, width, at):  # V^T positions at + g*64 + j*beat + e, as dst's dims
-        size = (lanes, j_n, g_n, n_head, st, width)
+    def src(g_n, j_n, at):  # V^T positions at + g*64 + j*beat + e, as dst's dims
+        size = (lanes, j_n, g_n, n_head, st, be)
         return vt.as_strided(size, (s_row, be, BLOCK, s_head, lanes * s_row, 1), at)
 
     at = vt.storage_offset()
     if full:
-        dst[:, :, :full].copy_(src(full, jj, be, at))
+        dst[:, :, :full].copy_(src(full, jj, at))
+    js = rem // be  # whole beats of a partly filled last group
+    if js:
+        dst[:, :js, full].copy_(src(1, js, at + full * BLOCK)[:, :, 0])
     if rem:
-        js, w = divmod(rem, be)  # whole beats, then one straddling T (w values)
-        at += full * BLOCK
-        if js:
-            dst[:, :js, full].copy_(src(1, js, be, at)[:, :, 0])
-        if w:
-            last = dst[:, js, full]  # [lane, head, tile row, beat]
-            last[..., :w].copy_(src(1, 1, w, at + js * be)[:, 0, 0])
-            last[..., w:].zero_()
-            js += 1
-        dst[:, js:, full].zero_()
+        _straddle(geom, out, vt)
+        _tail(geom, out, n_head, t_len, True)
 
 
 def reshape_kv(geom: CoreGeometry, k: torch.Tensor, vt: torch.Tensor):
@@ -156,13 +188,21 @@ def reshape_kv(geom: CoreGeometry, k: torch.Tensor, vt: torch.Tensor):
             f"{tuple(k.shape)} and {tuple(vt.shape)}"
         )
     be, ch = geom.beat_elems, geom.channels
-    joint = _joint(k, vt, be)
+    joint = _joint(k, vt)
     if joint is not None:  # one gather for both regions
         base, k_at, v_at = joint
-        index = _joint_index(geom.lanes, be, n_head, t_len, k_at, v_at, k.device)
-        rows = (max(k_at, v_at) + n_head * t_len * BLOCK) // be
-        src = k.as_strided((1, rows, be), (rows * be, be, 1), base)  # contiguous beat view
-        out = torch.index_select(src, 1, index)  # [1, 2 * beats, beat]
+        aligned = not (t_len % be or k_at % be or v_at % be)
+        index, rows = _joint_index(geom.lanes, be, n_head, t_len, k_at, v_at, aligned, k.device)
+        if aligned:  # a contiguous view of whole beats
+            src = k.as_strided((1, rows, be), (rows * be, be, 1), base)
+            out = torch.index_select(src, 1, index)  # [1, 2 * beats, beat]
+        else:  # rows start at every element
+            out = torch.index_select(k.as_strided((rows, be), (1, 1), base), 0, index)
+        if t_len % BLOCK:
+            out = out.view(2, -1, be)
+            _tail(geom, out[0], n_head, t_len, False)
+            _straddle(geom, out[1], vt)
+            _tail(geom, out[1], n_head, t_len, True)
     else:
         n = ch * _groups(t_len) * n_head * dense_stride(geom)
         out = torch.empty((2, n, be), dtype=k.dtype, device=k.device)
