@@ -16,14 +16,15 @@ channel ``lane * (64 // beat) + j`` at stripe ``(g, h, tile_row)``.
 How: every output beat (``geom.beat_elems`` values, 64 bytes on the u55c) is one contiguous run
 of the source, for K and V^T alike (nothing is transposed), but no two consecutive beats of the
 output are consecutive in the source (on the u55c a channel's next beat is 16 rows further
-down), so 64 bytes is the longest run on both sides. The fast path, taken when K and V^T are
-contiguous in one storage, as the prefill allocates them, and T is whole groups, is **one
-gather of whole beats for both regions**: a single ``index_select`` over that storage with a
-cached index, writing the output front to back. Otherwise (any strides, T not whole groups) K is
-the same gather on its own, from a view whose rows start at every element (strides 1, 1; no
-copy), with the positions past T zeroed after, and V^T is strided copies of views in the
-region's order (its head and tile-row strides merge, so the inner loops are long), zero past T.
-The same ops run on CUDA. Measured throughput: docs/performance.md.
+down), so 64 bytes is the longest run on both sides. When K and V^T are contiguous in one
+storage, as the prefill allocates them, both regions are **one gather of whole beats**: a
+single ``index_select`` over that storage with a cached index, writing the output front to
+back. In a partly filled last group (T not a multiple of 64) the beats not wholly before T are
+written after: zeros, and the values before T of the V^T beat that straddles T. Otherwise (any
+strides, separate buffers) K is the same gather on its own, from a view whose rows start at
+every element (strides 1, 1; no copy), and V^T is strided copies of views in the region's order
+(its head and tile-row strides merge, so the inner loops are long). The same ops run on CUDA.
+Measured throughput: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -182,9 +183,9 @@ def reshape_kv(geom: CoreGeometry, k: torch.Tensor, vt: torch.Tensor):
     the same device: the prefixes of the layer's ``h.<l>.k`` and ``h.<l>.v`` regions, equal to
     ``pack_kv_prefix(geom, k, vt.transpose(1, 2))``."""
     n_head, t_len, width = k.shape
-    if width != BLOCK or vt.shape != (n_head, BLOCK, t_len) or vt.dtype != k.dtype:
+    if width != BLOCK or vt.shape != (n_head, BLOCK, t_len) or vt.dtype != k.dtype or not t_len:
         raise ValueError(
-            f"need K [n_head, T, {BLOCK}] and V^T [n_head, {BLOCK}, T] of one dtype, got "
+            f"need K [n_head, T, {BLOCK}] and V^T [n_head, {BLOCK}, T], T >= 1, of one dtype, got "
             f"{tuple(k.shape)} and {tuple(vt.shape)}"
         )
     be, ch = geom.beat_elems, geom.channels

@@ -52,6 +52,8 @@ def test_reshape_rejects_bad_shapes():
     k = c.bits_from_numpy(np.zeros((2, 3, 64), np.uint16))
     with pytest.raises(ValueError, match="V\\^T"):
         reshape_kv(g, k, k)  # V not transposed
+    with pytest.raises(ValueError, match="T >= 1"):
+        reshape_kv(g, k[:, :0], k[:, :, :0])
 
 
 @pytest.mark.parametrize("geom", sorted(GEOMETRIES))
