@@ -12,12 +12,20 @@ from tandem.gpu.prefill import PreparedModel
 from tandem.sim.faithful import FaithfulModel
 
 
-@pytest.mark.parametrize("name", ["test-tiny", "test-odd"])
-@pytest.mark.parametrize("L,n_new", [(1, 5), (13, 4), (60, 5), (62, 6)])
+def _decode_cases():
+    """Short prompts, and prompts that end exactly at the context limit (the last generated
+    token is never fed back: ``L + n_new - 1 == n_ctx``), for both test models."""
+    out = []
+    for name in ("test-tiny", "test-odd"):
+        n_ctx = preset(name).n_ctx
+        out += [(name, 1, 5), (name, 13, 4), (name, n_ctx - 4, 5), (name, n_ctx - 5, 6)]
+    return out
+
+
+@pytest.mark.parametrize("name,L,n_new", _decode_cases())
 def test_torch_decode_equals_faithful(name, L, n_new):
     cfg = preset(name)
-    if L + n_new - 1 > cfg.n_ctx:
-        pytest.skip("over the context")
+    assert L + n_new - 1 <= cfg.n_ctx
     weights = random_weights(cfg, seed=7)
     ids = np.random.default_rng(L).integers(0, cfg.n_vocab, L).tolist()
     res = generate(cfg, PreparedModel(cfg, weights, "cpu"), ids, n_new)
