@@ -168,8 +168,107 @@ def open_device(backend: str, geom: CoreGeometry, **options) -> Device:
     return cls(geom, **options)
 
 
+class HostImageDevice(Device):
+    """A device whose HBM is a NumPy :class:`HBMImage` on the host and whose runs are
+    simulations on a worker thread, so ``wait(timeout)`` behaves as with hardware. Subclasses
+    give :meth:`_run` (one whole run on the image) and may check images (:meth:`_check`), react
+    to a load (:meth:`_loaded_image`) or to host writes (:meth:`_written`)."""
+
+    what = "the simulation"  # for error messages
+
+    def __init__(self, geom: CoreGeometry):
+        super().__init__(geom)
+        self.image: HBMImage | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # hooks ------------------------------------------------------------------------------------
+
+    def _check(self, image: HBMImage) -> None:
+        """Raise DeviceError if ``image`` cannot be loaded (beyond the channel count)."""
+
+    def _loaded_image(self) -> None:
+        """``self.image`` was just (re)loaded."""
+
+    def _written(self, lo: int, hi: int) -> None:
+        """Host bytes [lo, hi) of some channel changed."""
+
+    @abc.abstractmethod
+    def _run(self, image: HBMImage, args: dict, on_token: TokenCallback | None) -> None:
+        """One whole run on ``image`` (on the worker thread); raise on failure."""
+
+    # Device ----------------------------------------------------------------------------------
+
+    def _loaded(self) -> HBMImage:
+        if self.image is None:
+            raise DeviceError("no image loaded: call load(image) first")
+        return self.image
+
+    def _idle(self) -> HBMImage:
+        if self._thread is not None and self._thread.is_alive():
+            raise DeviceError("the device is running; wait() for it first")
+        return self._loaded()
+
+    def load(self, image: HBMImage) -> None:
+        if image.geom.channels != self.geom.channels:
+            raise DeviceError(
+                f"image has {image.geom.channels} channels, the {self.geom.name} core "
+                f"{self.geom.channels}"
+            )
+        self._check(image)
+        if self.image is not None:
+            self._idle()
+        self.image = HBMImage(self.geom, image.nbytes)
+        self.image.data[:] = image.data
+        self._loaded_image()
+
+    def write_striped(self, base: int, chunk: np.ndarray) -> None:
+        self._idle().write_striped(base, chunk)
+        self._written(base, base + chunk.shape[1])
+
+    def write_channel(self, ch: int, base: int, raw: bytes | np.ndarray) -> None:
+        n = len(raw) if isinstance(raw, bytes | bytearray) else np.asarray(raw).nbytes
+        self._idle().write_channel(ch, base, raw)
+        self._written(base, base + n)
+
+    def read_channel(self, ch: int, base: int, n: int) -> bytes:
+        return self._idle().read_channel(ch, base, n)
+
+    def read_striped(self, base: int, n: int) -> np.ndarray:
+        return self._idle().read_striped(base, n).copy()
+
+    def start(self, on_token: TokenCallback | None = None) -> None:
+        image = self._idle()
+        args = dict(self.args)
+        self._error = None
+
+        def work():
+            try:
+                self._run(image, args, on_token)
+            except BaseException as err:  # reported by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=work, name=f"tandem-{self.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> StatusRecord:
+        if self._thread is None:
+            raise DeviceError("the device was not started")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the {self.name} device is still running after {timeout} s")
+        if self._error is not None:
+            raise DeviceError(f"{self.what} failed: {self._error!r}") from self._error
+        return self.read_status()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        self.image = None
+
+
 @register
-class ModelDevice(Device):
+class ModelDevice(HostImageDevice):
     """The ISA simulator (``tandem.sim.isasim``) as a device.
 
     ``start`` runs the simulator on a worker thread, so ``wait(timeout)`` behaves as with
@@ -185,85 +284,33 @@ class ModelDevice(Device):
     """
 
     name = "model"
+    what = "the ISA simulator"
 
     def __init__(self, geom: CoreGeometry, max_steps: int | None = None):
         super().__init__(geom)
         self.max_steps = max_steps
-        self.image: HBMImage | None = None
         self.sim = None
         self.last_result = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
 
-    def _loaded(self) -> HBMImage:
-        if self.image is None:
-            raise DeviceError("no image loaded: call load(image) first")
-        return self.image
-
-    def _idle(self) -> HBMImage:
-        if self._thread is not None and self._thread.is_alive():
-            raise DeviceError("the device is running; wait() for it first")
-        return self._loaded()
-
-    def load(self, image: HBMImage) -> None:
+    def _loaded_image(self) -> None:
         from tandem.sim.isasim import DEFAULT_MAX_STEPS, IsaSim
 
-        if image.geom.channels != self.geom.channels:
-            raise DeviceError(
-                f"image has {image.geom.channels} channels, the {self.geom.name} core "
-                f"{self.geom.channels}"
-            )
-        if self.image is not None:
-            self._idle()
-        self.image = HBMImage(self.geom, image.nbytes)
-        self.image.data[:] = image.data
         self.sim = IsaSim(self.geom, self.image, max_steps=self.max_steps or DEFAULT_MAX_STEPS)
         self.sim.prepare()
 
-    def write_striped(self, base: int, chunk: np.ndarray) -> None:
-        self._idle().write_striped(base, chunk)
-        self.sim.invalidate(base, base + chunk.shape[1])
-
-    def write_channel(self, ch: int, base: int, raw: bytes | np.ndarray) -> None:
-        n = len(raw) if isinstance(raw, bytes | bytearray) else np.asarray(raw).nbytes
-        self._idle().write_channel(ch, base, raw)
-        self.sim.invalidate(base, base + n)
-
-    def read_channel(self, ch: int, base: int, n: int) -> bytes:
-        return self._idle().read_channel(ch, base, n)
-
-    def read_striped(self, base: int, n: int) -> np.ndarray:
-        return self._idle().read_striped(base, n).copy()
+    def _written(self, lo: int, hi: int) -> None:
+        self.sim.invalidate(lo, hi)
 
     def start(self, on_token: TokenCallback | None = None) -> None:
-        self._idle()
-        args = dict(self.args)
-        self._error = None
-
-        def work():
-            try:
-                self.last_result = self.sim.run(args, on_token)
-            except BaseException as err:  # reported by wait()
-                self._error = err
-
         self.last_result = None
-        self._thread = threading.Thread(target=work, name="tandem-isasim", daemon=True)
-        self._thread.start()
+        super().start(on_token)
 
-    def wait(self, timeout: float | None = None) -> StatusRecord:
-        if self._thread is None:
-            raise DeviceError("the device was not started")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"the {self.name} device is still running after {timeout} s")
-        if self._error is not None:
-            raise DeviceError(f"the ISA simulator failed: {self._error!r}") from self._error
-        return self.read_status()
+    def _run(self, image: HBMImage, args: dict, on_token: TokenCallback | None) -> None:
+        self.last_result = self.sim.run(args, on_token)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-        self.image = self.sim = None
+        super().close()
+        self.sim = None
 
 
 # The XRT backend lives in its own module (pyopencl); importing it registers it.

@@ -16,14 +16,10 @@ run (the simulator reports each token with the cycle its STW was issued).
 
 from __future__ import annotations
 
-import threading
-
-import numpy as np
-
 from tandem.geometry import CoreGeometry
-from tandem.layout import HBMImage, StatusRecord
+from tandem.layout import HBMImage
 
-from .device import Device, DeviceError, TokenCallback, register
+from .device import DeviceError, HostImageDevice, TokenCallback, register
 
 DEFAULT_MAX_BYTES = 1 << 20
 """Largest image per channel the backend accepts by default (test-tiny is 0.14 MiB, test-odd
@@ -35,7 +31,7 @@ u55c core (16,384 bits) takes well over an hour to build in Verilator."""
 
 
 @register
-class RtlDevice(Device):
+class RtlDevice(HostImageDevice):
     """The RTL decode core in Verilator as a device.
 
     Parameters
@@ -58,6 +54,7 @@ class RtlDevice(Device):
     """
 
     name = "rtl"
+    what = "the RTL simulation"
 
     def __init__(
         self,
@@ -81,27 +78,9 @@ class RtlDevice(Device):
         self.max_cycles = int(max_cycles)
         self.read_latency = int(read_latency)
         self._log = log
-        self.image: HBMImage | None = None
         self.last_job = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
 
-    def _loaded(self) -> HBMImage:
-        if self.image is None:
-            raise DeviceError("no image loaded: call load(image) first")
-        return self.image
-
-    def _idle(self) -> HBMImage:
-        if self._thread is not None and self._thread.is_alive():
-            raise DeviceError("the device is running; wait() for it first")
-        return self._loaded()
-
-    def load(self, image: HBMImage) -> None:
-        if image.geom.channels != self.geom.channels:
-            raise DeviceError(
-                f"image has {image.geom.channels} channels, the {self.geom.name} core "
-                f"{self.geom.channels}"
-            )
+    def _check(self, image: HBMImage) -> None:
         if image.nbytes > self.max_bytes:
             raise DeviceError(
                 f"the image needs {image.nbytes:,} bytes per channel ({image.nbytes / 2**20:.1f} "
@@ -111,65 +90,26 @@ class RtlDevice(Device):
                 f"small models: a bigger one takes hours per token in RTL simulation. Use the "
                 f"model backend, or pass max_bytes"
             )
-        if self.image is not None:
-            self._idle()
-        self.image = HBMImage(self.geom, image.nbytes)
-        self.image.data[:] = image.data
-
-    def write_striped(self, base: int, chunk: np.ndarray) -> None:
-        self._idle().write_striped(base, chunk)
-
-    def write_channel(self, ch: int, base: int, raw: bytes | np.ndarray) -> None:
-        self._idle().write_channel(ch, base, raw)
-
-    def read_channel(self, ch: int, base: int, n: int) -> bytes:
-        return self._idle().read_channel(ch, base, n)
-
-    def read_striped(self, base: int, n: int) -> np.ndarray:
-        return self._idle().read_striped(base, n).copy()
 
     def start(self, on_token: TokenCallback | None = None) -> None:
+        self.last_job = None
+        super().start(on_token)
+
+    def _run(self, image: HBMImage, args: dict, on_token: TokenCallback | None) -> None:
         from tandem.sim.rtljob import memory_class, run_job
 
-        image = self._idle()
-        args = dict(self.args)
-        self._error = None
-        self.last_job = None
         kwargs = {} if self._log is ... else {"log": self._log}
-
-        def work():
-            try:
-                job = run_job(
-                    self.geom,
-                    image,
-                    args,
-                    mem_bytes=memory_class(self.max_bytes),
-                    read_latency=self.read_latency,
-                    max_cycles=self.max_cycles,
-                    **kwargs,
-                )
-                image.data[:] = job.memory
-                self.last_job = job
-                if on_token is not None:
-                    for i, tok in enumerate(job.tokens):
-                        on_token(i, tok)
-            except BaseException as err:  # reported by wait()
-                self._error = err
-
-        self._thread = threading.Thread(target=work, name="tandem-rtl", daemon=True)
-        self._thread.start()
-
-    def wait(self, timeout: float | None = None) -> StatusRecord:
-        if self._thread is None:
-            raise DeviceError("the device was not started")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"the {self.name} device is still running after {timeout} s")
-        if self._error is not None:
-            raise DeviceError(f"the RTL simulation failed: {self._error}") from self._error
-        return self.read_status()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-        self.image = None
+        job = run_job(
+            self.geom,
+            image,
+            args,
+            mem_bytes=memory_class(self.max_bytes),
+            read_latency=self.read_latency,
+            max_cycles=self.max_cycles,
+            **kwargs,
+        )
+        image.data[:] = job.memory
+        self.last_job = job
+        if on_token is not None:
+            for i, tok in enumerate(job.tokens):
+                on_token(i, tok)

@@ -267,16 +267,6 @@ class Controller(wiring.Component):
         m.d.comb += loadv_queued.eq(
             self.dma_read.valid & (self.dma_read.payload.kind == ReadKind.ROWS)
         )
-        m.d.comb += vbuf_quiet.eq(
-            ~busy.vpu
-            & ~busy.mpu
-            & ~loadv_queued
-            & ~busy.dma_vbuf
-            & ~mpu_pending
-            & ~self.vpu.valid
-            & ~self.mpu.valid
-            & ~self.dma_store.valid
-        )
         # Vector ops need only the other VBUF users quiet: the vector unit runs its commands in
         # order, each finished (results written) before the next reads, so they may queue.
         vpu_may_issue = Signal()
@@ -289,6 +279,7 @@ class Controller(wiring.Component):
             & ~self.mpu.valid
             & ~self.dma_store.valid
         )
+        m.d.comb += vbuf_quiet.eq(vpu_may_issue & ~busy.vpu)
         all_idle = Signal()
         m.d.comb += all_idle.eq(
             vbuf_quiet & ~busy.dma_read & ~busy.dma_write & ~self.dma_read.valid
