@@ -123,7 +123,7 @@ class FpgaDecodeModel:
 
     def __init__(self, cfg: GPT2Config, g: CoreGeometry, layout: HBMLayout, rtl_paths=RTL_RESULTS):
         self.cfg, self.g, self.layout = cfg, g, layout
-        self.peak = g.channels * g.channel_gbps * 1e9
+        self.peak = g.peak_gbps * 1e9
         self._streamed = streamed_bytes(layout)
         self._head = head_bytes(layout)
         self.efficiency, self.read_ratio = ASSUMED_HBM_EFFICIENCY, 1.0

@@ -251,7 +251,7 @@ def analyse(raw: dict, args) -> dict:
     base_name = raw["args"]["model"]
 
     beat = g.beat_bytes
-    peak_bpc = g.channels * g.channel_gbps * 1e9 / (g.clock_mhz * 1e6)  # 1,840 B/cycle on u55c
+    peak_bpc = g.peak_gbps * 1e9 / (g.clock_mhz * 1e6)  # 1,840 B/cycle on u55c
     clock = g.clock_mhz * 1e6
     toks = [e for e in raw["events"] if e["kind"] == "token"]
     P = len(prompt)
@@ -349,7 +349,7 @@ def analyse(raw: dict, args) -> dict:
         "bytes_per_token": round(nbytes),
         "layout_bytes_per_token": lay,
         "hbm_efficiency": eff,
-        "peak_gbps": g.channels * g.channel_gbps,
+        "peak_gbps": g.peak_gbps,
         "ms_per_token": cyc / clock * 1e3,
         "label": LABEL,
         "read_latency": raw["args"]["read_latency"],
