@@ -64,12 +64,13 @@ class UnitBusy(data.Struct):
     """What the core tells the controller about its units (1 = work in progress).
 
     ``dma_read``: a read (TILES, ROWS or WORD) is queued or its data is not yet delivered;
-    ``dma_vbuf``: a LOADV is still writing the VBUF or a store is still reading it;
-    ``dma_write``: an HBM write has not had its response; ``mpu``: the MPU or its VBUF feeder is
-    working; ``vpu``: the VPU is working."""
+    ``loadv``: rows of a LOADV are still to arrive in the VBUF; ``store``: a store is still
+    reading the VBUF; ``dma_write``: an HBM write has not had its response; ``mpu``: the MPU or
+    its VBUF feeder is working; ``vpu``: the VPU is working."""
 
     dma_read: 1
-    dma_vbuf: 1
+    loadv: 1
+    store: 1
     dma_write: 1
     mpu: 1
     vpu: 1
@@ -96,9 +97,11 @@ class Controller(wiring.Component):
     x read) starts only when no other unit is using the VBUF, except that vector ops follow each
     other without waiting (the vector unit runs its commands in order, each finished before the
     next starts, so the core may queue them and the controller runs ahead to the next
-    ``MATVEC``, whose weight read then overlaps the vector work); a DMA read waits for every
-    outstanding HBM write (a program may read what it just stored). A ``MATVEC`` sends its weight
-    read to the DMA as soon as the DMA takes it, so the weights stream into the MPU's input
+    ``MATVEC``, whose weight read then overlaps the vector work), and so do LOADV instructions
+    (the DMA delivers their rows in order, so their HBM read latencies overlap); a DMA read
+    waits for every outstanding HBM write (a program may read what it just stored). A
+    ``MATVEC`` sends its weight read to the DMA as soon as the DMA takes it, so the weights
+    stream into the MPU's input
     while the VPU still computes; its MPU command follows, in order, when the VBUF is quiet. Two
     MATVECs may wait so at once: the second one's weights queue behind the first one's, which
     hides the HBM read latency of short products (attention heads). ``LDW`` and
@@ -263,7 +266,7 @@ class Controller(wiring.Component):
         n_pending = Signal(range(3))
         mpu_pending = Signal()
         m.d.comb += mpu_pending.eq(n_pending != 0)
-        loadv_queued = Signal()  # a LOADV not yet taken by the DMA (busy.dma_vbuf counts after)
+        loadv_queued = Signal()  # a LOADV not yet taken by the DMA (busy.loadv counts after)
         m.d.comb += loadv_queued.eq(
             self.dma_read.valid & (self.dma_read.payload.kind == ReadKind.ROWS)
         )
@@ -273,13 +276,26 @@ class Controller(wiring.Component):
         m.d.comb += vpu_may_issue.eq(
             ~busy.mpu
             & ~loadv_queued
-            & ~busy.dma_vbuf
+            & ~busy.loadv
+            & ~busy.store
             & ~mpu_pending
             & ~self.vpu.valid
             & ~self.mpu.valid
             & ~self.dma_store.valid
         )
         m.d.comb += vbuf_quiet.eq(vpu_may_issue & ~busy.vpu)
+        # LOADVs follow each other without waiting: the DMA delivers their rows in order through
+        # the one VBUF write port, so a LOADV needs only the other VBUF users quiet.
+        loadv_may_issue = Signal()
+        m.d.comb += loadv_may_issue.eq(
+            ~busy.mpu
+            & ~busy.store
+            & ~busy.vpu
+            & ~mpu_pending
+            & ~self.vpu.valid
+            & ~self.mpu.valid
+            & ~self.dma_store.valid
+        )
         all_idle = Signal()
         m.d.comb += all_idle.eq(
             vbuf_quiet & ~busy.dma_read & ~busy.dma_write & ~self.dma_read.valid
@@ -300,7 +316,8 @@ class Controller(wiring.Component):
             mpu_pending
             & ~self.mpu.valid
             & ~busy.vpu
-            & ~busy.dma_vbuf
+            & ~busy.loadv
+            & ~busy.store
             & ~busy.mpu
             & ~self.vpu.valid
             & ~self.dma_store.valid
@@ -572,7 +589,7 @@ class Controller(wiring.Component):
                 v = views[Op.LOADV]
                 with m.If(over(v.dst, v.len)):
                     finish(Status.VBUF_RANGE, pc)
-                with m.Elif(~self.dma_read.valid & vbuf_quiet & write_quiet):
+                with m.Elif(~self.dma_read.valid & c.loadv_may_issue & write_quiet):
                     p = self.dma_read.payload
                     m.d.sync += [
                         self.dma_read.valid.eq(1),

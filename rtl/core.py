@@ -353,7 +353,8 @@ class DecodeCore(wiring.Component):
             ctrl.busy.vpu.eq(vpu_busy | (vq.level != 0) | ctrl.vpu.valid),
             ctrl.busy.mpu.eq(mpu_active),
             ctrl.busy.dma_read.eq(~dma.read_idle | fetching),
-            ctrl.busy.dma_vbuf.eq((loadv_rows != 0) | store_active),
+            ctrl.busy.loadv.eq(loadv_rows != 0),
+            ctrl.busy.store.eq(store_active),
             ctrl.busy.dma_write.eq(~dma.write_idle | store_active),
         ]
         return m

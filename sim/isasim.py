@@ -30,8 +30,8 @@ Speed: a static weight matrix (one the program never writes) is gathered from th
 aligned into a ``numerics.PreparedMatrix`` once and cached; any write overlapping it (by the
 program or by the host through :meth:`IsaSim.invalidate`) drops the cached copy. Matrices read
 with ``LIVE_ROWS`` / ``LIVE_COLS`` (the KV cache) are gathered with ``layout.tiled_address`` on
-every use, live part only. A run of attention heads in the compiler's normative per-head form is
-executed as one batched computation over the heads (see :func:`_head_groups`), bit for bit what
+every use, live part only. A group of attention heads in the compiler's normative form is executed
+as one batched computation over the heads (see :func:`_head_groups`), bit for bit what
 the instructions give one by one; ``batch_heads=False`` turns that off.
 """
 
@@ -644,42 +644,34 @@ class IsaSim:
     # attention heads, batched -----------------------------------------------------------------
 
     def _run_heads(self, g: _HeadGroup) -> int | None:
-        """Run a head group (see :func:`_head_groups`) as one batched computation.
+        """Run an attention head group (see :func:`_head_groups`) as one batched computation.
 
         Returns the pc after the group, or None (nothing done) when this run's operands would
         overlap or leave range: then the instructions run one by one and report any error at
         its own pc.
         """
-        regs = self.regs
-        T, pos = regs[g.r_len], regs[g.r_pos]
-        if not (0 < T <= min(g.k_rows, g.v_cols) and pos < min(g.k_rows, g.v_cols)):
+        T = self.regs[g.r_len]
+        if not 0 < T <= min(g.k_rows, g.v_cols):
             return None
         k_end = int(g.k_base.max()) + self._tiled_extent(g.k_rows, BLOCK, BLOCK, g.k_stride)
         v_end = int(g.v_base.max()) + self._tiled_extent(BLOCK, g.v_cols, g.v_cols, g.v_stride)
         if max(k_end, v_end) > min(self._limit, self.image.nbytes):
             return None
-        spans = [(a, a + BLOCK, True) for a in g.inputs] + [(a, a + 1, True) for a in g.scalars]
+        spans = [(a, a + BLOCK, True) for a in g.q] + [(g.one, g.one + 1, True)]
+        spans += [(a, a + T, False) for a in g.s] + [(a, a + 1, False) for a in g.sc]
         spans += [(a, a + BLOCK, False) for a in g.att]
-        spans += [
-            (a, a + n, False) for a, n in zip(g.scratch, (BLOCK, T, 1, 1, 1, BLOCK), strict=True)
-        ]
         if not _disjoint(spans, self.geom.vbuf_elems):
             return None
         vbuf, u16, H = self.vbuf, self.u16, len(g.att)
         lane = np.arange(BLOCK)
-        # STROW k_h -> K_h row pos, STCOL v_h -> V^T_h column pos, for every head
         kch, khalf = self._tiled_addresses(g.k_rows, BLOCK, g.k_rows, BLOCK, g.k_stride)
         vch, vhalf = self._tiled_addresses(BLOCK, g.v_cols, BLOCK, g.v_cols, g.v_stride)
-        u16[kch[pos], g.k_base[:, None] // 2 + khalf[pos]] = vbuf[g.k_src[:, None] + lane]
-        u16[vch[:, pos], g.v_base[:, None] // 2 + vhalf[:, pos]] = vbuf[g.v_src[:, None] + lane]
-        self.invalidate(int(g.k_base.min()), k_end)
-        self.invalidate(int(g.v_base.min()), v_end)
-        # qs = q_h * scale; s = K_h[:T] qs
-        qs = nm.fp16_mul(vbuf[g.q_src[:, None] + lane], vbuf[g.scale])  # [H, 64]
+        # s = K_h[:T] q_h
+        q = vbuf[g.q[:, None] + lane]  # [H, 64]
         kbits = u16[kch[None, :T], g.k_base[:, None, None] // 2 + khalf[None, :T]]  # [H, T, 64]
         kq, ke, knf = nm.bfp_blocks(kbits)  # one block per row
         kq = kq[:, None].astype(np.float32)  # [H, 1 block, T rows, 64]
-        s = _round(*_matvec_batch(kq, ke[:, None, :, 0], knf[..., 0], qs))  # [H, T]
+        s = _round(*_matvec_batch(kq, ke[:, None, :, 0], knf[..., 0], q))  # [H, T]
         # softmax numerators and their sum
         m = _max_rows(s)  # [H]
         e = nm.lookup("exp", nm.fp16_sub(s, m[:, None]))  # [H, T]
@@ -689,19 +681,14 @@ class IsaSim:
         eq = eq.reshape(H, nb, 1, BLOCK).astype(np.float32)
         z = _round(*_matvec_batch(eq, ee[:, :, None], enf.any(axis=1)[:, None], ones))[:, 0]
         r = nm.lookup("recip", z)  # [H]
-        # o = V^T_h[:, :T] e; att_h = o * r
+        # att_h = (V^T_h[:, :T] e) * r
         vbits = u16[vch[None, :, :T], g.v_base[:, None, None] // 2 + vhalf[None, :, :T]]
         vq, ve, vnf = nm.bfp_blocks(nm.pad_to_block(vbits))  # [H, 64, nb*64], [H, 64, nb]
         vq = vq.reshape(H, BLOCK, nb, BLOCK).transpose(0, 2, 1, 3).astype(np.float32)
         o = _round(*_matvec_batch(vq, ve.transpose(0, 2, 1), vnf.any(axis=2), e))  # [H, 64]
+        vbuf[g.s[:, None] + np.arange(T)] = e
+        vbuf[g.sc] = r
         vbuf[g.att[:, None] + lane] = nm.fp16_mul(o, r[:, None])
-        # the scratch operands hold the last head's values, as after running it alone
-        a_qs, a_s, a_m, a_z, a_r, a_o = g.scratch
-        vbuf[a_qs : a_qs + BLOCK] = qs[-1]
-        vbuf[a_s : a_s + T] = e[-1]
-        vbuf[a_m], vbuf[a_z], vbuf[a_r] = m[-1], z[-1], r[-1]
-        vbuf[a_o : a_o + BLOCK] = o[-1]
-        self.hbm_written += H * 2 * 2 * BLOCK
         self.hbm_read += H * (self._tiles_bytes(T, BLOCK) + self._tiles_bytes(BLOCK, T))
         self.batched_groups += 1
         return g.start + g.n_instr
@@ -710,28 +697,22 @@ class IsaSim:
 # ----------------------------------------------------------------------------------------------
 # batched attention heads
 #
-# The compiler emits the attention of one head as the normative 11-instruction sequence below,
-# once per head. The heads are independent: each writes its own K/V^T tiles and its own slice of
-# the attention output, and passes through the same scratch operands. Run one by one, a head's
-# small operations cost NumPy call overhead, not arithmetic, so the simulator runs a group of
-# consecutive heads as one batched computation with the same numerics primitives (bfp_blocks,
-# block_shift, shift_floor, acc_to_fp16, the tables), bit for bit what the instructions give in
-# sequence (tests compare both ways). The group must match exactly; anything else runs one
-# instruction at a time.
+# The compiler emits the attention of a group of heads as the normative sequence below (see
+# tandem.compiler): the group's score products, then each head's softmax, then the group's
+# output products, then each head's normalisation. The heads are independent: each has its own
+# scores, scalar row and slice of the attention output. Run one by one, a head's small operations
+# cost NumPy call overhead, not arithmetic, so the simulator runs a group as one batched
+# computation with the same numerics primitives (bfp_blocks, block_shift, shift_floor,
+# acc_to_fp16, the tables), bit for bit what the instructions give in sequence (tests compare
+# both ways). The group must match exactly; anything else runs one instruction at a time.
+#
+#   MATVEC s_i, q_h, K_h, LIVE_ROWS T                    for each head
+#   VMAX sc_i, s_i; VSUB s_i, s_i, sc_i[s]; VEXP s_i, s_i;
+#   VDOT sc_i, s_i, one[s]; VRECIP sc_i, sc_i (len 1)    for each head
+#   MATVEC att_h, s_i, V^T_h, LIVE_COLS T                for each head
+#   VMUL att_h, att_h, sc_i[s] (len 64)                  for each head
 
-_HEAD_OPS = (
-    Op.STROW,
-    Op.STCOL,
-    Op.VMUL,
-    Op.MATVEC,
-    Op.VMAX,
-    Op.VSUB,
-    Op.VEXP,
-    Op.VDOT,
-    Op.VRECIP,
-    Op.MATVEC,
-    Op.VMUL,
-)
+_SOFTMAX_OPS = (Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT, Op.VRECIP)
 
 
 @dataclass
@@ -739,7 +720,6 @@ class _HeadGroup:
     start: int
     n_instr: int
     counts: dict  # (unit, op) -> instructions
-    r_pos: int  # register with the position (row of K, column of V^T)
     r_len: int  # register with T, the live length
     k_rows: int
     k_stride: int
@@ -747,150 +727,83 @@ class _HeadGroup:
     v_stride: int
     k_base: np.ndarray  # [H] byte base of each head's K
     v_base: np.ndarray
-    k_src: np.ndarray  # [H] VBUF of each head's k, v, q and attention output
-    v_src: np.ndarray
-    q_src: np.ndarray
+    q: np.ndarray  # [H] VBUF of each head's (scaled) query, scores, scalar row, output
+    s: np.ndarray
+    sc: np.ndarray
     att: np.ndarray
-    scratch: tuple[int, ...]  # VBUF of qs, s, m, z, r, o
-    scale: int
     one: int
 
-    @property
-    def inputs(self):
-        return [*self.k_src, *self.v_src, *self.q_src]
 
-    @property
-    def scalars(self):
-        return [self.scale, self.one]
+def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
+    """The head group starting at ``pc`` if the instructions there have the normative form."""
 
+    def op_at(i):
+        e = decoded[i] if i < len(decoded) else None
+        return e[3] if e is not None else None
 
-def _head_fields(entries) -> dict | None:
-    """The fields of one head's 11 instructions if they have the normative form, else None."""
-    if len(entries) < len(_HEAD_OPS) or any(
-        e is None or e[3] is not op for e, op in zip(entries, _HEAD_OPS, strict=False)
-    ):
+    n = 0
+    while op_at(pc + n) is Op.MATVEC and decoded[pc + n][1]["flags"] == MatFlag.LIVE_ROWS:
+        n += 1
+    want = [Op.MATVEC] * n + list(_SOFTMAX_OPS) * n + [Op.MATVEC] * n + [Op.VMUL] * n
+    if n == 0 or [op_at(pc + i) for i in range(len(want))] != want:
         return None
-    strow, stcol, vmul_q, mv_k, vmax, vsub, vexp, vdot, vrecip, mv_v, vmul_o = (
-        e[1] for e in entries[: len(_HEAD_OPS)]
+    f = [decoded[pc + i][1] for i in range(len(want))]
+    ks, soft, vs, outs = f[:n], f[n : 6 * n], f[6 * n : 7 * n], f[7 * n :]
+    k0, v0 = ks[0], vs[0]
+    t, B = k0["lreg"], VecFlag.B_SCALAR
+    one = soft[3]["b"]
+    for i in range(n):
+        k, v, o = ks[i], vs[i], outs[i]
+        vmax, vsub, vexp, vdot, vrecip = soft[5 * i : 5 * i + 5]
+        s, sc, att = k["dst"], vmax["dst"], v["dst"]
+        if not (
+            t != 0
+            and (k["lreg"], k["rows"], k["cols"], k["stride"])
+            == (t, k0["rows"], BLOCK, k0["stride"])
+            and k["stride"] > 0
+            and (v["flags"], v["lreg"], v["src"], v["rows"]) == (MatFlag.LIVE_COLS, t, s, BLOCK)
+            and (v["cols"], v["stride"]) == (v0["cols"], v0["stride"])
+            and v["stride"] > 0
+            and (vmax["a"], vmax["lreg"]) == (s, t)
+            and (vsub["dst"], vsub["a"], vsub["b"], vsub["flags"], vsub["lreg"]) == (s, s, sc, B, t)
+            and (vexp["dst"], vexp["a"], vexp["lreg"]) == (s, s, t)
+            and (vdot["dst"], vdot["a"], vdot["b"], vdot["flags"], vdot["lreg"])
+            == (sc, s, one, B, t)
+            and (vrecip["dst"], vrecip["a"], vrecip["len"], vrecip["lreg"]) == (sc, sc, 1, 0)
+            and (o["dst"], o["a"], o["b"], o["len"], o["flags"], o["lreg"])
+            == (att, att, sc, BLOCK, B, 0)
+        ):
+            return None
+    return _HeadGroup(
+        start=pc,
+        n_instr=len(want),
+        counts=dict(Counter((e[2], e[3]) for e in decoded[pc : pc + len(want)])),
+        r_len=t,
+        k_rows=k0["rows"],
+        k_stride=k0["stride"],
+        v_cols=v0["cols"],
+        v_stride=v0["stride"],
+        k_base=np.array([k["line"] * LINE for k in ks], np.int64),
+        v_base=np.array([v["line"] * LINE for v in vs], np.int64),
+        q=np.array([k["src"] for k in ks], np.int64),
+        s=np.array([k["dst"] for k in ks], np.int64),
+        sc=np.array([soft[5 * i]["dst"] for i in range(n)], np.int64),
+        att=np.array([v["dst"] for v in vs], np.int64),
+        one=one,
     )
-    B, n = VecFlag.B_SCALAR, BLOCK
-    qs, s, m, z, r, o = (
-        mv_k["src"],
-        mv_k["dst"],
-        vmax["dst"],
-        vdot["dst"],
-        vrecip["dst"],
-        mv_v["dst"],
-    )
-    t = mv_k["lreg"]
-    ok = (
-        strow["len"] == stcol["len"] == n
-        and strow["ri"] == stcol["ri"] != 0
-        and (strow["line"], strow["cols"], strow["stride"]) == (mv_k["line"], n, mv_k["stride"])
-        and (stcol["line"], stcol["cols"], stcol["stride"])
-        == (mv_v["line"], mv_v["cols"], mv_v["stride"])
-        and (vmul_q["dst"], vmul_q["len"], vmul_q["flags"], vmul_q["lreg"]) == (qs, n, B, 0)
-        and (mv_k["cols"], mv_k["flags"], mv_k["stride"] > 0) == (n, MatFlag.LIVE_ROWS, True)
-        and (mv_v["rows"], mv_v["src"], mv_v["flags"], mv_v["stride"] > 0)
-        == (n, s, MatFlag.LIVE_COLS, True)
-        and t != 0
-        and mv_v["lreg"] == vmax["lreg"] == vsub["lreg"] == vexp["lreg"] == vdot["lreg"] == t
-        and vmax["a"] == s
-        and (vsub["dst"], vsub["a"], vsub["b"], vsub["flags"]) == (s, s, m, B)
-        and (vexp["dst"], vexp["a"]) == (s, s)
-        and (vdot["a"], vdot["flags"]) == (s, B)
-        and (vrecip["a"], vrecip["len"], vrecip["lreg"]) == (z, 1, 0)
-        and (vmul_o["a"], vmul_o["b"], vmul_o["len"], vmul_o["flags"], vmul_o["lreg"])
-        == (o, r, n, B, 0)
-    )
-    if not ok:
-        return None
-    return {
-        "shared": (
-            strow["ri"],
-            t,
-            mv_k["rows"],
-            mv_k["stride"],
-            mv_v["cols"],
-            mv_v["stride"],
-            qs,
-            s,
-            m,
-            z,
-            r,
-            o,
-            vmul_q["b"],
-            vdot["b"],
-        ),
-        "k": (strow["line"] * LINE, strow["src"]),
-        "v": (stcol["line"] * LINE, stcol["src"]),
-        "q": vmul_q["a"],
-        "att": vmul_o["dst"],
-    }
-
-
-def _heads_disjoint(bases: np.ndarray, stride: int, geom: CoreGeometry) -> bool:
-    """Whether matrices at ``bases`` with the same tiled ``stride`` use disjoint tiles: each
-    takes ``64 / lanes`` consecutive tiles out of every ``stride``."""
-    st = dense_stride(geom)
-    offsets = np.sort(bases - bases.min())
-    if (offsets % geom.beat_bytes).any():
-        return False
-    tiles = offsets // geom.beat_bytes
-    return bool((np.diff(tiles) >= st).all() and tiles[-1] + st <= stride)
 
 
 def _head_groups(decoded: list, geom: CoreGeometry) -> list[_HeadGroup]:
-    """Runs of at least two consecutive heads of the normative form that may run batched."""
-    groups, pc, n = [], 0, len(_HEAD_OPS)
+    """The head groups of the normative form in a decoded program."""
+    groups, pc = [], 0
     while pc < len(decoded):
-        heads = []
-        while (h := _head_fields(decoded[pc + len(heads) * n : pc + (len(heads) + 1) * n])) and (
-            not heads or h["shared"] == heads[0]["shared"]
-        ):
-            heads.append(h)
-        if len(heads) < 2:
+        g = _head_group(decoded, pc)
+        if g is None:
             pc += 1
-            continue
-        r_pos, r_len, k_rows, k_stride, v_cols, v_stride, *scratch, scale, one = heads[0]["shared"]
-        k_base = np.array([h["k"][0] for h in heads], np.int64)
-        v_base = np.array([h["v"][0] for h in heads], np.int64)
-        g = _HeadGroup(
-            start=pc,
-            n_instr=n * len(heads),
-            counts=dict(Counter((e[2], e[3]) for e in decoded[pc : pc + n * len(heads)])),
-            r_pos=r_pos,
-            r_len=r_len,
-            k_rows=k_rows,
-            k_stride=k_stride,
-            v_cols=v_cols,
-            v_stride=v_stride,
-            k_base=k_base,
-            v_base=v_base,
-            k_src=np.array([h["k"][1] for h in heads], np.int64),
-            v_src=np.array([h["v"][1] for h in heads], np.int64),
-            q_src=np.array([h["q"] for h in heads], np.int64),
-            att=np.array([h["att"] for h in heads], np.int64),
-            scratch=tuple(scratch),
-            scale=scale,
-            one=one,
-        )
-        k_span = (int(k_base.min()), int(k_base.max()) + _span(k_rows, BLOCK, k_stride, geom))
-        v_span = (int(v_base.min()), int(v_base.max()) + _span(BLOCK, v_cols, v_stride, geom))
-        if (
-            _heads_disjoint(k_base, k_stride, geom)
-            and _heads_disjoint(v_base, v_stride, geom)
-            and (k_span[1] <= v_span[0] or v_span[1] <= k_span[0])
-        ):
+        else:
             groups.append(g)
-        pc += g.n_instr
+            pc += g.n_instr
     return groups
-
-
-def _span(rows: int, cols: int, stride: int, geom: CoreGeometry) -> int:
-    """Bytes from a tiled matrix's base to the end of its last tile (rows, cols allocated)."""
-    blocks = -(-rows // BLOCK) * -(-cols // BLOCK)
-    return ((blocks - 1) * stride + dense_stride(geom)) * geom.beat_bytes
 
 
 def _disjoint(spans, limit: int) -> bool:

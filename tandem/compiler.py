@@ -19,27 +19,33 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
     loop       pos >= n_ctx -> HALT CONTEXT_FULL
                tok = LDW prompt[pos] if pos < prompt_len (tok >= n_vocab -> HALT BAD_ARGS)
                      else the last argmax
-    embedding  x = LOADV wte[tok]; y = LOADV wpe[pos]; x = VADD(x, y)
-    per layer  layer_norm(x; ln_1) -> y
-               qkv = LOADV c_attn.bias; qkv = MATVEC(c_attn, y, BIAS)          [3P]
-      head h   STROW k_h -> K_h row pos; STCOL v_h -> V^T_h column pos
-               qs = VMUL(q_h, scale[s]) len 64
-               s = MATVEC(K_h, qs, LIVE_ROWS T)                               [T]
-               m = VMAX(s) len T; s = VSUB(s, m[s]) len T; s = VEXP(s) len T
-               z = VDOT(s, one[s]) len T; r = VRECIP(z) len 1
-               o = MATVEC(V^T_h, s, LIVE_COLS T)                              [64]
-               att[h*64:] = VMUL(o, r[s]) len 64
-               a = LOADV attn.c_proj.bias; a = MATVEC(attn.c_proj, att, BIAS); x = VADD(x, a)
-               layer_norm(x; ln_2) -> y
-               hm = LOADV c_fc.bias; hm = MATVEC(c_fc, y, BIAS); hm = VGELU(hm)  [F]
-               a = LOADV mlp.c_proj.bias; a = MATVEC(mlp.c_proj, hm, BIAS); x = VADD(x, a)
-    lm_head    only if T >= prompt_len: layer_norm(x; ln_f) -> y
+    embedding  x = LOADV wte[tok]; y = LOADV wpe[pos]
+    per layer  LOADV ln1_g, ln1_b = ln_1; qkv = c_attn.bias; a = attn.c_proj.bias;
+                 ln2_g, ln2_b = ln_2; hm = c_fc.bias; mo = mlp.c_proj.bias
+                 (one run of loads: the core overlaps their read latencies)
+               first layer only: x = VADD(x, y)
+               layer_norm(x; ln1_g, ln1_b) -> y
+               qkv = MATVEC(c_attn, y, BIAS)                                 [3P]
+               for every head h: STROW k_h -> K_h row pos; STCOL v_h -> V^T_h column pos
+               q = VMUL(q, scale[s]) len n_head * 64                          (in place)
+      group    for the heads h of each group (i = h's place in it; head_groups):
+               s_i = MATVEC(K_h, q_h, LIVE_ROWS T)                 each h     [T]
+               sc_i = VMAX(s_i) len T; s_i = VSUB(s_i, sc_i[s]) len T;
+                 s_i = VEXP(s_i) len T; sc_i = VDOT(s_i, one[s]) len T;
+                 sc_i = VRECIP(sc_i) len 1                         each h
+               att_h = MATVEC(V^T_h, s_i, LIVE_COLS T)             each h     [64]
+               att_h = VMUL(att_h, sc_i[s]) len 64                 each h
+               a = MATVEC(attn.c_proj, att, BIAS); x = VADD(x, a)
+               layer_norm(x; ln2_g, ln2_b) -> y
+               hm = MATVEC(c_fc, y, BIAS); hm = VGELU(hm)                     [F]
+               mo = MATVEC(mlp.c_proj, hm, BIAS); x = VADD(x, mo)
+    lm_head    only if T >= prompt_len: LOADV ln1_g, ln1_b = ln_f; layer_norm(x; ln1_g, ln1_b) -> y
                next = MATVEC(lm_head, y, ARGMAX); STW next -> output[k]; k += 1
                k == n_new -> HALT 0
                pos += 1; JMP loop
 
     layer_norm(x; g, b) -> y:
-               g, b = LOADV; mu = VDOT(x, c_n[s]); d = VSUB(x, mu[s]); ds = VMUL(d, c_n[s])
+               mu = VDOT(x, c_n[s]); d = VSUB(x, mu[s]); ds = VMUL(d, c_n[s])
                var = VDOT(d, ds); var = VADD(var, eps[s]) len 1; rstd = VRSQRT(var) len 1
                y = VMUL(d, rstd[s]); y = VMUL(y, g); y = VADD(y, b)
 
@@ -52,6 +58,7 @@ Registers: see the ``R_*`` constants. R0 reads as zero.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -119,7 +126,14 @@ class _VbufAllocator:
 
 
 def vbuf_plan(cfg: GPT2Config, geom: CoreGeometry) -> dict[str, VbufSlot]:
-    """The VBUF allocation of the compiled program; raises LayoutError if it does not fit."""
+    """The VBUF allocation of the compiled program; raises LayoutError if it does not fit.
+
+    After the fixed operands, the rest of the buffer holds the attention scratch of a group of
+    heads: per head a score vector of ``n_ctx`` elements (``s``) and a scalar row (``sc``: the
+    row max, then the softmax sum, then its reciprocal). The group is as large as fits, up to
+    every head; the heads are then split into the fewest groups of that size or less, their sizes
+    differing by at most one (:func:`head_groups`).
+    """
     e, p, f = cfg.n_embd, padded_heads(cfg), 4 * cfg.n_embd
     v = _VbufAllocator()
     for name, n in [
@@ -127,25 +141,46 @@ def vbuf_plan(cfg: GPT2Config, geom: CoreGeometry) -> dict[str, VbufSlot]:
         ("y", e),  # LayerNorm output (and the position embedding)
         ("d", e),  # LayerNorm: x - mean
         ("ds", e),  # LayerNorm: d / n
-        ("ln_g", e),
-        ("ln_b", e),
-        ("qkv", 3 * p),
-        ("qs", BLOCK),  # scaled query of one head
-        ("s", cfg.n_ctx),  # scores, then softmax numerators
-        ("o", BLOCK),  # one head's unnormalised output
+        ("ln1_g", e),  # ln_1 (and ln_f) weight and bias
+        ("ln1_b", e),
+        ("ln2_g", e),  # ln_2 weight and bias
+        ("ln2_b", e),
+        ("qkv", 3 * p),  # q (scaled in place), k, v of every head
         ("att", p),  # attention output, heads side by side
-        ("a", e),  # attention / MLP projection output
+        ("a", e),  # attention projection output
         ("hm", f),  # MLP hidden
+        ("mo", e),  # MLP projection output
     ]:
         v.alloc(name, n)
-    for name in ("c_n", "eps", "scale", "one", "mu", "var", "rstd", "m", "z", "r"):
+    for name in ("c_n", "eps", "scale", "one", "mu", "var", "rstd"):
         v.alloc(name, 1)
-    if v.cursor > geom.vbuf_elems:
+    seg = _score_segment(cfg)
+    per_head = seg + isa.VBUF_ALIGN
+    free = geom.vbuf_elems - v.cursor
+    if free < per_head:
         raise LayoutError(
-            f"{cfg.name} needs {v.cursor} VBUF elements, more than vbuf_elems = "
+            f"{cfg.name} needs {v.cursor + per_head} VBUF elements, more than vbuf_elems = "
             f"{geom.vbuf_elems} of geometry {geom.name!r}"
         )
+    most = min(cfg.n_head, free // per_head)
+    size = -(-cfg.n_head // -(-cfg.n_head // most))  # the fewest groups, as equal as may be
+    v.alloc("s", size * seg)  # head i of a group: scores at s + i * n_ctx (rounded up to 64)
+    v.alloc("sc", size * isa.VBUF_ALIGN)  # head i of a group: its scalar row
     return v.slots
+
+
+def _score_segment(cfg: GPT2Config) -> int:
+    """VBUF elements of one head's scores: n_ctx rounded up to a VBUF row."""
+    return -(-cfg.n_ctx // isa.VBUF_ALIGN) * isa.VBUF_ALIGN
+
+
+def head_groups(cfg: GPT2Config, vbuf: Mapping[str, VbufSlot]) -> list[range]:
+    """The heads of a layer in the groups the program runs them in (see :func:`vbuf_plan`)."""
+    size = vbuf["sc"].length // isa.VBUF_ALIGN  # the largest group
+    n = -(-cfg.n_head // size)
+    base, extra = divmod(cfg.n_head, n)  # sizes differ by at most one
+    starts = [i * base + min(i, extra) for i in range(n + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(starts)]
 
 
 class _Program:
@@ -190,12 +225,10 @@ class _Emitter:
         r = self.layout[region]
         self.p(Op.LOADV, dst=self.addr(dst), len=r.cols, line=r.line)
 
-    def matvec(self, dst: str, src: str, region: str, bias: str | None = None, **extra) -> None:
+    def matvec(self, dst: str, src: str, region: str, bias: bool = False, **extra) -> None:
+        """dst = region . src (+ dst, the bias a LOADV put there, with ``bias``)."""
         r = self.layout[region]
-        flags = 0
-        if bias is not None:
-            self.load_vector(dst, bias)
-            flags |= MatFlag.BIAS
+        flags = MatFlag.BIAS if bias else 0
         self.p(
             Op.MATVEC,
             dst=self.addr(dst),
@@ -219,19 +252,33 @@ class _Emitter:
 
     # blocks -------------------------------------------------------------------------------
 
-    def embedding(self) -> None:
-        """x = wte[tok] + wpe[pos]."""
+    def embedding_loads(self) -> None:
+        """x = wte[tok], y = wpe[pos] (added by the first layer, after its loads)."""
         for dst, name, reg in (("x", "wte", R_TOK), ("y", "wpe", R_POS)):
             r = self.layout[name]
             stride = r.row_bytes // LINE
             self.p(Op.LOADV, dst=self.addr(dst), len=self.E, line=r.line, ri=reg, stride=stride)
-        self.p(Op.VADD, dst=self.addr("x"), a=self.addr("x"), b=self.addr("y"), len=self.E)
 
-    def layer_norm(self, prefix: str) -> None:
-        """y = LayerNorm(x; prefix.weight, prefix.bias)."""
+    def layer_loads(self, layer: int) -> None:
+        """Every vector a layer reads from HBM, in one run of LOADVs (the core overlaps their
+        read latencies): the LayerNorm parameters and the biases, each product's into its
+        output operand."""
+        pre = f"h.{layer}."
+        for dst, name in (
+            ("ln1_g", "ln_1.weight"),
+            ("ln1_b", "ln_1.bias"),
+            ("qkv", "attn.c_attn.bias"),
+            ("a", "attn.c_proj.bias"),
+            ("ln2_g", "ln_2.weight"),
+            ("ln2_b", "ln_2.bias"),
+            ("hm", "mlp.c_fc.bias"),
+            ("mo", "mlp.c_proj.bias"),
+        ):
+            self.load_vector(dst, pre + name)
+
+    def layer_norm(self, g: str, b: str) -> None:
+        """y = LayerNorm(x; g, b), the parameters already in VBUF."""
         p, a, E = self.p, self.addr, self.E
-        self.load_vector("ln_g", prefix + ".weight")
-        self.load_vector("ln_b", prefix + ".bias")
         p(Op.VDOT, dst=a("mu"), a=a("x"), b=a("c_n"), len=E, flags=B)
         p(Op.VSUB, dst=a("d"), a=a("x"), b=a("mu"), len=E, flags=B)
         p(Op.VMUL, dst=a("ds"), a=a("d"), b=a("c_n"), len=E, flags=B)
@@ -239,78 +286,88 @@ class _Emitter:
         p(Op.VADD, dst=a("var"), a=a("var"), b=a("eps"), len=1, flags=B)
         p(Op.VRSQRT, dst=a("rstd"), a=a("var"), len=1)
         p(Op.VMUL, dst=a("y"), a=a("d"), b=a("rstd"), len=E, flags=B)
-        p(Op.VMUL, dst=a("y"), a=a("y"), b=a("ln_g"), len=E)
-        p(Op.VADD, dst=a("y"), a=a("y"), b=a("ln_b"), len=E)
+        p(Op.VMUL, dst=a("y"), a=a("y"), b=a(g), len=E)
+        p(Op.VADD, dst=a("y"), a=a("y"), b=a(b), len=E)
 
     def attention(self, layer: int) -> None:
-        """x += attn.c_proj(attention(c_attn(y))), with y = ln_1(x) already in VBUF."""
+        """x += attn.c_proj(attention(c_attn(y))), with y = ln_1(x) already in VBUF.
+
+        The heads run in groups (:func:`head_groups`), each phase over the whole group, so that
+        the group's matrix products follow each other (the core keeps two in flight and hides
+        their HBM read latency) and a layer waits once for its K/V stores.
+        """
         p, a, E, P = self.p, self.addr, self.E, self.P
         pre = f"h.{layer}.attn."
-        self.matvec("qkv", "y", pre + "c_attn.weight", bias=pre + "c_attn.bias")
-        for h in range(self.cfg.n_head):
-            k, v = self.kv(layer, h, "k"), self.kv(layer, h, "v")
-            p(
-                Op.STROW,
-                src=a("qkv", P + h * BLOCK),
-                len=BLOCK,
-                line=k.line,
-                ri=R_POS,
-                cols=k.cols,
-                stride=k.stride,
-            )
-            p(
-                Op.STCOL,
-                src=a("qkv", 2 * P + h * BLOCK),
-                len=BLOCK,
-                line=v.line,
-                ri=R_POS,
-                cols=v.cols,
-                stride=v.stride,
-            )
-            p(Op.VMUL, dst=a("qs"), a=a("qkv", h * BLOCK), b=a("scale"), len=BLOCK, flags=B)
-            p(
-                Op.MATVEC,
-                dst=a("s"),
-                src=a("qs"),
-                line=k.line,
-                rows=k.rows,
-                cols=k.cols,
-                stride=k.stride,
-                flags=MatFlag.LIVE_ROWS,
-                lreg=R_T,
-            )
-            p(Op.VMAX, dst=a("m"), a=a("s"), lreg=R_T)
-            p(Op.VSUB, dst=a("s"), a=a("s"), b=a("m"), flags=B, lreg=R_T)
-            p(Op.VEXP, dst=a("s"), a=a("s"), lreg=R_T)
-            p(Op.VDOT, dst=a("z"), a=a("s"), b=a("one"), flags=B, lreg=R_T)
-            p(Op.VRECIP, dst=a("r"), a=a("z"), len=1)
-            p(
-                Op.MATVEC,
-                dst=a("o"),
-                src=a("s"),
-                line=v.line,
-                rows=v.rows,
-                cols=v.cols,
-                stride=v.stride,
-                flags=MatFlag.LIVE_COLS,
-                lreg=R_T,
-            )
-            p(Op.VMUL, dst=a("att", h * BLOCK), a=a("o"), b=a("r"), len=BLOCK, flags=B)
-        self.matvec("a", "att", pre + "c_proj.weight", bias=pre + "c_proj.bias")
+        self.matvec("qkv", "y", pre + "c_attn.weight", bias=True)
+        kv = [(self.kv(layer, h, "k"), self.kv(layer, h, "v")) for h in range(self.cfg.n_head)]
+        for h, (k, v) in enumerate(kv):
+            for op, src, r in ((Op.STROW, P, k), (Op.STCOL, 2 * P, v)):
+                p(
+                    op,
+                    src=a("qkv", src + h * BLOCK),
+                    len=BLOCK,
+                    line=r.line,
+                    ri=R_POS,
+                    cols=r.cols,
+                    stride=r.stride,
+                )
+        n_q = self.cfg.n_head * BLOCK
+        p(Op.VMUL, dst=a("qkv"), a=a("qkv"), b=a("scale"), len=n_q, flags=B)
+        seg = _score_segment(self.cfg)
+        for group in head_groups(self.cfg, self.v):
+            heads = [(h, a("s", i * seg), a("sc", i * BLOCK)) for i, h in enumerate(group)]
+            for h, s, _ in heads:
+                k = kv[h][0]
+                p(
+                    Op.MATVEC,
+                    dst=s,
+                    src=a("qkv", h * BLOCK),
+                    line=k.line,
+                    rows=k.rows,
+                    cols=k.cols,
+                    stride=k.stride,
+                    flags=MatFlag.LIVE_ROWS,
+                    lreg=R_T,
+                )
+            for _, s, sc in heads:
+                p(Op.VMAX, dst=sc, a=s, lreg=R_T)
+                p(Op.VSUB, dst=s, a=s, b=sc, flags=B, lreg=R_T)
+                p(Op.VEXP, dst=s, a=s, lreg=R_T)
+                p(Op.VDOT, dst=sc, a=s, b=a("one"), flags=B, lreg=R_T)
+                p(Op.VRECIP, dst=sc, a=sc, len=1)
+            for h, s, _ in heads:
+                v = kv[h][1]
+                p(
+                    Op.MATVEC,
+                    dst=a("att", h * BLOCK),
+                    src=s,
+                    line=v.line,
+                    rows=v.rows,
+                    cols=v.cols,
+                    stride=v.stride,
+                    flags=MatFlag.LIVE_COLS,
+                    lreg=R_T,
+                )
+            for h, _, sc in heads:
+                o = a("att", h * BLOCK)
+                p(Op.VMUL, dst=o, a=o, b=sc, len=BLOCK, flags=B)
+        self.matvec("a", "att", pre + "c_proj.weight", bias=True)
         p(Op.VADD, dst=a("x"), a=a("x"), b=a("a"), len=E)
 
     def mlp(self, layer: int) -> None:
         """x += mlp.c_proj(gelu(mlp.c_fc(y))), with y = ln_2(x) already in VBUF."""
         p, a = self.p, self.addr
         pre = f"h.{layer}.mlp."
-        self.matvec("hm", "y", pre + "c_fc.weight", bias=pre + "c_fc.bias")
+        self.matvec("hm", "y", pre + "c_fc.weight", bias=True)
         p(Op.VGELU, dst=a("hm"), a=a("hm"), len=4 * self.E)
-        self.matvec("a", "hm", pre + "c_proj.weight", bias=pre + "c_proj.bias")
-        p(Op.VADD, dst=a("x"), a=a("x"), b=a("a"), len=self.E)
+        self.matvec("mo", "hm", pre + "c_proj.weight", bias=True)
+        p(Op.VADD, dst=a("x"), a=a("x"), b=a("mo"), len=self.E)
 
     def lm_head(self) -> None:
         """next = argmax(lm_head(ln_f(x))), stored as output token k."""
-        self.layer_norm("ln_f")
+        self.load_vector("ln1_g", "ln_f.weight")
+        self.load_vector("ln1_b", "ln_f.bias")
+        self.layer_norm("ln1_g", "ln1_b")
         self.matvec("y", "y", "lm_head", flags=MatFlag.ARGMAX, rd=R_NEXT)
         self.p(Op.STW, rs=R_NEXT, line=self.layout["output"].line, ri=R_K)
         self.p(Op.ADDI, rd=R_K, ra=R_K, imm=1)
@@ -348,11 +405,14 @@ class _Emitter:
         p(Op.ADDI, rd=R_TOK, ra=R_NEXT, imm=0)
         p.label("step")
         p(Op.ADDI, rd=R_T, ra=R_POS, imm=1)
-        self.embedding()
+        self.embedding_loads()
         for layer in range(cfg.n_layer):
-            self.layer_norm(f"h.{layer}.ln_1")
+            self.layer_loads(layer)
+            if layer == 0:
+                p(Op.VADD, dst=a("x"), a=a("x"), b=a("y"), len=self.E)
+            self.layer_norm("ln1_g", "ln1_b")
             self.attention(layer)
-            self.layer_norm(f"h.{layer}.ln_2")
+            self.layer_norm("ln2_g", "ln2_b")
             self.mlp(layer)
         p(Op.BLT, ra=R_T, rb=R_PLEN, target="next")
         self.lm_head()

@@ -8,7 +8,7 @@ import pytest
 from tandem import isa
 from tandem import layout as L
 from tandem.checkpoint import random_weights
-from tandem.compiler import compile_model, fits, vbuf_plan
+from tandem.compiler import compile_model, fits, head_groups, vbuf_plan
 from tandem.config import preset
 from tandem.geometry import geometry
 from tandem.isa import MatFlag, Op
@@ -49,26 +49,60 @@ def test_vbuf_plan_is_aligned_and_disjoint(odd):
         assert a.end <= b.addr
     assert slots[-1].end <= odd.geom.vbuf_elems
     assert odd.vbuf_map["att"].length == odd.cfg.n_head * BLOCK
-    assert odd.vbuf_map["s"].length == odd.cfg.n_ctx
+    # one group of all three heads: 64-element score segments (n_ctx = 48) and scalar rows
+    assert [list(g) for g in head_groups(odd.cfg, odd.vbuf_map)] == [[0, 1, 2]]
+    assert odd.vbuf_map["s"].length == 3 * 64 and odd.vbuf_map["sc"].length == 3 * 64
+
+
+@pytest.mark.parametrize(
+    "name, groups",
+    [
+        ("gpt2", [12]),
+        ("gpt2-medium", [8, 8]),
+        ("gpt2-large", [7, 7, 6]),
+        ("gpt2-xl", [3] * 7 + [2, 2]),
+    ],
+)
+def test_heads_are_grouped_as_the_vbuf_allows(name, groups):
+    """The fewest groups that fit the u55c VBUF, as equal as may be."""
+    cfg, geom = preset(name), geometry("u55c")
+    plan = vbuf_plan(cfg, geom)
+    assert [len(g) for g in head_groups(cfg, plan)] == groups
+    assert max(s.end for s in plan.values()) <= geom.vbuf_elems
+    if name == "gpt2":  # half the VBUF: one head's scores fit
+        half = vbuf_plan(cfg, geom.replace(vbuf_elems=16384))
+        assert [len(g) for g in head_groups(cfg, half)] == [1] * 12
 
 
 def ops_between(program, start, stop):
     return [i.op for i in program[start:stop]]
 
 
-def test_attention_head_is_the_normative_sequence(odd):
+def test_attention_is_the_normative_sequence(odd):
+    """Per layer: the K/V stores of every head, the q scaling, then per group the score
+    products, the softmaxes, the output products and the normalisations (tandem.compiler)."""
     prog = odd.program
+    H = odd.cfg.n_head
     strows = [pc for pc, i in enumerate(prog) if i.op is Op.STROW]
-    assert len(strows) == odd.cfg.n_layer * odd.cfg.n_head
+    assert len(strows) == odd.cfg.n_layer * H
     pc = strows[0]
-    assert ops_between(prog, pc, pc + 11) == [
-        Op.STROW, Op.STCOL, Op.VMUL, Op.MATVEC, Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT,
-        Op.VRECIP, Op.MATVEC, Op.VMUL,
-    ]  # fmt: skip
-    k_mv, v_mv = prog[pc + 3], prog[pc + 9]
+    soft = [Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT, Op.VRECIP]
+    assert ops_between(prog, pc, pc + 2 * H + 1 + 8 * H) == (
+        [Op.STROW, Op.STCOL] * H + [Op.VMUL] + [Op.MATVEC] * H + soft * H
+        + [Op.MATVEC] * H + [Op.VMUL] * H
+    )  # fmt: skip
+    q_scale = prog[pc + 2 * H]
+    assert (q_scale["dst"], q_scale["a"], q_scale["len"]) == (
+        odd.vbuf_map["qkv"].addr,
+        odd.vbuf_map["qkv"].addr,
+        H * BLOCK,
+    )
+    k_mv, v_mv = prog[pc + 2 * H + 1], prog[pc + 2 * H + 1 + 6 * H]
     assert k_mv["flags"] == MatFlag.LIVE_ROWS and k_mv["rows"] == odd.cfg.n_ctx
     assert v_mv["flags"] == MatFlag.LIVE_COLS and v_mv["cols"] == odd.cfg.n_ctx
     assert k_mv["lreg"] == v_mv["lreg"] != 0
+    assert v_mv["src"] == k_mv["dst"] == odd.vbuf_map["s"].addr
+    assert v_mv["dst"] == odd.vbuf_map["att"].addr
     k = odd.layout.kv_head(0, 0, "k")
     assert k_mv["line"] * isa.LINE == k.base and k_mv["stride"] == k.stride
     # the LM head: argmax into a register, then the token goes out with STW
@@ -114,6 +148,3 @@ def test_limits_name_the_geometry_field():
     assert "vbuf_elems" in fits(preset("gpt2"), geometry("small"))
     assert fits(preset("gpt2"), geometry("u55c")) is None
     assert fits(preset("embedded"), geometry("tiny")) is None
-    # gpt2 on u55c: a few thousand instructions, VBUF well within 32K elements
-    plan = vbuf_plan(preset("gpt2"), geometry("u55c"))
-    assert max(s.end for s in plan.values()) <= geometry("u55c").vbuf_elems

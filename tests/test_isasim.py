@@ -14,7 +14,7 @@ import pytest
 from tandem import isa
 from tandem import layout as L
 from tandem.checkpoint import random_weights
-from tandem.compiler import compile_model
+from tandem.compiler import compile_model, head_groups
 from tandem.config import preset
 from tandem.geometry import geometry
 from tandem.host.device import DeviceError, ModelDevice, open_device
@@ -361,6 +361,27 @@ def test_batched_heads_equal_one_instruction_at_a_time(geom):
     assert a.batched_groups == 11 * c.cfg.n_layer and b.batched_groups == 0
     assert ra == rb and a.regs == b.regs
     assert np.array_equal(a.vbuf, b.vbuf) and np.array_equal(ia.data, ib.data)
+
+
+@pytest.mark.parametrize(
+    "name, n_ctx, groups",
+    [("test-odd", 1024, [1, 1, 1]), ("test-odd", 512, [2, 1]), ("test-tiny", 1280, [1, 1])],
+)
+def test_heads_in_groups_when_the_vbuf_is_short(name, n_ctx, groups):
+    """A context too long for every head's scores in the VBUF splits the heads into groups;
+    bit-exact with the faithful model, batched or not."""
+    cfg = preset(name).replace(n_ctx=n_ctx)
+    w = lively_weights(cfg)
+    c = compile_model(cfg, w, geometry("tiny"))
+    assert [len(g) for g in head_groups(cfg, c.vbuf_map)] == groups
+    prompt, n_new = [3, 1, 4], 9
+    (a, ra, ia), (b, rb, ib) = run_both_ways(c, prompt, n_new)
+    assert ra.ok and ra == rb and a.regs == b.regs
+    assert a.batched_groups == len(groups) * cfg.n_layer * (len(prompt) + n_new - 1)
+    assert np.array_equal(a.vbuf, b.vbuf) and np.array_equal(ia.data, ib.data)
+    want, _, cache = faithful(FaithfulModel(cfg, w), prompt, n_new)
+    assert c.read_output(ia, n_new) == want
+    check_kv(c, ia, cache)
 
 
 def test_non_finite_values_propagate_alike():
