@@ -240,6 +240,20 @@ class _Emitter:
             **extra,
         )
 
+    def kv_product(self, dst: int, src: int, r: Region, live: MatFlag) -> None:
+        """dst = r . src over the live part of a KV matrix (T rows of K or T columns of V^T)."""
+        self.p(
+            Op.MATVEC,
+            dst=dst,
+            src=src,
+            line=r.line,
+            rows=r.rows,
+            cols=r.cols,
+            stride=r.stride,
+            flags=live,
+            lreg=R_T,
+        )
+
     def kv(self, layer: int, head: int, part: str) -> Region:
         r = self.layout.kv_head(layer, head, part)
         if r.base % LINE:
@@ -317,18 +331,7 @@ class _Emitter:
         for group in head_groups(self.cfg, self.v):
             heads = [(h, a("s", i * seg), a("sc", i * BLOCK)) for i, h in enumerate(group)]
             for h, s, _ in heads:
-                k = kv[h][0]
-                p(
-                    Op.MATVEC,
-                    dst=s,
-                    src=a("qkv", h * BLOCK),
-                    line=k.line,
-                    rows=k.rows,
-                    cols=k.cols,
-                    stride=k.stride,
-                    flags=MatFlag.LIVE_ROWS,
-                    lreg=R_T,
-                )
+                self.kv_product(s, a("qkv", h * BLOCK), kv[h][0], MatFlag.LIVE_ROWS)
             for _, s, sc in heads:
                 p(Op.VMAX, dst=sc, a=s, lreg=R_T)
                 p(Op.VSUB, dst=s, a=s, b=sc, flags=B, lreg=R_T)
@@ -336,18 +339,7 @@ class _Emitter:
                 p(Op.VDOT, dst=sc, a=s, b=a("one"), flags=B, lreg=R_T)
                 p(Op.VRECIP, dst=sc, a=sc, len=1)
             for h, s, _ in heads:
-                v = kv[h][1]
-                p(
-                    Op.MATVEC,
-                    dst=a("att", h * BLOCK),
-                    src=s,
-                    line=v.line,
-                    rows=v.rows,
-                    cols=v.cols,
-                    stride=v.stride,
-                    flags=MatFlag.LIVE_COLS,
-                    lreg=R_T,
-                )
+                self.kv_product(a("att", h * BLOCK), s, kv[h][1], MatFlag.LIVE_COLS)
             for h, _, sc in heads:
                 o = a("att", h * BLOCK)
                 p(Op.VMUL, dst=o, a=o, b=sc, len=BLOCK, flags=B)

@@ -26,7 +26,7 @@ from cocotb.triggers import RisingEdge
 from tandem import isa
 from tandem import numerics as nm
 from tandem.checkpoint import random_weights
-from tandem.compiler import R_T, compile_model
+from tandem.compiler import R_T, compile_model, head_groups
 from tandem.config import GPT2Config
 from tandem.geometry import geometry
 from tandem.layout import PROGRAM_BASE, HBMImage
@@ -454,10 +454,22 @@ def _find(program, ops, start=0) -> int:
     raise AssertionError(f"the compiled program has no sequence {[o.name for o in ops]}")
 
 
-LN_OPS = [isa.Op[n] for n in ("LOADV", "LOADV", "VDOT", "VSUB", "VMUL", "VDOT", "VADD")]
-LN_OPS += [isa.Op[n] for n in ("VRSQRT", "VMUL", "VMUL", "VADD")]
-HEAD_OPS = [isa.Op[n] for n in ("STROW", "STCOL", "VMUL", "MATVEC", "VMAX", "VSUB", "VEXP")]
-HEAD_OPS += [isa.Op[n] for n in ("VDOT", "VRECIP", "MATVEC", "VMUL")]
+LN_OPS = [isa.Op[n] for n in ("VDOT", "VSUB", "VMUL", "VDOT", "VADD", "VRSQRT", "VMUL", "VMUL")]
+LN_OPS += [isa.Op.VADD]
+SOFTMAX_OPS = [isa.Op[n] for n in ("VMAX", "VSUB", "VEXP", "VDOT", "VRECIP")]
+
+
+def head_zero(program, n_head: int) -> list:
+    """Head 0's instructions in the compiler's head-group form (one group of every head):
+    after the layer's 2 * n_head K/V stores, the q scaling of all heads, head 0's score
+    product, its softmax, its output product and its normalisation."""
+    j = _find(program, [isa.Op.STROW, isa.Op.STCOL])
+    k0 = j + 2 * n_head + 1
+    head = [program[k0 - 1], program[k0], *program[k0 + n_head : k0 + n_head + 5]]
+    head += [program[k0 + 6 * n_head], program[k0 + 7 * n_head]]
+    want = [isa.Op.VMUL, isa.Op.MATVEC, *SOFTMAX_OPS, isa.Op.MATVEC, isa.Op.VMUL]
+    assert [ins.op for ins in head] == want, [ins.op.name for ins in head]
+    return head
 
 
 @cocotb.test()
@@ -482,14 +494,14 @@ async def vpu_layer_norm_and_attention(dut):
     consts = [ins for ins in program[:loop] if ins.op is isa.Op.VSET]
     await tb.run([Command.from_instr(ins, {}) for ins in consts])
 
-    # LayerNorm: ln_1 of layer 0
+    # LayerNorm: ln_1 of layer 0 (its LOADVs ran at the layer start; the testbench writes g, b)
     i = _find(program, LN_OPS)
     E = cfg.n_embd
     x = nm.to_bits(rng.normal(0, 2.0, E))
     await tb.write(slots["x"].addr, x)
-    await tb.write(program[i]["dst"], layer.ln_1_g)
-    await tb.write(program[i + 1]["dst"], layer.ln_1_b)
-    ln = [Command.from_instr(ins, {}) for ins in program[i + 2 : i + len(LN_OPS)]]
+    await tb.write(program[i + 7]["b"], layer.ln_1_g)
+    await tb.write(program[i + 8]["b"], layer.ln_1_b)
+    ln = [Command.from_instr(ins, {}) for ins in program[i : i + len(LN_OPS)]]
     await tb.run(ln, valid="three-of-four", ready="random-half")
     await tb.check("LayerNorm")
     c_n = np.full(E, nm.to_bits(1.0 / E), np.uint16)
@@ -506,8 +518,8 @@ async def vpu_layer_norm_and_attention(dut):
             raise AssertionError(f"LayerNorm {name}: VPU {got[:8]}..., faithful {value[:8]}...")
 
     # Attention head 0 at a few context lengths
-    j = _find(program, HEAD_OPS)
-    head = program[j : j + len(HEAD_OPS)]
+    assert [len(g) for g in head_groups(cfg, slots)] == [cfg.n_head]
+    head = head_zero(program, cfg.n_head)
     P = 3 * ROW_ELEMS
     for T in params.get("contexts", (1, 64, 130)):
         cache = FaithfulCache(cfg)
@@ -518,6 +530,16 @@ async def vpu_layer_norm_and_attention(dut):
             cache.n_tokens = pos + 1
         q = nm.to_bits(rng.normal(0, 1.0, P))
         await tb.write(slots["qkv"].addr, q)
+        s = nm.matvec_fp16(
+            nm.PreparedMatrix(cache.k[0, 0, :T]), nm.fp16_mul(q[:ROW_ELEMS], fm.q_scale)
+        )
+        m = nm.fp16_max(s)
+        e = nm.lookup("exp", nm.fp16_sub(s, m))
+        z = nm.dot_fp16(e, np.full(T, nm.to_bits(1.0), np.uint16))
+        r = nm.lookup("recip", z)
+        # after each softmax op, head 0's scores and its scalar row (max, then sum, then 1/sum)
+        after = {isa.Op.VMAX: ("sc", [m]), isa.Op.VEXP: ("s", e), isa.Op.VDOT: ("sc", [z])}
+        after[isa.Op.VRECIP] = ("sc", [r])
         regs = {R_T: T}
         for ins in head:
             if ins.unit is isa.Unit.VPU:
@@ -527,19 +549,17 @@ async def vpu_layer_norm_and_attention(dut):
                 mat = cache.k[0, 0, :T] if k_side else cache.vt[0, 0, :, :T]
                 src = tb.ref.vbuf[ins["src"] : ins["src"] + mat.shape[1]]
                 await tb.write(ins["dst"], nm.matvec_fp16(nm.PreparedMatrix(mat), src))
+            if ins.op in after:
+                await tb.check(f"T = {T}, after {ins.op.name}")
+                name, value = after.pop(ins.op)
+                got = at(name, len(value))
+                if not np.array_equal(got, np.asarray(value, np.uint16)):
+                    raise AssertionError(
+                        f"T = {T}, softmax {name} after {ins.op.name}: VPU {got[:8]}, "
+                        f"model {value[:8]}"
+                    )
+        assert not after
         await tb.check(f"attention head with T = {T}")
-        s = nm.matvec_fp16(
-            nm.PreparedMatrix(cache.k[0, 0, :T]), nm.fp16_mul(q[:ROW_ELEMS], fm.q_scale)
-        )
-        m = nm.fp16_max(s)
-        e = nm.lookup("exp", nm.fp16_sub(s, m))
-        z = nm.dot_fp16(e, np.full(T, nm.to_bits(1.0), np.uint16))
-        r = nm.lookup("recip", z)
-        checks = {"m": [m], "s": e, "z": [z], "r": [r]}
-        for name, value in checks.items():
-            got = at(name, len(value))
-            if not np.array_equal(got, np.asarray(value, np.uint16)):
-                raise AssertionError(f"T = {T}, softmax {name}: VPU {got[:8]}, model {value[:8]}")
         att = at("att", ROW_ELEMS)
         faithful = fm.attention_per_head(0, q, cache, T)[:ROW_ELEMS]
         if not np.array_equal(att, faithful):
