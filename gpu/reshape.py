@@ -19,8 +19,11 @@ output are consecutive in the source (on the u55c a channel's next beat is 16 ro
 down), so 64 bytes is the longest run on both sides. When K and V^T are contiguous in one
 storage, as the prefill allocates them, both regions are **one gather of whole beats**: a
 single ``index_select`` over that storage with a cached index, writing the output front to
-back. In a partly filled last group (T not a multiple of 64) the beats not wholly before T are
-written after: zeros, and the values before T of the V^T beat that straddles T. Otherwise (any
+back. In a partly filled last group (T not a multiple of 64) the gather reads the V^T beats
+that straddle T from their own start (past T they hold the next row's values) and K's rows past
+T from anywhere, and one ``bitwise_and_`` with a cached 0/-1 mask over that group's slice of
+the output (both regions) keeps only the values before T; when V^T ends the storage, the
+straddling runs of its last rows would run past the end and are copied in after. Otherwise (any
 strides, separate buffers) K is the same gather on its own, from a view whose rows start at
 every element (strides 1, 1; no copy), and V^T is strided copies of views in the region's order
 (its head and tile-row strides merge, so the inner loops are long). The same ops run on CUDA.
@@ -66,16 +69,68 @@ def _starts(lanes, beat, n_head, t_len, s_head, s_pos, s_row, v_region):
 
 
 @functools.lru_cache(maxsize=32)
-def _joint_index(lanes, beat, n_head, t_len, k_at, v_at, aligned, device):
-    """Index of the K region's then the V region's beats for contiguous K at element ``k_at``
-    and V^T at ``v_at`` of one storage, in units of ``beat`` values when ``aligned`` (every
-    start a whole beat), else of elements; and the rows the source view needs."""
+def _joint_plan(lanes, beat, n_head, t_len, k_at, v_at, room, device):
+    """The one gather serving both regions, for contiguous K at element ``k_at`` and V^T at
+    ``v_at`` of one storage with ``room`` elements after the later of them: (index, rows,
+    aligned, mask, spill).
+
+    ``index``: the K region's then the V region's beat starts, in units of ``beat`` values
+    when ``aligned`` (every start a whole beat), else of elements; ``rows``: the rows the
+    source view needs. In a partly filled last group (else ``mask`` is None), K's beats at
+    or past T and V's wholly past T point at offset 0 and V's beats that straddle T at their
+    own start (their values past T are the next row's or region's), and :func:`_joint_tail`
+    keeps only the values before T with ``mask`` (int16, -1 or 0, [2 * lanes * 64 // beat,
+    n_head * 64 * 64 // lanes]: that group's slice of each channel's beats). A straddling run
+    that would end past the storage points at 0 too; then ``spill``: the tail copies in the
+    values before T of the last head's straddling beats (only there can a run end past it)."""
+    jj, st, g_n = BLOCK // beat, BLOCK // lanes, _groups(t_len)
+    full, rem = divmod(t_len, BLOCK)
     sk = _starts(lanes, beat, n_head, t_len, t_len * BLOCK, BLOCK, 0, False) + k_at
     sv = _starts(lanes, beat, n_head, t_len, t_len * BLOCK, 1, t_len, True) + v_at
+    mask, spill = None, False
+    if rem:
+        shape = (lanes, jj, g_n, n_head, st)
+        lane = torch.arange(lanes).view(lanes, 1, 1, 1, 1)
+        j = torch.arange(jj).view(1, jj, 1, 1, 1)
+        g = torch.arange(g_n).view(1, 1, g_n, 1, 1)
+        h = torch.arange(n_head).view(1, 1, 1, n_head, 1)
+        r = torch.arange(st).view(1, 1, 1, 1, st) * lanes + lane
+        js, w = divmod(rem, beat)
+        if w:  # V's beats that straddle T: at their own start where the run fits
+            cross = ((g == full) & (j == js)).expand(shape).reshape(-1)
+            start = (h * t_len * BLOCK + r * t_len + g * BLOCK + j * beat).expand(shape)
+            start = start.reshape(-1) + v_at
+            fits = start + beat <= max(k_at, v_at) + n_head * BLOCK * t_len + room
+            spill = bool((cross & ~fits).any())
+            sv = torch.where(cross & fits, start, sv)
+        e = torch.arange(beat).view(1, 1, 1, 1, beat)  # [lane, j, head, tile row, e]
+        k_live = (r < rem).view(lanes, 1, 1, st, 1)
+        v_live = j * beat + e < rem
+        live = torch.stack([x.expand(lanes, jj, n_head, st, beat) for x in (k_live, v_live)])
+        mask = torch.where(live, -1, 0).to(torch.int16).reshape(2 * lanes * jj, -1).to(device)
     index = torch.cat([sk, sv])
+    aligned = not (t_len % beat or k_at % beat or v_at % beat)
     if aligned:
         index = index.div(beat, rounding_mode="floor")
-    return index.to(device), int(index.max()) + 1
+    return index.to(device), int(index.max()) + 1, aligned, mask, spill
+
+
+def _joint_tail(geom, out, vt, mask, spill):
+    """The joint gather's partly filled last group (``out`` both regions, contiguous): keep
+    the values before T (``mask``, one op over that group of both regions) and, when
+    ``spill``, copy in the values before T of the last head's beats that straddle T."""
+    n_head, _, t_len = vt.shape
+    be, lanes = geom.beat_elems, geom.lanes
+    n, x = mask.shape  # [region, lane, j], [head, tile row, e]
+    g_n = _groups(t_len)
+    out.as_strided(mask.shape, (g_n * x, 1), (g_n - 1) * x).bitwise_and_(mask)
+    if spill:
+        js, w = divmod(t_len % BLOCK, be)
+        st = BLOCK // lanes
+        at = vt.storage_offset() + (n_head - 1) * BLOCK * t_len + t_len - w
+        part = vt.as_strided((lanes, st, w), (t_len, lanes * t_len, 1), at)
+        at = ((n // 2 + js) * g_n + g_n - 1) * x + (n_head - 1) * st * be  # V, j = js
+        out.as_strided((lanes, st, w), (BLOCK // be * g_n * x, be, 1), at).copy_(part)
 
 
 def _joint(k: torch.Tensor, vt: torch.Tensor):
@@ -192,18 +247,20 @@ def reshape_kv(geom: CoreGeometry, k: torch.Tensor, vt: torch.Tensor):
     joint = _joint(k, vt)
     if joint is not None:  # one gather for both regions
         base, k_at, v_at = joint
-        aligned = not (t_len % be or k_at % be or v_at % be)
-        index, rows = _joint_index(geom.lanes, be, n_head, t_len, k_at, v_at, aligned, k.device)
+        room = 0
+        if t_len % be:  # elements after the later region, for the runs that straddle T
+            room = k.untyped_storage().nbytes() // k.element_size() - base
+            room = min(be, room - max(k_at, v_at) - n_head * BLOCK * t_len)
+        index, rows, aligned, mask, spill = _joint_plan(
+            geom.lanes, be, n_head, t_len, k_at, v_at, room, k.device
+        )
         if aligned:  # a contiguous view of whole beats
             src = k.as_strided((1, rows, be), (rows * be, be, 1), base)
             out = torch.index_select(src, 1, index)  # [1, 2 * beats, beat]
         else:  # rows start at every element
             out = torch.index_select(k.as_strided((rows, be), (1, 1), base), 0, index)
-        if t_len % BLOCK:
-            out = out.view(2, -1, be)
-            _tail(geom, out[0], n_head, t_len, False)
-            _straddle(geom, out[1], vt)
-            _tail(geom, out[1], n_head, t_len, True)
+        if mask is not None:
+            _joint_tail(geom, out, vt, mask, spill)
     else:
         n = ch * _groups(t_len) * n_head * dense_stride(geom)
         out = torch.empty((2, n, be), dtype=k.dtype, device=k.device)

@@ -77,19 +77,21 @@ def test_reshape_takes_strided_views(geom, T):
 
 @pytest.mark.parametrize("geom", sorted(GEOMETRIES))
 @pytest.mark.parametrize("T", [1, 33, 64, 70, 96, 128])
-@pytest.mark.parametrize("order", ["kv", "vk", "kv-gap", "kv-odd"])
+@pytest.mark.parametrize("order", ["kv", "vk", "kv-gap", "kv-odd", "kv-room"])
 def test_reshape_of_k_and_vt_in_one_storage(geom, T, order):
     """K and V^T in one buffer, as the prefill allocates them: one gather serves both regions
-    (K first or V^T first, a gap between them, offsets not whole beats), with the beats of a
-    partly filled last group written after. Same bytes."""
+    (K first or V^T first, a gap between them, offsets not whole beats, room after V^T or
+    none), the values at or past T of a partly filled last group masked off after, and the V^T
+    runs that straddle T and would end past the buffer copied in. Same bytes."""
     from tandem.gpu import reshape as R
 
     g = GEOMETRIES[geom]
     n_head = 3
     n = n_head * T * 64
     rng = np.random.default_rng(T)
-    gap = {"kv": 0, "vk": 0, "kv-gap": 2 * g.beat_elems, "kv-odd": 3}[order]
-    buf = c.bits_from_numpy(_bits(rng, (7 + 2 * n + gap,)))
+    gap = {"kv-gap": 2 * g.beat_elems, "kv-odd": 3}.get(order, 0)
+    room = g.beat_elems if order == "kv-room" else 0
+    buf = c.bits_from_numpy(_bits(rng, (7 + 2 * n + gap + room,)))
     a, b = buf[7 : 7 + n], buf[7 + n + gap : 7 + 2 * n + gap]
     if order == "vk":
         a, b = b, a
