@@ -101,10 +101,11 @@ class Controller(wiring.Component):
     (the DMA delivers their rows in order, so their HBM read latencies overlap); a DMA read
     waits for every outstanding HBM write (a program may read what it just stored). A
     ``MATVEC`` sends its weight read to the DMA as soon as the DMA takes it, so the weights
-    stream into the MPU's input
-    while the VPU still computes; its MPU command follows, in order, when the VBUF is quiet. Two
-    MATVECs may wait so at once: the second one's weights queue behind the first one's, which
-    hides the HBM read latency of short products (attention heads). ``LDW`` and
+    stream into the MPU's input while the VPU still computes; its MPU command follows, in
+    order, when no vector op, LOADV or store uses the VBUF (a running MATVEC does not stop it:
+    the core's MPU feeder overlaps consecutive MATVECs and checks their VBUF rows,
+    rtl/core.py). Two MATVECs may wait so at once: the second one's weights queue behind the
+    first one's, which hides the HBM read latency of short products (attention heads). ``LDW`` and
     ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT`` wait for every
     unit and every write.
 
@@ -311,6 +312,9 @@ class Controller(wiring.Component):
         pending1 = Signal(MpuIssue)  # the younger, when n_pending == 2
         push = Signal()  # a MATVEC issues this cycle (set in Exec)
         push_cmd = Signal(MpuIssue)
+        # The next MATVEC may go to the core's MPU feeder while the previous one still runs:
+        # the feeder takes it once the previous one's x is loaded, and holds it back while its
+        # x or bias rows overlap result rows still to be written.
         send = Signal()
         m.d.comb += send.eq(
             mpu_pending
@@ -318,7 +322,6 @@ class Controller(wiring.Component):
             & ~busy.vpu
             & ~busy.loadv
             & ~busy.store
-            & ~busy.mpu
             & ~self.vpu.valid
             & ~self.dma_store.valid
         )

@@ -2,7 +2,7 @@
 
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
-from amaranth import ClockDomain, Module, Mux, Signal
+from amaranth import Cat, ClockDomain, Module, Mux, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out, connect
 
@@ -205,92 +205,131 @@ class DecodeCore(wiring.Component):
         ]
 
         # ---- MPU feeder ---------------------------------------------------------------------
-        issue = Signal(MpuIssue)
-        mpu_active = Signal()
+        # The reader takes a command from the controller, hands it to the MPU and reads its x
+        # rows, then its bias rows, from the VBUF. The writer writes result rows to the VBUF for
+        # the commands in `wq` (in order; at most 2), so the next command's x loads while the
+        # previous one's results drain. A command whose x or bias rows overlap result rows
+        # still to come waits for them (read after write through the VBUF).
+        issue = Signal(MpuIssue)  # the command being loaded
+        rd_active = Signal()
         n_cb = Signal(16)
         n_groups = Signal(16)
         rd_i = Signal(16)  # x or bias rows read so far
         rd_phase = Signal(2)  # 0 x rows, 1 bias rows, 2 done
         rd_wait = Signal()  # a read is in flight (data next cycle)
         held = Signal()  # read data waiting for the stream
-        res_i = Signal(16)
         cmd_sent = Signal()
-        m.d.comb += ctrl.mpu.ready.eq(~mpu_active)
-        with m.If(ctrl.mpu.valid & ~mpu_active):
-            c = ctrl.mpu.payload.cmd
-            lr = Mux(c.live_rows < c.rows, c.live_rows, c.rows)
-            lc = Mux(c.live_cols < c.cols, c.live_cols, c.cols)
+        WQ = 2
+        wq_dst = [Signal(16, name=f"wq_dst{i}") for i in range(WQ)]
+        wq_rows = [Signal(32, name=f"wq_rows{i}") for i in range(WQ)]  # live result rows
+        wq_n = Signal(range(WQ + 1))
+        res_i = Signal(16)  # result rows of wq[0] written
+
+        inc = ctrl.mpu.payload
+        c = inc.cmd
+        lr = Signal(16)
+        lc = Signal(16)
+        m.d.comb += [
+            lr.eq(Mux(c.live_rows < c.rows, c.live_rows, c.rows)),
+            lc.eq(Mux(c.live_cols < c.cols, c.live_cols, c.cols)),
+        ]
+        inc_cb = (lc + BLOCK - 1) >> 6
+        inc_groups = (lr + BLOCK - 1) >> 6
+
+        def overlaps(lo, n, i):
+            """VBUF rows [lo, lo + n) meet wq[i]'s result rows still to come."""
+            hi = wq_dst[i] + ((wq_rows[i] + BLOCK - 1) >> 6)
+            return (i < wq_n) & (n != 0) & (lo < hi) & (wq_dst[i] < lo + n)
+
+        hazard = Signal()
+        m.d.comb += hazard.eq(
+            Cat(
+                *(
+                    overlaps(inc.src_row, inc_cb, i)
+                    | (c.flags.bias & overlaps(inc.dst_row, inc_groups, i))
+                    for i in range(WQ)
+                )
+            ).any()
+        )
+        makes_rows = ~c.flags.argmax & (inc_groups != 0)
+        accept = Signal()
+        m.d.comb += [
+            ctrl.mpu.ready.eq(~rd_active & ~hazard & ((wq_n < WQ) | ~makes_rows)),
+            accept.eq(ctrl.mpu.valid & ctrl.mpu.ready),
+        ]
+        with m.If(accept):
             m.d.sync += [
-                issue.eq(ctrl.mpu.payload),
-                mpu_active.eq(1),
-                n_cb.eq((lc + BLOCK - 1) >> 6),
-                n_groups.eq((lr + BLOCK - 1) >> 6),
+                issue.eq(inc),
+                rd_active.eq(1),
+                n_cb.eq(inc_cb),
+                n_groups.eq(inc_groups),
                 rd_i.eq(0),
                 # no live column: no x rows (the MPU computes on zeros), bias rows only if any
                 rd_phase.eq(Mux(lc == 0, Mux(c.flags.bias, 1, 2), 0)),
                 rd_wait.eq(0),
                 held.eq(0),
-                res_i.eq(0),
                 cmd_sent.eq(0),
             ]
-        m.d.comb += [mpu.cmd.payload.eq(issue.cmd), mpu.cmd.valid.eq(mpu_active & ~cmd_sent)]
+        m.d.comb += [mpu.cmd.payload.eq(issue.cmd), mpu.cmd.valid.eq(rd_active & ~cmd_sent)]
         with m.If(mpu.cmd.valid & mpu.cmd.ready):
             m.d.sync += cmd_sent.eq(1)
         nothing = n_groups == 0  # no live row: the MPU takes only the command
         use_bias = issue.cmd.flags.bias
-        argmax = issue.cmd.flags.argmax
-        # reader: x rows from src_row, then bias rows from dst_row
         store_active = Signal()
-        reading = mpu_active & ~nothing & (rd_phase < 2) & ~rd_wait & ~held
-        with m.If(mpu_active):
-            with m.If(reading):
-                m.d.comb += [
-                    shared_rd.en.eq(1),
-                    shared_rd.addr.eq(Mux(rd_phase == 0, issue.src_row, issue.dst_row) + rd_i),
-                ]
-                m.d.sync += rd_wait.eq(1)
-            with m.If(rd_wait | held):
-                is_x = rd_phase == 0
-                m.d.comb += [
-                    mpu.x.payload.eq(shared_rd.data),
-                    mpu.bias.payload.eq(shared_rd.data),
-                    mpu.x.valid.eq(is_x),
-                    mpu.bias.valid.eq(~is_x),
-                ]
-                took = Mux(is_x, mpu.x.ready, mpu.bias.ready)
-                m.d.sync += [rd_wait.eq(0), held.eq(~took)]
-                with m.If(took):
-                    last = rd_i + 1 == Mux(is_x, n_cb, n_groups)
-                    m.d.sync += rd_i.eq(Mux(last, 0, rd_i + 1))
-                    with m.If(last):
-                        m.d.sync += rd_phase.eq(Mux(is_x & use_bias, 1, 2))
-        # writer: result rows to dst_row + g, live elements only
+        reading = rd_active & ~nothing & (rd_phase < 2) & ~rd_wait & ~held
+        with m.If(reading):
+            m.d.comb += [
+                shared_rd.en.eq(1),
+                shared_rd.addr.eq(Mux(rd_phase == 0, issue.src_row, issue.dst_row) + rd_i),
+            ]
+            m.d.sync += rd_wait.eq(1)
+        with m.If(rd_active & (rd_wait | held)):
+            is_x = rd_phase == 0
+            m.d.comb += [
+                mpu.x.payload.eq(shared_rd.data),
+                mpu.bias.payload.eq(shared_rd.data),
+                mpu.x.valid.eq(is_x),
+                mpu.bias.valid.eq(~is_x),
+            ]
+            took = Mux(is_x, mpu.x.ready, mpu.bias.ready)
+            m.d.sync += [rd_wait.eq(0), held.eq(~took)]
+            with m.If(took):
+                last = rd_i + 1 == Mux(is_x, n_cb, n_groups)
+                m.d.sync += rd_i.eq(Mux(last, 0, rd_i + 1))
+                with m.If(last):
+                    m.d.sync += rd_phase.eq(Mux(is_x & use_bias, 1, 2))
+        # the reader is done when the MPU has the command and every x and bias row
+        with m.If(rd_active & cmd_sent & (nothing | (rd_phase == 2)) & ~rd_wait & ~held):
+            m.d.sync += rd_active.eq(0)
+
+        # writer: result rows of wq[0] to its dst + g, live elements only
         m.d.comb += [mpu.result.ready.eq(1), mpu.argmax.ready.eq(ctrl.mpu_argmax.ready)]
         m.d.comb += [
             ctrl.mpu_argmax.valid.eq(mpu.argmax.valid),
             ctrl.mpu_argmax.payload.eq(mpu.argmax.payload),
         ]
-        live_r = Mux(issue.cmd.live_rows < issue.cmd.rows, issue.cmd.live_rows, issue.cmd.rows)
         rem = Signal(32)
-        m.d.comb += rem.eq(live_r - (res_i << 6))
+        m.d.comb += rem.eq(wq_rows[0] - (res_i << 6))
         res_mask = Signal(BLOCK)
         m.d.comb += res_mask.eq(Mux(rem >= BLOCK, (1 << BLOCK) - 1, (1 << rem[:7]) - 1))
         mpu_write = Signal()
         m.d.comb += mpu_write.eq(mpu.result.valid)
-        with m.If(mpu.result.valid):
-            m.d.sync += res_i.eq(res_i + 1)
-        finished = Signal()
-        m.d.comb += finished.eq(
-            cmd_sent
-            & Mux(
-                nothing,
-                mpu.cmd.ready
-                & (~argmax | (ctrl.mpu_argmax.valid & ctrl.mpu_argmax.ready) | ~mpu.busy),
-                mpu.cmd.ready & ~mpu.busy,
-            )
-        )
-        with m.If(mpu_active & finished & ~mpu.result.valid & ~mpu.argmax.valid):
-            m.d.sync += mpu_active.eq(0)
+        res_last = Signal()
+        m.d.comb += res_last.eq(mpu_write & (rem <= BLOCK))
+        with m.If(mpu_write):
+            m.d.sync += res_i.eq(Mux(res_last, 0, res_i + 1))
+        push = accept & makes_rows
+        # wq: pop on the last result row of wq[0], push at the tail
+        with m.If(res_last):
+            m.d.sync += [wq_dst[0].eq(wq_dst[1]), wq_rows[0].eq(wq_rows[1])]
+        with m.If(push):
+            slot = Mux(res_last, wq_n - 1, wq_n)
+            for i in range(WQ):
+                with m.If(slot == i):
+                    m.d.sync += [wq_dst[i].eq(inc.dst_row), wq_rows[i].eq(lr)]
+        m.d.sync += wq_n.eq(wq_n + push - res_last)
+        mpu_active = Signal()
+        m.d.comb += mpu_active.eq(rd_active | (wq_n != 0) | mpu.busy)
 
         # ---- store feeder ---------------------------------------------------------------------
         st = Signal(StoreIssue)
@@ -317,7 +356,7 @@ class DecodeCore(wiring.Component):
         m.d.comb += [dma.store.payload.eq(st.cmd), dma.store.valid.eq(store_active & ~st_cmd_sent)]
         with m.If(dma.store.valid & dma.store.ready):
             m.d.sync += st_cmd_sent.eq(1)
-        with m.If(store_active & ~mpu_active):
+        with m.If(store_active & ~rd_active):
             with m.If((st_i < st_rows) & ~st_wait & ~st_held):
                 m.d.comb += [shared_rd.en.eq(1), shared_rd.addr.eq(st.src_row + st_i)]
                 m.d.sync += st_wait.eq(1)
@@ -336,9 +375,9 @@ class DecodeCore(wiring.Component):
                 wr.data.eq(dma.rows.payload.data),
                 wr.mask.eq(dma.rows.payload.mask),
             ]
-        with m.Elif(mpu_write & ~argmax):
+        with m.Elif(mpu_write):
             m.d.comb += [
-                wr.addr.eq(issue.dst_row + res_i),
+                wr.addr.eq(wq_dst[0] + res_i),
                 wr.data.eq(mpu.result.payload),
                 wr.mask.eq(res_mask),
             ]

@@ -113,7 +113,8 @@ class MatrixUnit(wiring.Component):
         With ``flags.argmax``: one transfer per command, the lowest row index of the largest
         accumulator (bias included, non-finite flags ignored) among the live rows.
     busy : Out(1)
-        A command is in progress (``cmd.ready`` is low).
+        A command is in progress or result rows are still to leave (``cmd.ready`` may be high
+        while the last command drains).
 
     Timing
     ------
@@ -132,15 +133,21 @@ class MatrixUnit(wiring.Component):
 
         n_groups = ceil(min(live_rows, rows) / 64),  n_cb = ceil(min(live_cols, cols) / 64)
         x_latency = A + 1                        (3)    x alignment and buffer write
-        tail = drain_latency = P + 3             (17)   results; last transfer 2 cycles earlier
+        tail = 0                                        the next command is taken in the cycle
+                                                        after the last tile (results drain)
         tail = argmax_latency = A+D+H+4+log2(lanes)     with ARGMAX (tiny 13, u55c 16);
                                                         the index transfer is 1 cycle earlier
         P = pipeline_depth = 1 + A + D + H + 2 + R   (14)
 
     with the unit latencies of rtl/arith.py (:attr:`latencies`): BlockAlign ``A`` = 2,
     BlockDot ``D`` = 4, AccumulatorShift ``H`` = 2, AccToFP16 ``R`` = 3. The x load is
-    ``n_cb`` cycles at one block per cycle. Commands do not overlap: the next one is accepted
-    after the last output transfer.
+    ``n_cb`` cycles at one block per cycle. Commands overlap: after the last tile of a command
+    without ARGMAX the unit takes the next command and loads its x while the pipeline drains
+    (every stage after the input takes the command's state, xe_max, the x non-finite flag, BIAS
+    and ARGMAX, from the tile's tag), so a run of commands costs the sum of the formula. The
+    last result row leaves :attr:`drain_latency` (P + 3, 17) cycles after the last tile;
+    ``busy`` stays high until then. An ARGMAX command's index transfer is the last thing it
+    does: the next command waits for it.
 
     Degenerate commands, as :mod:`tandem.sim.isasim` defines them: with no live column the unit
     takes neither x nor tiles but computes as if on one all-zero block (``n_cb`` = 1 in the
@@ -238,9 +245,9 @@ class MatrixUnit(wiring.Component):
 
     @property
     def drain_latency(self) -> int:
-        """Cycles from the last tile transfer to ``cmd.ready`` rising, when the result stream is
-        ready: the pipeline, the output FIFO (write, read-out: 2), the transfer, the credit
-        return and the state change."""
+        """Cycles from the last tile transfer to ``busy`` falling, when the result stream is
+        ready: the pipeline, the output FIFO (write, read-out: 2), the transfer and the credit
+        return."""
         return self.pipeline_depth + 3
 
     @property
@@ -265,7 +272,7 @@ class MatrixUnit(wiring.Component):
         if n_groups == 0:
             return 2
         n_cb = max(n_cb, 1)  # no live column: one all-zero block of the unit's own
-        tail = self.argmax_latency if argmax else self.drain_latency
+        tail = self.argmax_latency if argmax else 0
         return 1 + n_cb + self.x_latency + n_groups * n_cb * self._stride + tail
 
     # ----------------------------------------------------------------------------------------
@@ -395,6 +402,12 @@ class MatrixUnit(wiring.Component):
                 "group_end": 1,
                 "cmd_end": 1,
                 "live": lanes,
+                # the command's state the later stages use, so the next command may start while
+                # this one drains
+                "xe_max": 5,
+                "x_nonfinite": 1,
+                "bias": 1,
+                "argmax": 1,
             }
         )
         tags = [Signal(tag_layout, name=f"tag{i}") for i in range(n_stages)]
@@ -413,6 +426,10 @@ class MatrixUnit(wiring.Component):
             tags[0].group_end.eq(is_group_end),
             tags[0].cmd_end.eq(is_cmd_end),
             tags[0].live.eq(live),
+            tags[0].xe_max.eq(xe_max),
+            tags[0].x_nonfinite.eq(x_nonfinite),
+            tags[0].bias.eq(do_bias),
+            tags[0].argmax.eq(do_argmax),
         ]
         tile_in = Signal(data.ArrayLayout(Block, lanes))
         w_keep = Signal(BLOCK * 16 * lanes)
@@ -447,11 +464,12 @@ class MatrixUnit(wiring.Component):
             bias_fifo.r_data
         )
         m.d.comb += bias_fifo.r_en.eq(
-            t_bias.valid & t_bias.last & (t_bias.rb == stride - 1) & do_bias
+            t_bias.valid & t_bias.last & (t_bias.rb == stride - 1) & t_bias.bias
         )
 
         t_acc = tags[K]
         t_fin = tags[K + 1]
+        t_rnd = tags[K + 2]  # AccToFP16's input stage
         # Each lane's 64/lanes accumulators (and their non-finite flags) are a small memory
         # read asynchronously at the accumulate stage and written at its end: distributed RAM
         # on the FPGA, and one process in a simulator instead of one per accumulator.
@@ -482,7 +500,7 @@ class MatrixUnit(wiring.Component):
                 shift.i.payload.sum.eq(dot.o.payload.sum),
                 shift.i.payload.w_exp.eq(delay(align.o.payload.exp, D, f"we{lane}")),
                 shift.i.payload.x_exp.eq(x_e),
-                shift.i.payload.xe_max.eq(xe_max),
+                shift.i.payload.xe_max.eq(t_bias.xe_max),  # stage A + D, as the bias shifter
             ]
             w_nf = delay(align.o.payload.nonfinite, D + H, f"w_nf{lane}")
             # bias element of this lane's row, placed by the same shifter as a block sum
@@ -493,7 +511,7 @@ class MatrixUnit(wiring.Component):
                 bshift.i.payload.sum.eq(Mux(b_bits[15], -b_sig, b_sig)),
                 bshift.i.payload.w_exp.eq(Mux(b_field == 0, 1, b_field)),
                 bshift.i.payload.x_exp.eq(_BIAS_XE),
-                bshift.i.payload.xe_max.eq(xe_max),
+                bshift.i.payload.xe_max.eq(t_bias.xe_max),
             ]
             b_nf = delay(b_field == 31, H, f"b_nf{lane}")
 
@@ -519,8 +537,8 @@ class MatrixUnit(wiring.Component):
             with m.If(t_acc.valid & t_acc.last):
                 m.d.sync += [
                     fin[lane].eq(s),
-                    fin_b[lane].eq(Mux(do_bias, bshift.o.payload.value, 0)),
-                    fin_nf[lane].eq(s_nf | (do_bias & b_nf)),
+                    fin_b[lane].eq(Mux(t_acc.bias, bshift.o.payload.value, 0)),
+                    fin_nf[lane].eq(s_nf | (t_acc.bias & b_nf)),
                 ]
             with m.If(t_fin.valid & t_fin.last):  # stage K+2: bias added
                 m.d.sync += [
@@ -529,8 +547,8 @@ class MatrixUnit(wiring.Component):
                 ]
             m.d.comb += [
                 rnd.i.payload.acc.eq(total[lane]),
-                rnd.i.payload.lam.eq(xe_max + _LAM0),
-                rnd.i.payload.nonfinite.eq(total_nf[lane] | x_nonfinite),
+                rnd.i.payload.lam.eq(t_rnd.xe_max + _LAM0),
+                rnd.i.payload.nonfinite.eq(total_nf[lane] | t_rnd.x_nonfinite),
             ]
             rounded.append(rnd.o.payload.value.as_value())
 
@@ -549,7 +567,7 @@ class MatrixUnit(wiring.Component):
             m.d.comb += out_fifo.w_data.eq(Cat(row, vals))
         else:
             m.d.comb += out_fifo.w_data.eq(vals)
-        m.d.comb += out_fifo.w_en.eq(out_valid & t_out.group_end & ~do_argmax)
+        m.d.comb += out_fifo.w_en.eq(out_valid & t_out.group_end & ~t_out.argmax)
 
         # ---- argmax (stage K+2 .. AM) ---------------------------------------------------------
         cand_layout = data.StructLayout({"valid": 1, "value": signed(64), "index": 16})
@@ -558,7 +576,7 @@ class MatrixUnit(wiring.Component):
         for lane in range(lanes):
             c = Signal(cand_layout, name=f"cand{lane}")
             m.d.comb += [
-                c.valid.eq(t_tot.valid & t_tot.last & t_tot.live[lane]),
+                c.valid.eq(t_tot.valid & t_tot.last & t_tot.live[lane] & t_tot.argmax),
                 c.value.eq(total[lane]),
                 c.index.eq(
                     Cat(Const(lane, (lanes - 1).bit_length()), t_tot.rb, t_tot.grp)
@@ -584,7 +602,7 @@ class MatrixUnit(wiring.Component):
         t_am = tags[AM]
         with m.If(cand.valid & (~best.valid | (cand.value > best.value))):
             m.d.sync += best.eq(cand)
-        with m.If(t_am.valid & t_am.cmd_end):
+        with m.If(t_am.valid & t_am.cmd_end & t_am.argmax):
             m.d.sync += amax_done.eq(1)
         m.d.comb += self.argmax.payload.eq(best.index)
 
@@ -628,16 +646,19 @@ class MatrixUnit(wiring.Component):
             # The last x block is written in the cycle xv[A] is high; xe_max is final after it.
             with m.State("Wait-X"), m.If(~Cat(*xv[:A]).any()):
                 m.next = "Stream"
+            # After the last tile the next command may start while this one's results drain
+            # (the later stages take the command's state from the tags); an ARGMAX command
+            # waits for its index transfer.
             with m.State("Stream"):
                 m.d.comb += streaming.eq(1)
                 with m.If(tile_take & is_cmd_end):
-                    m.next = "Drain"
-            with m.State("Drain"):
-                with m.If(do_argmax):
-                    m.d.comb += self.argmax.valid.eq(amax_done)
-                    with m.If(self.argmax.valid & self.argmax.ready):
+                    with m.If(do_argmax):
+                        m.next = "Drain"
+                    with m.Else():
                         m.next = "Idle"
-                with m.Elif(out_free == rd):
+            with m.State("Drain"):
+                m.d.comb += self.argmax.valid.eq(amax_done)
+                with m.If(self.argmax.valid & self.argmax.ready):
                     m.next = "Idle"
             with m.State("Finish"):  # no live row: no result rows; argmax reports index 0
                 with m.If(do_argmax):
@@ -646,7 +667,7 @@ class MatrixUnit(wiring.Component):
                         m.next = "Idle"
                 with m.Else():
                     m.next = "Idle"
-        m.d.comb += self.busy.eq(~self.cmd.ready)
+        m.d.comb += self.busy.eq(~self.cmd.ready | (out_free != rd))
 
         bias_open = Signal()
         m.d.comb += [

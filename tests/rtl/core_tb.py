@@ -206,6 +206,9 @@ class CoreTB:
         image.data[:] = c.image.data
         c.write_prompt(image, prompt)
         args = c.args(len(prompt), n_new)
+        if case.get("program") == "chain":
+            program = isa.encode_program(matvec_chain(c))
+            image.write_channel(0, L.PROGRAM_BASE, program)
         error = case.get("error")
         if error == "opcode":
             pc = c.labels["step"] + 5
@@ -310,6 +313,33 @@ class CoreTB:
                 )
         self.log.info("case %d: tokens %s match IsaSim", index, out)
         return took
+
+
+def matvec_chain(c) -> list:
+    """A hand-written program of MATVECs back to back, each reading what an earlier one wrote
+    (x rows, bias rows) or independent of the running one, so the core's MPU feeder must both
+    overlap them and hold them back; the results are stored to HBM for the byte compare."""
+    Op, F = isa.Op, isa.MatFlag
+    lay = c.layout
+    X, Y, Z, V, A = 0, 64, 320, 384, 448  # VBUF: x [64], y [256], z [64], v [64], a [256]
+
+    def mv(dst, src, name, flags=0):
+        r = lay[name]
+        return isa.make(Op.MATVEC, dst=dst, src=src, line=r.line, rows=r.rows, cols=r.cols,
+                        flags=flags)  # fmt: skip
+
+    scratch = lay["h.1.k"].line
+    return [
+        isa.make(Op.LOADV, dst=X, len=64, line=lay["wte"].line, stride=lay["wte"].row_bytes // 64),
+        mv(Y, X, "h.0.mlp.c_fc.weight"),  # y = W1 x
+        mv(Z, Y, "h.0.mlp.c_proj.weight"),  # z = W2 y: its x rows are y's results
+        mv(V, Y, "h.0.attn.c_proj.weight"),  # v = W3 y[:128]: independent of the running one
+        mv(V, Z, "h.0.attn.c_proj.weight", F.BIAS),  # v = W3 z + v: bias rows and x still due
+        mv(A, V, "h.0.mlp.c_fc.weight"),  # a = W1 v
+        mv(X, A, "h.0.mlp.c_proj.weight"),  # x = W2 a: overwrites its own first input
+        isa.make(Op.STOREV, src=X, len=64 + 256 + 64 + 64 + 256, line=scratch),
+        isa.make(Op.HALT),
+    ]
 
 
 class _Mem:

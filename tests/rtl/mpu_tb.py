@@ -240,6 +240,7 @@ class TB(streams.ClockedTB):
                 and len(self.argmax.items) - amax0 == n_amax
                 and self.cmd.idle
                 and bool(ready.value)
+                and not self.dut.busy.value  # the last results have left
             )
 
         await streams.pump(

@@ -68,6 +68,14 @@ def test_errors_then_clean_run(sim):
     )
 
 
+@pytest.mark.parametrize("sim", _sims())
+def test_matvec_chain(sim):
+    """MATVECs back to back that read earlier ones' results (x rows, bias rows) and ones that
+    do not (the MPU feeder overlaps those), without and with AXI stalls: every byte as IsaSim."""
+    chain = {"cfg": "test-tiny", "prompt": [1], "n_new": 1, "program": "chain"}
+    run_cases(sim, [chain, {**chain, "stall": 0.3}])
+
+
 @pytest.mark.parametrize("sim", _sims(slow_icarus=True))
 def test_odd_8_tokens_with_stalls(sim):
     """The second model (3 heads, vocab 97), 8 generated tokens, random pauses on every AXI

@@ -94,6 +94,6 @@ def test_cycle_formula_counts_one_cycle_per_tile():
     # each further x block costs 1 cycle to load, each further tile 1 cycle: no bubbles
     assert mpu.cycles(16, 16) - one == 15 + (16 * 16 - 1) * 4
     assert mpu.cycles(16, 1) - one == 15 * 4
-    assert mpu.cycles(1, 1, argmax=True) - one == mpu.argmax_latency - mpu.drain_latency
+    assert mpu.cycles(1, 1, argmax=True) - one == mpu.argmax_latency  # waits for the index
     assert mpu.cycles(0, 5) == 2  # no live row: the command only
     assert mpu.cycles(5, 0) == mpu.cycles(5, 1)  # no live column: one all-zero block
