@@ -21,6 +21,9 @@ __all__ = ["Controller", "MpuIssue", "StoreIssue", "UnitBusy", "instruction_layo
 
 BLOCK = 64
 DEFAULT_WATCHDOG = 1 << 24
+MAX_PENDING = 4
+"""MATVECs whose weight read is with the DMA and whose MPU command has not gone to the core's
+MPU feeder yet: short products (attention heads) keep this many HBM reads in flight."""
 Status = regmap.Status
 
 
@@ -104,8 +107,9 @@ class Controller(wiring.Component):
     stream into the MPU's input while the VPU still computes; its MPU command follows, in
     order, when no vector op, LOADV or store uses the VBUF (a running MATVEC does not stop it:
     the core's MPU feeder overlaps consecutive MATVECs and checks their VBUF rows,
-    rtl/core.py). Two MATVECs may wait so at once: the second one's weights queue behind the
-    first one's, which hides the HBM read latency of short products (attention heads). ``LDW`` and
+    rtl/core.py). :data:`MAX_PENDING` MATVECs may wait so at once: the later ones' weights queue
+    behind the first one's, which hides the HBM read latency of short products (attention
+    heads). ``LDW`` and
     ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT`` wait for every
     unit and every write.
 
@@ -263,8 +267,8 @@ class Controller(wiring.Component):
         busy = self.busy
         vbuf_quiet = Signal()
         # MATVECs whose weight read has gone to the DMA and whose MPU command waits for the VBUF
-        # (in order, at most 2: the second one's weights stream behind the first one's)
-        n_pending = Signal(range(3))
+        # (in order, at most MAX_PENDING: the later ones' weights stream behind the first one's)
+        n_pending = Signal(range(MAX_PENDING + 1))
         mpu_pending = Signal()
         m.d.comb += mpu_pending.eq(n_pending != 0)
         loadv_queued = Signal()  # a LOADV not yet taken by the DMA (busy.loadv counts after)
@@ -308,8 +312,9 @@ class Controller(wiring.Component):
         for s in (self.dma_read, self.dma_store, self.mpu, self.vpu, self.fetch_cmd):
             with m.If(s.ready):
                 m.d.sync += s.valid.eq(0)
-        pending = Signal(MpuIssue)  # the older pending MATVEC
-        pending1 = Signal(MpuIssue)  # the younger, when n_pending == 2
+        # pending[0] is the oldest; a MATVEC joins at pending[n_pending] (one slot lower if one
+        # leaves in the same cycle)
+        pending = [Signal(MpuIssue, name=f"pending{i}") for i in range(MAX_PENDING)]
         push = Signal()  # a MATVEC issues this cycle (set in Exec)
         push_cmd = Signal(MpuIssue)
         # The next MATVEC may go to the core's MPU feeder while the previous one still runs:
@@ -326,17 +331,15 @@ class Controller(wiring.Component):
             & ~self.dma_store.valid
         )
         with m.If(send):
-            m.d.sync += [self.mpu.payload.eq(pending), self.mpu.valid.eq(1)]
-        with m.If(send & ~push):
-            m.d.sync += [pending.eq(pending1), n_pending.eq(n_pending - 1)]
-        with m.Elif(push & ~send):
-            with m.If(n_pending == 0):
-                m.d.sync += pending.eq(push_cmd)
-            with m.Else():
-                m.d.sync += pending1.eq(push_cmd)
-            m.d.sync += n_pending.eq(n_pending + 1)
-        with m.Elif(push & send):  # n_pending == 1: the new one takes the sent one's place
-            m.d.sync += pending.eq(push_cmd)
+            m.d.sync += [self.mpu.payload.eq(pending[0]), self.mpu.valid.eq(1)]
+            for i in range(MAX_PENDING - 1):
+                m.d.sync += pending[i].eq(pending[i + 1])
+        with m.If(push):
+            slot = Mux(send, n_pending - 1, n_pending)
+            for i in range(MAX_PENDING):
+                with m.If(slot == i):
+                    m.d.sync += pending[i].eq(push_cmd)
+        m.d.sync += n_pending.eq(n_pending + push - send)
 
         # ---- stop handling --------------------------------------------------------------------
         stop_now = Signal()  # set in the Exec state when an error or HALT is found
@@ -683,7 +686,9 @@ class Controller(wiring.Component):
         m.d.comb += nothing.eq((clamp_r == 0) | (clamp_c == 0))
         with m.If(bad):
             finish(Status.VBUF_RANGE, pc)
-        with m.Elif(~self.dma_read.valid & (n_pending < 2) & ~self.mpu.valid & write_quiet):
+        with m.Elif(
+            ~self.dma_read.valid & (n_pending < MAX_PENDING) & ~self.mpu.valid & write_quiet
+        ):
             cmd = Signal(MpuIssue)
             m.d.comb += [
                 cmd.cmd.rows.eq(v.rows),
