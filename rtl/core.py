@@ -110,12 +110,12 @@ class DecodeCore(wiring.Component):
         ]
         connect(m, vpu.read_a, vbuf.read[0])
         connect(m, vpu.read_b, vbuf.read[1])
-        vpu_busy = Signal()
+        # commands the VPU has taken and not yet finished (it overlaps them)
+        vpu_flight = Signal(range(VectorUnit.MAX_IN_FLIGHT + 1))
         m.d.comb += vpu.done.ready.eq(1)
-        with m.If(vpu.cmd.valid & vpu.cmd.ready):
-            m.d.sync += vpu_busy.eq(1)
-        with m.Elif(vpu.done.valid):
-            m.d.sync += vpu_busy.eq(0)
+        m.d.sync += vpu_flight.eq(
+            vpu_flight + (vpu.cmd.valid & vpu.cmd.ready) - (vpu.done.valid & vpu.done.ready)
+        )
 
         # ---- shared VBUF ports: read[2] (MPU feeder or store feeder), write[0] -----------------
         shared_rd = vbuf.read[2]
@@ -229,10 +229,7 @@ class DecodeCore(wiring.Component):
         c = inc.cmd
         lr = Signal(16)
         lc = Signal(16)
-        m.d.comb += [
-            lr.eq(Mux(c.live_rows < c.rows, c.live_rows, c.rows)),
-            lc.eq(Mux(c.live_cols < c.cols, c.live_cols, c.cols)),
-        ]
+        m.d.comb += [lr.eq(c.eff_rows()), lc.eq(c.eff_cols())]
         inc_cb = (lc + BLOCK - 1) >> 6
         inc_groups = (lr + BLOCK - 1) >> 6
 
@@ -389,7 +386,7 @@ class DecodeCore(wiring.Component):
             ]
 
         m.d.comb += [
-            ctrl.busy.vpu.eq(vpu_busy | (vq.level != 0) | ctrl.vpu.valid),
+            ctrl.busy.vpu.eq((vpu_flight != 0) | (vq.level != 0) | ctrl.vpu.valid),
             ctrl.busy.mpu.eq(mpu_active),
             ctrl.busy.dma_read.eq(~dma.read_idle | fetching),
             ctrl.busy.loadv.eq(loadv_rows != 0),

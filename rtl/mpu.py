@@ -59,6 +59,14 @@ class MatvecCommand(data.Struct):
     live_cols: unsigned(16)
     flags: MatvecFlags
 
+    def eff_rows(self):
+        """``min(live_rows, rows)``: the rows computed."""
+        return Mux(self.live_rows < self.rows, self.live_rows, self.rows)
+
+    def eff_cols(self):
+        """``min(live_cols, cols)``: the columns computed."""
+        return Mux(self.live_cols < self.cols, self.live_cols, self.cols)
+
 
 def _probe(unit):
     """A unit built only to read its latency: it is never elaborated, so silence Amaranth's
@@ -298,10 +306,7 @@ class MatrixUnit(wiring.Component):
 
         eff_rows = Signal(16)
         eff_cols = Signal(16)
-        m.d.comb += [
-            eff_rows.eq(Mux(cmd.live_rows < cmd.rows, cmd.live_rows, cmd.rows)),
-            eff_cols.eq(Mux(cmd.live_cols < cmd.cols, cmd.live_cols, cmd.cols)),
-        ]
+        m.d.comb += [eff_rows.eq(cmd.eff_rows()), eff_cols.eq(cmd.eff_cols())]
         cmd_groups = (eff_rows + BLOCK - 1) >> 6
         cmd_cbs = (eff_cols + BLOCK - 1) >> 6
 

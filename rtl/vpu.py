@@ -4,7 +4,7 @@
 
 from collections.abc import Mapping
 
-from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -211,9 +211,12 @@ class VectorUnit(wiring.Component):
     Members
     -------
     cmd : In(stream.Signature(VectorCommand))
-        Accepted when the unit is idle, or in the cycle its ``done`` is taken.
+        Accepted in the last issue cycle of the command before it (or when none is issuing),
+        under the overlap rules below.
     done : Out(stream.Signature(VectorOp))
-        One transfer per command, after its last VBUF write (the op, for checking).
+        One transfer per command, in order, after its last VBUF write (the op, for checking).
+        Holding ``ready`` low delays the reports; with :attr:`MAX_IN_FLIGHT` commands not yet
+        reported the unit takes no more.
     read_a, read_b : Out(ReadPortSignature(rows))
         Two VBUF read ports of its own (``VectorBuffer.read[k]``): no arbitration, no stall.
     write : Out(WritePortSignature(rows))
@@ -233,9 +236,27 @@ class VectorUnit(wiring.Component):
         U = 12  VDOT (BlockAlign 2, BlockDot 4, AccumulatorShift 2, Accumulator 1, AccToFP16 3)
         pass1 = max(1, ceil(length / 64)) for VDOT without b_scalar, else 0
 
-    (3 = command register, VBUF read, operand register.) With ``done.ready`` high, the next
-    command is accepted in the cycle ``done`` is taken, so a run of commands takes the sum of
-    :meth:`cycles`. For GPT-2 on u55c a LayerNorm over 768 elements takes 231 cycles.
+    (3 = command register, VBUF read, operand register.) The last beat is issued
+    ``pass1 + beats`` cycles after the accept and its result written ``2 + U`` cycles later.
+
+    Commands overlap: the next one is accepted in the cycle the previous one issues its last
+    beat (so a run of one-beat commands issues one per cycle) unless
+
+    * its first result would be written no later than a result already scheduled (the write
+      port takes one command's results at a time, in order): it waits while a command with a
+      larger ``U`` drains;
+    * a row it reads (``a``, ``b``, or the scalar ``b``) is the destination of a command whose
+      results are not all written (read after write): it waits until they are;
+    * it is a ``VDOT`` with a first pass (its ``xe_max`` is one register) and any command has
+      results still to write;
+    * :attr:`MAX_IN_FLIGHT` commands are accepted and not yet reported on ``done``.
+
+    Each command still takes :meth:`cycles` from its accept to its ``done`` (with ``done.ready``
+    high); :meth:`schedule` gives the accept cycles of a run. Writes of later commands never
+    overtake earlier ones, and reads never see a row before an earlier command's write to it,
+    so a run gives exactly the ISA's sequential results. For GPT-2 on u55c a LayerNorm over 768
+    elements (a chain, each op reading the one before) takes 231 cycles; the softmax of 12 heads
+    at T = 5, issued op by op over the heads, 78 cycles (:meth:`schedule`; 492 one by one).
 
     Resources: ``lanes`` FP16Add and FP16Mul (one DSP each), two BlockAlign, a BlockDot (64
     12x12 products), RowMax, and the table ROMs, ``table_entries`` x 16 bits: per lane the
@@ -245,6 +266,10 @@ class VectorUnit(wiring.Component):
     lanes through the block RAM's second port would halve that; it needs a two-port
     :class:`FP16Table`.
     """
+
+    MAX_IN_FLIGHT = 16
+    """Commands accepted and not yet reported on ``done`` (enough for one-beat ``VDOT``\\ s back to
+    back: their results come 15 cycles after the accept)."""
 
     DEFAULT_SCALAR_TABLES = ("recip", "rsqrt")
     """Functions that get one lane by default: the compiled program applies them to one
@@ -361,6 +386,47 @@ class VectorUnit(wiring.Component):
         pass1 = max(1, -(-length // ROW_ELEMS)) if op is VectorOp.VDOT and not b_scalar else 0
         return pass1 + beats + 3 + self.unit_latency(op)
 
+    def schedule(self, cmds) -> list[tuple[int, int]]:
+        """``(accept, done)`` cycles of each of ``cmds`` (objects with ``op``, ``dst``, ``a``,
+        ``b``, ``length`` and ``b_scalar``) sent back to back with ``cmd.valid`` and
+        ``done.ready`` always high, counted from the first accept: the overlap rules of the
+        class docstring, cycle for cycle."""
+        flight = []  # (dst rows lo, hi, last write cycle)
+        t = 0
+        issue_end = horizon = -(1 << 30)
+        out = []
+        for c in cmds:
+            op = VectorOp(c.op)
+            u = self.unit_latency(op)
+            n = self.cycles(op, c.length, b_scalar=c.b_scalar) - 3 - u  # pass1 + beats
+            rows = max(1, -(-c.length // ROW_ELEMS))
+            reads = []
+            if op is not VectorOp.VSET:
+                reads.append((c.a // ROW_ELEMS, c.a // ROW_ELEMS + rows))
+            if op in _READS_B:
+                b = c.b // ROW_ELEMS
+                reads.append((b, b + (1 if c.b_scalar else rows)))
+            pass1 = op is VectorOp.VDOT and not c.b_scalar
+            while True:
+                t0 = t
+                t = max(t, issue_end, horizon - 2 - u)
+                for lo, hi, w in flight:
+                    if w >= t and (pass1 or any(a < hi and lo < b for a, b in reads)):
+                        t = w + 1
+                busy = sorted(w for _, _, w in flight if w + 1 >= t)
+                if len(busy) >= self.MAX_IN_FLIGHT:
+                    t = max(t, busy[len(busy) - self.MAX_IN_FLIGHT] + 2)
+                if t == t0:
+                    break
+            w = t + n + 2 + u
+            d = c.dst // ROW_ELEMS
+            point = op in (VectorOp.VMAX, VectorOp.VDOT)
+            flight.append((d, d + (1 if point else rows), w))
+            issue_end, horizon = t + n, w
+            out.append((t, w + 1))
+            t += 1
+        return out
+
     # ----------------------------------------------------------------------------------------
 
     def elaborate(self, platform):
@@ -375,51 +441,82 @@ class VectorUnit(wiring.Component):
         def broadcast(value):
             return value.replicate(ROW_ELEMS)
 
-        # ---- command ------------------------------------------------------------------------
+        # ---- the incoming command, decoded -------------------------------------------------
         cmd = self.cmd.payload
         accept = Signal()
         m.d.comb += accept.eq(self.cmd.valid & self.cmd.ready)
 
+        log_lanes = Signal(range(7))
+        in_u = Signal(range(16))  # the op's unit latency U
+        with m.Switch(cmd.op):
+            for o in VectorOp:
+                with m.Case(o):
+                    m.d.comb += [
+                        log_lanes.eq(self._op_lanes[o].bit_length() - 1),
+                        in_u.eq(self._lat[o]),
+                    ]
+        length_m1 = Signal(17)
+        rem = Signal(6)
+        m.d.comb += [length_m1.eq(cmd.length - 1), rem.eq(cmd.length[:6])]
+        empty = cmd.length == 0
+        in_last_row = Signal(17)  # of the operand rows
+        in_last_beat = Signal(17)  # of the main pass
+        in_pass1 = Signal()
+        m.d.comb += [
+            in_last_row.eq(Mux(empty, 0, length_m1 >> 6)),
+            in_last_beat.eq(Mux(empty, 0, length_m1 >> log_lanes)),
+            in_pass1.eq((cmd.op == VectorOp.VDOT) & ~cmd.b_scalar),
+        ]
+        in_point = (cmd.op == VectorOp.VMAX) | (cmd.op == VectorOp.VDOT)  # writes one element
+        in_reads_a = cmd.op != VectorOp.VSET
+        in_reads_b = Cat(*(cmd.op == o for o in _READS_B)).any()
+
+        # ---- commands in flight: accepted, not yet reported on ``done`` ------------------------
+        # A ring of K entries in acceptance order. [wr_ptr, alloc_ptr) have results still to
+        # write, [done_ptr, wr_ptr) wait for ``done``. Pointers count modulo 2K.
+        K = self.MAX_IN_FLIGHT
+        ptr_bits = K.bit_length()
+        alloc_ptr = Signal(ptr_bits)
+        wr_ptr = Signal(ptr_bits)
+        done_ptr = Signal(ptr_bits)
+        e_op = [Signal(VectorOp, name=f"fl{j}_op", init=VectorOp.VADD) for j in range(K)]
+        e_lo = [Signal(17, name=f"fl{j}_lo") for j in range(K)]  # dst rows [lo, hi)
+        e_hi = [Signal(17, name=f"fl{j}_hi") for j in range(K)]
+        e_unwritten = Signal(K)
+
+        def meets(lo, hi, j):
+            return e_unwritten[j] & (lo < e_hi[j]) & (e_lo[j] < hi)
+
+        a_lo = cmd.a[6:]
+        b_lo = cmd.b[6:]
+        a_hi = a_lo + in_last_row + 1
+        b_hi = b_lo + Mux(cmd.b_scalar, 1, in_last_row + 1)
+        hazard = Signal()  # an operand row still to be written by a command in flight
+        m.d.comb += hazard.eq(
+            Cat(
+                *(
+                    (in_reads_a & meets(a_lo, a_hi, j)) | (in_reads_b & meets(b_lo, b_hi, j))
+                    for j in range(K)
+                )
+            ).any()
+        )
+        # cycles from now to the last result write scheduled (0: none ahead)
+        wr_horizon = Signal(range(self._geom.vbuf_elems + self._rows + 16))
+
+        # ---- issue: one beat (a row, or a chunk of it for a narrower op) per cycle -------------
+        issuing = Signal()
         op = Signal(VectorOp, init=VectorOp.VADD)
         dst_row = Signal(row_bits)
         a_row = Signal(row_bits)
         b_row = Signal(row_bits)
         scalar = Signal()
         imm = Signal(16)
-        last_row = Signal(17)  # of the operand rows
-        last_beat = Signal(17)  # of the main pass
+        last_row = Signal(17)
+        last_beat = Signal(17)
         chunk_bits = Signal(range(7))  # log2(64 / lanes)
         last_mask = Signal(ROW_ELEMS)  # live elements of the last row
-
-        log_lanes = Signal(range(7))
-        with m.Switch(cmd.op):
-            for o in VectorOp:
-                with m.Case(o):
-                    m.d.comb += log_lanes.eq(self._op_lanes[o].bit_length() - 1)
-        length_m1 = Signal(17)
-        rem = Signal(6)
-        m.d.comb += [length_m1.eq(cmd.length - 1), rem.eq(cmd.length[:6])]
-        empty = cmd.length == 0
-        with m.If(accept):
-            m.d.sync += [
-                op.eq(cmd.op),
-                dst_row.eq(cmd.dst[6:]),
-                a_row.eq(cmd.a[6:]),
-                b_row.eq(cmd.b[6:]),
-                scalar.eq(cmd.b_scalar),
-                imm.eq(cmd.imm),
-                last_row.eq(Mux(empty, 0, length_m1 >> 6)),
-                last_beat.eq(Mux(empty, 0, length_m1 >> log_lanes)),
-                chunk_bits.eq(6 - log_lanes),
-                last_mask.eq(Mux(empty, 0, Mux(rem == 0, ones, (Const(1, 65) << rem) - 1))),
-            ]
-
-        # ---- issue: one beat (a row, or a chunk of it for a narrower op) per cycle -------------
-        issuing = Signal()
         beat = Signal(17)
         pass1 = Signal()  # VDOT's first pass over b
-        with m.If(accept):
-            m.d.sync += [beat.eq(0), pass1.eq((cmd.op == VectorOp.VDOT) & ~cmd.b_scalar)]
 
         i_row = Signal(17)
         i_chunk = Signal(6)
@@ -429,6 +526,56 @@ class VectorUnit(wiring.Component):
             i_chunk.eq(Mux(pass1, 0, beat & ((Const(1, 7) << chunk_bits) - 1))),
             i_last.eq(Mux(pass1, beat == last_row, beat == last_beat)),
         ]
+        # The next command is taken in the last beat of the one issuing (or when none is), if
+        # its first result comes after every write already scheduled (the write port serves one
+        # command at a time, in order), none of its operand rows is still to be written, the
+        # ring has room, and, for a VDOT with a first pass (it keeps xe_max in one register),
+        # nothing is in flight.
+        slot_free = ~issuing | (i_last & ~pass1)
+        in_order = wr_horizon < 3 + in_u
+        n_flight = Signal(ptr_bits)
+        m.d.comb += n_flight.eq(alloc_ptr - done_ptr)
+        m.d.comb += self.cmd.ready.eq(
+            slot_free & in_order & ~hazard & (n_flight < K) & (~in_pass1 | (e_unwritten == 0))
+        )
+        p1_beats = Mux(in_pass1, in_last_row + 1, 0)
+        with m.If(accept):
+            m.d.sync += wr_horizon.eq(p1_beats + in_last_beat + 2 + in_u)
+        with m.Elif(wr_horizon != 0):
+            m.d.sync += wr_horizon.eq(wr_horizon - 1)
+
+        with m.If(issuing):
+            with m.If(i_last & pass1):
+                m.d.sync += [beat.eq(0), pass1.eq(0)]
+            with m.Elif(i_last):
+                m.d.sync += issuing.eq(0)
+            with m.Else():
+                m.d.sync += beat.eq(beat + 1)
+        with m.If(accept):
+            m.d.sync += [
+                issuing.eq(1),
+                beat.eq(0),
+                pass1.eq(in_pass1),
+                op.eq(cmd.op),
+                dst_row.eq(cmd.dst[6:]),
+                a_row.eq(a_lo),
+                b_row.eq(b_lo),
+                scalar.eq(cmd.b_scalar),
+                imm.eq(cmd.imm),
+                last_row.eq(in_last_row),
+                last_beat.eq(in_last_beat),
+                chunk_bits.eq(6 - log_lanes),
+                last_mask.eq(Mux(empty, 0, Mux(rem == 0, ones, (Const(1, 65) << rem) - 1))),
+            ]
+            for j in range(K):
+                with m.If(alloc_ptr[: ptr_bits - 1] == j):
+                    m.d.sync += [
+                        e_op[j].eq(cmd.op),
+                        e_lo[j].eq(cmd.dst[6:]),
+                        e_hi[j].eq(cmd.dst[6:] + Mux(in_point, 1, in_last_row + 1)),
+                    ]
+            m.d.sync += alloc_ptr.eq(alloc_ptr + 1)
+
         reads_a = (op != VectorOp.VSET) & ~pass1
         reads_b = Cat(*(op == o for o in _READS_B)).any()
         m.d.comb += [
@@ -439,26 +586,39 @@ class VectorUnit(wiring.Component):
         ]
 
         # ---- stage 1: the rows arrive; mask, broadcast and select ------------------------------
+        # Each stage has its own copy of the command's fields: the next command may be issuing.
         s1_valid = Signal()
         s1_row = Signal(row_bits)
         s1_chunk = Signal(6)
         s1_first = Signal()
         s1_last = Signal()
         s1_pass1 = Signal()
+        op1 = Signal(VectorOp, init=VectorOp.VADD)
+        scalar1 = Signal()
+        last_row1 = Signal(17)
+        last_mask1 = Signal(ROW_ELEMS)
+        dst1 = Signal(row_bits)
+        imm1 = Signal(16)
         m.d.sync += [
             s1_valid.eq(issuing),
             s1_row.eq(i_row),
             s1_chunk.eq(i_chunk),
             s1_first.eq(beat == 0),
-            s1_last.eq(i_last),
+            s1_last.eq(i_last & ~pass1),
             s1_pass1.eq(pass1),
+            op1.eq(op),
+            scalar1.eq(scalar),
+            last_row1.eq(last_row),
+            last_mask1.eq(last_mask),
+            dst1.eq(dst_row),
+            imm1.eq(imm),
         ]
         live = Signal(ROW_ELEMS)  # elements of this row below length
-        m.d.comb += live.eq(Mux(s1_row == last_row[:row_bits], last_mask, ones))
+        m.d.comb += live.eq(Mux(s1_row == last_row1[:row_bits], last_mask1, ones))
         # Ops narrower than a row take a chunk of it per cycle, moved to element 0 up.
         chunk_mask = Signal(ROW_ELEMS)
         a_in = self.read_a.data.as_value()
-        b_row_in = Mux(scalar, broadcast(self.read_b.data[0]), self.read_b.data.as_value())
+        b_row_in = Mux(scalar1, broadcast(self.read_b.data[0]), self.read_b.data.as_value())
         a_sel = Signal(len(a_in))
         b_sel = Signal(len(a_in))
         m.d.comb += [chunk_mask.eq(ones), a_sel.eq(a_in), b_sel.eq(b_row_in)]
@@ -466,7 +626,7 @@ class VectorUnit(wiring.Component):
             if n == ROW_ELEMS:
                 continue
             chunk = s1_chunk[: 6 - (n.bit_length() - 1)]
-            with m.If(op == o):
+            with m.If(op1 == o):
                 m.d.comb += [
                     a_sel.eq(a_in.word_select(chunk, 16 * n)),
                     b_sel.eq(b_row_in.word_select(chunk, 16 * n)),
@@ -475,39 +635,46 @@ class VectorUnit(wiring.Component):
         keep = widen(live)
         neg_inf = broadcast(Const(numerics.NEG_INF, 16))
         a_op = Signal(len(a_in))
-        with m.Switch(op):
+        with m.Switch(op1):
             with m.Case(VectorOp.VMAX):  # past the length: -Inf, the identity of max
                 m.d.comb += a_op.eq((a_in & keep) | (neg_inf & ~keep))
             with m.Case(VectorOp.VDOT):  # past the length: +0
                 m.d.comb += a_op.eq(a_in & keep)
             with m.Default():
                 m.d.comb += a_op.eq(a_sel)
+        # VDOT with a scalar b: xe_max is the scalar's exponent (the port holds the row read at
+        # the first beat)
+        b_exp = self.read_b.data[0][10:15]
 
         # ---- stage 2: operand registers feed the units ------------------------------------------
         s2_valid = Signal()
         s2_a = Signal(Row)
         s2_b = Signal(Row)
-        s2_row = Signal(row_bits)
+        s2_row = Signal(row_bits)  # the result row: dst + the operand row
         s2_mask = Signal(ROW_ELEMS)
         s2_first = Signal()
         s2_last = Signal()
         s2_pass1 = Signal()
+        op2 = Signal(VectorOp, init=VectorOp.VADD)
+        dst2 = Signal(row_bits)
+        imm2 = Signal(16)
+        scalar2 = Signal()
+        xe2 = Signal(5)
         m.d.sync += [
             s2_valid.eq(s1_valid),
             s2_a.as_value().eq(a_op),
-            s2_b.as_value().eq(Mux(op == VectorOp.VDOT, b_sel & keep, b_sel)),
-            s2_row.eq(s1_row),
+            s2_b.as_value().eq(Mux(op1 == VectorOp.VDOT, b_sel & keep, b_sel)),
+            s2_row.eq(dst1 + s1_row),
             s2_mask.eq(live & chunk_mask),
             s2_first.eq(s1_first),
             s2_last.eq(s1_last),
             s2_pass1.eq(s1_pass1),
+            op2.eq(op1),
+            dst2.eq(dst1),
+            imm2.eq(imm1),
+            scalar2.eq(scalar1),
+            xe2.eq(Mux(b_exp == 0, 1, b_exp)),
         ]
-        xe_max = Signal(5)  # VDOT: largest block exponent of b
-        with m.If(accept):
-            m.d.sync += xe_max.eq(1)
-        with m.Elif(s1_valid & s1_first & scalar & (op == VectorOp.VDOT)):
-            b_exp = self.read_b.data[0][10:15]
-            m.d.sync += xe_max.eq(Mux(b_exp == 0, 1, b_exp))
 
         # ---- the units ----------------------------------------------------------------------
         # Every unit's output is always ready: nothing in the VPU stalls. Only lane 0 of a group
@@ -550,13 +717,13 @@ class VectorUnit(wiring.Component):
             )
             return units
 
-        is_sub = op == VectorOp.VSUB
+        is_sub = op2 == VectorOp.VSUB
         adders = lane_group(
             "add",
             self._lanes,
             lambda tag: FP16Add(tag=tag),
             {"a": s2_a, "b": s2_b},
-            s2_valid & ((op == VectorOp.VADD) | is_sub),
+            s2_valid & ((op2 == VectorOp.VADD) | is_sub),
         )
         m.d.comb += [u.i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)) for u in adders]
         lane_group(
@@ -564,7 +731,7 @@ class VectorUnit(wiring.Component):
             self._lanes,
             lambda tag: FP16Mul(tag=tag),
             {"a": s2_a, "b": s2_b},
-            s2_valid & (op == VectorOp.VMUL),
+            s2_valid & (op2 == VectorOp.VMUL),
         )
         for t_op, f in TABLE_OPS.items():
             lane_group(
@@ -572,57 +739,71 @@ class VectorUnit(wiring.Component):
                 self._table_lanes[f],
                 lambda tag, f=f: FP16Table(f, tag=tag),
                 {"x": s2_a},
-                s2_valid & (op == t_op),
+                s2_valid & (op2 == t_op),
             )
 
         # VSET writes from the operand stage.
-        writes.append((s2_valid & (op == VectorOp.VSET), s2_row, broadcast(imm), s2_mask, s2_last))
+        writes.append(
+            (s2_valid & (op2 == VectorOp.VSET), s2_row, broadcast(imm2), s2_mask, s2_last)
+        )
 
         # VMAX: row maxima, then the running maximum over the rows.
-        flags = data.StructLayout({"first": 1, "last": 1})
+        flags = data.StructLayout({"first": 1, "last": 1, "dst": row_bits})
         m.submodules.rowmax = rowmax = RowMax(tag=flags)
-        max_valid = s2_valid & (op == VectorOp.VMAX)
+        max_valid = s2_valid & (op2 == VectorOp.VMAX)
         m.d.comb += [
             rowmax.i.valid.eq(max_valid),
             rowmax.i.payload.x.eq(isolate(s2_a.as_value(), max_valid)),
             rowmax.i.payload.tag.first.eq(s2_first),
             rowmax.i.payload.tag.last.eq(s2_last),
+            rowmax.i.payload.tag.dst.eq(dst2),
             rowmax.o.ready.eq(1),
         ]
         run_key = Signal(16)
         run_nan = Signal()
         max_done = Signal()
+        max_dst = Signal(row_bits)
         r = rowmax.o.payload
-        m.d.sync += max_done.eq(rowmax.o.valid & r.tag.last)
+        m.d.sync += [max_done.eq(rowmax.o.valid & r.tag.last), max_dst.eq(r.tag.dst)]
         with m.If(rowmax.o.valid):
             m.d.sync += [
                 run_key.eq(Mux(r.tag.first | (r.key > run_key), r.key, run_key)),
                 run_nan.eq(r.nan | (run_nan & ~r.tag.first)),
             ]
         max_value = Mux(run_nan, numerics.CANONICAL_NAN, RowMax.from_key(run_key))
-        writes.append((max_done, 0, max_value, Const(1, ROW_ELEMS), 1))
+        writes.append((max_done, max_dst, max_value, Const(1, ROW_ELEMS), 1))
 
-        # VDOT: a is the weight side, b the input side (numerics.dot_fp16).
-        m.submodules.align_a = align_a = BlockAlign(tag=flags)
+        # VDOT: a is the weight side, b the input side (numerics.dot_fp16). xe_max travels with
+        # the rows: a scalar b's exponent from stage 2, else the first pass's maximum, final by
+        # the time the second pass's rows leave the aligners.
+        a_flags = data.StructLayout({"first": 1, "last": 1, "dst": row_bits, "scalar": 1, "xe": 5})
+        m.submodules.align_a = align_a = BlockAlign(tag=a_flags)
         m.submodules.align_b = align_b = BlockAlign(tag=unsigned(1))  # pass 1
-        dot_a_valid = s2_valid & (op == VectorOp.VDOT) & ~s2_pass1
-        dot_b_valid = s2_valid & (op == VectorOp.VDOT)
+        dot_a_valid = s2_valid & (op2 == VectorOp.VDOT) & ~s2_pass1
+        dot_b_valid = s2_valid & (op2 == VectorOp.VDOT)
         m.d.comb += [
             align_a.i.valid.eq(dot_a_valid),
             align_a.i.payload.x.eq(isolate(s2_a.as_value(), dot_a_valid)),
             align_a.i.payload.tag.first.eq(s2_first),
             align_a.i.payload.tag.last.eq(s2_last),
+            align_a.i.payload.tag.dst.eq(dst2),
+            align_a.i.payload.tag.scalar.eq(scalar2),
+            align_a.i.payload.tag.xe.eq(xe2),
             align_a.o.ready.eq(1),
             align_b.i.valid.eq(dot_b_valid),
             align_b.i.payload.x.eq(isolate(s2_b.as_value(), dot_b_valid)),
             align_b.i.payload.tag.eq(s2_pass1),
             align_b.o.ready.eq(1),
         ]
-        with m.If(align_b.o.valid & align_b.o.payload.tag & (align_b.o.payload.exp > xe_max)):
-            m.d.sync += xe_max.eq(align_b.o.payload.exp)
+        xe_run = Signal(5)  # the first pass's largest block exponent of b
+        with m.If(accept & in_pass1):
+            m.d.sync += xe_run.eq(1)
+        with m.Elif(align_b.o.valid & align_b.o.payload.tag & (align_b.o.payload.exp > xe_run)):
+            m.d.sync += xe_run.eq(align_b.o.payload.exp)
 
         term = data.StructLayout({"first": 1, "last": 1, "nonfinite": 1})
-        dot_tag = data.StructLayout({"term": term, "w_exp": 5, "x_exp": 5})
+        carry = data.StructLayout({"xe": 5, "dst": row_bits})
+        dot_tag = data.StructLayout({"term": term, "w_exp": 5, "x_exp": 5, "carry": carry})
         m.submodules.dot = dot = BlockDot(tag=dot_tag)
         wa, xb = align_a.o.payload, align_b.o.payload
         m.d.comb += [
@@ -634,40 +815,53 @@ class VectorUnit(wiring.Component):
             dot.i.payload.tag.term.nonfinite.eq(wa.nonfinite | xb.nonfinite),
             dot.i.payload.tag.w_exp.eq(wa.exp),
             dot.i.payload.tag.x_exp.eq(xb.exp),
+            dot.i.payload.tag.carry.xe.eq(Mux(wa.tag.scalar, wa.tag.xe, xe_run)),
+            dot.i.payload.tag.carry.dst.eq(wa.tag.dst),
             dot.o.ready.eq(1),
         ]
-        m.submodules.shift = shift = AccumulatorShift(sum_shape=dot.sum_shape, tag=term)
+        shift_tag = data.StructLayout({"term": term, "carry": carry})
+        m.submodules.shift = shift = AccumulatorShift(sum_shape=dot.sum_shape, tag=shift_tag)
         d = dot.o.payload
         m.d.comb += [
             shift.i.valid.eq(dot.o.valid),
             shift.i.payload.sum.eq(d.sum),
             shift.i.payload.w_exp.eq(d.tag.w_exp),
             shift.i.payload.x_exp.eq(d.tag.x_exp),
-            shift.i.payload.xe_max.eq(xe_max),
-            shift.i.payload.tag.eq(d.tag.term),
+            shift.i.payload.xe_max.eq(d.tag.carry.xe),
+            shift.i.payload.tag.term.eq(d.tag.term),
+            shift.i.payload.tag.carry.eq(d.tag.carry),
             shift.o.ready.eq(1),
         ]
-        m.submodules.acc = acc = Accumulator()
+        acc_tag = data.StructLayout({"carry": carry, "nonfinite": 1})
+        m.submodules.acc = acc = Accumulator(tag=acc_tag)
         s = shift.o.payload
-        nonfinite = Signal()  # any live element of a or b so far
+        nonfinite = Signal()  # any live element of a or b in this row's earlier terms
+        nonfinite_now = Signal()
+        m.d.comb += nonfinite_now.eq(s.tag.term.nonfinite | (nonfinite & ~s.tag.term.first))
         with m.If(shift.o.valid):
-            m.d.sync += nonfinite.eq(s.tag.nonfinite | (nonfinite & ~s.tag.first))
+            m.d.sync += nonfinite.eq(nonfinite_now)
         m.d.comb += [
             acc.i.valid.eq(shift.o.valid),
             acc.i.payload.value.eq(s.value),
-            acc.i.payload.first.eq(s.tag.first),
-            acc.i.payload.last.eq(s.tag.last),
+            acc.i.payload.first.eq(s.tag.term.first),
+            acc.i.payload.last.eq(s.tag.term.last),
+            acc.i.payload.tag.carry.eq(s.tag.carry),
+            acc.i.payload.tag.nonfinite.eq(nonfinite_now),
             acc.o.ready.eq(1),
         ]
-        m.submodules.round = rnd = AccToFP16()
+        m.submodules.round = rnd = AccToFP16(tag=unsigned(row_bits))
+        at = acc.o.payload.tag
         m.d.comb += [
             rnd.i.valid.eq(acc.o.valid),
             rnd.i.payload.acc.eq(acc.o.payload.acc),
-            rnd.i.payload.lam.eq(xe_max + int(numerics.acc_lsb_exponent(0))),
-            rnd.i.payload.nonfinite.eq(nonfinite),
+            rnd.i.payload.lam.eq(at.carry.xe + int(numerics.acc_lsb_exponent(0))),
+            rnd.i.payload.nonfinite.eq(at.nonfinite),
+            rnd.i.payload.tag.eq(at.carry.dst),
             rnd.o.ready.eq(1),
         ]
-        writes.append((rnd.o.valid, 0, rnd.o.payload.value.as_value(), Const(1, ROW_ELEMS), 1))
+        writes.append(
+            (rnd.o.valid, rnd.o.payload.tag, rnd.o.payload.value.as_value(), Const(1, ROW_ELEMS), 1)
+        )
 
         # ---- the write port: one source at a time ---------------------------------------------
         w_valid = Signal()
@@ -677,32 +871,24 @@ class VectorUnit(wiring.Component):
                 m.d.comb += [
                     w_valid.eq(1),
                     w_last.eq(last),
-                    self.write.addr.eq(dst_row + row),
+                    self.write.addr.eq(row),
                     self.write.data.as_value().eq(value),
                     self.write.mask.eq(mask),
                 ]
 
-        # ---- sequencing -----------------------------------------------------------------------
-        m.d.comb += self.done.payload.eq(op)
-        with m.FSM(name="vpu"):
-            with m.State("Idle"):
-                m.d.comb += self.cmd.ready.eq(1)
-                with m.If(self.cmd.valid):
-                    m.next = "Issue"
-            with m.State("Issue"):
-                m.d.comb += issuing.eq(1)
-                with m.If(i_last & pass1):
-                    m.d.sync += [beat.eq(0), pass1.eq(0)]
-                with m.Elif(i_last):
-                    m.next = "Drain"
-                with m.Else():
-                    m.d.sync += beat.eq(beat + 1)
-            with m.State("Drain"), m.If(w_valid & w_last):
-                m.next = "Respond"
-            with m.State("Respond"):
-                m.d.comb += [self.done.valid.eq(1), self.cmd.ready.eq(self.done.ready)]
-                with m.If(self.done.ready & self.cmd.valid):
-                    m.next = "Issue"
-                with m.Elif(self.done.ready):
-                    m.next = "Idle"
+        # ---- completion: a command is written with its last result row, then reported --------
+        wrote = w_valid & w_last
+        with m.If(wrote):
+            m.d.sync += wr_ptr.eq(wr_ptr + 1)
+        for j in range(K):
+            with m.If(accept & (alloc_ptr[: ptr_bits - 1] == j)):
+                m.d.sync += e_unwritten[j].eq(1)
+            with m.Elif(wrote & (wr_ptr[: ptr_bits - 1] == j)):
+                m.d.sync += e_unwritten[j].eq(0)
+        m.d.comb += [
+            self.done.valid.eq(done_ptr != wr_ptr),
+            self.done.payload.eq(Array(e_op)[done_ptr[: ptr_bits - 1]]),
+        ]
+        with m.If(self.done.valid & self.done.ready):
+            m.d.sync += done_ptr.eq(done_ptr + 1)
         return m

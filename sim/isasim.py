@@ -698,17 +698,20 @@ class IsaSim:
 # batched attention heads
 #
 # The compiler emits the attention of a group of heads as the normative sequence below (see
-# tandem.compiler): the group's score products, then each head's softmax, then the group's
-# output products, then each head's normalisation. The heads are independent: each has its own
-# scores, scalar row and slice of the attention output. Run one by one, a head's small operations
-# cost NumPy call overhead, not arithmetic, so the simulator runs a group as one batched
-# computation with the same numerics primitives (bfp_blocks, block_shift, shift_floor,
-# acc_to_fp16, the tables), bit for bit what the instructions give in sequence (tests compare
-# both ways). The group must match exactly; anything else runs one instruction at a time.
+# tandem.compiler): the group's score products, then the group's softmax op by op over the heads,
+# then the group's output products, then each head's normalisation. The heads are independent:
+# each has its own scores, scalar row and slice of the attention output. Run one by one, a head's
+# small operations cost NumPy call overhead, not arithmetic, so the simulator runs a group as one
+# batched computation with the same numerics primitives (bfp_blocks, block_shift, shift_floor,
+# acc_to_fp16, the tables), bit for bit what the instructions give in sequence (tests compare both
+# ways). The group must match exactly; anything else runs one instruction at a time.
 #
 #   MATVEC s_i, q_h, K_h, LIVE_ROWS T                    for each head
-#   VMAX sc_i, s_i; VSUB s_i, s_i, sc_i[s]; VEXP s_i, s_i;
-#   VDOT sc_i, s_i, one[s]; VRECIP sc_i, sc_i (len 1)    for each head
+#   VMAX sc_i, s_i                                       for each head
+#   VSUB s_i, s_i, sc_i[s]                               for each head
+#   VEXP s_i, s_i                                        for each head
+#   VDOT sc_i, s_i, one[s]                               for each head
+#   VRECIP sc_i, sc_i (len 1)                            for each head
 #   MATVEC att_h, s_i, V^T_h, LIVE_COLS T                for each head
 #   VMUL att_h, att_h, sc_i[s] (len 64)                  for each head
 
@@ -744,17 +747,18 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
     n = 0
     while op_at(pc + n) is Op.MATVEC and decoded[pc + n][1]["flags"] == MatFlag.LIVE_ROWS:
         n += 1
-    want = [Op.MATVEC] * n + list(_SOFTMAX_OPS) * n + [Op.MATVEC] * n + [Op.VMUL] * n
+    want = [Op.MATVEC] * n + [op for op in _SOFTMAX_OPS for _ in range(n)]
+    want += [Op.MATVEC] * n + [Op.VMUL] * n
     if n == 0 or [op_at(pc + i) for i in range(len(want))] != want:
         return None
     f = [decoded[pc + i][1] for i in range(len(want))]
     ks, soft, vs, outs = f[:n], f[n : 6 * n], f[6 * n : 7 * n], f[7 * n :]
     k0, v0 = ks[0], vs[0]
     t, B = k0["lreg"], VecFlag.B_SCALAR
-    one = soft[3]["b"]
+    one = soft[3 * n]["b"]
     for i in range(n):
         k, v, o = ks[i], vs[i], outs[i]
-        vmax, vsub, vexp, vdot, vrecip = soft[5 * i : 5 * i + 5]
+        vmax, vsub, vexp, vdot, vrecip = soft[i::n]
         s, sc, att = k["dst"], vmax["dst"], v["dst"]
         if not (
             t != 0
@@ -787,7 +791,7 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
         v_base=np.array([v["line"] * LINE for v in vs], np.int64),
         q=np.array([k["src"] for k in ks], np.int64),
         s=np.array([k["dst"] for k in ks], np.int64),
-        sc=np.array([soft[5 * i]["dst"] for i in range(n)], np.int64),
+        sc=np.array([soft[i]["dst"] for i in range(n)], np.int64),
         att=np.array([v["dst"] for v in vs], np.int64),
         one=one,
     )

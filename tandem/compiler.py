@@ -30,9 +30,11 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                q = VMUL(q, scale[s]) len n_head * 64                          (in place)
       group    for the heads h of each group (i = h's place in it; head_groups):
                s_i = MATVEC(K_h, q_h, LIVE_ROWS T)                 each h     [T]
-               sc_i = VMAX(s_i) len T; s_i = VSUB(s_i, sc_i[s]) len T;
-                 s_i = VEXP(s_i) len T; sc_i = VDOT(s_i, one[s]) len T;
-                 sc_i = VRECIP(sc_i) len 1                         each h
+               sc_i = VMAX(s_i) len T                              each h
+               s_i = VSUB(s_i, sc_i[s]) len T                      each h
+               s_i = VEXP(s_i) len T                               each h
+               sc_i = VDOT(s_i, one[s]) len T                      each h
+               sc_i = VRECIP(sc_i) len 1                           each h
                att_h = MATVEC(V^T_h, s_i, LIVE_COLS T)             each h     [64]
                att_h = VMUL(att_h, sc_i[s]) len 64                 each h
                a = MATVEC(attn.c_proj, att, BIAS); x = VADD(x, a)
@@ -332,11 +334,16 @@ class _Emitter:
             heads = [(h, a("s", i * seg), a("sc", i * BLOCK)) for i, h in enumerate(group)]
             for h, s, _ in heads:
                 self.kv_product(s, a("qkv", h * BLOCK), kv[h][0], MatFlag.LIVE_ROWS)
+            # op by op over the group: consecutive ops are independent, so the VPU overlaps them
             for _, s, sc in heads:
                 p(Op.VMAX, dst=sc, a=s, lreg=R_T)
+            for _, s, sc in heads:
                 p(Op.VSUB, dst=s, a=s, b=sc, flags=B, lreg=R_T)
+            for _, s, _ in heads:
                 p(Op.VEXP, dst=s, a=s, lreg=R_T)
+            for _, s, sc in heads:
                 p(Op.VDOT, dst=sc, a=s, b=a("one"), flags=B, lreg=R_T)
+            for _, _, sc in heads:
                 p(Op.VRECIP, dst=sc, a=sc, len=1)
             for h, s, _ in heads:
                 self.kv_product(a("att", h * BLOCK), s, kv[h][1], MatFlag.LIVE_COLS)

@@ -80,15 +80,16 @@ def ops_between(program, start, stop):
 
 def test_attention_is_the_normative_sequence(odd):
     """Per layer: the K/V stores of every head, the q scaling, then per group the score
-    products, the softmaxes, the output products and the normalisations (tandem.compiler)."""
+    products, the softmax op by op over the heads, the output products and the normalisations
+    (tandem.compiler)."""
     prog = odd.program
     H = odd.cfg.n_head
     strows = [pc for pc, i in enumerate(prog) if i.op is Op.STROW]
     assert len(strows) == odd.cfg.n_layer * H
     pc = strows[0]
-    soft = [Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT, Op.VRECIP]
+    soft = [o for o in (Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT, Op.VRECIP) for _ in range(H)]
     assert ops_between(prog, pc, pc + 2 * H + 1 + 8 * H) == (
-        [Op.STROW, Op.STCOL] * H + [Op.VMUL] + [Op.MATVEC] * H + soft * H
+        [Op.STROW, Op.STCOL] * H + [Op.VMUL] + [Op.MATVEC] * H + soft
         + [Op.MATVEC] * H + [Op.VMUL] * H
     )  # fmt: skip
     q_scale = prog[pc + 2 * H]

@@ -105,3 +105,50 @@ def test_cycle_formula():
     assert v.cycles(VectorOp.VDOT, 768) == 12 + 12 + 3 + 12
     assert v.cycles(VectorOp.VDOT, 768, b_scalar=True) == 12 + 3 + 12
     assert v.cycles(VectorOp.VSET, 1) == 1 + 3
+
+
+def test_schedule_overlaps_only_independent_commands():
+    """VectorUnit.schedule (which the RTL tests check cycle by cycle): a LayerNorm is a chain
+    and gains nothing; the softmax of 12 heads, op by op over the heads, overlaps; a VRECIP
+    behind a VDOT waits for the VDOT's result to be written first."""
+    from types import SimpleNamespace
+
+    v = VectorUnit(geometry("u55c"))
+
+    def cmd(op, dst, a=0, b=0, length=64, b_scalar=False):
+        return SimpleNamespace(op=op, dst=dst, a=a, b=b, length=length, b_scalar=b_scalar)
+
+    def serial(cmds):
+        return sum(v.cycles(c.op, c.length, b_scalar=c.b_scalar) for c in cmds)
+
+    x, mu, d, ds, var, y, g, bias, c_n, eps = (64 * k for k in range(0, 640, 64))
+    ln = [
+        cmd(VectorOp.VDOT, mu, x, c_n, 768, True),
+        cmd(VectorOp.VSUB, d, x, mu, 768, True),
+        cmd(VectorOp.VMUL, ds, d, c_n, 768, True),
+        cmd(VectorOp.VDOT, var, d, ds, 768),
+        cmd(VectorOp.VADD, var, var, eps, 1, True),
+        cmd(VectorOp.VRSQRT, var, var, length=1),
+        cmd(VectorOp.VMUL, y, d, var, 768, True),
+        cmd(VectorOp.VMUL, y, y, g, 768),
+        cmd(VectorOp.VADD, y, y, bias, 768),
+    ]
+    assert serial(ln) == 231 and v.schedule(ln)[-1][1] == 231
+
+    s = [65536 - 64 * 16 * (h + 1) for h in range(12)]
+    sc = [64 * h for h in range(12)]
+    one, T = 64 * 12, 5
+    soft = [cmd(VectorOp.VMAX, sc[h], s[h], length=T) for h in range(12)]
+    soft += [cmd(VectorOp.VSUB, s[h], s[h], sc[h], T, True) for h in range(12)]
+    soft += [cmd(VectorOp.VEXP, s[h], s[h], length=T) for h in range(12)]
+    soft += [cmd(VectorOp.VDOT, sc[h], s[h], one, T, True) for h in range(12)]
+    soft += [cmd(VectorOp.VRECIP, sc[h], sc[h], length=1) for h in range(12)]
+    plan = v.schedule(soft)
+    assert serial(soft) == 492 and plan[-1][1] == 78
+    assert [a for a, _ in plan[:12]] == list(range(12))  # the VMAXes issue one per cycle
+    # each command still takes its cycles from accept to done
+    assert all(t1 - t0 == v.cycles(c.op, c.length, b_scalar=c.b_scalar)
+               for c, (t0, t1) in zip(soft, plan, strict=True))  # fmt: skip
+    # the first VRECIP: after the last VDOT's result is written (write order), not before
+    last_vdot_write = plan[47][1] - 1
+    assert plan[48][0] + 3 + v.unit_latency(VectorOp.VRECIP) > last_vdot_write
