@@ -121,8 +121,9 @@ class Controller(wiring.Component):
     record with a ``STATUS`` store, waits for the write response and pulses :attr:`done`.
     ``TOKENS`` counts the ``STW`` instructions issued, as ``sim.isasim`` does.
 
-    Timing: two cycles per instruction (instruction memory read, execute) when the target unit
-    accepts at once; fetch takes ``imem_words`` cycles after the data arrives.
+    Timing: one cycle per instruction when the target unit accepts at once (the next word is
+    read from the instruction memory in the cycle the current one issues), two after a branch
+    or jump (read, execute); fetch takes ``imem_words`` cycles after the data arrives.
 
     Members
     -------
@@ -346,6 +347,7 @@ class Controller(wiring.Component):
         stop_status = Signal(8)
         stop_pc = Signal(16)
         issued = Signal()  # an instruction retired this cycle (watchdog progress)
+        sequential = Signal()  # ... and the next one is at pc + 1
 
         dma_err = Signal()
         m.d.comb += dma_err.eq(self.dma_error.hbm_range | self.dma_error.axi_error)
@@ -461,6 +463,9 @@ class Controller(wiring.Component):
                     m.d.sync += [stop_status.eq(Status.WATCHDOG), stop_pc.eq(pc)]
                     m.d.sync += watchdog.eq(0)
                     m.next = "Drain"
+                with m.Elif(issued & sequential & (pc + 1 < g.imem_words)):
+                    # the next instruction is pc + 1: read it now and execute it next cycle
+                    m.d.comb += [rd.addr.eq(pc + 1), rd.en.eq(1)]
                 with m.Elif(issued):
                     m.next = "Read"
             with m.State("Drain"):
@@ -527,6 +532,8 @@ class Controller(wiring.Component):
         def retire(target=None):
             m.d.comb += issued.eq(1)
             m.d.sync += pc.eq(nxt if target is None else target)
+            if target is None:
+                m.d.comb += c.sequential.eq(1)
 
         def set_reg(rd, value):
             with m.If(rd != 0):
