@@ -22,8 +22,10 @@ __all__ = ["TOPLEVEL", "DecodeCore", "verilog"]
 TOPLEVEL = "tandem_decode_core"
 BLOCK = 64
 _FETCH_CHUNK = 1 << 15  # elements per ROWS command of the program fetch (16-bit length)
-VPU_QUEUE = 8
-"""Vector commands the core holds between the controller and the vector unit."""
+VPU_QUEUE = 64
+"""Vector commands the core holds between the controller and the vector unit: enough for a
+head group's softmax (5 ops per head), so the controller reaches the next MATVEC and starts its
+weight read while the vector unit still works."""
 
 
 class DecodeCore(wiring.Component):
