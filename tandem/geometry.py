@@ -34,10 +34,7 @@ class CoreGeometry:
     tree : int
         Products per lane per cycle; must equal the numeric block size, 64.
     vpu_lanes : int
-        binary16 elements the vector unit adds, subtracts or multiplies per cycle.
-    vpu_table_lanes : int, optional
-        Lookups per cycle of the vector unit's exp and GELU tables (each lane is one block-RAM
-        ROM, so this is the costly part); default ``vpu_lanes``.
+        binary16 elements the vector unit handles per cycle.
     vbuf_elems : int
         On-chip vector buffer capacity in binary16 elements.
     imem_words : int
@@ -56,7 +53,6 @@ class CoreGeometry:
     lanes: int
     tree: int = BLOCK
     vpu_lanes: int = 16
-    vpu_table_lanes: int | None = None
     vbuf_elems: int = 32768
     imem_words: int = 4096
     channel_bytes: int = 512 << 20
@@ -67,11 +63,7 @@ class CoreGeometry:
         def pow2(v):
             return v > 0 and v & (v - 1) == 0
 
-        if self.vpu_table_lanes is None:
-            object.__setattr__(self, "vpu_table_lanes", self.vpu_lanes)
-
-        pow2_fields = ("channels", "port_bits", "lanes", "tree", "vpu_lanes", "vpu_table_lanes")
-        for field in (*pow2_fields, "vbuf_elems"):
+        for field in ("channels", "port_bits", "lanes", "tree", "vpu_lanes", "vbuf_elems"):
             v = getattr(self, field)
             if not isinstance(v, int) or not pow2(v):
                 raise ValueError(f"{field} must be a power of two, not {v!r}")
@@ -93,9 +85,8 @@ class CoreGeometry:
                 f"{self.channels * self.beat_elems} values per cycle, but lanes x tree = "
                 f"{self.lanes} x {self.tree} = {self.lanes * self.tree}; they must be equal"
             )
-        for field in ("vpu_lanes", "vpu_table_lanes"):
-            if getattr(self, field) > BLOCK:
-                raise ValueError(f"{field} must be at most {BLOCK}, not {getattr(self, field)}")
+        if self.vpu_lanes > BLOCK:
+            raise ValueError(f"vpu_lanes must be at most {BLOCK}, not {self.vpu_lanes}")
         if self.vbuf_elems < 4 * BLOCK:
             raise ValueError(f"vbuf_elems must be at least {4 * BLOCK}, not {self.vbuf_elems}")
         if self.channel_bytes % 4096:
@@ -143,15 +134,12 @@ class CoreGeometry:
 
 GEOMETRIES: dict[str, CoreGeometry] = {
     # The Alveo U55C build: 32 pseudo-channels x 512 bits = 1,024 values per cycle = 16 x 64.
-    # The VPU adds and multiplies a whole 64-element row per cycle; its exp and GELU tables
-    # (block RAM) look up 32 values per cycle.
     "u55c": CoreGeometry(
         name="u55c",
         channels=32,
         port_bits=512,
         lanes=16,
-        vpu_lanes=64,
-        vpu_table_lanes=32,
+        vpu_lanes=32,
         vbuf_elems=32768,
         imem_words=8192,
     ),

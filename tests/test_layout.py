@@ -143,11 +143,3 @@ def test_geometry_validation():
         CoreGeometry(name="x", channels=4, port_bits=512, lanes=4)
     with pytest.raises(ValueError, match="tree"):
         CoreGeometry(name="x", channels=4, port_bits=512, lanes=4, tree=32)
-    # the VPU's table lanes default to its add/multiply lanes, and are checked alike
-    g = CoreGeometry(name="x", channels=4, port_bits=512, lanes=2, vpu_lanes=8)
-    assert g.vpu_table_lanes == 8
-    assert GEOMETRIES["u55c"].vpu_lanes == 64 and GEOMETRIES["u55c"].vpu_table_lanes == 32
-    with pytest.raises(ValueError, match="vpu_table_lanes must be a power of two"):
-        CoreGeometry(name="x", channels=4, port_bits=512, lanes=2, vpu_table_lanes=3)
-    with pytest.raises(ValueError, match="vpu_table_lanes must be at most 64"):
-        CoreGeometry(name="x", channels=4, port_bits=512, lanes=2, vpu_table_lanes=128)
