@@ -112,12 +112,7 @@ class DecodeCore(wiring.Component):
         ]
         connect(m, vpu.read_a, vbuf.read[0])
         connect(m, vpu.read_b, vbuf.read[1])
-        # commands the VPU has taken and not yet finished (it overlaps them)
-        vpu_flight = Signal(range(VectorUnit.MAX_IN_FLIGHT + 1))
         m.d.comb += vpu.done.ready.eq(1)
-        m.d.sync += vpu_flight.eq(
-            vpu_flight + (vpu.cmd.valid & vpu.cmd.ready) - (vpu.done.valid & vpu.done.ready)
-        )
 
         # ---- shared VBUF ports: read[2] (MPU feeder or store feeder), write[0] -----------------
         shared_rd = vbuf.read[2]
@@ -388,7 +383,7 @@ class DecodeCore(wiring.Component):
             ]
 
         m.d.comb += [
-            ctrl.busy.vpu.eq((vpu_flight != 0) | (vq.level != 0) | ctrl.vpu.valid),
+            ctrl.busy.vpu.eq(vpu.busy | (vq.level != 0) | ctrl.vpu.valid),
             ctrl.busy.mpu.eq(mpu_active),
             ctrl.busy.dma_read.eq(~dma.read_idle | fetching),
             ctrl.busy.loadv.eq(loadv_rows != 0),

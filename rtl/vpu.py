@@ -221,6 +221,8 @@ class VectorUnit(wiring.Component):
         Two VBUF read ports of its own (``VectorBuffer.read[k]``): no arbitration, no stall.
     write : Out(WritePortSignature(rows))
         A VBUF write port; ``mask`` is zero whenever the unit does not write.
+    busy : Out(1)
+        A command is accepted and not yet reported on ``done``.
 
     Timing
     ------
@@ -340,6 +342,7 @@ class VectorUnit(wiring.Component):
                 "read_a": Out(ReadPortSignature(self._rows)),
                 "read_b": Out(ReadPortSignature(self._rows)),
                 "write": Out(WritePortSignature(self._rows)),
+                "busy": Out(1),
             }
         )
 
@@ -534,7 +537,7 @@ class VectorUnit(wiring.Component):
         slot_free = ~issuing | (i_last & ~pass1)
         in_order = wr_horizon < 3 + in_u
         n_flight = Signal(ptr_bits)
-        m.d.comb += n_flight.eq(alloc_ptr - done_ptr)
+        m.d.comb += [n_flight.eq(alloc_ptr - done_ptr), self.busy.eq(n_flight != 0)]
         m.d.comb += self.cmd.ready.eq(
             slot_free & in_order & ~hazard & (n_flight < K) & (~in_pass1 | (e_unwritten == 0))
         )
