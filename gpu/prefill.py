@@ -1,7 +1,7 @@
 """GPT-2 prefill in PyTorch under the decode core's numeric contract, batched over positions.
 
 The prefill runs the whole prompt at once but computes every position exactly as
-``tandem.sim.faithful.FaithfulModel.step`` would (docs/numerics.md gives the sequence), so its
+``tandem.golden.faithful.FaithfulModel.step`` would (docs/numerics.md gives the sequence), so its
 K/V cache and first token are bit-identical to the core's: the hybrid pipeline hands that cache
 to the core and decoding continues as if the core had consumed the prompt itself.
 
@@ -63,12 +63,12 @@ class PreparedModel:
     ----------
     cfg : GPT2Config
     weights : float weights keyed like ``tandem.checkpoint`` (checked against ``cfg``), or a
-        ``tandem.sim.faithful.FaithfulWeights`` whose alignment is reused
+        ``tandem.golden.faithful.FaithfulWeights`` whose alignment is reused
     device : 'cpu', 'cuda', 'cuda:N' or None (CUDA when available)
     """
 
     def __init__(self, cfg: GPT2Config, weights, device=None):
-        from tandem.sim.faithful import FaithfulWeights
+        from tandem.golden.faithful import FaithfulWeights
 
         padded_heads(cfg)
         self.cfg = cfg

@@ -15,7 +15,7 @@ from tandem.tokenizer import parse_prompt, parse_token_ids, tokenizer_for
 
 
 def _generate_reference(weights, cfg, ids: list[int], n_new: int, args) -> dict:
-    from tandem.sim.reference import generate_greedy
+    from tandem.golden.reference import generate_greedy
 
     t0 = time.perf_counter()
     tokens = generate_greedy(weights, cfg, ids, n_new)

@@ -269,11 +269,11 @@ class HostImageDevice(Device):
 
 @register
 class ModelDevice(HostImageDevice):
-    """The ISA simulator (``tandem.sim.isasim``) as a device.
+    """The ISA simulator (``tandem.golden.isasim``) as a device.
 
     ``start`` runs the simulator on a worker thread, so ``wait(timeout)`` behaves as with
     hardware. Static weight matrices are aligned at ``load`` (that is where the time goes), so
-    runs measure decoding only. The :class:`~tandem.sim.isasim.SimResult` of the last run
+    runs measure decoding only. The :class:`~tandem.golden.isasim.SimResult` of the last run
     (instruction counts, HBM bytes) is kept in ``last_result``.
 
     Parameters
@@ -293,7 +293,7 @@ class ModelDevice(HostImageDevice):
         self.last_result = None
 
     def _loaded_image(self) -> None:
-        from tandem.sim.isasim import DEFAULT_MAX_STEPS, IsaSim
+        from tandem.golden.isasim import DEFAULT_MAX_STEPS, IsaSim
 
         self.sim = IsaSim(self.geom, self.image, max_steps=self.max_steps or DEFAULT_MAX_STEPS)
         self.sim.prepare()

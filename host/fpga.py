@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.driver import KernelStatus
 from tandem.geometry import CoreGeometry
 from tandem.layout import HBMImage, StatusRecord
 from tandem.regmap import SCALAR_ARGS, arguments
 
 from .device import Device, DeviceError, TokenCallback, register
-from .driver import KernelStatus
 
 KERNEL_NAME = "tandem_decode_core"
 """The RTL kernel's name in the xclbin (the top level, see rtl/)."""
@@ -261,7 +261,7 @@ class FpgaDevice(Device):
         ------
         DeviceTimeoutError
             (a TimeoutError) still running after ``timeout`` seconds.
-        tandem.host.driver.KernelError
+        tandem.driver.KernelError
             the status record has error bits; the message names them.
         """
         if self._run_event is None:

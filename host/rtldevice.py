@@ -3,7 +3,7 @@
 The device keeps every channel's buffer in NumPy. ``start`` runs the whole job on a worker
 thread through :func:`tandem.sim.rtljob.run_job` -- the image loaded into the simulated HBM,
 the kernel driven through its ``s_axi_control`` registers by
-:class:`tandem.host.driver.KernelDriver` -- and copies the memory the core left back into the
+:class:`tandem.driver.KernelDriver` -- and copies the memory the core left back into the
 buffers, so later writes and runs (a KV prefix, the next request) see what the core wrote.
 
 It is for small models on the small geometries: every run starts a simulator process, the first

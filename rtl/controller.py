@@ -119,7 +119,7 @@ class Controller(wiring.Component):
     (0: 2**24) without an instruction issued (``WATCHDOG``). On any stop the controller
     stops issuing, waits for the units to drain (bounded by the watchdog), writes the status
     record with a ``STATUS`` store, waits for the write response and pulses :attr:`done`.
-    ``TOKENS`` counts the ``STW`` instructions issued, as ``sim.isasim`` does.
+    ``TOKENS`` counts the ``STW`` instructions issued, as ``tandem.golden.isasim`` does.
 
     Timing: one cycle per instruction when the target unit accepts at once (the next word is
     read from the instruction memory in the cycle the current one issues), two after a branch

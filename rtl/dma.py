@@ -16,6 +16,7 @@ from amaranth.lib import data, enum, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from tandem import regmap
+from tandem.checks import check_int
 from tandem.geometry import CoreGeometry
 from tandem.layout import STATUS_BYTES
 from tandem.numerics import BLOCK
@@ -148,13 +149,6 @@ class DMAErrors(data.Struct):
     axi_error: 1
 
 
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {bound}, not {value!r}")
-    return value
-
-
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
@@ -171,13 +165,13 @@ def _check_channel(
     geom, *, fifo_beats, max_reads, max_writes, write_fifo_beats, cmd_depth=4
 ) -> None:
     """Validate :class:`ChannelDMA`'s parameters (also for :class:`DMAEngine`, up front)."""
-    _check_int("fifo_beats", fifo_beats, 2 * burst_limit(geom.beat_bytes))
+    check_int("fifo_beats", fifo_beats, 2 * burst_limit(geom.beat_bytes))
     if fifo_beats & (fifo_beats - 1):
         raise ValueError(f"fifo_beats must be a power of two, not {fifo_beats}")
-    _check_int("max_reads", max_reads, 1, 1024)
-    _check_int("max_writes", max_writes, 1, 1024)
-    _check_int("write_fifo_beats", write_fifo_beats, 2)
-    _check_int("cmd_depth", cmd_depth, 2)
+    check_int("max_reads", max_reads, 1, 1024)
+    check_int("max_writes", max_writes, 1, 1024)
+    check_int("write_fifo_beats", write_fifo_beats, 2)
+    check_int("cmd_depth", cmd_depth, 2)
 
 
 class _Bursts:
@@ -596,7 +590,7 @@ class DMAEngine(wiring.Component):
         queue_depth: int = 4,
     ):
         self._geom = _check_geometry(geom)
-        self._queue_depth = _check_int("queue_depth", queue_depth, 2)
+        self._queue_depth = check_int("queue_depth", queue_depth, 2)
         self._channel_args = {
             "fifo_beats": fifo_beats,
             "max_reads": max_reads,

@@ -157,7 +157,7 @@ class MatrixUnit(wiring.Component):
     ``busy`` stays high until then. An ARGMAX command's index transfer is the last thing it
     does: the next command waits for it.
 
-    Degenerate commands, as :mod:`tandem.sim.isasim` defines them: with no live column the unit
+    Degenerate commands, as :mod:`tandem.golden.isasim` defines them: with no live column the unit
     takes neither x nor tiles but computes as if on one all-zero block (``n_cb`` = 1 in the
     formula; the result rows are the bias rounded, or +0, and the bias stream is consumed as
     usual). With no live row it takes nothing but the command and produces no rows (argmax:

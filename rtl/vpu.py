@@ -164,7 +164,7 @@ class RowMax(wiring.Component):
 
 class VectorUnit(wiring.Component):
     """The vector unit: one ``VectorCommand`` at a time over the vector buffer, bit-exact with
-    ``tandem.isa.SEMANTICS`` as ``tandem.sim.isasim`` executes it.
+    ``tandem.isa.SEMANTICS`` as ``tandem.golden.isasim`` executes it.
 
     Datapath, all from rtl/arith.py except :class:`RowMax`:
 

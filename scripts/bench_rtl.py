@@ -2,7 +2,7 @@
 
 gpt2 (124M, ``tandem.checkpoint.random_weights``) compiled for the u55c geometry (32 channels x
 512 bits, 16 lanes, 250 MHz) runs on the whole RTL core (rtl/core.py) in Verilator over the
-simulated HBM (rtl/hbm_model.py: U55C per-channel bandwidth, 80-cycle read latency), through
+simulated HBM (sim/hbm_model.py: U55C per-channel bandwidth, 80-cycle read latency), through
 :mod:`tandem.sim.rtljob`: a prompt of a few tokens, then a few decode tokens. The harness's
 monitors give the cycle at which each output token was issued and the HBM beats read up to it,
 so each decode token's cycles and bytes are measured, not computed.

@@ -24,9 +24,9 @@ import numpy as np
 
 from tandem import checkpoint
 from tandem.config import GPT2Config, preset
+from tandem.golden import reference
+from tandem.golden.faithful import FaithfulModel
 from tandem.numerics import from_bits
-from tandem.sim import reference
-from tandem.sim.faithful import FaithfulModel
 
 # "The quick brown fox" in GPT-2's vocabulary; reduced modulo n_vocab for the test presets.
 DEFAULT_PROMPT = (464, 2068, 7586, 21831)

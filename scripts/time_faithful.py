@@ -18,7 +18,7 @@ import numpy as np
 from tandem import numerics as nm
 from tandem.checkpoint import random_weights
 from tandem.config import preset
-from tandem.sim.faithful import FaithfulCache, FaithfulModel
+from tandem.golden.faithful import FaithfulCache, FaithfulModel
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,11 @@
 """Run one whole kernel job on the RTL in Verilator: the decode core over simulated HBM.
 
 The simulation top (:class:`JobTop`, Verilog module ``tandem_rtljob``) is ``DecodeCore(geom)``
-(rtl/core.py) with one :class:`tandem.rtl.hbm_model.HBMChannelModel` on every ``m_axi_hbm<ch>``
+(rtl/core.py) with one :class:`tandem.sim.hbm_model.HBMChannelModel` on every ``m_axi_hbm<ch>``
 port (U55C per-channel bandwidth at the kernel clock, a read latency, memory inside the
 simulator, loaded with ``$readmemh`` and dumped with ``$writememh``) and ``s_axi_control`` left
 as a port, which the testbench (:mod:`tandem.sim.rtljob_tb`) drives with a cocotbext-axi
-``AxiLiteMaster`` through :class:`tandem.host.driver.KernelDriver`, the same register-map code
+``AxiLiteMaster`` through :class:`tandem.driver.KernelDriver`, the same register-map code
 the host uses. No Python runs per beat or per cycle: the clock is cocotb's GPI clock, the memory
 is Verilog, and the testbench wakes only for its poll of ``CTRL`` and for monitor events.
 
@@ -124,7 +124,7 @@ class JobTop(wiring.Component):
 
     def __init__(self, geom: CoreGeometry, *, mem_bytes: int, read_latency: int = 80):
         from tandem.rtl.core import DecodeCore
-        from tandem.rtl.hbm_model import HBMModel
+        from tandem.sim.hbm_model import HBMModel
 
         self._geom = geom
         self.core = DecodeCore(geom)
@@ -275,7 +275,7 @@ public_flat_rw -module "{top}" -var "*"
 
 
 def _support_files(folder: Path) -> list[Path]:
-    from tandem.rtl.hbm_model import memory_verilog_file
+    from tandem.sim.hbm_model import memory_verilog_file
 
     vlt = folder / f"{TOPLEVEL}_ports.vlt"
     text = _PORTS_VLT.format(top=TOPLEVEL)
@@ -369,7 +369,7 @@ def build(
 class JobResult:
     """What one job gave back.
 
-    ``status``: the s_axi_control status registers (:class:`tandem.host.driver.KernelStatus`);
+    ``status``: the s_axi_control status registers (:class:`tandem.driver.KernelStatus`);
     ``record``: the status record in channel 0 (from the dumped memory); ``memory``: uint8
     [channels, n] of the dumped range, ``dumps``: every requested ``(offset, nbytes)`` range;
     ``events``: one dict per token (``kind`` "token") and the final status store (``kind``
@@ -464,7 +464,7 @@ def run_job(
             raise ValueError(f"dump range ({off:#x}, {n}) is outside the {mem}-byte memory")
     ranges.append((0, STATUS_BYTES))
 
-    from tandem.rtl.hbm_model import write_hex
+    from tandem.sim.hbm_model import write_hex
 
     job_dir = folder / "jobs" / uuid.uuid4().hex[:12]
     job_dir.mkdir(parents=True)
@@ -523,7 +523,7 @@ def run_job(
         dumps = {tuple(r): arrays[f"d{k}"] for k, r in enumerate(ranges)}
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
-    from tandem.host.driver import KernelStatus
+    from tandem.driver import KernelStatus
 
     st = KernelStatus(**res["status"])
     record = StatusRecord.unpack(dumps[(0, STATUS_BYTES)][0])

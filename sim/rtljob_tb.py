@@ -1,5 +1,5 @@
 """cocotb testbench of one RTL job (:mod:`tandem.sim.rtljob`): load, run through
-:class:`tandem.host.driver.KernelDriver`, dump.
+:class:`tandem.driver.KernelDriver`, dump.
 
 Parameters come from ``tb_params()`` (written by :func:`tandem.sim.rtljob.run_job`); the job's
 files live in ``job_dir``: ``hbm<ch>.hex`` (the image, moved into the working directory where
@@ -24,8 +24,8 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge, Timer
 from cocotbext.axi import AxiLiteBus, AxiLiteMaster
 
-from tandem.host.driver import KernelDriver
-from tandem.rtl.hbm_model import read_hex
+from tandem.driver import KernelDriver
+from tandem.sim.hbm_model import read_hex
 from tandem.sim.rtljob import COUNTERS, EV_STATUS, EV_TOKEN
 from tandem.sim.runner import tb_params
 

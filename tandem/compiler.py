@@ -3,9 +3,9 @@
 :func:`compile_model` places every weight with :mod:`tandem.layout`, allocates the vector buffer
 (VBUF) and emits the instruction stream that decodes position after position. The arguments of a
 run (``start_pos``, ``prompt_len``, ``n_new``) arrive through ``LDARG``, so one program serves
-every prompt. The arithmetic is the normative decode step that ``tandem.sim.faithful`` implements,
-in the same order, so the ISA simulator and the RTL running this program equal that model bit for
-bit.
+every prompt. The arithmetic is the normative decode step that ``tandem.golden.faithful``
+implements, in the same order, so the ISA simulator and the RTL running this program equal that
+model bit for bit.
 
 Program
 -------

@@ -78,7 +78,7 @@ def test_save_load_round_trip(tmp_path, odd):
 def test_saved_checkpoint_loads_in_transformers(tmp_path):
     import transformers
 
-    from tandem.sim.reference import forward
+    from tandem.golden.reference import forward
 
     cfg = preset("test-tiny")
     weights = random_weights(cfg, seed=9)

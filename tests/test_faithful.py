@@ -12,8 +12,8 @@ import pytest
 from tandem import numerics as nm
 from tandem.checkpoint import load_checkpoint, random_weights
 from tandem.config import GPT2Config, preset
-from tandem.sim import faithful, reference
-from tandem.sim.faithful import FaithfulCache, FaithfulModel, FaithfulWeights
+from tandem.golden import faithful, reference
+from tandem.golden.faithful import FaithfulCache, FaithfulModel, FaithfulWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 

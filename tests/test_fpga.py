@@ -15,11 +15,11 @@ import torch
 from tandem.checkpoint import random_weights
 from tandem.compiler import compile_model
 from tandem.config import preset
+from tandem.driver import KernelError
 from tandem.geometry import geometry
 from tandem.gpu.prefill import PreparedModel, prefill
 from tandem.gpu.transfer import KVTransfer
 from tandem.host.device import DeviceError, ModelDevice
-from tandem.host.driver import KernelError
 from tandem.host.fpga import KERNEL_NAME, DeviceTimeoutError, FpgaDevice, find_platform
 from tandem.layout import STATUS_BYTES
 from tandem.regmap import SCALAR_ARGS, Status

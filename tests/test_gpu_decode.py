@@ -7,9 +7,9 @@ import pytest
 
 from tandem.checkpoint import random_weights
 from tandem.config import preset
+from tandem.golden.faithful import FaithfulModel
 from tandem.gpu.decode import generate
 from tandem.gpu.prefill import PreparedModel
-from tandem.sim.faithful import FaithfulModel
 
 
 def _decode_cases():

@@ -8,8 +8,8 @@ import torch
 
 from tandem.checkpoint import random_weights
 from tandem.config import preset
+from tandem.golden.faithful import FaithfulModel, FaithfulWeights
 from tandem.gpu.prefill import PreparedModel, prefill
-from tandem.sim.faithful import FaithfulModel, FaithfulWeights
 
 
 @pytest.fixture(scope="module", params=["test-tiny", "test-odd"])

@@ -104,9 +104,9 @@ def test_reshape_of_the_prefills_kv():
     """The prefill's cache, reshaped, is what the layout makes of the golden model's cache."""
     from tandem.checkpoint import random_weights
     from tandem.config import GPT2Config
+    from tandem.golden.faithful import FaithfulModel
     from tandem.gpu import reshape as R
     from tandem.gpu.prefill import PreparedModel, prefill
-    from tandem.sim.faithful import FaithfulModel
 
     cfg = GPT2Config(n_vocab=50, n_ctx=130, n_embd=96, n_head=3, n_layer=2, name="test-kv")
     weights = random_weights(cfg, seed=2)

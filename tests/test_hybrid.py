@@ -11,12 +11,12 @@ import pytest
 
 from tandem.checkpoint import random_weights
 from tandem.config import preset
+from tandem.golden.faithful import FaithfulModel
+from tandem.golden.isasim import IsaSim
 from tandem.host.cli import main
 from tandem.host.hybrid import HybridSession
 from tandem.host.runtime import DecodeTimeout
 from tandem.layout import kv_prefix_bytes
-from tandem.sim.faithful import FaithfulModel
-from tandem.sim.isasim import IsaSim
 
 
 @pytest.fixture(scope="module", params=["test-tiny", "test-odd"])

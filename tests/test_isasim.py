@@ -17,11 +17,11 @@ from tandem.checkpoint import random_weights
 from tandem.compiler import compile_model, head_groups
 from tandem.config import preset
 from tandem.geometry import geometry
+from tandem.golden.faithful import FaithfulModel
+from tandem.golden.isasim import IsaSim
 from tandem.host.device import DeviceError, ModelDevice, open_device
 from tandem.host.runtime import RunError, Session, generate
 from tandem.regmap import HaltCode, Status
-from tandem.sim.faithful import FaithfulModel
-from tandem.sim.isasim import IsaSim
 
 CONFIGS = ["test-tiny", "test-odd"]
 GEOMS = ["tiny", "small"]

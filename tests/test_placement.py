@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tandem.checkpoint import random_weights
 from tandem.config import preset
+from tandem.golden.faithful import FaithfulModel
 from tandem.host.cli import main
 from tandem.host.placement import decide
-from tandem.sim.faithful import FaithfulModel
 
 
 def test_decide_follows_the_thesis_conditions():

@@ -13,7 +13,7 @@ import torch
 
 from tandem.checkpoint import load_checkpoint, random_weights
 from tandem.config import preset
-from tandem.sim import reference as ref
+from tandem.golden import reference as ref
 
 HF_REL_TOL = 1e-4
 

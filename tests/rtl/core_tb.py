@@ -3,8 +3,8 @@ test_core.py.
 
 One cocotbext-axi ``AxiRam`` per HBM port holds that channel's image (compiled program, weights,
 prompt); the host side is an ``AxiLiteMaster`` on ``s_axi_control`` driven only through
-:class:`tandem.host.driver.KernelDriver`. Every case compares the whole memory of every channel
-with :class:`tandem.sim.isasim.IsaSim` run on the same image and arguments, bit for bit (output
+:class:`tandem.driver.KernelDriver`. Every case compares the whole memory of every channel
+with :class:`tandem.golden.isasim.IsaSim` run on the same image and arguments, bit for bit (output
 tokens, KV regions, everything), and the status record and status registers field by field
 (cycles aside).
 
@@ -38,10 +38,10 @@ from tandem import layout as L
 from tandem.checkpoint import random_weights
 from tandem.compiler import compile_model
 from tandem.config import preset
+from tandem.driver import KernelDriver, KernelError
 from tandem.geometry import geometry
-from tandem.host.driver import KernelDriver, KernelError
+from tandem.golden.isasim import IsaSim
 from tandem.regmap import Status
-from tandem.sim.isasim import IsaSim
 from tandem.sim.runner import tb_params
 
 GEOM = geometry("tiny")

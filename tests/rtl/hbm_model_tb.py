@@ -1,4 +1,4 @@
-"""cocotb testbenches for rtl/hbm_model.py, run from test_hbm_model.py.
+"""cocotb testbenches for sim/hbm_model.py, run from test_hbm_model.py.
 
 Two designs:
 
@@ -26,9 +26,9 @@ from dma_tb import Model, read_command, store_command
 from tandem.geometry import geometry
 from tandem.numerics import BLOCK
 from tandem.rtl.dma import ReadCommand, ReadKind, StoreCommand, StoreKind
-from tandem.rtl.hbm_model import Backdoor, HBMModel
 from tandem.rtl.shell import args_layout
 from tandem.sim import streams
+from tandem.sim.hbm_model import Backdoor, HBMModel
 from tandem.sim.runner import tb_params
 
 

@@ -80,7 +80,7 @@ class Case:
 
     def expect(self) -> None:
         r, c = self.eff_rows, self.eff_cols
-        if r == 0:  # no live row: no rows, argmax 0 (as tandem.sim.isasim decides)
+        if r == 0:  # no live row: no rows, argmax 0 (as tandem.golden.isasim decides)
             self.expect_rows = []
             self.expect_argmax = 0 if self.argmax else None
             return

@@ -4,7 +4,8 @@
 The models answer the controller's streams: channel 0 serves the program fetch and LDW words
 from an ``HBMImage``, stores are applied to it (STW) or recorded, the VPU and MPU take their
 commands and stay busy for a few cycles, ARGMAX answers with a chosen index. Control-flow
-results (registers through STW, tokens, status, error pc) are compared with ``sim.isasim`` on
+results (registers through STW, tokens, status, error pc) are compared with
+``tandem.golden.isasim`` on
 the same image and arguments.
 """
 
@@ -16,12 +17,12 @@ from amaranth.sim import Simulator
 
 from tandem import isa
 from tandem.geometry import geometry
+from tandem.golden.isasim import IsaSim
 from tandem.isa import Op, make
 from tandem.layout import PROGRAM_BASE, HBMImage, StatusRecord
 from tandem.regmap import SCALAR_ARGS, Status
 from tandem.rtl.controller import Controller, instruction_layout
 from tandem.rtl.dma import ReadKind, StoreKind
-from tandem.sim.isasim import IsaSim
 
 GEOM = geometry("tiny").replace(imem_words=64)
 OUT_LINE = 64  # token area for these programs: channel 0, byte 4096

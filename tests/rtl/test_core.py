@@ -1,6 +1,6 @@
 # amaranth: UnusedElaboratable=no
 """The whole kernel end to end (rtl/core.py ``tandem_decode_core``) under cocotb: compiled GPT-2
-test models in AXI memory models, driven through host/driver.KernelDriver, bit-exact against the
+test models in AXI memory models, driven through tandem/driver.KernelDriver, bit-exact against the
 ISA simulator (core_tb.py)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 # amaranth: UnusedElaboratable=no
-"""The simulated HBM (rtl/hbm_model.py) under cocotb on Verilator and Icarus: alone against
+"""The simulated HBM (sim/hbm_model.py) under cocotb on Verilator and Icarus: alone against
 cocotbext-axi masters, and under the DMA engine as the cycle benchmark uses it
 (hbm_model_tb.py). Plus the backdoor file format and construction checks."""
 
@@ -17,7 +17,8 @@ from amaranth.lib.wiring import Out
 from tandem.geometry import geometry
 from tandem.rtl.axi import vitis_ports
 from tandem.rtl.dma import DMAEngine
-from tandem.rtl.hbm_model import (
+from tandem.sim import runner
+from tandem.sim.hbm_model import (
     HBMChannelModel,
     HBMModel,
     link_rate,
@@ -25,7 +26,6 @@ from tandem.rtl.hbm_model import (
     read_hex,
     write_hex,
 )
-from tandem.sim import runner
 
 TB = Path(__file__).with_name("hbm_model_tb.py")
 SIZE = 0x10000  # bytes per channel

@@ -1,6 +1,6 @@
 # amaranth: UnusedElaboratable=no
 """The RTL job harness (sim/rtljob.py): the whole core over the simulated HBM in Verilator,
-driven through host/driver.KernelDriver, bit-exact with the ISA simulator on a compiled test-tiny
+driven through tandem/driver.KernelDriver, bit-exact with the ISA simulator on a compiled test-tiny
 model. The same build (``rtljob-tiny-1m``) serves the ``rtl`` device backend's test
 (tests/test_rtldevice.py), so the suite pays for one Verilator build of the tiny core."""
 
@@ -16,8 +16,8 @@ from tandem.checkpoint import random_weights
 from tandem.compiler import compile_model
 from tandem.config import preset
 from tandem.geometry import geometry
+from tandem.golden.isasim import IsaSim
 from tandem.sim import rtljob, runner
-from tandem.sim.isasim import IsaSim
 
 GEOM = geometry("tiny")
 CYCLES_FIELD = slice(16, 24)  # StatusRecord "<IIIIQ": the u64 cycles

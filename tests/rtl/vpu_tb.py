@@ -4,7 +4,7 @@ test_vpu.py through tandem.sim.runner.
 
 The design under test is :class:`VpuHarness`: a ``VectorBuffer`` with the ``VectorUnit`` on
 two read ports and a write port, plus one read and one write port for the testbench (standing in
-for the DMA). Every command is also executed by the ISA simulator (``tandem.sim.isasim``) on a
+for the DMA). Every command is also executed by the ISA simulator (``tandem.golden.isasim``) on a
 copy of the buffer, and after each run of commands the whole buffer is read back and compared
 bit for bit, so wrong results and writes outside ``dst[:length]`` both fail. The measured cycles
 of every command are compared with ``VectorUnit.cycles``.
@@ -29,12 +29,12 @@ from tandem.checkpoint import random_weights
 from tandem.compiler import R_T, compile_model, head_groups
 from tandem.config import GPT2Config
 from tandem.geometry import geometry
+from tandem.golden.faithful import FaithfulCache, FaithfulModel, layer_norm
+from tandem.golden.isasim import IsaSim
 from tandem.layout import PROGRAM_BASE, HBMImage
 from tandem.rtl.vbuf import ROW_ELEMS, ReadPortSignature, VectorBuffer, WritePortSignature
 from tandem.rtl.vpu import TABLE_OPS, VectorCommand, VectorOp, VectorUnit
 from tandem.sim import streams
-from tandem.sim.faithful import FaithfulCache, FaithfulModel, layer_norm
-from tandem.sim.isasim import IsaSim
 from tandem.sim.runner import tb_params
 
 # --------------------------------------------------------------------------------------------

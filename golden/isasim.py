@@ -2,7 +2,7 @@
 
 Every instruction does exactly what ``tandem.isa.SEMANTICS`` says, with all arithmetic from
 ``tandem.numerics`` and every address from ``tandem.layout``, so a compiled program run here equals
-``tandem.sim.faithful`` bit for bit; it is the fast device backend and the reference for the RTL.
+``tandem.golden.faithful`` bit for bit; it is the fast device backend and the reference for the RTL.
 
 What the core does around the instructions, as modelled here:
 

@@ -31,10 +31,9 @@ from amaranth.lib import data, fifo, wiring
 from amaranth.lib.wiring import In
 
 from tandem import regmap
+from tandem.checks import check_int
 from tandem.geometry import CoreGeometry
-
-from .axi import AXI4Signature, Resp
-from .dma import _check_int
+from tandem.rtl.axi import AXI4Signature, Resp
 
 __all__ = [
     "MEMORY_MODULE",
@@ -51,7 +50,7 @@ __all__ = [
 MEMORY_MODULE = "tandem_hbm_mem"
 
 MEMORY_VERILOG = """\
-// Behavioural memory of one simulated HBM pseudo-channel (rtl/hbm_model.py). Simulation only.
+// Behavioural memory of one simulated HBM pseudo-channel (sim/hbm_model.py). Simulation only.
 module tandem_hbm_mem #(
     parameter WIDTH = 512,
     parameter DEPTH = 1024,
@@ -199,16 +198,16 @@ class HBMChannelModel(wiring.Component):
         if not isinstance(geom, CoreGeometry):
             raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
         beat = geom.beat_bytes
-        _check_int("size_bytes", size_bytes, beat)
+        check_int("size_bytes", size_bytes, beat)
         if size_bytes % beat:
             raise ValueError(
                 f"size_bytes must be a multiple of the {beat}-byte beat, not {size_bytes}"
             )
-        _check_int("read_latency", read_latency, 3, 1 << 20)
-        _check_int("write_latency", write_latency, 1, 1 << 20)
-        _check_int("bucket_beats", bucket_beats, 1, 1024)
-        _check_int("max_outstanding", max_outstanding, 2, 4096)
-        _check_int("base", base, 0, (1 << 64) - size_bytes)
+        check_int("read_latency", read_latency, 3, 1 << 20)
+        check_int("write_latency", write_latency, 1, 1 << 20)
+        check_int("bucket_beats", bucket_beats, 1, 1024)
+        check_int("max_outstanding", max_outstanding, 2, 4096)
+        check_int("base", base, 0, (1 << 64) - size_bytes)
         if base % 4096:
             raise ValueError(f"base must be 4 KiB aligned, not {base:#x}")
         if not isinstance(name, str) or not name.isidentifier():
