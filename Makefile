@@ -1,13 +1,18 @@
 # Tandem developer targets. `make setup` once, then the others.
 PYTHON ?= python
 
-.PHONY: setup test lint run bench verilog bitstream hw_emu estimate
+.PHONY: setup test test-fast lint run bench verilog bitstream hw_emu estimate
 
 setup:
 	bash scripts/setup.sh
 
+# The full suite, as CI runs it (README).
 test:
 	$(PYTHON) -m pytest -q
+
+# The fast tier: everything but whole-core RTL runs (`core`) and benchmark-size cases (`slow`).
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow and not pending and not core"
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+_RTL_DIR = Path(__file__).parent / "rtl"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/rtl/ is in the ``rtl`` tier (pyproject.toml lists the markers)."""
+    for item in items:
+        if _RTL_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.rtl)
+
 # Small GPT-2 shapes for the Hugging Face oracle. "odd" has 3 heads of 32 and a prime vocab.
 HF_SHAPES = {
     "odd": {"vocab_size": 97, "n_positions": 48, "n_embd": 96, "n_head": 3, "n_layer": 3},

@@ -15,15 +15,18 @@ from tandem.rtl.axi import vitis_ports
 from tandem.rtl.core import TOPLEVEL, DecodeCore
 from tandem.sim import runner
 
+pytestmark = pytest.mark.core
+
 TB = Path(__file__).with_name("core_tb.py")
 
 
-def _sims(*, slow_icarus=False):
-    """Both simulators in the default suite (Icarus ran test_tiny_prompt_1's 14,491 cycles in
-    about 90 s with its build); ``slow_icarus`` marks the Icarus case slow for the long runs
-    (8 stalled tokens took Icarus over 10 minutes at load 4-6; they pass there)."""
+def _sims(*, icarus_default=False):
+    """Verilator in the default suite for every case; Icarus for the one case with
+    ``icarus_default`` (test_tiny_prompt_1: 14,491 cycles in about 90 s with its build), so
+    both simulators stay covered. The other Icarus cases are marked ``slow`` (8 stalled tokens
+    took Icarus over 10 minutes at load 4-6; they pass there). ``SIM`` picks one simulator."""
     return [
-        pytest.param(s, marks=pytest.mark.slow) if slow_icarus and s == "icarus" else s
+        s if s == "verilator" or icarus_default else pytest.param(s, marks=pytest.mark.slow)
         for s in runner.simulators()
     ]
 
@@ -48,7 +51,7 @@ def run_cases(sim, cases, name="core-tiny"):
     )
 
 
-@pytest.mark.parametrize("sim", _sims())
+@pytest.mark.parametrize("sim", _sims(icarus_default=True))
 def test_tiny_prompt_1(sim):
     run_cases(sim, [{"cfg": "test-tiny", "prompt": [7], "n_new": 3, "max_cycles": 60_000}])
 
@@ -76,14 +79,14 @@ def test_matvec_chain(sim):
     run_cases(sim, [chain, {**chain, "stall": 0.3}])
 
 
-@pytest.mark.parametrize("sim", _sims(slow_icarus=True))
+@pytest.mark.parametrize("sim", _sims())
 def test_odd_8_tokens_with_stalls(sim):
     """The second model (3 heads, vocab 97), 8 generated tokens, random pauses on every AXI
     channel of all four memories and the control port."""
     run_cases(sim, [{"cfg": "test-odd", "prompt": [3, 14, 15], "n_new": 8, "stall": 0.3}])
 
 
-@pytest.mark.parametrize("sim", _sims(slow_icarus=True))
+@pytest.mark.parametrize("sim", _sims())
 def test_context_full(sim):
     """A prompt that reaches the context limit: the tokens that fit, then CONTEXT_FULL."""
     n_ctx = 48  # test-odd

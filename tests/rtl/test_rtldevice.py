@@ -40,6 +40,7 @@ def test_refuses_large_images_and_cores(capsys):
     assert "too large for that" in capsys.readouterr().err
 
 
+@pytest.mark.core
 def test_hybrid_on_rtl_equals_model():
     """Prompt of 3 through the torch prefill, KV prefix written into the device, then 3 tokens
     (the first from the prefill, two decoded by the RTL core); tokens equal the model backend's,
@@ -66,6 +67,7 @@ def test_hybrid_on_rtl_equals_model():
     assert len(runs["rtl"]) == 3
 
 
+@pytest.mark.core
 def test_cli_generate_backend_rtl(capsys):
     _verilator_only()
     base = ["generate", "--preset", "test-tiny", "--prompt-ids", "5,6", "--max-new-tokens", "3"]

@@ -19,6 +19,8 @@ from tandem.geometry import geometry
 from tandem.golden.isasim import IsaSim
 from tandem.sim import rtljob, runner
 
+pytestmark = pytest.mark.core
+
 GEOM = geometry("tiny")
 CYCLES_FIELD = slice(16, 24)  # StatusRecord "<IIIIQ": the u64 cycles
 
