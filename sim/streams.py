@@ -40,9 +40,9 @@ def cycle(pattern: Sequence[int]) -> Iterator[int]:
 
 
 def bernoulli(p: float, seed: int) -> Iterator[int]:
-    """1 with probability ``p`` each cycle, from its own seeded generator."""
-    if not 0 < p <= 1:
-        raise ValueError(f"probability must be in (0, 1], not {p!r}")
+    """1 with probability ``p`` each cycle, from its own seeded generator (``p`` 0: never)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"probability must be in [0, 1], not {p!r}")
     rng = random.Random(seed)
     while True:
         yield int(rng.random() < p)

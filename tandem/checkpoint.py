@@ -244,6 +244,17 @@ def random_weights(cfg: GPT2Config, seed: int = 0) -> Weights:
     return weights
 
 
+def lively_weights(cfg: GPT2Config, seed: int = 1) -> Weights:
+    """:func:`random_weights` with the position embedding and the residual projections
+    (``c_proj``) ten times stronger, so that greedy decoding moves between many tokens instead of
+    repeating one. Tests that must see a KV-cache or position bug decode with these: under plain
+    random weights greedy output is one token repeated, whatever the cache holds."""
+    w = random_weights(cfg, seed=seed)
+    return {
+        k: v * 10 if k == "wpe.weight" or k.endswith("c_proj.weight") else v for k, v in w.items()
+    }
+
+
 def embedded_default() -> tuple[GPT2Config, Weights]:
     """The built-in model: preset ``embedded`` with ``random_weights(seed=0)``.
 

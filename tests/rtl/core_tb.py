@@ -24,7 +24,6 @@ simulation without a reset in between (so a case after an error case checks the 
 from __future__ import annotations
 
 import functools
-import random
 import time
 
 import cocotb
@@ -35,13 +34,14 @@ from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
 
 from tandem import isa
 from tandem import layout as L
-from tandem.checkpoint import random_weights
+from tandem.checkpoint import lively_weights
 from tandem.compiler import compile_model
 from tandem.config import preset
 from tandem.driver import KernelDriver, KernelError
 from tandem.geometry import geometry
 from tandem.golden.isasim import IsaSim
 from tandem.regmap import Status
+from tandem.sim import streams
 from tandem.sim.runner import tb_params
 
 GEOM = geometry("tiny")
@@ -49,25 +49,10 @@ POLL_CYCLES = 200
 BASE_STEP = 0x10000  # channel ch's buffer starts at (ch + 1) * BASE_STEP in its memory
 
 
-def lively_weights(cfg, seed=1):
-    """As tests/test_isasim.py: a strong position embedding and residual branches, so greedy
-    decoding visits many tokens."""
-    w = random_weights(cfg, seed=seed)
-    return {
-        k: v * 10 if k == "wpe.weight" or k.endswith("c_proj.weight") else v for k, v in w.items()
-    }
-
-
 @functools.cache
 def compiled(name):
     cfg = preset(name)
     return compile_model(cfg, lively_weights(cfg), GEOM)
-
-
-def stalls(seed: int, p: float):
-    rng = random.Random(seed)
-    while True:
-        yield int(rng.random() < p)
 
 
 class CoreTB:
@@ -177,7 +162,7 @@ class CoreTB:
         chans += [h.read_if.ar_channel, h.read_if.r_channel]
         for k, chan in enumerate(chans):
             if p:
-                chan.set_pause_generator(stalls(seed * 1000 + k, p))
+                chan.set_pause_generator(streams.bernoulli(p, seed * 1000 + k))
             else:
                 chan.clear_pause_generator()
 

@@ -35,12 +35,6 @@ BUFFER = 0x10000  # bytes of every channel's buffer (the hbm_bytes argument)
 RAM = 0x40000  # bytes of every AxiRam (it wraps addresses modulo its size)
 
 
-def stalls(seed: int, p: float):
-    rng = random.Random(seed)
-    while True:
-        yield int(rng.random() < p)
-
-
 # --------------------------------------------------------------------------------------------
 # the naive model
 
@@ -231,7 +225,7 @@ class DmaTB(streams.ClockedTB):
                         ram.write_if.b_channel,
                     )
                 ):
-                    chan.set_pause_generator(stalls(seed * 100 + ch * 10 + k, 0.3))
+                    chan.set_pause_generator(streams.bernoulli(0.3, seed * 100 + ch * 10 + k))
             self.rams.append(ram)
         self.model = Model(g, self.rng)
         self.load()

@@ -21,13 +21,6 @@ from tandem.sim import streams
 from tandem.sim.runner import tb_params
 
 
-def stalls(seed: int, p: float):
-    """A pause pattern (1 = pause) that stalls with probability ``p`` each cycle."""
-    rng = random.Random(seed)
-    while True:
-        yield int(rng.random() < p)
-
-
 class CoreModel:
     """Stands in for the core: counts ``start`` pulses and answers each with ``done`` after
     ``run_cycles`` cycles, with the status inputs set just before."""
@@ -81,7 +74,7 @@ class ShellTB(streams.ClockedTB):
                     self.host.read_if.r_channel,
                 )
             ):
-                channel.set_pause_generator(stalls(seed + k, 0.4))
+                channel.set_pause_generator(streams.bernoulli(0.4, seed + k))
         self.core = CoreModel(dut, self.channels)
         self.rng = random.Random(seed)
 
