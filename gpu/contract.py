@@ -26,8 +26,6 @@ import torch
 from tandem import numerics as nm
 
 BLOCK = nm.BLOCK
-_BIAS_EXP = 25
-_LAM_OFFSET = nm.EW_MAX - 2 * _BIAS_EXP - nm.ACC_FRAC  # lam = xe_max + this
 _SHIFT_OFFSET = nm.ACC_FRAC - nm.EW_MAX  # shift = we + xe - xe_max + this
 CANONICAL_NAN = nm.CANONICAL_NAN
 
@@ -126,7 +124,7 @@ def floor_scale(s: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def bias_to_acc(bias_bits: torch.Tensor, lam: torch.Tensor):
     """A bias placed in the accumulator with LSB weight ``2**lam``: (int64, nonfinite)."""
     neg, sig, exp = decode(bias_bits)
-    return shift_floor(torch.where(neg, -sig, sig), exp - _BIAS_EXP - lam), exp == 31
+    return shift_floor(torch.where(neg, -sig, sig), exp - nm.BIAS_EXP - lam), exp == 31
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +161,7 @@ def acc_to_fp16(acc: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     r = torch.where(carry, r >> 1, r)
     qexp = qexp + carry.to(torch.int64)
     normal = r >= (1 << (nm.SIG_BITS - 1))
-    field = torch.where(normal, qexp + _BIAS_EXP, 0)
+    field = torch.where(normal, qexp + nm.BIAS_EXP, 0)
     out = torch.where(normal, (field << 10) | (r & 0x3FF), r)
     out = torch.where(field > 30, nm.POS_INF, out)
     out = torch.where(mag == 0, 0, out | (neg.to(torch.int64) << 15))
@@ -249,7 +247,7 @@ def matmul(
     xq, xe, xnf = bfp_blocks(pad_to_block(x_bits))  # [T, nb*64], [T, nb], [T, nb]
     nb = mat.n_blocks
     xe_max = xe.amax(dim=1)  # [T]
-    lam = xe_max + _LAM_OFFSET
+    lam = xe_max + nm.LAM_OFFSET
     hi, lo = split_input(xq.reshape(T, nb, BLOCK).permute(1, 2, 0))  # [nb, 64, T]
     step = max(1, _CHUNK_ELEMS // (nb * mat.rows))
     accs = []
@@ -298,7 +296,7 @@ def dot_rows(a_bits: torch.Tensor, b_bits: torch.Tensor):
     s = (aq.reshape(shape) * bq.reshape(shape)).sum(dim=-1)  # exact block sums, int64
     be_max = be.amax(dim=-1, keepdim=True)
     acc = shift_floor(s, ae + be - be_max + _SHIFT_OFFSET).sum(dim=-1)
-    return acc, be_max[..., 0] + _LAM_OFFSET, anf.any(dim=-1) | bnf.any(dim=-1)
+    return acc, be_max[..., 0] + nm.LAM_OFFSET, anf.any(dim=-1) | bnf.any(dim=-1)
 
 
 def dot_fp16(a_bits, b_bits) -> torch.Tensor:

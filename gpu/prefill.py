@@ -209,7 +209,7 @@ def attention(q, k, vt, q_scale) -> torch.Tensor:
     s = sums[:, :, :Tq].double() * 32 + sums[:, :, Tq:].double()
     # one input block, so xe == xe_max and the shift is the K row's exponent alone
     acc = c.floor_scale(s, ke + c._SHIFT_OFFSET)  # [H, U, Tq]
-    lam = qe[:, :, 0] + c._LAM_OFFSET  # [H, Tq]
+    lam = qe[:, :, 0] + nm.LAM_OFFSET  # [H, Tq]
     nf = knf + qnf[:, :, 0][:, None, :]  # bool or
     s16 = c.round_acc(acc, lam[:, None, :], nf.bool()).transpose(1, 2)  # [H, Tq(t), U(u)]
     pos = torch.arange(T, device=dev)
@@ -264,7 +264,7 @@ def attention(q, k, vt, q_scale) -> torch.Tensor:
     # a non-finite V at or before t poisons query t's output (exponent field 31)
     vnf = torch.cummax(((vt & 0x7C00) == 0x7C00).to(torch.int8), dim=2).values  # [H, d, T]
     nf = vnf[:, :, q0:T].transpose(1, 2).bool() | enf.any(dim=2)[:, :, None]  # [H, Tq, d]
-    o = c.round_acc(acc, (ee_max + c._LAM_OFFSET)[:, :, None], nf)
+    o = c.round_acc(acc, (ee_max + nm.LAM_OFFSET)[:, :, None], nf)
     return c.fp16_mul(o, r[:, :, None])
 
 

@@ -38,8 +38,7 @@ import torch
 
 from tandem.geometry import CoreGeometry
 from tandem.layout import dense_stride, kv_prefix_bytes
-
-BLOCK = 64
+from tandem.numerics import BLOCK
 
 
 def _groups(t_len: int) -> int:
@@ -190,7 +189,7 @@ def _k_index(lanes, beat, n_head, t_len, s_head, s_pos, device):
     return s.to(device), int(s.max()) + 1
 
 
-def _k_region(geom: CoreGeometry, k: torch.Tensor, out: torch.Tensor) -> None:
+def k_region(geom: CoreGeometry, k: torch.Tensor, out: torch.Tensor) -> None:
     """K [H, T, 64] (any strides) -> ``out`` int16 [n_beats, beat] in region order: one
     gather of whole beats from a view of K whose rows start at every element (strides 1, 1;
     no copy), then zeros past T."""
@@ -203,7 +202,7 @@ def _k_region(geom: CoreGeometry, k: torch.Tensor, out: torch.Tensor) -> None:
     _tail(geom, out, n_head, t_len, False)
 
 
-def _v_region(geom: CoreGeometry, vt: torch.Tensor, out: torch.Tensor) -> None:
+def v_region(geom: CoreGeometry, vt: torch.Tensor, out: torch.Tensor) -> None:
     """V^T [H, 64, T] (any strides) -> ``out`` int16 [n_beats, beat] in region order by
     strided copies (no index): V^T seen as ``[lane, j, group, head, tile row, beat]``, the
     region's own order; its head and tile-row strides merge (64 rows = 4 tile rows x 16
@@ -264,8 +263,8 @@ def reshape_kv(geom: CoreGeometry, k: torch.Tensor, vt: torch.Tensor):
     else:
         n = ch * _groups(t_len) * n_head * dense_stride(geom)
         out = torch.empty((2, n, be), dtype=k.dtype, device=k.device)
-        _k_region(geom, k, out[0])
-        _v_region(geom, vt, out[1])
+        k_region(geom, k, out[0])
+        v_region(geom, vt, out[1])
     return out.view(torch.uint8).view(2, ch, -1).unbind(0)
 
 

@@ -230,12 +230,10 @@ def finish(raw: dict, args) -> int:
 def matvecs_per_position(cfg, g) -> int:
     """MATVEC instructions the compiled program runs per generated token (the program has no
     loop inside a position; the prologue has none)."""
-    from tandem.compiler import _Emitter, vbuf_plan
+    from tandem.compiler import program
     from tandem.isa import Op
-    from tandem.layout import HBMLayout
 
-    program = _Emitter(cfg, g, HBMLayout(cfg, g), vbuf_plan(cfg, g)).program()
-    return sum(i.op == Op.MATVEC for i in program)
+    return sum(i.op == Op.MATVEC for i in program(cfg, g))
 
 
 def analyse(raw: dict, args) -> dict:

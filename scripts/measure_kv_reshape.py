@@ -26,7 +26,7 @@ import torch
 from tandem.config import preset
 from tandem.geometry import CoreGeometry, geometry
 from tandem.gpu.cuda import resolve_device, synchronize
-from tandem.gpu.reshape import _k_region, _v_region, reshape_kv
+from tandem.gpu.reshape import k_region, reshape_kv, v_region
 from tandem.layout import HBMLayout, kv_prefix_bytes
 
 
@@ -106,8 +106,8 @@ def main() -> None:
         "copy": lambda: (kk.copy_(k), vv.copy_(vt)),
         "reshape": lambda: reshape_kv(g, k, vt),
         "separate": lambda: reshape_kv(g, *sep),
-        "K gather": lambda: _k_region(g, k, beats),
-        "V^T copy": lambda: _v_region(g, vt, beats),
+        "K gather": lambda: k_region(g, k, beats),
+        "V^T copy": lambda: v_region(g, vt, beats),
     }
     got = reshape_kv(g, *sep)
     assert torch.equal(got[0], kb) and torch.equal(got[1], vb)

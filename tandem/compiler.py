@@ -519,11 +519,16 @@ def compile_model(
     return Compiled(cfg, geom, program, layout, image, vbuf, dict(em.p.labels))
 
 
+def program(cfg: GPT2Config, geom: CoreGeometry) -> list[Instr]:
+    """The instruction stream :func:`compile_model` would emit for ``cfg`` on ``geom``, without
+    weights or an image (it depends on the shapes only)."""
+    return _Emitter(cfg, geom, HBMLayout(cfg, geom), vbuf_plan(cfg, geom)).program()
+
+
 def fits(cfg: GPT2Config, geom: CoreGeometry) -> str | None:
     """None if ``cfg`` compiles for ``geom``, else the reason (without building the image)."""
     try:
-        layout = HBMLayout(cfg, geom)
-        n = len(_Emitter(cfg, geom, layout, vbuf_plan(cfg, geom)).program())
+        n = len(program(cfg, geom))
     except (LayoutError, isa.IllegalInstruction) as err:
         return str(err)
     if n > geom.imem_words:

@@ -56,7 +56,7 @@ CANONICAL_NAN = 0x7E00
 POS_INF = 0x7C00
 NEG_INF = 0xFC00
 
-_BIAS_EXP = 25  # value = significand * 2**(e - 25) for binary16 with biased exponent e (1..31)
+BIAS_EXP = 25  # value = significand * 2**(e - 25) for binary16 with biased exponent e (1..31)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,10 +146,15 @@ def bfp_blocks(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, block_exp, nonfinite
 
 
+LAM_OFFSET = EW_MAX - 2 * BIAS_EXP - ACC_FRAC
+"""The accumulator LSB's exponent minus the input's top block exponent (see
+:func:`acc_lsb_exponent`)."""
+
+
 def acc_lsb_exponent(xe_max) -> np.ndarray:
     """Weight of the accumulator LSB (as a power of two) for an input whose top block exponent is
     ``xe_max``. Block sums weigh ``2**(we + xe - 50)``; the largest possible is ``we = EW_MAX``."""
-    return np.asarray(xe_max, dtype=np.int64) + EW_MAX - 2 * _BIAS_EXP - ACC_FRAC
+    return np.asarray(xe_max, dtype=np.int64) + LAM_OFFSET
 
 
 def block_shift(w_exp, x_exp, xe_max) -> np.ndarray:
@@ -176,7 +181,7 @@ def bias_to_acc(bias_bits: np.ndarray, xe_max) -> tuple[np.ndarray, np.ndarray]:
     """A bias vector placed in the accumulator: (int64 value, non-finite flag)."""
     neg, sig, exp = decode(bias_bits)
     lam = acc_lsb_exponent(xe_max)
-    val = shift_floor(np.where(neg, -sig, sig), exp - _BIAS_EXP - lam)
+    val = shift_floor(np.where(neg, -sig, sig), exp - BIAS_EXP - lam)
     return val, exp == 31
 
 
@@ -311,7 +316,7 @@ def acc_to_fp16(acc: np.ndarray, lam) -> np.ndarray:
     r = np.where(carry, r >> 1, r)
     qexp = qexp + carry
     normal = r >= (1 << (SIG_BITS - 1))
-    field = np.where(normal, qexp + _BIAS_EXP, 0)
+    field = np.where(normal, qexp + BIAS_EXP, 0)
     out = np.where(normal, (field << 10) | (r & 0x3FF), r)
     out = np.where(field > 30, POS_INF, out)
     out = np.where(mag == 0, 0, out | (neg.astype(np.int64) << 15))
