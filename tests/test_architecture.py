@@ -143,6 +143,25 @@ def cycles() -> list[list[str]]:
     return found
 
 
+def private_reaches(root: Path | None = None) -> list[str]:
+    """``from <our module> import _name`` in any file of the package, scripts/ or tests/, where the
+    module is another one: what a second module needs becomes public where it lives."""
+    root = root or ROOT
+    bad = []
+    files = [p for f in [*FOLDERS, "scripts", "tests"] for p in sorted((root / f).rglob("*.py"))]
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            ours = node.level > 0 or (node.module or "").split(".")[0] == "tandem"
+            for a in node.names:
+                if ours and a.name.startswith("_") and not a.name.startswith("__"):
+                    rel = path.relative_to(root)
+                    bad.append(f"{rel}:{node.lineno}: imports {a.name} from {node.module}")
+    return bad
+
+
 def test_every_module_has_a_tier():
     mods = modules()
     assert len(mods) > 40
@@ -157,6 +176,10 @@ def test_no_top_level_import_cycle():
     assert cycles() == []
 
 
+def test_no_private_imports_across_modules():
+    assert private_reaches() == []
+
+
 def test_the_checker_sees_a_violation_and_a_cycle(tmp_path, monkeypatch):
     """The checks above can fail: a planted upward import and a planted cycle are found."""
     fake = tmp_path / "repo"
@@ -165,12 +188,15 @@ def test_the_checker_sees_a_violation_and_a_cycle(tmp_path, monkeypatch):
         (fake / folder / "__init__.py").write_text("")
     (fake / "golden" / "bad.py").write_text("from tandem.host import cli\nimport amaranth\n")
     (fake / "host" / "cli.py").write_text("from . import a\n")
-    (fake / "host" / "a.py").write_text("from tandem.host import cli\n")
+    (fake / "host" / "a.py").write_text("from tandem.host import cli\nfrom .cli import _x\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     bad = violations()
     assert any("golden (tandem.golden.bad) imports host" in b for b in bad)
     assert any("golden imports amaranth" in b for b in bad)
     assert cycles() == [["tandem.host.cli", "tandem.host.a", "tandem.host.cli"]]
+    (fake / "scripts").mkdir()
+    (fake / "tests").mkdir()
+    assert private_reaches(fake) == ["host/a.py:2: imports _x from cli"]
 
 
 @pytest.mark.parametrize("blocked", [("amaranth", "cocotb", "cocotbext", "torch")])
