@@ -142,7 +142,7 @@ class _Progress:
 
 def _backends() -> dict:
     """Backend name -> function(weights, cfg, prompt ids, n_new, args) -> result dict."""
-    from tandem.host.device import BACKENDS
+    from tandem.host.backends import BACKENDS
 
     return {"reference": _generate_reference} | {n: _generate_on_device(n) for n in BACKENDS}
 
@@ -248,7 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tandem.host.device import BACKENDS
+    from tandem.host.backends import BACKENDS
 
     parser = argparse.ArgumentParser(
         prog="tandem", description="GPT-2 inference: prefill on a GPU, decode on an FPGA core."
@@ -354,6 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_RUN_FAILED = 1
+"""The device ran the request and it failed (``RunError``: error bits in the status record, or a
+run that failed without one)."""
+EXIT_BAD_REQUEST = 2
+"""The request or the setup was refused before anything ran: ``ValueError`` (checkpoint, config,
+tokenizer, prompt and range checks) and ``DeviceError`` (a device that cannot do what was asked:
+no card or xclbin, a model too large for the backend). argparse also exits 2 for bad options."""
+EXIT_TIMEOUT = 3
+"""``DecodeTimeout``: the device did not finish within ``--timeout``."""
+
+
+def _error(command: str, err: BaseException, hint: str = "") -> None:
+    """One line on stderr: ``tandem <command>: error: <message>``."""
+    text = " ".join(f"{err}{hint}".split())
+    print(f"tandem {command}: error: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from tandem.host.device import DeviceError
     from tandem.host.runtime import DecodeTimeout, RunError
@@ -361,16 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RunError, DeviceError) as err:
+    except RunError as err:
+        _error(args.command, err)
+        return EXIT_RUN_FAILED
+    except (ValueError, DeviceError) as err:
         # Checkpoint, config, tokenizer, range and device errors carry a message made for users.
-        print(f"tandem {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        _error(args.command, err)
+        return EXIT_BAD_REQUEST
     except DecodeTimeout as err:
-        print(
-            f"tandem {args.command}: error: {err} (rerun with a larger --timeout, or without one)",
-            file=sys.stderr,
-        )
-        return 3
+        _error(args.command, err, " (rerun with a larger --timeout, or without one)")
+        return EXIT_TIMEOUT
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 A :class:`Device` is one decode core with its HBM buffers, one per pseudo-channel. The host talks
 to every backend the same way, in the order pyxrt uses::
 
-    dev = open_device("model", geom)     # a backend by name, from BACKENDS
+    dev = open_device("model", geom)     # a backend by name (tandem.host.backends)
     dev.load(compiled.image)             # allocate the channel buffers, copy the image in
     dev.write_channel(0, base, raw)      # later writes: prompt tokens, a KV-cache prefix, ...
     dev.set_args(start_pos=0, prompt_len=5, n_new=16, hbm_bytes=...)
@@ -11,9 +11,19 @@ to every backend the same way, in the order pyxrt uses::
     record = dev.wait(timeout=60)        # ap_done; the status record the core wrote
     dev.read_tokens(layout, record.tokens)
 
-Backends register themselves in :data:`BACKENDS` with :func:`register`; choosing one is a dict
-lookup (:func:`open_device`), never a chain of platform tests. ``model`` runs the ISA simulator;
-``rtl`` (RTL simulation) and ``fpga`` (XRT) follow the same interface.
+The contract every backend keeps (tests/test_backends.py runs it on each):
+
+- ``wait`` returns the :class:`~tandem.layout.StatusRecord` the core wrote, error bits or not;
+  judging it is the caller's job (:mod:`tandem.host.runtime` raises ``RunError``);
+- ``wait`` raises ``TimeoutError`` when the run is still going after ``timeout`` seconds (the
+  run goes on; a later ``wait`` picks it up), and :class:`DeviceError` when the run failed
+  without a status record (the simulation crashed, the card reported a failed command);
+- everything else the device refuses (bad arguments, no image, out-of-range access, busy) is a
+  :class:`DeviceError` with a message for users;
+- :meth:`Device.run_stats` gives the backend's counters for the last run (may be empty).
+
+This module is the base only; the backends live in their own modules (``model``, ``rtldevice``,
+``fpga``) and :mod:`tandem.host.backends` names them, so nothing here imports a backend.
 """
 
 from __future__ import annotations
@@ -98,6 +108,11 @@ class Device(abc.ABC):
     def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to release
         """Release the device's buffers."""
 
+    def run_stats(self) -> dict:
+        """Counters of the last run for reports (instructions, HBM bytes, cycles...); ``{}``
+        when the backend has none. ``message``, if present, says why the run stopped."""
+        return {}
+
     # shared helpers ---------------------------------------------------------------------------
 
     def set_args(self, **values: int) -> None:
@@ -143,29 +158,6 @@ class Device(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
-
-
-BACKENDS: dict[str, type[Device]] = {}
-"""Device backends by name."""
-
-
-def register(cls: type[Device]) -> type[Device]:
-    """Class decorator: make a backend available to :func:`open_device` under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no backend name")
-    BACKENDS[cls.name] = cls
-    return cls
-
-
-def open_device(backend: str, geom: CoreGeometry, **options) -> Device:
-    """A new device of the named backend."""
-    try:
-        cls = BACKENDS[backend]
-    except KeyError:
-        raise ValueError(
-            f"unknown device backend {backend!r}; available: {', '.join(sorted(BACKENDS))}"
-        ) from None
-    return cls(geom, **options)
 
 
 class HostImageDevice(Device):
@@ -267,52 +259,21 @@ class HostImageDevice(Device):
         self.image = None
 
 
-@register
-class ModelDevice(HostImageDevice):
-    """The ISA simulator (``tandem.golden.isasim``) as a device.
-
-    ``start`` runs the simulator on a worker thread, so ``wait(timeout)`` behaves as with
-    hardware. Static weight matrices are aligned at ``load`` (that is where the time goes), so
-    runs measure decoding only. The :class:`~tandem.golden.isasim.SimResult` of the last run
-    (instruction counts, HBM bytes) is kept in ``last_result``.
-
-    Parameters
-    ----------
-    geom : CoreGeometry
-    max_steps : int, optional
-        Instruction budget of one run (the simulator's watchdog).
-    """
-
-    name = "model"
-    what = "the ISA simulator"
-
-    def __init__(self, geom: CoreGeometry, max_steps: int | None = None):
-        super().__init__(geom)
-        self.max_steps = max_steps
-        self.sim = None
-        self.last_result = None
-
-    def _loaded_image(self) -> None:
-        from tandem.golden.isasim import DEFAULT_MAX_STEPS, IsaSim
-
-        self.sim = IsaSim(self.geom, self.image, max_steps=self.max_steps or DEFAULT_MAX_STEPS)
-        self.sim.prepare()
-
-    def _written(self, lo: int, hi: int) -> None:
-        self.sim.invalidate(lo, hi)
-
-    def start(self, on_token: TokenCallback | None = None) -> None:
-        self.last_result = None
-        super().start(on_token)
-
-    def _run(self, image: HBMImage, args: dict, on_token: TokenCallback | None) -> None:
-        self.last_result = self.sim.run(args, on_token)
-
-    def close(self) -> None:
-        super().close()
-        self.sim = None
+_MOVED = {
+    "BACKENDS": "backends",
+    "open_device": "backends",
+    "register": "backends",
+    "ModelDevice": "model",
+}
 
 
-# The XRT backend lives in its own module (pyopencl); importing it registers it.
-from . import fpga as _fpga  # noqa: E402, F401
-from . import rtldevice as _rtldevice  # noqa: E402, F401
+def __getattr__(name: str):
+    """Names that moved out of this module, still importable from here for older callers
+    (``tandem.host.device.open_device`` etc.); new code imports them from
+    :mod:`tandem.host.backends` and :mod:`tandem.host.model`. Resolved on first use, after both
+    modules are fully loaded, so there is no import cycle."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from tandem.geometry import CoreGeometry
 from tandem.layout import HBMImage
 
-from .device import DeviceError, HostImageDevice, TokenCallback, register
+from .device import DeviceError, HostImageDevice, TokenCallback
 
 DEFAULT_MAX_BYTES = 1 << 20
 """Largest image per channel the backend accepts by default (test-tiny is 0.14 MiB, test-odd
@@ -30,7 +30,6 @@ MAX_CORE_BITS = 2048
 u55c core (16,384 bits) takes well over an hour to build in Verilator."""
 
 
-@register
 class RtlDevice(HostImageDevice):
     """The RTL decode core in Verilator as a device.
 
@@ -113,3 +112,7 @@ class RtlDevice(HostImageDevice):
         if on_token is not None:
             for i, tok in enumerate(job.tokens):
                 on_token(i, tok)
+
+    def run_stats(self) -> dict:
+        job = self.last_job
+        return {} if job is None else {"cycles": job.cycles}

@@ -5,10 +5,15 @@ The explicit pipeline (as in FINN's ``execute``)::
     session = Session(cfg, weights, geom, backend="model")   # compile + load
     result = session.generate(prompt_ids, n_new)             # prompt in, run, tokens out
 
-:func:`generate` does both for one call. Every step is timed (``GenerateResult.timings``). A run
-that stops with error bits raises :class:`RunError`, which names the bits and keeps the tokens
+:func:`generate` does both for one call. Every step is timed (``GenerateResult.timings``).
+
+Errors, the same on every backend (each ``Device.wait`` returns the status record; this module
+judges it): a run that stops with error bits, or fails without a status record, raises
+:class:`RunError`, which names the bits (``tandem.regmap.describe_status``) and keeps the tokens
 produced before the stop. A run that does not finish within ``timeout`` raises
-:class:`DecodeTimeout`; the session stays usable and the request can be retried.
+:class:`DecodeTimeout`; the session stays usable and the request can be retried. A request that
+does not fit raises ValueError before any device work; a device that refuses what it is asked
+raises ``tandem.host.device.DeviceError``.
 """
 
 from __future__ import annotations
@@ -23,46 +28,45 @@ from tandem.compiler import Compiled, compile_model, fits
 from tandem.config import GPT2Config
 from tandem.geometry import GEOMETRIES, CoreGeometry, geometry
 from tandem.layout import StatusRecord
-from tandem.regmap import STATUS_DOCS, HaltCode, Status
+from tandem.regmap import describe_status as _describe
 
-from .device import Device, open_device
+from .backends import open_device
+from .device import Device, DeviceError
 
 Progress = Callable[[int, int], None]
 """``progress(i, token)`` after the ``i``-th generated token (0-based)."""
 
 
-def status_names(status: int) -> list[str]:
-    """Names of the Status bits set in ``status``."""
-    return [s.name for s in Status if status & s]
-
-
 def describe_status(record: StatusRecord) -> str:
-    """A sentence for users: which bits, what they mean, where, and the HALT code."""
-    if record.status == 0:
-        return f"ok ({record.tokens} tokens)"
-    parts = []
-    for name in status_names(record.status):
-        text = f"{name} ({STATUS_DOCS[name]})"
-        if name == "PROGRAM_ERROR":
-            try:
-                code = HaltCode(record.halt_code).name
-            except ValueError:
-                code = str(record.halt_code)
-            text += f", HALT code {code}"
-        parts.append(text)
-    return f"{'; '.join(parts)} at instruction {record.pc}, after {record.tokens} tokens"
+    """A sentence for users: which bits, what they mean, where, and the HALT code
+    (``tandem.regmap.describe_status`` of the record)."""
+    return _describe(record.status, record.pc, record.halt_code, record.tokens)
 
 
 class RunError(RuntimeError):
-    """The core stopped with error bits set. ``tokens`` holds what it produced before."""
+    """The decode run failed on the device: the core stopped with error bits set (``record``
+    holds its status record), or the run failed without one (``record`` is None: the simulation
+    crashed, the card reported a failed command). ``tokens`` holds what the host could read of
+    the run's output (none without a record). The message is one line."""
 
-    def __init__(self, record: StatusRecord, tokens: list[int], detail: str = ""):
+    def __init__(
+        self,
+        record: StatusRecord | None,
+        tokens: list[int],
+        detail: str = "",
+        backend: str = "",
+    ):
         self.record = record
         self.tokens = tokens
-        msg = f"decode stopped: {describe_status(record)}"
-        if record.halt_code == HaltCode.CONTEXT_FULL and record.status == Status.PROGRAM_ERROR:
-            msg += " (the context is full: use a shorter prompt or fewer new tokens)"
-        super().__init__(msg + (f" [{detail}]" if detail else ""))
+        self.backend = backend
+        on = f" on the {backend} device" if backend else ""
+        if record is not None:
+            msg = f"decode stopped{on}: {describe_status(record)}"
+        else:
+            msg = f"decode failed{on}"
+        if detail:
+            msg += f" [{detail}]" if record is not None else f": {detail}"
+        super().__init__(" ".join(msg.split()))
 
 
 class DecodeTimeout(TimeoutError):
@@ -172,7 +176,7 @@ class Session:
         The model (float weights keyed as in tandem.checkpoint).
     geom : CoreGeometry, geometry name, or None for the smallest that fits
     backend : str
-        A name from ``tandem.host.device.BACKENDS``.
+        A name from ``tandem.host.backends.BACKENDS``.
     compiled : Compiled, optional
         Reuse an existing compilation (``weights`` may then be None).
     device_options : mapping, optional
@@ -235,35 +239,34 @@ class Session:
         dev.write_tokens(c.layout, "prompt", ids)
         dev.set_args(**c.args(prompt_len=len(ids), n_new=n_new, start_pos=start_pos))
         t1, c1 = time.perf_counter(), time.process_time()
+        dev.start(on_token=progress)
         self._running = True
         try:
-            record = dev.run(timeout=timeout, on_token=progress)
+            record = dev.wait(timeout)
         except TimeoutError as err:
             n = len(ids) + n_new - 1 - start_pos
             raise DecodeTimeout(
                 self.backend, timeout, f"{n} positions from position {start_pos}; {err}"
             ) from err
+        except DeviceError as err:
+            self._running = False
+            raise RunError(None, [], str(err), self.backend) from err
         except BaseException:
             self._running = False
             raise
         self._running = False
         t2, c2 = time.perf_counter(), time.process_time()
-        tokens = dev.read_tokens(c.layout, record.tokens)
+        stats = dev.run_stats()
+        try:
+            tokens = dev.read_tokens(c.layout, record.tokens)
+        except DeviceError:
+            if not record.status:
+                raise
+            tokens = []  # a broken record's token count may exceed the output area
         t3 = time.perf_counter()
         timings.update(write=t1 - t0, decode=t2 - t1, read=t3 - t2, decode_cpu=c2 - c1)
-        stats = {}
-        result = getattr(dev, "last_result", None)
-        if result is not None:
-            stats = {
-                "instructions": result.steps,
-                "units": dict(result.unit_counts),
-                "hbm_read": result.hbm_read,
-                "hbm_written": result.hbm_written,
-            }
-            if result.message and not result.ok:
-                stats["message"] = result.message
         if record.status:
-            raise RunError(record, tokens, stats.get("message", ""))
+            raise RunError(record, tokens, stats.get("message", ""), self.backend)
         return GenerateResult(
             tokens=tokens,
             timings=timings,

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from tandem import regmap
-from tandem.regmap import CTRL, SCALAR_ARGS, Status
+from tandem.regmap import CTRL, SCALAR_ARGS, describe_status
 
 Read32 = Callable[[int], Awaitable[int]]
 Write32 = Callable[[int, int], Awaitable[None]]
@@ -20,11 +20,8 @@ class KernelError(RuntimeError):
     """The kernel stopped with error bits set; ``status`` says which."""
 
     def __init__(self, status: KernelStatus):
-        names = [s.name for s in Status if status.status & s] or ["none"]
-        super().__init__(
-            f"kernel stopped with status {status.status:#x} ({'|'.join(names)}) at instruction "
-            f"{status.error_pc}, HALT code {status.error_code}, after {status.tokens} tokens"
-        )
+        text = describe_status(status.status, status.error_pc, status.error_code, status.tokens)
+        super().__init__(f"kernel stopped with status {status.status:#x}: {text}")
         self.status = status
 
 

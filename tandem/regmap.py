@@ -91,6 +91,37 @@ STATUS_DOCS = {
     "AXI_ERROR": "an AXI read or write returned SLVERR or DECERR",
 }
 
+
+def status_names(status: int) -> list[str]:
+    """Names of the :class:`Status` bits set in ``status`` (lowest bit first)."""
+    return [s.name for s in Status if status & s]
+
+
+def describe_status(status: int, pc: int, halt_code: int, tokens: int) -> str:
+    """The one text for a status word, for users and logs alike: each bit set with what it means
+    (:data:`STATUS_DOCS`), the HALT code by name for ``PROGRAM_ERROR``, where the core stopped
+    and how many tokens it wrote; ``"ok (<n> tokens)"`` for a clean run. Always one line."""
+    if status == 0:
+        return f"ok ({tokens} tokens)"
+    parts = []
+    for name in status_names(status):
+        text = f"{name} ({STATUS_DOCS[name]})"
+        if name == "PROGRAM_ERROR":
+            try:
+                code = HaltCode(halt_code).name
+            except ValueError:
+                code = str(halt_code)
+            text += f", HALT code {code}"
+        parts.append(text)
+    unknown = status & ~sum(Status)
+    if unknown:
+        parts.append(f"undefined status bits {unknown:#x}")
+    text = f"{'; '.join(parts)} at instruction {pc}, after {tokens} tokens"
+    if status == Status.PROGRAM_ERROR and halt_code == HaltCode.CONTEXT_FULL:
+        text += " (the context is full: use a shorter prompt or fewer new tokens)"
+    return text
+
+
 SCALAR_ARGS = (
     ("start_pos", "first position the program processes"),
     ("prompt_len", "positions below this take their token from the prompt area"),

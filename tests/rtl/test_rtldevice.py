@@ -11,8 +11,9 @@ import pytest
 from tandem.checkpoint import random_weights
 from tandem.config import preset
 from tandem.geometry import geometry
+from tandem.host.backends import BACKENDS, open_device
 from tandem.host.cli import main
-from tandem.host.device import BACKENDS, DeviceError, open_device
+from tandem.host.device import DeviceError
 from tandem.layout import HBMImage
 from tandem.sim import runner
 
