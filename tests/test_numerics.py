@@ -75,7 +75,11 @@ def random_fp16(rng, shape, scale=1.0):
     return nm.to_bits(rng.normal(0, scale, size=shape) * np.exp2(rng.integers(-6, 4, size=shape)))
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 64), (5, 100), (17, 200), (2, 129)])
+@pytest.mark.parametrize(
+    "rows,cols",
+    # ... up to GPT-2's widths (768, 3,072) and the contract's longest dot product (16,384)
+    [(1, 1), (3, 64), (5, 100), (17, 200), (2, 129), (4, 768), (3, 3072), (2, nm.MAX_DOT_LEN)],
+)
 def test_matvec_matches_naive_model(rows, cols):
     rng = np.random.default_rng(rows * 1000 + cols)
     w = random_fp16(rng, (rows, cols))
@@ -89,6 +93,22 @@ def test_matvec_matches_naive_model(rows, cols):
     out = nm.acc_to_fp16(acc, lam)
     for r in range(rows):
         assert int(out[r]) == round_fraction(Fraction(int(acc[r])) * Fraction(2) ** lam)
+
+
+def test_longest_dot_of_largest_values_does_not_overflow():
+    """16,384 products of +-65504: the accumulator's worst case (the contract bounds it to 61
+    bits) equals the naive model's unbounded integer sum, and rounds to +-Inf."""
+    n = nm.MAX_DOT_LEN
+    w = np.full((2, n), 0x7BFF, np.uint16)
+    w[1] |= 0x8000
+    x = np.full((n,), 0x7BFF, np.uint16)
+    acc, lam, nonfinite = nm.matvec(nm.PreparedMatrix(w), x, None)
+    assert not nonfinite.any()
+    for r in range(2):
+        want_acc, want_lam = naive_dot([int(v) for v in w[r]], [int(v) for v in x], None)
+        assert (int(acc[r]), lam) == (want_acc, want_lam)
+        assert abs(want_acc) < 1 << 61
+    assert nm.acc_to_fp16(acc, lam).tolist() == [0x7C00, 0xFC00]
 
 
 def test_matvec_extreme_exponents_and_subnormals():
