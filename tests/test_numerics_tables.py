@@ -143,7 +143,7 @@ NANS = [b for b in range(1 << 16) if is_nan(b)]
 def test_every_nan_input_gives_the_canonical_nan(name):
     t = nm.table(name)
     assert len(NANS) == 2046
-    assert set(int(v) for v in t[NANS]) == {CANONICAL_NAN}
+    assert {int(v) for v in t[NANS]} == {CANONICAL_NAN}
 
 
 @pytest.mark.parametrize(
