@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tandem.checkpoint import random_weights
+from tandem.checkpoint import lively_weights
 from tandem.config import preset
 from tandem.golden.faithful import FaithfulModel
 from tandem.gpu.decode import generate
@@ -26,10 +26,13 @@ def _decode_cases():
 def test_torch_decode_equals_faithful(name, L, n_new):
     cfg = preset(name)
     assert L + n_new - 1 <= cfg.n_ctx
-    weights = random_weights(cfg, seed=7)
+    weights = lively_weights(cfg, seed=7)
     ids = np.random.default_rng(L).integers(0, cfg.n_vocab, L).tolist()
     res = generate(cfg, PreparedModel(cfg, weights, "cpu"), ids, n_new)
-    assert res.tokens == FaithfulModel(cfg, weights).generate(ids, n_new)
+    want = FaithfulModel(cfg, weights).generate(ids, n_new)
+    assert res.tokens == want
+    # lively weights: the answer is not one token repeated, so a cache bug changes it
+    assert len(set(want)) > 1 or n_new == 1
 
 
 @pytest.mark.parametrize("tq", [1, 3, 70])
