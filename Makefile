@@ -1,7 +1,7 @@
 # Tandem developer targets. `make setup` once, then the others.
 PYTHON ?= python
 
-.PHONY: setup test test-fast lint run bench verilog bitstream hw_emu estimate
+.PHONY: setup test test-fast mutants lint run bench verilog bitstream hw_emu estimate
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,11 @@ test:
 # The fast tier: everything but whole-core RTL runs (`core`) and benchmark-size cases (`slow`).
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow and not pending and not core"
+
+# Plant known KV-cache bugs in a copy of HEAD and show the tests fail on each (scripts/mutants.py;
+# about 2 minutes; MUTANTS_ARGS="--suite fast" runs the whole fast tier per mutant).
+mutants:
+	$(PYTHON) scripts/mutants.py $(MUTANTS_ARGS)
 
 lint:
 	$(PYTHON) -m ruff check .
