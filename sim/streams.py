@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
 
+from tandem import seeds
+
 # --------------------------------------------------------------------------------------------
 # idle and backpressure patterns: infinite iterators of 0/1
 
@@ -43,14 +45,14 @@ def bernoulli(p: float, seed: int) -> Iterator[int]:
     """1 with probability ``p`` each cycle, from its own seeded generator (``p`` 0: never)."""
     if not 0 <= p <= 1:
         raise ValueError(f"probability must be in [0, 1], not {p!r}")
-    rng = random.Random(seed)
+    rng = random.Random(seeds.seed(seed))
     while True:
         yield int(rng.random() < p)
 
 
 def bursts(seed: int, on: tuple[int, int] = (1, 12), off: tuple[int, int] = (1, 6)):
     """Random runs of 1s and 0s (lengths uniform in the given ranges)."""
-    rng = random.Random(seed)
+    rng = random.Random(seeds.seed(seed))
     while True:
         yield from itertools.repeat(1, rng.randint(*on))
         yield from itertools.repeat(0, rng.randint(*off))

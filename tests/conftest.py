@@ -10,6 +10,15 @@ import pytest
 _RTL_DIR = Path(__file__).parent / "rtl"
 
 
+def pytest_report_header(config):
+    from tandem import seeds
+
+    extra = seeds.override()
+    if extra is None:
+        return f"{seeds.SEED_ENV} unset: randomised tests use the seeds as written"
+    return f"{seeds.SEED_ENV}={extra}: randomised tests use seeds derived from it"
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test under tests/rtl/ is in the ``rtl`` tier (pyproject.toml lists the markers)."""
     for item in items:

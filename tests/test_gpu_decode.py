@@ -10,6 +10,7 @@ from tandem.config import preset
 from tandem.golden.faithful import FaithfulModel
 from tandem.gpu.decode import generate
 from tandem.gpu.prefill import PreparedModel
+from tandem.seeds import seed
 
 
 def _decode_cases():
@@ -27,7 +28,7 @@ def test_torch_decode_equals_faithful(name, L, n_new):
     cfg = preset(name)
     assert L + n_new - 1 <= cfg.n_ctx
     weights = lively_weights(cfg, seed=7)
-    ids = np.random.default_rng(L).integers(0, cfg.n_vocab, L).tolist()
+    ids = np.random.default_rng(seed(L)).integers(0, cfg.n_vocab, L).tolist()
     res = generate(cfg, PreparedModel(cfg, weights, "cpu"), ids, n_new)
     want = FaithfulModel(cfg, weights).generate(ids, n_new)
     assert res.tokens == want
@@ -45,7 +46,7 @@ def test_attention_of_the_last_queries_equals_the_full_rows(tq):
     from tandem.gpu import contract as c
     from tandem.gpu.prefill import attention
 
-    rng = np.random.default_rng(tq)
+    rng = np.random.default_rng(seed(tq))
     H, T = 3, 150
 
     def bits(scale):

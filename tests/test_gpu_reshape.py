@@ -13,6 +13,7 @@ from tandem import layout as L
 from tandem.geometry import GEOMETRIES
 from tandem.gpu import contract as c
 from tandem.gpu.reshape import reshape_kv, unreshape_kv
+from tandem.seeds import seed
 
 
 def _bits(rng, shape):
@@ -39,7 +40,7 @@ def _check(g, k, vt):
     "n_head,T", [(1, 1), (2, 5), (2, 33), (3, 64), (16, 65), (4, 96), (4, 200), (2, 256)]
 )
 def test_reshape_matches_layout(geom, n_head, T):
-    rng = np.random.default_rng(T * n_head)
+    rng = np.random.default_rng(seed(T * n_head))
     k, vt = _bits(rng, (n_head, T, 64)), _bits(rng, (n_head, 64, T))
     _check(GEOMETRIES[geom], c.bits_from_numpy(k), c.bits_from_numpy(vt))
 
@@ -64,7 +65,7 @@ def test_reshape_takes_strided_views(geom, T):
     with the same bytes."""
     g = GEOMETRIES[geom]
     n_head, P = 3, 3 * 64
-    rng = np.random.default_rng(T)
+    rng = np.random.default_rng(seed(T))
     t = c.bits_from_numpy(_bits(rng, (T, 3 * P)))
     k = t[:, P : 2 * P].reshape(T, n_head, 64).transpose(0, 1)
     assert not k.is_contiguous()
@@ -88,7 +89,7 @@ def test_reshape_of_k_and_vt_in_one_storage(geom, T, order):
     g = GEOMETRIES[geom]
     n_head = 3
     n = n_head * T * 64
-    rng = np.random.default_rng(T)
+    rng = np.random.default_rng(seed(T))
     gap = {"kv-gap": 2 * g.beat_elems, "kv-odd": 3}.get(order, 0)
     room = g.beat_elems if order == "kv-room" else 0
     buf = c.bits_from_numpy(_bits(rng, (7 + 2 * n + gap + room,)))
