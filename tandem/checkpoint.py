@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def validate(cfg: GPT2Config, weights: Weights, *, source: str | os.PathLike | N
 
 
 def _strip_prefix(raw: dict[str, np.ndarray]) -> Weights:
-    return {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in raw.items()}
+    return {_strip_key(k): v for k, v in raw.items()}
 
 
 def _as_f32(x) -> np.ndarray:
@@ -137,7 +138,10 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 
 def _weight_files(d: Path) -> Iterator[Path]:
-    """The weight files of a checkpoint folder, preferring safetensors; sharded ones in order."""
+    """The weight files of a checkpoint folder, preferring safetensors; sharded ones in order.
+
+    A shard index (``*.index.json``) must be a JSON object whose ``weight_map`` maps tensor names
+    to file names inside the folder, and every shard it names must exist."""
     for single, index in (
         ("model.safetensors", "model.safetensors.index.json"),
         ("pytorch_model.bin", "pytorch_model.bin.index.json"),
@@ -148,11 +152,81 @@ def _weight_files(d: Path) -> Iterator[Path]:
         if (d / index).is_file():
             try:
                 weight_map = json.loads((d / index).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as err:
-                raise CheckpointError(f"bad shard index {d / index}: {err}") from err
-            yield from (d / name for name in sorted(set(weight_map.values())))
+                names = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(
+                    f"bad shard index {d / index}: {type(err).__name__}: {err}; "
+                    "it must be JSON with a 'weight_map' of tensor name -> shard file"
+                ) from err
+            bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+            if bad:
+                raise CheckpointError(f"bad shard index {d / index}: shard names {bad[:3]}")
+            missing = [n for n in names if not (d / n).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{d / index} names {len(names)} shards, but {len(missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} not in {d}: {', '.join(missing[:3])}"
+                )
+            yield from (d / name for name in names)
             return
     raise CheckpointError(f"no weights in {d}: expected model.safetensors or pytorch_model.bin")
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def check_structure(
+    cfg: GPT2Config, shapes: dict[str, tuple[int, ...]], *, source: str | os.PathLike | None = None
+) -> None:
+    """Cheap checks of ``cfg`` against the names and shapes of the tensors a checkpoint holds
+    (from file headers), before anything of the size ``cfg`` claims is built or read: first the
+    layer count, then every expected weight's presence and shape."""
+    where = f" in {source}" if source is not None else ""
+    names = {_strip_key(k): shape for k, shape in shapes.items()}
+    layers = {int(k.split(".")[1]) for k in names if re.fullmatch(r"h\.\d+\..+", k)}
+    # (set(range(n_layer)) would itself be the allocation this check exists to avoid)
+    span = (min(layers), max(layers)) if layers else (0, -1)
+    if len(layers) != cfg.n_layer or span != (0, cfg.n_layer - 1):
+        raise CheckpointError(
+            f"config.json says n_layer = {cfg.n_layer}, but the weights{where} hold "
+            f"{len(layers)} layer{'s' if len(layers) != 1 else ''}"
+            + (f" (numbered up to {max(layers)})" if layers and max(layers) >= len(layers) else "")
+        )
+    for key, want in expected_shapes(cfg).items():
+        if key not in names:
+            raise CheckpointError(f"missing weight {key!r}{where}")
+        if tuple(names[key]) != want:
+            raise CheckpointError(
+                f"weight {key!r}{where} has shape {tuple(names[key])}, expected {want} "
+                f"for config {cfg.name!r}"
+            )
+
+
+def _strip_key(k: str) -> str:
+    return k[len(_PREFIX) :] if k.startswith(_PREFIX) else k
+
+
+def check_finite(weights: Weights, *, source: str | os.PathLike | None = None) -> None:
+    """Raise CheckpointError naming the first tensor that holds a NaN or an infinity."""
+    where = f" in {source}" if source is not None else ""
+    for key, w in weights.items():
+        bad = ~np.isfinite(w)
+        if bad.any():
+            n = int(bad.sum())
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise CheckpointError(
+                f"weight {key!r}{where} holds {n} non-finite value{'s' if n != 1 else ''} "
+                f"(first at {first}: {w[first]}); the checkpoint is corrupt, or pass "
+                "--allow-nonfinite to run it anyway"
+            )
 
 
 def load_config(directory: str | os.PathLike) -> GPT2Config:
@@ -173,24 +247,38 @@ def load_config(directory: str | os.PathLike) -> GPT2Config:
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT2Config, Weights]:
+def load_checkpoint(
+    directory: str | os.PathLike, *, allow_nonfinite: bool = False
+) -> tuple[GPT2Config, Weights]:
     """Load a Hugging Face GPT-2 checkpoint folder as (config, float32 weights).
 
     Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or their
-    sharded forms). FP16 and BF16 weights become float32; the ``transformer.`` prefix of
-    ``GPT2LMHeadModel`` checkpoints is removed; buffers and a tied ``lm_head`` are dropped.
+    sharded forms with ``*.index.json``). FP16 and BF16 weights become float32; the
+    ``transformer.`` prefix of ``GPT2LMHeadModel`` checkpoints is removed; buffers and a tied
+    ``lm_head`` are dropped. The config is checked against the safetensors headers before any
+    weight is read, and a weight holding a NaN or an infinity is rejected by name unless
+    ``allow_nonfinite``.
     """
     d = Path(directory)
     cfg = load_config(d)
-    weights: Weights = {}
     files = list(_weight_files(d))
+    source = files[0] if len(files) == 1 else d
+    if all(p.suffix == ".safetensors" for p in files):
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in files:
+            shapes.update(_safetensors_shapes(path))
+        check_structure(cfg, shapes, source=source)
+    weights: Weights = {}
     for path in files:
         raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch_bin(path)
         weights.update(_strip_prefix(raw))
-    source = files[0] if len(files) == 1 else d
+    if not all(p.suffix == ".safetensors" for p in files):
+        check_structure(cfg, {k: tuple(np.shape(v)) for k, v in weights.items()}, source=source)
     validate(cfg, weights, source=source)
-    shapes = expected_shapes(cfg)
-    return cfg, {k: weights[k] for k in shapes}
+    weights = {k: weights[k] for k in expected_shapes(cfg)}
+    if not allow_nonfinite:
+        check_finite(weights, source=source)
+    return cfg, weights
 
 
 def save_checkpoint(
@@ -265,8 +353,10 @@ def embedded_default() -> tuple[GPT2Config, Weights]:
     return cfg, random_weights(cfg, seed=0)
 
 
-def load_weights(spec: str | os.PathLike | None = None) -> tuple[GPT2Config, Weights]:
+def load_weights(
+    spec: str | os.PathLike | None = None, *, allow_nonfinite: bool = False
+) -> tuple[GPT2Config, Weights]:
     """``None`` gives the built-in model; a path gives that checkpoint folder."""
     if spec is None:
         return embedded_default()
-    return load_checkpoint(spec)
+    return load_checkpoint(spec, allow_nonfinite=allow_nonfinite)

@@ -231,3 +231,90 @@ def test_unsupported_architecture(tmp_path, odd, change, match):
 
 def test_checkpoint_error_is_value_error():
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_transformers_sharded_checkpoint_loads(tmp_path, hf_gpt2):
+    """A checkpoint transformers itself shards (model.safetensors.index.json and its shards)
+    loads to the same weights as the single-file save."""
+    model, single = hf_gpt2("tiny")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    cfg_a, a = load_checkpoint(tmp_path)
+    cfg_b, b = load_checkpoint(single)
+    assert cfg_a.replace(name="x") == cfg_b.replace(name="x")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _sharded(tmp_path, cfg, weights):
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    keys = list(weights)
+    weight_map = {}
+    for n, part in enumerate((keys[:20], keys[20:])):
+        name = f"model-0000{n + 1}-of-00002.safetensors"
+        save_file({"transformer." + k: weights[k] for k in part}, tmp_path / name)
+        weight_map.update({"transformer." + k: name for k in part})
+    return weight_map
+
+
+@pytest.mark.parametrize(
+    "index,match",
+    [
+        (None, r"names 2 shards, but 1 is not in .*: model-00002-of-00002\.safetensors"),
+        ([1, 2], r"bad shard index .*'weight_map'"),
+        ({"weights": {}}, r"bad shard index .*'weight_map'"),
+        ({"weight_map": {"a": "../x.safetensors"}}, r"bad shard index .*shard names"),
+        ({"weight_map": {"a": 3}}, r"bad shard index .*shard names"),
+    ],
+)
+def test_bad_shard_index_is_one_clear_error(tmp_path, odd, index, match):
+    cfg, weights = odd
+    weight_map = _sharded(tmp_path, cfg, weights)
+    if index is None:  # the index names a shard that is not there
+        (tmp_path / "model-00002-of-00002.safetensors").unlink()
+        index = {"weight_map": weight_map}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("key,at", [("h.1.attn.c_proj.weight", (5, 7)), ("ln_f.weight", (3,))])
+def test_nonfinite_weight_is_rejected_by_name(tmp_path, odd, key, at, value):
+    cfg, weights = odd
+    bad = {k: v.copy() for k, v in weights.items()}
+    bad[key][at] = value
+    save_checkpoint(tmp_path, cfg, bad)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path)
+    msg = str(info.value)
+    assert f"'{key}'" in msg and "1 non-finite value" in msg and str(at) in msg
+    assert "--allow-nonfinite" in msg
+    # loads when explicitly allowed, and the folder is untouched either way
+    _, loaded = load_weights(tmp_path, allow_nonfinite=True)
+    assert not np.isfinite(loaded[key][at])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_all_nan_ln_f_is_rejected(tmp_path, odd):
+    cfg, weights = odd
+    save_checkpoint(tmp_path, cfg, {**weights, "ln_f.weight": np.full(cfg.n_embd, np.nan)})
+    with pytest.raises(CheckpointError, match=r"'ln_f.weight' .* holds 96 non-finite values"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("n_layer", [100_000_000, 4, 2])
+def test_config_layer_count_is_checked_before_allocating(tmp_path, odd, n_layer):
+    """An absurd (or merely wrong) n_layer in config.json is one error, found from the file
+    headers in well under a second, not a MemoryError after minutes of allocation."""
+    import time
+
+    cfg, weights = odd
+    save_checkpoint(tmp_path, cfg, weights)
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**d, "n_layer": n_layer}))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"n_layer = {n_layer}, but the weights .* 3 layers"):
+        load_checkpoint(tmp_path)
+    assert time.perf_counter() - t0 < 5
