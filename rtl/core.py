@@ -1,31 +1,63 @@
-"""The decode core's top level: shell, controller, DMA, MPU, VPU and vector buffer."""
+"""The decode core's top level: the Vitis kernel ``tandem_decode_core``, built from the shell,
+the controller, the DMA, the MPU, the VPU, the vector buffer and the blocks between them."""
 
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
-from amaranth import Cat, ClockDomain, Module, Mux, Signal
-from amaranth.lib import fifo, wiring
-from amaranth.lib.wiring import In, Out, connect
+from amaranth import ClockDomain, Module
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out, connect, flipped
 
 from tandem import regmap
 from tandem.geometry import CoreGeometry
 
 from .axi import AXI4LiteSignature, AXI4Signature, vitis_ports
-from .controller import Controller, MpuIssue, StoreIssue
-from .dma import DMAEngine, ReadKind, StoreKind
+from .controller import Controller, UnitBusy
+from .dma import DMAEngine, StoreCommand
+from .feeders import CommandQueue, MpuFeeder, ReadPortShare, StoreFeeder, VbufWriteArbiter
+from .fetch import ProgramFetch
 from .mpu import MatrixUnit
 from .shell import KernelShell
 from .vbuf import VectorBuffer
-from .vpu import VectorUnit
+from .vpu import VectorCommand, VectorUnit
 
-__all__ = ["TOPLEVEL", "DecodeCore", "verilog"]
+__all__ = ["TOPLEVEL", "VPU_QUEUE", "DecodeCore", "PerfSignature", "verilog"]
 
 TOPLEVEL = "tandem_decode_core"
-BLOCK = 64
-_FETCH_CHUNK = 1 << 15  # elements per ROWS command of the program fetch (16-bit length)
 VPU_QUEUE = 64
 """Vector commands the core holds between the controller and the vector unit: enough for a
 head group's softmax (5 ops per head), so the controller reaches the next MATVEC and starts its
 weight read while the vector unit still works."""
+
+
+class PerfSignature(wiring.Signature):
+    """Read-only taps on the core's internals for performance monitors (``Out`` from the core).
+
+    Members
+    -------
+    start, done : Out(1)
+        The shell's one-cycle ``ap_start`` pulse to the controller, and the controller's done.
+    busy : Out(UnitBusy)
+        The busy flags the controller sees (:class:`tandem.rtl.controller.UnitBusy`).
+    tile_valid, tile_ready : Out(1)
+        The MPU's weight-tile stream (``valid & ready``: one tile taken).
+    store_issued : Out(1)
+        The controller issued ``store`` in this cycle (the DMA store command handshake at the
+        store feeder's input).
+    store : Out(StoreCommand)
+    """
+
+    def __init__(self):
+        super().__init__(
+            {
+                "start": Out(1),
+                "done": Out(1),
+                "busy": Out(UnitBusy),
+                "tile_valid": Out(1),
+                "tile_ready": Out(1),
+                "store_issued": Out(1),
+                "store": Out(StoreCommand),
+            }
+        )
 
 
 class DecodeCore(wiring.Component):
@@ -34,24 +66,36 @@ class DecodeCore(wiring.Component):
     Ports: ``ap_clk``, ``ap_rst_n`` (active low, synchronous), ``interrupt``,
     ``s_axi_control_*`` (:class:`rtl.shell.KernelShell`) and one AXI4 manager
     ``m_axi_hbm<ch>_*`` per channel at ``geom.port_bits`` (:class:`rtl.dma.DMAEngine`).
+    With ``perf=True`` (simulation tops only, see :mod:`tandem.sim.rtljob`) there is also a
+    ``perf`` member (:class:`PerfSignature`); the Vitis kernel (:func:`verilog`) has none.
 
-    Inside: the :class:`Controller` issues to the :class:`DMAEngine`, the :class:`MatrixUnit`
-    (through an MPU feeder that reads x and the bias from the VBUF and writes the results back)
-    and the :class:`VectorUnit`. The :class:`VectorBuffer` has three read ports (VPU a, VPU b,
-    and one shared by the MPU feeder and the store feeder) and one write port shared by the VPU,
-    the MPU feeder and the DMA's LOADV rows; the controller's scoreboard lets only one of each
-    group use the VBUF at a time, so the sharing is a plain multiplexer.
+    Inside, the :class:`Controller` issues to:
 
-    The program fetch goes through the DMA read path: ``ROWS`` reads of the program region
-    (striped reads touch every channel at the same offsets) of which only channel 0's beats,
-    the first ``beat_elems`` elements of every ``channels*beat_elems/64``-th row, go to the
-    controller's instruction memory.
+    - the :class:`DMAEngine` through :class:`rtl.fetch.ProgramFetch`, which owns the DMA's read
+      command port and row stream: it runs the program fetch (``ROWS`` reads of the program
+      region, of which channel 0's beats go to the controller), passes the controller's reads
+      through otherwise, sends LOADV rows to the VBUF write port and counts those still to come;
+      and through :class:`rtl.feeders.StoreFeeder` for stores (it reads their rows from the
+      VBUF). LDW words go straight to the controller.
+    - the :class:`MatrixUnit` through :class:`rtl.feeders.MpuFeeder` (x and bias rows from the
+      VBUF, result rows back); the weight tiles go from the DMA straight into the MPU and the
+      ARGMAX index straight to the controller.
+    - the :class:`VectorUnit` through a :class:`rtl.feeders.CommandQueue` of :data:`VPU_QUEUE`
+      commands, so the controller runs ahead.
+
+    The :class:`VectorBuffer` has three read ports (VPU a, VPU b, and one shared by the MPU
+    feeder and the store feeder: :class:`rtl.feeders.ReadPortShare`) and one write port
+    shared by the LOADV rows, the MPU feeder and the VPU
+    (:class:`rtl.feeders.VbufWriteArbiter`); the controller's scoreboard lets only one of each
+    group use the VBUF at a time, so the sharing is a plain multiplexer (the store feeder also
+    waits while the MPU feeder loads).
     """
 
-    def __init__(self, geom: CoreGeometry):
+    def __init__(self, geom: CoreGeometry, *, perf: bool = False):
         if not isinstance(geom, CoreGeometry):
             raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
         self._geom = geom
+        self._perf = bool(perf)
         addr_width = (regmap.address_space_bytes(geom.channels) - 1).bit_length()
         members = {
             "ap_clk": In(1),
@@ -61,11 +105,18 @@ class DecodeCore(wiring.Component):
         }
         for ch in range(geom.channels):
             members[f"m_axi_hbm{ch}"] = Out(AXI4Signature(addr_width=64, data_width=geom.port_bits))
+        if self._perf:
+            members["perf"] = Out(PerfSignature())
         super().__init__(members)
 
     @property
     def geom(self) -> CoreGeometry:
         return self._geom
+
+    @property
+    def has_perf(self) -> bool:
+        """Whether the core has the ``perf`` member."""
+        return self._perf
 
     def elaborate(self, platform):
         m = Module()
@@ -76,14 +127,21 @@ class DecodeCore(wiring.Component):
         m.submodules.shell = shell = KernelShell(g)
         m.submodules.ctrl = ctrl = Controller(g)
         m.submodules.dma = dma = DMAEngine(g)
+        m.submodules.fetch = fetch = ProgramFetch(g)
+        m.submodules.store_feeder = stores = StoreFeeder(g)
+        m.submodules.mpu_feeder = feeder = MpuFeeder(g)
         m.submodules.mpu = mpu = MatrixUnit(g)
+        m.submodules.vpu_queue = vq = CommandQueue(VectorCommand, VPU_QUEUE)
         m.submodules.vpu = vpu = VectorUnit(g)
         m.submodules.vbuf = vbuf = VectorBuffer(g, read_ports=3, write_ports=1)
+        m.submodules.vbuf_shared_read = shared_rd = ReadPortShare(vbuf.rows, users=2)
+        m.submodules.vbuf_write = vbuf_wr = VbufWriteArbiter(g)
 
-        wiring.connect(m, wiring.flipped(self.s_axi_control), shell.s_axi_control)
+        # ---- host side: control registers, HBM ports --------------------------------------
+        connect(m, flipped(self.s_axi_control), shell.s_axi_control)
         for ch in range(g.channels):
             name = f"m_axi_hbm{ch}"
-            wiring.connect(m, getattr(dma, name), wiring.flipped(getattr(self, name)))
+            connect(m, getattr(dma, name), flipped(getattr(self, name)))
         m.d.comb += [
             self.interrupt.eq(shell.interrupt),
             ctrl.args.eq(shell.args),
@@ -97,299 +155,64 @@ class DecodeCore(wiring.Component):
             ctrl.dma_error_tag.eq(dma.error_tag),
         ]
 
-        # ---- VPU ----------------------------------------------------------------------------
-        # a command queue: the controller issues vector ops back to back and runs ahead
-        m.submodules.vpu_queue = vq = fifo.SyncFIFOBuffered(
-            width=len(ctrl.vpu.payload.as_value()), depth=VPU_QUEUE
-        )
-        m.d.comb += [
-            vq.w_data.eq(ctrl.vpu.payload.as_value()),
-            vq.w_en.eq(ctrl.vpu.valid),
-            ctrl.vpu.ready.eq(vq.w_rdy),
-            vpu.cmd.payload.eq(vq.r_data),
-            vpu.cmd.valid.eq(vq.r_rdy),
-            vq.r_en.eq(vpu.cmd.ready),
-        ]
+        # ---- DMA reads: program fetch, LOADV rows, LDW words --------------------------------
+        connect(m, ctrl.fetch_cmd, fetch.cmd)
+        connect(m, fetch.data, ctrl.fetch_data)
+        connect(m, ctrl.dma_read, fetch.issue)
+        connect(m, fetch.read, dma.read)
+        connect(m, dma.rows, fetch.rows)
+        connect(m, fetch.loadv, vbuf_wr.loadv)
+        connect(m, dma.word, ctrl.dma_word)
+
+        # ---- stores ---------------------------------------------------------------------------
+        connect(m, ctrl.dma_store, stores.issue)
+        connect(m, stores.cmd, dma.store)
+        connect(m, stores.data, dma.store_data)
+        connect(m, stores.read, shared_rd.users[1])
+        m.d.comb += stores.hold.eq(feeder.loading)
+
+        # ---- MPU: commands, x and bias through the feeder, weights straight from the DMA -----
+        connect(m, ctrl.mpu, feeder.issue)
+        connect(m, feeder.cmd, mpu.cmd)
+        connect(m, feeder.x, mpu.x)
+        connect(m, feeder.bias, mpu.bias)
+        connect(m, dma.tiles, mpu.weights)
+        connect(m, mpu.result, feeder.result)
+        connect(m, mpu.argmax, ctrl.mpu_argmax)
+        connect(m, feeder.read, shared_rd.users[0])
+        connect(m, feeder.write, vbuf_wr.mpu)
+
+        # ---- VPU --------------------------------------------------------------------------
+        connect(m, ctrl.vpu, vq.i)
+        connect(m, vq.o, vpu.cmd)
         connect(m, vpu.read_a, vbuf.read[0])
         connect(m, vpu.read_b, vbuf.read[1])
+        connect(m, vpu.write, vbuf_wr.vpu)
         m.d.comb += vpu.done.ready.eq(1)
 
-        # ---- shared VBUF ports: read[2] (MPU feeder or store feeder), write[0] -----------------
-        shared_rd = vbuf.read[2]
-        wr = vbuf.write[0]
-
-        # ---- program fetch through ROWS reads -------------------------------------------------
-        stripe_elems = g.channels * g.beat_elems
-        rows_per_stripe = stripe_elems // BLOCK
-        chunk_stripes = _FETCH_CHUNK // stripe_elems
-        fetching = Signal()
-        fetch_left = Signal(32)  # stripes not yet requested
-        fetch_off = Signal(32)
-        row_phase = Signal(range(max(2, rows_per_stripe)))
-        with m.If(ctrl.fetch_cmd.valid):
-            m.d.comb += ctrl.fetch_cmd.ready.eq(1)
-            m.d.sync += [
-                fetching.eq(1),
-                fetch_left.eq(ctrl.fetch_cmd.payload.beats),
-                fetch_off.eq(ctrl.fetch_cmd.payload.offset),
-                row_phase.eq(0),
-            ]
-        fetch_n = Signal(32)
-        m.d.comb += fetch_n.eq(Mux(fetch_left < chunk_stripes, fetch_left, chunk_stripes))
-        fetch_rows_left = Signal(32)
-        with m.If(fetching):
-            m.d.comb += dma.read.valid.eq(fetch_left != 0)
-            m.d.comb += [
-                dma.read.payload.kind.eq(ReadKind.ROWS),
-                dma.read.payload.offset.eq(fetch_off),
-                dma.read.payload.length.eq(fetch_n * stripe_elems),
-            ]
-            fetch_issue = dma.read.ready & (fetch_left != 0)
-            with m.If(fetch_issue):
-                m.d.sync += [
-                    fetch_left.eq(fetch_left - fetch_n),
-                    fetch_off.eq(fetch_off + fetch_n * g.beat_bytes),
-                ]
-            # channel 0's beat is the low part of the first row of every stripe
-            m.d.comb += [
-                ctrl.fetch_data.valid.eq(dma.rows.valid & (row_phase == 0)),
-                ctrl.fetch_data.payload.eq(dma.rows.payload.data.as_value()[: g.port_bits]),
-                dma.rows.ready.eq((row_phase != 0) | ctrl.fetch_data.ready),
-            ]
-            with m.If(dma.rows.valid & dma.rows.ready):
-                m.d.sync += row_phase.eq(
-                    Mux(row_phase == rows_per_stripe - 1, 0, row_phase + 1)
-                    if rows_per_stripe > 1
-                    else 0
-                )
-                with m.If((fetch_left == 0) & (fetch_rows_left == 1)):
-                    m.d.sync += fetching.eq(0)
-            # rows requested minus rows taken; a chunk can be issued in the cycle a row of the
-            # previous chunk is taken, so both updates go into one assignment
-            m.d.sync += fetch_rows_left.eq(
-                fetch_rows_left
-                + Mux(fetch_issue, fetch_n * rows_per_stripe, 0)
-                - (dma.rows.valid & dma.rows.ready)
-            )
-        with m.Else():
-            connect(m, ctrl.dma_read, dma.read)
-
-        # ---- LOADV rows into the VBUF ---------------------------------------------------------
-        loadv_rows = Signal(16)  # rows still to arrive
-        loadv_add = Signal(16)
-        loadv_sub = Signal()
-        rows_to_vbuf = Signal()
-        issue_rows = ctrl.dma_read.valid & ctrl.dma_read.ready
-        issue_rows &= ctrl.dma_read.payload.kind == ReadKind.ROWS
-        m.d.comb += loadv_add.eq(
-            Mux(issue_rows, (ctrl.dma_read.payload.length + BLOCK - 1) >> 6, 0)
-        )
-        with m.If(~fetching):
-            m.d.comb += [dma.rows.ready.eq(1), rows_to_vbuf.eq(dma.rows.valid)]
-        m.d.comb += loadv_sub.eq(rows_to_vbuf)
-        m.d.sync += loadv_rows.eq(loadv_rows + loadv_add - loadv_sub)
-        m.d.comb += [
-            dma.word.ready.eq(1),
-            ctrl.dma_word.valid.eq(dma.word.valid),
-            ctrl.dma_word.payload.eq(dma.word.payload),
-        ]
-
-        # ---- MATVEC weights: DMA tiles straight into the MPU --------------------------------
-        m.d.comb += [
-            mpu.weights.valid.eq(dma.tiles.valid),
-            mpu.weights.payload.eq(dma.tiles.payload),
-            dma.tiles.ready.eq(mpu.weights.ready),
-        ]
-
-        # ---- MPU feeder ---------------------------------------------------------------------
-        # The reader takes a command from the controller, hands it to the MPU and reads its x
-        # rows, then its bias rows, from the VBUF. The writer writes result rows to the VBUF for
-        # the commands in `wq` (in order; at most 2), so the next command's x loads while the
-        # previous one's results drain. A command whose x or bias rows overlap result rows
-        # still to come waits for them (read after write through the VBUF).
-        issue = Signal(MpuIssue)  # the command being loaded
-        rd_active = Signal()
-        n_cb = Signal(16)
-        n_groups = Signal(16)
-        rd_i = Signal(16)  # x or bias rows read so far
-        rd_phase = Signal(2)  # 0 x rows, 1 bias rows, 2 done
-        rd_wait = Signal()  # a read is in flight (data next cycle)
-        held = Signal()  # read data waiting for the stream
-        cmd_sent = Signal()
-        WQ = 2
-        wq_dst = [Signal(16, name=f"wq_dst{i}") for i in range(WQ)]
-        wq_rows = [Signal(32, name=f"wq_rows{i}") for i in range(WQ)]  # live result rows
-        wq_n = Signal(range(WQ + 1))
-        res_i = Signal(16)  # result rows of wq[0] written
-
-        inc = ctrl.mpu.payload
-        c = inc.cmd
-        lr = Signal(16)
-        lc = Signal(16)
-        m.d.comb += [lr.eq(c.eff_rows()), lc.eq(c.eff_cols())]
-        inc_cb = (lc + BLOCK - 1) >> 6
-        inc_groups = (lr + BLOCK - 1) >> 6
-
-        def overlaps(lo, n, i):
-            """VBUF rows [lo, lo + n) meet wq[i]'s result rows still to come."""
-            hi = wq_dst[i] + ((wq_rows[i] + BLOCK - 1) >> 6)
-            return (i < wq_n) & (n != 0) & (lo < hi) & (wq_dst[i] < lo + n)
-
-        hazard = Signal()
-        m.d.comb += hazard.eq(
-            Cat(
-                *(
-                    overlaps(inc.src_row, inc_cb, i)
-                    | (c.flags.bias & overlaps(inc.dst_row, inc_groups, i))
-                    for i in range(WQ)
-                )
-            ).any()
-        )
-        makes_rows = ~c.flags.argmax & (inc_groups != 0)
-        accept = Signal()
-        m.d.comb += [
-            ctrl.mpu.ready.eq(~rd_active & ~hazard & ((wq_n < WQ) | ~makes_rows)),
-            accept.eq(ctrl.mpu.valid & ctrl.mpu.ready),
-        ]
-        with m.If(accept):
-            m.d.sync += [
-                issue.eq(inc),
-                rd_active.eq(1),
-                n_cb.eq(inc_cb),
-                n_groups.eq(inc_groups),
-                rd_i.eq(0),
-                # no live column: no x rows (the MPU computes on zeros), bias rows only if any
-                rd_phase.eq(Mux(lc == 0, Mux(c.flags.bias, 1, 2), 0)),
-                rd_wait.eq(0),
-                held.eq(0),
-                cmd_sent.eq(0),
-            ]
-        m.d.comb += [mpu.cmd.payload.eq(issue.cmd), mpu.cmd.valid.eq(rd_active & ~cmd_sent)]
-        with m.If(mpu.cmd.valid & mpu.cmd.ready):
-            m.d.sync += cmd_sent.eq(1)
-        nothing = n_groups == 0  # no live row: the MPU takes only the command
-        use_bias = issue.cmd.flags.bias
-        store_active = Signal()
-        reading = rd_active & ~nothing & (rd_phase < 2) & ~rd_wait & ~held
-        with m.If(reading):
-            m.d.comb += [
-                shared_rd.en.eq(1),
-                shared_rd.addr.eq(Mux(rd_phase == 0, issue.src_row, issue.dst_row) + rd_i),
-            ]
-            m.d.sync += rd_wait.eq(1)
-        with m.If(rd_active & (rd_wait | held)):
-            is_x = rd_phase == 0
-            m.d.comb += [
-                mpu.x.payload.eq(shared_rd.data),
-                mpu.bias.payload.eq(shared_rd.data),
-                mpu.x.valid.eq(is_x),
-                mpu.bias.valid.eq(~is_x),
-            ]
-            took = Mux(is_x, mpu.x.ready, mpu.bias.ready)
-            m.d.sync += [rd_wait.eq(0), held.eq(~took)]
-            with m.If(took):
-                last = rd_i + 1 == Mux(is_x, n_cb, n_groups)
-                m.d.sync += rd_i.eq(Mux(last, 0, rd_i + 1))
-                with m.If(last):
-                    m.d.sync += rd_phase.eq(Mux(is_x & use_bias, 1, 2))
-        # the reader is done when the MPU has the command and every x and bias row
-        with m.If(rd_active & cmd_sent & (nothing | (rd_phase == 2)) & ~rd_wait & ~held):
-            m.d.sync += rd_active.eq(0)
-
-        # writer: result rows of wq[0] to its dst + g, live elements only
-        m.d.comb += [mpu.result.ready.eq(1), mpu.argmax.ready.eq(ctrl.mpu_argmax.ready)]
-        m.d.comb += [
-            ctrl.mpu_argmax.valid.eq(mpu.argmax.valid),
-            ctrl.mpu_argmax.payload.eq(mpu.argmax.payload),
-        ]
-        rem = Signal(32)
-        m.d.comb += rem.eq(wq_rows[0] - (res_i << 6))
-        res_mask = Signal(BLOCK)
-        m.d.comb += res_mask.eq(Mux(rem >= BLOCK, (1 << BLOCK) - 1, (1 << rem[:7]) - 1))
-        mpu_write = Signal()
-        m.d.comb += mpu_write.eq(mpu.result.valid)
-        res_last = Signal()
-        m.d.comb += res_last.eq(mpu_write & (rem <= BLOCK))
-        with m.If(mpu_write):
-            m.d.sync += res_i.eq(Mux(res_last, 0, res_i + 1))
-        push = accept & makes_rows
-        # wq: pop on the last result row of wq[0], push at the tail
-        with m.If(res_last):
-            m.d.sync += [wq_dst[0].eq(wq_dst[1]), wq_rows[0].eq(wq_rows[1])]
-        with m.If(push):
-            slot = Mux(res_last, wq_n - 1, wq_n)
-            for i in range(WQ):
-                with m.If(slot == i):
-                    m.d.sync += [wq_dst[i].eq(inc.dst_row), wq_rows[i].eq(lr)]
-        m.d.sync += wq_n.eq(wq_n + push - res_last)
-        mpu_active = Signal()
-        m.d.comb += mpu_active.eq(rd_active | (wq_n != 0) | mpu.busy)
-
-        # ---- store feeder ---------------------------------------------------------------------
-        st = Signal(StoreIssue)
-        st_rows = Signal(16)
-        st_i = Signal(16)
-        st_cmd_sent = Signal()
-        st_wait = Signal()
-        st_held = Signal()
-        m.d.comb += ctrl.dma_store.ready.eq(~store_active)
-        with m.If(ctrl.dma_store.valid & ~store_active):
-            kind = ctrl.dma_store.payload.cmd.kind
-            has_rows = (
-                (kind == StoreKind.VECTOR) | (kind == StoreKind.ROW) | (kind == StoreKind.COL)
-            )
-            m.d.sync += [
-                st.eq(ctrl.dma_store.payload),
-                store_active.eq(1),
-                st_rows.eq(Mux(has_rows, (ctrl.dma_store.payload.cmd.length + BLOCK - 1) >> 6, 0)),
-                st_i.eq(0),
-                st_cmd_sent.eq(0),
-                st_wait.eq(0),
-                st_held.eq(0),
-            ]
-        m.d.comb += [dma.store.payload.eq(st.cmd), dma.store.valid.eq(store_active & ~st_cmd_sent)]
-        with m.If(dma.store.valid & dma.store.ready):
-            m.d.sync += st_cmd_sent.eq(1)
-        with m.If(store_active & ~rd_active):
-            with m.If((st_i < st_rows) & ~st_wait & ~st_held):
-                m.d.comb += [shared_rd.en.eq(1), shared_rd.addr.eq(st.src_row + st_i)]
-                m.d.sync += st_wait.eq(1)
-            with m.If(st_wait | st_held):
-                m.d.comb += [dma.store_data.valid.eq(1), dma.store_data.payload.eq(shared_rd.data)]
-                m.d.sync += [st_wait.eq(0), st_held.eq(~dma.store_data.ready)]
-                with m.If(dma.store_data.ready):
-                    m.d.sync += st_i.eq(st_i + 1)
-            with m.If(st_cmd_sent & (st_i == st_rows) & ~st_wait & ~st_held):
-                m.d.sync += store_active.eq(0)
-
-        # ---- the one VBUF write port --------------------------------------------------------
-        with m.If(rows_to_vbuf):
-            m.d.comb += [
-                wr.addr.eq(dma.rows.payload.addr),
-                wr.data.eq(dma.rows.payload.data),
-                wr.mask.eq(dma.rows.payload.mask),
-            ]
-        with m.Elif(mpu_write):
-            m.d.comb += [
-                wr.addr.eq(wq_dst[0] + res_i),
-                wr.data.eq(mpu.result.payload),
-                wr.mask.eq(res_mask),
-            ]
-        with m.Else():
-            m.d.comb += [
-                wr.addr.eq(vpu.write.addr),
-                wr.data.eq(vpu.write.data),
-                wr.mask.eq(vpu.write.mask),
-            ]
+        # ---- VBUF: the shared read port and the write port ----------------------------------
+        connect(m, shared_rd.port, vbuf.read[2])
+        connect(m, vbuf_wr.write, vbuf.write[0])
 
         m.d.comb += [
             ctrl.busy.vpu.eq(vpu.busy | (vq.level != 0) | ctrl.vpu.valid),
-            ctrl.busy.mpu.eq(mpu_active),
-            ctrl.busy.dma_read.eq(~dma.read_idle | fetching),
-            ctrl.busy.loadv.eq(loadv_rows != 0),
-            ctrl.busy.store.eq(store_active),
-            ctrl.busy.dma_write.eq(~dma.write_idle | store_active),
+            ctrl.busy.mpu.eq(feeder.busy | mpu.busy),
+            ctrl.busy.dma_read.eq(~dma.read_idle | fetch.fetching),
+            ctrl.busy.loadv.eq(fetch.loadv_busy),
+            ctrl.busy.store.eq(stores.busy),
+            ctrl.busy.dma_write.eq(~dma.write_idle | stores.busy),
         ]
+
+        if self._perf:
+            m.d.comb += [
+                self.perf.start.eq(shell.start),
+                self.perf.done.eq(ctrl.done),
+                self.perf.busy.eq(ctrl.busy),
+                self.perf.tile_valid.eq(mpu.weights.valid),
+                self.perf.tile_ready.eq(mpu.weights.ready),
+                self.perf.store_issued.eq(ctrl.dma_store.valid & ctrl.dma_store.ready),
+                self.perf.store.eq(ctrl.dma_store.payload.cmd),
+            ]
         return m
 
 

@@ -9,13 +9,14 @@ as a port, which the testbench (:mod:`tandem.sim.rtljob_tb`) drives with a cocot
 the host uses. No Python runs per beat or per cycle: the clock is cocotb's GPI clock, the memory
 is Verilog, and the testbench wakes only for its poll of ``CTRL`` and for monitor events.
 
-Simulation-only monitors (in :class:`JobTop`, read-only taps on the core's internal signals; the
-core itself is unchanged): counters that run from the shell's ``start`` pulse to ``done``
-(:data:`COUNTERS`: cycles, HBM read and write beats, cycles with reads moving, MPU tiles, unit
-busy cycles), and an event (``ev_count``, ``ev_kind``, ``ev_value``, ``snap_*``) at every store
-the controller issues that is an ``STW`` (an output token: the core counts STWs as its TOKENS)
-or the status record, with a snapshot of every counter at that cycle. So a job reports the
-cycle at which each output token was issued and the bytes read before it.
+Simulation-only monitors (in :class:`JobTop`, on the core's ``perf`` port and AXI ports only:
+``DecodeCore(geom, perf=True)`` is the kernel's core with read-only taps brought out, see
+:class:`tandem.rtl.core.PerfSignature`): counters that run from the shell's ``start`` pulse to
+``done`` (:data:`COUNTERS`: cycles, HBM read and write beats, cycles with reads moving, MPU
+tiles, unit busy cycles), and an event (``ev_count``, ``ev_kind``, ``ev_value``, ``snap_*``) at
+every store the controller issues that is an ``STW`` (an output token: the core counts STWs as
+its TOKENS) or the status record, with a snapshot of every counter at that cycle. So a job
+reports the cycle at which each output token was issued and the bytes read before it.
 
 Usage::
 
@@ -110,7 +111,8 @@ def build_name(geom: CoreGeometry, mem_bytes: int, read_latency: int = 80) -> st
 
 
 class JobTop(wiring.Component):
-    """``DecodeCore(geom)`` over ``HBMModel(geom, size_bytes=mem_bytes)``, plus monitors.
+    """``DecodeCore(geom, perf=True)`` over ``HBMModel(geom, size_bytes=mem_bytes)``, plus
+    monitors on the core's ``perf`` port and AXI ports.
 
     Ports: ``ap_clk``, ``ap_rst_n``, ``interrupt``, ``s_axi_control_*`` (as the kernel's),
     ``hbm_load``, ``hbm_dump``, ``hbm_dump_lo``, ``hbm_dump_hi`` (the memory backdoor, files
@@ -127,9 +129,8 @@ class JobTop(wiring.Component):
         from tandem.sim.hbm_model import HBMModel
 
         self._geom = geom
-        self.core = DecodeCore(geom)
+        self.core = DecodeCore(geom, perf=True)
         self.hbm = HBMModel(geom, size_bytes=mem_bytes, read_latency=read_latency)
-        self.core._MustUse__silence = True  # elaborated by hand below, to tap its units
         self.mem_bytes = mem_bytes
         self.read_latency = read_latency
         hm = self.hbm.signature.members
@@ -165,11 +166,10 @@ class JobTop(wiring.Component):
         m = Module()
         g = self._geom
         core = self.core
-        # The core's own module, so its units' signals can be tapped. DecodeCore defines its
-        # `sync` domain (ap_clk, synchronous reset = ~ap_rst_n) for itself; the HBM model and
-        # the monitors run in `tb`, the same clock and reset defined here.
-        cm = core.elaborate(platform)
-        m.submodules.core = cm
+        # DecodeCore defines its `sync` domain (ap_clk, synchronous reset = ~ap_rst_n) for
+        # itself; the HBM model and the monitors run in `tb`, the same clock and reset defined
+        # here.
+        m.submodules.core = core
         m.domains.tb = tb = ClockDomain("tb")
         m.d.comb += [tb.clk.eq(self.ap_clk), tb.rst.eq(~self.ap_rst_n)]
         hbm = self.hbm
@@ -188,10 +188,8 @@ class JobTop(wiring.Component):
             hbm.hbm_dump_hi.eq(self.hbm_dump_hi),
         ]
 
-        # ---- monitors (simulation only) ------------------------------------------------------
-        shell = cm.submodules.shell
-        ctrl = cm.submodules.ctrl
-        mpu = cm.submodules.mpu
+        # ---- monitors (simulation only): the core's perf port and its AXI ports -------------
+        perf = core.perf
         axis = [getattr(core, f"m_axi_hbm{ch}") for ch in range(g.channels)]
         r_hs = [a.rvalid & a.rready for a in axis]
         w_hs = [a.wvalid & a.wready for a in axis]
@@ -204,7 +202,7 @@ class JobTop(wiring.Component):
 
         any_r = Signal()
         m.d.comb += any_r.eq(_any(r_hs))
-        busy = ctrl.busy
+        busy = perf.busy
         idle = Signal()
         m.d.comb += idle.eq(~busy.mpu & ~busy.vpu & ~any_r)
         incs = {
@@ -212,9 +210,9 @@ class JobTop(wiring.Component):
             "r_beats": popcount(r_hs),
             "w_beats": popcount(w_hs),
             "r_cycles": any_r,
-            "tiles": mpu.weights.valid & mpu.weights.ready,
-            "mpu_starved": busy.mpu & mpu.weights.ready & ~mpu.weights.valid,
-            "mpu_backpressure": mpu.weights.valid & ~mpu.weights.ready,
+            "tiles": perf.tile_valid & perf.tile_ready,
+            "mpu_starved": busy.mpu & perf.tile_ready & ~perf.tile_valid,
+            "mpu_backpressure": perf.tile_valid & ~perf.tile_ready,
             "mpu_busy": busy.mpu,
             "vpu_busy": busy.vpu,
             "dma_read_busy": busy.dma_read,
@@ -226,28 +224,27 @@ class JobTop(wiring.Component):
         }
         assert set(incs) == set(COUNTERS)
         counting = Signal()
-        with m.If(shell.start):
+        with m.If(perf.start):
             m.d.tb += [counting.eq(1), self.runs.eq(self.runs + 1)]
-        with m.Elif(shell.done):
+        with m.Elif(perf.done):
             m.d.tb += counting.eq(0)
         counters = {}
         for c in COUNTERS:
             cnt = getattr(self, f"cnt_{c}")
             counters[c] = cnt
-            with m.If(shell.start):
+            with m.If(perf.start):
                 m.d.tb += cnt.eq(0)
             with m.Elif(counting):
                 m.d.tb += cnt.eq(cnt + incs[c])
 
-        issue = ctrl.dma_store
-        kind = issue.payload.cmd.kind
-        stw = issue.valid & issue.ready & (kind == StoreKind.WORD)
-        status = issue.valid & issue.ready & (kind == StoreKind.STATUS)
+        kind = perf.store.kind
+        stw = perf.store_issued & (kind == StoreKind.WORD)
+        status = perf.store_issued & (kind == StoreKind.STATUS)
         with m.If(stw | status):
             m.d.tb += [
                 self.ev_count.eq(self.ev_count + 1),
                 self.ev_kind.eq(EV_TOKEN),
-                self.ev_value.eq(issue.payload.cmd.value),
+                self.ev_value.eq(perf.store.value),
             ]
             with m.If(status):
                 m.d.tb += self.ev_kind.eq(EV_STATUS)
