@@ -647,3 +647,21 @@ def test_command_queue(stall):
 
     run(dut, bench)
     assert out.got == cmds
+
+
+# ---- the core's perf port -----------------------------------------------------------------------
+
+
+def test_perf_port_only_on_request():
+    """The kernel's ports (what ``rtl.core.verilog`` converts) have no ``perf`` member;
+    ``DecodeCore(geom, perf=True)`` adds it and nothing else."""
+    from tandem.rtl.axi import vitis_ports
+    from tandem.rtl.core import DecodeCore, PerfSignature
+
+    plain, tapped = DecodeCore(GEOM), DecodeCore(GEOM, perf=True)
+    names = [n for n, _, _ in vitis_ports(plain)]
+    assert not any("perf" in n for n in names)
+    assert not plain.has_perf and tapped.has_perf
+    extra = set(tapped.signature.members) - set(plain.signature.members)
+    assert extra == {"perf"}
+    assert set(tapped.signature.members["perf"].signature.members) == set(PerfSignature().members)
