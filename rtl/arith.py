@@ -37,6 +37,8 @@ from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from tandem import numerics
+from tandem.checks import check_int
+from tandem.geometry import is_pow2
 
 __all__ = [
     "AccToFP16",
@@ -49,8 +51,11 @@ __all__ = [
     "FP16Add",
     "FP16Mul",
     "FP16Table",
+    "Stall",
+    "StreamUnit",
     "TablePlan",
     "block_sum_shape",
+    "stream_pipe",
     "table_plan",
 ]
 
@@ -102,12 +107,12 @@ def _check_shape(name, shape):
 
 
 def _check_positive_pow2(name: str, value) -> int:
-    if not isinstance(value, int) or value <= 0 or value & (value - 1):
+    if not is_pow2(value):
         raise ValueError(f"{name} must be a positive power of two, not {value!r}")
     return value
 
 
-class _Stall:
+class Stall:
     """Register helper for a global-stall pipeline: registers load only when ``en`` is high."""
 
     def __init__(self, m: Module, en):
@@ -129,11 +134,40 @@ class _Stall:
         return prev
 
 
-def _stream_pipe(m: Module, i, o, *, name: str) -> _Stall:
+def stream_pipe(m: Module, i, o, *, name: str) -> Stall:
     """Wire the global stall of a unit: advance when the output register is empty or taken."""
     advance = Signal(name=f"{name}_advance")
     m.d.comb += [advance.eq(~o.valid | o.ready), i.ready.eq(advance)]
-    return _Stall(m, advance)
+    return Stall(m, advance)
+
+
+class StreamUnit(wiring.Component):
+    """The frame every unit here shares: an input stream ``i`` and an output stream ``o``
+    (layouts :attr:`in_layout` and :attr:`out_layout`, each the unit's fields and then
+    ``tag``), the ``tag`` carried from one to the other unchanged, and :attr:`latency`
+    (:attr:`LATENCY` unless the unit computes it). A subclass validates its own parameters,
+    then calls ``super().__init__(in_fields, out_fields, tag=tag)``."""
+
+    def __init__(self, in_fields: dict, out_fields: dict, *, tag=NO_TAG):
+        self._tag = _check_shape("tag", tag)
+        self.in_layout = data.StructLayout({**in_fields, "tag": self._tag})
+        self.out_layout = data.StructLayout({**out_fields, "tag": self._tag})
+        super().__init__(
+            {
+                "i": In(stream.Signature(self.in_layout)),
+                "o": Out(stream.Signature(self.out_layout)),
+            }
+        )
+
+    @property
+    def tag(self):
+        """Shape (or layout) of the side data carried through."""
+        return self._tag
+
+    @property
+    def latency(self) -> int:
+        """Cycles from accepting an item on ``i`` to its first valid cycle on ``o``."""
+        return self.LATENCY
 
 
 def leading_zeros(m: Module, value, *, name: str) -> tuple:
@@ -257,6 +291,22 @@ def _round(m: Module, n, *, name: str):
     return out
 
 
+def _round_and_pack(m: Module, p: Stall, o, s, zero_sign, valid, *, name: str):
+    """The last stage of :class:`FP16Add` and :class:`FP16Mul`: round ``s["norm"]`` unless
+    ``s["special"]`` gives ``s["special_value"]``; a zero is ``zero_sign`` with a zero
+    magnitude. Loads ``o`` (``value``, ``tag`` = ``s["tag"]``, ``valid``) when ``p`` advances."""
+    rounded = _round(m, s["norm"], name=f"{name}_round")
+    result = Signal(16, name=f"{name}_result")
+    with m.If(s["special"]):
+        m.d.comb += result.eq(s["special_value"])
+    with m.Elif(s["norm"].zero):
+        m.d.comb += result.eq(Cat(Const(0, 15), zero_sign))
+    with m.Else():
+        m.d.comb += result.eq(rounded.as_value())
+    with m.If(p.en):
+        m.d.sync += [o.payload.value.eq(result), o.payload.tag.eq(s["tag"]), o.valid.eq(valid)]
+
+
 def _classify(x, m: Module, *, name: str) -> dict:
     """Comb: decode a :class:`Binary16` view as numerics.decode does, plus its class."""
     sig = Signal(11, name=f"{name}_sig")
@@ -283,7 +333,7 @@ def _canonical_nan():
 # element-wise binary16
 
 
-class FP16Add(wiring.Component):
+class FP16Add(StreamUnit):
     """IEEE binary16 adder/subtractor, round to nearest even, bit-exact with
     ``numerics.fp16_add`` and ``numerics.fp16_sub``.
 
@@ -310,30 +360,11 @@ class FP16Add(wiring.Component):
     LATENCY = 4
 
     def __init__(self, *, tag=NO_TAG):
-        self._tag = _check_shape("tag", tag)
-        self.in_layout = data.StructLayout(
-            {"a": Binary16, "b": Binary16, "op": AddOp, "tag": self._tag}
-        )
-        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
-        super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
-        )
-
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
-
-    @property
-    def latency(self) -> int:
-        return self.LATENCY
+        super().__init__({"a": Binary16, "b": Binary16, "op": AddOp}, {"value": Binary16}, tag=tag)
 
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="add")
+        p = stream_pipe(m, self.i, self.o, name="add")
         a, b = self.i.payload.a, self.i.payload.b
         b_sign = Signal(name="b_sign")
         m.d.comb += b_sign.eq(b.sign ^ (self.i.payload.op == AddOp.SUB))
@@ -399,24 +430,11 @@ class FP16Add(wiring.Component):
         v3 = p.valid_chain(v2, 1, name="add_valid3_")
 
         # Stage 4: round and pack. An exact zero is +0 unless both operands were -0.
-        rounded = _round(m, s3["norm"], name="add_round")
-        result = Signal(16, name="add_result")
-        with m.If(s3["special"]):
-            m.d.comb += result.eq(s3["special_value"])
-        with m.Elif(s3["norm"].zero):
-            m.d.comb += result.eq(Cat(Const(0, 15), s3["exact_zero_sign"]))
-        with m.Else():
-            m.d.comb += result.eq(rounded.as_value())
-        with m.If(p.en):
-            m.d.sync += [
-                self.o.payload.value.eq(result),
-                self.o.payload.tag.eq(s3["tag"]),
-                self.o.valid.eq(v3),
-            ]
+        _round_and_pack(m, p, self.o, s3, s3["exact_zero_sign"], v3, name="add")
         return m
 
 
-class FP16Mul(wiring.Component):
+class FP16Mul(StreamUnit):
     """IEEE binary16 multiplier, round to nearest even, bit-exact with ``numerics.fp16_mul``.
 
     The 11 x 11-bit significand product is exact (22 bits); one rounding gives the result,
@@ -442,28 +460,11 @@ class FP16Mul(wiring.Component):
     LATENCY = 3
 
     def __init__(self, *, tag=NO_TAG):
-        self._tag = _check_shape("tag", tag)
-        self.in_layout = data.StructLayout({"a": Binary16, "b": Binary16, "tag": self._tag})
-        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
-        super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
-        )
-
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
-
-    @property
-    def latency(self) -> int:
-        return self.LATENCY
+        super().__init__({"a": Binary16, "b": Binary16}, {"value": Binary16}, tag=tag)
 
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="mul")
+        p = stream_pipe(m, self.i, self.o, name="mul")
         a, b = self.i.payload.a, self.i.payload.b
         ca = _classify(a, m, name="a")
         cb = _classify(b, m, name="b")
@@ -495,20 +496,7 @@ class FP16Mul(wiring.Component):
         v2 = p.valid_chain(v1, 1, name="mul_valid2_")
 
         # Stage 3: round and pack; a zero product keeps the XOR sign.
-        rounded = _round(m, s2["norm"], name="mul_round")
-        result = Signal(16, name="mul_result")
-        with m.If(s2["special"]):
-            m.d.comb += result.eq(s2["special_value"])
-        with m.Elif(s2["norm"].zero):
-            m.d.comb += result.eq(Cat(Const(0, 15), s2["sign"]))
-        with m.Else():
-            m.d.comb += result.eq(rounded.as_value())
-        with m.If(p.en):
-            m.d.sync += [
-                self.o.payload.value.eq(result),
-                self.o.payload.tag.eq(s2["tag"]),
-                self.o.valid.eq(v2),
-            ]
+        _round_and_pack(m, p, self.o, s2, s2["sign"], v2, name="mul")
         return m
 
 
@@ -617,7 +605,7 @@ def table_plan(name: str) -> TablePlan:
     return plan
 
 
-class FP16Table(wiring.Component):
+class FP16Table(StreamUnit):
     """One of the contract's binary16 function tables (``numerics.table(name)``) as a ROM.
 
     Bit-exact with ``numerics.lookup(name, x)`` for all 65,536 inputs.
@@ -656,15 +644,7 @@ class FP16Table(wiring.Component):
             )
         self._name = name
         self._reduced = bool(reduced)
-        self._tag = _check_shape("tag", tag)
-        self.in_layout = data.StructLayout({"x": Binary16, "tag": self._tag})
-        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
-        super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
-        )
+        super().__init__({"x": Binary16}, {"value": Binary16}, tag=tag)
 
     @property
     def name(self) -> str:
@@ -679,18 +659,9 @@ class FP16Table(wiring.Component):
         """ROM entries."""
         return table_plan(self._name).depth if self._reduced else 1 << 16
 
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
-
-    @property
-    def latency(self) -> int:
-        return self.LATENCY
-
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name=self._name)
+        p = stream_pipe(m, self.i, self.o, name=self._name)
         x = self.i.payload.x.as_value()
         if self._reduced:
             plan = table_plan(self._name)
@@ -745,7 +716,7 @@ def _aligned_layout(size: int):
     return data.ArrayLayout(signed(Q_WIDTH), size)
 
 
-class BlockAlign(wiring.Component):
+class BlockAlign(StreamUnit):
     """Align one block of binary16 values to its largest exponent (``numerics.bfp_blocks``).
 
     Each element's 11-bit significand is shifted right by ``block_exp - exp`` (truncating) and
@@ -774,41 +745,19 @@ class BlockAlign(wiring.Component):
 
     def __init__(self, size: int = numerics.BLOCK, *, tag=NO_TAG):
         self._size = _check_positive_pow2("size", size)
-        self._tag = _check_shape("tag", tag)
-        self.in_layout = data.StructLayout(
-            {"x": data.ArrayLayout(Binary16, size), "tag": self._tag}
-        )
-        self.out_layout = data.StructLayout(
-            {
-                "exp": unsigned(EXP_WIDTH),
-                "q": _aligned_layout(size),
-                "nonfinite": unsigned(1),
-                "tag": self._tag,
-            }
-        )
         super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
+            {"x": data.ArrayLayout(Binary16, size)},
+            {"exp": unsigned(EXP_WIDTH), "q": _aligned_layout(size), "nonfinite": unsigned(1)},
+            tag=tag,
         )
 
     @property
     def size(self) -> int:
         return self._size
 
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
-
-    @property
-    def latency(self) -> int:
-        return self.LATENCY
-
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="align")
+        p = stream_pipe(m, self.i, self.o, name="align")
         xs = [self.i.payload.x[k] for k in range(self._size)]
         exps = [Signal(EXP_WIDTH, name=f"exp{k}") for k in range(self._size)]
         sigs = [Signal(11, name=f"sig{k}") for k in range(self._size)]
@@ -847,7 +796,7 @@ def block_sum_shape(size: int) -> Shape:
     return signed(2 * Q_WIDTH - 1 + (size - 1).bit_length())
 
 
-class BlockDot(wiring.Component):
+class BlockDot(StreamUnit):
     """Exact integer dot product of two aligned blocks: the sum of ``size`` products of
     ``signed(12)`` significands, by a pipelined adder tree.
 
@@ -872,27 +821,16 @@ class BlockDot(wiring.Component):
 
     def __init__(self, size: int = numerics.BLOCK, *, tag=NO_TAG):
         self._size = _check_positive_pow2("size", size)
-        self._tag = _check_shape("tag", tag)
         self._levels = size.bit_length() - 1
-        self.in_layout = data.StructLayout(
-            {"w": _aligned_layout(size), "x": _aligned_layout(size), "tag": self._tag}
-        )
-        self.out_layout = data.StructLayout({"sum": self.sum_shape, "tag": self._tag})
         super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
+            {"w": _aligned_layout(size), "x": _aligned_layout(size)},
+            {"sum": block_sum_shape(size)},
+            tag=tag,
         )
 
     @property
     def size(self) -> int:
         return self._size
-
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
 
     @property
     def sum_shape(self) -> Shape:
@@ -904,7 +842,7 @@ class BlockDot(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="dot")
+        p = stream_pipe(m, self.i, self.o, name="dot")
         w, x = self.i.payload.w, self.i.payload.x
         width = 2 * Q_WIDTH - 1
         level = [p.reg(w[k] * x[k], signed(width), name=f"product{k}") for k in range(self._size)]
@@ -931,7 +869,7 @@ class BlockDot(wiring.Component):
         return m
 
 
-class AccumulatorShift(wiring.Component):
+class AccumulatorShift(StreamUnit):
     """Place a block sum in the accumulator's fixed point:
     ``numerics.shift_floor(sum, numerics.block_shift(w_exp, x_exp, xe_max))`` as int64.
 
@@ -968,40 +906,20 @@ class AccumulatorShift(wiring.Component):
         self._sum_shape = _check_shape("sum_shape", sum_shape)
         if not self._sum_shape.signed or self._sum_shape.width > ACC_WIDTH:
             raise ValueError(f"sum_shape must be signed and at most 64 bits, not {sum_shape!r}")
-        self._tag = _check_shape("tag", tag)
-        self.in_layout = data.StructLayout(
-            {
-                "sum": self._sum_shape,
-                "w_exp": unsigned(EXP_WIDTH),
-                "x_exp": unsigned(EXP_WIDTH),
-                "xe_max": unsigned(EXP_WIDTH),
-                "tag": self._tag,
-            }
-        )
-        self.out_layout = data.StructLayout({"value": signed(ACC_WIDTH), "tag": self._tag})
+        exp = unsigned(EXP_WIDTH)
         super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
+            {"sum": self._sum_shape, "w_exp": exp, "x_exp": exp, "xe_max": exp},
+            {"value": signed(ACC_WIDTH)},
+            tag=tag,
         )
 
     @property
     def sum_shape(self) -> Shape:
         return self._sum_shape
 
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
-
-    @property
-    def latency(self) -> int:
-        return self.LATENCY
-
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="ashift")
+        p = stream_pipe(m, self.i, self.o, name="ashift")
         i = self.i.payload
         shift = Signal(signed(8), name="shift")
         m.d.comb += shift.eq(i.w_exp + i.x_exp - i.xe_max - numerics.EW_MAX + numerics.ACC_FRAC)
@@ -1027,7 +945,7 @@ class AccumulatorShift(wiring.Component):
         return m
 
 
-class Accumulator(wiring.Component):
+class Accumulator(StreamUnit):
     """Sum a row's accumulator terms in 64-bit two's complement (wrapping like int64).
 
     Parameters
@@ -1049,35 +967,15 @@ class Accumulator(wiring.Component):
     LATENCY = 1
 
     def __init__(self, *, tag=NO_TAG):
-        self._tag = _check_shape("tag", tag)
-        self.in_layout = data.StructLayout(
-            {
-                "value": signed(ACC_WIDTH),
-                "first": unsigned(1),
-                "last": unsigned(1),
-                "tag": self._tag,
-            }
-        )
-        self.out_layout = data.StructLayout({"acc": signed(ACC_WIDTH), "tag": self._tag})
         super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
+            {"value": signed(ACC_WIDTH), "first": unsigned(1), "last": unsigned(1)},
+            {"acc": signed(ACC_WIDTH)},
+            tag=tag,
         )
-
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
-
-    @property
-    def latency(self) -> int:
-        return self.LATENCY
 
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="acc")
+        p = stream_pipe(m, self.i, self.o, name="acc")
         i = self.i.payload
         running = Signal(signed(ACC_WIDTH), name="running")
         total = Signal(signed(ACC_WIDTH), name="total")
@@ -1093,7 +991,7 @@ class Accumulator(wiring.Component):
         return m
 
 
-class AccToFP16(wiring.Component):
+class AccToFP16(StreamUnit):
     """Round ``acc * 2**lam`` to binary16, nearest-even (``numerics.acc_to_fp16``); a row that
     saw a non-finite operand gives the canonical NaN (``numerics.matvec_fp16``).
 
@@ -1121,42 +1019,20 @@ class AccToFP16(wiring.Component):
     LATENCY = 3
 
     def __init__(self, *, acc_width: int = ACC_WIDTH, tag=NO_TAG):
-        if not isinstance(acc_width, int) or not 2 <= acc_width <= 128:
-            raise ValueError(f"acc_width must be an integer in 2..128, not {acc_width!r}")
-        self._acc_width = acc_width
-        self._tag = _check_shape("tag", tag)
-        self.in_layout = data.StructLayout(
-            {
-                "acc": signed(acc_width),
-                "lam": signed(LAM_WIDTH),
-                "nonfinite": unsigned(1),
-                "tag": self._tag,
-            }
-        )
-        self.out_layout = data.StructLayout({"value": Binary16, "tag": self._tag})
+        self._acc_width = check_int("acc_width", acc_width, 2, 128)
         super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
+            {"acc": signed(acc_width), "lam": signed(LAM_WIDTH), "nonfinite": unsigned(1)},
+            {"value": Binary16},
+            tag=tag,
         )
 
     @property
     def acc_width(self) -> int:
         return self._acc_width
 
-    @property
-    def tag(self):
-        """Shape (or layout) of the side data carried through."""
-        return self._tag
-
-    @property
-    def latency(self) -> int:
-        return self.LATENCY
-
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="round")
+        p = stream_pipe(m, self.i, self.o, name="round")
         i = self.i.payload
         mag = Signal(self._acc_width, name="mag")
         m.d.comb += mag.eq(Mux(i.acc < 0, -i.acc, i.acc))

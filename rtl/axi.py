@@ -19,6 +19,8 @@ from amaranth.hdl._ir import PortDirection
 from amaranth.lib import enum, wiring
 from amaranth.lib.wiring import In, Out
 
+from tandem.checks import check_int
+
 __all__ = [
     "AXI4LiteSignature",
     "AXI4Signature",
@@ -58,12 +60,6 @@ def burst_limit(data_bytes: int) -> int:
     return min(MAX_BURST_BEATS, FOUR_KB // data_bytes)
 
 
-def _check_width(name: str, value, lo: int, hi: int) -> int:
-    if not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in {lo}..{hi}, not {value!r}")
-    return value
-
-
 class AXI4Signature(wiring.Signature):
     """An AXI4 (full) manager port, as the manager sees it.
 
@@ -87,10 +83,10 @@ class AXI4Signature(wiring.Signature):
     """
 
     def __init__(self, *, addr_width: int = 64, data_width: int = 512, id_width: int = 1):
-        _check_width("addr_width", addr_width, 12, 64)
+        check_int("addr_width", addr_width, 12, 64)
         if data_width not in (32, 64, 128, 256, 512, 1024):
             raise ValueError(f"data_width must be a power of two in 32..1024, not {data_width!r}")
-        _check_width("id_width", id_width, 1, 16)
+        check_int("id_width", id_width, 1, 16)
         self._addr_width = addr_width
         self._data_width = data_width
         self._id_width = id_width
@@ -180,7 +176,7 @@ class AXI4LiteSignature(wiring.Signature):
     DATA_WIDTH = 32
 
     def __init__(self, *, addr_width: int):
-        _check_width("addr_width", addr_width, 2, 64)
+        check_int("addr_width", addr_width, 2, 64)
         self._addr_width = addr_width
         super().__init__(
             {

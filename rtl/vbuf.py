@@ -7,6 +7,7 @@ from amaranth import Module, unsigned
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
+from tandem.checks import check_int
 from tandem.geometry import CoreGeometry
 from tandem.isa import VBUF_ALIGN
 from tandem.numerics import BLOCK
@@ -139,13 +140,9 @@ class VectorBuffer(wiring.Component):
     def __init__(self, geom: CoreGeometry, *, read_ports: int = 2, write_ports: int = 1):
         if not isinstance(geom, CoreGeometry):
             raise TypeError(f"geom must be a CoreGeometry, not {geom!r}")
-        if geom.vbuf_elems % ROW_ELEMS:
-            raise ValueError(
-                f"vbuf_elems must be a multiple of {ROW_ELEMS} (one row), not {geom.vbuf_elems}"
-            )
-        for name, n in (("read_ports", read_ports), ("write_ports", write_ports)):
-            if not isinstance(n, int) or not 1 <= n <= 8:
-                raise ValueError(f"{name} must be an integer in 1..8, not {n!r}")
+        # (vbuf_elems is whole rows: the geometry makes it a power of two of at least 256)
+        check_int("read_ports", read_ports, 1, 8)
+        check_int("write_ports", write_ports, 1, 8)
         self._geom = geom
         self._rows = geom.vbuf_elems // ROW_ELEMS
         self._read_ports = read_ports

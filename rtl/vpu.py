@@ -3,13 +3,14 @@
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from tandem import isa, numerics
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, is_pow2
 
 from .arith import (
     NO_TAG,
@@ -22,7 +23,8 @@ from .arith import (
     FP16Add,
     FP16Mul,
     FP16Table,
-    _stream_pipe,
+    StreamUnit,
+    stream_pipe,
 )
 from .vbuf import ROW_ELEMS, ReadPortSignature, Row, WritePortSignature
 
@@ -86,8 +88,25 @@ def _probe(unit):
     return unit
 
 
-def _pow2(v) -> bool:
-    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+_ONES = Const((1 << ROW_ELEMS) - 1, ROW_ELEMS)
+"""Every element of a row."""
+
+
+def _widen(mask):
+    """A 64-bit element mask as a 1,024-bit row mask (one wide AND, not 64 muxes)."""
+    return Cat(*(mask[e].replicate(16) for e in range(ROW_ELEMS)))
+
+
+def _broadcast(value):
+    """A 16-bit value in every element of a row."""
+    return value.replicate(ROW_ELEMS)
+
+
+def _isolate(value, valid):
+    """Operand isolation: a unit sees zeros unless its op is running, so idle units do not
+    toggle (less power; and Icarus re-evaluates a wide unit for every input change, which made
+    simulation 30x slower)."""
+    return Mux(valid, value, 0)
 
 
 def _order_key(x):
@@ -95,7 +114,7 @@ def _order_key(x):
     return Mux(x[15], ~x, x | 0x8000)[:16]
 
 
-class RowMax(wiring.Component):
+class RowMax(StreamUnit):
     """The largest of 64 binary16 values under ``numerics.order_key`` (-0 < +0), and whether any
     is a NaN: one row of ``numerics.fp16_max``.
 
@@ -114,15 +133,7 @@ class RowMax(wiring.Component):
     LATENCY = 2
 
     def __init__(self, *, tag=NO_TAG):
-        self._tag = tag
-        self.in_layout = data.StructLayout({"x": Row, "tag": tag})
-        self.out_layout = data.StructLayout({"key": unsigned(16), "nan": unsigned(1), "tag": tag})
-        super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
-        )
+        super().__init__({"x": Row}, {"key": unsigned(16), "nan": unsigned(1)}, tag=tag)
 
     @staticmethod
     def from_key(key):
@@ -131,7 +142,7 @@ class RowMax(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        p = _stream_pipe(m, self.i, self.o, name="rowmax")
+        p = stream_pipe(m, self.i, self.o, name="rowmax")
         xs = [self.i.payload.x[k] for k in range(ROW_ELEMS)]
 
         def levels(values, n, name):
@@ -163,8 +174,15 @@ class RowMax(wiring.Component):
 
 
 class VectorUnit(wiring.Component):
-    """The vector unit: one ``VectorCommand`` at a time over the vector buffer, bit-exact with
-    ``tandem.isa.SEMANTICS`` as ``tandem.golden.isasim`` executes it.
+    """The vector unit: ``VectorCommand``\\ s in order over the vector buffer, several in flight
+    (see Timing), bit-exact with ``tandem.isa.SEMANTICS`` as ``tandem.golden.isasim`` executes
+    them one after another.
+
+    The code follows the datapath: :meth:`_decode` (the incoming command), :meth:`_in_flight`
+    (the ring of commands in flight and the read-after-write hazard), :meth:`_issue`
+    (acceptance and one read beat per cycle), :meth:`_operands` (stages 1 and 2), the units
+    (:meth:`_lane_groups`, :meth:`_vmax`, :meth:`_vdot`) and :meth:`_write_back` (the write
+    port and ``done``).
 
     Datapath, all from rtl/arith.py except :class:`RowMax`:
 
@@ -286,17 +304,13 @@ class VectorUnit(wiring.Component):
     ):
         if not isinstance(geom, CoreGeometry):
             raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
-        if geom.vbuf_elems % ROW_ELEMS:
-            raise ValueError(
-                f"vbuf_elems must be a multiple of {ROW_ELEMS} (one row), not {geom.vbuf_elems}"
-            )
         if geom.vbuf_elems > 1 << 16:
             raise ValueError(
                 f"vbuf_elems must be at most 65536 (16-bit ISA addresses), not {geom.vbuf_elems}"
             )
         if lanes is None:
             lanes = geom.vpu_lanes
-        if not _pow2(lanes) or lanes > ROW_ELEMS:
+        if not is_pow2(lanes) or lanes > ROW_ELEMS:
             raise ValueError(f"lanes must be a power of two from 1 to {ROW_ELEMS}, not {lanes!r}")
         tables = {
             f: 1 if f in self.DEFAULT_SCALAR_TABLES else geom.vpu_lanes for f in TABLE_OPS.values()
@@ -310,7 +324,7 @@ class VectorUnit(wiring.Component):
                 )
             tables.update(table_lanes)
         for f, n in tables.items():
-            if not _pow2(n) or n > ROW_ELEMS:
+            if not is_pow2(n) or n > ROW_ELEMS:
                 raise ValueError(
                     f"table_lanes[{f!r}] must be a power of two from 1 to {ROW_ELEMS}, not {n!r}"
                 )
@@ -434,17 +448,22 @@ class VectorUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        row_bits = len(self.read_a.addr)
-        ones = Const((1 << ROW_ELEMS) - 1, ROW_ELEMS)
+        cmd = self._decode(m)
+        ring = self._in_flight(m, cmd)
+        issue = self._issue(m, cmd, ring)
+        s2 = self._operands(m, issue)
+        # Every unit's output is always ready: nothing in the VPU stalls. Each result source
+        # appends (valid, row, row data, mask, last) to ``writes``.
+        writes = []
+        self._lane_groups(m, s2, writes)
+        self._vmax(m, s2, writes)
+        self._vdot(m, cmd, s2, writes)
+        self._write_back(m, cmd.accept, ring, writes)
+        return m
 
-        def widen(mask):
-            """A 64-bit element mask as a 1,024-bit row mask (one wide AND, not 64 muxes)."""
-            return Cat(*(mask[e].replicate(16) for e in range(ROW_ELEMS)))
-
-        def broadcast(value):
-            return value.replicate(ROW_ELEMS)
-
-        # ---- the incoming command, decoded -------------------------------------------------
+    def _decode(self, m):
+        """The incoming command, decoded (combinational): what issue, the in-flight ring and
+        acceptance need of it before it is taken."""
         cmd = self.cmd.payload
         accept = Signal()
         m.d.comb += accept.eq(self.cmd.valid & self.cmd.ready)
@@ -470,13 +489,31 @@ class VectorUnit(wiring.Component):
             in_last_beat.eq(Mux(empty, 0, length_m1 >> log_lanes)),
             in_pass1.eq((cmd.op == VectorOp.VDOT) & ~cmd.b_scalar),
         ]
-        in_point = (cmd.op == VectorOp.VMAX) | (cmd.op == VectorOp.VDOT)  # writes one element
-        in_reads_a = cmd.op != VectorOp.VSET
-        in_reads_b = Cat(*(cmd.op == o for o in _READS_B)).any()
+        return SimpleNamespace(
+            payload=cmd,
+            accept=accept,
+            log_lanes=log_lanes,
+            u=in_u,
+            rem=rem,
+            empty=empty,
+            last_row=in_last_row,
+            last_beat=in_last_beat,
+            pass1=in_pass1,
+            point=(cmd.op == VectorOp.VMAX) | (cmd.op == VectorOp.VDOT),  # writes one element
+            reads_a=cmd.op != VectorOp.VSET,
+            reads_b=Cat(*(cmd.op == o for o in _READS_B)).any(),
+            a_lo=cmd.a[6:],
+            b_lo=cmd.b[6:],
+        )
 
-        # ---- commands in flight: accepted, not yet reported on ``done`` ------------------------
-        # A ring of K entries in acceptance order. [wr_ptr, alloc_ptr) have results still to
-        # write, [done_ptr, wr_ptr) wait for ``done``. Pointers count modulo 2K.
+    def _in_flight(self, m, c):
+        """The commands in flight (accepted, not yet reported on ``done``): a ring of
+        :attr:`MAX_IN_FLIGHT` entries in acceptance order, and the read-after-write ``hazard``
+        of the incoming command against the destinations still to be written.
+
+        [wr_ptr, alloc_ptr) have results still to write, [done_ptr, wr_ptr) wait for ``done``.
+        Pointers count modulo 2K. The entries are written on accept (:meth:`_issue`) and
+        retired on the last result write (:meth:`_write_back`)."""
         K = self.MAX_IN_FLIGHT
         ptr_bits = K.bit_length()
         alloc_ptr = Signal(ptr_bits)
@@ -490,23 +527,39 @@ class VectorUnit(wiring.Component):
         def meets(lo, hi, j):
             return e_unwritten[j] & (lo < e_hi[j]) & (e_lo[j] < hi)
 
-        a_lo = cmd.a[6:]
-        b_lo = cmd.b[6:]
-        a_hi = a_lo + in_last_row + 1
-        b_hi = b_lo + Mux(cmd.b_scalar, 1, in_last_row + 1)
+        a_hi = c.a_lo + c.last_row + 1
+        b_hi = c.b_lo + Mux(c.payload.b_scalar, 1, c.last_row + 1)
         hazard = Signal()  # an operand row still to be written by a command in flight
         m.d.comb += hazard.eq(
             Cat(
                 *(
-                    (in_reads_a & meets(a_lo, a_hi, j)) | (in_reads_b & meets(b_lo, b_hi, j))
+                    (c.reads_a & meets(c.a_lo, a_hi, j)) | (c.reads_b & meets(c.b_lo, b_hi, j))
                     for j in range(K)
                 )
             ).any()
         )
+        return SimpleNamespace(
+            K=K,
+            ptr_bits=ptr_bits,
+            alloc_ptr=alloc_ptr,
+            wr_ptr=wr_ptr,
+            done_ptr=done_ptr,
+            e_op=e_op,
+            e_lo=e_lo,
+            e_hi=e_hi,
+            e_unwritten=e_unwritten,
+            hazard=hazard,
+        )
+
+    def _issue(self, m, c, ring):
+        """Acceptance (``cmd.ready``, the overlap rules) and issue: one beat (a row, or a chunk
+        of it for a narrower op) per cycle, driving the read ports. Returns the issue stage's
+        registers for the operand stages."""
+        row_bits = len(self.read_a.addr)
+        cmd = c.payload
+        K, ptr_bits = ring.K, ring.ptr_bits
         # cycles from now to the last result write scheduled (0: none ahead)
         wr_horizon = Signal(range(self._geom.vbuf_elems + self._rows + 16))
-
-        # ---- issue: one beat (a row, or a chunk of it for a narrower op) per cycle -------------
         issuing = Signal()
         op = Signal(VectorOp, init=VectorOp.VADD)
         dst_row = Signal(row_bits)
@@ -535,15 +588,19 @@ class VectorUnit(wiring.Component):
         # ring has room, and, for a VDOT with a first pass (it keeps xe_max in one register),
         # nothing is in flight.
         slot_free = ~issuing | (i_last & ~pass1)
-        in_order = wr_horizon < 3 + in_u
+        in_order = wr_horizon < 3 + c.u
         n_flight = Signal(ptr_bits)
-        m.d.comb += [n_flight.eq(alloc_ptr - done_ptr), self.busy.eq(n_flight != 0)]
+        m.d.comb += [n_flight.eq(ring.alloc_ptr - ring.done_ptr), self.busy.eq(n_flight != 0)]
         m.d.comb += self.cmd.ready.eq(
-            slot_free & in_order & ~hazard & (n_flight < K) & (~in_pass1 | (e_unwritten == 0))
+            slot_free
+            & in_order
+            & ~ring.hazard
+            & (n_flight < K)
+            & (~c.pass1 | (ring.e_unwritten == 0))
         )
-        p1_beats = Mux(in_pass1, in_last_row + 1, 0)
-        with m.If(accept):
-            m.d.sync += wr_horizon.eq(p1_beats + in_last_beat + 2 + in_u)
+        p1_beats = Mux(c.pass1, c.last_row + 1, 0)
+        with m.If(c.accept):
+            m.d.sync += wr_horizon.eq(p1_beats + c.last_beat + 2 + c.u)
         with m.Elif(wr_horizon != 0):
             m.d.sync += wr_horizon.eq(wr_horizon - 1)
 
@@ -554,30 +611,31 @@ class VectorUnit(wiring.Component):
                 m.d.sync += issuing.eq(0)
             with m.Else():
                 m.d.sync += beat.eq(beat + 1)
-        with m.If(accept):
+        with m.If(c.accept):
+            rem = c.rem
             m.d.sync += [
                 issuing.eq(1),
                 beat.eq(0),
-                pass1.eq(in_pass1),
+                pass1.eq(c.pass1),
                 op.eq(cmd.op),
                 dst_row.eq(cmd.dst[6:]),
-                a_row.eq(a_lo),
-                b_row.eq(b_lo),
+                a_row.eq(c.a_lo),
+                b_row.eq(c.b_lo),
                 scalar.eq(cmd.b_scalar),
                 imm.eq(cmd.imm),
-                last_row.eq(in_last_row),
-                last_beat.eq(in_last_beat),
-                chunk_bits.eq(6 - log_lanes),
-                last_mask.eq(Mux(empty, 0, Mux(rem == 0, ones, (Const(1, 65) << rem) - 1))),
+                last_row.eq(c.last_row),
+                last_beat.eq(c.last_beat),
+                chunk_bits.eq(6 - c.log_lanes),
+                last_mask.eq(Mux(c.empty, 0, Mux(rem == 0, _ONES, (Const(1, 65) << rem) - 1))),
             ]
             for j in range(K):
-                with m.If(alloc_ptr[: ptr_bits - 1] == j):
+                with m.If(ring.alloc_ptr[: ptr_bits - 1] == j):
                     m.d.sync += [
-                        e_op[j].eq(cmd.op),
-                        e_lo[j].eq(cmd.dst[6:]),
-                        e_hi[j].eq(cmd.dst[6:] + Mux(in_point, 1, in_last_row + 1)),
+                        ring.e_op[j].eq(cmd.op),
+                        ring.e_lo[j].eq(cmd.dst[6:]),
+                        ring.e_hi[j].eq(cmd.dst[6:] + Mux(c.point, 1, c.last_row + 1)),
                     ]
-            m.d.sync += alloc_ptr.eq(alloc_ptr + 1)
+            m.d.sync += ring.alloc_ptr.eq(ring.alloc_ptr + 1)
 
         reads_a = (op != VectorOp.VSET) & ~pass1
         reads_b = Cat(*(op == o for o in _READS_B)).any()
@@ -587,8 +645,25 @@ class VectorUnit(wiring.Component):
             self.read_b.addr.eq(b_row + Mux(scalar, 0, i_row)),
             self.read_b.en.eq(issuing & reads_b & Mux(scalar, ~pass1 & (beat == 0), i_chunk == 0)),
         ]
+        return SimpleNamespace(
+            issuing=issuing,
+            op=op,
+            dst_row=dst_row,
+            scalar=scalar,
+            imm=imm,
+            last_row=last_row,
+            last_mask=last_mask,
+            beat=beat,
+            pass1=pass1,
+            i_row=i_row,
+            i_chunk=i_chunk,
+            i_last=i_last,
+        )
 
-        # ---- stage 1: the rows arrive; mask, broadcast and select ------------------------------
+    def _operands(self, m, s0):
+        """Stage 1 (the rows arrive from the read ports: mask, broadcast and select) and stage 2
+        (the operand registers that feed the units). Returns stage 2."""
+        row_bits = len(self.read_a.addr)
         # Each stage has its own copy of the command's fields: the next command may be issuing.
         s1_valid = Signal()
         s1_row = Signal(row_bits)
@@ -603,28 +678,28 @@ class VectorUnit(wiring.Component):
         dst1 = Signal(row_bits)
         imm1 = Signal(16)
         m.d.sync += [
-            s1_valid.eq(issuing),
-            s1_row.eq(i_row),
-            s1_chunk.eq(i_chunk),
-            s1_first.eq(beat == 0),
-            s1_last.eq(i_last & ~pass1),
-            s1_pass1.eq(pass1),
-            op1.eq(op),
-            scalar1.eq(scalar),
-            last_row1.eq(last_row),
-            last_mask1.eq(last_mask),
-            dst1.eq(dst_row),
-            imm1.eq(imm),
+            s1_valid.eq(s0.issuing),
+            s1_row.eq(s0.i_row),
+            s1_chunk.eq(s0.i_chunk),
+            s1_first.eq(s0.beat == 0),
+            s1_last.eq(s0.i_last & ~s0.pass1),
+            s1_pass1.eq(s0.pass1),
+            op1.eq(s0.op),
+            scalar1.eq(s0.scalar),
+            last_row1.eq(s0.last_row),
+            last_mask1.eq(s0.last_mask),
+            dst1.eq(s0.dst_row),
+            imm1.eq(s0.imm),
         ]
         live = Signal(ROW_ELEMS)  # elements of this row below length
-        m.d.comb += live.eq(Mux(s1_row == last_row1[:row_bits], last_mask1, ones))
+        m.d.comb += live.eq(Mux(s1_row == last_row1[:row_bits], last_mask1, _ONES))
         # Ops narrower than a row take a chunk of it per cycle, moved to element 0 up.
         chunk_mask = Signal(ROW_ELEMS)
         a_in = self.read_a.data.as_value()
-        b_row_in = Mux(scalar1, broadcast(self.read_b.data[0]), self.read_b.data.as_value())
+        b_row_in = Mux(scalar1, _broadcast(self.read_b.data[0]), self.read_b.data.as_value())
         a_sel = Signal(len(a_in))
         b_sel = Signal(len(a_in))
-        m.d.comb += [chunk_mask.eq(ones), a_sel.eq(a_in), b_sel.eq(b_row_in)]
+        m.d.comb += [chunk_mask.eq(_ONES), a_sel.eq(a_in), b_sel.eq(b_row_in)]
         for o, n in self._op_lanes.items():
             if n == ROW_ELEMS:
                 continue
@@ -635,8 +710,8 @@ class VectorUnit(wiring.Component):
                     b_sel.eq(b_row_in.word_select(chunk, 16 * n)),
                     chunk_mask.eq(Cat(*(chunk == (e // n) for e in range(ROW_ELEMS)))),
                 ]
-        keep = widen(live)
-        neg_inf = broadcast(Const(numerics.NEG_INF, 16))
+        keep = _widen(live)
+        neg_inf = _broadcast(Const(numerics.NEG_INF, 16))
         a_op = Signal(len(a_in))
         with m.Switch(op1):
             with m.Case(VectorOp.VMAX):  # past the length: -Inf, the identity of max
@@ -649,7 +724,6 @@ class VectorUnit(wiring.Component):
         # the first beat)
         b_exp = self.read_b.data[0][10:15]
 
-        # ---- stage 2: operand registers feed the units ------------------------------------------
         s2_valid = Signal()
         s2_a = Signal(Row)
         s2_b = Signal(Row)
@@ -678,22 +752,31 @@ class VectorUnit(wiring.Component):
             scalar2.eq(scalar1),
             xe2.eq(Mux(b_exp == 0, 1, b_exp)),
         ]
+        return SimpleNamespace(
+            valid=s2_valid,
+            a=s2_a,
+            b=s2_b,
+            row=s2_row,
+            mask=s2_mask,
+            first=s2_first,
+            last=s2_last,
+            pass1=s2_pass1,
+            op=op2,
+            dst=dst2,
+            imm=imm2,
+            scalar=scalar2,
+            xe=xe2,
+        )
 
-        # ---- the units ----------------------------------------------------------------------
-        # Every unit's output is always ready: nothing in the VPU stalls. Only lane 0 of a group
-        # carries the write tag; the lanes run in lockstep.
+    def _lane_groups(self, m, s2, writes):
+        """The element-wise units, ``n`` lanes per op in lockstep (only lane 0 of a group
+        carries the write tag), and ``VSET``, which writes from the operand stage."""
+        row_bits = len(self.read_a.addr)
         wtag = data.StructLayout({"row": row_bits, "mask": ROW_ELEMS, "last": 1})
-        writes = []  # (valid, row, row data, mask, last)
 
         def set_tag(unit):
             t = unit.i.payload.tag
-            return [t.row.eq(s2_row), t.mask.eq(s2_mask), t.last.eq(s2_last)]
-
-        def isolate(value, valid):
-            """Operand isolation: a unit sees zeros unless its op is running, so idle units do
-            not toggle (less power; and Icarus re-evaluates a wide unit for every input
-            change, which made simulation 30x slower)."""
-            return Mux(valid, value, 0)
+            return [t.row.eq(s2.row), t.mask.eq(s2.mask), t.last.eq(s2.last)]
 
         def lane_group(name, n, make, operands, valid):
             units = []
@@ -702,7 +785,7 @@ class VectorUnit(wiring.Component):
                 m.submodules[f"{name}{k}"] = u
                 m.d.comb += [u.i.valid.eq(valid), u.o.ready.eq(1)]
                 m.d.comb += [
-                    getattr(u.i.payload, port).eq(isolate(row[k], valid))
+                    getattr(u.i.payload, port).eq(_isolate(row[k], valid))
                     for port, row in operands.items()
                 ]
                 units.append(u)
@@ -720,46 +803,49 @@ class VectorUnit(wiring.Component):
             )
             return units
 
+        op2 = s2.op
         is_sub = op2 == VectorOp.VSUB
         adders = lane_group(
             "add",
             self._lanes,
             lambda tag: FP16Add(tag=tag),
-            {"a": s2_a, "b": s2_b},
-            s2_valid & ((op2 == VectorOp.VADD) | is_sub),
+            {"a": s2.a, "b": s2.b},
+            s2.valid & ((op2 == VectorOp.VADD) | is_sub),
         )
         m.d.comb += [u.i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)) for u in adders]
         lane_group(
             "mul",
             self._lanes,
             lambda tag: FP16Mul(tag=tag),
-            {"a": s2_a, "b": s2_b},
-            s2_valid & (op2 == VectorOp.VMUL),
+            {"a": s2.a, "b": s2.b},
+            s2.valid & (op2 == VectorOp.VMUL),
         )
         for t_op, f in TABLE_OPS.items():
             lane_group(
                 f,
                 self._table_lanes[f],
                 lambda tag, f=f: FP16Table(f, tag=tag),
-                {"x": s2_a},
-                s2_valid & (op2 == t_op),
+                {"x": s2.a},
+                s2.valid & (op2 == t_op),
             )
 
         # VSET writes from the operand stage.
         writes.append(
-            (s2_valid & (op2 == VectorOp.VSET), s2_row, broadcast(imm2), s2_mask, s2_last)
+            (s2.valid & (op2 == VectorOp.VSET), s2.row, _broadcast(s2.imm), s2.mask, s2.last)
         )
 
-        # VMAX: row maxima, then the running maximum over the rows.
+    def _vmax(self, m, s2, writes):
+        """``VMAX``: row maxima (:class:`RowMax`), then the running maximum over the rows."""
+        row_bits = len(self.read_a.addr)
         flags = data.StructLayout({"first": 1, "last": 1, "dst": row_bits})
         m.submodules.rowmax = rowmax = RowMax(tag=flags)
-        max_valid = s2_valid & (op2 == VectorOp.VMAX)
+        max_valid = s2.valid & (s2.op == VectorOp.VMAX)
         m.d.comb += [
             rowmax.i.valid.eq(max_valid),
-            rowmax.i.payload.x.eq(isolate(s2_a.as_value(), max_valid)),
-            rowmax.i.payload.tag.first.eq(s2_first),
-            rowmax.i.payload.tag.last.eq(s2_last),
-            rowmax.i.payload.tag.dst.eq(dst2),
+            rowmax.i.payload.x.eq(_isolate(s2.a.as_value(), max_valid)),
+            rowmax.i.payload.tag.first.eq(s2.first),
+            rowmax.i.payload.tag.last.eq(s2.last),
+            rowmax.i.payload.tag.dst.eq(s2.dst),
             rowmax.o.ready.eq(1),
         ]
         run_key = Signal(16)
@@ -776,30 +862,35 @@ class VectorUnit(wiring.Component):
         max_value = Mux(run_nan, numerics.CANONICAL_NAN, RowMax.from_key(run_key))
         writes.append((max_done, max_dst, max_value, Const(1, ROW_ELEMS), 1))
 
-        # VDOT: a is the weight side, b the input side (numerics.dot_fp16). xe_max travels with
-        # the rows: a scalar b's exponent from stage 2, else the first pass's maximum, final by
-        # the time the second pass's rows leave the aligners.
+    def _vdot(self, m, c, s2, writes):
+        """``VDOT``: a is the weight side, b the input side (``numerics.dot_fp16``), through
+        :class:`BlockAlign` x2, :class:`BlockDot`, :class:`AccumulatorShift`,
+        :class:`Accumulator` and :class:`AccToFP16`.
+
+        xe_max travels with the rows: a scalar b's exponent from stage 2, else the first pass's
+        maximum, final by the time the second pass's rows leave the aligners."""
+        row_bits = len(self.read_a.addr)
         a_flags = data.StructLayout({"first": 1, "last": 1, "dst": row_bits, "scalar": 1, "xe": 5})
         m.submodules.align_a = align_a = BlockAlign(tag=a_flags)
         m.submodules.align_b = align_b = BlockAlign(tag=unsigned(1))  # pass 1
-        dot_a_valid = s2_valid & (op2 == VectorOp.VDOT) & ~s2_pass1
-        dot_b_valid = s2_valid & (op2 == VectorOp.VDOT)
+        dot_a_valid = s2.valid & (s2.op == VectorOp.VDOT) & ~s2.pass1
+        dot_b_valid = s2.valid & (s2.op == VectorOp.VDOT)
         m.d.comb += [
             align_a.i.valid.eq(dot_a_valid),
-            align_a.i.payload.x.eq(isolate(s2_a.as_value(), dot_a_valid)),
-            align_a.i.payload.tag.first.eq(s2_first),
-            align_a.i.payload.tag.last.eq(s2_last),
-            align_a.i.payload.tag.dst.eq(dst2),
-            align_a.i.payload.tag.scalar.eq(scalar2),
-            align_a.i.payload.tag.xe.eq(xe2),
+            align_a.i.payload.x.eq(_isolate(s2.a.as_value(), dot_a_valid)),
+            align_a.i.payload.tag.first.eq(s2.first),
+            align_a.i.payload.tag.last.eq(s2.last),
+            align_a.i.payload.tag.dst.eq(s2.dst),
+            align_a.i.payload.tag.scalar.eq(s2.scalar),
+            align_a.i.payload.tag.xe.eq(s2.xe),
             align_a.o.ready.eq(1),
             align_b.i.valid.eq(dot_b_valid),
-            align_b.i.payload.x.eq(isolate(s2_b.as_value(), dot_b_valid)),
-            align_b.i.payload.tag.eq(s2_pass1),
+            align_b.i.payload.x.eq(_isolate(s2.b.as_value(), dot_b_valid)),
+            align_b.i.payload.tag.eq(s2.pass1),
             align_b.o.ready.eq(1),
         ]
         xe_run = Signal(5)  # the first pass's largest block exponent of b
-        with m.If(accept & in_pass1):
+        with m.If(c.accept & c.pass1):
             m.d.sync += xe_run.eq(1)
         with m.Elif(align_b.o.valid & align_b.o.payload.tag & (align_b.o.payload.exp > xe_run)):
             m.d.sync += xe_run.eq(align_b.o.payload.exp)
@@ -866,7 +957,10 @@ class VectorUnit(wiring.Component):
             (rnd.o.valid, rnd.o.payload.tag, rnd.o.payload.value.as_value(), Const(1, ROW_ELEMS), 1)
         )
 
-        # ---- the write port: one source at a time ---------------------------------------------
+    def _write_back(self, m, accept, ring, writes):
+        """The write port (one source at a time: the overlap rules keep them apart) and
+        completion: a command is written with its last result row, then reported on
+        ``done``."""
         w_valid = Signal()
         w_last = Signal()
         for valid, row, value, mask, last in writes:
@@ -879,19 +973,18 @@ class VectorUnit(wiring.Component):
                     self.write.mask.eq(mask),
                 ]
 
-        # ---- completion: a command is written with its last result row, then reported --------
+        K, ptr_bits = ring.K, ring.ptr_bits
         wrote = w_valid & w_last
         with m.If(wrote):
-            m.d.sync += wr_ptr.eq(wr_ptr + 1)
+            m.d.sync += ring.wr_ptr.eq(ring.wr_ptr + 1)
         for j in range(K):
-            with m.If(accept & (alloc_ptr[: ptr_bits - 1] == j)):
-                m.d.sync += e_unwritten[j].eq(1)
-            with m.Elif(wrote & (wr_ptr[: ptr_bits - 1] == j)):
-                m.d.sync += e_unwritten[j].eq(0)
+            with m.If(accept & (ring.alloc_ptr[: ptr_bits - 1] == j)):
+                m.d.sync += ring.e_unwritten[j].eq(1)
+            with m.Elif(wrote & (ring.wr_ptr[: ptr_bits - 1] == j)):
+                m.d.sync += ring.e_unwritten[j].eq(0)
         m.d.comb += [
-            self.done.valid.eq(done_ptr != wr_ptr),
-            self.done.payload.eq(Array(e_op)[done_ptr[: ptr_bits - 1]]),
+            self.done.valid.eq(ring.done_ptr != ring.wr_ptr),
+            self.done.payload.eq(Array(ring.e_op)[ring.done_ptr[: ptr_bits - 1]]),
         ]
         with m.If(self.done.valid & self.done.ready):
-            m.d.sync += done_ptr.eq(done_ptr + 1)
-        return m
+            m.d.sync += ring.done_ptr.eq(ring.done_ptr + 1)

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from .numerics import BLOCK
 
 
+def is_pow2(v) -> bool:
+    """``v`` is an ``int`` power of two (1, 2, 4, ...)."""
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+
+
 @dataclass(frozen=True)
 class CoreGeometry:
     """Shape of one decode core.
@@ -60,12 +65,14 @@ class CoreGeometry:
     channel_gbps: float = 14.375
 
     def __post_init__(self):
-        def pow2(v):
-            return v > 0 and v & (v - 1) == 0
+        self.check_rules()
 
+    def check_rules(self) -> None:
+        """Raise ``ValueError`` naming the first rule this geometry breaks (construction runs
+        it; a unit may run it again on an object built some other way)."""
         for field in ("channels", "port_bits", "lanes", "tree", "vpu_lanes", "vbuf_elems"):
             v = getattr(self, field)
-            if not isinstance(v, int) or not pow2(v):
+            if not is_pow2(v):
                 raise ValueError(f"{field} must be a power of two, not {v!r}")
         if not 64 <= self.port_bits <= 512:
             raise ValueError(f"port_bits must be 64..512 (AXI4 to HBM), not {self.port_bits}")
@@ -83,7 +90,8 @@ class CoreGeometry:
             raise ValueError(
                 f"{self.channels} channels x {self.beat_elems} values per beat = "
                 f"{self.channels * self.beat_elems} values per cycle, but lanes x tree = "
-                f"{self.lanes} x {self.tree} = {self.lanes * self.tree}; they must be equal"
+                f"{self.lanes} x {self.tree} = {self.lanes * self.tree}; they must be equal "
+                "(a weight tile is one beat of every channel)"
             )
         if self.vpu_lanes > BLOCK:
             raise ValueError(f"vpu_lanes must be at most {BLOCK}, not {self.vpu_lanes}")
