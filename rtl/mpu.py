@@ -2,12 +2,14 @@
 
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, is_pow2
 from tandem.isa import MatFlag
 from tandem.numerics import BLOCK, MAX_DOT_LEN, acc_lsb_exponent
 
@@ -75,10 +77,6 @@ def _probe(unit):
     return unit
 
 
-def _pow2(v) -> bool:
-    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
-
-
 class MatrixUnit(wiring.Component):
     """Matrix-vector unit: ``lanes`` rows x 64 columns of block-floating-point products per cycle.
 
@@ -92,6 +90,11 @@ class MatrixUnit(wiring.Component):
     added and ``AccToFP16`` rounds, with the canonical NaN for rows that saw a non-finite operand.
     Columns at or past ``live_cols`` in the last block count as +0 for x and the weights (stale
     HBM data there does not matter), also for the block exponents.
+
+    The code follows the datapath: :meth:`_command`, :meth:`_x_load`, :meth:`_credits` (output
+    FIFO and bias buffer), :meth:`_tiles` (acceptance and the per-stage tags),
+    :meth:`_tile_pipeline` (the lanes), :meth:`_result_rows`, :meth:`_argmax` and
+    :meth:`_sequence` (the command FSM).
 
     Parameters
     ----------
@@ -167,18 +170,12 @@ class MatrixUnit(wiring.Component):
     def __init__(self, geom: CoreGeometry, *, max_cols: int | None = None):
         if not isinstance(geom, CoreGeometry):
             raise ValueError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
-        if geom.tree != BLOCK:
-            raise ValueError(f"the MPU needs tree == {BLOCK} (one numeric block), not {geom.tree}")
-        if not _pow2(geom.lanes) or geom.lanes > BLOCK:
+        if not is_pow2(geom.lanes) or geom.lanes > BLOCK:
             raise ValueError(
                 f"lanes must be a power of two from 1 to {BLOCK} (a row group of 64 rows is "
                 f"64/lanes tiles), not {geom.lanes!r}"
             )
-        if geom.lanes * geom.tree != geom.channels * geom.beat_elems:
-            raise ValueError(
-                f"a tile ({geom.lanes} x {geom.tree}) must be one beat of every channel "
-                f"({geom.channels} x {geom.beat_elems})"
-            )
+        geom.check_rules()  # tree == BLOCK, and a tile is one beat of every channel
         if max_cols is None:
             max_cols = min(MAX_DOT_LEN, geom.vbuf_elems)
         if not isinstance(max_cols, int) or not BLOCK <= max_cols <= MAX_DOT_LEN:
@@ -287,18 +284,20 @@ class MatrixUnit(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        lanes, stride, xb = self._lanes, self._stride, self._x_blocks
-        A = self._lat["align"]
-        D = self._lat["dot"]
-        H = self._lat["shift"]
-        K = self._st_acc
-        Z = self._st_out
-        AM = self._st_amax
-        n_stages = max(Z, AM) + 1
+        c = self._command(m)
+        x = self._x_load(m, c)
+        cr = self._credits(m)
+        t = self._tiles(m, c, x, cr)
+        rounded, total = self._tile_pipeline(m, x, cr, t)
+        self._result_rows(m, t.tags, rounded, cr.out_fifo)
+        best, amax_done = self._argmax(m, t.tags, total)
+        self._sequence(m, c, x, cr, t, best, amax_done)
+        return m
 
-        # ---- command ------------------------------------------------------------------------
+    def _command(self, m):
+        """The command's registers (set when it is accepted, :meth:`_sequence`) and its shape."""
         cmd = self.cmd.payload
-        last_cb = Signal(range(xb))
+        last_cb = Signal(range(self._x_blocks))
         last_grp = Signal(range(_MAX_GROUPS))
         do_bias = Signal()
         do_argmax = Signal()
@@ -307,10 +306,23 @@ class MatrixUnit(wiring.Component):
         eff_rows = Signal(16)
         eff_cols = Signal(16)
         m.d.comb += [eff_rows.eq(cmd.eff_rows()), eff_cols.eq(cmd.eff_cols())]
-        cmd_groups = (eff_rows + BLOCK - 1) >> 6
-        cmd_cbs = (eff_cols + BLOCK - 1) >> 6
+        return SimpleNamespace(
+            payload=cmd,
+            last_cb=last_cb,
+            last_grp=last_grp,
+            do_bias=do_bias,
+            do_argmax=do_argmax,
+            rows_left=rows_left,
+            eff_rows=eff_rows,
+            eff_cols=eff_cols,
+            groups=(eff_rows + BLOCK - 1) >> 6,
+            cbs=(eff_cols + BLOCK - 1) >> 6,
+        )
 
-        # ---- x load: align each block once into the x buffer ------------------------------------
+    def _x_load(self, m, c):
+        """The x load: each block is aligned once (:class:`BlockAlign`) into the x buffer, and
+        the command's ``xe_max`` and x non-finite flag are gathered on the way."""
+        A, xb = self._lat["align"], self._x_blocks
         x_entry = data.StructLayout({"q": data.ArrayLayout(signed(12), BLOCK), "e": unsigned(5)})
         m.submodules.xbuf = xbuf = Memory(shape=x_entry, depth=xb, init=[])
         x_wr = xbuf.write_port()
@@ -338,7 +350,7 @@ class MatrixUnit(wiring.Component):
         x_take = loading & (self.x.valid | no_cols)
         m.d.comb += self.x.ready.eq(loading & ~no_cols)
         m.d.sync += [xv[0].eq(x_take), xa[0].eq(x_count)]
-        x_last_block = x_count == last_cb
+        x_last_block = x_count == c.last_cb
         with m.If(x_take):
             x_keep = Mux(x_last_block, last_keep, Const(-1, BLOCK * 16))
             m.d.sync += x_in.eq(Mux(no_cols, 0, self.x.payload.as_value() & x_keep))
@@ -357,8 +369,21 @@ class MatrixUnit(wiring.Component):
                 m.d.sync += xe_max.eq(xo.exp)
             with m.If(xo.nonfinite):
                 m.d.sync += x_nonfinite.eq(1)
+        return SimpleNamespace(
+            rd=x_rd,
+            count=x_count,
+            last_keep=last_keep,
+            valid=xv,
+            xe_max=xe_max,
+            nonfinite=x_nonfinite,
+            no_cols=no_cols,
+            loading=loading,
+            take=x_take,
+            last_block=x_last_block,
+        )
 
-        # ---- credits --------------------------------------------------------------------------
+    def _credits(self, m):
+        """The output FIFO and the bias buffer, with the credits tiles take from them."""
         rd = self._result_depth
         m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(width=BLOCK * 16, depth=rd)
         m.submodules.bias_fifo = bias_fifo = fifo.SyncFIFO(width=BLOCK * 16, depth=self._bias_depth)
@@ -380,21 +405,39 @@ class MatrixUnit(wiring.Component):
             self.result.valid.eq(out_fifo.r_rdy),
             out_fifo.r_en.eq(self.result.ready),
         ]
+        return SimpleNamespace(
+            out_fifo=out_fifo,
+            bias_fifo=bias_fifo,
+            out_free=out_free,
+            bias_avail=bias_avail,
+            bias_todo=bias_todo,
+            out_claim=out_claim,
+            bias_claim=bias_claim,
+        )
 
-        # ---- tile counters and acceptance -------------------------------------------------------
+    def _tiles(self, m, c, x, cr):
+        """Tile counters and acceptance, the input register, and the tags that carry each
+        tile's position and its command's state down the pipeline (``tags[i]`` is stage i)."""
+        lanes, stride, xb = self._lanes, self._stride, self._x_blocks
+        n_stages = max(self._st_out, self._st_amax) + 1
         rb = Signal(range(stride))
         cb = Signal(range(xb))
         grp = Signal(range(_MAX_GROUPS))
-        is_last_cb = cb == last_cb
+        is_last_cb = cb == c.last_cb
         is_group_end = is_last_cb & (rb == stride - 1)
-        is_cmd_end = is_group_end & (grp == last_grp)
-        need_out = is_group_end & ~do_argmax
-        need_bias = is_last_cb & (rb == 0) & do_bias
+        is_cmd_end = is_group_end & (grp == c.last_grp)
+        need_out = is_group_end & ~c.do_argmax
+        need_bias = is_last_cb & (rb == 0) & c.do_bias
         streaming = Signal()
-        can_take = streaming & (~need_out | (out_free != 0)) & (~need_bias | (bias_avail != 0))
-        m.d.comb += self.weights.ready.eq(can_take & ~no_cols)
-        tile_take = can_take & (self.weights.valid | no_cols)
-        m.d.comb += [out_claim.eq(tile_take & need_out), bias_claim.eq(tile_take & need_bias)]
+        can_take = (
+            streaming & (~need_out | (cr.out_free != 0)) & (~need_bias | (cr.bias_avail != 0))
+        )
+        m.d.comb += self.weights.ready.eq(can_take & ~x.no_cols)
+        tile_take = can_take & (self.weights.valid | x.no_cols)
+        m.d.comb += [
+            cr.out_claim.eq(tile_take & need_out),
+            cr.bias_claim.eq(tile_take & need_bias),
+        ]
 
         tag_layout = data.StructLayout(
             {
@@ -420,7 +463,7 @@ class MatrixUnit(wiring.Component):
             m.d.sync += tags[i + 1].eq(tags[i])
         live = Signal(lanes)
         for lane in range(lanes):
-            m.d.comb += live[lane].eq(rb * lanes + lane < rows_left)
+            m.d.comb += live[lane].eq(rb * lanes + lane < c.rows_left)
         m.d.sync += [
             tags[0].valid.eq(tile_take),
             tags[0].rb.eq(rb),
@@ -431,26 +474,44 @@ class MatrixUnit(wiring.Component):
             tags[0].group_end.eq(is_group_end),
             tags[0].cmd_end.eq(is_cmd_end),
             tags[0].live.eq(live),
-            tags[0].xe_max.eq(xe_max),
-            tags[0].x_nonfinite.eq(x_nonfinite),
-            tags[0].bias.eq(do_bias),
-            tags[0].argmax.eq(do_argmax),
+            tags[0].xe_max.eq(x.xe_max),
+            tags[0].x_nonfinite.eq(x.nonfinite),
+            tags[0].bias.eq(c.do_bias),
+            tags[0].argmax.eq(c.do_argmax),
         ]
         tile_in = Signal(data.ArrayLayout(Block, lanes))
         w_keep = Signal(BLOCK * 16 * lanes)
-        m.d.comb += w_keep.eq(Mux(is_last_cb, last_keep.replicate(lanes), Const(-1, len(w_keep))))
+        m.d.comb += w_keep.eq(Mux(is_last_cb, x.last_keep.replicate(lanes), Const(-1, len(w_keep))))
         with m.If(tile_take):
-            m.d.sync += tile_in.eq(Mux(no_cols, 0, self.weights.payload.as_value() & w_keep))
+            m.d.sync += tile_in.eq(Mux(x.no_cols, 0, self.weights.payload.as_value() & w_keep))
             with m.If(rb == stride - 1):
                 m.d.sync += rb.eq(0)
                 with m.If(is_last_cb):
-                    m.d.sync += [cb.eq(0), grp.eq(grp + 1), rows_left.eq(rows_left - BLOCK)]
+                    m.d.sync += [cb.eq(0), grp.eq(grp + 1), c.rows_left.eq(c.rows_left - BLOCK)]
                 with m.Else():
                     m.d.sync += cb.eq(cb + 1)
             with m.Else():
                 m.d.sync += rb.eq(rb + 1)
+        return SimpleNamespace(
+            rb=rb,
+            cb=cb,
+            grp=grp,
+            streaming=streaming,
+            take=tile_take,
+            cmd_end=is_cmd_end,
+            tags=tags,
+            tile_in=tile_in,
+        )
 
-        # ---- tile pipeline ----------------------------------------------------------------------
+    def _tile_pipeline(self, m, x, cr, t):
+        """Per lane: BlockAlign of the tile's row, BlockDot with the x block, AccumulatorShift,
+        the accumulate stage (``K``), the bias added (``K + 1``) and AccToFP16. Returns each
+        lane's rounded result and its total (for the argmax)."""
+        lanes, stride = self._lanes, self._stride
+        A, D, H = self._lat["align"], self._lat["dot"], self._lat["shift"]
+        K = self._st_acc
+        tags = t.tags
+
         def delay(sig, n, name):
             """``sig`` delayed by ``n`` cycles through registers."""
             for i in range(n):
@@ -460,15 +521,15 @@ class MatrixUnit(wiring.Component):
             return sig
 
         # x block for the tile: read at stage A-1 so that it arrives with the aligned weights.
-        m.d.comb += x_rd.addr.eq(tags[A - 1].cb)
-        x_q = x_rd.data.q
-        x_e = delay(x_rd.data.e, D, "x_e")
+        m.d.comb += x.rd.addr.eq(tags[A - 1].cb)
+        x_q = x.rd.data.q
+        x_e = delay(x.rd.data.e, D, "x_e")
 
         t_bias = tags[A + D]
         bias_head = data.ArrayLayout(data.ArrayLayout(unsigned(16), lanes), stride)(
-            bias_fifo.r_data
+            cr.bias_fifo.r_data
         )
-        m.d.comb += bias_fifo.r_en.eq(
+        m.d.comb += cr.bias_fifo.r_en.eq(
             t_bias.valid & t_bias.last & (t_bias.rb == stride - 1) & t_bias.bias
         )
 
@@ -499,7 +560,7 @@ class MatrixUnit(wiring.Component):
             for unit in (align, dot, shift, bshift, rnd):
                 m.d.comb += [unit.i.valid.eq(1), unit.o.ready.eq(1)]
             m.d.comb += [
-                align.i.payload.x.as_value().eq(tile_in[lane].as_value()),
+                align.i.payload.x.as_value().eq(t.tile_in[lane].as_value()),
                 dot.i.payload.w.eq(align.o.payload.q),
                 dot.i.payload.x.eq(x_q),
                 shift.i.payload.sum.eq(dot.o.payload.sum),
@@ -556,9 +617,13 @@ class MatrixUnit(wiring.Component):
                 rnd.i.payload.nonfinite.eq(total_nf[lane] | t_rnd.x_nonfinite),
             ]
             rounded.append(rnd.o.payload.value.as_value())
+        return rounded, total
 
-        # ---- result rows (stage Z) ------------------------------------------------------------
-        t_out = tags[Z]
+    def _result_rows(self, m, tags, rounded, out_fifo):
+        """Result rows (stage Z): a group's row blocks, in order, assembled into one row for
+        the output FIFO."""
+        lanes, stride = self._lanes, self._stride
+        t_out = tags[self._st_out]
         vals = Signal(data.ArrayLayout(unsigned(16), lanes))
         for lane in range(lanes):
             m.d.comb += vals[lane].eq(Mux(t_out.live[lane], rounded[lane], 0))
@@ -574,9 +639,12 @@ class MatrixUnit(wiring.Component):
             m.d.comb += out_fifo.w_data.eq(vals)
         m.d.comb += out_fifo.w_en.eq(out_valid & t_out.group_end & ~t_out.argmax)
 
-        # ---- argmax (stage K+2 .. AM) ---------------------------------------------------------
+    def _argmax(self, m, tags, total):
+        """ARGMAX (stages K+2 .. AM): a log2(lanes)-level tree of the lanes' totals, then the
+        running compare. Returns the best candidate so far and the command's done flag."""
+        lanes = self._lanes
         cand_layout = data.StructLayout({"valid": 1, "value": signed(64), "index": 16})
-        t_tot = tags[K + 2]
+        t_tot = tags[self._st_acc + 2]
         level = []
         for lane in range(lanes):
             c = Signal(cand_layout, name=f"cand{lane}")
@@ -604,60 +672,64 @@ class MatrixUnit(wiring.Component):
         cand = level[0]
         best = Signal(cand_layout)
         amax_done = Signal()
-        t_am = tags[AM]
+        t_am = tags[self._st_amax]
         with m.If(cand.valid & (~best.valid | (cand.value > best.value))):
             m.d.sync += best.eq(cand)
         with m.If(t_am.valid & t_am.cmd_end & t_am.argmax):
             m.d.sync += amax_done.eq(1)
         m.d.comb += self.argmax.payload.eq(best.index)
+        return best, amax_done
 
-        # ---- sequencing -------------------------------------------------------------------------
+    def _sequence(self, m, c, x, cr, t, best, amax_done):
+        """The command FSM: accept, load x, stream the tiles, report the argmax."""
+        cmd = c.payload
+        A = self._lat["align"]
         with m.FSM(name="mpu_fsm"):
             with m.State("Idle"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    rem = eff_cols[:6]
+                    rem = c.eff_cols[:6]
                     m.d.sync += [
-                        last_grp.eq(cmd_groups - 1),
-                        last_cb.eq(Mux(cmd_cbs == 0, 0, cmd_cbs - 1)),
-                        no_cols.eq(cmd_cbs == 0),
-                        last_keep.eq(
+                        c.last_grp.eq(c.groups - 1),
+                        c.last_cb.eq(Mux(c.cbs == 0, 0, c.cbs - 1)),
+                        x.no_cols.eq(c.cbs == 0),
+                        x.last_keep.eq(
                             Cat(*(((rem == 0) | (j < rem)).replicate(16) for j in range(BLOCK)))
                         ),
-                        do_bias.eq(cmd.flags.bias),
-                        do_argmax.eq(cmd.flags.argmax),
-                        bias_todo.eq(Mux(cmd.flags.bias, cmd_groups, 0)),
-                        rows_left.eq(eff_rows),
-                        x_count.eq(0),
-                        rb.eq(0),
-                        cb.eq(0),
-                        grp.eq(0),
-                        xe_max.eq(0),
-                        x_nonfinite.eq(0),
+                        c.do_bias.eq(cmd.flags.bias),
+                        c.do_argmax.eq(cmd.flags.argmax),
+                        cr.bias_todo.eq(Mux(cmd.flags.bias, c.groups, 0)),
+                        c.rows_left.eq(c.eff_rows),
+                        x.count.eq(0),
+                        t.rb.eq(0),
+                        t.cb.eq(0),
+                        t.grp.eq(0),
+                        x.xe_max.eq(0),
+                        x.nonfinite.eq(0),
                         best.valid.eq(0),
                         best.index.eq(0),
                         amax_done.eq(0),
                     ]
-                    with m.If(cmd_groups == 0):
+                    with m.If(c.groups == 0):
                         m.next = "Finish"
                     with m.Else():
                         m.next = "Load-X"
             with m.State("Load-X"):
-                m.d.comb += loading.eq(1)
-                with m.If(x_take):
-                    m.d.sync += x_count.eq(x_count + 1)
-                    with m.If(x_last_block):
+                m.d.comb += x.loading.eq(1)
+                with m.If(x.take):
+                    m.d.sync += x.count.eq(x.count + 1)
+                    with m.If(x.last_block):
                         m.next = "Wait-X"
             # The last x block is written in the cycle xv[A] is high; xe_max is final after it.
-            with m.State("Wait-X"), m.If(~Cat(*xv[:A]).any()):
+            with m.State("Wait-X"), m.If(~Cat(*x.valid[:A]).any()):
                 m.next = "Stream"
             # After the last tile the next command may start while this one's results drain
             # (the later stages take the command's state from the tags); an ARGMAX command
             # waits for its index transfer.
             with m.State("Stream"):
-                m.d.comb += streaming.eq(1)
-                with m.If(tile_take & is_cmd_end):
-                    with m.If(do_argmax):
+                m.d.comb += t.streaming.eq(1)
+                with m.If(t.take & t.cmd_end):
+                    with m.If(c.do_argmax):
                         m.next = "Drain"
                     with m.Else():
                         m.next = "Idle"
@@ -666,17 +738,16 @@ class MatrixUnit(wiring.Component):
                 with m.If(self.argmax.valid & self.argmax.ready):
                     m.next = "Idle"
             with m.State("Finish"):  # no live row: no result rows; argmax reports index 0
-                with m.If(do_argmax):
+                with m.If(c.do_argmax):
                     m.d.comb += self.argmax.valid.eq(1)
                     with m.If(self.argmax.ready):
                         m.next = "Idle"
                 with m.Else():
                     m.next = "Idle"
-        m.d.comb += self.busy.eq(~self.cmd.ready | (out_free != rd))
+        m.d.comb += self.busy.eq(~self.cmd.ready | (cr.out_free != self._result_depth))
 
         bias_open = Signal()
         m.d.comb += [
-            bias_open.eq(bias_todo != 0),
-            self.bias.ready.eq(bias_open & bias_fifo.w_rdy),
+            bias_open.eq(cr.bias_todo != 0),
+            self.bias.ready.eq(bias_open & cr.bias_fifo.w_rdy),
         ]
-        return m
