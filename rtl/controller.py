@@ -11,6 +11,7 @@ from amaranth.lib.wiring import In, Out
 from tandem import isa, regmap
 from tandem.geometry import CoreGeometry
 from tandem.layout import PROGRAM_BASE
+from tandem.numerics import BLOCK
 
 from .dma import ChannelRun, DMAErrors, ReadCommand, ReadKind, StoreCommand, StoreKind
 from .mpu import MatvecCommand
@@ -19,12 +20,15 @@ from .vpu import VectorCommand, VectorOp
 
 __all__ = ["Controller", "MpuIssue", "StoreIssue", "UnitBusy", "instruction_layout"]
 
-BLOCK = 64
+_ROW_SHIFT = BLOCK.bit_length() - 1
+"""log2 of a VBUF row: an element address ``>> _ROW_SHIFT`` is its row, and its low
+``_ROW_SHIFT`` bits are zero when it is row aligned (``tandem.isa.VBUF_ALIGN``)."""
 DEFAULT_WATCHDOG = 1 << 24
 MAX_PENDING = 4
 """MATVECs whose weight read is with the DMA and whose MPU command has not gone to the core's
 MPU feeder yet: short products (attention heads) keep this many HBM reads in flight."""
 Status = regmap.Status
+_VPU_OPS = tuple(op for op, u in isa.UNITS.items() if u is isa.Unit.VPU)
 
 
 def instruction_layout(op: isa.Op) -> data.StructLayout:
@@ -98,9 +102,10 @@ class Controller(wiring.Component):
 
     Scoreboard (conservative, correct first): a VBUF user (vector op, LOADV, a store, the MPU's
     x read) starts only when no other unit is using the VBUF, except that vector ops follow each
-    other without waiting (the vector unit runs its commands in order, each finished before the
-    next starts, so the core may queue them and the controller runs ahead to the next
-    ``MATVEC``, whose weight read then overlaps the vector work), and so do LOADV instructions
+    other without waiting (the vector unit keeps them in order and overlaps independent ones
+    itself, never letting a read overtake an earlier command's write to the same rows, so the
+    core may queue them and the controller runs ahead to the next ``MATVEC``, whose weight
+    read then overlaps the vector work), and so do LOADV instructions
     (the DMA delivers their rows in order, so their HBM read latencies overlap); a DMA read
     waits for every outstanding HBM write (a program may read what it just stored). A
     ``MATVEC`` sends its weight read to the DMA as soon as the DMA takes it, so the weights
@@ -124,6 +129,11 @@ class Controller(wiring.Component):
     Timing: one cycle per instruction when the target unit accepts at once (the next word is
     read from the instruction memory in the cycle the current one issues), two after a branch
     or jump (read, execute); fetch takes ``imem_words`` cycles after the data arrives.
+
+    The code: :meth:`_registers`, :meth:`_decode`, :meth:`_scoreboard` (when each VBUF user may
+    issue), :meth:`_mpu_queue` (the pending MATVECs), :meth:`_stops`, the FSM's states
+    (:meth:`_fetch_states`, :meth:`_run_states` with :meth:`_exec`, :meth:`_stop_states`) and
+    :meth:`_results`.
 
     Members
     -------
@@ -189,69 +199,83 @@ class Controller(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
+        c = SimpleNamespace()  # the registers, signals and helpers the pieces below share
+        self._registers(m, c)
+        self._decode(m, c)
+        self._scoreboard(m, c)
+        self._mpu_queue(m, c)
+        self._stops(m, c)
+        with m.FSM(name="ctrl"):
+            self._fetch_states(m, c)
+            self._run_states(m, c)
+            self._stop_states(m, c)
+        self._results(m, c)
+        return m
+
+    def _registers(self, m, c):
+        """The instruction memory, the architectural registers and the status outputs."""
         g = self._geom
-        vbuf_elems = g.vbuf_elems
-        words_per_beat = g.beat_bytes // isa.WORD_BYTES
-        fetch_beats = g.imem_words // words_per_beat
-
         m.submodules.imem = imem = memory.Memory(shape=isa.WORD_BITS, depth=g.imem_words, init=[])
-        wr = imem.write_port()
-        rd = imem.read_port(domain="sync")
-        m.d.comb += rd.en.eq(0)  # a read port's enable defaults to 1: hold data while executing
+        c.wr = imem.write_port()
+        c.rd = imem.read_port(domain="sync")
+        m.d.comb += c.rd.en.eq(0)  # a read port's enable defaults to 1: hold data while executing
 
-        regs = Array(Signal(32, name=f"r{i}") for i in range(isa.N_REGS))
-        pc = Signal(16)
-        tokens = Signal(32)
-        cycles = Signal(64)
-        running = Signal()
-        status = Signal(8)
-        err_pc = Signal(32)
-        halt_code = Signal(32)
-        watchdog = Signal(32)
-        wd_limit = Signal(32)
-        argv = Array(self.args[name] for name, _ in regmap.SCALAR_ARGS)
-        hbm_bytes = self.args["hbm_bytes"]
+        c.regs = Array(Signal(32, name=f"r{i}") for i in range(isa.N_REGS))
+        c.pc = Signal(16)
+        c.tokens = Signal(32)
+        c.cycles = Signal(64)
+        c.running = Signal()
+        c.status = Signal(8)
+        c.err_pc = Signal(32)
+        c.halt_code = Signal(32)
+        c.watchdog = Signal(32)
+        c.wd_limit = Signal(32)
+        c.argv = Array(self.args[name] for name, _ in regmap.SCALAR_ARGS)
 
         m.d.comb += [
-            self.status["status"].eq(status),
-            self.status["error_pc"].eq(err_pc),
-            self.status["error_code"].eq(halt_code),
-            self.status["tokens"].eq(tokens),
-            self.status["cycles_lo"].eq(cycles[:32]),
-            self.status["cycles_hi"].eq(cycles[32:]),
-            self.record.status.eq(status),
-            self.record.pc.eq(err_pc),
-            self.record.tokens.eq(tokens),
-            self.record.halt_code.eq(halt_code),
-            self.record.cycles.eq(cycles),
+            self.status["status"].eq(c.status),
+            self.status["error_pc"].eq(c.err_pc),
+            self.status["error_code"].eq(c.halt_code),
+            self.status["tokens"].eq(c.tokens),
+            self.status["cycles_lo"].eq(c.cycles[:32]),
+            self.status["cycles_hi"].eq(c.cycles[32:]),
+            self.record.status.eq(c.status),
+            self.record.pc.eq(c.err_pc),
+            self.record.tokens.eq(c.tokens),
+            self.record.halt_code.eq(c.halt_code),
+            self.record.cycles.eq(c.cycles),
         ]
-        with m.If(running):
-            m.d.sync += cycles.eq(cycles + 1)
+        with m.If(c.running):
+            m.d.sync += c.cycles.eq(c.cycles + 1)
 
-        # ---- decode (combinational, from the instruction memory's read data) ------------------
-        word = rd.data
+    def _decode(self, m, c):
+        """Decode (combinational, from the instruction memory's read data): one view per
+        format, ``known`` and ``legal``, and the operand helpers."""
+        word = c.rd.data
         opcode = word[:8]
-        views = {op: data.View(instruction_layout(op), word) for op in isa.Op}
-        known = Signal()
-        legal = Signal()
-        m.d.comb += known.eq(Cat(*(opcode == int(op) for op in isa.Op)).any())
+        c.views = {op: data.View(instruction_layout(op), word) for op in isa.Op}
+        c.known = Signal()
+        c.legal = Signal()
+        m.d.comb += c.known.eq(Cat(*(opcode == int(op) for op in isa.Op)).any())
         with m.Switch(opcode):
             for op in isa.Op:
                 with m.Case(int(op)):
-                    v = views[op]
+                    v = c.views[op]
                     ok = v.reserved == 0
                     mask = _flag_mask(op)
                     if mask:
                         ok &= (v.flags & (0xF & ~mask)) == 0
                     for f in isa.FORMATS[op]:
                         if f.name in isa.VBUF_FIELDS:
-                            ok &= v[f.name][:6] == 0
+                            ok &= v[f.name][:_ROW_SHIFT] == 0
                     if op is isa.Op.LDARG:
                         ok &= v.arg < len(regmap.SCALAR_ARGS)
-                    m.d.comb += legal.eq(ok)
+                    m.d.comb += c.legal.eq(ok)
+
+        vbuf_elems = self._geom.vbuf_elems
 
         def reg(index):
-            return regs[index]
+            return c.regs[index]
 
         def length(v):
             """``R[lreg]`` if ``lreg`` else ``len``, 32 bits."""
@@ -265,65 +289,73 @@ class Controller(wiring.Component):
             """[dst, dst + n) and [src, src + n) overlap at different starts (tandem.isa)."""
             return (n != 0) & (dst != src) & (dst < src + n) & (src < dst + n)
 
+        c.reg, c.length, c.over, c.partial = reg, length, over, partial
+
+    def _scoreboard(self, m, c):
+        """When each kind of VBUF user may issue (see the class docstring)."""
         busy = self.busy
-        vbuf_quiet = Signal()
+        c.vbuf_quiet = Signal()
         # MATVECs whose weight read has gone to the DMA and whose MPU command waits for the VBUF
         # (in order, at most MAX_PENDING: the later ones' weights stream behind the first one's)
-        n_pending = Signal(range(MAX_PENDING + 1))
-        mpu_pending = Signal()
-        m.d.comb += mpu_pending.eq(n_pending != 0)
-        loadv_queued = Signal()  # a LOADV not yet taken by the DMA (busy.loadv counts after)
-        m.d.comb += loadv_queued.eq(
+        c.n_pending = Signal(range(MAX_PENDING + 1))
+        c.mpu_pending = Signal()
+        m.d.comb += c.mpu_pending.eq(c.n_pending != 0)
+        c.loadv_queued = Signal()  # a LOADV not yet taken by the DMA (busy.loadv counts after)
+        m.d.comb += c.loadv_queued.eq(
             self.dma_read.valid & (self.dma_read.payload.kind == ReadKind.ROWS)
         )
-        # Vector ops need only the other VBUF users quiet: the vector unit runs its commands in
-        # order, each finished (results written) before the next reads, so they may queue.
-        vpu_may_issue = Signal()
-        m.d.comb += vpu_may_issue.eq(
+        # Vector ops need only the other VBUF users quiet: the vector unit keeps their order
+        # and their reads after earlier writes (its overlap rules), so they may queue.
+        c.vpu_may_issue = Signal()
+        m.d.comb += c.vpu_may_issue.eq(
             ~busy.mpu
-            & ~loadv_queued
+            & ~c.loadv_queued
             & ~busy.loadv
             & ~busy.store
-            & ~mpu_pending
+            & ~c.mpu_pending
             & ~self.vpu.valid
             & ~self.mpu.valid
             & ~self.dma_store.valid
         )
-        m.d.comb += vbuf_quiet.eq(vpu_may_issue & ~busy.vpu)
+        m.d.comb += c.vbuf_quiet.eq(c.vpu_may_issue & ~busy.vpu)
         # LOADVs follow each other without waiting: the DMA delivers their rows in order through
         # the one VBUF write port, so a LOADV needs only the other VBUF users quiet.
-        loadv_may_issue = Signal()
-        m.d.comb += loadv_may_issue.eq(
+        c.loadv_may_issue = Signal()
+        m.d.comb += c.loadv_may_issue.eq(
             ~busy.mpu
             & ~busy.store
             & ~busy.vpu
-            & ~mpu_pending
+            & ~c.mpu_pending
             & ~self.vpu.valid
             & ~self.mpu.valid
             & ~self.dma_store.valid
         )
-        all_idle = Signal()
-        m.d.comb += all_idle.eq(
-            vbuf_quiet & ~busy.dma_read & ~busy.dma_write & ~self.dma_read.valid
+        c.all_idle = Signal()
+        m.d.comb += c.all_idle.eq(
+            c.vbuf_quiet & ~busy.dma_read & ~busy.dma_write & ~self.dma_read.valid
         )
-        write_quiet = Signal()
-        m.d.comb += write_quiet.eq(~busy.dma_write & ~self.dma_store.valid)
+        c.write_quiet = Signal()
+        m.d.comb += c.write_quiet.eq(~busy.dma_write & ~self.dma_store.valid)
 
         # Stream outputs are registers: set on issue, cleared on the handshake.
         for s in (self.dma_read, self.dma_store, self.mpu, self.vpu, self.fetch_cmd):
             with m.If(s.ready):
                 m.d.sync += s.valid.eq(0)
-        # pending[0] is the oldest; a MATVEC joins at pending[n_pending] (one slot lower if one
-        # leaves in the same cycle)
+
+    def _mpu_queue(self, m, c):
+        """MATVECs waiting for the VBUF after their weight read went to the DMA:
+        ``pending[0]`` is the oldest; a MATVEC joins at ``pending[n_pending]`` (one slot lower
+        if one leaves in the same cycle)."""
+        busy, n_pending = self.busy, c.n_pending
         pending = [Signal(MpuIssue, name=f"pending{i}") for i in range(MAX_PENDING)]
-        push = Signal()  # a MATVEC issues this cycle (set in Exec)
-        push_cmd = Signal(MpuIssue)
+        c.push = Signal()  # a MATVEC issues this cycle (set in Exec)
+        c.push_cmd = Signal(MpuIssue)
         # The next MATVEC may go to the core's MPU feeder while the previous one still runs:
         # the feeder takes it once the previous one's x is loaded, and holds it back while its
         # x or bias rows overlap result rows still to be written.
         send = Signal()
         m.d.comb += send.eq(
-            mpu_pending
+            c.mpu_pending
             & ~self.mpu.valid
             & ~busy.vpu
             & ~busy.loadv
@@ -335,220 +367,240 @@ class Controller(wiring.Component):
             m.d.sync += [self.mpu.payload.eq(pending[0]), self.mpu.valid.eq(1)]
             for i in range(MAX_PENDING - 1):
                 m.d.sync += pending[i].eq(pending[i + 1])
-        with m.If(push):
+        with m.If(c.push):
             slot = Mux(send, n_pending - 1, n_pending)
             for i in range(MAX_PENDING):
                 with m.If(slot == i):
-                    m.d.sync += pending[i].eq(push_cmd)
-        m.d.sync += n_pending.eq(n_pending + push - send)
+                    m.d.sync += pending[i].eq(c.push_cmd)
+        m.d.sync += n_pending.eq(n_pending + c.push - send)
 
-        # ---- stop handling --------------------------------------------------------------------
-        stop_now = Signal()  # set in the Exec state when an error or HALT is found
-        stop_status = Signal(8)
-        stop_pc = Signal(16)
-        issued = Signal()  # an instruction retired this cycle (watchdog progress)
-        sequential = Signal()  # ... and the next one is at pc + 1
+    def _stops(self, m, c):
+        """Stop handling: DMA errors, the watchdog, and ``finish``/``stop`` (record a stop and
+        go to Drain); also the registers of the fetch and of results still on their way."""
+        g = self._geom
+        c.stop_now = Signal()  # set in the Exec state when an error or HALT is found
+        c.stop_status = Signal(8)
+        c.stop_pc = Signal(16)
+        c.issued = Signal()  # an instruction retired this cycle (watchdog progress)
+        c.sequential = Signal()  # ... and the next one is at pc + 1
 
-        dma_err = Signal()
-        m.d.comb += dma_err.eq(self.dma_error.hbm_range | self.dma_error.axi_error)
-        dma_err_bits = Signal(8)
-        m.d.comb += dma_err_bits.eq(
+        c.dma_err = Signal()
+        m.d.comb += c.dma_err.eq(self.dma_error.hbm_range | self.dma_error.axi_error)
+        c.dma_err_bits = Signal(8)
+        m.d.comb += c.dma_err_bits.eq(
             Mux(self.dma_error.hbm_range, Status.HBM_RANGE, 0)
             | Mux(self.dma_error.axi_error, Status.AXI_ERROR, 0)
         )
-        wd_fire = Signal()
-        m.d.comb += wd_fire.eq(watchdog >= wd_limit)
-        with m.If(running):
-            m.d.sync += watchdog.eq(Mux(issued, 0, watchdog + 1))
+        c.wd_fire = Signal()
+        m.d.comb += c.wd_fire.eq(c.watchdog >= c.wd_limit)
+        with m.If(c.running):
+            m.d.sync += c.watchdog.eq(Mux(c.issued, 0, c.watchdog + 1))
 
-        fetch_count = Signal(range(g.imem_words + 1))
-        beat = Signal(g.port_bits)
-        sub = Signal(range(words_per_beat + 1))
-        word_pending = Signal()  # LDW waiting for its word
-        word_rd = Signal(4)
-        argmax_pending = Signal()
-        argmax_rd = Signal(4)
+        c.fetch_count = Signal(range(g.imem_words + 1))
+        c.beat = Signal(g.port_bits)
+        c.sub = Signal(range(g.beat_bytes // isa.WORD_BYTES + 1))
+        c.word_pending = Signal()  # LDW waiting for its word
+        c.word_rd = Signal(4)
+        c.argmax_pending = Signal()
+        c.argmax_rd = Signal(4)
         m.d.comb += [self.dma_word.ready.eq(1), self.mpu_argmax.ready.eq(1)]
 
         def finish(bits, at_pc, code=0):
-            m.d.sync += [stop_status.eq(bits), stop_pc.eq(at_pc), halt_code.eq(code)]
-            m.d.comb += stop_now.eq(1)
+            """Stop at the end of this Exec cycle (the FSM goes to Drain)."""
+            m.d.sync += [c.stop_status.eq(bits), c.stop_pc.eq(at_pc), c.halt_code.eq(code)]
+            m.d.comb += c.stop_now.eq(1)
 
-        with m.FSM(name="ctrl"):
-            with m.State("Idle"), m.If(self.start):
+        def stop(bits, at_pc):
+            """Go to Drain now, recording why and where."""
+            m.d.sync += [c.stop_status.eq(bits), c.stop_pc.eq(at_pc)]
+            m.d.sync += c.watchdog.eq(0)
+            m.next = "Drain"
+
+        c.finish, c.stop = finish, stop
+
+    def _fetch_states(self, m, c):
+        """Idle (wait for ``start``), Fetch-Check and Fetch: the program into the instruction
+        memory, one word per cycle."""
+        g = self._geom
+        words_per_beat = g.beat_bytes // isa.WORD_BYTES
+        with m.State("Idle"), m.If(self.start):
+            m.d.sync += [
+                c.running.eq(1),
+                c.cycles.eq(0),
+                c.tokens.eq(0),
+                c.status.eq(0),
+                c.err_pc.eq(0),
+                c.halt_code.eq(0),
+                c.pc.eq(0),
+                c.watchdog.eq(0),
+                c.wd_limit.eq(
+                    Mux(self.args["watchdog"] == 0, DEFAULT_WATCHDOG, self.args["watchdog"])
+                ),
+                c.fetch_count.eq(0),
+                c.word_pending.eq(0),
+                c.argmax_pending.eq(0),
+                c.n_pending.eq(0),
+                c.stop_status.eq(0),
+                c.stop_pc.eq(0),
+            ]
+            m.d.sync += [r.eq(0) for r in c.regs]
+            m.next = "Fetch-Check"
+        with m.State("Fetch-Check"):
+            end = PROGRAM_BASE + g.imem_words * isa.WORD_BYTES
+            with m.If(self.args["hbm_bytes"].as_unsigned() < end):
+                c.stop(Status.HBM_RANGE, 0)
+            with m.Else():
                 m.d.sync += [
-                    running.eq(1),
-                    cycles.eq(0),
-                    tokens.eq(0),
-                    status.eq(0),
-                    err_pc.eq(0),
-                    halt_code.eq(0),
-                    pc.eq(0),
-                    watchdog.eq(0),
-                    wd_limit.eq(
-                        Mux(self.args["watchdog"] == 0, DEFAULT_WATCHDOG, self.args["watchdog"])
-                    ),
-                    fetch_count.eq(0),
-                    word_pending.eq(0),
-                    argmax_pending.eq(0),
-                    n_pending.eq(0),
-                    stop_status.eq(0),
-                    stop_pc.eq(0),
+                    self.fetch_cmd.valid.eq(1),
+                    self.fetch_cmd.payload.offset.eq(PROGRAM_BASE),
+                    self.fetch_cmd.payload.beats.eq(g.imem_words // words_per_beat),
+                    c.sub.eq(0),
                 ]
-                m.d.sync += [r.eq(0) for r in regs]
-                m.next = "Fetch-Check"
-            with m.State("Fetch-Check"):
-                end = PROGRAM_BASE + g.imem_words * isa.WORD_BYTES
-                with m.If(hbm_bytes.as_unsigned() < end):
-                    m.d.sync += [stop_status.eq(Status.HBM_RANGE), stop_pc.eq(0)]
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-                with m.Else():
-                    m.d.sync += [
-                        self.fetch_cmd.valid.eq(1),
-                        self.fetch_cmd.payload.offset.eq(PROGRAM_BASE),
-                        self.fetch_cmd.payload.beats.eq(fetch_beats),
-                        sub.eq(0),
-                    ]
-                    m.next = "Fetch"
-            with m.State("Fetch"):
-                # take a beat, write its words one per cycle
-                m.d.comb += self.fetch_data.ready.eq(sub == 0)
-                with m.If(self.fetch_data.valid & (sub == 0)):
-                    m.d.sync += [beat.eq(self.fetch_data.payload), sub.eq(words_per_beat)]
-                with m.If(sub != 0):
-                    m.d.comb += [
-                        wr.en.eq(1),
-                        wr.addr.eq(fetch_count),
-                        wr.data.eq(beat[: isa.WORD_BITS]),
-                    ]
-                    m.d.sync += [
-                        beat.eq(beat >> isa.WORD_BITS),
-                        sub.eq(sub - 1),
-                        fetch_count.eq(fetch_count + 1),
-                        watchdog.eq(0),
-                    ]
-                    with m.If(fetch_count == g.imem_words - 1):
-                        m.next = "Read"
-                with m.If(dma_err):
-                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(0)]
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-                with m.Elif(wd_fire):
-                    m.d.sync += [stop_status.eq(Status.WATCHDOG), stop_pc.eq(0)]
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-            with m.State("Read"):
-                m.d.comb += [rd.addr.eq(pc), rd.en.eq(1)]
-                with m.If(dma_err):
-                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(self.dma_error_tag)]
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-                with m.Elif(pc >= g.imem_words):
-                    m.d.sync += [stop_status.eq(Status.ILLEGAL_INSTRUCTION), stop_pc.eq(pc)]
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-                with m.Else():
-                    m.next = "Exec"
-            with m.State("Exec"):
-                self._exec(m, SimpleNamespace(**locals()))
-                with m.If(dma_err):
-                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(self.dma_error_tag)]
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-                with m.Elif(stop_now):
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-                with m.Elif(wd_fire):
-                    m.d.sync += [stop_status.eq(Status.WATCHDOG), stop_pc.eq(pc)]
-                    m.d.sync += watchdog.eq(0)
-                    m.next = "Drain"
-                with m.Elif(issued & sequential & (pc + 1 < g.imem_words)):
-                    # the next instruction is pc + 1: read it now and execute it next cycle
-                    m.d.comb += [rd.addr.eq(pc + 1), rd.en.eq(1)]
-                with m.Elif(issued):
+                m.next = "Fetch"
+        with m.State("Fetch"):
+            # take a beat, write its words one per cycle
+            m.d.comb += self.fetch_data.ready.eq(c.sub == 0)
+            with m.If(self.fetch_data.valid & (c.sub == 0)):
+                m.d.sync += [c.beat.eq(self.fetch_data.payload), c.sub.eq(words_per_beat)]
+            with m.If(c.sub != 0):
+                m.d.comb += [
+                    c.wr.en.eq(1),
+                    c.wr.addr.eq(c.fetch_count),
+                    c.wr.data.eq(c.beat[: isa.WORD_BITS]),
+                ]
+                m.d.sync += [
+                    c.beat.eq(c.beat >> isa.WORD_BITS),
+                    c.sub.eq(c.sub - 1),
+                    c.fetch_count.eq(c.fetch_count + 1),
+                    c.watchdog.eq(0),
+                ]
+                with m.If(c.fetch_count == g.imem_words - 1):
                     m.next = "Read"
-            with m.State("Drain"):
-                # Let issued work finish (bounded by the watchdog) so the status record is the
-                # last write and no unit is left mid-command for the next run.
-                with m.If(mpu_pending):  # never issued: drop them
-                    m.d.sync += n_pending.eq(0)
-                with m.If(dma_err & (stop_status == 0)):
-                    m.d.sync += [stop_status.eq(dma_err_bits), stop_pc.eq(self.dma_error_tag)]
-                with m.If((all_idle & ~word_pending & ~argmax_pending) | wd_fire):
-                    m.d.sync += [
-                        status.eq(stop_status | Mux(wd_fire & ~all_idle, Status.WATCHDOG, 0)),
-                        err_pc.eq(stop_pc),
-                    ]
-                    m.next = "Status"
-            with m.State("Status"), m.If(~self.dma_store.valid):
-                m.d.sync += [
-                    self.dma_store.valid.eq(1),
-                    self.dma_store.payload.eq(0),
-                    self.dma_store.payload.cmd.kind.eq(StoreKind.STATUS),
-                    self.dma_store.payload.cmd.tag.eq(err_pc),
-                ]
-                m.next = "Status-Sent"
-            with m.State("Status-Sent"):
-                m.next = "Status-Wait"  # one cycle for the DMA to show the write as busy
-            with m.State("Status-Wait"), m.If(~self.dma_store.valid & ~self.busy.dma_write):
-                m.d.sync += running.eq(0)
-                m.d.comb += self.done.eq(1)
-                m.next = "Idle"
+            with m.If(c.dma_err):
+                c.stop(c.dma_err_bits, 0)
+            with m.Elif(c.wd_fire):
+                c.stop(Status.WATCHDOG, 0)
 
-        # results coming back to registers
-        with m.If(self.dma_word.valid & word_pending):
-            m.d.sync += word_pending.eq(0)
-            with m.If(word_rd != 0):
-                m.d.sync += regs[word_rd].eq(self.dma_word.payload)
-        with m.If(self.mpu_argmax.valid & argmax_pending):
-            m.d.sync += argmax_pending.eq(0)
-            with m.If(argmax_rd != 0):
-                m.d.sync += regs[argmax_rd].eq(self.mpu_argmax.payload)
-        return m
+    def _run_states(self, m, c):
+        """Read (an instruction word after a jump) and Exec (:meth:`_exec`; the next word is
+        read in the cycle an instruction issues)."""
+        g = self._geom
+        rd, pc = c.rd, c.pc
+        with m.State("Read"):
+            m.d.comb += [rd.addr.eq(pc), rd.en.eq(1)]
+            with m.If(c.dma_err):
+                c.stop(c.dma_err_bits, self.dma_error_tag)
+            with m.Elif(pc >= g.imem_words):
+                c.stop(Status.ILLEGAL_INSTRUCTION, pc)
+            with m.Else():
+                m.next = "Exec"
+        with m.State("Exec"):
+            self._exec(m, c)
+            with m.If(c.dma_err):
+                c.stop(c.dma_err_bits, self.dma_error_tag)
+            with m.Elif(c.stop_now):
+                m.d.sync += c.watchdog.eq(0)
+                m.next = "Drain"
+            with m.Elif(c.wd_fire):
+                c.stop(Status.WATCHDOG, pc)
+            with m.Elif(c.issued & c.sequential & (pc + 1 < g.imem_words)):
+                # the next instruction is pc + 1: read it now and execute it next cycle
+                m.d.comb += [rd.addr.eq(pc + 1), rd.en.eq(1)]
+            with m.Elif(c.issued):
+                m.next = "Read"
+
+    def _stop_states(self, m, c):
+        """Drain, then the status record: Status, Status-Sent, Status-Wait, and ``done``."""
+        with m.State("Drain"):
+            # Let issued work finish (bounded by the watchdog) so the status record is the
+            # last write and no unit is left mid-command for the next run.
+            with m.If(c.mpu_pending):  # never issued: drop them
+                m.d.sync += c.n_pending.eq(0)
+            with m.If(c.dma_err & (c.stop_status == 0)):
+                m.d.sync += [c.stop_status.eq(c.dma_err_bits), c.stop_pc.eq(self.dma_error_tag)]
+            with m.If((c.all_idle & ~c.word_pending & ~c.argmax_pending) | c.wd_fire):
+                m.d.sync += [
+                    c.status.eq(c.stop_status | Mux(c.wd_fire & ~c.all_idle, Status.WATCHDOG, 0)),
+                    c.err_pc.eq(c.stop_pc),
+                ]
+                m.next = "Status"
+        with m.State("Status"), m.If(~self.dma_store.valid):
+            m.d.sync += [
+                self.dma_store.valid.eq(1),
+                self.dma_store.payload.eq(0),
+                self.dma_store.payload.cmd.kind.eq(StoreKind.STATUS),
+                self.dma_store.payload.cmd.tag.eq(c.err_pc),
+            ]
+            m.next = "Status-Sent"
+        with m.State("Status-Sent"):
+            m.next = "Status-Wait"  # one cycle for the DMA to show the write as busy
+        with m.State("Status-Wait"), m.If(~self.dma_store.valid & ~self.busy.dma_write):
+            m.d.sync += c.running.eq(0)
+            m.d.comb += self.done.eq(1)
+            m.next = "Idle"
+
+    def _results(self, m, c):
+        """Results coming back to registers: an LDW's word, a MATVEC's argmax."""
+        with m.If(self.dma_word.valid & c.word_pending):
+            m.d.sync += c.word_pending.eq(0)
+            with m.If(c.word_rd != 0):
+                m.d.sync += c.regs[c.word_rd].eq(self.dma_word.payload)
+        with m.If(self.mpu_argmax.valid & c.argmax_pending):
+            m.d.sync += c.argmax_pending.eq(0)
+            with m.If(c.argmax_rd != 0):
+                m.d.sync += c.regs[c.argmax_rd].eq(self.mpu_argmax.payload)
+
+    # ---- Exec -----------------------------------------------------------------------------
+
+    def _issue_read(self, m, c, kind, **fields):
+        """Put a command on :attr:`dma_read` (``tag`` = pc; fields not named are 0)."""
+        p = self.dma_read.payload
+        m.d.sync += [self.dma_read.valid.eq(1), p.eq(0), p.kind.eq(kind)]
+        m.d.sync += [getattr(p, name).eq(value) for name, value in fields.items()]
+        m.d.sync += p.tag.eq(c.pc)
+
+    def _issue_store(self, m, c, kind, src=None, **fields):
+        """Put a command on :attr:`dma_store` (``tag`` = pc; ``src`` the VBUF element address
+        its rows come from; fields not named are 0)."""
+        p = self.dma_store.payload.cmd
+        m.d.sync += [self.dma_store.valid.eq(1), self.dma_store.payload.eq(0)]
+        if src is not None:
+            m.d.sync += self.dma_store.payload.src_row.eq(src >> _ROW_SHIFT)
+        m.d.sync += p.kind.eq(kind)
+        m.d.sync += [getattr(p, name).eq(value) for name, value in fields.items()]
+        m.d.sync += p.tag.eq(c.pc)
 
     def _exec(self, m, c):
         """Execute the instruction at ``pc`` (``c``: the signals and helpers of elaborate)."""
-        views, legal, known, regs, pc, tokens, argv = (
-            c.views,
-            c.legal,
-            c.known,
-            c.regs,
-            c.pc,
-            c.tokens,
-            c.argv,
-        )
-        reg, length, over, finish, issued = c.reg, c.length, c.over, c.finish, c.issued
-        vbuf_quiet, all_idle, write_quiet = c.vbuf_quiet, c.all_idle, c.write_quiet
-        word_pending, word_rd, argmax_pending = c.word_pending, c.word_rd, c.argmax_pending
+        views, pc, reg, over, finish = c.views, c.pc, c.reg, c.over, c.finish
         Op = isa.Op
         opcode = views[Op.HALT].opcode
         nxt = Signal(16)
         m.d.comb += nxt.eq(pc + 1)
         # A register result still on its way blocks every instruction (simple and exact).
         waiting = Signal()
-        m.d.comb += waiting.eq(word_pending | argmax_pending)
+        m.d.comb += waiting.eq(c.word_pending | c.argmax_pending)
 
         def retire(target=None):
-            m.d.comb += issued.eq(1)
+            m.d.comb += c.issued.eq(1)
             m.d.sync += pc.eq(nxt if target is None else target)
             if target is None:
                 m.d.comb += c.sequential.eq(1)
 
         def set_reg(rd, value):
             with m.If(rd != 0):
-                m.d.sync += regs[rd].eq(value)
+                m.d.sync += c.regs[rd].eq(value)
 
-        with m.If(~known | ~legal):
+        with m.If(~c.known | ~c.legal):
             finish(Status.ILLEGAL_INSTRUCTION, pc)
         with m.Elif(waiting):
             pass
         with m.Else(), m.Switch(opcode):
             with m.Case(Op.HALT):
                 v = views[Op.HALT]
-                with m.If(all_idle):
+                with m.If(c.all_idle):
                     finish(Mux(v.code != 0, Status.PROGRAM_ERROR, 0), pc, v.code)
-            with m.Case(Op.SYNC), m.If(all_idle):
+            with m.Case(Op.SYNC), m.If(c.all_idle):
                 retire()
             with m.Case(Op.SETI):
                 v = views[Op.SETI]
@@ -560,7 +612,7 @@ class Controller(wiring.Component):
                 retire()
             with m.Case(Op.LDARG):
                 v = views[Op.LDARG]
-                set_reg(v.rd, argv[v.arg])
+                set_reg(v.rd, c.argv[v.arg])
                 retire()
             with m.Case(Op.BLT):
                 v = views[Op.BLT]
@@ -572,63 +624,49 @@ class Controller(wiring.Component):
                 retire(views[Op.JMP].target)
             with m.Case(Op.LDW):
                 v = views[Op.LDW]
-                with m.If(~self.dma_read.valid & write_quiet):
-                    p = self.dma_read.payload
-                    m.d.sync += [
-                        self.dma_read.valid.eq(1),
-                        p.eq(0),
-                        p.kind.eq(ReadKind.WORD),
-                        p.offset.eq(v.line * isa.LINE + reg(v.ri) * 4),
-                        p.tag.eq(pc),
-                        word_pending.eq(1),
-                        word_rd.eq(v.rd),
-                    ]
+                with m.If(~self.dma_read.valid & c.write_quiet):
+                    self._issue_read(m, c, ReadKind.WORD, offset=v.line * isa.LINE + reg(v.ri) * 4)
+                    m.d.sync += [c.word_pending.eq(1), c.word_rd.eq(v.rd)]
                     retire()
             with m.Case(Op.STW):
                 v = views[Op.STW]
                 with m.If(~self.dma_store.valid):
-                    p = self.dma_store.payload.cmd
-                    m.d.sync += [
-                        self.dma_store.valid.eq(1),
-                        self.dma_store.payload.eq(0),
-                        p.kind.eq(StoreKind.WORD),
-                        p.offset.eq(v.line * isa.LINE + reg(v.ri) * 4),
-                        p.value.eq(reg(v.rs)),
-                        p.tag.eq(pc),
-                        tokens.eq(tokens + 1),
-                    ]
+                    self._issue_store(
+                        m,
+                        c,
+                        StoreKind.WORD,
+                        offset=v.line * isa.LINE + reg(v.ri) * 4,
+                        value=reg(v.rs),
+                    )
+                    m.d.sync += c.tokens.eq(c.tokens + 1)
                     retire()
             with m.Case(Op.LOADV):
                 v = views[Op.LOADV]
                 with m.If(over(v.dst, v.len)):
                     finish(Status.VBUF_RANGE, pc)
-                with m.Elif(~self.dma_read.valid & c.loadv_may_issue & write_quiet):
-                    p = self.dma_read.payload
-                    m.d.sync += [
-                        self.dma_read.valid.eq(1),
-                        p.eq(0),
-                        p.kind.eq(ReadKind.ROWS),
-                        p.offset.eq((v.line + reg(v.ri) * v.stride) * isa.LINE),
-                        p.length.eq(v.len),
-                        p.vbuf_row.eq(v.dst >> 6),
-                        p.tag.eq(pc),
-                    ]
+                with m.Elif(~self.dma_read.valid & c.loadv_may_issue & c.write_quiet):
+                    self._issue_read(
+                        m,
+                        c,
+                        ReadKind.ROWS,
+                        offset=(v.line + reg(v.ri) * v.stride) * isa.LINE,
+                        length=v.len,
+                        vbuf_row=v.dst >> _ROW_SHIFT,
+                    )
                     retire()
             with m.Case(Op.STOREV):
                 v = views[Op.STOREV]
                 with m.If(over(v.src, v.len)):
                     finish(Status.VBUF_RANGE, pc)
-                with m.Elif(~self.dma_store.valid & vbuf_quiet):
-                    p = self.dma_store.payload.cmd
-                    m.d.sync += [
-                        self.dma_store.valid.eq(1),
-                        self.dma_store.payload.eq(0),
-                        self.dma_store.payload.src_row.eq(v.src >> 6),
-                        p.kind.eq(StoreKind.VECTOR),
-                        p.offset.eq((v.line + reg(v.ri) * v.stride) * isa.LINE),
-                        p.length.eq(v.len),
-                        p.tag.eq(pc),
-                    ]
+                with m.Elif(~self.dma_store.valid & c.vbuf_quiet):
+                    self._issue_store(
+                        m,
+                        c,
+                        StoreKind.VECTOR,
+                        src=v.src,
+                        offset=(v.line + reg(v.ri) * v.stride) * isa.LINE,
+                        length=v.len,
+                    )
                     retire()
             for op, kind in ((Op.STROW, StoreKind.ROW), (Op.STCOL, StoreKind.COL)):
                 with m.Case(op):
@@ -637,36 +675,26 @@ class Controller(wiring.Component):
                         finish(Status.VBUF_RANGE, pc)
                     with m.Elif(v.len == 0):
                         retire()
-                    with m.Elif(~self.dma_store.valid & vbuf_quiet):
-                        p = self.dma_store.payload.cmd
-                        m.d.sync += [
-                            self.dma_store.valid.eq(1),
-                            self.dma_store.payload.eq(0),
-                            self.dma_store.payload.src_row.eq(v.src >> 6),
-                            p.kind.eq(kind),
-                            p.offset.eq(v.line * isa.LINE),
-                            p.length.eq(v.len),
-                            p.index.eq(reg(v.ri)),
-                            p.cols.eq(v.cols),
-                            p.stride.eq(v.stride),
-                            p.tag.eq(pc),
-                        ]
+                    with m.Elif(~self.dma_store.valid & c.vbuf_quiet):
+                        self._issue_store(
+                            m,
+                            c,
+                            kind,
+                            src=v.src,
+                            offset=v.line * isa.LINE,
+                            length=v.len,
+                            index=reg(v.ri),
+                            cols=v.cols,
+                            stride=v.stride,
+                        )
                         retire()
             with m.Case(Op.MATVEC):
                 self._matvec(m, views[Op.MATVEC], c, retire)
-            with m.Case(*(op for op, u in isa.UNITS.items() if u is isa.Unit.VPU)):
-                self._vector(
-                    m, views, opcode, pc, length, over, c.partial, finish, retire, c.vpu_may_issue
-                )
+            with m.Case(*_VPU_OPS):
+                self._vector(m, c, opcode, retire)
 
     def _matvec(self, m, v, c, retire):
-        pc, reg, over, finish = c.pc, c.reg, c.over, c.finish
-        n_pending, push, push_cmd = c.n_pending, c.push, c.push_cmd
-        write_quiet, argmax_pending, argmax_rd = (
-            c.write_quiet,
-            c.argmax_pending,
-            c.argmax_rd,
-        )
+        pc, reg, over = c.pc, c.reg, c.over
         flags = v.flags
         live = Signal(32)
         m.d.comb += live.eq(reg(v.lreg))
@@ -692,9 +720,9 @@ class Controller(wiring.Component):
         nothing = Signal()  # no weights to stream: the MPU alone answers
         m.d.comb += nothing.eq((clamp_r == 0) | (clamp_c == 0))
         with m.If(bad):
-            finish(Status.VBUF_RANGE, pc)
+            c.finish(Status.VBUF_RANGE, pc)
         with m.Elif(
-            ~self.dma_read.valid & (n_pending < MAX_PENDING) & ~self.mpu.valid & write_quiet
+            ~self.dma_read.valid & (c.n_pending < MAX_PENDING) & ~self.mpu.valid & c.write_quiet
         ):
             cmd = Signal(MpuIssue)
             m.d.comb += [
@@ -703,48 +731,47 @@ class Controller(wiring.Component):
                 cmd.cmd.live_rows.eq(clamp_r),
                 cmd.cmd.live_cols.eq(clamp_c),
                 cmd.cmd.flags.eq(flags),
-                cmd.src_row.eq(v.src >> 6),
-                cmd.dst_row.eq(v.dst >> 6),
+                cmd.src_row.eq(v.src >> _ROW_SHIFT),
+                cmd.dst_row.eq(v.dst >> _ROW_SHIFT),
             ]
             with m.If(~nothing):
-                p = self.dma_read.payload
-                m.d.sync += [
-                    self.dma_read.valid.eq(1),
-                    p.eq(0),
-                    p.kind.eq(ReadKind.TILES),
-                    p.offset.eq(v.line * isa.LINE),
-                    p.rows.eq(v.rows),
-                    p.cols.eq(v.cols),
-                    p.live_rows.eq(clamp_r),
-                    p.live_cols.eq(clamp_c),
-                    p.stride.eq(v.stride),
-                    p.tag.eq(pc),
-                ]
-            m.d.comb += [push.eq(1), push_cmd.eq(cmd)]
+                self._issue_read(
+                    m,
+                    c,
+                    ReadKind.TILES,
+                    offset=v.line * isa.LINE,
+                    rows=v.rows,
+                    cols=v.cols,
+                    live_rows=clamp_r,
+                    live_cols=clamp_c,
+                    stride=v.stride,
+                )
+            m.d.comb += [c.push.eq(1), c.push_cmd.eq(cmd)]
             with m.If(argmax):
-                m.d.sync += [argmax_pending.eq(1), argmax_rd.eq(v.rd)]
+                m.d.sync += [c.argmax_pending.eq(1), c.argmax_rd.eq(v.rd)]
             retire()
 
-    def _vector(self, m, views, opcode, pc, length, over, partial, finish, retire, may_issue):
+    def _vector(self, m, c, opcode, retire):
         Op = isa.Op
-        for op in (op for op, u in isa.UNITS.items() if u is isa.Unit.VPU):
+        pc = c.pc
+        for op in _VPU_OPS:
             with m.If(opcode == int(op)):
-                v = views[op]
+                v = c.views[op]
                 n = Signal(32, name=f"len_{op.name.lower()}")
-                m.d.comb += n.eq(length(v))
-                bad = over(v.dst, 1 if op in (Op.VMAX, Op.VDOT) else n)
+                m.d.comb += n.eq(c.length(v))
+                bad = c.over(v.dst, 1 if op in (Op.VMAX, Op.VDOT) else n)
                 elementwise = op not in (Op.VMAX, Op.VDOT, Op.VSET)
                 if op is not Op.VSET:
-                    bad |= over(v.a, n)
+                    bad |= c.over(v.a, n)
                 if elementwise:
-                    bad |= partial(v.dst, v.a, n)
+                    bad |= c.partial(v.dst, v.a, n)
                 if op in (Op.VADD, Op.VSUB, Op.VMUL, Op.VDOT):
-                    bad |= over(v.b, Mux(v.flags[0], 1, n))
+                    bad |= c.over(v.b, Mux(v.flags[0], 1, n))
                 if op in (Op.VADD, Op.VSUB, Op.VMUL):
-                    bad |= ~v.flags[0] & partial(v.dst, v.b, n)
+                    bad |= ~v.flags[0] & c.partial(v.dst, v.b, n)
                 with m.If(bad):
-                    finish(Status.VBUF_RANGE, pc)
-                with m.Elif(may_issue):
+                    c.finish(Status.VBUF_RANGE, pc)
+                with m.Elif(c.vpu_may_issue):
                     p = self.vpu.payload
                     m.d.sync += [
                         self.vpu.valid.eq(1),
