@@ -11,6 +11,8 @@ with byte strobes, and checks every access against the ``hbm_bytes`` argument fi
 
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
+from types import SimpleNamespace
+
 from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -739,42 +741,29 @@ class DMAEngine(wiring.Component):
                 ]
                 m.next = "Pattern"
             with m.State("Pattern"):
+
+                def pattern(groups, runs, run, total, run_step, group_step):
+                    return [
+                        p_groups.eq(groups),
+                        p_runs.eq(runs),
+                        p_run.eq(run),
+                        p_total.eq(total),
+                        p_run_step.eq(run_step),
+                        p_group_step.eq(group_step),
+                    ]
+
+                tiles = (n_g * n_cbl) << lDS
+                stripes = (rc.length + T - 1) >> lT
                 with m.Switch(rc.kind):
                     with m.Case(ReadKind.TILES):
-                        m.d.sync += [p_groups.eq(n_g), p_total.eq((n_g * n_cbl) << lDS)]
                         with m.If(st == DS):  # a row group's live tiles are consecutive
-                            m.d.sync += [
-                                p_run.eq(n_cbl << lDS),
-                                p_runs.eq(1),
-                                p_run_step.eq(0),
-                                p_group_step.eq(n_cb << (lDS + lB)),
-                            ]
+                            m.d.sync += pattern(n_g, 1, n_cbl << lDS, tiles, 0, n_cb << (lDS + lB))
                         with m.Else():  # 64/lanes tiles every `stride` tiles
-                            m.d.sync += [
-                                p_run.eq(DS),
-                                p_runs.eq(n_cbl),
-                                p_run_step.eq(st << lB),
-                                p_group_step.eq((n_cb * st) << lB),
-                            ]
+                            m.d.sync += pattern(n_g, n_cbl, DS, tiles, st << lB, (n_cb * st) << lB)
                     with m.Case(ReadKind.ROWS):
-                        stripes = (rc.length + T - 1) >> lT
-                        m.d.sync += [
-                            p_groups.eq(1),
-                            p_runs.eq(1),
-                            p_run.eq(stripes),
-                            p_total.eq(stripes),
-                            p_run_step.eq(0),
-                            p_group_step.eq(0),
-                        ]
+                        m.d.sync += pattern(1, 1, stripes, stripes, 0, 0)
                     with m.Default():  # WORD
-                        m.d.sync += [
-                            p_groups.eq(1),
-                            p_runs.eq(1),
-                            p_run.eq(1),
-                            p_total.eq(1),
-                            p_run_step.eq(0),
-                            p_group_step.eq(0),
-                        ]
+                        m.d.sync += pattern(1, 1, 1, 1, 0, 0)
                 m.next = "Extent"
             with m.State("Extent"):
                 with m.If(p_total == 0):
@@ -916,16 +905,15 @@ class DMAEngine(wiring.Component):
     def _stores(self, m, chans, limit):
         """The store planner: command -> range check -> runs and strobed beats."""
         g = self._geom
-        C, L, P, B = g.channels, g.lanes, g.port_bits, g.beat_bytes
+        C, L, P = g.channels, g.lanes, g.port_bits
         E, T, DS = g.beat_elems, g.tile_elems, BLOCK // g.lanes
-        lB, lL, lT, lE = _log2(B), _log2(L), _log2(T), _log2(E)
         cpl = g.channels_per_lane
-        row_bits = BLOCK * 16
 
-        sc = Signal(StoreCommand)
-        record = Signal(StatusRecordLayout)
-        runs = _Broadcast(m, [c.wr_cmd for c in chans], ChannelRun, name="wr_runs")
-        beats = _Broadcast(
+        s = SimpleNamespace()  # the planner's registers and the streams its states drive
+        s.sc = Signal(StoreCommand)
+        s.record = Signal(StatusRecordLayout)
+        s.runs = _Broadcast(m, [c.wr_cmd for c in chans], ChannelRun, name="wr_runs")
+        s.beats = _Broadcast(
             m,
             [c.wr_data for c in chans],
             data.ArrayLayout(write_beat_layout(P), C),
@@ -933,278 +921,306 @@ class DMAEngine(wiring.Component):
             per_target=True,
         )
         # A beat of every channel, as one tile: data and element enables (2-byte strobes).
-        wdata = Signal(T * 16)
-        wen = Signal(T)
+        s.wdata = Signal(T * 16)
+        s.wen = Signal(T)
         for ch in range(C):
             m.d.comb += [
-                beats.payload[ch].data.eq(wdata[ch * P : (ch + 1) * P]),
-                beats.payload[ch].strb.eq(Cat(*(wen[ch * E + e].replicate(2) for e in range(E)))),
+                s.beats.payload[ch].data.eq(s.wdata[ch * P : (ch + 1) * P]),
+                s.beats.payload[ch].strb.eq(
+                    Cat(*(s.wen[ch * E + e].replicate(2) for e in range(E)))
+                ),
             ]
 
-        n_rows = Signal(11)  # VBUF rows the command takes
-        n_cb = Signal(11)
-        st = Signal(12)
-        stripes = Signal(11)
-        lane = Signal(range(L))
-        rb0 = Signal(range(DS))
-        col = Signal(6)
-        tail = Signal(6)  # elements in the last row, 0 meaning 64
-        major = Signal(26)  # row group (ROW) or column block (COL) of the index
-        a1 = Signal(48)
-        a2 = Signal(24)
-        first = Signal(64)  # byte offset of the first run
-        step = Signal(48)  # bytes between runs
-        end = Signal(64)
-        last_beats = Signal(range(DS + 1))  # COL: beats of the last group's burst
-        addr = Signal(40)
-        rows_left = Signal(11)
-        k = Signal(range(max(L, DS, STATUS_BYTES // B) + 1))
-        vrows = Array(Signal(ROW, name=f"vrow{i}") for i in range(L))
-        colrow = Signal(row_bits)
-        bad = Signal()
-        checked = Signal()
+        s.n_rows = Signal(11)  # VBUF rows the command takes
+        s.n_cb = Signal(11)
+        s.st = Signal(12)
+        s.stripes = Signal(11)
+        s.lane = Signal(range(L))
+        s.rb0 = Signal(range(DS))
+        s.col = Signal(6)
+        s.tail = Signal(6)  # elements in the last row, 0 meaning 64
+        s.major = Signal(26)  # row group (ROW) or column block (COL) of the index
+        s.a1 = Signal(48)
+        s.a2 = Signal(24)
+        s.first = Signal(64)  # byte offset of the first run
+        s.step = Signal(48)  # bytes between runs
+        s.end = Signal(64)
+        s.last_beats = Signal(range(DS + 1))  # COL: beats of the last group's burst
+        s.addr = Signal(40)
+        s.rows_left = Signal(11)
+        s.k = Signal(range(max(L, DS, STATUS_BYTES // g.beat_bytes) + 1))
+        s.vrows = Array(Signal(ROW, name=f"vrow{i}") for i in range(L))
+        s.colrow = Signal(BLOCK * 16)
+        s.bad = Signal()
+        s.checked = Signal()
 
-        kind = sc.kind
-        full = (1 << C) - 1
-        lane_channels = Signal(C)  # ROW: the channels of the row's lane
-        col_channels = Signal(C)  # COL: in every lane, the channel holding column `col`
+        s.full = (1 << C) - 1
+        s.lane_channels = Signal(C)  # ROW: the channels of the row's lane
+        s.col_channels = Signal(C)  # COL: in every lane, the channel holding column `col`
         m.d.comb += [
-            lane_channels.eq(((1 << cpl) - 1) << (lane * cpl)),
-            col_channels.eq(
-                sum(1 << (ln * cpl) for ln in range(L)) << (col >> lE) if cpl > 1 else full
+            s.lane_channels.eq(((1 << cpl) - 1) << (s.lane * cpl)),
+            s.col_channels.eq(
+                sum(1 << (ln * cpl) for ln in range(L)) << (s.col >> _log2(E))
+                if cpl > 1
+                else s.full
             ),
         ]
 
         with m.FSM(name="store_plan") as fsm:
-            with m.State("Idle"):
-                m.d.comb += self.store.ready.eq(1)
-                with m.If(self.store.valid):
-                    m.d.sync += [sc.eq(self.store.payload), record.eq(self.record)]
-                    m.next = "Shape"
-            with m.State("Shape"):
-                m.d.sync += [
-                    n_rows.eq(
-                        Mux(
-                            (sc.kind == StoreKind.WORD) | (sc.kind == StoreKind.STATUS),
-                            0,
-                            _ceil_blocks(sc.length),
-                        )
-                    ),
-                    n_cb.eq(_ceil_blocks(sc.cols)),
-                    st.eq(Mux(sc.stride == 0, DS, sc.stride)),
-                    stripes.eq((sc.length + T - 1) >> lT),
-                    lane.eq(sc.index[:lL]),
-                    rb0.eq(sc.index[lL:6]),
-                    col.eq(sc.index[:6]),
-                    tail.eq(sc.length[:6]),
-                    major.eq(sc.index[6:]),
-                    last_beats.eq(((sc.length - 1)[:6] >> lL) + 1),
-                ]
-                m.next = "Multiply"
-            with m.State("Multiply"):
-                with m.If(kind == StoreKind.ROW):
-                    m.d.sync += a1.eq(major * n_cb)
-                with m.Else():
-                    m.d.sync += [a1.eq(major * st), a2.eq(n_cb * st)]
-                m.next = "Place"
-            with m.State("Place"):
-                aligned = Cat(Const(0, lB), sc.offset[lB:])
-                with m.Switch(kind):
-                    with m.Case(StoreKind.ROW):
-                        m.d.sync += [
-                            first.eq(sc.offset + ((a1 * st + rb0) << lB)),
-                            step.eq(st << lB),
-                        ]
-                    with m.Case(StoreKind.COL):
-                        m.d.sync += [first.eq(sc.offset + (a1 << lB)), step.eq(a2 << lB)]
-                    with m.Case(StoreKind.STATUS):
-                        m.d.sync += [first.eq(0), step.eq(0)]
-                    with m.Default():
-                        m.d.sync += [first.eq(aligned), step.eq(0)]
-                m.next = "Extent"
-            with m.State("Extent"):
-                span = Signal(64)
-                with m.Switch(kind):
-                    with m.Case(StoreKind.ROW):
-                        m.d.comb += span.eq((n_rows - 1) * step + B)
-                    with m.Case(StoreKind.COL):
-                        m.d.comb += span.eq((n_rows - 1) * step + (last_beats << lB))
-                    with m.Case(StoreKind.VECTOR):
-                        m.d.comb += span.eq(stripes << lB)
-                m.d.sync += [
-                    end.eq(Mux(kind == StoreKind.WORD, sc.offset + 4, first + span)),
-                    addr.eq(first),
-                    rows_left.eq(n_rows),
-                    k.eq(0),
-                ]
-                m.next = "Check"
-            with m.State("Check"):
-                takes_rows = (
-                    (kind == StoreKind.VECTOR) | (kind == StoreKind.ROW) | (kind == StoreKind.COL)
-                )
-                empty = takes_rows & (n_rows == 0)
-                # an empty ROW/COL touches nothing (as in the ISA simulator); an empty VECTOR
-                # is still checked at its offset
-                unchecked = (kind == StoreKind.STATUS) | (empty & (kind != StoreKind.VECTOR))
-                m.d.comb += [checked.eq(1), bad.eq(~unchecked & (end > limit))]
-                with m.If(bad & ~empty & takes_rows):
-                    m.next = "Drain"
-                with m.Elif(bad | empty):
-                    m.next = "Idle"
-                with m.Else(), m.Switch(kind):
-                    with m.Case(StoreKind.VECTOR):
-                        m.next = "Vector-Run"
-                    with m.Case(StoreKind.ROW):
-                        m.next = "Row"
-                    with m.Case(StoreKind.COL):
-                        m.next = "Col-Run"
-                    with m.Case(StoreKind.WORD):
-                        m.next = "Word"
-                    with m.Default():
-                        m.next = "Status-Run"
-
-            with m.State("Drain"):  # out of range: take the rows, write nothing
-                m.d.comb += self.store_data.ready.eq(1)
-                with m.If(self.store_data.valid):
-                    m.d.sync += rows_left.eq(rows_left - 1)
-                    with m.If(rows_left == 1):
-                        m.next = "Idle"
-
-            # VECTOR: one run of `stripes` beats in every channel; each beat is `lanes` rows.
-            with m.State("Vector-Run"):
-                m.d.comb += [
-                    runs.valid.eq(1),
-                    runs.mask.eq(full),
-                    runs.payload.offset.eq(addr),
-                    runs.payload.beats.eq(stripes),
-                ]
-                with m.If(runs.ready):
-                    m.next = "Vector-Gather"
-            with m.State("Vector-Gather"):
-                m.d.comb += self.store_data.ready.eq(1)
-                with m.If(self.store_data.valid):
-                    m.d.sync += [
-                        vrows[k].eq(self.store_data.payload),
-                        k.eq(k + 1),
-                        rows_left.eq(rows_left - 1),
-                    ]
-                    with m.If((k == L - 1) | (rows_left == 1)):
-                        m.next = "Vector-Beat"
-            with m.State("Vector-Beat"):
-                tile_tail = Signal(lT)
-                m.d.comb += tile_tail.eq(sc.length[:lT])
-                count = Mux((rows_left == 0) & (tile_tail != 0), tile_tail, T)
-                m.d.comb += [
-                    beats.valid.eq(1),
-                    beats.mask.eq(full),
-                    wdata.eq(Cat(*vrows)),
-                    wen.eq((Const(1, T + 1) << count) - 1),
-                ]
-                with m.If(beats.ready):
-                    m.d.sync += k.eq(0)
-                    with m.If(rows_left == 0):
-                        m.next = "Idle"
-                    with m.Else():
-                        m.next = "Vector-Gather"
-
-            # ROW: per 64-column block, one beat into the channels of the row's lane.
-            with m.State("Row"):
-                go = self.store_data.valid & runs.ready & beats.ready
-                last = rows_left == 1
-                emask = Mux(last & (tail != 0), (Const(1, BLOCK + 1) << tail) - 1, -1)
-                m.d.comb += [
-                    self.store_data.ready.eq(runs.ready & beats.ready),
-                    runs.valid.eq(go),
-                    beats.valid.eq(go),
-                    runs.mask.eq(lane_channels),
-                    beats.mask.eq(lane_channels),
-                    runs.payload.offset.eq(addr),
-                    runs.payload.beats.eq(1),
-                    wdata.eq(self.store_data.payload.as_value().replicate(L)),
-                    wen.eq(Cat(*(Mux(lane == ln, emask[:BLOCK], 0) for ln in range(L)))),
-                ]
-                with m.If(go):
-                    m.d.sync += [addr.eq(addr + step), rows_left.eq(rows_left - 1)]
-                    with m.If(last):
-                        m.next = "Idle"
-
-            # COL: per 64-row group, a burst of 64/lanes beats into one channel of every lane.
-            with m.State("Col-Run"):
-                go = self.store_data.valid & runs.ready
-                m.d.comb += [
-                    self.store_data.ready.eq(runs.ready),
-                    runs.valid.eq(go),
-                    runs.mask.eq(col_channels),
-                    runs.payload.offset.eq(addr),
-                    runs.payload.beats.eq(Mux(rows_left == 1, last_beats, DS)),
-                ]
-                with m.If(go):
-                    m.d.sync += [colrow.eq(self.store_data.payload), k.eq(0)]
-                    m.next = "Col-Beat"
-            with m.State("Col-Beat"):
-                group_rows = Mux((rows_left == 1) & (tail != 0), tail, BLOCK)
-                at_col = Signal(BLOCK)
-                m.d.comb += at_col.eq(1 << col)
-                elems = [colrow[16 * ln : 16 * ln + 16] for ln in range(L)]
-                m.d.comb += [
-                    beats.valid.eq(1),
-                    beats.mask.eq(col_channels),
-                    wdata.eq(Cat(*(e.replicate(BLOCK) for e in elems))),
-                    wen.eq(Cat(*(Mux((k << lL) + ln < group_rows, at_col, 0) for ln in range(L)))),
-                ]
-                n_beats = Mux(rows_left == 1, last_beats, DS)
-                with m.If(beats.ready):
-                    m.d.sync += [k.eq(k + 1), colrow.eq(colrow >> (16 * L))]
-                    with m.If(k + 1 == n_beats):
-                        m.d.sync += [addr.eq(addr + step), rows_left.eq(rows_left - 1)]
-                        m.next = "Col-Run"
-                        with m.If(rows_left == 1):
-                            m.next = "Idle"
-
-            # WORD: one 4-byte strobe in channel 0.
-            with m.State("Word"):
-                go = runs.ready & beats.ready
-                m.d.comb += [
-                    runs.valid.eq(go),
-                    beats.valid.eq(go),
-                    runs.mask.eq(1),
-                    beats.mask.eq(1),
-                    runs.payload.offset.eq(addr),
-                    runs.payload.beats.eq(1),
-                    wdata.eq(sc.value.replicate(T // 2)),
-                    wen.eq(Const(3, E) << Cat(Const(0, 1), sc.offset[2:lB])),
-                ]
-                with m.If(go):
-                    m.next = "Idle"
-
-            # STATUS: the record's bytes, zero padded, at channel 0 offset 0.
-            n_status = STATUS_BYTES // B
-            with m.State("Status-Run"):
-                m.d.comb += [
-                    runs.valid.eq(1),
-                    runs.mask.eq(1),
-                    runs.payload.offset.eq(0),
-                    runs.payload.beats.eq(n_status),
-                ]
-                with m.If(runs.ready):
-                    m.next = "Status-Beat"
-            with m.State("Status-Beat"):
-                padded = Cat(record.as_value(), Const(0, STATUS_BYTES * 8 - len(record.as_value())))
-                chunks = Array(padded[i * P : (i + 1) * P] for i in range(n_status))
-                m.d.comb += [
-                    beats.valid.eq(1),
-                    beats.mask.eq(1),
-                    wdata.eq(chunks[k]),
-                    wen.eq((1 << E) - 1),
-                ]
-                with m.If(beats.ready):
-                    m.d.sync += k.eq(k + 1)
-                    with m.If(k == n_status - 1):
-                        m.next = "Idle"
+            self._store_plan_states(m, s, limit)
+            self._store_vector_states(m, s)
+            self._store_row_col_states(m, s)
+            self._store_word_status_states(m, s)
 
         channels_idle = Cat(*(c.wr_idle for c in chans)).all()
         idle = Signal()
         m.d.comb += idle.eq(
-            fsm.ongoing("Idle") & ~self.store.valid & runs.idle & beats.idle & channels_idle
+            fsm.ongoing("Idle") & ~self.store.valid & s.runs.idle & s.beats.idle & channels_idle
         )
-        return idle, checked & bad, sc.tag
+        return idle, s.checked & s.bad, s.sc.tag
+
+    def _store_plan_states(self, m, s, limit):
+        """Idle, then the plan (Shape, Multiply, Place, Extent: 5 cycles), the range Check, and
+        Drain (out of range: take the rows, write nothing)."""
+        g = self._geom
+        B, DS = g.beat_bytes, BLOCK // g.lanes
+        lB, lL, lT = _log2(B), _log2(g.lanes), _log2(g.tile_elems)
+        sc = s.sc
+        kind = sc.kind
+        with m.State("Idle"):
+            m.d.comb += self.store.ready.eq(1)
+            with m.If(self.store.valid):
+                m.d.sync += [sc.eq(self.store.payload), s.record.eq(self.record)]
+                m.next = "Shape"
+        with m.State("Shape"):
+            m.d.sync += [
+                s.n_rows.eq(
+                    Mux(
+                        (sc.kind == StoreKind.WORD) | (sc.kind == StoreKind.STATUS),
+                        0,
+                        _ceil_blocks(sc.length),
+                    )
+                ),
+                s.n_cb.eq(_ceil_blocks(sc.cols)),
+                s.st.eq(Mux(sc.stride == 0, DS, sc.stride)),
+                s.stripes.eq((sc.length + g.tile_elems - 1) >> lT),
+                s.lane.eq(sc.index[:lL]),
+                s.rb0.eq(sc.index[lL:6]),
+                s.col.eq(sc.index[:6]),
+                s.tail.eq(sc.length[:6]),
+                s.major.eq(sc.index[6:]),
+                s.last_beats.eq(((sc.length - 1)[:6] >> lL) + 1),
+            ]
+            m.next = "Multiply"
+        with m.State("Multiply"):
+            with m.If(kind == StoreKind.ROW):
+                m.d.sync += s.a1.eq(s.major * s.n_cb)
+            with m.Else():
+                m.d.sync += [s.a1.eq(s.major * s.st), s.a2.eq(s.n_cb * s.st)]
+            m.next = "Place"
+        with m.State("Place"):
+            aligned = Cat(Const(0, lB), sc.offset[lB:])
+            with m.Switch(kind):
+                with m.Case(StoreKind.ROW):
+                    m.d.sync += [
+                        s.first.eq(sc.offset + ((s.a1 * s.st + s.rb0) << lB)),
+                        s.step.eq(s.st << lB),
+                    ]
+                with m.Case(StoreKind.COL):
+                    m.d.sync += [s.first.eq(sc.offset + (s.a1 << lB)), s.step.eq(s.a2 << lB)]
+                with m.Case(StoreKind.STATUS):
+                    m.d.sync += [s.first.eq(0), s.step.eq(0)]
+                with m.Default():
+                    m.d.sync += [s.first.eq(aligned), s.step.eq(0)]
+            m.next = "Extent"
+        with m.State("Extent"):
+            span = Signal(64)
+            with m.Switch(kind):
+                with m.Case(StoreKind.ROW):
+                    m.d.comb += span.eq((s.n_rows - 1) * s.step + B)
+                with m.Case(StoreKind.COL):
+                    m.d.comb += span.eq((s.n_rows - 1) * s.step + (s.last_beats << lB))
+                with m.Case(StoreKind.VECTOR):
+                    m.d.comb += span.eq(s.stripes << lB)
+            m.d.sync += [
+                s.end.eq(Mux(kind == StoreKind.WORD, sc.offset + 4, s.first + span)),
+                s.addr.eq(s.first),
+                s.rows_left.eq(s.n_rows),
+                s.k.eq(0),
+            ]
+            m.next = "Check"
+        with m.State("Check"):
+            takes_rows = (
+                (kind == StoreKind.VECTOR) | (kind == StoreKind.ROW) | (kind == StoreKind.COL)
+            )
+            empty = takes_rows & (s.n_rows == 0)
+            # an empty ROW/COL touches nothing (as in the ISA simulator); an empty VECTOR
+            # is still checked at its offset
+            unchecked = (kind == StoreKind.STATUS) | (empty & (kind != StoreKind.VECTOR))
+            m.d.comb += [s.checked.eq(1), s.bad.eq(~unchecked & (s.end > limit))]
+            with m.If(s.bad & ~empty & takes_rows):
+                m.next = "Drain"
+            with m.Elif(s.bad | empty):
+                m.next = "Idle"
+            with m.Else(), m.Switch(kind):
+                with m.Case(StoreKind.VECTOR):
+                    m.next = "Vector-Run"
+                with m.Case(StoreKind.ROW):
+                    m.next = "Row"
+                with m.Case(StoreKind.COL):
+                    m.next = "Col-Run"
+                with m.Case(StoreKind.WORD):
+                    m.next = "Word"
+                with m.Default():
+                    m.next = "Status-Run"
+
+        with m.State("Drain"):  # out of range: take the rows, write nothing
+            m.d.comb += self.store_data.ready.eq(1)
+            with m.If(self.store_data.valid):
+                m.d.sync += s.rows_left.eq(s.rows_left - 1)
+                with m.If(s.rows_left == 1):
+                    m.next = "Idle"
+
+    def _store_vector_states(self, m, s):
+        """VECTOR: one run of ``stripes`` beats in every channel; each beat is ``lanes`` rows."""
+        L, T = self._geom.lanes, self._geom.tile_elems
+        runs, beats, k, rows_left = s.runs, s.beats, s.k, s.rows_left
+        with m.State("Vector-Run"):
+            m.d.comb += [
+                runs.valid.eq(1),
+                runs.mask.eq(s.full),
+                runs.payload.offset.eq(s.addr),
+                runs.payload.beats.eq(s.stripes),
+            ]
+            with m.If(runs.ready):
+                m.next = "Vector-Gather"
+        with m.State("Vector-Gather"):
+            m.d.comb += self.store_data.ready.eq(1)
+            with m.If(self.store_data.valid):
+                m.d.sync += [
+                    s.vrows[k].eq(self.store_data.payload),
+                    k.eq(k + 1),
+                    rows_left.eq(rows_left - 1),
+                ]
+                with m.If((k == L - 1) | (rows_left == 1)):
+                    m.next = "Vector-Beat"
+        with m.State("Vector-Beat"):
+            tile_tail = Signal(_log2(T))
+            m.d.comb += tile_tail.eq(s.sc.length[: _log2(T)])
+            count = Mux((rows_left == 0) & (tile_tail != 0), tile_tail, T)
+            m.d.comb += [
+                beats.valid.eq(1),
+                beats.mask.eq(s.full),
+                s.wdata.eq(Cat(*s.vrows)),
+                s.wen.eq((Const(1, T + 1) << count) - 1),
+            ]
+            with m.If(beats.ready):
+                m.d.sync += k.eq(0)
+                with m.If(rows_left == 0):
+                    m.next = "Idle"
+                with m.Else():
+                    m.next = "Vector-Gather"
+
+    def _store_row_col_states(self, m, s):
+        """ROW: per 64-column block, one beat into the channels of the row's lane. COL: per
+        64-row group, a burst of 64/lanes beats into one channel of every lane."""
+        L, DS = self._geom.lanes, BLOCK // self._geom.lanes
+        runs, beats, k, rows_left, tail = s.runs, s.beats, s.k, s.rows_left, s.tail
+        with m.State("Row"):
+            go = self.store_data.valid & runs.ready & beats.ready
+            last = rows_left == 1
+            emask = Mux(last & (tail != 0), (Const(1, BLOCK + 1) << tail) - 1, -1)
+            m.d.comb += [
+                self.store_data.ready.eq(runs.ready & beats.ready),
+                runs.valid.eq(go),
+                beats.valid.eq(go),
+                runs.mask.eq(s.lane_channels),
+                beats.mask.eq(s.lane_channels),
+                runs.payload.offset.eq(s.addr),
+                runs.payload.beats.eq(1),
+                s.wdata.eq(self.store_data.payload.as_value().replicate(L)),
+                s.wen.eq(Cat(*(Mux(s.lane == ln, emask[:BLOCK], 0) for ln in range(L)))),
+            ]
+            with m.If(go):
+                m.d.sync += [s.addr.eq(s.addr + s.step), rows_left.eq(rows_left - 1)]
+                with m.If(last):
+                    m.next = "Idle"
+
+        with m.State("Col-Run"):
+            go = self.store_data.valid & runs.ready
+            m.d.comb += [
+                self.store_data.ready.eq(runs.ready),
+                runs.valid.eq(go),
+                runs.mask.eq(s.col_channels),
+                runs.payload.offset.eq(s.addr),
+                runs.payload.beats.eq(Mux(rows_left == 1, s.last_beats, DS)),
+            ]
+            with m.If(go):
+                m.d.sync += [s.colrow.eq(self.store_data.payload), k.eq(0)]
+                m.next = "Col-Beat"
+        with m.State("Col-Beat"):
+            group_rows = Mux((rows_left == 1) & (tail != 0), tail, BLOCK)
+            at_col = Signal(BLOCK)
+            m.d.comb += at_col.eq(1 << s.col)
+            elems = [s.colrow[16 * ln : 16 * ln + 16] for ln in range(L)]
+            lL = _log2(L)
+            m.d.comb += [
+                beats.valid.eq(1),
+                beats.mask.eq(s.col_channels),
+                s.wdata.eq(Cat(*(e.replicate(BLOCK) for e in elems))),
+                s.wen.eq(Cat(*(Mux((k << lL) + ln < group_rows, at_col, 0) for ln in range(L)))),
+            ]
+            n_beats = Mux(rows_left == 1, s.last_beats, DS)
+            with m.If(beats.ready):
+                m.d.sync += [k.eq(k + 1), s.colrow.eq(s.colrow >> (16 * L))]
+                with m.If(k + 1 == n_beats):
+                    m.d.sync += [s.addr.eq(s.addr + s.step), rows_left.eq(rows_left - 1)]
+                    m.next = "Col-Run"
+                    with m.If(rows_left == 1):
+                        m.next = "Idle"
+
+    def _store_word_status_states(self, m, s):
+        """WORD: one 4-byte strobe in channel 0. STATUS: the record's bytes, zero padded, at
+        channel 0 offset 0."""
+        g = self._geom
+        P, B, E, T = g.port_bits, g.beat_bytes, g.beat_elems, g.tile_elems
+        runs, beats, k = s.runs, s.beats, s.k
+        with m.State("Word"):
+            go = runs.ready & beats.ready
+            m.d.comb += [
+                runs.valid.eq(go),
+                beats.valid.eq(go),
+                runs.mask.eq(1),
+                beats.mask.eq(1),
+                runs.payload.offset.eq(s.addr),
+                runs.payload.beats.eq(1),
+                s.wdata.eq(s.sc.value.replicate(T // 2)),
+                s.wen.eq(Const(3, E) << Cat(Const(0, 1), s.sc.offset[2 : _log2(B)])),
+            ]
+            with m.If(go):
+                m.next = "Idle"
+
+        n_status = STATUS_BYTES // B
+        with m.State("Status-Run"):
+            m.d.comb += [
+                runs.valid.eq(1),
+                runs.mask.eq(1),
+                runs.payload.offset.eq(0),
+                runs.payload.beats.eq(n_status),
+            ]
+            with m.If(runs.ready):
+                m.next = "Status-Beat"
+        with m.State("Status-Beat"):
+            record = s.record
+            padded = Cat(record.as_value(), Const(0, STATUS_BYTES * 8 - len(record.as_value())))
+            chunks = Array(padded[i * P : (i + 1) * P] for i in range(n_status))
+            m.d.comb += [
+                beats.valid.eq(1),
+                beats.mask.eq(1),
+                s.wdata.eq(chunks[k]),
+                s.wen.eq((1 << E) - 1),
+            ]
+            with m.If(beats.ready):
+                m.d.sync += k.eq(k + 1)
+                with m.If(k == n_status - 1):
+                    m.next = "Idle"
