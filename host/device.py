@@ -160,6 +160,17 @@ class Device(abc.ABC):
         self.close()
 
 
+def check_access(geom: CoreGeometry, nbytes: int, ch: int, base: int, n: int) -> None:
+    """Raise DeviceError unless channel ``ch`` has bytes [base, base + n) in an ``nbytes``
+    buffer (the one wording for every backend)."""
+    if not 0 <= ch < geom.channels:
+        raise DeviceError(f"no channel {ch}: the {geom.name} core has {geom.channels}")
+    if base < 0 or n < 0 or base + n > nbytes:
+        raise DeviceError(
+            f"HBM access [{base:#x}, {base + n:#x}) is outside the {nbytes:#x}-byte channel buffer"
+        )
+
+
 class HostImageDevice(Device):
     """A device whose HBM is a NumPy :class:`HBMImage` on the host and whose runs are
     simulations on a worker thread, so ``wait(timeout)`` behaves as with hardware. Subclasses
@@ -214,20 +225,26 @@ class HostImageDevice(Device):
         self.image.data[:] = image.data
         self._loaded_image()
 
+    def _access(self, base: int, n: int, ch: int = 0) -> HBMImage:
+        """The idle image, after checking channel ``ch`` bytes [base, base + n) exist."""
+        image = self._idle()
+        check_access(self.geom, image.nbytes, ch, base, n)
+        return image
+
     def write_striped(self, base: int, chunk: np.ndarray) -> None:
-        self._idle().write_striped(base, chunk)
+        self._access(base, np.shape(chunk)[-1]).write_striped(base, chunk)
         self._written(base, base + chunk.shape[1])
 
     def write_channel(self, ch: int, base: int, raw: bytes | np.ndarray) -> None:
         n = len(raw) if isinstance(raw, bytes | bytearray) else np.asarray(raw).nbytes
-        self._idle().write_channel(ch, base, raw)
+        self._access(base, n, ch).write_channel(ch, base, raw)
         self._written(base, base + n)
 
     def read_channel(self, ch: int, base: int, n: int) -> bytes:
-        return self._idle().read_channel(ch, base, n)
+        return self._access(base, n, ch).read_channel(ch, base, n)
 
     def read_striped(self, base: int, n: int) -> np.ndarray:
-        return self._idle().read_striped(base, n).copy()
+        return self._access(base, n).read_striped(base, n).copy()
 
     def start(self, on_token: TokenCallback | None = None) -> None:
         image = self._idle()

@@ -43,7 +43,7 @@ from tandem.geometry import CoreGeometry
 from tandem.layout import HBMImage, StatusRecord
 from tandem.regmap import SCALAR_ARGS, arguments
 
-from .device import Device, DeviceError, TokenCallback
+from .device import Device, DeviceError, TokenCallback, check_access
 
 KERNEL_NAME = "tandem_decode_core"
 """The RTL kernel's name in the xclbin (the top level, see rtl/)."""
@@ -183,12 +183,8 @@ class FpgaDevice(Device):
         if self._run_event is not None:
             raise DeviceError("the kernel is running; wait() for it first")
 
-    def _range(self, base: int, n: int) -> None:
-        if base < 0 or base + n > self.nbytes:
-            raise DeviceError(
-                f"HBM access [{base:#x}, {base + n:#x}) is outside the {self.nbytes:#x}-byte "
-                "channel buffer"
-            )
+    def _range(self, base: int, n: int, ch: int = 0) -> None:
+        check_access(self.geom, self.nbytes, ch, base, n)
 
     def load(self, image: HBMImage) -> None:
         if image.geom.channels != self.geom.channels:
@@ -228,7 +224,7 @@ class FpgaDevice(Device):
         self._idle()
         data = np.frombuffer(bytes(raw), np.uint8) if not isinstance(raw, np.ndarray) else raw
         data = np.ascontiguousarray(data).view(np.uint8).ravel()
-        self._range(base, data.size)
+        self._range(base, data.size, ch)
         with _cl_errors("writing HBM"):
             self._copy_in(self.buffers[ch], data, base)
 
@@ -244,7 +240,7 @@ class FpgaDevice(Device):
     def read_into(self, ch: int, base: int, out: np.ndarray) -> np.ndarray:
         """Blocking device-to-host read, ordered after every pending write."""
         self._idle()
-        self._range(base, out.nbytes)
+        self._range(base, out.nbytes, ch)
         if out.nbytes:
             with _cl_errors("reading HBM") as cl:
                 cl.enqueue_copy(
