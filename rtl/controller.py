@@ -304,32 +304,21 @@ class Controller(wiring.Component):
         m.d.comb += c.loadv_queued.eq(
             self.dma_read.valid & (self.dma_read.payload.kind == ReadKind.ROWS)
         )
-        # Vector ops need only the other VBUF users quiet: the vector unit keeps their order
-        # and their reads after earlier writes (its overlap rules), so they may queue.
+        # A VBUF user is quiet when it has nothing waiting to issue, queued or running.
+        c.mpu_quiet = ~busy.mpu & ~c.mpu_pending & ~self.mpu.valid
+        c.store_quiet = ~busy.store & ~self.dma_store.valid
+        c.vpu_quiet = ~busy.vpu & ~self.vpu.valid
+        loadv_quiet = ~busy.loadv & ~c.loadv_queued
+        # Vector ops need only the other VBUF users quiet (and the command register free): the
+        # vector unit keeps their order and their reads after earlier writes (its overlap
+        # rules), so they may queue.
         c.vpu_may_issue = Signal()
-        m.d.comb += c.vpu_may_issue.eq(
-            ~busy.mpu
-            & ~c.loadv_queued
-            & ~busy.loadv
-            & ~busy.store
-            & ~c.mpu_pending
-            & ~self.vpu.valid
-            & ~self.mpu.valid
-            & ~self.dma_store.valid
-        )
+        m.d.comb += c.vpu_may_issue.eq(c.mpu_quiet & loadv_quiet & c.store_quiet & ~self.vpu.valid)
         m.d.comb += c.vbuf_quiet.eq(c.vpu_may_issue & ~busy.vpu)
         # LOADVs follow each other without waiting: the DMA delivers their rows in order through
         # the one VBUF write port, so a LOADV needs only the other VBUF users quiet.
         c.loadv_may_issue = Signal()
-        m.d.comb += c.loadv_may_issue.eq(
-            ~busy.mpu
-            & ~busy.store
-            & ~busy.vpu
-            & ~c.mpu_pending
-            & ~self.vpu.valid
-            & ~self.mpu.valid
-            & ~self.dma_store.valid
-        )
+        m.d.comb += c.loadv_may_issue.eq(c.mpu_quiet & c.store_quiet & c.vpu_quiet)
         c.all_idle = Signal()
         m.d.comb += c.all_idle.eq(
             c.vbuf_quiet & ~busy.dma_read & ~busy.dma_write & ~self.dma_read.valid
@@ -355,13 +344,7 @@ class Controller(wiring.Component):
         # x or bias rows overlap result rows still to be written.
         send = Signal()
         m.d.comb += send.eq(
-            c.mpu_pending
-            & ~self.mpu.valid
-            & ~busy.vpu
-            & ~busy.loadv
-            & ~busy.store
-            & ~self.vpu.valid
-            & ~self.dma_store.valid
+            c.mpu_pending & ~self.mpu.valid & c.vpu_quiet & ~busy.loadv & c.store_quiet
         )
         with m.If(send):
             m.d.sync += [self.mpu.payload.eq(pending[0]), self.mpu.valid.eq(1)]

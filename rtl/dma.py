@@ -25,6 +25,7 @@ from tandem.numerics import BLOCK
 
 from .axi import FOUR_KB, AXI4Signature, Burst, Resp, burst_limit
 from .shell import args_layout
+from .vbuf import Row, row_addr_bits
 
 __all__ = [
     "ChannelDMA",
@@ -40,8 +41,8 @@ __all__ = [
     "write_beat_layout",
 ]
 
-ROW = data.ArrayLayout(unsigned(16), BLOCK)
-"""One VBUF row (64 binary16 values, element 0 in the low bits), as rtl/vbuf.py's ``Row``."""
+ROW = Row
+"""One VBUF row (64 binary16 values, element 0 in the low bits): rtl/vbuf.py's ``Row``."""
 
 _RUN_BEATS = 26  # a dense 65535 x 65535 matrix is 2**25 tiles on the smallest-lane geometry
 
@@ -59,15 +60,11 @@ def write_beat_layout(port_bits: int) -> data.StructLayout:
     return data.StructLayout({"data": port_bits, "strb": port_bits // 8})
 
 
-def _row_bits(vbuf_rows: int) -> int:
-    return max(1, (vbuf_rows - 1).bit_length())  # as rtl/vbuf.py sizes its row addresses
-
-
 def row_write_layout(geom: CoreGeometry) -> data.StructLayout:
     """What a VBUF write port takes (rtl/vbuf.py ``WritePortSignature``): the row ``addr``,
     ``data`` and the element ``mask``."""
     return data.StructLayout(
-        {"addr": _row_bits(geom.vbuf_elems // BLOCK), "data": ROW, "mask": BLOCK}
+        {"addr": row_addr_bits(geom.vbuf_elems // BLOCK), "data": ROW, "mask": BLOCK}
     )
 
 
@@ -498,7 +495,8 @@ def _ceil_blocks(v):
 class DMAEngine(wiring.Component):
     """All HBM channels' DMA: the ISA's memory operations over one :class:`ChannelDMA` each.
 
-    **Reads** (:attr:`read`, one :class:`ReadCommand` at a time):
+    **Reads** (:attr:`read`: the planner takes one :class:`ReadCommand` at a time, and up to
+    ``queue_depth`` planned commands wait for the merge stage, which delivers them in order):
 
     * ``TILES`` streams the live part of a tiled matrix in the MPU's order (row group, column
       block, row block): ``n_groups * n_cb * 64/lanes`` transfers on :attr:`tiles`, each the

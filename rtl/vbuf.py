@@ -12,7 +12,14 @@ from tandem.geometry import CoreGeometry
 from tandem.isa import VBUF_ALIGN
 from tandem.numerics import BLOCK
 
-__all__ = ["ROW_ELEMS", "ReadPortSignature", "Row", "VectorBuffer", "WritePortSignature"]
+__all__ = [
+    "ROW_ELEMS",
+    "ReadPortSignature",
+    "Row",
+    "VectorBuffer",
+    "WritePortSignature",
+    "row_addr_bits",
+]
 
 ROW_ELEMS = BLOCK
 """Elements per VBUF row: one numeric block, and the ISA's operand alignment."""
@@ -24,11 +31,33 @@ Row = data.ArrayLayout(unsigned(16), ROW_ELEMS)
 """One VBUF row: 64 binary16 bit patterns, element 0 in the low bits."""
 
 
-def _row_bits(rows: int) -> int:
+def row_addr_bits(rows: int) -> int:
+    """Width of a row address into a VBUF of ``rows`` rows (at least 1)."""
     return max(1, (rows - 1).bit_length())
 
 
-class ReadPortSignature(wiring.Signature):
+class _RowPortSignature(wiring.Signature):
+    """A port signature sized by the VBUF's row count: equal when the kind and ``rows`` are."""
+
+    def __init__(self, rows: int, members: dict):
+        self._rows = rows
+        super().__init__(members)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.rows == self.rows
+
+    def __hash__(self):
+        return hash((type(self), self._rows))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._rows})"
+
+
+class ReadPortSignature(_RowPortSignature):
     """A VBUF read port, as its user sees it (``Out`` towards the buffer).
 
     Members
@@ -43,26 +72,10 @@ class ReadPortSignature(wiring.Signature):
     """
 
     def __init__(self, rows: int):
-        self._rows = rows
-        super().__init__(
-            {"addr": Out(_row_bits(rows)), "en": Out(1), "data": In(Row)},
-        )
-
-    @property
-    def rows(self) -> int:
-        return self._rows
-
-    def __eq__(self, other):
-        return isinstance(other, ReadPortSignature) and other.rows == self.rows
-
-    def __hash__(self):
-        return hash((ReadPortSignature, self._rows))
-
-    def __repr__(self):
-        return f"ReadPortSignature({self._rows})"
+        super().__init__(rows, {"addr": Out(row_addr_bits(rows)), "en": Out(1), "data": In(Row)})
 
 
-class WritePortSignature(wiring.Signature):
+class WritePortSignature(_RowPortSignature):
     """A VBUF write port, as its user sees it (``Out`` towards the buffer).
 
     Members
@@ -76,23 +89,10 @@ class WritePortSignature(wiring.Signature):
     """
 
     def __init__(self, rows: int):
-        self._rows = rows
         super().__init__(
-            {"addr": Out(_row_bits(rows)), "data": Out(Row), "mask": Out(ROW_ELEMS)},
+            rows,
+            {"addr": Out(row_addr_bits(rows)), "data": Out(Row), "mask": Out(ROW_ELEMS)},
         )
-
-    @property
-    def rows(self) -> int:
-        return self._rows
-
-    def __eq__(self, other):
-        return isinstance(other, WritePortSignature) and other.rows == self.rows
-
-    def __hash__(self):
-        return hash((WritePortSignature, self._rows))
-
-    def __repr__(self):
-        return f"WritePortSignature({self._rows})"
 
 
 class VectorBuffer(wiring.Component):
@@ -179,8 +179,16 @@ class VectorBuffer(wiring.Component):
         m.submodules.mem = mem = memory.Memory(shape=Row, depth=self._rows, init=[])
         for port in self.write:
             wp = mem.write_port(granularity=1)
-            m.d.comb += [wp.addr.eq(port.addr), wp.data.eq(port.data), wp.en.eq(port.mask)]
+            m.d.comb += [
+                wp.addr.eq(port.addr),
+                wp.data.eq(port.data),
+                wp.en.eq(port.mask),
+            ]
         for port in self.read:
             rp = mem.read_port(domain="sync")
-            m.d.comb += [rp.addr.eq(port.addr), rp.en.eq(port.en), port.data.eq(rp.data)]
+            m.d.comb += [
+                rp.addr.eq(port.addr),
+                rp.en.eq(port.en),
+                port.data.eq(rp.data),
+            ]
         return m
