@@ -6,8 +6,9 @@ Hybrid beats GPU-only when ``GPU decode - FPGA decode > transfer``, and beats FP
 - GPU prefill and GPU decode per token: measured here, by timing the torch prefill of the request's
   prompt and one torch decode step on the torch device (CPU without CUDA: labelled so);
 - FPGA prefill and decode: :class:`tandem.host.thesis.FpgaDecodeModel`: the HBM efficiency
-  ``make bench-rtl`` measured in RTL simulation (``build/bench-rtl.json``, else the committed
-  ``docs/bench-rtl.json``) applied to this model's bytes per position, labelled "projected";
+  ``make bench-rtl`` measured in RTL simulation (the package data
+  ``tandem/host/data/bench-rtl.json``, recorded with its provenance) applied to this model's
+  bytes per position, labelled "projected";
   without a result for this geometry, the labelled 85%-of-HBM-peak assumption;
 - transfer: KV prefix bytes over PCIe Gen3 x16 at 12 GB/s, two hops (modelled).
 """

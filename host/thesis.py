@@ -7,7 +7,8 @@ Nothing here has a GPU or an FPGA, so every number carries its source:
   gpu/decode.py, the same code a GPU runs) timed on this machine's CPU. They stand in for the GPU
   columns; they are not GPU times.
 - ``projected (RTL cycles ...)``: FPGA time per position from ``make bench-rtl``'s result
-  (:data:`RTL_RESULTS`: ``build/bench-rtl.json``, else the committed ``docs/bench-rtl.json``):
+  (:data:`RTL_RESULT`, package data ``tandem/host/data/bench-rtl.json`` with its provenance, which
+  ``scripts/bench_rtl.py --record`` writes):
   the HBM efficiency it measured in RTL simulation (achieved bytes per cycle over the
   32-channel peak) applied to the bytes the model streams per position at each context length
   (the layout's weights and KV prefix, times the ratio of bytes the core read to the layout's
@@ -41,10 +42,13 @@ OUTPUTS = (64, 256, 512)
 PCIE_BYTES_S = 12e9
 PCIE_LABEL = "modelled (PCIe Gen3 x16, 12 GB/s)"
 ASSUMED_HBM_EFFICIENCY = 0.85
-REPO = Path(__file__).resolve().parents[1]
-RTL_RESULTS = (REPO / "build" / "bench-rtl.json", REPO / "docs" / "bench-rtl.json")
-"""Where ``make bench-rtl`` leaves its result, and its committed copy (``--record``); the first
-that exists is used."""
+RTL_RESULT = Path(__file__).resolve().parent / "data" / "bench-rtl.json"
+"""The recorded ``make bench-rtl`` result, shipped inside the package (``tandem.host`` package
+data) so that an installed package needs no repository folder. Its ``provenance`` field names
+the command and the RTL commit; ``scripts/bench_rtl.py --record`` rewrites it (and its copy
+``docs/bench-rtl.json``). A fresh unrecorded run in ``build/`` is not used unless passed."""
+RTL_RESULTS = (RTL_RESULT,)
+"""Where :class:`FpgaDecodeModel` looks by default, in order; the first that exists is used."""
 RTL_FIELDS = (
     "model",
     "geometry",
@@ -171,9 +175,10 @@ class FpgaDecodeModel:
         """Where the FPGA numbers came from, for a table's notes ("" when assumed for lack of
         any result)."""
         if self.rtl_path is not None:
-            path = self.rtl_path
-            shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
-            return f"; from {shown}"
+            if self.rtl_path == RTL_RESULT:
+                core = self.rtl.get("provenance", {}).get("core_commit", "unknown")
+                return f"; from the packaged tandem/host/data/bench-rtl.json (RTL {core})"
+            return f"; from {self.rtl_path}"
         return f" ({self.note})" if self.note else ""
 
     def position_bytes(self, ctx: int, head: bool = True) -> int:

@@ -7,7 +7,10 @@ simulated HBM (sim/hbm_model.py: U55C per-channel bandwidth, 80-cycle read laten
 monitors give the cycle at which each output token was issued and the HBM beats read up to it,
 so each decode token's cycles and bytes are measured, not computed.
 
-Printed and written to ``build/bench-rtl.json`` (``--record`` copies it to docs/):
+Printed and written to ``build/bench-rtl.json``. ``--record`` also writes it, with a
+``provenance`` field (the command, the RTL commit), to the package data the placement cost model
+reads (``host/data/bench-rtl.json``, :data:`tandem.host.thesis.RTL_RESULT`) and the same bytes to
+``docs/bench-rtl.json``:
 
 - cycles per decode token (the mean over the decode tokens, each the cycles between two
   consecutive output tokens: one whole forward pass and the LM head);
@@ -30,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "build" / "bench-rtl.json"
+PACKAGED = REPO / "host" / "data" / "bench-rtl.json"
+"""The recorded result shipped in the package (tandem.host.thesis.RTL_RESULT)."""
 DOC = REPO / "docs" / "bench-rtl.json"
+"""Its copy for readers of docs/ (the same bytes)."""
 
 
 def raw_path(json_path: Path) -> Path:
@@ -106,7 +111,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-cycles", type=int, default=50_000_000)
     ap.add_argument("--json", type=Path, default=OUT)
-    ap.add_argument("--record", action="store_true", help=f"also copy the JSON to {DOC}")
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help="also write the result with its provenance to the package data the cost model "
+        "reads (host/data/bench-rtl.json) and to docs/bench-rtl.json",
+    )
     ap.add_argument(
         "--reanalyse",
         action="store_true",
@@ -222,9 +232,38 @@ def finish(raw: dict, args) -> int:
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.json}")
     if args.record:
-        shutil.copyfile(args.json, DOC)
-        log(f"recorded {DOC}")
+        for path in record(report, raw["args"]):
+            log(f"recorded {path}")
     return 0
+
+
+def provenance(report: dict, run_args: dict) -> dict:
+    """Where a recorded result came from: what was measured, the command, the RTL commit."""
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in run_args.items()
+        if k not in ("record", "reanalyse") and v is not None
+    )
+    return {
+        "what": f"decode-core cycles per token measured in RTL simulation: {report['model']} "
+        f"(random weights) on the {report['geometry']} core in Verilator over the simulated HBM "
+        f"({report['read_latency']}-cycle read latency); times are {LABEL}, no FPGA ran",
+        "command": f"python scripts/bench_rtl.py --record (make bench-rtl "
+        f"BENCH_RTL_ARGS=--record): {flags}",
+        "core_commit": report["build"].get("core", "unknown"),
+        "recorded_in_commit": "the commit that adds this file",
+        "used_by": "tandem.host.thesis.FpgaDecodeModel (tandem bench --thesis, tandem generate "
+        "--placement auto)",
+    }
+
+
+def record(report: dict, run_args: dict, paths=(PACKAGED, DOC)) -> list[Path]:
+    """Write the report with its provenance to the package data and its docs copy."""
+    text = json.dumps({"provenance": provenance(report, run_args), **report}, indent=2) + "\n"
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return list(paths)
 
 
 def matvecs_per_position(cfg, g) -> int:

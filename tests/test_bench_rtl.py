@@ -86,3 +86,23 @@ def test_start_pos_labelled(bench):
     assert r["per_token"][0]["positions"] == 1
     assert "all-zero KV" in r["kv_note"]
     json.dumps(r)  # serialisable
+
+
+def test_record_writes_package_data_with_provenance(bench, tmp_path):
+    r = bench.analyse(_raw(), None)
+    paths = bench.record(r, _raw()["args"], (tmp_path / "pkg.json", tmp_path / "doc.json"))
+    pkg, doc = (p.read_text() for p in paths)
+    assert pkg == doc
+    data = json.loads(pkg)
+    assert data["provenance"]["command"].startswith("python scripts/bench_rtl.py --record")
+    assert "--model test-tiny" in data["provenance"]["command"]
+    assert {k: v for k, v in data.items() if k != "provenance"} == json.loads(json.dumps(r))
+
+
+def test_recorded_result_ships_in_the_package(bench):
+    """--record writes the file the cost model reads, and its docs copy matches it."""
+    from tandem.host.thesis import RTL_RESULT
+
+    assert bench.PACKAGED.resolve() == RTL_RESULT.resolve()
+    assert bench.DOC.read_text() == RTL_RESULT.read_text()
+    assert "provenance" in json.loads(RTL_RESULT.read_text())

@@ -1,5 +1,6 @@
-"""host/thesis.py: FPGA times from ``make bench-rtl``'s JSON (build/, else docs/, else the
-labelled assumption), with exact labels and numbers; the 3x3 table from saved CPU times."""
+"""host/thesis.py: FPGA times from ``make bench-rtl``'s JSON (the packaged result by default,
+the first of the given paths that exists, else the labelled assumption), with exact labels and
+numbers; the 3x3 table from saved CPU times."""
 
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def test_measured_model_gets_its_cycles_back(tmp_path):
     )
 
 
-def test_build_then_docs_then_assumed(tmp_path):
+def test_first_existing_path_then_assumed(tmp_path):
     cfg, g, lay = medium()
     build, docs = tmp_path / "build.json", tmp_path / "docs.json"
     rtl_json(docs, hbm_efficiency=0.5)
@@ -230,3 +231,23 @@ def test_cli_bench_thesis_from_saved_times(tmp_path, capsys):
     assert "| 512 | 512 |" in out and "| 64 | 64 | 32.500 |" in out  # 1.0 + 0.5 * 63
     assert "measured (this CPU, gpt2-medium, 1 threads; saved in cpu.json)" in out
     assert f"timeline (prompt 512, output 64): {png}" in out and png.is_file()
+
+
+def test_packaged_result_is_the_default_and_carries_provenance():
+    """The cost model reads the result shipped in the package, not the repository's docs/."""
+    from tandem.host.thesis import RTL_RESULT, RTL_RESULTS, read_rtl_result
+
+    assert RTL_RESULTS == (RTL_RESULT,) and RTL_RESULT.parent.name == "data"
+    assert "docs" not in RTL_RESULT.parts
+    data, path = read_rtl_result()
+    assert path == RTL_RESULT
+    prov = data["provenance"]
+    assert prov["core_commit"] == data["build"]["core"]
+    assert "scripts/bench_rtl.py --record" in prov["command"]
+    cfg, g, lay = medium()
+    f = FpgaDecodeModel(cfg, g, lay)
+    assert f.rtl_path == RTL_RESULT
+    assert (
+        f.origin()
+        == f"; from the packaged tandem/host/data/bench-rtl.json (RTL {prov['core_commit']})"
+    )
