@@ -54,7 +54,17 @@ class DeviceError(RuntimeError):
     """A device could not do what was asked (not loaded, busy, out of range...)."""
 
 
-class Device(abc.ABC):
+class Closes:
+    """``with`` support for anything with ``close()``: devices and sessions."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Device(Closes, abc.ABC):
     """One decode core and its HBM buffers.
 
     Subclasses implement the primitives (``load``, the channel reads and writes, ``start``,
@@ -105,7 +115,7 @@ class Device(abc.ABC):
         Raises TimeoutError if it is still running after ``timeout`` seconds.
         """
 
-    def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to release
+    def close(self) -> None:
         """Release the device's buffers."""
 
     def run_stats(self) -> dict:
@@ -152,12 +162,6 @@ class Device(abc.ABC):
         if not 0 <= 4 * n <= region.nbytes:
             raise DeviceError(f"{n} tokens exceed the {area} area of {region.nbytes // 4} slots")
         return unpack_tokens(self.read_channel(0, region.base, 4 * n))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def check_access(geom: CoreGeometry, nbytes: int, ch: int, base: int, n: int) -> None:

@@ -27,6 +27,7 @@ from tandem.geometry import CoreGeometry
 from tandem.gpu.prefill import PreparedModel, prefill
 from tandem.gpu.transfer import KVTransfer, TransferReport
 
+from .device import Closes
 from .runtime import DecodeTimeout, Progress, Session, check_fits, resolve_geometry
 
 
@@ -43,7 +44,7 @@ class HybridResult:
     stats: dict = field(default_factory=dict)
 
 
-class HybridSession:
+class HybridSession(Closes):
     """A model prepared for GPU prefill and compiled and loaded on a decode device.
 
     Parameters
@@ -147,9 +148,3 @@ class HybridSession:
 
     def close(self) -> None:
         self.session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

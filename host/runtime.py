@@ -31,7 +31,7 @@ from tandem.layout import StatusRecord
 from tandem.regmap import describe_status as _describe
 
 from .backends import open_device
-from .device import Device, DeviceError
+from .device import Closes, Device, DeviceError
 
 Progress = Callable[[int, int], None]
 """``progress(i, token)`` after the ``i``-th generated token (0-based)."""
@@ -167,7 +167,7 @@ def resolve_geometry(cfg: GPT2Config, geom: CoreGeometry | str | None) -> CoreGe
     raise ValueError(f"{cfg.name} fits no core geometry: " + "; ".join(reasons))
 
 
-class Session:
+class Session(Closes):
     """A model compiled for a geometry and loaded on a device, ready for many requests.
 
     Parameters
@@ -301,12 +301,6 @@ class Session:
         would wait for, or pull the buffers from under, that run)."""
         if not self._running:
             self.device.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def generate(
