@@ -22,6 +22,7 @@ import numpy as np
 from cocotb.triggers import ClockCycles
 from cocotbext.axi import AxiBus, AxiRam
 
+from tandem import seeds
 from tandem.geometry import geometry
 from tandem.layout import STATUS_BYTES, StatusRecord, tiled_address, vector_address
 from tandem.numerics import BLOCK
@@ -207,8 +208,8 @@ class DmaTB(streams.ClockedTB):
         p = tb_params()
         self.g = geometry(p["geometry"])
         g = self.g
-        self.rng = np.random.default_rng(seed)
-        self.pyrng = random.Random(seed)
+        self.rng = np.random.default_rng(seeds.seed(seed))
+        self.pyrng = random.Random(seeds.seed(seed))
         self.base = [0x1000 * (ch + 1) + 0x40 * (2 * ch + 1) for ch in range(g.channels)]
         self.rams = []
         for ch in range(g.channels):

@@ -14,6 +14,7 @@ import cocotb
 import numpy as np
 
 from tandem import numerics as nm
+from tandem import seeds
 from tandem.geometry import geometry
 from tandem.layout import dense_stride, pack_tiled
 from tandem.rtl.mpu import MatvecCommand, MatvecFlags
@@ -409,7 +410,7 @@ async def stalls_and_random_shapes(dut):
     geom = _geom()
     params = tb_params()
     seed = params.get("seed", 1) + 2
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seeds.seed(seed))
     tb = TB(dut, geom)
     await tb.reset()
     # (input valid, output ready) patterns: 1 = offer / accept

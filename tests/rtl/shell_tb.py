@@ -16,7 +16,7 @@ import cocotb
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiLiteBus, AxiLiteMaster
 
-from tandem import regmap
+from tandem import regmap, seeds
 from tandem.sim import streams
 from tandem.sim.runner import tb_params
 
@@ -76,7 +76,7 @@ class ShellTB(streams.ClockedTB):
             ):
                 channel.set_pause_generator(streams.bernoulli(0.4, seed + k))
         self.core = CoreModel(dut, self.channels)
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seeds.seed(seed))
 
     async def read(self, offset: int) -> int:
         return await self.host.read_dword(offset)

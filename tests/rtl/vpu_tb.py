@@ -23,7 +23,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 from cocotb.triggers import RisingEdge
 
-from tandem import isa
+from tandem import isa, seeds
 from tandem import numerics as nm
 from tandem.checkpoint import random_weights
 from tandem.compiler import R_T, compile_model, head_groups
@@ -395,7 +395,7 @@ async def setup(dut):
     harness = build(params)
     tb = VpuTB(dut, harness)
     await tb.reset()
-    return tb, params, np.random.default_rng(params.get("seed", 1))
+    return tb, params, np.random.default_rng(seeds.seed(params.get("seed", 1)))
 
 
 @cocotb.test()
