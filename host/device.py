@@ -278,23 +278,3 @@ class HostImageDevice(Device):
         if self._thread is not None:
             self._thread.join()
         self.image = None
-
-
-_MOVED = {
-    "BACKENDS": "backends",
-    "open_device": "backends",
-    "register": "backends",
-    "ModelDevice": "model",
-}
-
-
-def __getattr__(name: str):
-    """Names that moved out of this module, still importable from here for older callers
-    (``tandem.host.device.open_device`` etc.); new code imports them from
-    :mod:`tandem.host.backends` and :mod:`tandem.host.model`. Resolved on first use, after both
-    modules are fully loaded, so there is no import cycle."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

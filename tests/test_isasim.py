@@ -19,7 +19,9 @@ from tandem.config import preset
 from tandem.geometry import geometry
 from tandem.golden.faithful import FaithfulModel
 from tandem.golden.isasim import IsaSim
-from tandem.host.device import DeviceError, ModelDevice, open_device
+from tandem.host.backends import open_device
+from tandem.host.device import DeviceError
+from tandem.host.model import ModelDevice
 from tandem.host.runtime import RunError, Session, generate
 from tandem.regmap import HaltCode, Status
 
