@@ -91,10 +91,12 @@ class MpuFeeder(wiring.Component):
     ``max(3, 2 * n + 2)`` cycles. One result row per cycle. The queue holds two commands with
     result rows: a third waits until the first one's last row is written.
 
-    Logic depth: the deepest path is ``issue.ready``: the hazard check compares each input range
-    with each queued command's result range (16-bit adds for the range ends, four 16-bit
-    compares, a few gates), about 4 LUT levels plus two carry chains. The result mask is a
-    7-bit shift decode beside a 32-bit compare.
+    Logic depth (an estimate from the structure, not a timing report): the deepest path is
+    ``issue.payload`` to ``issue.ready``, combinational (the controller sees it in the same
+    cycle): ``min(live, allocated)`` (a 16-bit compare and a multiplexer), the row counts and
+    range ends (16-bit adds), the range compares (16-bit) and the hazard OR, about four short
+    carry chains in series and 4 LUT levels. The result mask is a 32-bit subtract and compare
+    beside a 7-bit shift decode.
     """
 
     WQ = 2
@@ -287,8 +289,9 @@ class StoreFeeder(wiring.Component):
     Throughput: a row every second cycle (read, then transfer), so stores of ``n`` rows whose
     streams never stall are taken every ``max(3, 2 * n + 2)`` cycles.
 
-    Logic depth: a 16-bit compare (rows read against rows to read) into the read enable and a
-    16-bit add for the address; about 3 LUT levels plus a carry chain.
+    Logic depth (an estimate from the structure): a 16-bit compare (rows read against rows to
+    read) into the read enable and a 16-bit add for the address; about 3 LUT levels plus a
+    carry chain. ``data`` and ``cmd`` come from registers and the read port.
     """
 
     def __init__(self, geom: CoreGeometry):

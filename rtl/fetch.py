@@ -76,10 +76,11 @@ class ProgramFetch(wiring.Component):
     cycles (tiny 2, u55c 16) when the DMA keeps up; a ``ROWS`` read of up to
     :data:`FETCH_CHUNK` elements per DMA command handshake.
 
-    Logic depth: the deepest registered paths are the 32-bit fetch counters (stripes left,
-    offset, rows outstanding): a 32-bit compare for the chunk size, a multiplexer, a shift by a
-    constant and a 32-bit add or three-operand add/subtract, about 4 LUT levels plus a carry
-    chain. The LOADV count is a 16-bit add/subtract.
+    Logic depth (an estimate from the structure): the deepest paths end at the 32-bit fetch
+    counters (stripes left, offset, rows outstanding): a 32-bit compare for the chunk size, a
+    multiplexer, a shift by a constant and a 32-bit add or three-operand add/subtract (with
+    ``read.ready`` from the DMA in the select), about 4 LUT levels plus a carry chain. The
+    LOADV count is a 16-bit add/subtract.
     """
 
     def __init__(self, geom: CoreGeometry):
