@@ -59,6 +59,28 @@ def _build_hf_model(name: str, directory: Path):
 
 
 @pytest.fixture(scope="session")
+def lively_checkpoint(tmp_path_factory):
+    """``get(preset_name) -> (cfg, weights, folder)``: a checkpoint folder of
+    :func:`tandem.checkpoint.lively_weights` (seed 5), saved once per session, for tests that run
+    ``tandem generate --checkpoint`` and must see a KV-cache or position bug in the tokens."""
+    from tandem.checkpoint import lively_weights, save_checkpoint
+    from tandem.config import preset
+
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cfg = preset(name)
+            weights = lively_weights(cfg, seed=5)
+            folder = tmp_path_factory.mktemp(f"lively-{name}")
+            save_checkpoint(folder, cfg, weights)
+            cache[name] = (cfg, weights, folder)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def hf_gpt2(tmp_path_factory):
     """``get(name) -> (model, checkpoint dir)``; each model is built and saved once per session."""
     cache: dict[str, tuple] = {}

@@ -1,15 +1,18 @@
-"""``tandem generate --placement hybrid`` prints the same tokens as the core-only placement."""
+"""``tandem generate --placement hybrid`` prints the same tokens as the core-only placement and
+the golden model, on a checkpoint folder whose weights decode many different tokens (so a broken
+KV handoff changes the answer)."""
 
 from __future__ import annotations
 
+from tandem.golden.faithful import FaithfulModel
 from tandem.host.cli import main
 
 
-def _ids(capsys, *extra):
+def _ids(capsys, folder, *extra):
     argv = [
         "generate",
-        "--preset",
-        "test-odd",
+        "--checkpoint",
+        str(folder),
         "--prompt-ids",
         "3,1,4,1,5",
         "--max-new-tokens",
@@ -24,10 +27,13 @@ def _ids(capsys, *extra):
     return out.out.strip(), out.err
 
 
-def test_hybrid_placement_matches_fpga(capsys):
-    fpga, _ = _ids(capsys)
-    hybrid, err = _ids(capsys, "--placement", "hybrid", "--prefill-device", "cpu")
-    assert hybrid == fpga
+def test_hybrid_placement_matches_fpga_and_golden(capsys, lively_checkpoint):
+    cfg, weights, folder = lively_checkpoint("test-odd")
+    want = [3, 1, 4, 1, 5, *FaithfulModel(cfg, weights).generate([3, 1, 4, 1, 5], 5)]
+    assert len(set(want[5:])) > 2  # not one token repeated
+    fpga, _ = _ids(capsys, folder)
+    hybrid, err = _ids(capsys, folder, "--placement", "hybrid", "--prefill-device", "cpu")
+    assert hybrid == fpga == ",".join(map(str, want))
     assert "transfer_exposed" in err and "KV moved" in err
 
 

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from tandem.checkpoint import random_weights
+from tandem.checkpoint import lively_weights, random_weights
 from tandem.config import preset
 from tandem.golden.faithful import FaithfulModel
 from tandem.golden.isasim import IsaSim
@@ -22,7 +22,7 @@ from tandem.layout import kv_prefix_bytes
 @pytest.fixture(scope="module", params=["test-tiny", "test-odd"])
 def hybrid(request):
     cfg = preset(request.param)
-    weights = random_weights(cfg, seed=5)
+    weights = lively_weights(cfg, seed=5)
     with HybridSession(cfg, weights, "small", "model", "cpu") as hs:
         yield cfg, weights, FaithfulModel(cfg, weights), hs
 
@@ -32,7 +32,9 @@ def test_hybrid_tokens_equal_faithful(hybrid, L, n_new):
     cfg, _, fm, hs = hybrid
     ids = np.random.default_rng(L).integers(0, cfg.n_vocab, L).tolist()
     res = hs.generate(ids, n_new)
-    assert res.tokens == fm.generate(ids, n_new)
+    want = fm.generate(ids, n_new)
+    assert res.tokens == want
+    assert n_new < 3 or len(set(want)) > 1  # lively weights: a KV bug changes the tokens
     g = hs.geom
     assert res.kv_bytes == 2 * cfg.n_layer * g.channels * kv_prefix_bytes(g, cfg.n_head, L)
     assert len(res.transfer.layers) == cfg.n_layer
@@ -85,7 +87,7 @@ def held_device(monkeypatch):
 
 def test_hybrid_device_timeout_is_clean_and_retryable(held_device):
     cfg = preset("test-tiny")
-    weights = random_weights(cfg, seed=5)
+    weights = lively_weights(cfg, seed=5)
     ids = [3, 1, 4, 1, 5]
     want = FaithfulModel(cfg, weights).generate(ids, 4)
     with HybridSession(cfg, weights, "small", "model", "cpu") as hs:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tandem.checkpoint import random_weights
-from tandem.config import preset
 from tandem.golden.faithful import FaithfulModel
 from tandem.host.cli import main
 from tandem.host.placement import decide
@@ -18,12 +16,13 @@ def test_decide_follows_the_thesis_conditions():
     assert decide(0.5, 10.0, 1.0, 2.0, 1.0) == "fpga"
 
 
-def test_cli_gpu_and_auto_placement_tokens_equal_golden(capsys):
-    cfg = preset("test-tiny")
+def test_cli_gpu_and_auto_placement_tokens_equal_golden(capsys, lively_checkpoint):
+    cfg, weights, folder = lively_checkpoint("test-tiny")
     ids = [3, 1, 4, 1, 5]
-    want = FaithfulModel(cfg, random_weights(cfg, seed=0)).generate(ids, 4)
+    want = FaithfulModel(cfg, weights).generate(ids, 4)
+    assert len(set(want)) > 1  # lively weights: not one token repeated
     for placement in ("gpu", "auto"):
-        argv = ["generate", "--preset", "test-tiny", "--prompt-ids", "3,1,4,1,5"]
+        argv = ["generate", "--checkpoint", str(folder), "--prompt-ids", "3,1,4,1,5"]
         argv += ["--max-new-tokens", "4", "--placement", placement, "--prefill-device", "cpu"]
         assert main(argv) == 0
         out, err = capsys.readouterr()
