@@ -49,7 +49,7 @@ MUTANTS = (
         "gpu/transfer.py",
         "hk.copy_(kb, non_blocking=True)",
         "hk.zero_()",
-        ("tests/test_kv_transfer.py", "tests/test_hybrid.py"),
+        ("tests/test_hybrid.py", "tests/test_cli_hybrid.py", "tests/test_kv_transfer.py"),
     ),
     Mutant(
         "kv-wrong-layer",
@@ -57,7 +57,7 @@ MUTANTS = (
         "gpu/transfer.py",
         "                i = timing.layer\n",
         "                i = (timing.layer + 1) % self.layout.cfg.n_layer\n",
-        ("tests/test_kv_transfer.py", "tests/test_hybrid.py"),
+        ("tests/test_hybrid.py", "tests/test_cli_hybrid.py", "tests/test_kv_transfer.py"),
     ),
     Mutant(
         "attend-newest-only",
@@ -65,7 +65,7 @@ MUTANTS = (
         "gpu/decode.py",
         "att = attention(q, kc, vtc, model.q_scale)",
         "att = attention(q, kn, vtn, model.q_scale)",
-        ("tests/test_gpu_decode.py",),
+        ("tests/test_gpu_decode.py", "tests/test_placement.py"),
     ),
 )
 
