@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -304,6 +305,14 @@ def _source_key(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _verilog_cache(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> Path:
+    """Where :func:`_top` keeps a top's Verilog, under a hash of its sources."""
+    from tandem.sim import runner
+
+    key = _source_key(geom, mem_bytes, read_latency)
+    return runner.build_root() / "verilog" / f"{TOPLEVEL}-{geom.name}-{key}.v"
+
+
 @functools.cache
 def _top(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> tuple[str, JobTop]:
     """(Verilog text, component) of a top. Converting the u55c core takes minutes, so the text
@@ -313,11 +322,7 @@ def _top(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> tuple[str, Jo
     from tandem.sim import runner
 
     top = JobTop(geom, mem_bytes=mem_bytes, read_latency=read_latency)
-    cache = (
-        runner.build_root()
-        / "verilog"
-        / f"{TOPLEVEL}-{geom.name}-{_source_key(geom, mem_bytes, read_latency)}.v"
-    )
+    cache = _verilog_cache(geom, mem_bytes, read_latency)
     if cache.is_file():
         return cache.read_text(), top
     text = runner.to_verilog(top, toplevel=TOPLEVEL, ports=vitis_ports(top))
@@ -338,9 +343,12 @@ def build(
     read_latency: int = 80,
     make_vars: Mapping[str, str] | None = None,
     name: str | None = None,
+    log_file: os.PathLike | str | None = None,
+    on_build: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Build the job top (or find it built) without running a job; returns seconds spent on
-    the Verilog and on the rest (the Verilator build when it was not cached)."""
+    the Verilog and on the rest (the Verilator build when it was not cached). ``log_file`` and
+    ``on_build``: as for :func:`run_job`."""
     from tandem.sim import runner
 
     t0 = time.monotonic()
@@ -357,6 +365,8 @@ def build(
         make_vars=make_vars,
         waves=False,
         output_to_stderr=True,
+        log_file=log_file,
+        on_build=on_build,
         testcase="build_only",
     )
     return {"verilog": t1 - t0, "build": time.monotonic() - t1}
@@ -418,6 +428,8 @@ def run_job(
     log: Callable[[str], None] | None = _log_default,
     name: str | None = None,
     make_vars: Mapping[str, str] | None = None,
+    log_file: os.PathLike | str | None = None,
+    on_build: Callable[[], None] | None = None,
 ) -> JobResult:
     """Run one job: load ``image``, set ``scalars`` (``tandem.regmap.SCALAR_ARGS`` names; channel
     pointers are the harness's), start, wait for ``ap_done``, dump memory.
@@ -433,6 +445,11 @@ def run_job(
     poll_cycles : cycles between polls of ``CTRL`` (default 200 for small jobs, scaled up).
     progress_s : the testbench logs progress this often (seconds of wall time).
     make_vars : make variables for the Verilator C++ build (e.g. ``{"OPT_FAST": "-O1"}``).
+    log_file : a quiet run: the Verilator build's and the simulation's output go to this file
+        (appended; :func:`tandem.sim.runner.run`) instead of stderr, and a failure's
+        :class:`RtlJobError` names it. Default: on stderr, as before. ``log`` is separate.
+    on_build : called before the Verilog is converted or the model built, when either is not
+        cached (the slow first use).
     """
     from tandem.sim import runner
 
@@ -446,9 +463,13 @@ def run_job(
     if mem % geom.beat_bytes:
         raise ValueError(f"mem_bytes {mem} is not a multiple of the {geom.beat_bytes}-byte beat")
     log = log or (lambda msg: None)
+    logs = "" if log_file is None else f" (build and simulation log: {log_file})"
     name = name or build_name(geom, mem, read_latency)
     folder = runner.build_root() / f"{name}-verilator"
     t0 = time.monotonic()
+    if on_build is not None and not _verilog_cache(geom, mem, read_latency).is_file():
+        on_build()
+        on_build = None  # once per job: the Verilator build that follows is part of it
     text, top = _top(geom, mem, read_latency)
     t1 = time.monotonic()
 
@@ -504,6 +525,8 @@ def run_job(
                 make_vars=make_vars,
                 waves=False,
                 output_to_stderr=True,
+                log_file=log_file,
+                on_build=on_build,
                 testcase="rtl_job",
             )
         except AssertionError as err:
@@ -511,11 +534,11 @@ def run_job(
             res = job_dir / "result.json"
             if res.is_file():
                 detail = json.loads(res.read_text()).get("error", "")
-            raise RtlJobError(f"RTL job on {name} failed: {detail or err}") from err
+            raise RtlJobError(f"RTL job on {name} failed: {detail or err}{logs}") from err
         t3 = time.monotonic()
         res = json.loads((job_dir / "result.json").read_text())
         if res.get("error"):
-            raise RtlJobError(f"RTL job on {name} failed: {res['error']}")
+            raise RtlJobError(f"RTL job on {name} failed: {res['error']}{logs}")
         arrays = np.load(job_dir / "dumps.npz")
         dumps = {tuple(r): arrays[f"d{k}"] for k, r in enumerate(ranges)}
     finally:

@@ -228,6 +228,8 @@ def run(
     verilog_sources: Sequence[os.PathLike] = (),
     make_vars: Mapping[str, str] | None = None,
     output_to_stderr: bool = False,
+    log_file: os.PathLike | str | None = None,
+    on_build: Callable[[], None] | None = None,
 ) -> Path:
     """Convert ``design`` to Verilog, build it for ``sim`` (cached) and run cocotb tests on it.
 
@@ -264,6 +266,13 @@ def run(
     output_to_stderr
         Send the build's and the simulator's output to this process's stderr (file
         descriptor 2) instead of stdout, for callers whose stdout carries results (the CLI).
+    log_file
+        Append the build's and the simulator's output, cocotb's runner log and this runner's
+        own messages to this file instead of printing them (a quiet run, for the CLI); errors
+        then name the file. Default: print them, as before.
+    on_build
+        Called (with no arguments) just before the simulator model is built, that is when the
+        build is not cached; a quiet caller tells its user that this takes a while.
 
     Returns
     -------
@@ -302,8 +311,10 @@ def run(
         # even when sys.stderr is replaced (pytest's capsys)
         runner._execute = lambda cmds, cwd: runner._execute_cmds(cmds, cwd, 2)
     results = folder / "results.xml"
-    log = _log(name, sim)
-    with _locked(folder), _toolchain_env(sim, env, make_vars):
+    quiet = contextlib.nullcontext(None) if log_file is None else _quiet(runner, Path(log_file))
+    where = "see the output above" if log_file is None else f"see {log_file}"
+    with quiet as stream, _locked(folder), _toolchain_env(sim, env, make_vars):
+        log = _log(name, sim, stream)
         source = folder / f"{toplevel}.v"
         _write_if_changed(source, verilog_text)
         stamp = folder / "build.hash"
@@ -316,6 +327,8 @@ def run(
         )
         t0 = time.monotonic()
         if not fresh:
+            if on_build is not None:
+                on_build()
             stamp.unlink(missing_ok=True)
             sources, build_waves = [source, *extra_files], waves
             if sim == "icarus" and waves:
@@ -356,21 +369,50 @@ def run(
             if not results.is_file():
                 raise AssertionError(
                     f"{sim} simulation of {name} ended with status {exc.code} before writing "
-                    f"results; see the output above"
+                    f"results; {where}"
                 ) from None
         finally:
             if module_dir is not None:
                 sys.path.remove(str(module_dir))
         t2 = time.monotonic()
-    log(f"build {'cached' if fresh else f'{t1 - t0:.1f} s'}, simulation {t2 - t1:.1f} s")
+        log(f"build {'cached' if fresh else f'{t1 - t0:.1f} s'}, simulation {t2 - t1:.1f} s")
     if not results.is_file():
         raise AssertionError(f"{sim} simulation of {name} wrote no results file {results}")
     total, failed = get_results(results)
     if total == 0:
         raise AssertionError(f"no cocotb tests ran for {name} on {sim}: check testcase names")
     if failed:
-        raise AssertionError(f"{failed} of {total} cocotb tests failed for {name} on {sim}")
+        what = "" if log_file is None else f"; {where}"
+        raise AssertionError(f"{failed} of {total} cocotb tests failed for {name} on {sim}{what}")
     return results
+
+
+@contextlib.contextmanager
+def _quiet(runner, path: Path) -> Iterator:
+    """Send the cocotb runner's subprocess output and its log to ``path`` (appended); yields the
+    open file."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as stream:
+
+        def execute(cmds, cwd):
+            # cocotb's runner passes `stdout` to subprocess.run (stderr joins it); flush this
+            # process's lines first so that the file keeps the order
+            stream.flush()
+            runner._execute_cmds(cmds, cwd, stream)
+
+        runner._execute = execute
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        propagate = runner.log.propagate
+        runner.log.addHandler(handler)
+        runner.log.propagate = False
+        try:
+            yield stream
+        finally:
+            runner.log.removeHandler(handler)
+            runner.log.propagate = propagate
 
 
 def _icarus_dump_module(toplevel: str, path: Path) -> str:
@@ -384,8 +426,11 @@ def _icarus_dump_module(toplevel: str, path: Path) -> str:
     )
 
 
-def _log(name: str, sim: str) -> Callable[[str], None]:
+def _log(name: str, sim: str, stream=None) -> Callable[[str], None]:
+    """The runner's messages: on stderr, or to ``stream`` (a quiet run's log file)."""
+
     def log(message: str) -> None:
-        print(f"[tandem.sim.runner] {name} on {sim}: {message}", file=sys.stderr, flush=True)
+        out = sys.stderr if stream is None else stream
+        print(f"[tandem.sim.runner] {name} on {sim}: {message}", file=out, flush=True)
 
     return log
