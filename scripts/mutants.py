@@ -45,10 +45,10 @@ class Mutant:
 MUTANTS = (
     Mutant(
         "kv-zeros",
-        "the KV handoff writes zeros instead of the prefill's K",
+        "the KV handoff writes zeros instead of the prefill's K and V",
         "gpu/transfer.py",
-        "hk.copy_(kb, non_blocking=True)",
-        "hk.zero_()",
+        "hk.copy_(kb, non_blocking=True)\n            hv.copy_(vb, non_blocking=True)",
+        "hk.zero_()\n            hv.zero_()",
         ("tests/test_hybrid.py", "tests/test_cli_hybrid.py", "tests/test_kv_transfer.py"),
     ),
     Mutant(
@@ -103,17 +103,28 @@ def stage(repo: Path, staging: Path) -> None:
 def run_tests(
     repo: Path, staging: Path, env: dict, tests: list[str], marker: str | None
 ) -> tuple[bool, str]:
-    """pytest on ``tests`` of the copy. It runs in ``staging`` (``python -m`` puts the working
-    folder first on sys.path, so the staged package wins over an installed or checked-out one)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    """pytest on ``tests`` of the copy; (passed, which test files failed and how often). It runs
+    in ``staging`` (``python -m`` puts the working folder first on sys.path, so the staged
+    package wins over an installed or checked-out one). The whole tier stops at its first
+    failure (-x); named tests all run, so the summary says which of them see the mutant."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if marker:
+        cmd.append("-x")
     cmd += ["--rootdir", str(repo), "-c", str(repo / "pyproject.toml")]
     cmd += [str(repo / t) for t in tests]
     if marker:
         cmd += ["-m", marker]
     done = subprocess.run(cmd, cwd=staging, env=env, capture_output=True, text=True)
     lines = (done.stdout + done.stderr).strip().splitlines()
-    failed = [ln for ln in lines if ln.startswith("FAILED") or ln.startswith("ERROR")]
-    summary = failed[0] if failed else (lines[-1] if lines else "(no output)")
+    failed = [ln.split()[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+    per_file: dict[str, int] = {}
+    for test in failed:
+        name = Path(test.split("::")[0]).name
+        per_file[name] = per_file.get(name, 0) + 1
+    if per_file:
+        summary = ", ".join(f"{f} ({n})" for f, n in per_file.items())
+    else:
+        summary = lines[-1] if lines else "(no output)"
     return done.returncode == 0, summary
 
 

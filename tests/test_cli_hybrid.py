@@ -14,7 +14,7 @@ def _ids(capsys, folder, *extra):
         "--checkpoint",
         str(folder),
         "--prompt-ids",
-        "3,1,4,1,5",
+        "10,20,30",
         "--max-new-tokens",
         "5",
         "--geometry",
@@ -29,8 +29,10 @@ def _ids(capsys, folder, *extra):
 
 def test_hybrid_placement_matches_fpga_and_golden(capsys, lively_checkpoint):
     cfg, weights, folder = lively_checkpoint("test-odd")
-    want = [3, 1, 4, 1, 5, *FaithfulModel(cfg, weights).generate([3, 1, 4, 1, 5], 5)]
-    assert len(set(want[5:])) > 2  # not one token repeated
+    # a prompt whose continuation depends on the cached K and V (scripts/mutants.py checks that
+    # zeroed or misplaced KV changes it), and is not one token repeated
+    want = [10, 20, 30, *FaithfulModel(cfg, weights).generate([10, 20, 30], 5)]
+    assert len(set(want[3:])) > 2
     fpga, _ = _ids(capsys, folder)
     hybrid, err = _ids(capsys, folder, "--placement", "hybrid", "--prefill-device", "cpu")
     assert hybrid == fpga == ",".join(map(str, want))
