@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +16,202 @@ from tandem.geometry import GEOMETRIES
 from tandem.tokenizer import parse_prompt, parse_token_ids, tokenizer_for
 
 
+class UsageError(ValueError):
+    """A flag that does not apply to this run, or a bad file named by a flag: one line for
+    users, exit 2."""
+
+
+class OutputError(RuntimeError):
+    """The run finished but its output could not be written (stdout closed or full, a text the
+    tokenizer cannot make): one line that keeps the generated ids, exit 1."""
+
+
+# --------------------------------------------------------------------------------------------
+# argparse types: numbers are checked where they are parsed, and the message names the flag
+# (argparse prefixes "argument --flag: ").
+
+
+def _whole(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            what = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    from tandem.host.request import MAX_TIMEOUT_S, check_timeout
+
+    try:
+        return check_timeout(float(text), "")  # type: ignore[return-value]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:.0e}, not {text!r} "
+            "(leave --timeout out to wait until the decode is done)"
+        ) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as one line (``tandem <command>: error: ...``), no usage block."""
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Which flags apply (docs/host.md, "Flags that apply"): a flag that does nothing in this run is
+# an error, never silently ignored.
+
+DEVICE_FLAGS = (("xclbin", "--xclbin"), ("timeout", "--timeout"), ("geometry", "--geometry"))
+"""Flags of the decode device; a run without one (``--placement gpu``, ``--backend reference``)
+refuses them."""
+
+
+def _given(args, flags) -> list[str]:
+    return [flag for attr, flag in flags if getattr(args, attr) not in (None, False)]
+
+
+def check_generate_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that do not apply to this ``tandem generate`` run (UsageError, one line);
+    then set ``args.backend`` (default ``model``). Files are checked here too (``--xclbin``),
+    before the model loads."""
+    from tandem.host.backends import BACKENDS
+
+    placement, backend = args.placement, args.backend
+    devices = ", ".join(sorted(BACKENDS))
+    if args.seed is not None and args.preset is None:
+        raise UsageError(
+            "--seed sets the random weights of --preset; it does not apply to --checkpoint or "
+            "the built-in model: drop it, or give --preset"
+        )
+    if args.allow_nonfinite and args.checkpoint is None:
+        raise UsageError(
+            "--allow-nonfinite is for --checkpoint (a folder whose weights hold NaN or Inf); "
+            "--preset and the built-in model have finite weights: drop it"
+        )
+    if args.xclbin is not None and backend != "fpga":
+        what = f"--backend {backend}" if backend else "--placement gpu"
+        if not backend and placement != "gpu":
+            what = "the default --backend model"
+        raise UsageError(
+            f"--xclbin is for --backend fpga (the FPGA image to load), not {what}: drop it, or "
+            "add --backend fpga"
+        )
+    if placement == "gpu":
+        if backend is not None:
+            raise UsageError(
+                f"--backend {backend} does not apply to --placement gpu, which runs the prefill "
+                "and the decode in torch (on --prefill-device): drop --backend, or use "
+                f"--placement fpga or hybrid to decode on the {backend} backend"
+            )
+        for flag in _given(args, DEVICE_FLAGS):
+            raise UsageError(
+                f"{flag} does not apply to --placement gpu, which runs no decode device (the "
+                "prefill and the decode run in torch): drop it, or use --placement fpga or hybrid"
+            )
+    elif backend == "reference":
+        if placement != "fpga":
+            raise UsageError(
+                f"--backend reference is the float NumPy model, not a decode device, and "
+                f"--placement {placement} decodes on a device: choose a device --backend "
+                f"({devices}), or drop --placement"
+            )
+        for flag in _given(args, (*DEVICE_FLAGS, ("prefill_device", "--prefill-device"))):
+            raise UsageError(
+                f"{flag} does not apply to --backend reference (the float NumPy model runs no "
+                f"device): drop it, or choose a device --backend ({devices})"
+            )
+    if placement == "fpga" and args.prefill_device is not None:
+        raise UsageError(
+            "--prefill-device is for the torch prefill of --placement hybrid, gpu or auto; "
+            "--placement fpga runs the prompt on the core: drop it, or choose one of those"
+        )
+    if backend == "fpga":
+        if args.xclbin is None:
+            raise UsageError(
+                "--backend fpga needs --xclbin FILE, the FPGA image to load (make bitstream "
+                "writes build/u55c/tandem.xclbin)"
+            )
+        path = Path(args.xclbin)
+        if path.is_dir():
+            raise UsageError(f"--xclbin {args.xclbin} is a folder: give the .xclbin file in it")
+        if not path.is_file():
+            raise UsageError(f"--xclbin {args.xclbin}: no such file (make bitstream writes one)")
+    args.backend = backend or "model"
+
+
+BENCH_TABLE_FLAGS = (
+    ("model", "--model"),
+    ("geometry", "--geometry"),
+    ("prompt_len", "--prompt-len"),
+    ("tokens", "--tokens"),
+    ("seed", "--seed"),
+)
+THESIS_FLAGS = (
+    ("measure_model", "--measure-model"),
+    ("plot", "--plot"),
+    ("save_times", "--save-times"),
+    ("load_times", "--load-times"),
+)
+
+
+def check_bench_flags(args: argparse.Namespace) -> None:
+    """Refuse ``tandem bench`` flags that do not apply (UsageError), then fill the defaults."""
+    if args.thesis:
+        for flag in _given(args, BENCH_TABLE_FLAGS):
+            raise UsageError(
+                f"{flag} does not apply to --thesis, whose table has fixed prompts, outputs and "
+                "geometry (u55c): drop it, or drop --thesis"
+            )
+        if args.load_times is not None and args.measure_model is not None:
+            raise UsageError(
+                "--measure-model does not apply with --load-times: the saved file names the "
+                "model it timed; drop one of them"
+            )
+        args.measure_model = args.measure_model or "gpt2-medium"
+        args.plot = args.plot or DEFAULT_PLOT
+        return
+    for flag in _given(args, THESIS_FLAGS):
+        raise UsageError(f"{flag} is for --thesis: add --thesis, or drop {flag}")
+    args.model = args.model or "gpt2"
+    args.geometry = args.geometry or ["u55c"]
+    args.prompt_len = 1 if args.prompt_len is None else args.prompt_len
+    args.tokens = 32 if args.tokens is None else args.tokens
+    args.seed = 0 if args.seed is None else args.seed
+
+
+DEFAULT_PLOT = "build/thesis_timeline.png"
+
+
+def check_output_file(flag: str, path: Path, suffix: str | None = None) -> None:
+    """A file the run will write: not a folder, in a folder that exists or can be made and is
+    writable, with ``suffix`` if given. Checked before the long work; UsageError naming
+    ``flag``."""
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {path}: give a file name ending in {suffix}")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: give a file path (e.g. {path / 'x'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: cannot write there (permission denied)")
+
+
+# --------------------------------------------------------------------------------------------
+# Running a request
+
+
 def _generate_reference(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     from tandem.golden.reference import generate_greedy
 
@@ -23,29 +221,33 @@ def _generate_reference(weights, cfg, ids: list[int], n_new: int, args) -> dict:
 
 
 def _device_options(args) -> dict:
-    """Backend options from the command line: ``--xclbin`` for the ``fpga`` backend."""
-    if args.xclbin is None:
-        return {}
-    if args.backend != "fpga":
-        raise ValueError(f"--xclbin is for --backend fpga, not --backend {args.backend}")
-    if not Path(args.xclbin).is_file():
-        raise ValueError(f"--xclbin {args.xclbin}: no such file (make bitstream writes one)")
-    return {"xclbin": args.xclbin}
+    """Backend options from the command line: ``--xclbin`` for the ``fpga`` backend; the ``rtl``
+    backend is quiet (its build and simulation log goes to a file, named on failure)."""
+    if args.backend == "fpga":
+        return {"xclbin": args.xclbin}
+    if args.backend == "rtl":
+        from tandem.host.rtldevice import default_log_file
+
+        return {"log_file": default_log_file()}
+    return {}
+
+
+def _progress(args, n_new: int):
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    return _Progress(n_new) if show else None
 
 
 def _generate_on_device(backend: str):
     def run(weights, cfg, ids: list[int], n_new: int, args) -> dict:
-        from tandem.host.runtime import generate, resolve_geometry
+        from tandem.host.runtime import generate
 
-        geom = resolve_geometry(cfg, args.geometry)
-        show = args.progress if args.progress is not None else sys.stderr.isatty()
-        progress = _Progress(n_new) if show else None
+        progress = _progress(args, n_new)
         result = generate(
             cfg,
             weights,
             ids,
             n_new,
-            geom,
+            args.geom,
             backend=backend,
             progress=progress,
             timeout=args.timeout,
@@ -63,7 +265,7 @@ def _generate_on_device(backend: str):
         return {
             "tokens": result.tokens,
             "timings": result.timings,
-            "where": f" on {geom.name}",
+            "where": f" on {args.geom.name}",
             "extra": extra,
         }
 
@@ -73,16 +275,18 @@ def _generate_on_device(backend: str):
 def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     """GPU prefill (torch; the CPU without CUDA), KV handoff, decode on ``args.backend``."""
     from tandem.host.hybrid import HybridSession
-    from tandem.host.runtime import resolve_geometry
 
-    geom = resolve_geometry(cfg, args.geometry)
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    progress = _Progress(n_new) if show else None
+    progress = _progress(args, n_new)
     with HybridSession(
-        cfg, weights, geom, args.backend, args.prefill_device, device_options=_device_options(args)
+        cfg,
+        weights,
+        args.geom,
+        args.backend,
+        args.prefill_device,
+        device_options=_device_options(args),
     ) as hs:
         result = hs.generate(ids, n_new, progress=progress, timeout=args.timeout)
-        where = f" on {geom.name}, prefill on {hs.model.device}"
+        where = f" on {args.geom.name}, prefill on {hs.model.device}"
     if progress is not None:
         progress.finish()
     return {
@@ -95,13 +299,12 @@ def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
 
 def _generate_gpu(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     """Torch prefill and torch decode under the core's contract (CUDA, or the CPU without)."""
-    from tandem.gpu.decode import generate
     from tandem.gpu.prefill import PreparedModel
+    from tandem.host.placement import generate_gpu
 
     model = PreparedModel(cfg, weights, args.prefill_device)
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    progress = _Progress(n_new) if show else None
-    result = generate(cfg, model, ids, n_new, progress)
+    progress = _progress(args, n_new)
+    result = generate_gpu(cfg, model, ids, n_new, progress)
     if progress is not None:
         progress.finish()
     return {"tokens": result.tokens, "timings": result.timings, "where": f" on {model.device}"}
@@ -110,11 +313,8 @@ def _generate_gpu(weights, cfg, ids: list[int], n_new: int, args) -> dict:
 def _choose_placement(weights, cfg, ids: list[int], n_new: int, args) -> str:
     from tandem.gpu.prefill import PreparedModel
     from tandem.host.placement import choose
-    from tandem.host.runtime import check_fits, resolve_geometry
 
-    check_fits(cfg, ids, n_new)
-    geom = resolve_geometry(cfg, args.geometry)
-    choice = choose(cfg, geom, PreparedModel(cfg, weights, args.prefill_device), ids, n_new)
+    choice = choose(cfg, args.geom, PreparedModel(cfg, weights, args.prefill_device), ids, n_new)
     print(choice.explain(), file=sys.stderr)
     return choice.placement
 
@@ -150,18 +350,17 @@ def _backends() -> dict:
 def _load_model(args: argparse.Namespace):
     if args.preset is not None:
         cfg = preset(args.preset)
-        return cfg, random_weights(cfg, seed=args.seed)
-    cfg, weights = load_weights(args.checkpoint)
-    if args.checkpoint is None:
-        print(
-            "note: no --checkpoint given, using the built-in 'embedded' model with random "
-            "weights (its text is gibberish)",
-            file=sys.stderr,
-        )
-    return cfg, weights
+        return cfg, random_weights(cfg, seed=args.seed or 0)
+    return load_weights(args.checkpoint, allow_nonfinite=args.allow_nonfinite)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Flags, then the model, then the request (:func:`tandem.host.request.check_request`, the
+    same for every placement and backend), then the geometry; only then any prefill or decode."""
+    from tandem.host.request import CLI, check_geometry, check_request
+    from tandem.host.runtime import resolve_geometry
+
+    check_generate_flags(args)
     cfg, weights = _load_model(args)
     if args.prompt_ids is not None:
         ids = parse_prompt(parse_token_ids(args.prompt_ids), cfg.n_vocab)
@@ -169,43 +368,78 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         tokenizer = tokenizer_for(args.checkpoint, cfg)
         ids = parse_prompt(args.prompt, cfg.n_vocab, tokenizer)
+    n_new = args.max_new_tokens
+    ids = check_request(cfg, ids, n_new, timeout=args.timeout, names=CLI, min_new=1)
+    args.geom = None
+    if args.placement != "gpu" and args.backend != "reference":
+        args.geom = resolve_geometry(cfg, args.geometry)
+        check_geometry(cfg, args.geom, CLI)
     t0 = time.perf_counter()
     placement = args.placement
     if placement == "auto":
-        placement = _choose_placement(weights, cfg, ids, args.max_new_tokens, args)
-        if placement != "gpu" and args.backend == "reference":
-            args.backend = "model"
+        placement = _choose_placement(weights, cfg, ids, n_new, args)
     if placement == "gpu":
-        out = _generate_gpu(weights, cfg, ids, args.max_new_tokens, args)
+        out, label = _generate_gpu(weights, cfg, ids, n_new, args), "torch"
     elif placement == "hybrid":
-        if args.backend == "reference":
-            raise ValueError("--placement hybrid decodes on a device: choose a device --backend")
-        out = _generate_hybrid(weights, cfg, ids, args.max_new_tokens, args)
+        out, label = _generate_hybrid(weights, cfg, ids, n_new, args), args.backend
     else:
-        out = _backends()[args.backend](weights, cfg, ids, args.max_new_tokens, args)
+        out, label = _backends()[args.backend](weights, cfg, ids, n_new, args), args.backend
     elapsed = time.perf_counter() - t0
     new = out["tokens"]
-    if tokenizer is None:
-        print(",".join(str(i) for i in ids + new))
-    else:
-        print(tokenizer.decode(ids + new))
+    emit_tokens(ids, new, tokenizer)
+    if args.checkpoint is None and args.preset is None:
         print(
-            f"token ids: {','.join(str(i) for i in ids)} | {','.join(str(i) for i in new)}",
+            "note: no --checkpoint given, using the built-in 'embedded' model with random "
+            "weights (its text is gibberish)",
             file=sys.stderr,
         )
     timings = ", ".join(f"{k} {v:.3f} s" for k, v in out["timings"].items())
     print(f"timings: {timings}{out.get('extra', '')}", file=sys.stderr)
     print(
-        f"[{args.backend}] model {cfg.name}{out['where']}: {len(ids)} prompt + {len(new)} new "
+        f"[{label}] model {cfg.name}{out['where']}: {len(ids)} prompt + {len(new)} new "
         f"tokens in {elapsed:.2f} s",
         file=sys.stderr,
     )
     return 0
 
 
-def cmd_bench_thesis(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _ids_text(ids: list[int], new: list[int]) -> str:
+    return f"{','.join(map(str, ids))} | {','.join(map(str, new))}"
 
+
+def write_stdout(text: str, ids: list[int] | None = None, new: list[int] | None = None) -> None:
+    """Write ``text`` and flush; a failure (closed or full stdout, a broken pipe) is an
+    OutputError that carries the generated ids, so that they reach stderr."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError) as err:  # ValueError: write to a closed file
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        keep = f"; the generated token ids (prompt | new): {_ids_text(ids, new)}" if new else ""
+        raise OutputError(f"cannot write the output to stdout ({why}){keep}") from err
+
+
+def emit_tokens(ids: list[int], new: list[int], tokenizer) -> None:
+    """The answer on stdout: text with a tokenizer (the ids on stderr), else the ids. The ids
+    are never lost: if the text cannot be made they go to stdout instead and the run fails
+    (OutputError); if stdout cannot be written they go into the error line."""
+    id_line = ",".join(str(i) for i in ids + new) + "\n"
+    if tokenizer is None:
+        write_stdout(id_line, ids, new)
+        return
+    try:
+        text = tokenizer.decode(ids + new)
+    except Exception as err:  # TokenizerError, or whatever a tokenizer raises on an id
+        write_stdout(id_line, ids, new)
+        raise OutputError(
+            f"the generated ids could not be turned into text ({err}); they are on stdout "
+            "instead (prompt and new ids, comma-separated)"
+        ) from err
+    write_stdout(text + "\n", ids, new)
+    print(f"token ids: {_ids_text(ids, new)}", file=sys.stderr)
+
+
+def cmd_bench_thesis(args: argparse.Namespace) -> int:
     from tandem.host.thesis import CpuTimes, format_thesis, plot_timeline, thesis_table
 
     def log(msg):
@@ -213,25 +447,46 @@ def cmd_bench_thesis(args: argparse.Namespace) -> int:
 
     cpu = None
     if args.load_times:
-        cpu = CpuTimes.load(Path(args.load_times), log)
+        try:
+            cpu = CpuTimes.load(Path(args.load_times), log)
+        except ValueError as err:
+            raise UsageError(f"--load-times {err}") from err
+    plot = Path(args.plot)
+    check_output_file("--plot", plot, suffix=".png")
+    if args.save_times:
+        check_output_file("--save-times", Path(args.save_times))
+    if cpu is not None:
         log(f"CPU times from {args.load_times} ({cpu.cfg.name}), not timed again")
     cells, sources, cpu, fpga, cfg, g = thesis_table(args.measure_model, log=log, cpu=cpu)
+    write_stdout(format_thesis(cells, sources, cfg, g) + "\n")
     if args.save_times:
-        cpu.save(Path(args.save_times))
+        try:
+            cpu.save(Path(args.save_times))
+        except OSError as err:
+            raise UsageError(f"--save-times {args.save_times}: cannot write it ({err})") from err
         log(f"CPU times written to {args.save_times}")
-    print(format_thesis(cells, sources, cfg, g))
     P, N = max(cells)[0], min(cells)[1]
-    png = plot_timeline(Path(args.plot), cpu, fpga, cfg, g, P, N)
-    print(f"timeline (prompt {P}, output {N}): {png}")
+    try:
+        png = plot_timeline(plot, cpu, fpga, cfg, g, P, N)
+    except OSError as err:
+        raise UsageError(f"--plot {plot}: cannot write it ({err})") from err
+    write_stdout(f"timeline (prompt {P}, output {N}): {png}\n")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tandem.geometry import geometry
     from tandem.host.bench import bench_decode, format_table
+    from tandem.host.request import Names, check_geometry, check_request
 
+    check_bench_flags(args)
     if args.thesis:
         return cmd_bench_thesis(args)
-
+    cfg = preset(args.model)
+    names = Names(n_new="--tokens", prompt="--prompt-len", geometry="--geometry")
+    check_request(cfg, [0] * args.prompt_len, args.tokens, names=names, min_new=1)
+    for name in args.geometry:
+        check_geometry(cfg, geometry(name), names)
     rows = [
         bench_decode(
             args.model,
@@ -243,14 +498,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         for geom in args.geometry
     ]
-    print(format_table(rows))
+    write_stdout(format_table(rows) + "\n")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tandem.host.backends import BACKENDS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tandem", description="GPT-2 inference: prefill on a GPU, decode on an FPGA core."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,18 +518,33 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--preset", choices=sorted(PRESETS), help="a preset shape with random weights"
     )
-    gen.add_argument("--seed", type=int, default=0, help="random-weight seed for --preset")
+    gen.add_argument(
+        "--seed", type=_whole(0), default=None, help="random-weight seed for --preset (default 0)"
+    )
+    gen.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="--checkpoint: run weights that hold NaN or Inf (refused by default, by tensor name)",
+    )
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="Hello, my name is", help="prompt text")
     prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
-    gen.add_argument("--max-new-tokens", type=int, default=16, metavar="N")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=_whole(1),
+        default=16,
+        metavar="N",
+        help="tokens to generate, >= 1 (prompt + N - 1 must fit the model's context)",
+    )
     gen.add_argument(
         "--backend",
         choices=sorted({"reference", *BACKENDS}),
-        default="model",
-        help="model: the compiled program on the ISA simulator (bit-exact with the core); "
-        "reference: the float NumPy model; rtl: the core's RTL in Verilator (small models such "
-        "as test-tiny on --geometry tiny; builds the core on first use); fpga: an Alveo card",
+        default=None,
+        help="where --placement fpga or hybrid decodes (default model). model: the compiled "
+        "program on the ISA simulator (bit-exact with the core); reference: the float NumPy model "
+        "(no device; --placement fpga only); rtl: the core's RTL in Verilator (small models such "
+        "as test-tiny on --geometry tiny; builds the core on first use); fpga: an Alveo card "
+        "(needs --xclbin)",
     )
     gen.add_argument(
         "--xclbin",
@@ -293,22 +563,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="fpga",
         help="fpga: the core consumes the prompt too; hybrid: prefill in PyTorch (GPU, or the "
         "CPU without CUDA) under the core's numerics, KV handed to the core, which decodes; "
-        "gpu: torch prefill and torch decode under the same numerics; auto: the thesis's cost "
-        "model picks one and prints the numbers and their sources",
+        "gpu: torch prefill and torch decode under the same numerics (no device: --backend, "
+        "--xclbin, --geometry and --timeout do not apply); auto: the thesis's cost model picks "
+        "one and prints the numbers and their sources",
     )
     gen.add_argument(
         "--prefill-device",
         choices=["cpu", "cuda"],
         default=None,
-        help="where --placement hybrid runs the prefill (default: CUDA when available)",
+        help="where --placement hybrid, gpu or auto runs torch (default: CUDA when available)",
     )
     gen.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="device backends: give up if the decode has not finished after this many seconds "
-        "(default: wait until done)",
+        help="device backends: give up if the decode has not finished after this many seconds, "
+        "> 0 (default: wait until done)",
     )
     gen.add_argument(
         "--progress",
@@ -319,26 +590,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="ISA-simulator decode speed (random weights)")
-    bench.add_argument("--model", choices=sorted(PRESETS), default="gpt2")
+    bench.add_argument("--model", choices=sorted(PRESETS), default=None, help="default gpt2")
     bench.add_argument(
-        "--geometry", choices=sorted(GEOMETRIES), nargs="+", default=["u55c"], metavar="GEOM"
+        "--geometry",
+        choices=sorted(GEOMETRIES),
+        nargs="+",
+        default=None,
+        metavar="GEOM",
+        help="default u55c",
     )
-    bench.add_argument("--prompt-len", type=int, default=1, metavar="N")
-    bench.add_argument("--tokens", type=int, default=32, metavar="N")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--prompt-len", type=_whole(1), default=None, metavar="N", help="default 1")
+    bench.add_argument("--tokens", type=_whole(1), default=None, metavar="N", help="default 32")
+    bench.add_argument("--seed", type=_whole(0), default=None, help="default 0")
     bench.add_argument(
         "--thesis",
         action="store_true",
         help="the thesis's 3x3 table (prompt 64/256/512 x output 64/256/512, gpt2-medium "
-        "dimensions) with GPU-only, FPGA-only and hybrid columns, each labelled by source",
+        "dimensions) with GPU-only, FPGA-only and hybrid columns, each labelled by source "
+        "(--model, --geometry, --prompt-len, --tokens and --seed do not apply)",
     )
     bench.add_argument(
         "--measure-model",
         choices=sorted(PRESETS),
-        default="gpt2-medium",
-        help="--thesis: the model whose torch prefill/decode is timed on this CPU (labelled)",
+        default=None,
+        help="--thesis: the model whose torch prefill/decode is timed on this CPU (labelled; "
+        "default gpt2-medium)",
     )
-    bench.add_argument("--plot", default="build/thesis_timeline.png", help="--thesis: PNG path")
+    bench.add_argument(
+        "--plot", metavar="PNG", default=None, help=f"--thesis: PNG path (default {DEFAULT_PLOT})"
+    )
     bench.add_argument(
         "--save-times",
         metavar="JSON",
@@ -347,47 +627,94 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--load-times",
         metavar="JSON",
-        help="--thesis: use CPU times saved by --save-times instead of timing again "
-        "(--measure-model is then the saved one)",
+        help="--thesis: use CPU times saved by --save-times instead of timing again (the file "
+        "names the model it timed, so --measure-model does not apply)",
     )
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 EXIT_RUN_FAILED = 1
-"""The device ran the request and it failed (``RunError``: error bits in the status record, or a
-run that failed without one)."""
+"""The run failed: the device ran the request and it failed (``RunError``: error bits in the
+status record, or a run that failed without one), or a step after decoding failed
+(``OutputError``: the text of an id, writing stdout; the generated ids are printed anyway)."""
 EXIT_BAD_REQUEST = 2
-"""The request or the setup was refused before anything ran: ``ValueError`` (checkpoint, config,
-tokenizer, prompt and range checks) and ``DeviceError`` (a device that cannot do what was asked:
-no card or xclbin, a model too large for the backend). argparse also exits 2 for bad options."""
+"""The request or the setup was refused before anything ran: ``ValueError`` (flags that do not
+apply, numbers, files named by flags, checkpoint, config, tokenizer, prompt and range checks),
+``DeviceError`` (a device that cannot do what was asked: no card or xclbin, a model too large
+for the backend) and ``OSError``/``MemoryError`` while reading the input. argparse's bad options
+also exit 2, with the same one-line form."""
 EXIT_TIMEOUT = 3
 """``DecodeTimeout``: the device did not finish within ``--timeout``."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): 128 + 2, as shells report it; one line, no traceback."""
 
 
-def _error(command: str, err: BaseException, hint: str = "") -> None:
+def _error(command: str, err: BaseException | str, hint: str = "") -> None:
     """One line on stderr: ``tandem <command>: error: <message>``."""
     text = " ".join(f"{err}{hint}".split())
-    print(f"tandem {command}: error: {text}", file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):  # stderr gone too: the exit code remains
+        print(f"tandem {command}: error: {text}", file=sys.stderr, flush=True)
+
+
+def _drop_stdout() -> None:
+    """After stdout failed: point its descriptor at /dev/null, so that the interpreter's final
+    flush of what is still buffered does not fail again (Python's advice for SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _tokens_note(tokens) -> str:
+    tokens = list(tokens or [])
+    return f" (tokens before it: {','.join(map(str, tokens))})" if tokens else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tandem.host.device import DeviceError
     from tandem.host.runtime import DecodeTimeout, RunError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a bad option: one line printed, exit 2
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_REQUEST
+    command = args.command
+    if sys.stdout is None:  # started with stdout closed (>&-): nowhere to put the answer
+        _error(command, "stdout is closed; redirect it to a file (> FILE) or to /dev/null")
+        return EXIT_BAD_REQUEST
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        _error(command, "interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
     except RunError as err:
-        _error(args.command, err)
+        _error(command, err, _tokens_note(err.tokens))
+        return EXIT_RUN_FAILED
+    except OutputError as err:
+        if isinstance(err.__cause__, OSError | ValueError) and "stdout" in str(err):
+            _drop_stdout()
+        _error(command, err)
         return EXIT_RUN_FAILED
     except (ValueError, DeviceError) as err:
-        # Checkpoint, config, tokenizer, range and device errors carry a message made for users.
-        _error(args.command, err)
+        # Flags, numbers, files, checkpoint, config, tokenizer, range and device errors carry a
+        # message made for users.
+        _error(command, err)
         return EXIT_BAD_REQUEST
     except DecodeTimeout as err:
-        _error(args.command, err, " (rerun with a larger --timeout, or without one)")
+        hint = " (rerun with a larger --timeout, or without one)" + _tokens_note(err.tokens)
+        _error(command, err, hint)
         return EXIT_TIMEOUT
+    except MemoryError:
+        _error(command, "out of memory: the model is too large for this machine")
+        return EXIT_BAD_REQUEST
+    except OSError as err:  # a file the run reads (checkpoint, tokenizer, ...)
+        name = f": {err.filename}" if err.filename else ""
+        _error(command, f"{err.strerror or err}{name}")
+        return EXIT_BAD_REQUEST
 
 
 if __name__ == "__main__":

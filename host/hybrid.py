@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tandem.checkpoint import validate
-from tandem.compiler import fits
 from tandem.config import GPT2Config
 from tandem.geometry import CoreGeometry
 from tandem.gpu.prefill import PreparedModel, prefill
 from tandem.gpu.transfer import KVTransfer, TransferReport
 
 from .device import Closes
-from .runtime import DecodeTimeout, Progress, Session, check_fits, resolve_geometry
+from .request import check_geometry, check_request
+from .runtime import DecodeTimeout, Progress, Session, resolve_geometry
 
 
 @dataclass
@@ -66,12 +66,7 @@ class HybridSession(Closes):
     ):
         validate(cfg, weights)
         geom = resolve_geometry(cfg, geom)
-        why = fits(cfg, geom)
-        if why is not None:  # before the (slow) preparation and compilation
-            raise ValueError(
-                f"{cfg.name} does not fit the {geom.name} core geometry: {why}; choose a larger "
-                "geometry (or none, for the smallest that fits)"
-            )
+        check_geometry(cfg, geom)  # before the (slow) preparation and compilation
         self.cfg = cfg
         t0 = time.perf_counter()
         self.model = PreparedModel(cfg, weights, prefill_device)
@@ -95,7 +90,7 @@ class HybridSession(Closes):
         :class:`~tandem.host.runtime.DecodeTimeout` if the device does not finish the decode
         within ``timeout`` seconds (its ``tokens`` hold the GPU's first token; the session stays
         usable, and calling ``generate`` again retries the request)."""
-        ids = check_fits(self.cfg, prompt_ids, n_new)
+        ids = check_request(self.cfg, prompt_ids, n_new, timeout=timeout)
         L = len(ids)
         if n_new == 0:
             return HybridResult([], {}, TransferReport(), 0)

@@ -24,6 +24,7 @@ from tandem.config import GPT2Config
 from tandem.geometry import CoreGeometry
 from tandem.layout import HBMLayout
 
+from .request import check_request
 from .thesis import PCIE_BYTES_S, PCIE_LABEL, RTL_RESULTS, FpgaDecodeModel, kv_moved_bytes
 
 
@@ -62,6 +63,7 @@ def choose(
     from tandem.gpu.decode import decode_step
     from tandem.gpu.prefill import prefill
 
+    ids = check_request(cfg, ids, n_new)
     where = f"measured (this machine, torch on {model.device})"
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -86,3 +88,13 @@ def choose(
     }
     placement = decide(*(numbers[k][0] for k in numbers))
     return Choice(placement, numbers)
+
+
+def generate_gpu(cfg: GPT2Config, model, ids, n_new: int, progress=None):
+    """``--placement gpu``: torch prefill and torch decode under the core's numeric contract
+    (:func:`tandem.gpu.decode.generate` on a :class:`~tandem.gpu.prefill.PreparedModel`), after
+    the same request checks as every other placement (:func:`tandem.host.request.check_request`)."""
+    from tandem.gpu.decode import generate
+
+    ids = check_request(cfg, ids, n_new)
+    return generate(cfg, model, ids, n_new, progress)

@@ -12,9 +12,19 @@ machine builds it (about 10 minutes for ``tiny``; cached under ``build/sim``). `
 images larger than ``max_bytes`` per channel and cores wider than ``tiny``/``small`` with a
 :class:`~tandem.host.device.DeviceError` that gives the sizes. Token callbacks come after the
 run (the simulator reports each token with the cycle its STW was issued).
+
+Output: by default the harness's progress, the Verilator build and the cocotb run print on
+stderr. With ``log_file`` (what ``tandem generate --backend rtl`` passes: :func:`default_log_file`)
+the device is quiet: all of that goes to the file (rewritten each run), the user sees a progress
+line or two on stderr (``[rtl] running on the RTL core ...``, and ``[rtl] building the RTL
+model ...`` when the build is not cached), and a failure's message names the file.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 from tandem.geometry import CoreGeometry
 from tandem.layout import HBMImage
@@ -46,7 +56,12 @@ class RtlDevice(HostImageDevice):
     allow_large_core : bool
         Build cores wider than :data:`MAX_CORE_BITS` anyway.
     log : callable or None
-        Progress messages of the harness (default: stderr).
+        Progress messages of the harness (default: stderr; with ``log_file``, the file).
+    log_file : path or None
+        A quiet device: the build's and the simulation's output and the harness's messages go
+        to this file (rewritten at each run) instead of stderr; failures name it.
+    progress : callable or None
+        With ``log_file``: the one-line progress messages for users (default: stderr).
 
     ``last_job`` keeps the :class:`tandem.sim.rtljob.JobResult` of the last run (cycles,
     per-token cycles, HBM beats moved).
@@ -63,6 +78,8 @@ class RtlDevice(HostImageDevice):
         read_latency: int = 80,
         allow_large_core: bool = False,
         log=...,
+        log_file: str | os.PathLike | None = None,
+        progress=None,
     ):
         super().__init__(geom)
         bits = geom.channels * geom.port_bits
@@ -77,6 +94,8 @@ class RtlDevice(HostImageDevice):
         self.max_cycles = int(max_cycles)
         self.read_latency = int(read_latency)
         self._log = log
+        self.log_file = None if log_file is None else Path(log_file)
+        self._progress = progress or _stderr
         self.last_job = None
 
     def _check(self, image: HBMImage) -> None:
@@ -98,15 +117,34 @@ class RtlDevice(HostImageDevice):
         from tandem.sim.rtljob import memory_class, run_job
 
         kwargs = {} if self._log is ... else {"log": self._log}
-        job = run_job(
-            self.geom,
-            image,
-            args,
-            mem_bytes=memory_class(self.max_bytes),
-            read_latency=self.read_latency,
-            max_cycles=self.max_cycles,
-            **kwargs,
-        )
+        path = self.log_file
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+            if self._log is ...:
+                kwargs["log"] = lambda msg: _append(path, f"[rtljob] {msg}")
+            kwargs["log_file"] = path
+            kwargs["on_build"] = lambda: self._progress(
+                "[rtl] building the RTL model in Verilator first (first use on this machine, a "
+                "few minutes) ..."
+            )
+            self._progress("[rtl] running on the RTL core (Verilator) ...")
+        try:
+            job = run_job(
+                self.geom,
+                image,
+                args,
+                mem_bytes=memory_class(self.max_bytes),
+                read_latency=self.read_latency,
+                max_cycles=self.max_cycles,
+                **kwargs,
+            )
+        except Exception as err:
+            if path is None or str(path) in str(err):
+                raise
+            raise DeviceError(
+                f"{' '.join(str(err).split())} (build and simulation log: {path})"
+            ) from err
         image.data[:] = job.memory
         self.last_job = job
         if on_token is not None:
@@ -116,3 +154,21 @@ class RtlDevice(HostImageDevice):
     def run_stats(self) -> dict:
         job = self.last_job
         return {} if job is None else {"cycles": job.cycles}
+
+
+def default_log_file() -> Path:
+    """Where ``tandem generate --backend rtl`` keeps the last run's build and simulation log:
+    ``rtl-backend.log`` in the simulator build root (``build/sim`` of the repository, or
+    ``TANDEM_SIM_BUILD``)."""
+    from tandem.sim import runner
+
+    return runner.build_root() / "rtl-backend.log"
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _append(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        print(line, file=f)

@@ -12,8 +12,8 @@ judges it): a run that stops with error bits, or fails without a status record, 
 :class:`RunError`, which names the bits (``tandem.regmap.describe_status``) and keeps the tokens
 produced before the stop. A run that does not finish within ``timeout`` raises
 :class:`DecodeTimeout`; the session stays usable and the request can be retried. A request that
-does not fit raises ValueError before any device work; a device that refuses what it is asked
-raises ``tandem.host.device.DeviceError``.
+does not fit raises ValueError (``tandem.host.request.RequestError``) before any device work; a
+device that refuses what it is asked raises ``tandem.host.device.DeviceError``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tandem.regmap import describe_status as _describe
 
 from .backends import open_device
 from .device import Closes, Device, DeviceError
+from .request import check_geometry, check_request
 
 Progress = Callable[[int, int], None]
 """``progress(i, token)`` after the ``i``-th generated token (0-based)."""
@@ -129,27 +130,13 @@ class GenerateResult:
 
 
 def check_fits(cfg: GPT2Config, prompt_ids: Sequence[int], n_new: int) -> list[int]:
-    """Validate a greedy request; returns the prompt as ints.
+    """Validate a greedy request; returns the prompt as ints (``tandem.host.request``'s
+    :func:`~tandem.host.request.check_request`, kept under its old name).
 
     The core processes positions ``0 .. len(prompt) + n_new - 2`` (the last token is never fed
     back), so it needs ``len(prompt) + n_new - 1 <= n_ctx``.
     """
-    if isinstance(n_new, bool) or not isinstance(n_new, int | np.integer) or n_new < 0:
-        raise ValueError(f"n_new must be a non-negative int, not {n_new!r}")
-    ids = [int(t) for t in prompt_ids]
-    if not ids:
-        raise ValueError("the prompt must have at least one token")
-    bad = [t for t in ids if not 0 <= t < cfg.n_vocab]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is out of range [0, {cfg.n_vocab})")
-    need = max(len(ids), len(ids) + n_new - 1)
-    if need > cfg.n_ctx:
-        raise ValueError(
-            f"prompt of {len(ids)} tokens + {n_new} new tokens needs {need} positions: it "
-            f"exceeds the context of {cfg.n_ctx} for {cfg.name!r} "
-            f"(the core needs len(prompt) + n_new - 1 <= n_ctx)"
-        )
-    return ids
+    return check_request(cfg, prompt_ids, n_new)
 
 
 def resolve_geometry(cfg: GPT2Config, geom: CoreGeometry | str | None) -> CoreGeometry:
@@ -196,7 +183,9 @@ class Session(Closes):
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         if compiled is None:
-            compiled = compile_model(cfg, weights, resolve_geometry(cfg, geom))
+            geom = resolve_geometry(cfg, geom)
+            check_geometry(cfg, geom)  # before the (slow) compilation
+            compiled = compile_model(cfg, weights, geom)
         self.compiled = compiled
         t1 = time.perf_counter()
         self.device: Device = open_device(backend, compiled.geom, **(device_options or {}))
@@ -228,7 +217,7 @@ class Session(Closes):
         ``layout.pack_kv_prefix`` and passes the prompt plus the GPU's first token, with
         ``start_pos`` = the prompt length).
         """
-        ids = check_fits(self.cfg, prompt_ids, n_new)
+        ids = check_request(self.cfg, prompt_ids, n_new, timeout=timeout)
         if not 0 <= start_pos < len(ids):
             raise ValueError(f"start_pos {start_pos} must be in [0, {len(ids)}), the prompt")
         c, dev = self.compiled, self.device
@@ -251,6 +240,8 @@ class Session(Closes):
         except DeviceError as err:
             self._running = False
             raise RunError(None, [], str(err), self.backend) from err
+        except KeyboardInterrupt:
+            raise  # the run goes on: close() leaves the device to it, as after a time-out
         except BaseException:
             self._running = False
             raise
@@ -321,6 +312,6 @@ def generate(
     request is checked first (ValueError if it does not fit the context); error bits in the
     status raise :class:`RunError`, a run longer than ``timeout`` s :class:`DecodeTimeout`.
     """
-    check_fits(cfg, prompt_ids, n_new)
+    check_request(cfg, prompt_ids, n_new, timeout=timeout)
     with Session(cfg, weights, geom, backend, device_options=device_options) as session:
         return session.generate(prompt_ids, n_new, progress, timeout=timeout)

@@ -25,6 +25,7 @@ Nothing here has a GPU or an FPGA, so every number carries its source:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -204,6 +205,80 @@ class FpgaDecodeModel:
         return sum(self.per_token(t + 1, head=False) for t in range(n - 1)) + self.per_token(n)
 
 
+def read_cpu_times(path: Path) -> dict:
+    """The JSON :meth:`CpuTimes.save` wrote, checked: an object with ``model`` (a preset name),
+    ``threads`` and ``decode_steps`` (whole numbers >= 1), and ``prefill_s``, ``decode_s``
+    (seconds) and ``layer_s`` (a list of seconds per layer) for every prompt length of
+    :data:`PROMPTS`, every time finite and >= 0. Raises ValueError naming the file and what is
+    wrong, one line."""
+    from tandem.config import PRESETS
+
+    path = Path(path)
+    hint = "write it with tandem bench --thesis --save-times FILE"
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}; {hint}")
+
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file of CPU times; {hint}")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; {hint}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise bad(f"not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise bad(f"holds a JSON {type(data).__name__}, not an object of CPU times")
+    missing = [k for k in ("model", "threads", "decode_steps", *_TIME_KEYS) if k not in data]
+    if missing:
+        raise bad(f"lacks {', '.join(repr(k) for k in missing)}")
+    if not isinstance(data["model"], str) or data["model"] not in PRESETS:
+        raise bad(
+            f"'model' must name a preset ({', '.join(sorted(PRESETS))}), not {data['model']!r}"
+        )
+    for key in ("threads", "decode_steps"):
+        v = data[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise bad(f"{key!r} must be a whole number >= 1, not {v!r}")
+    n_layer = preset(data["model"]).n_layer
+
+    def seconds(key: str, where: str, v) -> None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool)
+        if not ok or not math.isfinite(v) or v < 0:
+            raise bad(f"{key}[{where}] must be seconds (a finite number >= 0), not {v!r}")
+
+    for key in _TIME_KEYS:
+        table = data[key]
+        if not isinstance(table, dict):
+            raise bad(
+                f"{key!r} must be an object of prompt length -> seconds, not {type(table).__name__}"
+            )
+        for P in PROMPTS:
+            if str(P) not in table:
+                raise bad(f"{key!r} has no entry for prompt length {P}")
+        for k, v in table.items():
+            if not k.isdigit():
+                raise bad(f"{key!r} key {k!r} is not a prompt length")
+            if key == "layer_s":
+                if not isinstance(v, list) or len(v) != n_layer:
+                    raise bad(
+                        f"layer_s[{k!r}] must be a list of {n_layer} per-layer times "
+                        f"({data['model']} has {n_layer} layers), not {v!r:.60}"
+                    )
+                for i, x in enumerate(v):
+                    seconds(key, f"{k!r}][{i}", x)
+            else:
+                seconds(key, repr(k), v)
+    return data
+
+
+_TIME_KEYS = ("prefill_s", "layer_s", "decode_s")
+
+
 class CpuTimes:
     """Torch prefill and decode timed on this CPU (stand-ins for the GPU).
 
@@ -254,8 +329,11 @@ class CpuTimes:
 
     @classmethod
     def load(cls, path: Path, log: Callable[[str], None] = lambda m: None) -> CpuTimes:
-        """Times saved by :meth:`save` (measured earlier on this machine; labelled so)."""
-        data = json.loads(Path(path).read_text())
+        """Times saved by :meth:`save` (measured earlier on this machine; labelled so).
+
+        Raises ValueError, one line naming the file, for anything :meth:`save` would not have
+        written (:func:`read_cpu_times`): nothing is timed again for a bad file."""
+        data = read_cpu_times(path)
         self = cls.__new__(cls)
         self.cfg = preset(data["model"])
         self.threads = data["threads"]
@@ -265,9 +343,9 @@ class CpuTimes:
         )
         self.model = None
         self.decode_steps = data["decode_steps"]
-        self.prefill_s = {int(k): v for k, v in data["prefill_s"].items()}
-        self.layer_s = {int(k): v for k, v in data["layer_s"].items()}
-        self.decode_s = {int(k): v for k, v in data["decode_s"].items()}
+        self.prefill_s = {int(k): float(v) for k, v in data["prefill_s"].items()}
+        self.layer_s = {int(k): [float(x) for x in v] for k, v in data["layer_s"].items()}
+        self.decode_s = {int(k): float(v) for k, v in data["decode_s"].items()}
         self.loadavg = data.get("loadavg_1_5_15", [])
         self.log = log
         return self
