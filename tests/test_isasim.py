@@ -395,3 +395,21 @@ def test_non_finite_values_propagate_alike():
     check_kv(c, ia, cache)
     kv = ia.read_striped(c.layout["h.0.v"].base, c.layout["h.0.v"].nbytes)
     assert (kv.view(np.uint16) == 0x7E00).any()  # NaN reached the V cache
+
+
+def test_gpt2_on_u55c_bit_exact_with_faithful_model():
+    """The real shapes: gpt2 (124M, 12 layers, vocab 50,257) compiled for the u55c geometry
+    (32 channels, 16,384-bit tiles) and run by the ISA simulator for a few positions equals the
+    faithful model in tokens, the final hidden state and every layer's KV bytes."""
+    cfg = preset("gpt2")
+    w = lively_weights(cfg, seed=2)
+    c = compile_model(cfg, w, geometry("u55c"))
+    prompt, n_new = [464, 3290, 318], 3
+    sim, r = run_sim(c, prompt, n_new)
+    assert r.ok, r.message
+    fm = FaithfulModel(cfg, w)
+    want, last, cache = faithful(fm, prompt, n_new)
+    assert c.read_output(sim.image, n_new) == want
+    y = c.vbuf_map["y"]
+    assert np.array_equal(sim.vbuf[y.addr : y.addr + cfg.n_embd], last.hidden16)
+    check_kv(c, sim.image, cache)
