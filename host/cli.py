@@ -63,7 +63,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         text = " ".join(message.split())
-        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+        if "must be" not in text:  # not one of this module's checks, which say what to give
+            text += f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {text}\n")
 
 
 # --------------------------------------------------------------------------------------------
