@@ -112,10 +112,15 @@ def check_context(cfg: GPT2Config, n_prompt: int, n_new: int, names: Names = API
     else:
         todo = f"ask for at most {cfg.n_ctx - n_prompt + 1} new tokens ({names.n_new})"
     raise RequestError(
-        f"a prompt of {n_prompt} tokens + {n_new} new tokens needs {need} positions: it exceeds "
+        f"a prompt of {_n(n_prompt, 'token')} + {_n(n_new, 'new token')} needs {need} "
+        "positions: it exceeds "
         f"the context of {cfg.n_ctx} for {cfg.name!r} (prompt + new tokens - 1 <= {cfg.n_ctx}); "
         f"{todo}"
     )
+
+
+def _n(count: int, what: str) -> str:
+    return f"{count} {what}{'' if count == 1 else 's'}"
 
 
 def check_request(
