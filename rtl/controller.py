@@ -5,7 +5,7 @@
 from types import SimpleNamespace
 
 from amaranth import Array, Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib import data, memory, stream
 from amaranth.lib.wiring import In, Out
 
 from tandem import isa, regmap
@@ -13,6 +13,7 @@ from tandem.geometry import CoreGeometry
 from tandem.layout import PROGRAM_BASE
 from tandem.numerics import BLOCK
 
+from .component import GeometryComponent
 from .dma import ChannelRun, DMAErrors, ReadCommand, ReadKind, StoreCommand, StoreKind
 from .mpu import MatvecCommand
 from .shell import args_layout, status_layout
@@ -83,7 +84,7 @@ class UnitBusy(data.Struct):
     vpu: 1
 
 
-class Controller(wiring.Component):
+class Controller(GeometryComponent):
     """Fetches the program into instruction memory, then decodes and executes it.
 
     On :attr:`start` the controller reads ``imem_words`` instructions from channel 0 at
@@ -158,8 +159,6 @@ class Controller(wiring.Component):
     """
 
     def __init__(self, geom: CoreGeometry):
-        if not isinstance(geom, CoreGeometry):
-            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
         if geom.imem_words > 1 << 16:
             raise ValueError(
                 f"imem_words must be at most 65536 (16-bit targets), not {geom.imem_words}"
@@ -169,10 +168,10 @@ class Controller(wiring.Component):
                 f"a {geom.beat_bytes}-byte beat must hold whole instructions and PROGRAM_BASE "
                 f"({PROGRAM_BASE}) must be beat-aligned"
             )
-        self._geom = geom
         from .dma import StatusRecordLayout
 
         super().__init__(
+            geom,
             {
                 "start": In(1),
                 "args": In(args_layout(geom.channels)),
@@ -192,10 +191,6 @@ class Controller(wiring.Component):
                 "busy": In(UnitBusy),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     def elaborate(self, platform):
         m = Module()

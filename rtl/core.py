@@ -11,6 +11,7 @@ from tandem import regmap
 from tandem.geometry import CoreGeometry
 
 from .axi import AXI4LiteSignature, AXI4Signature, vitis_ports
+from .component import GeometryComponent
 from .controller import Controller, UnitBusy
 from .dma import DMAEngine, StoreCommand
 from .feeders import CommandQueue, MpuFeeder, ReadPortShare, StoreFeeder, VbufWriteArbiter
@@ -60,7 +61,7 @@ class PerfSignature(wiring.Signature):
         )
 
 
-class DecodeCore(wiring.Component):
+class DecodeCore(GeometryComponent):
     """The Vitis RTL kernel ``tandem_decode_core``.
 
     Ports: ``ap_clk``, ``ap_rst_n`` (active low, synchronous), ``interrupt``,
@@ -92,9 +93,6 @@ class DecodeCore(wiring.Component):
     """
 
     def __init__(self, geom: CoreGeometry, *, perf: bool = False):
-        if not isinstance(geom, CoreGeometry):
-            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
-        self._geom = geom
         self._perf = bool(perf)
         addr_width = (regmap.address_space_bytes(geom.channels) - 1).bit_length()
         members = {
@@ -107,11 +105,7 @@ class DecodeCore(wiring.Component):
             members[f"m_axi_hbm{ch}"] = Out(AXI4Signature(addr_width=64, data_width=geom.port_bits))
         if self._perf:
             members["perf"] = Out(PerfSignature())
-        super().__init__(members)
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
+        super().__init__(geom, members)
 
     @property
     def has_perf(self) -> bool:

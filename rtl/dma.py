@@ -24,6 +24,7 @@ from tandem.layout import STATUS_BYTES
 from tandem.numerics import BLOCK
 
 from .axi import FOUR_KB, AXI4Signature, Burst, Resp, burst_limit
+from .component import GeometryComponent
 from .shell import args_layout
 from .vbuf import Row, row_addr_bits
 
@@ -218,7 +219,7 @@ class _Bursts:
             ]
 
 
-class ChannelDMA(wiring.Component):
+class ChannelDMA(GeometryComponent):
     """The AXI4 manager of one HBM pseudo-channel.
 
     Reads: each ``rd_cmd`` run becomes INCR bursts of full-width beats (at most
@@ -284,7 +285,7 @@ class ChannelDMA(wiring.Component):
         write_fifo_beats: int = 16,
         cmd_depth: int = 4,
     ):
-        self._geom = _check_geometry(geom)
+        _check_geometry(geom)
         self._max_burst = burst_limit(geom.beat_bytes)
         _check_channel(
             geom,
@@ -300,6 +301,7 @@ class ChannelDMA(wiring.Component):
         self._write_fifo_beats = write_fifo_beats
         self._cmd_depth = cmd_depth
         super().__init__(
+            geom,
             {
                 "axi": Out(AXI4Signature(addr_width=64, data_width=geom.port_bits)),
                 "base": In(64),
@@ -313,10 +315,6 @@ class ChannelDMA(wiring.Component):
                 "wr_idle": Out(1),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     @property
     def max_burst(self) -> int:
@@ -492,7 +490,7 @@ def _ceil_blocks(v):
     return (v + BLOCK - 1) >> 6
 
 
-class DMAEngine(wiring.Component):
+class DMAEngine(GeometryComponent):
     """All HBM channels' DMA: the ISA's memory operations over one :class:`ChannelDMA` each.
 
     **Reads** (:attr:`read`: the planner takes one :class:`ReadCommand` at a time, and up to
@@ -589,7 +587,7 @@ class DMAEngine(wiring.Component):
         write_fifo_beats: int = 16,
         queue_depth: int = 4,
     ):
-        self._geom = _check_geometry(geom)
+        _check_geometry(geom)
         self._queue_depth = check_int("queue_depth", queue_depth, 2)
         self._channel_args = {
             "fifo_beats": fifo_beats,
@@ -622,11 +620,7 @@ class DMAEngine(wiring.Component):
                 "write_idle": Out(1),
             }
         )
-        super().__init__(members)
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
+        super().__init__(geom, members)
 
     @property
     def ports(self) -> list[str]:

@@ -11,6 +11,7 @@ from amaranth.lib.wiring import In, Out
 from tandem.geometry import CoreGeometry
 from tandem.numerics import BLOCK
 
+from .component import GeometryComponent
 from .controller import MpuIssue, StoreIssue
 from .dma import StoreCommand, StoreKind, row_write_layout
 from .mpu import Block, MatvecCommand
@@ -35,7 +36,7 @@ def _vbuf_rows(geom) -> int:
     return geom.vbuf_elems // BLOCK
 
 
-class MpuFeeder(wiring.Component):
+class MpuFeeder(GeometryComponent):
     """Feeds the :class:`tandem.rtl.mpu.MatrixUnit` from the vector buffer and writes its result
     rows back.
 
@@ -104,8 +105,8 @@ class MpuFeeder(wiring.Component):
 
     def __init__(self, geom: CoreGeometry):
         rows = _vbuf_rows(geom)
-        self._geom = geom
         super().__init__(
+            geom,
             {
                 "issue": In(stream.Signature(MpuIssue)),
                 "cmd": Out(stream.Signature(MatvecCommand)),
@@ -118,10 +119,6 @@ class MpuFeeder(wiring.Component):
                 "busy": Out(1),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     def elaborate(self, platform):
         m = Module()
@@ -248,7 +245,7 @@ class MpuFeeder(wiring.Component):
         return m
 
 
-class StoreFeeder(wiring.Component):
+class StoreFeeder(GeometryComponent):
     """Hands the controller's stores to the DMA and reads their data rows from the vector
     buffer.
 
@@ -296,8 +293,8 @@ class StoreFeeder(wiring.Component):
 
     def __init__(self, geom: CoreGeometry):
         rows = _vbuf_rows(geom)
-        self._geom = geom
         super().__init__(
+            geom,
             {
                 "issue": In(stream.Signature(StoreIssue)),
                 "cmd": Out(stream.Signature(StoreCommand)),
@@ -307,10 +304,6 @@ class StoreFeeder(wiring.Component):
                 "busy": Out(1),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     def elaborate(self, platform):
         m = Module()
@@ -393,7 +386,7 @@ class ReadPortShare(wiring.Component):
         return m
 
 
-class VbufWriteArbiter(wiring.Component):
+class VbufWriteArbiter(GeometryComponent):
     """The VBUF's one write port, shared by the DMA's LOADV rows, the MPU feeder's result rows
     and the VPU.
 
@@ -422,9 +415,9 @@ class VbufWriteArbiter(wiring.Component):
 
     def __init__(self, geom: CoreGeometry):
         rows = _vbuf_rows(geom)
-        self._geom = geom
         layout = row_write_layout(geom)
         super().__init__(
+            geom,
             {
                 "loadv": In(stream.Signature(layout)),
                 "mpu": In(stream.Signature(layout)),

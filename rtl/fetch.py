@@ -10,6 +10,7 @@ from amaranth.lib.wiring import In, Out
 from tandem.geometry import CoreGeometry
 from tandem.numerics import BLOCK
 
+from .component import GeometryComponent
 from .dma import ChannelRun, ReadCommand, ReadKind, row_write_layout
 
 __all__ = ["FETCH_CHUNK", "ProgramFetch"]
@@ -23,7 +24,7 @@ if 1 << _ROW_SHIFT != BLOCK:
     raise AssertionError(f"a VBUF row of {BLOCK} elements is not a power of two")
 
 
-class ProgramFetch(wiring.Component):
+class ProgramFetch(GeometryComponent):
     """The DMA's read command port and row stream, shared by the program fetch and the
     controller's reads.
 
@@ -84,17 +85,15 @@ class ProgramFetch(wiring.Component):
     """
 
     def __init__(self, geom: CoreGeometry):
-        if not isinstance(geom, CoreGeometry):
-            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
         stripe = geom.channels * geom.beat_elems
         if stripe % BLOCK or FETCH_CHUNK % stripe:
             raise ValueError(
                 f"a stripe of {stripe} elements must be a whole number of {BLOCK}-element rows "
                 f"and divide the {FETCH_CHUNK}-element fetch chunk"
             )
-        self._geom = geom
         rows = row_write_layout(geom)
         super().__init__(
+            geom,
             {
                 "cmd": In(stream.Signature(ChannelRun)),
                 "data": Out(stream.Signature(geom.port_bits)),
@@ -106,10 +105,6 @@ class ProgramFetch(wiring.Component):
                 "loadv_busy": Out(1),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     def elaborate(self, platform):
         m = Module()

@@ -5,7 +5,7 @@
 from types import SimpleNamespace
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib import data, fifo, stream
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -14,6 +14,7 @@ from tandem.isa import MatFlag
 from tandem.numerics import BLOCK, MAX_DOT_LEN, acc_lsb_exponent
 
 from .arith import AccToFP16, AccumulatorShift, BlockAlign, BlockDot
+from .component import GeometryComponent
 
 __all__ = ["Block", "MatrixUnit", "MatvecCommand", "MatvecFlags"]
 
@@ -77,7 +78,7 @@ def _probe(unit):
     return unit
 
 
-class MatrixUnit(wiring.Component):
+class MatrixUnit(GeometryComponent):
     """Matrix-vector unit: ``lanes`` rows x 64 columns of block-floating-point products per cycle.
 
     For each command it loads the input vector ``x`` (``n_cb = ceil(live_cols / 64)`` blocks,
@@ -182,7 +183,6 @@ class MatrixUnit(wiring.Component):
             raise ValueError(f"max_cols must be an int in {BLOCK}..{MAX_DOT_LEN}, not {max_cols!r}")
         if max_cols % BLOCK:
             raise ValueError(f"max_cols must be a multiple of {BLOCK}, not {max_cols}")
-        self._geom = geom
         self._lanes = geom.lanes
         self._stride = BLOCK // geom.lanes
         self._x_blocks = max_cols // BLOCK
@@ -206,6 +206,7 @@ class MatrixUnit(wiring.Component):
         # last tile reaches the bias shifter (stride + a + d cycles), refilled 2 cycles later.
         self._bias_depth = max(2, -(-(a + d + self._stride + 3) // self._stride) + 1)
         super().__init__(
+            geom,
             {
                 "cmd": In(stream.Signature(MatvecCommand)),
                 "x": In(stream.Signature(Block)),
@@ -218,10 +219,6 @@ class MatrixUnit(wiring.Component):
         )
 
     # read-only parameters -------------------------------------------------------------------
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     @property
     def lanes(self) -> int:

@@ -3,13 +3,14 @@
 # No `from __future__ import annotations`: layouts are built from the register map at run time.
 
 from amaranth import Cat, Const, Module, Mux, Signal
-from amaranth.lib import data, wiring
+from amaranth.lib import data
 from amaranth.lib.wiring import In, Out
 
 from tandem import regmap
 from tandem.geometry import CoreGeometry
 
 from .axi import AXI4LiteSignature, Resp
+from .component import GeometryComponent
 
 __all__ = ["KernelShell", "args_layout", "status_layout"]
 
@@ -28,7 +29,7 @@ def status_layout(channels: int) -> data.StructLayout:
     return data.StructLayout({r.name.lower(): 32 for r in regmap.status_registers(channels)})
 
 
-class KernelShell(wiring.Component):
+class KernelShell(GeometryComponent):
     """AXI4-Lite control slave with the Vitis ``ap_ctrl_hs`` register map of
     :mod:`tandem.regmap`, as the Vitis RTL kernel template implements it.
 
@@ -89,11 +90,9 @@ class KernelShell(wiring.Component):
     """
 
     def __init__(self, geom: CoreGeometry):
-        if not isinstance(geom, CoreGeometry):
-            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
-        self._geom = geom
         self._addr_width = (regmap.address_space_bytes(geom.channels) - 1).bit_length()
         super().__init__(
+            geom,
             {
                 "s_axi_control": In(AXI4LiteSignature(addr_width=self._addr_width)),
                 "args": Out(args_layout(geom.channels)),
@@ -104,10 +103,6 @@ class KernelShell(wiring.Component):
                 "interrupt": Out(1),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     @property
     def addr_width(self) -> int:

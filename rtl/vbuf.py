@@ -12,6 +12,8 @@ from tandem.geometry import CoreGeometry
 from tandem.isa import VBUF_ALIGN
 from tandem.numerics import BLOCK
 
+from .component import GeometryComponent
+
 __all__ = [
     "ROW_ELEMS",
     "ReadPortSignature",
@@ -95,7 +97,7 @@ class WritePortSignature(_RowPortSignature):
         )
 
 
-class VectorBuffer(wiring.Component):
+class VectorBuffer(GeometryComponent):
     """The vector buffer: ``geom.vbuf_elems`` binary16 elements as ``vbuf_elems / 64`` rows of
     64, one ``amaranth.lib.memory.Memory`` with a 16-bit write granularity.
 
@@ -138,25 +140,19 @@ class VectorBuffer(wiring.Component):
     """
 
     def __init__(self, geom: CoreGeometry, *, read_ports: int = 2, write_ports: int = 1):
-        if not isinstance(geom, CoreGeometry):
-            raise TypeError(f"geom must be a CoreGeometry, not {geom!r}")
         # (vbuf_elems is whole rows: the geometry makes it a power of two of at least 256)
         check_int("read_ports", read_ports, 1, 8)
         check_int("write_ports", write_ports, 1, 8)
-        self._geom = geom
         self._rows = geom.vbuf_elems // ROW_ELEMS
         self._read_ports = read_ports
         self._write_ports = write_ports
         super().__init__(
+            geom,
             {
                 "read": In(ReadPortSignature(self._rows)).array(read_ports),
                 "write": In(WritePortSignature(self._rows)).array(write_ports),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     @property
     def rows(self) -> int:

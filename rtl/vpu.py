@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 
 from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib import data, enum, stream
 from amaranth.lib.wiring import In, Out
 
 from tandem import isa, numerics
@@ -26,6 +26,7 @@ from .arith import (
     StreamUnit,
     stream_pipe,
 )
+from .component import GeometryComponent
 from .vbuf import ROW_ELEMS, ReadPortSignature, Row, WritePortSignature
 
 __all__ = ["RowMax", "VectorCommand", "VectorOp", "VectorUnit"]
@@ -173,7 +174,7 @@ class RowMax(StreamUnit):
         return m
 
 
-class VectorUnit(wiring.Component):
+class VectorUnit(GeometryComponent):
     """The vector unit: ``VectorCommand``\\ s in order over the vector buffer, several in flight
     (see Timing), bit-exact with ``tandem.isa.SEMANTICS`` as ``tandem.golden.isasim`` executes
     them one after another.
@@ -302,8 +303,6 @@ class VectorUnit(wiring.Component):
         lanes: int | None = None,
         table_lanes: Mapping[str, int] | None = None,
     ):
-        if not isinstance(geom, CoreGeometry):
-            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
         if geom.vbuf_elems > 1 << 16:
             raise ValueError(
                 f"vbuf_elems must be at most 65536 (16-bit ISA addresses), not {geom.vbuf_elems}"
@@ -328,7 +327,6 @@ class VectorUnit(wiring.Component):
                 raise ValueError(
                     f"table_lanes[{f!r}] must be a power of two from 1 to {ROW_ELEMS}, not {n!r}"
                 )
-        self._geom = geom
         self._rows = geom.vbuf_elems // ROW_ELEMS
         self._lanes = lanes
         self._table_lanes = tables
@@ -350,6 +348,7 @@ class VectorUnit(wiring.Component):
             **dict.fromkeys(TABLE_OPS, FP16Table.LATENCY),
         }
         super().__init__(
+            geom,
             {
                 "cmd": In(stream.Signature(VectorCommand)),
                 "done": Out(stream.Signature(VectorOp, payload_init=VectorOp.VADD)),
@@ -361,10 +360,6 @@ class VectorUnit(wiring.Component):
         )
 
     # read-only parameters -------------------------------------------------------------------
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     @property
     def rows(self) -> int:

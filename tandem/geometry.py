@@ -181,3 +181,12 @@ def geometry(name: str) -> CoreGeometry:
         return GEOMETRIES[name]
     except KeyError:
         raise ValueError(f"unknown geometry {name!r}; choose one of {sorted(GEOMETRIES)}") from None
+
+
+def check_geometry(geom) -> CoreGeometry:
+    """``geom`` if it is a :class:`CoreGeometry`, else TypeError (use :func:`geometry` for a
+    name)."""
+    if not isinstance(geom, CoreGeometry):
+        hint = f"; geometry({geom!r}) gives the named one" if isinstance(geom, str) else ""
+        raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}{hint}")
+    return geom
