@@ -32,8 +32,9 @@ from amaranth.lib.wiring import In
 
 from tandem import regmap
 from tandem.checks import check_int
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, check_geometry
 from tandem.rtl.axi import AXI4Signature, Resp
+from tandem.rtl.component import GeometryComponent
 
 __all__ = [
     "MEMORY_MODULE",
@@ -136,7 +137,7 @@ def read_hex(path: os.PathLike, beat_bytes: int) -> np.ndarray:
     return np.frombuffer(b"".join(words), np.uint8).copy()
 
 
-class HBMChannelModel(wiring.Component):
+class HBMChannelModel(GeometryComponent):
     """One simulated HBM pseudo-channel: an AXI4 subordinate over ``size_bytes`` of memory.
 
     Bursts are served in order, each beat from its own address (INCR), up to
@@ -195,9 +196,7 @@ class HBMChannelModel(wiring.Component):
         base: int = 0,
         name: str = "hbm0",
     ):
-        if not isinstance(geom, CoreGeometry):
-            raise TypeError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
-        beat = geom.beat_bytes
+        beat = check_geometry(geom).beat_bytes
         check_int("size_bytes", size_bytes, beat)
         if size_bytes % beat:
             raise ValueError(
@@ -215,7 +214,6 @@ class HBMChannelModel(wiring.Component):
         rate = link_rate(geom) if bytes_per_cycle is None else Fraction(bytes_per_cycle)
         if rate <= 0:
             raise ValueError(f"bytes_per_cycle must be positive, not {rate}")
-        self._geom = geom
         self._size = size_bytes
         self._depth = size_bytes // beat
         self._read_latency = read_latency
@@ -227,6 +225,7 @@ class HBMChannelModel(wiring.Component):
         self._name = name
         self._word_bits = max(1, (self._depth - 1).bit_length())
         super().__init__(
+            geom,
             {
                 "axi": In(AXI4Signature(addr_width=64, data_width=geom.port_bits)),
                 "load": In(1),
@@ -235,10 +234,6 @@ class HBMChannelModel(wiring.Component):
                 "dump_hi": In(self._word_bits),
             }
         )
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
 
     @property
     def size_bytes(self) -> int:
@@ -437,7 +432,7 @@ class HBMChannelModel(wiring.Component):
         return m
 
 
-class HBMModel(wiring.Component):
+class HBMModel(GeometryComponent):
     """Every pseudo-channel of a geometry as a :class:`HBMChannelModel`, with subordinate ports
     named like the core's managers, so a simulation top connects each ``m_axi_hbm<ch>`` of the
     core to the member of the same name here.
@@ -479,7 +474,6 @@ class HBMModel(wiring.Component):
             )
             for ch, a in enumerate(pointers)
         ]
-        self._geom = geom
         self._stride = channel_stride
         word_bits = self._channels[0].word_bits
         members = {
@@ -494,7 +488,7 @@ class HBMModel(wiring.Component):
                 "hbm_dump_hi": In(word_bits),
             }
         )
-        super().__init__(members)
+        super().__init__(geom, members)
 
     @property
     def channels(self) -> list[HBMChannelModel]:

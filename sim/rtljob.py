@@ -51,6 +51,7 @@ from amaranth.lib.wiring import In, Out
 
 from tandem.geometry import CoreGeometry
 from tandem.layout import STATUS_BYTES, HBMImage, StatusRecord
+from tandem.rtl.component import GeometryComponent
 
 __all__ = [
     "COUNTERS",
@@ -111,7 +112,7 @@ def build_name(geom: CoreGeometry, mem_bytes: int, read_latency: int = 80) -> st
     return f"rtljob-{geom.name}-{mib}m{lat}"
 
 
-class JobTop(wiring.Component):
+class JobTop(GeometryComponent):
     """``DecodeCore(geom, perf=True)`` over ``HBMModel(geom, size_bytes=mem_bytes)``, plus
     monitors on the core's ``perf`` port and AXI ports.
 
@@ -129,7 +130,6 @@ class JobTop(wiring.Component):
         from tandem.rtl.core import DecodeCore
         from tandem.sim.hbm_model import HBMModel
 
-        self._geom = geom
         self.core = DecodeCore(geom, perf=True)
         self.hbm = HBMModel(geom, size_bytes=mem_bytes, read_latency=read_latency)
         self.mem_bytes = mem_bytes
@@ -152,11 +152,7 @@ class JobTop(wiring.Component):
         for c in COUNTERS:
             members[f"cnt_{c}"] = Out(COUNTER_BITS)
             members[f"snap_{c}"] = Out(COUNTER_BITS)
-        super().__init__(members)
-
-    @property
-    def geom(self) -> CoreGeometry:
-        return self._geom
+        super().__init__(geom, members)
 
     def base(self, channel: int) -> int:
         return self.hbm.base(channel)
