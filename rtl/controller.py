@@ -9,7 +9,7 @@ from amaranth.lib import data, memory, stream
 from amaranth.lib.wiring import In, Out
 
 from tandem import isa, regmap
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, check_geometry
 from tandem.layout import PROGRAM_BASE
 from tandem.numerics import BLOCK
 
@@ -159,6 +159,7 @@ class Controller(GeometryComponent):
     """
 
     def __init__(self, geom: CoreGeometry):
+        check_geometry(geom)
         if geom.imem_words > 1 << 16:
             raise ValueError(
                 f"imem_words must be at most 65536 (16-bit targets), not {geom.imem_words}"

@@ -8,7 +8,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out, connect, flipped
 
 from tandem import regmap
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, check_geometry
 
 from .axi import AXI4LiteSignature, AXI4Signature, vitis_ports
 from .component import GeometryComponent
@@ -93,6 +93,7 @@ class DecodeCore(GeometryComponent):
     """
 
     def __init__(self, geom: CoreGeometry, *, perf: bool = False):
+        check_geometry(geom)
         self._perf = bool(perf)
         addr_width = (regmap.address_space_bytes(geom.channels) - 1).bit_length()
         members = {

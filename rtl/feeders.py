@@ -8,7 +8,7 @@ from amaranth import Cat, Module, Mux, Shape, Signal
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, check_geometry
 from tandem.numerics import BLOCK
 
 from .component import GeometryComponent
@@ -104,6 +104,7 @@ class MpuFeeder(GeometryComponent):
     """Commands whose result rows the writer can have outstanding."""
 
     def __init__(self, geom: CoreGeometry):
+        check_geometry(geom)
         rows = _vbuf_rows(geom)
         super().__init__(
             geom,
@@ -292,6 +293,7 @@ class StoreFeeder(GeometryComponent):
     """
 
     def __init__(self, geom: CoreGeometry):
+        check_geometry(geom)
         rows = _vbuf_rows(geom)
         super().__init__(
             geom,
@@ -414,6 +416,7 @@ class VbufWriteArbiter(GeometryComponent):
     """
 
     def __init__(self, geom: CoreGeometry):
+        check_geometry(geom)
         rows = _vbuf_rows(geom)
         layout = row_write_layout(geom)
         super().__init__(

@@ -7,7 +7,7 @@ from amaranth import Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, check_geometry
 from tandem.numerics import BLOCK
 
 from .component import GeometryComponent
@@ -85,6 +85,7 @@ class ProgramFetch(GeometryComponent):
     """
 
     def __init__(self, geom: CoreGeometry):
+        check_geometry(geom)
         stripe = geom.channels * geom.beat_elems
         if stripe % BLOCK or FETCH_CHUNK % stripe:
             raise ValueError(

@@ -7,7 +7,7 @@ from amaranth.lib import data
 from amaranth.lib.wiring import In, Out
 
 from tandem import regmap
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, check_geometry
 
 from .axi import AXI4LiteSignature, Resp
 from .component import GeometryComponent
@@ -90,6 +90,7 @@ class KernelShell(GeometryComponent):
     """
 
     def __init__(self, geom: CoreGeometry):
+        check_geometry(geom)
         self._addr_width = (regmap.address_space_bytes(geom.channels) - 1).bit_length()
         super().__init__(
             geom,

@@ -8,7 +8,7 @@ from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from tandem.checks import check_int
-from tandem.geometry import CoreGeometry
+from tandem.geometry import CoreGeometry, check_geometry
 from tandem.isa import VBUF_ALIGN
 from tandem.numerics import BLOCK
 
@@ -140,6 +140,7 @@ class VectorBuffer(GeometryComponent):
     """
 
     def __init__(self, geom: CoreGeometry, *, read_ports: int = 2, write_ports: int = 1):
+        check_geometry(geom)
         # (vbuf_elems is whole rows: the geometry makes it a power of two of at least 256)
         check_int("read_ports", read_ports, 1, 8)
         check_int("write_ports", write_ports, 1, 8)

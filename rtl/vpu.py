@@ -10,7 +10,7 @@ from amaranth.lib import data, enum, stream
 from amaranth.lib.wiring import In, Out
 
 from tandem import isa, numerics
-from tandem.geometry import CoreGeometry, is_pow2
+from tandem.geometry import CoreGeometry, check_geometry, is_pow2
 
 from .arith import (
     NO_TAG,
@@ -303,6 +303,7 @@ class VectorUnit(GeometryComponent):
         lanes: int | None = None,
         table_lanes: Mapping[str, int] | None = None,
     ):
+        check_geometry(geom)
         if geom.vbuf_elems > 1 << 16:
             raise ValueError(
                 f"vbuf_elems must be at most 65536 (16-bit ISA addresses), not {geom.vbuf_elems}"

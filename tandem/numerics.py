@@ -56,6 +56,24 @@ CANONICAL_NAN = 0x7E00
 POS_INF = 0x7C00
 NEG_INF = 0xFC00
 
+EDGE_FINITE = (
+    *(0x0000, 0x8000),  # +-0
+    *(0x0001, 0x8001, 0x0002, 0x0003, 0x01FF, 0x0200, 0x03FF, 0x83FF),  # subnormals, +-largest
+    *(0x0400, 0x8400, 0x0401, 0x07FF),  # smallest normals
+    *(0x3C00, 0xBC00, 0x3C01, 0x3BFF, 0x3E00),  # around 1.0
+    *(0x1000, 0x1400, 0x0C00),  # 2**-11, 2**-10, 2**-12: rounding ties against 1.0
+    *(0x7800, 0x77FF, 0x5BFF, 0x5C00, 0x7BFE),  # large
+    *(0x7BFF, 0xFBFF),  # +-largest finite
+)
+"""Finite binary16 patterns at the edges of the format, the stimulus every arithmetic test
+(golden, GPU and RTL) mixes into its random operands. (The RTL tests run every pair of
+:data:`EDGE_BITS` through the VPU; its 36 x 36 pairs fill most of the tiny core's VBUF.)"""
+
+EDGE_NONFINITE = (0x7C00, 0xFC00, 0x7E00, 0xFE00, 0x7C01, 0x7FFF, 0xFD00)
+"""+-Inf, then NaNs: quiet and signalling, both signs."""
+
+EDGE_BITS = EDGE_FINITE + EDGE_NONFINITE
+
 BIAS_EXP = 25  # value = significand * 2**(e - 25) for binary16 with biased exponent e (1..31)
 
 

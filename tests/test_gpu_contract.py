@@ -10,28 +10,7 @@ from tandem import numerics as nm
 from tandem.gpu import contract as c
 from tandem.seeds import seed
 
-SPECIALS = np.array(
-    [
-        0x0000,
-        0x8000,
-        0x0001,
-        0x8001,
-        0x03FF,
-        0x0400,
-        0x7BFF,
-        0xFBFF,
-        0x7C00,
-        0xFC00,
-        0x7E00,
-        0x7C01,
-        0xFE01,
-        0x3C00,
-        0xBC00,
-        0x3555,
-        0x0200,
-    ],
-    np.uint16,
-)
+SPECIALS = np.array(nm.EDGE_BITS, np.uint16)
 
 
 def _random_bits(rng, shape, specials=True, scale=None):
@@ -107,7 +86,7 @@ def test_matmul_row_slices_and_transposed(rows, cols, T, split, specials, monkey
     b = _random_bits(rng, (rows,), False, scale=0.1)
     if specials:  # a non-finite weight row, input position and bias, and +-0 / subnormals
         w[1, 5], x[0, 3], b[-1] = 0x7C00, 0x7E00 if T > 1 else 0x0001, 0xFC00
-        w[2], x[-1, :7] = 0x8000, SPECIALS[1:8]
+        w[2], x[-1, :7] = 0x8000, SPECIALS[1:8]  # -0 and subnormals
     pm = c.PreparedMatrix.from_bits(_t(w))
     for chunk in (c._CHUNK_ELEMS, 2 * pm.n_blocks * rows):
         monkeypatch.setattr(c, "_CHUNK_ELEMS", chunk)

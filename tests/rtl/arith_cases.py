@@ -187,47 +187,7 @@ def build_unit(name: str):
 # --------------------------------------------------------------------------------------------
 # binary16 stimulus
 
-SPECIALS = np.array(
-    [
-        0x0000,
-        0x8000,  # +-0
-        0x0001,
-        0x8001,
-        0x0002,
-        0x0003,  # smallest subnormals
-        0x01FF,
-        0x0200,
-        0x03FF,
-        0x83FF,  # largest subnormal
-        0x0400,
-        0x8400,
-        0x0401,
-        0x07FF,  # smallest normals
-        0x3C00,
-        0xBC00,
-        0x3C01,
-        0x3BFF,
-        0x3E00,  # around 1.0
-        0x1000,
-        0x1400,
-        0x0C00,  # 2**-11, 2**-10, 2**-12: rounding ties against 1.0
-        0x7800,
-        0x77FF,
-        0x5BFF,
-        0x5C00,  # large
-        0x7BFE,
-        0x7BFF,
-        0xFBFF,  # largest finite
-        0x7C00,
-        0xFC00,  # +-Inf
-        0x7E00,
-        0xFE00,
-        0x7C01,
-        0x7FFF,
-        0xFD00,  # NaNs, quiet and signalling
-    ],
-    dtype=np.uint16,
-)
+SPECIALS = np.array(nm.EDGE_BITS, dtype=np.uint16)
 """binary16 special classes; every pair of them is tested for add, sub and mul."""
 
 
@@ -475,7 +435,10 @@ def case_dotrow(params, rng):
         bias = None
         if row % 2:
             bias = rng.choice(
-                np.concatenate([SPECIALS[:29], rng.integers(0, 0x7C00, 8, dtype=np.uint16)]), 1
+                np.concatenate(
+                    [np.array(nm.EDGE_FINITE, np.uint16), rng.integers(0, 0x7C00, 8, np.uint16)]
+                ),
+                1,
             ).astype(np.uint16)
         mat = nm.PreparedMatrix(w[None, :])
         acc, _, _ = nm.matvec(mat, x, bias)

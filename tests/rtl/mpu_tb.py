@@ -141,12 +141,8 @@ def garbage_bits(rng, shape):
     return rng.integers(0, 1 << 16, size=shape, dtype=np.uint32).astype(np.uint16)
 
 
-FINITE_SPECIALS = [
-    *(0x0000, 0x8000),  # +-0
-    *(0x0001, 0x8001, 0x03FF, 0x83FF, 0x0400),  # smallest, largest subnormal; smallest normal
-    *(0x7BFF, 0xFBFF, 0x3C00, 0xBC00),  # +-max finite, +-1
-]
-NONFINITE = [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE00]  # +-Inf, NaNs
+FINITE_SPECIALS = list(nm.EDGE_FINITE)
+NONFINITE = list(nm.EDGE_NONFINITE)
 SPECIALS = np.array(FINITE_SPECIALS + NONFINITE, np.uint16)
 
 
