@@ -29,12 +29,16 @@ simulation without a reset in between (so a case after an error case checks the 
 ``fault``        ``{"region": name, "resp": "SLVERR" | "DECERR"}``: every memory answers ``resp``
                  to any beat at or past that layout region's base, and IsaSim runs on the image
                  cut there (its ``AXI_ERROR``: an access inside ``hbm_bytes`` past the buffer)
-``hang``         ``"fetch"``: channel 1's memory holds every read of the program area, so the
-                 program fetch never ends; ``"ldw"``: channel 0's memory holds every read of the
-                 prompt area, so the first ``LDW`` never returns. Use with a small
-                 ``args.watchdog``. The expected outcome is IsaSim's with an instruction budget
-                 (``max_steps``, its stand-in for the watchdog) ending where the core hangs; the
-                 held reads are released after ``done``, before the next case
+``hang``         a memory holds some reads (:data:`HANGS`): ``"fetch"``, the program area on
+                 channel 1, so the program fetch never ends; ``"ldw"``, the prompt area on
+                 channel 0, so the first ``LDW`` never returns; ``"loadv"``, ``wte`` on channel
+                 1, so the embedding LOADV's rows never arrive (ERROR_PC may be anywhere from
+                 the instruction after that LOADV to the first vector op: how many LOADVs the
+                 DMA queues is not architectural). Use with a small ``args.watchdog``. The
+                 expected outcome is IsaSim's with the instruction budget (``max_steps``, its
+                 stand-in for the watchdog) that stops it where the core must stop
+                 (:func:`budget_run`); the held reads are released after ``done``, before the
+                 next case
 ``untagged_pc``  ``True``: ERROR_PC is not compared with IsaSim's (the core has no pc for an AXI
                  error response); the record's pc must still equal the register
 ``want``         the outcome the case must provoke, checked on IsaSim's result before the RTL is
@@ -310,14 +314,15 @@ class CoreTB:
         ref = L.HBMImage(GEOM, cut)
         ref.data[:] = image.data[:, :cut]
         hang = case.get("hang")
-        max_steps = {None: None, "fetch": 0, "ldw": first_ldw(c, image) + 1}[hang]
+        if hang is not None and hang not in HANGS:
+            raise ValueError(f"unknown hang {hang!r}")
         t0 = time.monotonic()
-        sim = IsaSim(GEOM, ref) if max_steps is None else IsaSim(GEOM, ref, max_steps=max_steps)
-        want = sim.run(args)
+        if hang is None:
+            want = IsaSim(GEOM, ref).run(args)
+        else:
+            want = budget_run(ref, args, HANGS[hang][2](image))
         t_ref = time.monotonic() - t0
         expect_outcome(want, case.get("want"))
-        if hang == "ldw":
-            assert want.pc == max_steps, want  # the instruction after the LDW, straight there
         # the memory: what IsaSim leaves, and past a cut the image unchanged
         expect = image.data.copy()
         expect[:, :cut] = ref.data
@@ -327,14 +332,14 @@ class CoreTB:
             if fault:
                 ram.fault_from = self.base(ch) + cut
                 ram.fault_resp = AxiResp[fault["resp"]]
-        if hang == "fetch":
-            lo = self.base(1) + L.PROGRAM_BASE
-            self.rams[1].hold = (lo, lo + GEOM.imem_words * isa.WORD_BYTES)
-        elif hang == "ldw":
-            r = c.layout["prompt"]
-            self.rams[0].hold = (self.base(0) + r.base, self.base(0) + r.end)
-        elif hang is not None:
-            raise ValueError(f"unknown hang {hang!r}")
+        if hang is not None:
+            ch, region = HANGS[hang][:2]  # hold the reads of `region` on channel `ch`
+            lo, hi = (
+                (L.PROGRAM_BASE, L.PROGRAM_BASE + GEOM.imem_words * isa.WORD_BYTES)
+                if region == "program"
+                else (c.layout[region].base, c.layout[region].end)
+            )
+            self.rams[ch].hold = (self.base(ch) + lo, self.base(ch) + hi)
         self.set_stalls(float(case.get("stall", 0)), index + 1)
         max_cycles = int(case.get("max_cycles", 300_000))
 
@@ -391,6 +396,11 @@ class CoreTB:
         got = self.dump(image.nbytes)
 
         # status registers and the host helper
+        lowest = HANGS[hang][3] if hang is not None else None
+        if lowest is not None:
+            # stopped where the held read backs up to: between the lowest pc and IsaSim's
+            assert lowest(image) <= st.error_pc <= want.pc, (st, want.pc)
+            want = replace(want, pc=st.error_pc)
         if case.get("untagged_pc"):
             # the RTL has no pc for an AXI error response (test_core.py, the xfail case): the
             # registers and the record must still agree with each other
@@ -465,14 +475,51 @@ def bad_instruction(c, error: str) -> bytes:
     return isa.encode(instr).to_bytes(isa.WORD_BYTES, "little")
 
 
-def first_ldw(c, image) -> int:
-    """Index of the first LDW in the program in ``image``."""
-    n = GEOM.imem_words * isa.WORD_BYTES
-    words = image.read_channel(0, L.PROGRAM_BASE, n)
-    for pc in range(GEOM.imem_words):
-        if words[pc * isa.WORD_BYTES] == int(isa.Op.LDW):
+def first_op(image, ops, start: int = 0) -> int:
+    """Index of the first instruction at or after ``start`` whose opcode is in ``ops``, in the
+    program in ``image``."""
+    words = image.read_channel(0, L.PROGRAM_BASE, GEOM.imem_words * isa.WORD_BYTES)
+    codes = {int(op) for op in ops}
+    for pc in range(start, GEOM.imem_words):
+        if words[pc * isa.WORD_BYTES] in codes:
             return pc
-    raise ValueError("no LDW in the program")
+    raise ValueError(f"no {ops} in the program after {start}")
+
+
+_VPU_OPS = [op for op, unit in isa.UNITS.items() if unit is isa.Unit.VPU]
+
+HANGS = {
+    # hang: (channel, region whose reads that channel's memory holds, the pc the core must
+    # stop at with WATCHDOG given the program image, None or the lowest pc it may stop at)
+    "fetch": (1, "program", lambda image: 0, None),  # the program fetch reads every channel
+    # LDW blocks the next instruction until its register is written
+    "ldw": (0, "prompt", lambda image: first_op(image, [isa.Op.LDW]) + 1, None),
+    # LOADVs follow each other and the first vector op waits for their rows, but a LOADV
+    # also waits while the DMA's read queue is full: the core stops after the held LOADV, at
+    # the latest at the first vector op (at the tiny geometry, 6 LOADVs in)
+    "loadv": (
+        1,
+        "wte",
+        lambda image: first_op(image, _VPU_OPS, first_op(image, [isa.Op.LOADV])),
+        lambda image: first_op(image, [isa.Op.LOADV]) + 1,
+    ),
+}
+"""The ``hang`` cases."""
+
+
+def budget_run(ref, args, pc: int):
+    """IsaSim on ``ref`` with the instruction budget (its stand-in for the watchdog) that makes
+    it stop at ``pc``: WATCHDOG there, with the memory as the instructions before left it."""
+    for steps in range(GEOM.imem_words):
+        trial = L.HBMImage(GEOM, ref.nbytes)
+        trial.data[:] = ref.data
+        result = IsaSim(GEOM, trial, max_steps=steps).run(args)
+        if result.pc == pc and result.status == Status.WATCHDOG:
+            ref.data[:] = trial.data
+            return result
+        if result.status != Status.WATCHDOG:
+            break
+    raise AssertionError(f"IsaSim never stops at pc {pc} with an instruction budget")
 
 
 def expect_outcome(result, want: str | None) -> None:

@@ -129,8 +129,10 @@ def test_watchdog_then_clean_run(sim):
     read, so the instruction after it waits for its register. The core reports done and raises
     its interrupt with STATUS = WATCHDOG exactly, ERROR_PC the waiting instruction, TOKENS and
     the status record as IsaSim with the instruction budget ending there; then the held read
-    is released and a clean run follows."""
-    run_cases(sim, [{**_HANG, "hang": "ldw"}, _clean(9)])
+    is released and a clean run follows. Then channel 1 holds the embedding LOADV's rows (the
+    core drains with LOADV rows due, which arrive after done): the same, with ERROR_PC between
+    that LOADV and the first vector op, and a clean run."""
+    run_cases(sim, [{**_HANG, "hang": "ldw"}, _clean(9), {**_HANG, "hang": "loadv"}, _clean(4)])
 
 
 @pytest.mark.parametrize("sim", _sims())
