@@ -37,6 +37,9 @@ def _load_script():
 
 bs = _load_script()
 
+# elaborates the whole kernel (tiny) for the vendor flow: the whole-core tier
+pytestmark = pytest.mark.core
+
 
 def _env_without_tools() -> dict:
     """The environment with PATH cut down to Python's folder and the system's, no XRT."""

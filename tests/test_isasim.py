@@ -397,6 +397,7 @@ def test_non_finite_values_propagate_alike():
     assert (kv.view(np.uint16) == 0x7E00).any()  # NaN reached the V cache
 
 
+@pytest.mark.long
 def test_gpt2_on_u55c_bit_exact_with_faithful_model():
     """The real shapes: gpt2 (124M, 12 layers, vocab 50,257) compiled for the u55c geometry
     (32 channels, 16,384-bit tiles) and run by the ISA simulator for a few positions equals the

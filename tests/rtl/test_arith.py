@@ -36,7 +36,9 @@ def test_fp16_binary(unit, sim):
 
 
 @pytest.mark.parametrize("sim", runner.simulators())
-@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize(
+    "table", [t if t == "exp" else pytest.param(t, marks=pytest.mark.long) for t in TABLES]
+)
 def test_fp16_table_exhaustive(table, sim):
     """All 65,536 inputs, then 4,000 random ones under idle cycles and backpressure."""
     run_unit(f"table-{table}", sim, seed=2)
@@ -48,6 +50,7 @@ def cheapest_build() -> str:
     return "icarus" if "icarus" in runner.simulators() else runner.simulators()[0]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("sim", [cheapest_build()])
 def test_fp16_table_full_rom(sim):
     """The unreduced 65,536-entry ROM, exhaustively, for one function."""

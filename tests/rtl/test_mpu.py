@@ -42,6 +42,7 @@ def test_mpu_tiny(sim):
     run_mpu("tiny", sim, seed=1, random_cases=6 if sim == "verilator" else 2, workload=workload)
 
 
+@pytest.mark.long
 def test_mpu_small_verilator():
     """small: 8 channels x 256 bits per tile instead of 4 x 512 (same lanes, same circuit)."""
     if "verilator" not in runner.simulators():

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.checkpoint import random_weights
+from tandem.checkpoint import lively_weights
 from tandem.config import preset
 from tandem.geometry import geometry
+from tandem.golden.faithful import FaithfulModel
 from tandem.host.backends import BACKENDS, open_device
 from tandem.host.cli import main
 from tandem.host.device import DeviceError
@@ -50,7 +51,7 @@ def test_hybrid_on_rtl_equals_model():
     from tandem.host.hybrid import HybridSession
 
     cfg = preset("test-tiny")
-    weights = random_weights(cfg, seed=5)
+    weights = lively_weights(cfg, seed=5)
     ids = [11, 200, 3]
     runs = {}
     for backend in ("model", "rtl"):
@@ -66,16 +67,20 @@ def test_hybrid_on_rtl_equals_model():
                 assert 0 < job.record.cycles <= job.cycles
     assert runs["rtl"] == runs["model"], runs
     assert len(runs["rtl"]) == 3
+    golden = FaithfulModel(cfg, weights).generate(ids, 3)
+    assert runs["rtl"] == golden and len(set(golden)) > 1  # lively: not one token repeated
 
 
 @pytest.mark.core
-def test_cli_generate_backend_rtl(capsys):
+def test_cli_generate_backend_rtl(capsys, lively_checkpoint):
     _verilator_only()
-    base = ["generate", "--preset", "test-tiny", "--prompt-ids", "5,6", "--max-new-tokens", "3"]
+    cfg, weights, folder = lively_checkpoint("test-tiny")
+    base = ["generate", "--checkpoint", str(folder), "--prompt-ids", "5,6", "--max-new-tokens", "3"]
     assert main([*base, "--backend", "model"]) == 0
     model = capsys.readouterr().out.strip()
     assert main([*base, "--backend", "rtl", "--progress"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == model
-    assert len(model.split(",")) == 5
-    assert "[rtl] model test-tiny on tiny" in err and "token 3/3" in err
+    assert model == ",".join(map(str, [5, 6, *FaithfulModel(cfg, weights).generate([5, 6], 3)]))
+    assert len(set(model.split(",")[2:])) > 1
+    assert "[rtl] model" in err and "token 3/3" in err

@@ -49,6 +49,7 @@ def test_vpu_tiny(sim):
     run_vpu(sim, runs=30)
 
 
+@pytest.mark.long
 def test_vpu_small():
     """The small geometry once on Verilator: a 128-row VBUF, 8 lanes, and other table widths
     (exp 2, GELU 1 lanes: fewer ROMs to build)."""
