@@ -50,10 +50,13 @@ _RUN_BEATS = 26  # a dense 65535 x 65535 matrix is 2**25 tiles on the smallest-l
 
 class ChannelRun(data.Struct):
     """A run of consecutive beats in one channel: ``offset`` bytes past the channel's kernel
-    pointer (low bits below the beat size are ignored), ``beats`` full-width beats (0: nothing)."""
+    pointer (low bits below the beat size are ignored), ``beats`` full-width beats (0: nothing).
+    ``tag``: the command's tag (:class:`ReadCommand`), kept with every burst of the run so an
+    error response can name the instruction (:attr:`ChannelDMA.error_tag`)."""
 
     offset: unsigned(32)
     beats: unsigned(_RUN_BEATS)
+    tag: unsigned(16)
 
 
 def write_beat_layout(port_bits: int) -> data.StructLayout:
@@ -89,7 +92,8 @@ class ReadCommand(data.Struct):
     each, whole 64-row groups and 64-column blocks, in the MPU's order) and the tiled
     ``stride`` (0: dense). ROWS takes ``length`` in elements and the first VBUF row
     ``vbuf_row`` (``dst // 64``). ``tag`` comes back on :attr:`DMAEngine.error_tag` if the
-    command is out of range (the controller passes the instruction's pc).
+    command is out of range or one of its bursts gets an error response (the controller passes
+    the instruction's pc).
     """
 
     kind: ReadKind
@@ -188,6 +192,7 @@ class _Bursts:
         self.remaining = Signal(_RUN_BEATS, name=f"{name}_remaining")
         self.active = Signal(name=f"{name}_active")
         self.take = Signal(name=f"{name}_take")
+        self.tag = Signal(16, name=f"{name}_tag")  # the run's tag
         self.beats = Signal(range(max_beats + 1), name=f"{name}_beats")
         self.valid = self.active
         to_4k = Signal(range(FOUR_KB // beat_bytes + 1), name=f"{name}_to_4k")
@@ -216,6 +221,7 @@ class _Bursts:
                 self.addr.eq(Cat(Const(0, lb), full[lb:64])),
                 self.remaining.eq(run.beats),
                 self.active.eq(run.beats != 0),
+                self.tag.eq(run.tag),
             ]
 
 
@@ -234,7 +240,9 @@ class ChannelDMA(GeometryComponent):
     their response; ``bready`` is always high.
 
     Any response other than OKAY (SLVERR, DECERR) sets the sticky ``axi_error`` until ``clear``;
-    the transfer still completes, so nothing waits forever.
+    the transfer still completes, so nothing waits forever. ``error_tag`` is then the ``tag`` of
+    the run whose burst got the first such response since ``clear`` (each outstanding burst's
+    tag waits in a FIFO beside it: ``max_reads`` and ``max_writes`` entries of 16 bits).
 
     Parameters
     ----------
@@ -261,6 +269,8 @@ class ChannelDMA(GeometryComponent):
     wr_data : In(stream.Signature(write_beat_layout(port_bits)))
     clear : In(1)
     axi_error : Out(1)
+    error_tag : Out(16)
+        The tag of the first error response's run (valid with ``axi_error``).
     rd_idle : Out(1)
         No read run waiting, no burst outstanding, no beat left in the read FIFO.
     wr_idle : Out(1)
@@ -311,6 +321,7 @@ class ChannelDMA(GeometryComponent):
                 "wr_data": In(stream.Signature(write_beat_layout(geom.port_bits))),
                 "clear": In(1),
                 "axi_error": Out(1),
+                "error_tag": Out(16),
                 "rd_idle": Out(1),
                 "wr_idle": Out(1),
             }
@@ -383,6 +394,13 @@ class ChannelDMA(GeometryComponent):
             rd_fifo.r_en.eq(self.rd_data.ready),
         ]
         m.d.sync += reserved.eq(reserved + Mux(rb.take, rb.beats, 0) - popped)
+        # the tag of every outstanding burst, in order (R bursts come back in order: one ID)
+        m.submodules.rd_tags = rd_tags = fifo.SyncFIFO(width=16, depth=self._max_reads)
+        m.d.comb += [
+            rd_tags.w_data.eq(rb.tag),
+            rd_tags.w_en.eq(rb.take),
+            rd_tags.r_en.eq(r_beat & axi.rlast),
+        ]
         m.d.sync += reads_out.eq(reads_out + rb.take - (r_beat & axi.rlast))
         # levels, not r_rdy: a buffered FIFO holds a new item a cycle before r_rdy shows it
         m.d.comb += self.rd_idle.eq(
@@ -435,13 +453,23 @@ class ChannelDMA(GeometryComponent):
         with m.If(w_go):
             m.d.sync += w_count.eq(Mux(w_last, 0, w_count + 1))
         b_done = axi.bvalid & axi.bready
+        m.submodules.wr_tags = wr_tags = fifo.SyncFIFO(width=16, depth=self._max_writes)
+        m.d.comb += [
+            wr_tags.w_data.eq(wb.tag),
+            wr_tags.w_en.eq(wb.take),
+            wr_tags.r_en.eq(b_done),
+        ]
         m.d.sync += writes_out.eq(writes_out + wb.take - b_done)
         m.d.comb += self.wr_idle.eq((wr_cmds.level == 0) & ~wb.active & (writes_out == 0))
 
+        r_err = r_beat & (axi.rresp != Resp.OKAY)
+        b_err = b_done & (axi.bresp != Resp.OKAY)
         with m.If(self.clear):
             m.d.sync += error.eq(0)
-        with m.Elif((r_beat & (axi.rresp != Resp.OKAY)) | (b_done & (axi.bresp != Resp.OKAY))):
+        with m.Elif(r_err | b_err):
             m.d.sync += error.eq(1)
+            with m.If(~error):
+                m.d.sync += self.error_tag.eq(Mux(r_err, rd_tags.r_data, wr_tags.r_data))
         return m
 
 
@@ -523,9 +551,11 @@ class DMAEngine(GeometryComponent):
     ``WORD``) is compared with the ``hbm_bytes`` argument (0: no limit, as in the ISA
     simulator). Past it, the command completes without touching memory -- reads deliver the
     expected number of all-zero tiles, rows or words, stores consume their rows -- and
-    ``error.hbm_range`` is set, with ``error_tag`` = the command's ``tag`` (of the first error
-    since ``clear``). A response other than OKAY sets ``error.axi_error``. Both stay set until
-    ``clear``. STATUS is never range checked: the core always writes its record.
+    ``error.hbm_range`` is set. A response other than OKAY sets ``error.axi_error``. Both stay
+    set until ``clear``. ``error_tag`` is the ``tag`` of the command of the first error since
+    ``clear``, of either kind: for an AXI error, the command whose burst got the response (every
+    channel run and burst carries its command's tag), valid in the cycle ``error.axi_error``
+    rises. STATUS is never range checked: the core always writes its record.
 
     **Ordering.** Reads complete in order, and so do stores, but a read is not ordered after
     an earlier store: before reading what was stored, wait for :attr:`write_idle` (every write
@@ -653,15 +683,29 @@ class DMAEngine(GeometryComponent):
         m.d.comb += [self.read_idle.eq(read_idle), self.write_idle.eq(write_idle)]
 
         hbm_range = Signal()
+        axi_error = Signal()
+        m.d.comb += axi_error.eq(Cat(*(c.axi_error for c in chans)).any())
+        axi_tag = Signal(16)  # the erring channel's tag (the lowest channel if several)
+        for c in reversed(chans):
+            with m.If(c.axi_error):
+                m.d.comb += axi_tag.eq(c.error_tag)
+        # error_tag: the first error's tag, held from the cycle after it shows; an AXI error's
+        # tag comes from its channel in the cycle the flag rises
+        tag = Signal(16)
+        tagged = Signal()
+        m.d.comb += self.error_tag.eq(Mux(tagged, tag, axi_tag))
         with m.If(self.clear):
-            m.d.sync += hbm_range.eq(0)
-        with m.Elif(read_bad | store_bad):
-            m.d.sync += hbm_range.eq(1)
-            with m.If(~hbm_range):
-                m.d.sync += self.error_tag.eq(Mux(read_bad, read_tag, store_tag))
+            m.d.sync += [hbm_range.eq(0), tagged.eq(0)]
+        with m.Else():
+            with m.If(read_bad | store_bad):
+                m.d.sync += hbm_range.eq(1)
+            with m.If(~tagged & axi_error):
+                m.d.sync += [tag.eq(axi_tag), tagged.eq(1)]
+            with m.Elif(~tagged & (read_bad | store_bad)):
+                m.d.sync += [tag.eq(Mux(read_bad, read_tag, store_tag)), tagged.eq(1)]
         m.d.comb += [
             self.error.hbm_range.eq(hbm_range),
-            self.error.axi_error.eq(Cat(*(c.axi_error for c in chans)).any()),
+            self.error.axi_error.eq(axi_error),
         ]
         return m
 
@@ -710,6 +754,7 @@ class DMAEngine(GeometryComponent):
             entry.word.eq(rc.offset[2:lB]),
             runs.payload.offset.eq(run_addr),
             runs.payload.beats.eq(p_run),
+            runs.payload.tag.eq(rc.tag),
             runs.mask.eq(Mux(rc.kind == ReadKind.WORD, 1, (1 << C) - 1)),
         ]
         checked = Signal()  # the range check happens at this edge
@@ -905,6 +950,7 @@ class DMAEngine(GeometryComponent):
         s.sc = Signal(StoreCommand)
         s.record = Signal(StatusRecordLayout)
         s.runs = _Broadcast(m, [c.wr_cmd for c in chans], ChannelRun, name="wr_runs")
+        m.d.comb += s.runs.payload.tag.eq(s.sc.tag)
         s.beats = _Broadcast(
             m,
             [c.wr_data for c in chans],

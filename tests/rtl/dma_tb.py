@@ -632,7 +632,8 @@ async def range_errors(dut):
 
 @cocotb.test()
 async def axi_errors(dut):
-    """SLVERR on a read and on a write set AXI_ERROR; the commands still complete."""
+    """SLVERR on a read and on a write set AXI_ERROR, error_tag the failing command's tag; the
+    commands still complete."""
     tb = await setup(dut, stalled=False, seed=51)
     g = tb.g
     bad_ch = 0  # channel 0 also takes the word store
@@ -650,14 +651,23 @@ async def axi_errors(dut):
 
     tb.rams[bad_ch].read_if._read = failing_read
     tb.rams[bad_ch].write_if._write = failing_write
-    c = read_command(ReadKind.ROWS, offset=0x4000, length=g.tile_elems * 2, vbuf_row=0)
-    tb.src_read.send([tb.read_cmd.pack(**c)])
+    good = read_command(ReadKind.WORD, offset=0x100, tag=10)
+    c = read_command(ReadKind.ROWS, offset=0x4000, length=g.tile_elems * 2, vbuf_row=0, tag=11)
+    tb.src_read.send([tb.read_cmd.pack(**good), tb.read_cmd.pack(**c)])
     await tb.run(until=lambda: tb.idle() and len(tb.rows.items) >= 2 * g.lanes)
     assert tb.errors() == (0, 1), tb.errors()
+    assert int(dut.error_tag.value) == 11, "error_tag is not the failing read's tag"
     await tb.clear_errors()
     assert tb.errors() == (0, 0)
-    await run_stores(tb, [(store_command(StoreKind.WORD, offset=0x4010, value=5), 0)])
+    await run_stores(
+        tb,
+        [
+            (store_command(StoreKind.WORD, offset=0x100, value=4, tag=20), 0),
+            (store_command(StoreKind.WORD, offset=0x4010, value=5, tag=21), 0),
+        ],
+    )
     assert tb.errors() == (0, 1), tb.errors()
+    assert int(dut.error_tag.value) == 21, "error_tag is not the failing store's tag"
     await tb.clear_errors()
     await run_stores(tb, [(store_command(StoreKind.WORD, offset=0x100, value=5), 0)])
     assert tb.errors() == (0, 0)

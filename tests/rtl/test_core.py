@@ -151,11 +151,6 @@ def test_watchdog_in_fetch_then_clean_run(sim):
 
 
 @pytest.mark.parametrize("sim", _sims())
-@pytest.mark.xfail(
-    strict=True,
-    reason="RTL: ERROR_PC of AXI_ERROR is the DMA's error_tag, which only an HBM_RANGE error "
-    "sets (0 after reset, else a stale pc); IsaSim gives the failing instruction",
-)
 def test_axi_error_pc(sim):
     """DECERR on the embedding LOADV (IsaSim: AXI_ERROR at that LOADV), ERROR_PC compared."""
     fault = {"region": "wte", "resp": "DECERR"}
@@ -166,14 +161,14 @@ def test_axi_error_pc(sim):
 def test_axi_errors_then_clean_run(sim):
     """SLVERR and DECERR from every HBM memory for each beat from a layout region on, IsaSim on
     the image cut there (its AXI_ERROR: an access inside hbm_bytes past the buffer): from wte
-    the first error is a read (the embedding LOADV), from h.0.k a write (the first K STROW).
-    Each followed by a clean run."""
+    the first error is a read (the embedding LOADV), from h.0.k a write (the first K STROW),
+    ERROR_PC that instruction's as IsaSim. Each followed by a clean run."""
     tiny = {"cfg": "test-tiny", "prompt": [3], "n_new": 2, "want": "AXI_ERROR"}
     run_cases(
         sim,
         _then_clean(
             [
-                {**tiny, "fault": {"region": region, "resp": resp}, "untagged_pc": True}
+                {**tiny, "fault": {"region": region, "resp": resp}}
                 for region in ("wte", "h.0.k")
                 for resp in ("SLVERR", "DECERR")
             ]
