@@ -49,7 +49,10 @@ class ProgramFetch(GeometryComponent):
     -------
     cmd : In(stream.Signature(ChannelRun))
         A program fetch: ``beats`` channel-0 beats from byte ``offset``. Always ready; a command
-        taken while a fetch runs restarts the fetch (the controller sends one per run).
+        taken while a fetch runs restarts the fetch (the controller sends one per run): the
+        earlier fetch's reads not yet issued are forgotten, and its rows still to come (reads
+        the DMA has taken: a fetch the watchdog stopped, its rows held by the memory) are taken
+        and dropped when they arrive, before the new fetch's rows (the DMA delivers in order).
     data : Out(stream.Signature(port_bits))
         The fetched channel-0 beats, in order.
     issue : In(stream.Signature(ReadCommand))
@@ -118,15 +121,11 @@ class ProgramFetch(GeometryComponent):
         fetch_left = Signal(32)  # stripes not yet requested
         fetch_off = Signal(32)
         fetch_rows_left = Signal(32)  # rows requested and not yet taken
+        stale = Signal(32)  # rows of an earlier fetch still to come: taken and dropped
         row_phase = Signal(range(max(2, rows_per_stripe)))
-        with m.If(self.cmd.valid):
-            m.d.comb += self.cmd.ready.eq(1)
-            m.d.sync += [
-                fetching.eq(1),
-                fetch_left.eq(self.cmd.payload.beats),
-                fetch_off.eq(self.cmd.payload.offset),
-                row_phase.eq(0),
-            ]
+        rows_next = Signal(32)
+        m.d.sync += fetch_rows_left.eq(rows_next)
+        m.d.comb += rows_next.eq(fetch_rows_left)
         fetch_n = Signal(32)
         m.d.comb += fetch_n.eq(Mux(fetch_left < chunk_stripes, fetch_left, chunk_stripes))
         with m.If(fetching):
@@ -144,12 +143,17 @@ class ProgramFetch(GeometryComponent):
                 ]
             # channel 0's beat is the low part of the first row of every stripe
             m.d.comb += [
-                self.data.valid.eq(self.rows.valid & (row_phase == 0)),
+                # a row in the cycle a new fetch command is taken is the old fetch's
+                self.data.valid.eq(
+                    self.rows.valid & (row_phase == 0) & (stale == 0) & ~self.cmd.valid
+                ),
                 self.data.payload.eq(self.rows.payload.data.as_value()[: g.port_bits]),
-                self.rows.ready.eq((row_phase != 0) | self.data.ready),
+                self.rows.ready.eq((stale != 0) | (row_phase != 0) | self.data.ready),
             ]
             taken = self.rows.valid & self.rows.ready
-            with m.If(taken):
+            with m.If(taken & (stale != 0)):
+                m.d.sync += stale.eq(stale - 1)
+            with m.Elif(taken):
                 m.d.sync += row_phase.eq(
                     Mux(row_phase == rows_per_stripe - 1, 0, row_phase + 1)
                     if rows_per_stripe > 1
@@ -159,12 +163,24 @@ class ProgramFetch(GeometryComponent):
                     m.d.sync += fetching.eq(0)
             # a chunk can be issued in the cycle a row of the previous chunk is taken, so both
             # updates go into one assignment
-            m.d.sync += fetch_rows_left.eq(
+            m.d.comb += rows_next.eq(
                 fetch_rows_left + Mux(fetch_issue, fetch_n * rows_per_stripe, 0) - taken
             )
         with m.Else():
             wiring.connect(m, wiring.flipped(self.issue), wiring.flipped(self.read))
             wiring.connect(m, wiring.flipped(self.rows), wiring.flipped(self.loadv))
+        # A new fetch (after last) restarts: the rows of the previous one still on their way
+        # (a fetch stopped by the watchdog) are dropped as they arrive, and its reads not yet
+        # issued are forgotten.
+        with m.If(self.cmd.valid):
+            m.d.comb += self.cmd.ready.eq(1)
+            m.d.sync += [
+                fetching.eq(1),
+                fetch_left.eq(self.cmd.payload.beats),
+                fetch_off.eq(self.cmd.payload.offset),
+                row_phase.eq(0),
+                stale.eq(rows_next),
+            ]
 
         # LOADV rows still to arrive
         loadv_rows = Signal(16)

@@ -136,16 +136,11 @@ def test_watchdog_then_clean_run(sim):
 
 
 @pytest.mark.parametrize("sim", _sims())
-@pytest.mark.xfail(
-    strict=True,
-    reason="RTL: after a watchdog stop during the program fetch, the fetch's reads still in "
-    "flight complete into the next run's fetch (stale program words) and that run's reads are "
-    "never issued; it hangs (docs/rtl.md, Decode core, verification)",
-)
 def test_watchdog_in_fetch_then_clean_run(sim):
     """The program fetch held on channel 1: WATCHDOG at pc 0 as IsaSim with no instruction
-    budget; then the held reads are released and the MATVEC chain program runs (a different
-    program, so a stale program beat would show), with a short cycle budget."""
+    budget; then the held reads are released (after done: the old fetch's rows are still due)
+    and the MATVEC chain program runs (a different program, so a stale program beat would
+    show: the new fetch must drop the old fetch's rows), with a short cycle budget."""
     chain = {"cfg": "test-tiny", "prompt": [1], "n_new": 1, "program": "chain", "want": "ok"}
     run_cases(sim, [{**_HANG, "hang": "fetch"}, {**chain, "max_cycles": 20_000}])
 
