@@ -124,7 +124,10 @@ class Controller(GeometryComponent):
     (:attr:`dma_error`, :attr:`dma_error_tag`); the watchdog fires after ``watchdog`` cycles
     (0: 2**24) without an instruction issued (``WATCHDOG``). On any stop the controller
     stops issuing, waits for the units to drain (bounded by the watchdog), writes the status
-    record with a ``STATUS`` store, waits for the write response and pulses :attr:`done`.
+    record with a ``STATUS`` store, waits for the write response and pulses :attr:`done`. The
+    store's acceptance and its write response get a fresh watchdog period: if they do not
+    come, ``WATCHDOG`` is added to the status registers (not to a record already sampled), a
+    store the DMA never took is dropped, and :attr:`done` pulses anyway.
     ``TOKENS`` counts the ``STW`` instructions issued, as ``tandem.golden.isasim`` does.
 
     Timing: one cycle per instruction when the target unit accepts at once (the next word is
@@ -501,22 +504,41 @@ class Controller(GeometryComponent):
                 m.d.sync += [
                     c.status.eq(c.stop_status | Mux(c.wd_fire & ~c.all_idle, Status.WATCHDOG, 0)),
                     c.err_pc.eq(c.stop_pc),
+                    c.watchdog.eq(0),  # the record's write gets a watchdog period of its own
                 ]
                 m.next = "Status"
-        with m.State("Status"), m.If(~self.dma_store.valid):
+
+        def give_up():
+            """The record's store or its write response did not come within the watchdog:
+            report WATCHDOG (the registers only) and finish without it."""
             m.d.sync += [
-                self.dma_store.valid.eq(1),
-                self.dma_store.payload.eq(0),
-                self.dma_store.payload.cmd.kind.eq(StoreKind.STATUS),
-                self.dma_store.payload.cmd.tag.eq(c.err_pc),
+                c.status.eq(c.status | Status.WATCHDOG),
+                c.running.eq(0),
+                self.dma_store.valid.eq(0),  # a store the DMA never took is dropped
             ]
-            m.next = "Status-Sent"
-        with m.State("Status-Sent"):
-            m.next = "Status-Wait"  # one cycle for the DMA to show the write as busy
-        with m.State("Status-Wait"), m.If(~self.dma_store.valid & ~self.busy.dma_write):
-            m.d.sync += c.running.eq(0)
             m.d.comb += self.done.eq(1)
             m.next = "Idle"
+
+        with m.State("Status"):
+            with m.If(~self.dma_store.valid):
+                m.d.sync += [
+                    self.dma_store.valid.eq(1),
+                    self.dma_store.payload.eq(0),
+                    self.dma_store.payload.cmd.kind.eq(StoreKind.STATUS),
+                    self.dma_store.payload.cmd.tag.eq(c.err_pc),
+                ]
+                m.next = "Status-Sent"
+            with m.Elif(c.wd_fire):
+                give_up()
+        with m.State("Status-Sent"):
+            m.next = "Status-Wait"  # one cycle for the DMA to show the write as busy
+        with m.State("Status-Wait"):
+            with m.If(~self.dma_store.valid & ~self.busy.dma_write):
+                m.d.sync += c.running.eq(0)
+                m.d.comb += self.done.eq(1)
+                m.next = "Idle"
+            with m.Elif(c.wd_fire):
+                give_up()
 
     def _results(self, m, c):
         """Results coming back to registers: an LDW's word, a MATVEC's argmax."""

@@ -172,6 +172,18 @@ def test_axi_errors_then_clean_run(sim):
 
 
 @pytest.mark.parametrize("sim", _sims())
+def test_status_write_held_then_clean_run(sim):
+    """Channel 0's memory never answers the status record's write (held until after done),
+    watchdog = 2000 cycles: the core gives up waiting for the write response and reports done
+    with STATUS = WATCHDOG exactly (the run itself is clean: IsaSim ok), ERROR_PC the HALT's pc,
+    TOKENS as IsaSim; once released the record written is IsaSim's (status 0, sampled before
+    the watchdog fired). Then a clean run with no reset: the held write's late response must
+    not disturb it."""
+    held = {"cfg": "test-tiny", "prompt": [3], "n_new": 1, "want": "ok", "hold_status": True}
+    run_cases(sim, [{**held, "args": {"watchdog": 2000}}, _clean(6)])
+
+
+@pytest.mark.parametrize("sim", _sims())
 def test_matvec_chain(sim):
     """MATVECs back to back that read earlier ones' results (x rows, bias rows) and ones that
     do not (the MPU feeder overlaps those), without and with AXI stalls: every byte as IsaSim."""
