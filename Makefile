@@ -12,9 +12,9 @@ test:
 
 # The fast tier: everything but the whole kernel (`core`), long unit cases (`long`) and
 # benchmark-size cases (`slow`); RTL units on Verilator only (the full suite also runs them on
-# Icarus), two pytest workers.
+# Icarus); two pytest workers, as every run (pyproject.toml addopts).
 test-fast:
-	SIM=verilator $(PYTHON) -m pytest -q -n 2 -m "not slow and not pending and not core and not long"
+	SIM=verilator $(PYTHON) -m pytest -q -m "not slow and not pending and not core and not long"
 
 # Plant known KV-cache bugs in a copy of HEAD and show the tests fail on each (scripts/mutants.py;
 # about 2 minutes; MUTANTS_ARGS="--suite fast" runs the whole fast tier per mutant).
