@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import thesis_cpu_times
 from test_backends import card  # noqa: F401  (the fake Alveo card fixture)
 
 from tandem.checkpoint import random_weights, save_checkpoint
@@ -306,36 +307,17 @@ def test_bench_numbers(capsys, nothing_runs, argv, needles):
 # 5. bench input and output files
 
 
-def _times(**change):
-    data = {
-        "model": "gpt2-medium",
-        "threads": 1,
-        "decode_steps": 2,
-        "cpus": 2,
-        "loadavg_1_5_15": [[2.0, 2.0, 2.0]],
-        "prefill_s": {"64": 1.0, "256": 4.0, "512": 9.0},
-        "layer_s": {str(p): [t / 24] * 24 for p, t in ((64, 1.0), (256, 4.0), (512, 9.0))},
-        "decode_s": {"64": 0.5, "256": 0.6, "512": 0.7},
-    }
-    for key, value in change.items():
-        if value is None:
-            del data[key]
-        else:
-            data[key] = value
-    return data
-
-
 BAD_TIMES = {
     "list": [1, 2],
-    "no-key": _times(decode_s=None),
-    "wrong-type": _times(prefill_s=[1.0, 2.0]),
-    "strings": _times(decode_s={"64": "0.5", "256": "0.6", "512": "0.7"}),
-    "negative": _times(prefill_s={"64": -1.0, "256": 4.0, "512": 9.0}),
-    "nan": _times(decode_s={"64": math.nan, "256": 0.6, "512": 0.7}),
-    "incomplete": _times(prefill_s={"64": 1.0, "256": 4.0}),
-    "layers": _times(layer_s={"64": [0.1], "256": [0.1], "512": [0.1]}),
-    "model": _times(model="gpt5"),
-    "threads": _times(threads="1"),
+    "no-key": thesis_cpu_times(decode_s=None),
+    "wrong-type": thesis_cpu_times(prefill_s=[1.0, 2.0]),
+    "strings": thesis_cpu_times(decode_s={"64": "0.5", "256": "0.6", "512": "0.7"}),
+    "negative": thesis_cpu_times(prefill_s={"64": -1.0, "256": 4.0, "512": 9.0}),
+    "nan": thesis_cpu_times(decode_s={"64": math.nan, "256": 0.6, "512": 0.7}),
+    "incomplete": thesis_cpu_times(prefill_s={"64": 1.0, "256": 4.0}),
+    "layers": thesis_cpu_times(layer_s={"64": [0.1], "256": [0.1], "512": [0.1]}),
+    "model": thesis_cpu_times(model="gpt5"),
+    "threads": thesis_cpu_times(threads="1"),
 }
 
 
@@ -368,7 +350,7 @@ def test_bench_output_paths_checked_before_the_work(
     capsys, nothing_runs, tmp_path, flag, target, needle
 ):
     saved = tmp_path / "cpu.json"
-    saved.write_text(json.dumps(_times()))
+    saved.write_text(json.dumps(thesis_cpu_times()))
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "file").write_text("")
@@ -385,7 +367,7 @@ def test_bench_output_paths_checked_before_the_work(
 
 def test_bench_thesis_from_saved_times_writes_where_told(capsys, tmp_path):
     saved = tmp_path / "cpu.json"
-    saved.write_text(json.dumps(_times()))
+    saved.write_text(json.dumps(thesis_cpu_times()))
     png, again = tmp_path / "new" / "t.png", tmp_path / "again.json"
     argv = ["bench", "--thesis", "--load-times", str(saved), "--plot", str(png)]
     assert main([*argv, "--save-times", str(again)]) == 0

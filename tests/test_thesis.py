@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import thesis_cpu_times
 
 from tandem.checkpoint import random_weights
 from tandem.config import preset
@@ -150,16 +151,7 @@ def test_other_geometry_or_missing_field(tmp_path):
 
 def saved_cpu_times(tmp_path):
     """CPU times as `tandem bench --thesis --save-times` writes them (made-up values)."""
-    data = {
-        "model": "gpt2-medium",
-        "threads": 1,
-        "decode_steps": 2,
-        "cpus": 2,
-        "loadavg_1_5_15": [[2.0, 2.0, 2.0]],
-        "prefill_s": {"64": 1.0, "256": 4.0, "512": 9.0},
-        "layer_s": {str(p): [t / 24] * 24 for p, t in ((64, 1.0), (256, 4.0), (512, 9.0))},
-        "decode_s": {"64": 0.5, "256": 0.6, "512": 0.7},
-    }
+    data = thesis_cpu_times()
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps(data))
     return path
