@@ -3,11 +3,12 @@ the controller, the DMA, the MPU, the VPU, the vector buffer and the blocks betw
 
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
-from amaranth import ClockDomain, Module
+from amaranth import ClockDomain, DomainRenamer, Module, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out, connect, flipped
 
 from tandem import regmap
+from tandem.floorplan import BLOCKS, Floorplan, for_geometry
 from tandem.geometry import CoreGeometry, check_geometry
 
 from .axi import AXI4LiteSignature, AXI4Signature, vitis_ports
@@ -17,17 +18,133 @@ from .dma import DMAEngine, StoreCommand
 from .feeders import CommandQueue, MpuFeeder, ReadPortShare, StoreFeeder, VbufWriteArbiter
 from .fetch import ProgramFetch
 from .mpu import MatrixUnit
+from .relay import Delay, Relay
 from .shell import KernelShell
 from .vbuf import VectorBuffer
 from .vpu import VectorCommand, VectorUnit
 
-__all__ = ["TOPLEVEL", "VPU_QUEUE", "DecodeCore", "PerfSignature", "verilog"]
+__all__ = [
+    "FIXED_LATENCY",
+    "LEVELS",
+    "STREAMS",
+    "TOPLEVEL",
+    "VPU_QUEUE",
+    "DecodeCore",
+    "PerfSignature",
+    "check_floorplan",
+    "placement",
+    "sll_pairs",
+    "verilog",
+]
 
 TOPLEVEL = "tandem_decode_core"
 VPU_QUEUE = 64
 """Vector commands the core holds between the controller and the vector unit: enough for a
 head group's softmax (5 ops per head), so the controller reaches the next MATVEC and starts its
 weight read while the vector unit still works."""
+
+
+STREAMS = {
+    # name: (from block, to block); the relay is the instance ``xing_<name>``.
+    "fetch_cmd": ("ctrl", "fetch"),
+    "fetch_data": ("fetch", "ctrl"),
+    "dma_read": ("ctrl", "fetch"),
+    "loadv": ("fetch", "vbuf_write"),
+    "word": ("dma", "ctrl"),
+    "store_issue": ("ctrl", "store_feeder"),
+    "store_cmd": ("store_feeder", "dma"),
+    "store_data": ("store_feeder", "dma"),
+    "mpu_issue": ("ctrl", "mpu_feeder"),
+    "mpu_cmd": ("mpu_feeder", "mpu"),
+    "mpu_x": ("mpu_feeder", "mpu"),
+    "mpu_bias": ("mpu_feeder", "mpu"),
+    "tiles": ("dma", "mpu"),
+    "mpu_result": ("mpu", "mpu_feeder"),
+    "argmax": ("mpu", "ctrl"),
+    "vpu_issue": ("ctrl", "vpu_queue"),
+    "vpu_cmd": ("vpu_queue", "vpu"),
+}
+"""Every valid/ready stream between two blocks (:data:`tandem.floorplan.BLOCKS`): each goes
+through a :class:`rtl.relay.Relay` of ``floorplan.stages(from, to)`` stages. The VBUF's read
+and write ports are not streams (fixed latency); their users sit beside it, and
+:func:`placement` keeps them in one SLR."""
+
+LEVELS = {
+    # name: (from block, to block); the delay is the instance ``delay_<name>``.
+    "args_ctrl": ("shell", "ctrl"),
+    "args_dma": ("shell", "dma"),
+    "start_ctrl": ("shell", "ctrl"),
+    "start_dma": ("shell", "dma"),
+    "done": ("ctrl", "shell"),
+    "status": ("ctrl", "shell"),
+    "record": ("ctrl", "dma"),
+    "dma_error": ("dma", "ctrl"),
+    "dma_error_tag": ("dma", "ctrl"),
+    "hold": ("mpu_feeder", "store_feeder"),
+    "busy_vpu": ("vpu", "ctrl"),
+    "busy_mpu_feeder": ("mpu_feeder", "ctrl"),
+    "busy_mpu": ("mpu", "ctrl"),
+    "busy_read": ("fetch", "ctrl"),
+    "busy_loadv": ("fetch", "ctrl"),
+    "busy_store": ("store_feeder", "ctrl"),
+    "busy_write_feeder": ("store_feeder", "ctrl"),
+    "busy_write_dma": ("dma", "ctrl"),
+}
+"""Every other signal between two blocks (arguments, start, done, status, errors, busy flags):
+each through a :class:`rtl.relay.Delay` of ``floorplan.stages(from, to)`` registers."""
+
+FIXED_LATENCY = (("vbuf", "vpu"), ("vbuf", "vbuf_shared_read"), ("vbuf", "vbuf_write"),
+                 ("vbuf_shared_read", "mpu_feeder"), ("vbuf_shared_read", "store_feeder"),
+                 ("vbuf_write", "vpu"), ("vbuf_write", "mpu_feeder"),
+                 ("vpu_queue", "vpu"), ("fetch", "dma"))  # fmt: skip
+"""Pairs joined by something other than a stream or a level signal (VBUF ports, the queue's
+level, the fetch's pass-through to the DMA, the DMA's idle flags): they must share an SLR."""
+
+
+def check_floorplan(plan: Floorplan) -> Floorplan:
+    """``plan`` if every pair in :data:`FIXED_LATENCY` shares an SLR, else ValueError."""
+    if not isinstance(plan, Floorplan):
+        raise TypeError(f"floorplan must be a tandem.floorplan.Floorplan, not {plan!r}")
+    split = [(a, b) for a, b in FIXED_LATENCY if plan.slr[a] != plan.slr[b]]
+    if split:
+        raise ValueError(
+            f"floorplan {plan.name!r} puts {split} in different SLRs; these blocks are joined "
+            "by fixed-latency ports (no stages possible) and must share one"
+        )
+    return plan
+
+
+def placement(plan: Floorplan) -> list[tuple[str, int]]:
+    """(instance path under the kernel, SLR) for every block, relay stage, delay register and
+    reset-tree register of a core built with ``plan``: what the Vitis flow's pblock
+    constraints place (scripts/bitstream.py)."""
+    check_floorplan(plan)
+    out = [(b, plan.slr[b]) for b in BLOCKS]
+    for kind, table in (("xing", STREAMS), ("delay", LEVELS)):
+        for name, (a, b) in table.items():
+            for k, slr in enumerate(plan.stage_slrs(a, b)):
+                out.append((f"{kind}_{name}/stage{k}", slr))
+    root = plan.slr["shell"]
+    out += [(f"rst_root/stage{k}", root) for k in range(plan.reset_stages)]
+    for s in plan.slrs:
+        out += [(f"rst_slr{s}/stage{k}", r) for k, r in enumerate(plan.reset_branch_slrs(s))]
+    return out
+
+
+def sll_pairs(plan: Floorplan) -> list[tuple[str, str]]:
+    """(from, to) instance paths of the plain register hops of ``plan`` that cross an SLR
+    boundary: consecutive registers of a :class:`rtl.relay.Delay` or a reset branch in two
+    SLRs. Nothing but a wire joins them, so both can sit in Laguna sites (``USER_SLL_REG``).
+    A :class:`rtl.relay.Relay`'s hop has the skid multiplexer after the wire and cannot."""
+    check_floorplan(plan)
+    chains = [(f"delay_{name}", plan.stage_slrs(a, b)) for name, (a, b) in LEVELS.items()]
+    chains += [(f"rst_slr{s}", plan.reset_branch_slrs(s)) for s in plan.slrs]
+    return [
+        (f"{inst}/stage{k}", f"{inst}/stage{k + 1}")
+        for inst, slrs in chains
+        for k in range(len(slrs) - 1)
+        if slrs[k] != slrs[k + 1]
+    ]
 
 
 class PerfSignature(wiring.Signature):
@@ -92,9 +209,14 @@ class DecodeCore(GeometryComponent):
     waits while the MPU feeder loads).
     """
 
-    def __init__(self, geom: CoreGeometry, *, perf: bool = False):
+    def __init__(
+        self, geom: CoreGeometry, *, perf: bool = False, floorplan: Floorplan | None = None
+    ):
         check_geometry(geom)
         self._perf = bool(perf)
+        if floorplan is None:
+            floorplan = for_geometry(geom)
+        self._plan = check_floorplan(floorplan)
         addr_width = (regmap.address_space_bytes(geom.channels) - 1).bit_length()
         members = {
             "ap_clk": In(1),
@@ -109,28 +231,57 @@ class DecodeCore(GeometryComponent):
         super().__init__(geom, members)
 
     @property
+    def floorplan(self) -> Floorplan:
+        """Where the blocks go and how many stages each stream between them has."""
+        return self._plan
+
+    @property
     def has_perf(self) -> bool:
         """Whether the core has the ``perf`` member."""
         return self._perf
 
     def elaborate(self, platform):
         m = Module()
-        g = self._geom
-        m.domains.sync = cd = ClockDomain("sync")
-        m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(~self.ap_rst_n)]
+        g, plan = self._geom, self._plan
+        self._reset_tree(m)
 
-        m.submodules.shell = shell = KernelShell(g)
-        m.submodules.ctrl = ctrl = Controller(g)
-        m.submodules.dma = dma = DMAEngine(g)
-        m.submodules.fetch = fetch = ProgramFetch(g)
-        m.submodules.store_feeder = stores = StoreFeeder(g)
-        m.submodules.mpu_feeder = feeder = MpuFeeder(g)
-        m.submodules.mpu = mpu = MatrixUnit(g)
-        m.submodules.vpu_queue = vq = CommandQueue(VectorCommand, VPU_QUEUE)
-        m.submodules.vpu = vpu = VectorUnit(g)
-        m.submodules.vbuf = vbuf = VectorBuffer(g, read_ports=3, write_ports=1)
-        m.submodules.vbuf_shared_read = shared_rd = ReadPortShare(vbuf.rows, users=2)
-        m.submodules.vbuf_write = vbuf_wr = VbufWriteArbiter(g)
+        def place(name, block):
+            """Add ``block`` as ``name``, clocked and reset in its SLR's domain."""
+            m.submodules[name] = DomainRenamer({"sync": _domain(plan.slr[name])})(block)
+            return block
+
+        shell = place("shell", KernelShell(g))
+        ctrl = place("ctrl", Controller(g))
+        dma = place("dma", DMAEngine(g))
+        fetch = place("fetch", ProgramFetch(g))
+        stores = place("store_feeder", StoreFeeder(g))
+        feeder = place("mpu_feeder", MpuFeeder(g))
+        mpu = place("mpu", MatrixUnit(g))
+        vq = place("vpu_queue", CommandQueue(VectorCommand, VPU_QUEUE))
+        vpu = place("vpu", VectorUnit(g))
+        vbuf = place("vbuf", VectorBuffer(g, read_ports=3, write_ports=1))
+        shared_rd = place("vbuf_shared_read", ReadPortShare(vbuf.rows, users=2))
+        vbuf_wr = place("vbuf_write", VbufWriteArbiter(g))
+
+        def relay(name, src, dst):
+            """Stream ``src`` to ``dst`` through the stages the floorplan gives the pair of
+            blocks :data:`STREAMS` names."""
+            a, b = STREAMS[name]
+            r = Relay(src.payload.shape(), plan.stages(a, b), domains=_stage_domains(plan, a, b))
+            m.submodules[f"xing_{name}"] = r
+            connect(m, src, r.i)
+            connect(m, r.o, dst)
+            return r
+
+        def delay(name, value):
+            """``value`` (a level signal) as the receiving block of :data:`LEVELS` sees it."""
+            a, b = LEVELS[name]
+            d = Delay(
+                Value.cast(value).shape(), plan.stages(a, b), domains=_stage_domains(plan, a, b)
+            )
+            m.submodules[f"delay_{name}"] = d
+            m.d.comb += d.i.eq(value)
+            return d.o
 
         # ---- host side: control registers, HBM ports --------------------------------------
         connect(m, flipped(self.s_axi_control), shell.s_axi_control)
@@ -139,47 +290,47 @@ class DecodeCore(GeometryComponent):
             connect(m, getattr(dma, name), flipped(getattr(self, name)))
         m.d.comb += [
             self.interrupt.eq(shell.interrupt),
-            ctrl.args.eq(shell.args),
-            dma.args.eq(shell.args),
-            ctrl.start.eq(shell.start),
-            dma.clear.eq(shell.start),
-            shell.done.eq(ctrl.done),
-            shell.status.eq(ctrl.status),
-            dma.record.eq(ctrl.record),
-            ctrl.dma_error.eq(dma.error),
-            ctrl.dma_error_tag.eq(dma.error_tag),
+            ctrl.args.eq(delay("args_ctrl", shell.args.as_value())),
+            dma.args.eq(delay("args_dma", shell.args.as_value())),
+            ctrl.start.eq(delay("start_ctrl", shell.start)),
+            dma.clear.eq(delay("start_dma", shell.start)),
+            shell.done.eq(delay("done", ctrl.done)),
+            shell.status.eq(delay("status", ctrl.status.as_value())),
+            dma.record.eq(delay("record", ctrl.record.as_value())),
+            ctrl.dma_error.eq(delay("dma_error", dma.error.as_value())),
+            ctrl.dma_error_tag.eq(delay("dma_error_tag", dma.error_tag)),
         ]
 
         # ---- DMA reads: program fetch, LOADV rows, LDW words --------------------------------
-        connect(m, ctrl.fetch_cmd, fetch.cmd)
-        connect(m, fetch.data, ctrl.fetch_data)
-        connect(m, ctrl.dma_read, fetch.issue)
+        x_fetch_cmd = relay("fetch_cmd", ctrl.fetch_cmd, fetch.cmd)
+        relay("fetch_data", fetch.data, ctrl.fetch_data)
+        x_read = relay("dma_read", ctrl.dma_read, fetch.issue)
         connect(m, fetch.read, dma.read)
         connect(m, dma.rows, fetch.rows)
-        connect(m, fetch.loadv, vbuf_wr.loadv)
-        connect(m, dma.word, ctrl.dma_word)
+        x_loadv = relay("loadv", fetch.loadv, vbuf_wr.loadv)
+        relay("word", dma.word, ctrl.dma_word)
 
         # ---- stores ---------------------------------------------------------------------------
-        connect(m, ctrl.dma_store, stores.issue)
-        connect(m, stores.cmd, dma.store)
-        connect(m, stores.data, dma.store_data)
+        x_store = relay("store_issue", ctrl.dma_store, stores.issue)
+        x_store_cmd = relay("store_cmd", stores.cmd, dma.store)
+        x_store_data = relay("store_data", stores.data, dma.store_data)
         connect(m, stores.read, shared_rd.users[1])
-        m.d.comb += stores.hold.eq(feeder.loading)
+        m.d.comb += stores.hold.eq(delay("hold", feeder.loading))
 
         # ---- MPU: commands, x and bias through the feeder, weights straight from the DMA -----
-        connect(m, ctrl.mpu, feeder.issue)
-        connect(m, feeder.cmd, mpu.cmd)
-        connect(m, feeder.x, mpu.x)
-        connect(m, feeder.bias, mpu.bias)
-        connect(m, dma.tiles, mpu.weights)
-        connect(m, mpu.result, feeder.result)
-        connect(m, mpu.argmax, ctrl.mpu_argmax)
+        x_mpu = relay("mpu_issue", ctrl.mpu, feeder.issue)
+        relay("mpu_cmd", feeder.cmd, mpu.cmd)
+        relay("mpu_x", feeder.x, mpu.x)
+        relay("mpu_bias", feeder.bias, mpu.bias)
+        relay("tiles", dma.tiles, mpu.weights)
+        relay("mpu_result", mpu.result, feeder.result)
+        relay("argmax", mpu.argmax, ctrl.mpu_argmax)
         connect(m, feeder.read, shared_rd.users[0])
         connect(m, feeder.write, vbuf_wr.mpu)
 
         # ---- VPU --------------------------------------------------------------------------
-        connect(m, ctrl.vpu, vq.i)
-        connect(m, vq.o, vpu.cmd)
+        x_vpu = relay("vpu_issue", ctrl.vpu, vq.i)
+        relay("vpu_cmd", vq.o, vpu.cmd)
         connect(m, vpu.read_a, vbuf.read[0])
         connect(m, vpu.read_b, vbuf.read[1])
         connect(m, vpu.write, vbuf_wr.vpu)
@@ -189,18 +340,35 @@ class DecodeCore(GeometryComponent):
         connect(m, shared_rd.port, vbuf.read[2])
         connect(m, vbuf_wr.write, vbuf.write[0])
 
+        # ---- what the controller's scoreboard sees ------------------------------------------
+        # Each unit's busy flag comes back through as many registers as the relay that carries
+        # its commands has stages, and that relay's own `busy` covers a command from the cycle
+        # after the controller issued it until the unit's flag, raised the cycle after it took
+        # the command, has had time to come back: no gap, only a few conservative cycles at the
+        # end (rtl/relay.py; the stage counts obey the triangle inequality, docs/floorplan.md).
+        vpu_far = delay("busy_vpu", vpu.busy | (vq.level != 0))
+        feeder_far = delay("busy_mpu_feeder", feeder.busy)
+        mpu_far = delay("busy_mpu", mpu.busy)
+        read_far = delay("busy_read", ~dma.read_idle | fetch.fetching)
+        loadv_far = delay("busy_loadv", fetch.loadv_busy | x_loadv.busy)
+        store_far = delay("busy_store", stores.busy)
+        write_far = delay(
+            "busy_write_feeder",
+            stores.busy | x_store_cmd.busy | x_store_data.busy,
+        )
+        write_dma = delay("busy_write_dma", ~dma.write_idle)
         m.d.comb += [
-            ctrl.busy.vpu.eq(vpu.busy | (vq.level != 0) | ctrl.vpu.valid),
-            ctrl.busy.mpu.eq(feeder.busy | mpu.busy),
-            ctrl.busy.dma_read.eq(~dma.read_idle | fetch.fetching),
-            ctrl.busy.loadv.eq(fetch.loadv_busy),
-            ctrl.busy.store.eq(stores.busy),
-            ctrl.busy.dma_write.eq(~dma.write_idle | stores.busy),
+            ctrl.busy.vpu.eq(vpu_far | x_vpu.busy | ctrl.vpu.valid),
+            ctrl.busy.mpu.eq(feeder_far | mpu_far | x_mpu.busy),
+            ctrl.busy.dma_read.eq(read_far | x_read.busy | x_fetch_cmd.busy),
+            ctrl.busy.loadv.eq(loadv_far | x_read.busy),
+            ctrl.busy.store.eq(store_far | x_store.busy),
+            ctrl.busy.dma_write.eq(write_far | write_dma | x_store.busy),
         ]
 
         if self._perf:
             m.d.comb += [
-                self.perf.start.eq(shell.start),
+                self.perf.start.eq(ctrl.start),
                 self.perf.done.eq(ctrl.done),
                 self.perf.busy.eq(ctrl.busy),
                 self.perf.tile_valid.eq(mpu.weights.valid),
@@ -210,10 +378,47 @@ class DecodeCore(GeometryComponent):
             ]
         return m
 
+    def _reset_tree(self, m):
+        """``ap_rst_n`` through :attr:`Floorplan.reset_stages` registers to the root, then one
+        branch per SLR, all of :attr:`Floorplan.reset_depth` registers, into the domain
+        ``slr<k>`` (clock ``ap_clk``) of every block in SLR k: each block leaves reset in the
+        same cycle. The registers start in reset and keep their names (``keep``) so synthesis
+        does not merge the branches back into one net."""
+        plan = self._plan
+        m.domains.reset_tree = tree = ClockDomain("reset_tree", reset_less=True)
+        m.d.comb += tree.clk.eq(self.ap_clk)
 
-def verilog(geom: CoreGeometry) -> str:
-    """Verilog of ``tandem_decode_core`` for ``geom``, with the Vitis port names."""
+        def chain(name, value, n, domains):
+            d = Delay(1, n, domains=domains, init=1, keep=True)
+            m.submodules[name] = d
+            m.d.comb += d.i.eq(value)
+            return d.o
+
+        root = chain(
+            "rst_root", ~self.ap_rst_n, plan.reset_stages, ("reset_tree",) * plan.reset_stages
+        )
+        for s in plan.slrs:
+            cd = ClockDomain(_domain(s))
+            m.domains += cd
+            n = len(plan.reset_branch_slrs(s))
+            leaf = chain(f"rst_slr{s}", root, n, ("reset_tree",) * n)
+            m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(leaf)]
+
+
+def _domain(slr: int) -> str:
+    """The clock domain of the blocks in SLR ``slr``."""
+    return f"slr{slr}"
+
+
+def _stage_domains(plan: Floorplan, a: str, b: str) -> tuple[str, ...]:
+    """The clock domain of each stage between blocks ``a`` and ``b``."""
+    return tuple(_domain(s) for s in plan.stage_slrs(a, b))
+
+
+def verilog(geom: CoreGeometry, floorplan: Floorplan | None = None) -> str:
+    """Verilog of ``tandem_decode_core`` for ``geom`` (and ``floorplan``, default the
+    geometry's: :func:`tandem.floorplan.for_geometry`), with the Vitis port names."""
     from amaranth.back import verilog as back
 
-    core = DecodeCore(geom)
+    core = DecodeCore(geom, floorplan=floorplan)
     return back.convert(core, name=TOPLEVEL, ports=vitis_ports(core), emit_src=False)

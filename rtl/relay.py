@@ -14,6 +14,8 @@ reset leaf of that SLR (:mod:`tandem.floorplan`).
 
 # No `from __future__ import annotations`: Amaranth reads annotations as shapes.
 
+import itertools
+
 from amaranth import Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -127,7 +129,7 @@ class Relay(wiring.Component):
             m.submodules[f"stage{k}"] = stage
             stages.append(stage)
         wiring.connect(m, wiring.flipped(self.i), stages[0].i)
-        for a, b in zip(stages, stages[1:], strict=False):
+        for a, b in itertools.pairwise(stages):
             wiring.connect(m, a.o, b.i)
             m.d.comb += a.ack_i.eq(b.ack_o)
         wiring.connect(m, stages[-1].o, wiring.flipped(self.o))
@@ -143,24 +145,49 @@ class Relay(wiring.Component):
         return m
 
 
+class _Register(wiring.Component):
+    """One register of a :class:`Delay`, its own instance so that a floorplan can place it."""
+
+    def __init__(self, shape, *, domain: str, init, attrs):
+        self._domain, self._init, self._attrs = domain, init, attrs
+        super().__init__({"i": In(shape), "o": Out(shape)})
+
+    def elaborate(self, platform):
+        m = Module()
+        reg = Signal.like(self.o, name="q", init=self._init, attrs=self._attrs)
+        m.d[self._domain] += reg.eq(self.i)
+        m.d.comb += self.o.eq(reg)
+        return m
+
+
 class Delay(wiring.Component):
     """``o`` is ``i`` from ``stages`` cycles before (0: a wire), through plain registers.
 
-    For level signals whose meaning survives a fixed delay. Each register starts at ``init``.
+    For level signals whose meaning survives a fixed delay. Each register starts at ``init``
+    and is its own submodule ``stage<k>`` in clock domain ``domains[k]``; ``keep=True`` marks
+    the registers ``keep`` so that synthesis does not merge them with an equivalent chain (the
+    branches of a reset tree).
     """
 
-    def __init__(self, shape, stages: int, *, domains=None, init=0):
+    def __init__(self, shape, stages: int, *, domains=None, init=0, keep: bool = False):
+        self._shape = shape
         self._stages = stages
         self._domains = _domains(stages, domains)
         self._init = init
+        self._attrs = {"keep": "true"} if keep else {}
         super().__init__({"i": In(shape), "o": Out(shape)})
+
+    @property
+    def stages(self) -> int:
+        return self._stages
 
     def elaborate(self, platform):
         m = Module()
         prev = self.i
         for k, dom in enumerate(self._domains):
-            reg = Signal.like(self.o, name=f"stage{k}", init=self._init)
-            m.d[dom] += reg.eq(prev)
-            prev = reg
+            reg = _Register(self._shape, domain=dom, init=self._init, attrs=self._attrs)
+            m.submodules[f"stage{k}"] = reg
+            m.d.comb += reg.i.eq(prev)
+            prev = reg.o
         m.d.comb += self.o.eq(prev)
         return m

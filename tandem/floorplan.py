@@ -102,7 +102,7 @@ class Floorplan:
     """
 
     name: str
-    slr: MappingProxyType = field(repr=False)
+    slr: MappingProxyType = field(repr=False, hash=False)
     stages_per_boundary: int = 2
     reset_stages: int = 2
     budgets: tuple[SlrBudget, ...] = SLR_BUDGETS
@@ -139,18 +139,26 @@ class Floorplan:
         return self.stages_per_boundary * self.boundaries(a, b)
 
     def stage_slrs(self, a: str, b: str) -> tuple[int, ...]:
-        """The SLR of each stage from ``a`` to ``b``: each boundary's stages split evenly, the
-        first half on the near side, the rest on the far side (with two per boundary, one
-        register on each side of it)."""
-        sa, sb = self.slr[a], self.slr[b]
+        """The SLR of each stage from ``a`` to ``b`` (:meth:`path_slrs`)."""
+        return self.path_slrs(self.slr[a], self.slr[b])
+
+    def path_slrs(self, sa: int, sb: int) -> tuple[int, ...]:
+        """The SLR of each stage of a path from SLR ``sa`` to SLR ``sb``: each boundary's
+        stages split evenly, the first half on the near side, the rest on the far side (with
+        two per boundary, one register on each side of it)."""
         step = 1 if sb >= sa else -1
         out = []
-        for k in range(self.boundaries(a, b)):
+        n = self.stages_per_boundary
+        for k in range(abs(sb - sa)):
             near = sa + step * k
-            far = near + step
-            n = self.stages_per_boundary
-            out += [near] * ((n + 1) // 2) + [far] * (n // 2)
+            out += [near] * ((n + 1) // 2) + [near + step] * (n // 2)
         return tuple(out)
+
+    def reset_branch_slrs(self, slr: int) -> tuple[int, ...]:
+        """The SLR of each register of the reset branch to ``slr``: the crossing from the
+        root's SLR (the shell's), then padding and the leaf in ``slr``."""
+        path = self.path_slrs(self.slr["shell"], slr)
+        return path + (slr,) * (self.reset_depth - self.reset_stages - len(path))
 
     @property
     def slrs(self) -> tuple[int, ...]:
@@ -212,7 +220,9 @@ def floorplan(name: str) -> Floorplan:
     try:
         return FLOORPLANS[name]
     except KeyError:
-        raise ValueError(f"unknown floorplan {name!r}; choose one of {sorted(FLOORPLANS)}") from None
+        raise ValueError(
+            f"unknown floorplan {name!r}; choose one of {sorted(FLOORPLANS)}"
+        ) from None
 
 
 def for_geometry(geom) -> Floorplan:

@@ -268,9 +268,13 @@ foreach cmd {create_project add_files update_compile_order close_project package
              ipx::package_project ipx::unload_core ipx::edit_ip_in_project
              ipx::associate_bus_interfaces ipx::add_field ipx::create_xgui_files
              ipx::update_checksums ipx::check_integrity ipx::save_core} {
-    proc $cmd {args} "record $cmd {*}\$args"
+    proc $cmd {args} "record $cmd {*}\$args; return obj:$cmd"
 }
-proc set_property {args} { record set_property {*}$args }
+# As Vivado: set_property on no object is an error ("expects at least one object").
+proc set_property {args} {
+    if {[lindex $args end] eq ""} { error "set_property [lrange $args 0 end-1]: no object" }
+    record set_property {*}$args
+}
 proc current_fileset {args} { return sources_1 }
 proc ipx::current_core {args} { return core }
 proc ipx::get_bus_interfaces {args} { return "bif:[lindex [positional $args] 0]" }
@@ -284,7 +288,29 @@ proc ipx::get_port_maps {args} {
 }
 proc get_property {name obj} { return $obj }
 proc ipx::get_ports {args} { return [lindex [positional $args] 0] }
-proc ipx::add_bus_parameter {args} { return param }
+# Bus parameters per interface; Vivado infers POLARITY on an _n reset (::inferred_params), and
+# adding a parameter that exists is an error (with -quiet: an empty result instead).
+if {![info exists ::inferred_params]} { set ::inferred_params {bif:ap_rst_n POLARITY} }
+set ::bus_params $::inferred_params
+proc ipx::get_bus_parameters {args} {
+    set p [positional $args]
+    set name [lindex $p 0]
+    set bif [lindex $args end]
+    foreach {b n} $::bus_params { if {$b eq $bif && $n eq $name} { return "param:$bif:$name" } }
+    return {}
+}
+proc ipx::add_bus_parameter {args} {
+    set p [positional $args]
+    lassign $p name bif
+    foreach {b n} $::bus_params {
+        if {$b eq $bif && $n eq $name} {
+            if {[lsearch $args -quiet] >= 0} { return {} }
+            error "bus parameter $name exists on $bif"
+        }
+    }
+    lappend ::bus_params $bif $name
+    return "param:$bif:$name"
+}
 proc ipx::add_memory_map {args} { return map }
 proc ipx::add_address_block {args} { return block }
 proc ipx::add_register {args} { record ipx::add_register {*}$args; return "reg" }
@@ -334,6 +360,21 @@ def test_tcl_is_complete_and_runs_against_stubbed_vivado(out):
 
 
 @needs_tclsh
+@pytest.mark.parametrize("inferred", ["", "bif:ap_rst_n POLARITY bif:ap_clk FREQ_HZ"])
+def test_tcl_sets_bus_parameters_whether_or_not_vivado_inferred_them(out, inferred):
+    """POLARITY and FREQ_HZ are set once each, on the parameter Vivado inferred or on a new one
+    (the stubs fail on a duplicate parameter and on set_property with no object, as Vivado)."""
+    stub = VIVADO_STUBS.replace(
+        "if {![info exists ::inferred_params]}", f"set ::inferred_params {{{inferred}}}\nif {{0}}"
+    )
+    proc = _tclsh(stub + f"source {{{out / 'package_kernel.tcl'}}}\n", out)
+    assert proc.returncode == 0, proc.stderr
+    calls = proc.stdout.splitlines()
+    assert "CALL set_property value ACTIVE_LOW param:bif:ap_rst_n:POLARITY" in calls
+    assert "CALL set_property value 250000000 param:bif:ap_clk:FREQ_HZ" in calls
+
+
+@needs_tclsh
 def test_tcl_stops_when_vivado_maps_a_port_elsewhere(out):
     stub = VIVADO_STUBS + "set ::drop_port m_axi_hbm1_rdata\n"
     proc = _tclsh(stub + f"source {{{out / 'package_kernel.tcl'}}}\n", out)
@@ -342,34 +383,129 @@ def test_tcl_stops_when_vivado_maps_a_port_elsewhere(out):
     assert "CALL package_xo" not in proc.stdout
 
 
+# Stand-ins for the placement commands, strict as Vivado: get_* with no match warns and returns
+# nothing (no error with -quiet), and add_cells_to_pblock / set_property on nothing is an error.
+# ::cells is the netlist: every instance of the placement and one register inside each.
 PBLOCK_STUBS = r"""
 proc unknown {args} { error "not a stubbed Vivado command: $args" }
-set ::cells {level0_i/ulp/tandem_decode_core_1/inst/dma
-             level0_i/ulp/tandem_decode_core_1/inst/dma/ch0/dma
-             level0_i/ulp/tandem_decode_core_1/inst/mpu
-             level0_i/ulp/other_kernel_1/inst/dma}
-proc get_pblocks {args} { if {$::have_pblock} { return [lindex $args end] } else { return {} } }
+proc get_pblocks {args} {
+    set name [lindex $args end]
+    if {[lsearch $::pblocks $name] >= 0} { return $name }
+    if {[lsearch $args -quiet] < 0} {
+        puts "WARNING: \[Vivado 12-1008\] No pblocks matched '$name'"
+    }
+    return {}
+}
 proc get_cells {args} {
     set i [lsearch $args -filter]
     if {$i < 0} { return [lindex $args end] }
-    regexp {NAME =~ (.*)} [lindex $args [expr {$i + 1}]] -> pattern
-    return [lsearch -all -inline -regexp $::cells "^${pattern}\$"]
+    set filter [lindex $args [expr {$i + 1}]]
+    if {[regexp {^NAME =~ (\S+) && PRIMITIVE_GROUP == REGISTER$} $filter -> glob]} {
+        set found {}
+        foreach c $::cells {
+            if {[string match $glob $c] && [string match *_reg* $c]} { lappend found $c }
+        }
+    } elseif {[regexp {^NAME =~ (.*)$} $filter -> pattern] && [lsearch $args -regexp] >= 0} {
+        set found [lsearch -all -inline -regexp $::cells "^${pattern}\$"]
+    } else {
+        error "get_cells stub: unsupported filter $filter"
+    }
+    if {$found eq {} && [lsearch $args -quiet] < 0} {
+        puts "WARNING: \[Vivado 12-180\] No cells matched"
+    }
+    return $found
 }
-proc add_cells_to_pblock {pblock cells} { puts "ADD $pblock $cells" }
+proc add_cells_to_pblock {pblock cells} {
+    if {$pblock eq {} || $cells eq {}} { error "add_cells_to_pblock: expects at least one object" }
+    puts "ADD $pblock $cells"
+}
+proc set_property {name value objects} {
+    if {$objects eq {}} { error "set_property $name: no object" }
+    foreach o $objects { puts "PROP $name $value $o" }
+}
 """
+
+CU_PATH = "level0_i/ulp/tandem_decode_core_1/inst"
+
+
+@pytest.fixture(scope="module")
+def u55c_hook(tmp_path_factory):
+    """impl_pre.tcl for the u55c geometry (its floorplan), with the constraints beside it, and
+    the placement it encodes."""
+    from tandem.floorplan import U55C
+    from tandem.rtl.core import placement, sll_pairs
+
+    out = tmp_path_factory.mktemp("u55c")
+    (out / "constraints").mkdir()
+    for name in bs.CONSTRAINT_FILES:
+        shutil.copyfile(ROOT / "constraints" / name, out / "constraints" / name)
+    (out / "impl_pre.tcl").write_text(bs.impl_pre_tcl(out, KERNEL, geometry("u55c")))
+    return out, placement(U55C), sll_pairs(U55C)
+
+
+def _netlist(placed, *, drop=()):
+    """A Tcl list of cells: every placed instance under the compute unit, a register in each,
+    an unrelated kernel's namesake, and nested namesakes that must not be picked."""
+    cells = []
+    for path, _ in placed:
+        if path in drop:
+            continue
+        cells += [f"{CU_PATH}/{path}", f"{CU_PATH}/{path}/q_reg"]
+    cells += [f"{CU_PATH}/dma/ch0/dma", "level0_i/ulp/other_kernel_1/inst/dma"]
+    return "{" + " ".join(cells) + "}"
+
+
+def _run_floorplan(folder, placed, *, pblocks=(0, 1, 2), drop=()):
+    script = PBLOCK_STUBS + (
+        f"set ::pblocks {{{' '.join(f'pblock_dynamic_SLR{k}' for k in pblocks)}}}\n"
+        f"set ::cells {_netlist(placed, drop=drop)}\n"
+        f"source {{{folder / 'impl_pre.tcl'}}}\n"
+    )
+    return _tclsh(script, folder)
 
 
 @needs_tclsh
-@pytest.mark.parametrize("have_pblock", [1, 0])
-def test_slr0_constraint(out, have_pblock):
-    script = PBLOCK_STUBS + f"set ::have_pblock {have_pblock}\nsource {{{out / 'impl_pre.tcl'}}}\n"
-    proc = _tclsh(script, out)
+def test_floorplan_places_every_instance_in_its_slr(u55c_hook):
+    """Every block, relay stage, delay register and reset-tree register goes into the pblock of
+    its SLR exactly once (the shallowest match: never the nested namesake), and each crossing
+    pair of plain registers gets USER_SLL_REG on both ends."""
+    folder, placed, pairs = u55c_hook
+    proc = _run_floorplan(folder, placed)
     assert proc.returncode == 0, proc.stderr
-    adds = [line for line in proc.stdout.splitlines() if line.startswith("ADD")]
-    if have_pblock:
-        assert adds == ["ADD pblock_dynamic_SLR0 level0_i/ulp/tandem_decode_core_1/inst/dma"]
-    else:
-        assert adds == [] and "WARNING: [tandem] no pblock_dynamic_SLR0" in proc.stdout
+    adds = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("ADD")]
+    assert adds == [[f"pblock_dynamic_SLR{slr}", f"{CU_PATH}/{path}"] for path, slr in placed]
+    assert {path for path, _ in placed} >= {"dma", "mpu", "vpu", "xing_tiles/stage1"}
+    sll = [
+        line.split()[3]
+        for line in proc.stdout.splitlines()
+        if line.startswith("PROP USER_SLL_REG TRUE")
+    ]
+    assert sll == [f"{CU_PATH}/{p}/q_reg" for pair in pairs for p in pair]
+    assert pairs and "INFO: [tandem] floorplan:" in proc.stdout
+
+
+@needs_tclsh
+def test_floorplan_stops_without_the_platforms_pblock(u55c_hook):
+    folder, placed, _ = u55c_hook
+    proc = _run_floorplan(folder, placed, pblocks=(0, 1))
+    assert proc.returncode != 0
+    assert "tandem: the platform has no pblock_dynamic_SLR2" in proc.stderr
+    assert "ADD" not in proc.stdout  # nothing placed before the check
+
+
+@needs_tclsh
+def test_floorplan_stops_on_an_instance_it_cannot_find(u55c_hook):
+    folder, placed, _ = u55c_hook
+    proc = _run_floorplan(folder, placed, drop=("xing_tiles/stage1",))
+    assert proc.returncode != 0
+    assert "tandem: no cell xing_tiles/stage1 under tandem_decode_core_1" in proc.stderr
+
+
+def test_floorplan_hook_for_one_slr_places_nothing(out):
+    """The tiny geometry builds flat: the hook names the compute unit and sources nothing."""
+    pre = (out / "impl_pre.tcl").read_text()
+    assert f"set tandem_cu {KERNEL}_1" in pre
+    assert "source" not in pre and "nothing to place" in pre
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -397,6 +533,9 @@ def test_impl_hook_is_absolute_and_sources_the_constraints(out):
     cfg = (out / "impl.cfg").read_text()
     hook = re.search(r"^prop=run\.impl_1\.STEPS\.OPT_DESIGN\.TCL\.PRE=(.+)$", cfg, re.M).group(1)
     assert Path(hook).is_absolute() and Path(hook) == (out / "impl_pre.tcl").resolve()
-    pre = (out / "impl_pre.tcl").read_text()
-    assert f"set tandem_cu {KERNEL}_1" in pre
-    assert f"source {(out / 'constraints' / 'hbm_slr0.tcl').resolve()}" in pre
+    pre = out.parent / "u55c-hook" / "impl_pre.tcl"
+    pre.parent.mkdir(exist_ok=True)
+    pre.write_text(bs.impl_pre_tcl(pre.parent, KERNEL, geometry("u55c")))
+    text = pre.read_text()
+    assert f"set tandem_cu {KERNEL}_1" in text
+    assert f"source {(pre.parent / 'constraints' / 'floorplan.tcl').resolve()}" in text

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tandem.floorplan import floorplan
 from tandem.geometry import geometry
 from tandem.rtl.axi import vitis_ports
 from tandem.rtl.core import TOPLEVEL, DecodeCore
@@ -32,18 +33,20 @@ def _sims(*, icarus_default=False):
 
 
 @functools.cache
-def _verilog() -> str:
+def _verilog(plan: str = "u55c") -> str:
     """The tiny core's Verilog, converted once per process (about 30 s; the runner takes the
-    text as is and keys its build cache on it)."""
-    core = DecodeCore(geometry("tiny"))
+    text as is and keys its build cache on it). By default with the u55c floorplan, so every
+    stream between blocks in different SLRs has its stages and the reset its tree, as the u55c
+    build; ``"flat"`` is the core with no stages."""
+    core = DecodeCore(geometry("tiny"), floorplan=floorplan(plan))
     return runner.to_verilog(core, toplevel=TOPLEVEL, ports=vitis_ports(core))
 
 
-def run_cases(sim, cases, name="core-tiny"):
+def run_cases(sim, cases, name="core-tiny", plan="u55c"):
     runner.run(
-        _verilog(),
+        _verilog(plan),
         TB,
-        name=name,
+        name=name if plan == "u55c" else f"{name}-{plan}",
         sim=sim,
         toplevel=TOPLEVEL,
         params={"cases": cases},
