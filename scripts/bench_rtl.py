@@ -103,6 +103,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--read-latency", type=int, default=80)
     ap.add_argument(
+        "--floorplan",
+        default=None,
+        help="the core's floorplan (tandem.floorplan: u55c or flat; default the geometry's "
+        "own, u55c for the u55c geometry: every SLR crossing staged). flat measures the core "
+        "without stages; part of the build key",
+    )
+    ap.add_argument(
         "--opt",
         default="-O1",
         help="C++ optimisation of the Verilator model (OPT_FAST; Verilator's default -Os). "
@@ -168,7 +175,9 @@ def main(argv=None) -> int:
         f"about 8 minutes of Verilator and make output, 7 GB of memory) ..."
     )
     core_rev = core_revision()
-    tb = rtljob.build(g, mem, read_latency=args.read_latency, make_vars=make_vars)
+    tb = rtljob.build(
+        g, mem, read_latency=args.read_latency, floorplan=args.floorplan, make_vars=make_vars
+    )
     build_rss = peak_child_gb()
     log(
         f"Verilog {tb['verilog']:.0f} s, build {tb['build']:.0f} s, peak child RSS so far "
@@ -186,6 +195,7 @@ def main(argv=None) -> int:
         dump=[(c.layout["output"].base, c.layout["output"].nbytes)],
         mem_bytes=mem,
         read_latency=args.read_latency,
+        floorplan=args.floorplan,
         max_cycles=args.max_cycles,
         make_vars=make_vars,
         progress_s=60.0,
@@ -202,6 +212,7 @@ def main(argv=None) -> int:
         "model": cfg.name,
         "n_layer": cfg.n_layer,
         "geometry": g.name,
+        "floorplan": rtljob.resolve_floorplan(g, args.floorplan).name,
         "prompt": prompt,
         "tokens": res.tokens,
         "cycles": res.cycles,
@@ -390,6 +401,8 @@ def analyse(raw: dict, args) -> dict:
         "ms_per_token": cyc / clock * 1e3,
         "label": LABEL,
         "read_latency": raw["args"]["read_latency"],
+        # a raw record from before the option: the core had no stages
+        "floorplan": _floorplan_name(raw.get("floorplan", "flat")),
         "n_layer": cfg.n_layer,
         "decode_tokens_measured": len(dec),
         "cycle_shares": {
@@ -418,11 +431,24 @@ def analyse(raw: dict, args) -> dict:
     }
 
 
+def _floorplan_name(name: str) -> str:
+    """A floorplan's name with its stage count."""
+    from tandem.floorplan import floorplan
+
+    plan = floorplan(name)
+    return (
+        f"{plan.name} ({plan.stages_per_boundary} stages per SLR boundary)"
+        if not plan.flat
+        else f"{plan.name} (no stages)"
+    )
+
+
 def format_report(r: dict) -> str:
     g = r["geometry"]
     lines = [
         f"Decode core cycles: {r['model']} on {g} ({r['clock_mhz']:.0f} MHz), RTL in Verilator "
-        f"over the simulated HBM (read latency {r['read_latency']} cycles)",
+        f"over the simulated HBM (read latency {r['read_latency']} cycles), floorplan "
+        f"{r.get('floorplan', 'flat (before floorplanning)')}",
         f"{r['kv_note']}",
         f"prompt {len(r['prompt'])} tokens, {len(r['tokens'])} generated: {r['tokens']}; "
         f"{r['total_cycles']:,} cycles start to done",

@@ -49,6 +49,8 @@ from amaranth import ClockDomain, DomainRenamer, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from tandem.floorplan import Floorplan, for_geometry
+from tandem.floorplan import floorplan as tandem_floorplan
 from tandem.geometry import CoreGeometry
 from tandem.layout import STATUS_BYTES, HBMImage, StatusRecord
 from tandem.rtl.component import GeometryComponent
@@ -105,11 +107,19 @@ def memory_class(nbytes: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def build_name(geom: CoreGeometry, mem_bytes: int, read_latency: int = 80) -> str:
+def build_name(
+    geom: CoreGeometry, mem_bytes: int, read_latency: int = 80, floorplan: str | None = None
+) -> str:
     """The build folder's name (``build/sim/<name>-verilator``)."""
     mib = mem_bytes >> 20
     lat = "" if read_latency == 80 else f"-lat{read_latency}"
-    return f"rtljob-{geom.name}-{mib}m{lat}"
+    plan = "" if resolve_floorplan(geom, floorplan) is for_geometry(geom) else f"-{floorplan}"
+    return f"rtljob-{geom.name}-{mib}m{lat}{plan}"
+
+
+def resolve_floorplan(geom: CoreGeometry, floorplan: str | None) -> Floorplan:
+    """The floorplan named ``floorplan``, or the geometry's own (``None``)."""
+    return for_geometry(geom) if floorplan is None else tandem_floorplan(floorplan)
 
 
 class JobTop(GeometryComponent):
@@ -126,11 +136,18 @@ class JobTop(GeometryComponent):
     Channel ``ch``'s memory is at byte address :meth:`base`, the pointer to pass as ``hbm<ch>``.
     """
 
-    def __init__(self, geom: CoreGeometry, *, mem_bytes: int, read_latency: int = 80):
+    def __init__(
+        self,
+        geom: CoreGeometry,
+        *,
+        mem_bytes: int,
+        read_latency: int = 80,
+        floorplan: str | None = None,
+    ):
         from tandem.rtl.core import DecodeCore
         from tandem.sim.hbm_model import HBMModel
 
-        self.core = DecodeCore(geom, perf=True)
+        self.core = DecodeCore(geom, perf=True, floorplan=resolve_floorplan(geom, floorplan))
         self.hbm = HBMModel(geom, size_bytes=mem_bytes, read_latency=read_latency)
         self.mem_bytes = mem_bytes
         self.read_latency = read_latency
@@ -279,7 +296,9 @@ def _support_files(folder: Path) -> list[Path]:
     return [memory_verilog_file(folder), vlt]
 
 
-def _source_key(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> str:
+def _source_key(
+    geom: CoreGeometry, mem_bytes: int, read_latency: int, floorplan: str | None = None
+) -> str:
     """A hash of everything the top's Verilog depends on: the Python sources of the RTL and of
     the definitions it imports (geometry, regmap, ISA, numerics tables), the source of
     :class:`JobTop` and its constants, the Amaranth version and the parameters."""
@@ -291,7 +310,8 @@ def _source_key(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> str:
     import tandem.rtl
 
     h = hashlib.sha256()
-    h.update(repr((_geom_dict(geom), mem_bytes, read_latency, version("amaranth"))).encode())
+    plan = resolve_floorplan(geom, floorplan).name
+    h.update(repr((_geom_dict(geom), mem_bytes, read_latency, plan, version("amaranth"))).encode())
     own = (TOPLEVEL, COUNTERS, COUNTER_BITS, EV_TOKEN, EV_STATUS)
     h.update((inspect.getsource(JobTop) + inspect.getsource(_any) + repr(own)).encode())
     folders = [Path(tandem.__file__).parent, Path(tandem.rtl.__file__).parent]
@@ -301,24 +321,28 @@ def _source_key(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _verilog_cache(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> Path:
+def _verilog_cache(
+    geom: CoreGeometry, mem_bytes: int, read_latency: int, floorplan: str | None = None
+) -> Path:
     """Where :func:`_top` keeps a top's Verilog, under a hash of its sources."""
     from tandem.sim import runner
 
-    key = _source_key(geom, mem_bytes, read_latency)
+    key = _source_key(geom, mem_bytes, read_latency, floorplan)
     return runner.build_root() / "verilog" / f"{TOPLEVEL}-{geom.name}-{key}.v"
 
 
 @functools.cache
-def _top(geom: CoreGeometry, mem_bytes: int, read_latency: int) -> tuple[str, JobTop]:
+def _top(
+    geom: CoreGeometry, mem_bytes: int, read_latency: int, floorplan: str | None = None
+) -> tuple[str, JobTop]:
     """(Verilog text, component) of a top. Converting the u55c core takes minutes, so the text
     is kept in ``build/sim/verilog/`` under a hash of its sources (:func:`_source_key`) and in
     memory for the process."""
     from tandem.rtl.axi import vitis_ports
     from tandem.sim import runner
 
-    top = JobTop(geom, mem_bytes=mem_bytes, read_latency=read_latency)
-    cache = _verilog_cache(geom, mem_bytes, read_latency)
+    top = JobTop(geom, mem_bytes=mem_bytes, read_latency=read_latency, floorplan=floorplan)
+    cache = _verilog_cache(geom, mem_bytes, read_latency, floorplan)
     if cache.is_file():
         return cache.read_text(), top
     text = runner.to_verilog(top, toplevel=TOPLEVEL, ports=vitis_ports(top))
@@ -337,6 +361,7 @@ def build(
     mem_bytes: int,
     *,
     read_latency: int = 80,
+    floorplan: str | None = None,
     make_vars: Mapping[str, str] | None = None,
     name: str | None = None,
     log_file: os.PathLike | str | None = None,
@@ -348,12 +373,12 @@ def build(
     from tandem.sim import runner
 
     t0 = time.monotonic()
-    text, _ = _top(geom, mem_bytes, read_latency)
+    text, _ = _top(geom, mem_bytes, read_latency, floorplan)
     t1 = time.monotonic()
     runner.run(
         text,
         TB_MODULE,
-        name=name or build_name(geom, mem_bytes, read_latency),
+        name=name or build_name(geom, mem_bytes, read_latency, floorplan),
         sim="verilator",
         toplevel=TOPLEVEL,
         build_args=BUILD_ARGS,
@@ -418,6 +443,7 @@ def run_job(
     dump: str | Sequence[tuple[int, int]] = "all",
     mem_bytes: int | None = None,
     read_latency: int = 80,
+    floorplan: str | None = None,
     max_cycles: int = 5_000_000,
     poll_cycles: int | None = None,
     progress_s: float = 30.0,
@@ -437,6 +463,8 @@ def run_job(
     mem_bytes : per-channel memory of the simulated HBM (a build parameter); default
         :func:`memory_class` of the image.
     read_latency : HBM read latency in cycles (a build parameter).
+    floorplan : the core's floorplan by name (:mod:`tandem.floorplan`; a build parameter);
+        default the geometry's own (``u55c``: every SLR crossing staged).
     max_cycles : a run still going after this many cycles raises :class:`RtlJobError`.
     poll_cycles : cycles between polls of ``CTRL`` (default 200 for small jobs, scaled up).
     progress_s : the testbench logs progress this often (seconds of wall time).
@@ -460,13 +488,13 @@ def run_job(
         raise ValueError(f"mem_bytes {mem} is not a multiple of the {geom.beat_bytes}-byte beat")
     log = log or (lambda msg: None)
     logs = "" if log_file is None else f" (build and simulation log: {log_file})"
-    name = name or build_name(geom, mem, read_latency)
+    name = name or build_name(geom, mem, read_latency, floorplan)
     folder = runner.build_root() / f"{name}-verilator"
     t0 = time.monotonic()
-    if on_build is not None and not _verilog_cache(geom, mem, read_latency).is_file():
+    if on_build is not None and not _verilog_cache(geom, mem, read_latency, floorplan).is_file():
         on_build()
         on_build = None  # once per job: the Verilator build that follows is part of it
-    text, top = _top(geom, mem, read_latency)
+    text, top = _top(geom, mem, read_latency, floorplan)
     t1 = time.monotonic()
 
     if dump == "all":
