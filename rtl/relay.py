@@ -62,16 +62,19 @@ class SkidStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         d = m.d[self._domain]
-        skid = Signal.like(self.i.payload, name="skid")
+        # Only the valid flags are reset (UG1393: reset the control registers that need it):
+        # the payload registers, 2 x the stream's width, stay off the reset tree.
+        out = Signal.like(self.i.payload, name="out", reset_less=True)
+        skid = Signal.like(self.i.payload, name="skid", reset_less=True)
         skid_valid = Signal()
         # i.ready is a register: ready while the skid entry is free.
-        m.d.comb += self.i.ready.eq(~skid_valid)
+        m.d.comb += [self.i.ready.eq(~skid_valid), self.o.payload.eq(out)]
         take = self.i.valid & self.i.ready
         with m.If(~self.o.valid | self.o.ready):  # the output register moves
             with m.If(skid_valid):
-                d += [self.o.payload.eq(skid), self.o.valid.eq(1), skid_valid.eq(0)]
+                d += [out.eq(skid), self.o.valid.eq(1), skid_valid.eq(0)]
             with m.Else():
-                d += [self.o.payload.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
+                d += [out.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
         with m.Elif(take):  # the output holds: park the incoming item
             d += [skid.eq(self.i.payload), skid_valid.eq(1)]
         d += self.ack_o.eq(self.ack_i)
