@@ -3,7 +3,7 @@ the controller, the DMA, the MPU, the VPU, the vector buffer and the blocks betw
 
 # No `from __future__ import annotations`: data.Struct reads its annotations as shapes.
 
-from amaranth import ClockDomain, DomainRenamer, Module, Value
+from amaranth import ClockDomain, DomainRenamer, Module, Signal, Value
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out, connect, flipped
 
@@ -243,7 +243,7 @@ class DecodeCore(GeometryComponent):
     def elaborate(self, platform):
         m = Module()
         g, plan = self._geom, self._plan
-        self._reset_tree(m)
+        reset_gate = self._reset_tree(m)
 
         def place(name, block):
             """Add ``block`` as ``name``, clocked and reset in its SLR's domain."""
@@ -284,7 +284,7 @@ class DecodeCore(GeometryComponent):
             return d.o
 
         # ---- host side: control registers, HBM ports --------------------------------------
-        connect(m, flipped(self.s_axi_control), shell.s_axi_control)
+        self._control_port(m, shell, reset_gate)
         for ch in range(g.channels):
             name = f"m_axi_hbm{ch}"
             connect(m, getattr(dma, name), flipped(getattr(self, name)))
@@ -394,6 +394,16 @@ class DecodeCore(GeometryComponent):
             m.d.comb += d.i.eq(value)
             return d.o
 
+        # The host must not reach the shell while any block is still in reset: a write the
+        # shell took in reset would never get its response. `gate` is 1 from the cycle after
+        # ap_rst_n is seen low until the cycle every block leaves reset (reset_depth cycles
+        # after ap_rst_n rises), from registers only.
+        quiet = Signal(range(plan.reset_depth + 1), init=plan.reset_depth)
+        with m.If(~self.ap_rst_n):
+            m.d.reset_tree += quiet.eq(plan.reset_depth)
+        with m.Elif(quiet != 0):
+            m.d.reset_tree += quiet.eq(quiet - 1)
+
         root = chain(
             "rst_root", ~self.ap_rst_n, plan.reset_stages, ("reset_tree",) * plan.reset_stages
         )
@@ -403,6 +413,20 @@ class DecodeCore(GeometryComponent):
             n = len(plan.reset_branch_slrs(s))
             leaf = chain(f"rst_slr{s}", root, n, ("reset_tree",) * n)
             m.d.comb += [cd.clk.eq(self.ap_clk), cd.rst.eq(leaf)]
+        return quiet != 0
+
+    def _control_port(self, m, shell, gate):
+        """``s_axi_control`` to the shell, with no handshake while ``gate`` (the reset tree
+        still running): the shell sees no valid and the host no ready."""
+        port, sh = self.s_axi_control, shell.s_axi_control
+        for name, member in port.signature.members.items():
+            outer, inner = getattr(port, name), getattr(sh, name)
+            if member.flow == In:  # host -> shell (In of the core)
+                value = outer & ~gate if name in ("awvalid", "wvalid", "arvalid") else outer
+                m.d.comb += inner.eq(value)
+            else:
+                value = inner & ~gate if name in ("awready", "wready", "arready") else inner
+                m.d.comb += outer.eq(value)
 
 
 def _domain(slr: int) -> str:

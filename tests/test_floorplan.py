@@ -123,3 +123,40 @@ def test_placement_names_every_stage_of_the_design():
         assert placed[a] != placed[b] and abs(placed[a] - placed[b]) == 1
     assert ("xing_tiles/stage0", 0) in placement(U55C)
     assert ("xing_tiles/stage1", 1) in placement(U55C)
+
+
+@pytest.mark.core  # elaborates the whole (tiny) core
+def test_control_port_waits_for_the_reset_tree():
+    """No s_axi_control handshake from the cycle after ap_rst_n is low until every block is
+    out of reset (reset_depth cycles after it rises): a write the shell took in reset would
+    never be answered. Then a write is taken and answered."""
+    from amaranth.sim import Simulator
+
+    from tandem.rtl.core import DecodeCore
+
+    core = DecodeCore(geometry("tiny"), floorplan=U55C)
+    bus = core.s_axi_control
+    seen = []
+
+    async def bench(ctx):
+        ctx.set(core.ap_rst_n, 0)
+        for cyc in range(30):
+            if cyc == 8:
+                ctx.set(core.ap_rst_n, 1)
+            for name, value in (("awvalid", 1), ("awaddr", 8), ("wvalid", 1), ("wdata", 1),
+                                ("wstrb", 0xF), ("bready", 1)):  # fmt: skip
+                ctx.set(getattr(bus, name), value)
+            seen.append((ctx.get(bus.awready), ctx.get(bus.wready), ctx.get(bus.arready),
+                         ctx.get(bus.bvalid)))  # fmt: skip
+            ctx.set(core.ap_clk, 1)
+            await ctx.delay(2e-9)
+            ctx.set(core.ap_clk, 0)
+            await ctx.delay(2e-9)
+
+    sim = Simulator(core)
+    sim.add_testbench(bench)
+    sim.run()
+    open_at = 8 + U55C.reset_depth
+    assert all(s[:3] == (0, 0, 0) and s[3] == 0 for s in seen[1:open_at])
+    assert seen[open_at][:2] == (1, 1)  # the write is taken ...
+    assert any(s[3] for s in seen[open_at + 1 : open_at + 4])  # ... and answered
