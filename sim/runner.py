@@ -376,9 +376,10 @@ def run(
                 sys.path.remove(str(module_dir))
         t2 = time.monotonic()
         log(f"build {'cached' if fresh else f'{t1 - t0:.1f} s'}, simulation {t2 - t1:.1f} s")
-    if not results.is_file():
-        raise AssertionError(f"{sim} simulation of {name} wrote no results file {results}")
-    total, failed = get_results(results)
+        # read the results under the lock: another process's run in this folder deletes them
+        if not results.is_file():
+            raise AssertionError(f"{sim} simulation of {name} wrote no results file {results}")
+        total, failed = get_results(results)
     if total == 0:
         raise AssertionError(f"no cocotb tests ran for {name} on {sim}: check testcase names")
     if failed:
