@@ -9,20 +9,23 @@
 - bad arguments: ValueError before any device work, DeviceError from the device;
 - the CLI: the same one-line error and exit code 1 whichever backend failed.
 
-``fpga`` runs host/fpga.py unchanged (``_program`` and ``_launch`` included) against
-:class:`FakeCard`, a fake of the pyopencl surface it calls that enforces XRT's rules and runs the
-kernel with the ISA simulator on the channel buffers. ``rtl`` runs the whole core in Verilator:
-those cases are in the ``core`` tier.
+``fpga`` runs on both of its host paths, unchanged: ``fpga-xrt`` through host/xrt.py against
+a fake ``pyxrt`` (tests/fake_xrt.py), ``fpga-opencl`` through host/fpga.py's OpenCL path
+(``_program`` and ``_launch`` included) against a fake of the pyopencl calls it makes
+(tests/fake_opencl.py). Both fakes enforce XRT's rules and run the kernel with the ISA simulator
+on the card's memories, and both are picked by ``api="auto"`` (pyxrt importable or not), as
+``tandem generate --backend fpga`` picks them. tests/test_fpga_paths.py shows each rule failing.
+``rtl`` runs the whole core in Verilator: those cases are in the ``core`` tier.
 """
 
 from __future__ import annotations
 
-import json
 import threading
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
+from fake_cards import write_xclbin
+from fake_opencl import card_fixture as card  # noqa: F401  (tests/test_cli_inputs.py takes it)
+from fake_xrt import xrt_card_fixture  # noqa: F401
 
 from tandem import isa
 from tandem.checkpoint import random_weights
@@ -30,357 +33,13 @@ from tandem.compiler import compile_model
 from tandem.config import preset
 from tandem.geometry import geometry
 from tandem.golden.isasim import IsaSim
-from tandem.host import fpga as fpga_module
 from tandem.host.backends import BACKENDS, open_device
 from tandem.host.cli import main
 from tandem.host.device import DeviceError
 from tandem.host.runtime import DecodeTimeout, RunError, Session
 from tandem.isa import Op, make
 from tandem.layout import PROGRAM_BASE, HBMImage
-from tandem.regmap import SCALAR_ARGS, Status, arguments
-
-# --------------------------------------------------------------------------------------------
-# A fake of the card's runtime API (the pyopencl calls host/fpga.py makes), with XRT's rules.
-# --------------------------------------------------------------------------------------------
-
-XCLBIN_MAGIC = b"xclbin2\0"
-"""The first bytes of every xclbin (axlf header magic)."""
-BANK_BYTES = 512 << 20
-"""One U55C HBM pseudo-channel: 16 GiB over 32 banks."""
-
-
-class Error(Exception):
-    """pyopencl.Error"""
-
-
-class LogicError(Error):
-    """pyopencl.LogicError (invalid use of the API)"""
-
-
-class MemoryError_(Error):
-    """pyopencl.MemoryError"""
-
-
-class RuntimeError_(Error):
-    """pyopencl.RuntimeError"""
-
-
-class ExecStatus:
-    COMPLETE, RUNNING, SUBMITTED, QUEUED = 0, 1, 2, 3
-
-
-class MemFlags:
-    READ_WRITE, WRITE_ONLY, READ_ONLY = 1, 2, 4
-
-
-CL_EXEC_FAILED = -14  # CL_EXEC_STATUS_ERROR_FOR_EVENTS_IN_WAIT_LIST, as XRT reports a dead kernel
-
-
-def write_xclbin(path, geom, kernel=fpga_module.KERNEL_NAME):
-    """A stand-in xclbin: the magic, then what the fake needs (kernel name, core geometry)."""
-    path.write_bytes(XCLBIN_MAGIC + json.dumps({"kernel": kernel, "geometry": geom.name}).encode())
-    return path
-
-
-class _Device:
-    def __init__(self, card, name):
-        self.card, self.name = card, name
-
-
-class _Platform:
-    def __init__(self, card):
-        self.card, self.name = card, "Xilinx"
-
-    def get_devices(self):
-        return [self.card.device]
-
-
-class _Event:
-    def __init__(self, ctx, status=ExecStatus.QUEUED):
-        self.ctx = ctx
-        self._status = status
-        self.done = threading.Event()
-
-    @property
-    def command_execution_status(self):
-        return self._status
-
-    def _finish(self, status=ExecStatus.COMPLETE):
-        self._status = status
-        self.done.set()
-
-    def wait(self):
-        self.done.wait()
-
-
-class FakeCard:
-    """The pyopencl module as host/fpga.py sees it, over one fake Alveo card.
-
-    Rules it enforces (each a ``LogicError`` / ``MemoryError`` as pyopencl would raise, or, for
-    the bank rule, a refused launch where XRT would silently place the buffer in the wrong bank):
-
-    - a program is built from an xclbin (the magic), the kernel name must be the xclbin's;
-    - buffers are READ_WRITE, 0 < size <= one HBM bank (512 MiB), and not used after release;
-    - a buffer's bank is fixed at its first migration from the kernel argument it is bound to;
-      at launch, the buffer bound to ``hbm<ch>`` must sit in bank ``ch``;
-    - scalar arguments are sized NumPy scalars (``np.uint32``), pointer arguments live buffers of
-      the same context; every argument is set before the launch; the launch is one work item;
-    - copies stay inside the buffer, host arrays are contiguous (and writable for reads);
-      non-blocking writes take their data from the host array when the queue reaches them (the
-      next blocking call, launch or finish), so the host must keep the array unchanged until the
-      copy's event completes;
-    - no host read or write of a buffer while a kernel that uses it has not completed;
-    - events in ``wait_for`` belong to the same context.
-
-    The kernel runs :class:`IsaSim` on the channel buffers on a thread, like the card, after
-    ``gate`` is set (set by default; clear it to hold a run). The ``watchdog`` argument, when
-    non-zero, is the instruction budget (the card counts cycles without progress). An exception
-    in the simulator ends the launch event with a negative status, as a failed kernel command.
-    """
-
-    Error, LogicError, MemoryError, RuntimeError = Error, LogicError, MemoryError_, RuntimeError_
-    command_execution_status = ExecStatus
-    mem_flags = MemFlags
-
-    def __init__(self):
-        self.device = _Device(self, "xilinx_u55c_gen3x16_xdma_base_3 (fake)")
-        self.gate = threading.Event()
-        self.gate.set()
-        self.launches: list[dict] = []
-
-    # module functions -------------------------------------------------------------------------
-
-    def get_platforms(self):
-        return [_Platform(self)]
-
-    def Context(self, devices):
-        if list(devices) != [self.device]:
-            raise LogicError("Context: unknown device")
-        return _Context(self)
-
-    def CommandQueue(self, ctx, device):
-        if device is not self.device or ctx.card is not self:
-            raise LogicError("CommandQueue: device not in context")
-        return _Queue(ctx)
-
-    def Program(self, ctx, devices, binaries):
-        return _Program(ctx, devices, binaries)
-
-    def Kernel(self, program, name):
-        return _Kernel(program, name)
-
-    def Buffer(self, ctx, flags, size):
-        return _Buffer(ctx, flags, size)
-
-    def enqueue_copy(
-        self, queue, dst, src, *, dst_offset=0, src_offset=0, is_blocking=True, wait_for=None
-    ):
-        queue._check_wait_for(wait_for)
-        if isinstance(dst, _Buffer) and isinstance(src, np.ndarray):
-            buf, host, offset, to_device = dst, src, dst_offset, True
-        elif isinstance(src, _Buffer) and isinstance(dst, np.ndarray):
-            buf, host, offset, to_device = src, dst, src_offset, False
-        else:
-            raise LogicError("enqueue_copy: need one buffer and one host array")
-        buf._usable(queue.ctx)
-        if not host.flags.c_contiguous:
-            raise LogicError("enqueue_copy: host array is not contiguous")
-        if not to_device and not host.flags.writeable:
-            raise LogicError("enqueue_copy: host array for a read is not writable")
-        if offset < 0 or offset + host.nbytes > buf.size:
-            raise LogicError(
-                f"CL_INVALID_VALUE: copy of {host.nbytes} bytes at {offset} outside the "
-                f"{buf.size}-byte buffer"
-            )
-        busy = [k for k in queue.running() if buf in k.buffers]
-        if busy:
-            raise LogicError(
-                "host access to a buffer while a kernel using it runs; wait for its event first"
-            )
-        buf._migrate()
-        ev = _Event(queue.ctx)
-        if to_device:
-            queue.pending.append((ev, buf, host, offset))
-            if is_blocking:
-                queue._flush()
-        else:
-            queue._flush()
-            host.view(np.uint8).reshape(-1)[:] = buf.data[offset : offset + host.nbytes]
-            ev._finish()
-        return ev
-
-    def enqueue_nd_range_kernel(self, queue, kernel, global_size, local_size, wait_for=None):
-        queue._check_wait_for(wait_for)
-        if tuple(global_size) != (1,) or local_size not in (None, (1,)):
-            raise LogicError("CL_INVALID_WORK_GROUP_SIZE: an RTL kernel is one work item")
-        unset = [a.name for i, a in enumerate(kernel.args) if i not in kernel.values]
-        if unset:
-            raise LogicError(f"CL_INVALID_KERNEL_ARGS: arguments not set: {unset}")
-        buffers = []
-        for ch in range(kernel.geom.channels):
-            buf = kernel.values[kernel.index[f"hbm{ch}"]]
-            buf._usable(queue.ctx)
-            buf._migrate()
-            if buf.bank != ch:
-                raise LogicError(
-                    f"buffer bound to hbm{ch} sits in bank {buf.bank!r}: it migrated before it "
-                    f"was bound, so XRT placed it by default; port m_axi_hbm{ch} reaches bank {ch}"
-                )
-            buffers.append(buf)
-        if len({b.size for b in buffers}) != 1:
-            raise LogicError("the channel buffers differ in size")
-        queue._flush()
-        scalars = {n: int(kernel.values[kernel.index[n]]) for n, _ in SCALAR_ARGS}
-        run = _Run(queue.ctx, kernel.geom, buffers, scalars)
-        self.launches.append(scalars)
-        queue.runs.append(run)
-        run.start(self.gate)
-        return run.event
-
-
-class _Context:
-    def __init__(self, card):
-        self.card = card
-
-
-class _Queue:
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.pending: list = []  # non-blocking writes not yet performed
-        self.runs: list[_Run] = []
-
-    def _check_wait_for(self, wait_for):
-        for ev in wait_for or ():
-            if not isinstance(ev, _Event) or ev.ctx is not self.ctx:
-                raise LogicError("wait_for: an event of another context")
-
-    def _flush(self):
-        for ev, buf, host, offset in self.pending:
-            buf._usable(self.ctx)
-            buf.data[offset : offset + host.nbytes] = host.view(np.uint8).reshape(-1)
-            ev._finish()
-        self.pending = []
-
-    def running(self):
-        return [r for r in self.runs if not r.event.done.is_set()]
-
-    def finish(self):
-        self._flush()
-        for r in self.runs:
-            r.event.wait()
-
-
-class _Program:
-    def __init__(self, ctx, devices, binaries):
-        if not isinstance(binaries, list | tuple) or len(binaries) != 1:
-            raise LogicError("Program: one binary per device")
-        if list(devices) != [ctx.card.device]:
-            raise LogicError("Program: device not in context")
-        raw = binaries[0]
-        if not isinstance(raw, bytes) or not raw.startswith(XCLBIN_MAGIC):
-            raise LogicError("CL_INVALID_BINARY: not an xclbin")
-        self.meta = json.loads(raw[len(XCLBIN_MAGIC) :])
-        self.ctx, self.built = ctx, False
-
-    def build(self):
-        self.built = True
-        return self
-
-
-class _Kernel:
-    def __init__(self, program, name):
-        if not program.built:
-            raise LogicError("CL_INVALID_PROGRAM_EXECUTABLE: build() the program first")
-        if name != program.meta["kernel"]:
-            raise LogicError(f"CL_INVALID_KERNEL_NAME: {name!r} is not in the xclbin")
-        self.ctx = program.ctx
-        self.geom = geometry(program.meta["geometry"])
-        self.args = arguments(self.geom.channels)
-        self.index = {a.name: i for i, a in enumerate(self.args)}
-        self.values: dict[int, object] = {}
-
-    def set_arg(self, i, value):
-        if not 0 <= i < len(self.args):
-            raise LogicError(f"CL_INVALID_ARG_INDEX: {i}")
-        arg = self.args[i]
-        if arg.kind == "scalar":
-            if not isinstance(value, np.uint32):
-                raise LogicError(
-                    f"when processing argument {arg.name}: scalar arguments must be sized numpy "
-                    f"scalars (np.uint32), not {type(value).__name__}"
-                )
-        else:
-            if not isinstance(value, _Buffer):
-                raise LogicError(f"argument {arg.name} needs a buffer")
-            value._usable(self.ctx)
-            value.bound = int(arg.name[3:])
-        self.values[i] = value
-
-
-class _Buffer:
-    def __init__(self, ctx, flags, size):
-        if flags != MemFlags.READ_WRITE:
-            raise LogicError("the core reads and writes its channel buffers: READ_WRITE")
-        if size <= 0:
-            raise LogicError("CL_INVALID_BUFFER_SIZE: 0")
-        if size > BANK_BYTES:
-            raise MemoryError_(
-                f"CL_MEM_OBJECT_ALLOCATION_FAILURE: {size} bytes exceed an HBM bank ({BANK_BYTES})"
-            )
-        self.ctx, self.size = ctx, int(size)
-        self.data = np.zeros(self.size, np.uint8)
-        self.bound: int | None = None  # the hbm<ch> argument it is bound to
-        self.bank: int | str | None = None  # fixed at the first migration
-        self.released = False
-
-    def _usable(self, ctx):
-        if self.released:
-            raise LogicError("CL_INVALID_MEM_OBJECT: buffer used after release()")
-        if ctx is not self.ctx:
-            raise LogicError("buffer of another context")
-
-    def _migrate(self):
-        if self.bank is None:
-            self.bank = self.bound if self.bound is not None else "default"
-
-    def release(self):
-        self._usable(self.ctx)
-        self.released = True
-
-
-class _Run:
-    def __init__(self, ctx, geom, buffers, scalars):
-        self.geom, self.buffers, self.scalars = geom, buffers, scalars
-        self.event = _Event(ctx, ExecStatus.SUBMITTED)
-
-    def start(self, gate):
-        threading.Thread(target=self._work, args=(gate,), daemon=True).start()
-
-    def _work(self, gate):
-        self.event._status = ExecStatus.RUNNING
-        gate.wait()
-        try:
-            image = HBMImage(self.geom, self.buffers[0].size)
-            for ch, buf in enumerate(self.buffers):
-                image.data[ch] = buf.data
-            steps = self.scalars["watchdog"] or (1 << 26)
-            IsaSim(self.geom, image, max_steps=steps).run(self.scalars)
-            for ch, buf in enumerate(self.buffers):
-                buf.data[:] = image.data[ch]
-        except Exception:
-            self.event._finish(CL_EXEC_FAILED)
-        else:
-            self.event._finish()
-
-
-@pytest.fixture
-def card(monkeypatch):
-    """The fake card in place of pyopencl for host/fpga.py."""
-    fake = FakeCard()
-    monkeypatch.setattr(fpga_module, "_cl", lambda: fake)
-    yield fake
-    fake.gate.set()
-
+from tandem.regmap import Status
 
 # --------------------------------------------------------------------------------------------
 # The backends and the cases
@@ -405,18 +64,20 @@ def _verilator():
 
 
 BACKEND_PARAMS = [
-    pytest.param("model", id="model"),
-    pytest.param("fpga", id="fpga"),
-    pytest.param("rtl", id="rtl", marks=pytest.mark.core),
+    pytest.param(("model", None), id="model"),
+    pytest.param(("fpga", "xrt_card"), id="fpga-xrt"),
+    pytest.param(("fpga", "card"), id="fpga-opencl"),
+    pytest.param(("rtl", None), id="rtl", marks=pytest.mark.core),
 ]
+"""(backend, the fake runtime it runs on): ``api="auto"`` picks the fpga path from the fake."""
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request, tmp_path):
-    """(name, device options) of one backend, ready to open (the fake card for fpga)."""
-    name = request.param
-    if name == "fpga":
-        request.getfixturevalue("card")
+    """(name, device options) of one backend, ready to open (a fake card for fpga)."""
+    name, fake = request.param
+    if fake is not None:
+        request.getfixturevalue(fake)
         return name, {"xclbin": write_xclbin(tmp_path / "tandem.xclbin", geometry(GEOM))}
     if name == "rtl":
         _verilator()
@@ -424,7 +85,22 @@ def backend(request, tmp_path):
 
 
 def test_every_backend_is_covered():
-    assert {p.id for p in BACKEND_PARAMS} == set(BACKENDS)
+    assert {p.values[0][0] for p in BACKEND_PARAMS} == set(BACKENDS)
+    assert {p.values[0][1] for p in BACKEND_PARAMS if p.values[0][0] == "fpga"} == {
+        "xrt_card",
+        "card",
+    }
+
+
+@pytest.mark.parametrize(("fake", "api"), [("xrt_card", "xrt"), ("card", "opencl")])
+def test_each_fpga_case_runs_its_path(request, tmp_path, model, fake, api):
+    """``api="auto"`` (what the cases and the CLI use) takes pyxrt when it imports."""
+    request.getfixturevalue(fake)
+    _, c = model
+    xclbin = write_xclbin(tmp_path / "tandem.xclbin", c.geom)
+    dev = open_device("fpga", c.geom, xclbin=xclbin)
+    assert dev.api == api and isinstance(dev, BACKENDS["fpga"])
+    dev.close()
 
 
 def _session(backend, compiled, **extra):
@@ -620,74 +296,3 @@ def test_cli_error_status_is_one_line_exit_1(backend, capsys, monkeypatch):
         "fell outside the hbm_bytes buffer) at instruction 0, after 0 tokens"
     ), last
     assert "Traceback" not in err
-
-
-# --------------------------------------------------------------------------------------------
-# The fake card's rules hold against host/fpga.py, and catch code that breaks them
-# --------------------------------------------------------------------------------------------
-
-
-def _fpga(card, tmp_path, c):
-    dev = fpga_module.FpgaDevice(c.geom, write_xclbin(tmp_path / "k.xclbin", c.geom))
-    dev.load(c.image)
-    return dev
-
-
-def test_fake_card_places_buffers_by_binding(card, tmp_path, model):
-    _, c = model
-    dev = _fpga(card, tmp_path, c)
-    buffers = list(dev.buffers)
-    assert [b.bank for b in buffers] == list(range(c.geom.channels))
-    assert all(b.size == c.image.nbytes for b in buffers)
-    dev.close()
-    assert all(b.released for b in buffers)
-
-
-def test_fake_card_refuses_what_xrt_refuses(card, tmp_path, model):
-    _, c = model
-    # migrating before binding: the buffer lands in the default bank and the launch is refused
-    dev = fpga_module.FpgaDevice(c.geom, write_xclbin(tmp_path / "k.xclbin", c.geom))
-    bind = dev._bind
-    dev._bind = lambda i, v: None  # load binds nothing
-    dev.load(c.image)
-    dev._bind = bind
-    for ch, buf in enumerate(dev.buffers):
-        bind(dev._arg_index[f"hbm{ch}"], buf)
-    dev.set_args(**c.args(prompt_len=1, n_new=1))
-    with pytest.raises(DeviceError, match="sits in bank 'default'"):
-        dev.start()
-    # not an xclbin; a kernel name the xclbin lacks; a buffer larger than an HBM bank
-    bad = tmp_path / "bad.xclbin"
-    bad.write_bytes(b"ELF")
-    with pytest.raises(DeviceError, match="not an xclbin"):
-        fpga_module.FpgaDevice(c.geom, bad).load(c.image)
-    other = write_xclbin(tmp_path / "o.xclbin", c.geom, kernel="other")
-    with pytest.raises(DeviceError, match="CL_INVALID_KERNEL_NAME"):
-        fpga_module.FpgaDevice(c.geom, other).load(c.image)
-    huge = SimpleNamespace(geom=c.geom, nbytes=BANK_BYTES + 64, data=None)
-    with pytest.raises(DeviceError, match="exceed an HBM bank"):
-        fpga_module.FpgaDevice(c.geom, other.with_name("k.xclbin")).load(huge)
-    # a Python int as a scalar argument; a launch with arguments unset
-    dev = _fpga(card, tmp_path, c)
-    with pytest.raises(LogicError, match=r"np\.uint32"):
-        dev.kernel.set_arg(0, 5)
-    k = write_xclbin(tmp_path / "k2.xclbin", c.geom, kernel="k2")
-    kernel = card.Kernel(card.Program(dev.ctx, [card.device], [k.read_bytes()]).build(), "k2")
-    with pytest.raises(LogicError, match="arguments not set"):
-        card.enqueue_nd_range_kernel(dev.queue, kernel, (1,), (1,))
-    # a host read while the kernel runs
-    card.gate.clear()
-    dev.set_args(**c.args(prompt_len=1, n_new=1))
-    dev.start()
-    with pytest.raises(LogicError, match="while a kernel using it runs"):
-        card.enqueue_copy(dev.queue, np.empty(4, np.uint8), dev.buffers[0], src_offset=0)
-    with pytest.raises(DeviceError, match="running"):
-        dev.read_channel(0, 0, 4)  # the backend's own guard comes first
-    card.gate.set()
-    assert dev.wait(60).status == 0
-    dev.close()
-    # a released buffer
-    buf = card.Buffer(dev.ctx, MemFlags.READ_WRITE, 64)
-    buf.release()
-    with pytest.raises(LogicError, match="after release"):
-        card.enqueue_copy(dev.queue, np.empty(4, np.uint8), buf, src_offset=0)

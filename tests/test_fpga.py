@@ -1,9 +1,11 @@
-"""The ``fpga`` backend's buffer, queue and event code, run for real on PoCL (OpenCL on the CPU).
+"""The ``fpga`` backend's OpenCL path: its buffer, queue and event code, run for real on PoCL
+(OpenCL on the CPU).
 
 Only the xclbin load needs the card: :class:`PoclDevice` replaces ``_program`` with a tiny OpenCL
 C kernel that has the RTL kernel's argument list (tandem.regmap) and writes a status record and
-tokens. The launch, argument binding, non-blocking copies, events, reads and time-out handling
-are the backend's own code.
+tokens. The launch, argument binding, non-blocking copies, events, flush, reads and time-out
+handling are the backend's own code (host/fpga.py, ``OpenClDevice``, and the ``FpgaDevice`` it
+shares with the XRT path).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from tandem.geometry import geometry
 from tandem.gpu.prefill import PreparedModel, prefill
 from tandem.gpu.transfer import KVTransfer
 from tandem.host.device import DeviceError
-from tandem.host.fpga import KERNEL_NAME, DeviceTimeoutError, FpgaDevice, find_platform
+from tandem.host.fpga import (
+    KERNEL_NAME,
+    DeviceTimeoutError,
+    FpgaDevice,
+    OpenClDevice,
+    find_platform,
+)
 from tandem.host.model import ModelDevice
 from tandem.layout import STATUS_BYTES
 from tandem.regmap import SCALAR_ARGS, Status, describe_status
@@ -58,8 +66,8 @@ __kernel void {KERNEL_NAME}({scalars}, {ptrs}) {{
 """
 
 
-class PoclDevice(FpgaDevice):
-    """FpgaDevice on PoCL: the stand-in kernel instead of the xclbin."""
+class PoclDevice(OpenClDevice):
+    """The OpenCL path on PoCL: the stand-in kernel instead of the xclbin."""
 
     name = "fpga-pocl"  # not registered
 
@@ -172,7 +180,7 @@ def test_device_timeout_raises_cleanly(model):
     dev = PoclDevice(compiled.geom, compiled.layout)
     dev.load(compiled.image)
     hang = cl.UserEvent(dev.ctx)  # a kernel that never finishes
-    dev._launch = lambda wait_for: hang
+    dev._launch = lambda wait_for: hang  # the launch is flushed, then polled
     dev.set_args(**compiled.args(prompt_len=1, n_new=1))
     dev.start()
     with pytest.raises(TimeoutError, match=r"did not finish within 0\.05 s") as err:
@@ -189,7 +197,8 @@ def test_device_timeout_raises_cleanly(model):
 def test_missing_xclbin_and_platform_are_named(tmp_path):
     g = geometry("small")
     with pytest.raises(DeviceError, match="no OpenCL platform matching 'NoSuchVendor'"):
-        FpgaDevice(g, tmp_path / "x.xclbin", platform="NoSuchVendor")
-    dev = FpgaDevice(g, tmp_path / "x.xclbin", platform=None)
+        FpgaDevice(g, tmp_path / "x.xclbin", api="opencl", platform="NoSuchVendor")
+    dev = FpgaDevice(g, tmp_path / "x.xclbin", api="opencl", platform=None)
+    assert isinstance(dev, OpenClDevice)
     with pytest.raises(DeviceError, match="make bitstream"):
         dev._program()
