@@ -608,8 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--thesis",
         action="store_true",
         help="the thesis's 3x3 table (prompt 64/256/512 x output 64/256/512, gpt2-medium "
-        "dimensions) with GPU-only, FPGA-only and hybrid columns, each labelled by source "
-        "(--model, --geometry, --prompt-len, --tokens and --seed do not apply)",
+        "dimensions): CPU-only (timed here), A10-only (measured in the thesis), FPGA-only and "
+        "hybrid columns, each labelled by source, and the hybrid's speed-ups over the A10 and "
+        "the thesis's hybrid (--model, --geometry, --prompt-len, --tokens and --seed do not "
+        "apply)",
     )
     bench.add_argument(
         "--measure-model",

@@ -1,11 +1,13 @@
 """The thesis's 3x3 table (``tandem bench --thesis``): prompt 64/256/512 x output 64/256/512 at
-gpt2-medium dimensions with random weights; columns GPU-only, FPGA-only and hybrid.
+gpt2-medium dimensions with random weights; columns CPU-only (timed here, standing in for a
+GPU), A10-only (the thesis's measured GPU), FPGA-only, and the hybrid on either prefill; then
+the hybrid on the A10's prefill against the A10 alone and against the thesis's own hybrid.
 
 Nothing here has a GPU or an FPGA, so every number carries its source:
 
 - ``measured (this CPU, <model>)``: the torch prefill and torch decode (gpu/prefill.py,
-  gpu/decode.py, the same code a GPU runs) timed on this machine's CPU. They stand in for the GPU
-  columns; they are not GPU times.
+  gpu/decode.py, the same code a GPU runs) timed on this machine's CPU: the CPU-only column and
+  the hybrid on the CPU's prefill. They are not GPU times.
 - ``projected (RTL cycles ...)``: FPGA time per position from ``make bench-rtl``'s result
   (:data:`RTL_RESULT`, package data ``tandem/host/data/bench-rtl.json`` with its provenance, which
   ``scripts/bench_rtl.py --record`` writes):
@@ -19,7 +21,13 @@ Nothing here has a GPU or an FPGA, so every number carries its source:
   target, and labelled so. Prompt positions skip the LM head (the core computes it only from
   the last prompt position on), so they stream fewer bytes.
 - ``modelled (PCIe Gen3 x16, 12 GB/s)``: KV bytes (``layout.kv_prefix_bytes``) over the link,
-  twice (GPU to host, host to FPGA).
+  twice (GPU to host, host to FPGA), layer by layer behind the prefill
+  (:func:`handoff_schedule`); only what runs past the last layer is exposed.
+- ``measured in the thesis``: the prior hybrid platform's own figures (:data:`THESIS_MS`, its
+  tables 4-6): FasterTransformer on an NVIDIA A10 (prefill, generation) and DFX on a U55C
+  (prefill, generation, KV transfer), gpt2-medium, in ms. They give the A10 column, the hybrid
+  from the A10's prefill (A10 prefill + modelled exposed transfer + projected FPGA decode) and
+  the thesis's own hybrid (:func:`thesis_hybrid_ms`), against which the speed-ups are printed.
 """
 
 from __future__ import annotations
@@ -43,6 +51,42 @@ OUTPUTS = (64, 256, 512)
 PCIE_BYTES_S = 12e9
 PCIE_LABEL = "modelled (PCIe Gen3 x16, 12 GB/s)"
 ASSUMED_HBM_EFFICIENCY = 0.85
+THESIS_CITATION = "the thesis, tables 4-6"
+THESIS_MS: dict = {
+    "a10_prefill": {64: 7.61, 256: 10.25, 512: 15.34},
+    "a10_generation": {
+        64: {64: 361.39, 256: 1249.99, 512: 2566.41},
+        256: {64: 312.17, 256: 1282.23, 512: 2689.53},
+        512: {64: 323.75, 256: 1320.70, 512: 2692.78},
+    },
+    "dfx_prefill": {64: 156.46, 256: 614.44, 512: 1247.52},
+    "dfx_generation": {
+        64: {64: 215.53, 256: 598.98, 512: 1715.56},
+        256: {64: 218.56, 256: 869.77, 512: 1745.27},
+        512: {64: 221.95, 256: 884.55, 512: 1779.86},
+    },
+    "kv_transfer": (149.0, 214.0),
+}
+"""The thesis's measured figures (:data:`THESIS_CITATION`; gpt2-medium, FasterTransformer on an
+NVIDIA A10 and DFX on an Alveo U55C), every one in milliseconds, the only copy of them in the
+project: ``*_prefill[prompt]`` is the prompt's prefill;
+``*_generation[prompt][output]`` the total time of all ``output`` generated tokens after it;
+``kv_transfer`` the (lowest, highest) KV handoff time: every shape's lies in this range (the
+thesis moved one fixed n_ctx-sized buffer whatever the shape; the per-shape values are not
+carried here)."""
+THESIS_BEST_SPEEDUP = 1.56
+"""The thesis's best hybrid speed-up over the A10 alone, as it reports it."""
+A10_LABEL = (
+    "A10, measured in the thesis (FasterTransformer on an NVIDIA A10, gpt2-medium; "
+    f"{THESIS_CITATION})"
+)
+THESIS_HYBRID_LABEL = (
+    "measured in the thesis: A10 prefill + KV transfer "
+    f"({THESIS_MS['kv_transfer'][0]:.0f}-{THESIS_MS['kv_transfer'][1]:.0f} ms: every shape's "
+    "transfer lies in this range, the same fixed n_ctx buffer each time; the per-shape value is "
+    "not carried, so the thesis hybrid is a range) + DFX's generation on a U55C "
+    f"({THESIS_CITATION})"
+)
 RTL_RESULT = Path(__file__).resolve().parent / "data" / "bench-rtl.json"
 """The recorded ``make bench-rtl`` result, shipped inside the package (``tandem.host`` package
 data) so that an installed package needs no repository folder. Its ``provenance`` field names
@@ -97,6 +141,42 @@ def kv_moved_bytes(cfg: GPT2Config, g: CoreGeometry, prompt: int) -> int:
 def full_kv_bytes(cfg: GPT2Config, g: CoreGeometry) -> int:
     """The thesis's fixed buffer: every layer's whole n_ctx-sized K and V."""
     return kv_read_bytes(cfg, g, cfg.n_ctx)
+
+
+def handoff_schedule(layers, hop: float) -> tuple[list[tuple[float, float, float, float]], float]:
+    """The layer-by-layer KV handoff (gpu/transfer.py's pipeline), modelled: layer ``i``'s K and V
+    cross two links one after the other (GPU to pinned host, host to FPGA HBM), ``hop`` seconds
+    each; the first hop starts when the layer has ended and the first link is free, the second
+    when the first hop is done and the second link is free. ``layers``: the prefill's seconds per
+    layer, back to back from 0.
+
+    Returns ``(rows, exposed)``: per layer (start, duration, first hop's start, second hop's
+    start), and the seconds by which the last hop ends after the last layer (what the overlap
+    cannot hide; ``2 * hop`` when every hop is shorter than the layer after it)."""
+    t = free1 = free2 = 0.0
+    rows = []
+    for dt in layers:
+        start, t = t, t + dt
+        s1 = max(t, free1)
+        free1 = s1 + hop
+        s2 = max(free1, free2)
+        free2 = s2 + hop
+        rows.append((start, dt, s1, s2))
+    return rows, free2 - t
+
+
+def a10_only_ms(P: int, N: int) -> float:
+    """The A10 alone, from :data:`THESIS_MS`: prefill of ``P`` + generation of ``N`` (ms)."""
+    return THESIS_MS["a10_prefill"][P] + THESIS_MS["a10_generation"][P][N]
+
+
+def thesis_hybrid_ms(P: int, N: int) -> tuple[float, float]:
+    """The thesis's hybrid from its measured figures (:data:`THESIS_MS`), in ms: A10 prefill of
+    ``P`` + KV transfer + DFX generation of ``N``, at the lowest and the highest KV transfer
+    the thesis reports (it gives the range, the same for every shape)."""
+    base = THESIS_MS["a10_prefill"][P] + THESIS_MS["dfx_generation"][P][N]
+    lo, hi = THESIS_MS["kv_transfer"]
+    return base + lo, base + hi
 
 
 def read_rtl_result(paths=RTL_RESULTS) -> tuple[dict | None, Path | None]:
@@ -390,10 +470,45 @@ class CpuTimes:
 
 @dataclass
 class Cell:
-    gpu_only: float
+    """One (prompt, output) shape; every time in seconds. See :func:`thesis_table`."""
+
+    cpu_only: float
     fpga_only: float
-    hybrid: float
+    cpu_hybrid: float
+    a10_only: float
+    a10_hybrid: float
+    thesis_hybrid: tuple[float, float]  # at the thesis's lowest and highest KV transfer
     parts: dict
+
+    @property
+    def speedup_over_a10(self) -> float:
+        """The hybrid on the A10's prefill against the A10 alone."""
+        return self.a10_only / self.a10_hybrid
+
+    @property
+    def speedup_over_thesis(self) -> tuple[float, float]:
+        """The hybrid on the A10's prefill against the thesis's hybrid (low, high)."""
+        return tuple(t / self.a10_hybrid for t in self.thesis_hybrid)
+
+    @property
+    def thesis_speedup_over_a10(self) -> tuple[float, float]:
+        """The thesis's hybrid against the A10 alone (low, high)."""
+        return tuple(self.a10_only / t for t in reversed(self.thesis_hybrid))
+
+
+def cpu_layers(cpu: CpuTimes, cfg: GPT2Config, P: int) -> list[float]:
+    """The CPU's measured seconds per layer for a ``P``-token prefill; spread evenly over
+    ``cfg``'s layers when another model was timed."""
+    pre = cpu.prefill(P)
+    if cpu.cfg.n_layer == cfg.n_layer:
+        return cpu.layer_s[P]
+    return [pre / cfg.n_layer] * cfg.n_layer
+
+
+def a10_layers(cfg: GPT2Config, P: int) -> list[float]:
+    """The A10's prefill of ``P`` tokens (:data:`THESIS_MS`, a total) spread evenly over the
+    layers, in seconds: the thesis gives no per-layer times."""
+    return [THESIS_MS["a10_prefill"][P] / 1e3 / cfg.n_layer] * cfg.n_layer
 
 
 def thesis_table(
@@ -406,7 +521,14 @@ def thesis_table(
 ):
     """Returns (cells[(P, N)], sources dict, cpu, fpga, cfg, g) for the 3x3 table. ``cpu``:
     times measured earlier (:meth:`CpuTimes.load`) instead of timing now; ``rtl_paths``: where
-    to look for the bench-rtl result (:class:`FpgaDecodeModel`)."""
+    to look for the bench-rtl result (:class:`FpgaDecodeModel`).
+
+    Per cell (seconds): ``cpu_only`` = CPU prefill + (N-1) CPU decode steps; ``fpga_only`` =
+    the core's prompt and N-1 tokens; ``cpu_hybrid`` = CPU prefill + exposed transfer + FPGA
+    decode of N-1 tokens (the prefill gives the first); ``a10_only`` = A10 prefill + A10
+    generation (:func:`a10_only_ms`); ``a10_hybrid`` = A10 prefill + exposed transfer (the
+    prefill spread evenly over the layers, :func:`handoff_schedule`) + the same FPGA decode;
+    ``thesis_hybrid`` = :func:`thesis_hybrid_ms`."""
     cfg, g = preset("gpt2-medium"), geometry(geom)
     layout = HBMLayout(cfg, g)
     fpga = FpgaDecodeModel(cfg, g, layout, rtl_paths)
@@ -417,33 +539,49 @@ def thesis_table(
         pre = cpu.prefill(P)
         d_ctx = cpu.decode_per_token(P)  # GPU-decode per token, measured at context P
         moved = kv_moved_bytes(cfg, g, P)
-        xfer = 2 * moved / PCIE_BYTES_S
-        last_layer = moved / cfg.n_layer * 2 / PCIE_BYTES_S  # what overlap cannot hide
+        hop = moved / cfg.n_layer / PCIE_BYTES_S
+        _, cpu_exposed = handoff_schedule(cpu_layers(cpu, cfg, P), hop)
+        _, a10_exposed = handoff_schedule(a10_layers(cfg, P), hop)
+        a10_pre = THESIS_MS["a10_prefill"][P] / 1e3
         for N in OUTPUTS:
-            gpu_decode = d_ctx * (N - 1)
+            cpu_decode = d_ctx * (N - 1)
             fpga_decode = fpga.tokens(P, N - 1)
             cells[P, N] = Cell(
-                gpu_only=pre + gpu_decode,
+                cpu_only=pre + cpu_decode,
                 fpga_only=fpga.prompt(P) + fpga_decode,
-                hybrid=pre + last_layer + fpga_decode,
+                cpu_hybrid=pre + cpu_exposed + fpga_decode,
+                a10_only=a10_only_ms(P, N) / 1e3,
+                a10_hybrid=a10_pre + a10_exposed + fpga_decode,
+                thesis_hybrid=tuple(t / 1e3 for t in thesis_hybrid_ms(P, N)),
                 parts={
                     "prefill": pre,
-                    "gpu_decode": gpu_decode,
+                    "cpu_decode": cpu_decode,
                     "fpga_prefill": fpga.prompt(P),
                     "fpga_decode": fpga_decode,
-                    "transfer": xfer,
-                    "transfer_exposed": last_layer,
+                    "transfer": 2 * moved / PCIE_BYTES_S,
+                    "transfer_exposed": cpu_exposed,
+                    "a10_prefill": a10_pre,
+                    "a10_generation": THESIS_MS["a10_generation"][P][N] / 1e3,
+                    "a10_transfer_exposed": a10_exposed,
+                    "dfx_generation": THESIS_MS["dfx_generation"][P][N] / 1e3,
                     "kv_moved": moved,
                 },
             )
     sources = {
-        "gpu": cpu.label
+        "cpu": cpu.label
         + f" (prefill once; decode: the mean of {cpu.decode_steps} timed steps after the "
         "prefill of P tokens, x (N-1))",
+        "a10": A10_LABEL,
         "fpga": fpga.label + fpga.origin(),
-        "transfer": PCIE_LABEL + " (exposed: the last layer's share; the rest overlaps prefill)",
+        "transfer": PCIE_LABEL + ", layer by layer behind the prefill (exposed: what runs past "
+        "the last layer: its two hops while every hop is shorter than a layer)",
+        "thesis": THESIS_HYBRID_LABEL,
     }
     return cells, sources, cpu, fpga, cfg, g
+
+
+def _range(lo: float, hi: float, fmt: str = ".2f", unit: str = "") -> str:
+    return f"{lo:{fmt}}-{hi:{fmt}}{unit}"
 
 
 def format_thesis(cells, sources, cfg, g) -> str:
@@ -451,70 +589,152 @@ def format_thesis(cells, sources, cfg, g) -> str:
         f"Thesis table: gpt2-medium dimensions, random weights, {g.name} geometry; seconds "
         "per request (prefill + all output tokens)",
         "",
-        "| prompt | output | GPU-only s | FPGA-only s | hybrid s | KV moved MB |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| prompt | output | CPU-only s (this CPU) | A10-only s (thesis) | FPGA-only s "
+        "| hybrid s, CPU prefill | hybrid s, A10 prefill | KV moved MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (P, N), c in sorted(cells.items()):
         lines.append(
-            f"| {P} | {N} | {c.gpu_only:.3f} | {c.fpga_only:.3f} | {c.hybrid:.3f} "
-            f"| {c.parts['kv_moved'] / 1e6:.2f} |"
+            f"| {P} | {N} | {c.cpu_only:.3f} | {c.a10_only:.3f} | {c.fpga_only:.3f} "
+            f"| {c.cpu_hybrid:.3f} | {c.a10_hybrid:.3f} | {c.parts['kv_moved'] / 1e6:.2f} |"
+        )
+    lines += [
+        "",
+        "Hybrid on the A10's figures against the A10 alone and the thesis's hybrid, ms per "
+        "request:",
+        "",
+        "| prompt | output | A10 prefill | exposed transfer | FPGA decode | hybrid | A10-only "
+        "| hybrid vs A10 | thesis hybrid | hybrid vs thesis hybrid | thesis hybrid vs A10 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (P, N), c in sorted(cells.items()):
+        p = c.parts
+        lines.append(
+            f"| {P} | {N} | {p['a10_prefill'] * 1e3:.2f} | {p['a10_transfer_exposed'] * 1e3:.3f} "
+            f"| {p['fpga_decode'] * 1e3:.2f} | {c.a10_hybrid * 1e3:.2f} | {c.a10_only * 1e3:.2f} "
+            f"| {c.speedup_over_a10:.2f}x | {_range(*(t * 1e3 for t in c.thesis_hybrid))} "
+            f"| {_range(*c.speedup_over_thesis, unit='x')} "
+            f"| {_range(*c.thesis_speedup_over_a10, unit='x')} |"
         )
     full = full_kv_bytes(cfg, g)
+    best = max(cells.values(), key=lambda c: c.thesis_speedup_over_a10[1])
+    bP, bN = next(k for k, v in cells.items() if v is best)
     lines += [
         "",
         "Sources:",
-        f"- GPU-only = prefill + decode, {sources['gpu']}",
+        f"- CPU-only = prefill + decode, {sources['cpu']}: a CPU, not a GPU",
+        f"- A10-only = prefill + generation, {sources['a10']}",
         f"- FPGA-only = prompt and output token by token on the core, {sources['fpga']}",
-        f"- hybrid = measured prefill + exposed transfer + FPGA decode; transfer "
-        f"{sources['transfer']}",
+        f"- hybrid = prefill (CPU: measured; A10: the thesis's, spread evenly over the "
+        f"{cfg.n_layer} layers) + exposed transfer + FPGA decode of the N-1 tokens after the "
+        f"prefill's first (projected, as FPGA-only); transfer {sources['transfer']}",
+        f"- thesis hybrid = {sources['thesis']}; the thesis reports its best speed-up over the "
+        f"A10 as {THESIS_BEST_SPEEDUP:.2f}x (here its best shape is prompt {bP}, output {bN}: "
+        f"{_range(*best.thesis_speedup_over_a10, unit='x')})",
+        "- hybrid vs A10 = A10-only / hybrid; hybrid vs thesis hybrid = thesis hybrid / hybrid; "
+        "thesis hybrid vs A10 = A10-only / thesis hybrid",
         f"- KV moved = layout.kv_prefix_bytes of the prompt, all layers, K and V; the thesis "
         f"moved the fixed n_ctx={cfg.n_ctx} buffer: {full / 1e6:.2f} MB on every request",
     ]
     return "\n".join(lines)
 
 
+def _draw_handoff(ax, layers, hop, decode, labels, cyan=("tab:cyan", "tab:blue")):
+    """Bars of one hybrid request on ``ax`` (ms): prefill per layer at y 20, the two hops at
+    10 and 0, the FPGA decode at -10 from the end of the last hop. Returns the decode's start."""
+    rows, exposed = handoff_schedule(layers, hop)
+    for i, (start, dt, s1, s2) in enumerate(rows):
+        ax.broken_barh([(start * 1e3, dt * 1e3)], (20, 8), color=cyan[i % 2])
+        ax.broken_barh([(s1 * 1e3, hop * 1e3)], (10, 8), color="tab:orange")
+        ax.broken_barh([(s2 * 1e3, hop * 1e3)], (0, 8), color="tab:red")
+    t0 = sum(layers) + exposed
+    ax.broken_barh([(t0 * 1e3, decode * 1e3)], (-10, 8), color="tab:green")
+    ax.set_yticks([24, 14, 4, -6][: len(labels)])
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return t0
+
+
 def plot_timeline(path: Path, cpu: CpuTimes, fpga: FpgaDecodeModel, cfg, g, P: int, N: int):
-    """Per-layer prefill, per-layer transfer (two hops) and decode for one configuration."""
+    """Per-layer prefill, per-layer transfer (two hops) and decode for one configuration, in
+    three panels: the CPU's measured prefill; the A10's (the thesis's total spread over the
+    layers) with the thesis's own hybrid under it; the A10's prefill and handoff enlarged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = cpu.layer_s[P] if cpu.cfg.n_layer == cfg.n_layer else None
-    pre = cpu.prefill(P)
-    if layers is None:  # another model was timed: spread its total evenly
-        layers = [pre / cfg.n_layer] * cfg.n_layer
     hop = kv_moved_bytes(cfg, g, P) / cfg.n_layer / PCIE_BYTES_S
-    fig, ax = plt.subplots(figsize=(11, 3.6), dpi=120)
-    t, hop1_free, hop2_free = 0.0, 0.0, 0.0
-    for i, dt in enumerate(layers):
-        ax.broken_barh([(t * 1e3, dt * 1e3)], (20, 8), color="tab:blue" if i % 2 else "tab:cyan")
-        t += dt
-        s1 = max(t, hop1_free)
-        ax.broken_barh([(s1 * 1e3, hop * 1e3)], (10, 8), color="tab:orange")
-        hop1_free = s1 + hop
-        s2 = max(hop1_free, hop2_free)
-        ax.broken_barh([(s2 * 1e3, hop * 1e3)], (0, 8), color="tab:red")
-        hop2_free = s2 + hop
     dec = fpga.tokens(P, N - 1)
-    ax.broken_barh([(hop2_free * 1e3, dec * 1e3)], (-10, 8), color="tab:green")
-    ax.set_yticks([24, 14, 4, -6])
-    ax.set_yticklabels(
+    fpga_name = fpga.label.split(",")[0].split(" (")[0]
+    hops = ["KV GPU->host\n(modelled PCIe)", "KV host->FPGA\n(modelled PCIe)"]
+    fig, (ax1, ax2, ax3) = plt.subplots(
+        3, 1, figsize=(11, 10.5), dpi=120, gridspec_kw={"height_ratios": [1, 1.5, 1]}
+    )
+    _draw_handoff(
+        ax1,
+        cpu_layers(cpu, cfg, P),
+        hop,
+        dec,
         [
             f"prefill per layer\n(measured on this CPU,\n{cpu.cfg.name})",
-            "KV GPU->host\n(modelled PCIe)",
-            "KV host->FPGA\n(modelled PCIe)",
-            "FPGA decode\n(" + fpga.label.split(",")[0].split(" (")[0] + ")",
+            *hops,
+            f"FPGA decode\n({fpga_name})",
         ],
-        fontsize=8,
     )
-    ax.set_xlabel("time (ms)")
-    ax.set_title(
+    ax1.set_xlabel("time (ms)")
+    ax1.set_title(
         f"gpt2-medium, prompt {P}, output {N}: prefill (this CPU, standing in for the GPU) / "
         "per-layer KV transfer / decode",
         fontsize=10,
     )
-    ax.grid(axis="x", alpha=0.3)
+
+    a10 = a10_layers(cfg, P)
+    a10_labels = [
+        f"prefill per layer\n(A10, measured in the\nthesis, total / {cfg.n_layer})",
+        *hops,
+        f"FPGA decode\n({fpga_name})",
+    ]
+    start = _draw_handoff(ax2, a10, hop, dec, a10_labels)
+    pre = sum(a10)
+    lo, hi = (t / 1e3 for t in THESIS_MS["kv_transfer"])
+    gen = THESIS_MS["dfx_generation"][P][N] / 1e3
+    ax2.broken_barh([(pre * 1e3, lo * 1e3)], (-20, 8), color="tab:gray")
+    ax2.broken_barh([((pre + lo) * 1e3, (hi - lo) * 1e3)], (-20, 8), color="tab:gray", alpha=0.35)
+    ax2.broken_barh([((pre + lo) * 1e3, gen * 1e3)], (-30, 8), color="tab:purple", alpha=0.6)
+    alone = a10_only_ms(P, N) / 1e3
+    ax2.broken_barh([(0, pre * 1e3)], (-40, 8), color="tab:cyan")
+    ax2.broken_barh([(pre * 1e3, (alone - pre) * 1e3)], (-40, 8), color="tab:blue", alpha=0.6)
+    ax2.set_yticks([24, 14, 4, -6, -16, -26, -36])
+    ax2.set_yticklabels(
+        [
+            *a10_labels,
+            f"thesis: KV transfer\n({lo * 1e3:.0f}-{hi * 1e3:.0f} ms, measured)",
+            "thesis: DFX generation\n(measured, from the\nshortest transfer)",
+            "A10 alone: prefill,\ngeneration (measured\nin the thesis)",
+        ],
+        fontsize=8,
+    )
+    hybrid = start + dec
+    end = max(hybrid, pre + hi + gen, alone)
+    ax2.set_xlim(-0.02 * end * 1e3, 1.02 * end * 1e3)
+    ax2.set_xlabel("time (ms)")
+    ax2.set_title(
+        f"the same with the A10's prefill ({pre * 1e3:.2f} ms, measured in the thesis): hybrid "
+        f"{hybrid * 1e3:.1f} ms,\n{alone / hybrid:.2f}x the A10 alone ({alone * 1e3:.1f} ms) "
+        f"and {(pre + lo + gen) / hybrid:.2f}-{(pre + hi + gen) / hybrid:.2f}x the thesis's "
+        f"hybrid ({(pre + lo + gen) * 1e3:.0f}-{(pre + hi + gen) * 1e3:.0f} ms)",
+        fontsize=10,
+    )
+
+    _draw_handoff(ax3, a10, hop, dec, a10_labels)
+    ax3.set_xlim(-0.2, (start + 0.05 * pre) * 1e3 + 0.5)
+    ax3.set_xlabel("time (ms)")
+    ax3.set_title(
+        f"enlarged: the A10's prefill and the layer-by-layer handoff ({hop * 1e3:.3f} ms per "
+        f"hop per layer; {(start - pre) * 1e3:.3f} ms exposed after the last layer)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
