@@ -49,6 +49,8 @@ STREAMS = {
     "fetch_cmd": ("ctrl", "fetch"),
     "fetch_data": ("fetch", "ctrl"),
     "dma_read": ("ctrl", "fetch"),
+    "fetch_read": ("fetch", "dma"),
+    "rows": ("dma", "fetch"),
     "loadv": ("fetch", "vbuf_write"),
     "word": ("dma", "ctrl"),
     "store_issue": ("ctrl", "store_feeder"),
@@ -84,7 +86,8 @@ LEVELS = {
     "busy_vpu": ("vpu", "ctrl"),
     "busy_mpu_feeder": ("mpu_feeder", "ctrl"),
     "busy_mpu": ("mpu", "ctrl"),
-    "busy_read": ("fetch", "ctrl"),
+    "busy_read": ("dma", "ctrl"),
+    "busy_fetch": ("fetch", "ctrl"),
     "busy_loadv": ("fetch", "ctrl"),
     "busy_store": ("store_feeder", "ctrl"),
     "busy_write_feeder": ("store_feeder", "ctrl"),
@@ -96,9 +99,11 @@ each through a :class:`rtl.relay.Delay` of ``floorplan.stages(from, to)`` regist
 FIXED_LATENCY = (("vbuf", "vpu"), ("vbuf", "vbuf_shared_read"), ("vbuf", "vbuf_write"),
                  ("vbuf_shared_read", "mpu_feeder"), ("vbuf_shared_read", "store_feeder"),
                  ("vbuf_write", "vpu"), ("vbuf_write", "mpu_feeder"),
-                 ("vpu_queue", "vpu"), ("fetch", "dma"))  # fmt: skip
-"""Pairs joined by something other than a stream or a level signal (VBUF ports, the queue's
-level, the fetch's pass-through to the DMA, the DMA's idle flags): they must share an SLR."""
+                 ("vpu_queue", "vpu"), ("fetch", "ctrl"))  # fmt: skip
+"""Pairs that must share an SLR: those joined by something other than a stream or a level
+signal (the VBUF ports, the queue's level), and the program fetch with the controller (after a
+watchdog stop the fetch drops the rows of the stopped fetch as they arrive; beats it had already
+sent into stages towards the controller would be taken as the next run's program)."""
 
 
 def check_floorplan(plan: Floorplan) -> Floorplan:
@@ -305,8 +310,8 @@ class DecodeCore(GeometryComponent):
         x_fetch_cmd = relay("fetch_cmd", ctrl.fetch_cmd, fetch.cmd)
         relay("fetch_data", fetch.data, ctrl.fetch_data)
         x_read = relay("dma_read", ctrl.dma_read, fetch.issue)
-        connect(m, fetch.read, dma.read)
-        connect(m, dma.rows, fetch.rows)
+        x_fetch_read = relay("fetch_read", fetch.read, dma.read)
+        relay("rows", dma.rows, fetch.rows)
         x_loadv = relay("loadv", fetch.loadv, vbuf_wr.loadv)
         relay("word", dma.word, ctrl.dma_word)
 
@@ -349,7 +354,7 @@ class DecodeCore(GeometryComponent):
         vpu_far = delay("busy_vpu", vpu.busy | (vq.level != 0))
         feeder_far = delay("busy_mpu_feeder", feeder.busy)
         mpu_far = delay("busy_mpu", mpu.busy)
-        read_far = delay("busy_read", ~dma.read_idle | fetch.fetching)
+        read_far = delay("busy_read", ~dma.read_idle) | delay("busy_fetch", fetch.fetching)
         loadv_far = delay("busy_loadv", fetch.loadv_busy | x_loadv.busy)
         store_far = delay("busy_store", stores.busy)
         write_far = delay(
@@ -360,8 +365,8 @@ class DecodeCore(GeometryComponent):
         m.d.comb += [
             ctrl.busy.vpu.eq(vpu_far | x_vpu.busy | ctrl.vpu.valid),
             ctrl.busy.mpu.eq(feeder_far | mpu_far | x_mpu.busy),
-            ctrl.busy.dma_read.eq(read_far | x_read.busy | x_fetch_cmd.busy),
-            ctrl.busy.loadv.eq(loadv_far | x_read.busy),
+            ctrl.busy.dma_read.eq(read_far | x_read.busy | x_fetch_cmd.busy | x_fetch_read.busy),
+            ctrl.busy.loadv.eq(loadv_far | x_read.busy | x_fetch_read.busy),
             ctrl.busy.store.eq(store_far | x_store.busy),
             ctrl.busy.dma_write.eq(write_far | write_dma | x_store.busy),
         ]

@@ -188,14 +188,16 @@ U55C = Floorplan(
     name="u55c",
     slr={
         # SLR0: everything that talks to HBM or the host (the HBM ports and s_axi_control
-        # enter here): the 32-channel DMA and its program-fetch front end.
+        # enter here): the 32-channel DMA and the control registers.
         "shell": 0,
         "dma": 0,
-        "fetch": 0,
         # SLR1: the matrix unit (1,024 DSP products) and the controller between the DMA
-        # below and the vector side above.
+        # below and the vector side above, with the DMA's read front end (the program fetch
+        # must sit beside the controller: after a watchdog it drops the rows of a stopped
+        # fetch, which it cannot do for beats already in stages towards the controller).
         "ctrl": 1,
         "mpu": 1,
+        "fetch": 1,
         # SLR2: the vector buffer with everything that reads it at a fixed latency of one cycle
         # (VBUF ports are not streams, so their users stay beside it), and the vector unit.
         "vpu": 2,

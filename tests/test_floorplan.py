@@ -14,10 +14,10 @@ from tandem.geometry import geometry
 
 
 def test_u55c_plan():
-    """The HBM side (DMA, fetch, shell) in SLR0, the MPU and controller in SLR1, the VBUF and
-    its fixed-latency users in SLR2; two stages per boundary, one on each side."""
-    assert {b for b in BLOCKS if U55C.slr[b] == 0} == {"shell", "dma", "fetch"}
-    assert {b for b in BLOCKS if U55C.slr[b] == 1} == {"ctrl", "mpu"}
+    """The HBM side (DMA, shell) in SLR0, the MPU, controller and program fetch in SLR1, the
+    VBUF and its fixed-latency users in SLR2; two stages per boundary, one on each side."""
+    assert {b for b in BLOCKS if U55C.slr[b] == 0} == {"shell", "dma"}
+    assert {b for b in BLOCKS if U55C.slr[b] == 1} == {"ctrl", "mpu", "fetch"}
     assert U55C.stages("dma", "mpu") == 2 and U55C.stage_slrs("dma", "mpu") == (0, 1)
     assert U55C.stages("store_feeder", "dma") == 4
     assert U55C.stage_slrs("store_feeder", "dma") == (2, 1, 1, 0)
