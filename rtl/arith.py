@@ -16,7 +16,7 @@ unit                      latency   throughput  contract
 ========================  ========  ==========  =============================================
 :class:`FP16Add`          4         1 / cycle   ``numerics.fp16_add`` / ``fp16_sub``
 :class:`FP16Mul`          3         1 / cycle   ``numerics.fp16_mul``
-:class:`FP16Table`        1         1 / cycle   ``numerics.table(name)``
+:class:`FP16Table`        1         1 / cycle   ``numerics.table(name)`` (per port)
 :class:`BlockAlign`       2         1 / cycle   ``numerics.bfp_blocks`` (one block)
 :class:`BlockDot`         4         1 / cycle   exact integer block sum
 :class:`AccumulatorShift` 2         1 / cycle   ``shift_floor(sum, block_shift(...))``
@@ -146,18 +146,22 @@ class StreamUnit(wiring.Component):
     (layouts :attr:`in_layout` and :attr:`out_layout`, each the unit's fields and then
     ``tag``), the ``tag`` carried from one to the other unchanged, and :attr:`latency`
     (:attr:`LATENCY` unless the unit computes it). A subclass validates its own parameters,
-    then calls ``super().__init__(in_fields, out_fields, tag=tag)``."""
+    then calls ``super().__init__(in_fields, out_fields, tag=tag)``.
 
-    def __init__(self, in_fields: dict, out_fields: dict, *, tag=NO_TAG):
+    A unit with ``streams=n`` (an int) has ``n`` independent pairs instead: ``i`` and ``o`` are
+    arrays of ``n`` streams, ``i[k]`` answered on ``o[k]`` (:attr:`stream_pairs` lists them
+    either way)."""
+
+    def __init__(self, in_fields: dict, out_fields: dict, *, tag=NO_TAG, streams=None):
         self._tag = _check_shape("tag", tag)
         self.in_layout = data.StructLayout({**in_fields, "tag": self._tag})
         self.out_layout = data.StructLayout({**out_fields, "tag": self._tag})
-        super().__init__(
-            {
-                "i": In(stream.Signature(self.in_layout)),
-                "o": Out(stream.Signature(self.out_layout)),
-            }
-        )
+        i = In(stream.Signature(self.in_layout))
+        o = Out(stream.Signature(self.out_layout))
+        if streams is not None:
+            i, o = i.array(streams), o.array(streams)
+        self._streams = streams
+        super().__init__({"i": i, "o": o})
 
     @property
     def tag(self):
@@ -168,6 +172,13 @@ class StreamUnit(wiring.Component):
     def latency(self) -> int:
         """Cycles from accepting an item on ``i`` to its first valid cycle on ``o``."""
         return self.LATENCY
+
+    @property
+    def stream_pairs(self) -> list:
+        """``[(i, o)]``, or ``[(i[k], o[k]) ...]`` for a unit with several stream pairs."""
+        if self._streams is None:
+            return [(self.i, self.o)]
+        return [(self.i[k], self.o[k]) for k in range(self._streams)]
 
 
 def leading_zeros(m: Module, value, *, name: str) -> tuple:
@@ -616,39 +627,59 @@ class FP16Table(StreamUnit):
     comparators. That halves the ROM: exp 31,201 entries, recip 31,484, rsqrt 31,742 and
     gelu 34,825, against 65,536 for ``reduced=False``.
 
+    With ``ports=2`` one ROM serves two independent lookup streams through the block RAM's two
+    read ports: ``i[0]``/``o[0]`` and ``i[1]``/``o[1]`` each have their own comparators,
+    registers and stall (``o[k].ready`` holds only port ``k``), and share the memory. Yosys
+    (``synth_xilinx -family xcup``) maps it to one set of block RAMs with both ports reading,
+    not two copies: exp 14 RAMB36 (13 with one port), gelu 16 (16). Two lanes cost one ROM.
+
     Parameters
     ----------
     name : str
         ``"exp"``, ``"recip"``, ``"rsqrt"`` or ``"gelu"``.
+    ports : int
+        1 (default) or 2 lookup streams on the one ROM.
     reduced : bool
         Store the reduced table (default) or all 65,536 entries.
     tag : shape
-        Side data carried from input to output unchanged (default: none).
+        Side data carried from input to output unchanged (default: none; the same shape on
+        both ports).
 
     Members
     -------
     i : ``In(stream.Signature(...))``
-        ``x`` (:class:`Binary16`), ``tag``.
+        ``x`` (:class:`Binary16`), ``tag``. With ``ports=2`` an array of two such streams.
     o : ``Out(stream.Signature(...))``
-        ``value`` (:class:`Binary16`), ``tag``.
+        ``value`` (:class:`Binary16`), ``tag``. With ``ports=2`` an array of two, ``o[k]``
+        answering ``i[k]``.
 
-    Latency 1 cycle (the synchronous ROM read), throughput one lookup per cycle.
+    Latency 1 cycle (the synchronous ROM read), throughput one lookup per cycle per port.
     """
 
     LATENCY = 1
+    MAX_PORTS = 2
+    """Read ports of a block RAM: lookups one ROM can serve per cycle."""
 
-    def __init__(self, name: str, *, reduced: bool = True, tag=NO_TAG):
+    def __init__(self, name: str, *, ports: int = 1, reduced: bool = True, tag=NO_TAG):
         if name not in numerics._FUNCTIONS:
             raise ValueError(
                 f"unknown function table {name!r}; expected one of {numerics._FUNCTIONS}"
             )
         self._name = name
+        self._ports = check_int("ports", ports, 1, self.MAX_PORTS)
         self._reduced = bool(reduced)
-        super().__init__({"x": Binary16}, {"value": Binary16}, tag=tag)
+        super().__init__(
+            {"x": Binary16}, {"value": Binary16}, tag=tag, streams=None if ports == 1 else ports
+        )
 
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def ports(self) -> int:
+        """Lookup streams sharing the ROM."""
+        return self._ports
 
     @property
     def reduced(self) -> bool:
@@ -661,28 +692,36 @@ class FP16Table(StreamUnit):
 
     def elaborate(self, platform):
         m = Module()
-        p = stream_pipe(m, self.i, self.o, name=self._name)
-        x = self.i.payload.x.as_value()
         if self._reduced:
-            plan = table_plan(self._name)
-            contents = plan.rom
+            contents = table_plan(self._name).rom
         else:
             contents = np.asarray(numerics.table(self._name), dtype=np.uint16)
         m.submodules.rom = rom = memory.Memory(
             shape=unsigned(16), depth=max(len(contents), 1), init=[int(v) for v in contents]
         )
-        port = rom.read_port()
+        pairs = self.stream_pairs
+        for k, (i, o) in enumerate(pairs):
+            prefix = "" if len(pairs) == 1 else f"p{k}_"
+            port = rom.read_port()
+            self._lookup(m, i, o, port, prefix)
+        return m
+
+    def _lookup(self, m, i, o, port, prefix):
+        """One lookup stream on one ROM read port: its own stall, comparators and registers."""
+        p = stream_pipe(m, i, o, name=f"{prefix}{self._name}")
+        x = i.payload.x.as_value()
         m.d.comb += port.en.eq(p.en)
         with m.If(p.en):
-            m.d.sync += [self.o.payload.tag.eq(self.i.payload.tag), self.o.valid.eq(self.i.valid)]
+            m.d.sync += [o.payload.tag.eq(i.payload.tag), o.valid.eq(i.valid)]
         if not self._reduced:
-            m.d.comb += [port.addr.eq(x), self.o.payload.value.eq(port.data)]
-            return m
+            m.d.comb += [port.addr.eq(x), o.payload.value.eq(port.data)]
+            return
 
+        plan = table_plan(self._name)
         mag, sign = x[:15], x[15]
-        use_rom = Signal(name="use_rom")
-        flip = Signal(name="flip")
-        fixed = Signal(16, name="fixed")
+        use_rom = Signal(name=f"{prefix}use_rom")
+        flip = Signal(name=f"{prefix}flip")
+        fixed = Signal(16, name=f"{prefix}fixed")
         m.d.comb += port.addr.eq(0)
         with m.If(mag > 0x7C00):
             m.d.comb += fixed.eq(numerics.CANONICAL_NAN)
@@ -699,13 +738,12 @@ class FP16Table(StreamUnit):
                 flip.eq(sign & plan.odd),
                 port.addr.eq(Mux(sign, plan.base[1] - plan.lo[1], plan.base[0] - plan.lo[0]) + mag),
             ]
-        s1_use_rom = p.reg(use_rom, name="s1_use_rom")
-        s1_flip = p.reg(flip, name="s1_flip")
-        s1_fixed = p.reg(fixed, name="s1_fixed")
-        m.d.comb += self.o.payload.value.eq(
+        s1_use_rom = p.reg(use_rom, name=f"{prefix}s1_use_rom")
+        s1_flip = p.reg(flip, name=f"{prefix}s1_flip")
+        s1_fixed = p.reg(fixed, name=f"{prefix}s1_fixed")
+        m.d.comb += o.payload.value.eq(
             Mux(s1_use_rom, port.data ^ Cat(Const(0, 15), s1_flip), s1_fixed)
         )
-        return m
 
 
 # --------------------------------------------------------------------------------------------

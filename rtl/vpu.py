@@ -89,6 +89,13 @@ def _probe(unit):
     return unit
 
 
+def _table_ports(lanes: int) -> tuple[int, int]:
+    """(ROMs, ports per ROM) of a function with ``lanes`` lookups per cycle: a block RAM's two
+    read ports serve two lanes; a single lane keeps a one-port table."""
+    ports = FP16Table.MAX_PORTS if lanes % FP16Table.MAX_PORTS == 0 else 1
+    return lanes // ports, ports
+
+
 _ONES = Const((1 << ROW_ELEMS) - 1, ROW_ELEMS)
 """Every element of a row."""
 
@@ -189,8 +196,9 @@ class VectorUnit(GeometryComponent):
 
     * ``VADD``/``VSUB``: ``lanes`` :class:`FP16Add`; ``VMUL``: ``lanes`` :class:`FP16Mul`. With
       ``b_scalar`` the element ``VBUF[b]`` is read once, at the start, and broadcast.
-    * Tables (``VEXP``, ``VRECIP``, ``VRSQRT``, ``VGELU``): ``table_lanes[f]``
-      :class:`FP16Table` ROMs per function.
+    * Tables (``VEXP``, ``VRECIP``, ``VRSQRT``, ``VGELU``): ``table_lanes[f]`` lookups per
+      cycle from :class:`FP16Table` ROMs, each read by two lanes through its two ports
+      (``ports=2``); a function with one lane has a one-port ROM.
     * ``VMAX`` (a row per cycle): :class:`RowMax` and a running maximum; elements past
       ``length`` count as -Inf (``length`` 0 gives -Inf), a NaN anywhere gives the canonical
       NaN.
@@ -223,9 +231,10 @@ class VectorUnit(GeometryComponent):
         ``geom.vpu_lanes``).
     table_lanes : mapping of str to int, optional
         Lookups per cycle of each function (a power of two, 1..64), overriding the default
-        ``{"exp": vpu_lanes, "gelu": vpu_lanes, "recip": 1, "rsqrt": 1}``. Each lane is one
-        :class:`FP16Table` ROM. The compiled program applies exp (softmax) and GELU (MLP) to
-        whole vectors, but recip and rsqrt only to single elements, hence one lane each.
+        ``{"exp": vpu_lanes, "gelu": vpu_lanes, "recip": 1, "rsqrt": 1}``. Every two lanes
+        share one two-port :class:`FP16Table` ROM (:attr:`table_roms`). The compiled program
+        applies exp (softmax) and GELU (MLP) to whole vectors, but recip and rsqrt only to
+        single elements, hence one lane each.
 
     Members
     -------
@@ -280,12 +289,14 @@ class VectorUnit(GeometryComponent):
     at T = 5, issued op by op over the heads, 78 cycles (:meth:`schedule`; 492 one by one).
 
     Resources: ``lanes`` FP16Add and FP16Mul (one DSP each), two BlockAlign, a BlockDot (64
-    12x12 products), RowMax, and the table ROMs, ``table_entries`` x 16 bits: per lane the
-    reduced depth of :class:`FP16Table` (exp 31,201, recip 31,484, rsqrt 31,742, gelu
-    34,825 entries; 16 to 18 RAMB36 each). Default lanes: tiny 10 ROMs (5.0 Mibit), u55c 66
-    ROMs (33.2 Mibit, about 1,120 RAMB36 of the U55C's 2,016). Sharing each ROM between two
-    lanes through the block RAM's second port would halve that; it needs a two-port
-    :class:`FP16Table`.
+    12x12 products), RowMax, and the table ROMs (:attr:`table_roms`; :attr:`table_entries` x
+    16 bits): one reduced :class:`FP16Table` per two lanes of a function, read through the
+    block RAM's two ports (``ports=2``), and a one-port ROM for a function with one lane (exp
+    31,201, recip 31,484, rsqrt 31,742, gelu 34,825 entries). Yosys (``synth_xilinx -family
+    xcup``) maps a two-port ROM to one set of block RAMs: exp 14 RAMB36 (13 with one port),
+    gelu 16 (16), recip and rsqrt 13 each. Default lanes: tiny 6 ROMs (2 exp, 2 GELU, recip,
+    rsqrt; 3.0 Mibit, 86 RAMB36), u55c 34 ROMs (16 exp, 16 GELU, recip, rsqrt; 17.1 Mibit,
+    506 RAMB36 of the U55C's 2,016, against 954 with one ROM per lane).
     """
 
     MAX_IN_FLIGHT = 16
@@ -378,9 +389,15 @@ class VectorUnit(GeometryComponent):
         return dict(self._table_lanes)
 
     @property
+    def table_roms(self) -> dict[str, int]:
+        """:class:`FP16Table` ROMs of each function: one per two lanes (a two-port table), one
+        for a single lane."""
+        return {f: _table_ports(n)[0] for f, n in self._table_lanes.items()}
+
+    @property
     def table_entries(self) -> int:
-        """ROM entries (16 bits each) of all table lanes together."""
-        return sum(n * _probe(FP16Table(f)).depth for f, n in self._table_lanes.items())
+        """ROM entries (16 bits each) of all table ROMs together."""
+        return sum(n * _probe(FP16Table(f)).depth for f, n in self.table_roms.items())
 
     def op_lanes(self, op) -> int:
         """Elements per read cycle of ``op``: :attr:`lanes`, a table's lanes, or 64."""
@@ -770,24 +787,27 @@ class VectorUnit(GeometryComponent):
         row_bits = len(self.read_a.addr)
         wtag = data.StructLayout({"row": row_bits, "mask": ROW_ELEMS, "last": 1})
 
-        def set_tag(unit):
-            t = unit.i.payload.tag
+        def set_tag(i):
+            t = i.payload.tag
             return [t.row.eq(s2.row), t.mask.eq(s2.mask), t.last.eq(s2.last)]
 
-        def lane_group(name, n, make, operands, valid):
-            units = []
-            for k in range(n):
+        def lane_group(name, n, make, operands, valid, *, ports=1):
+            """``n`` lanes from ``n // ports`` units ``make(tag)`` of ``ports`` stream pairs
+            each (a two-port table serves two lanes); returns the lanes' (i, o) streams."""
+            lanes = []
+            for k in range(n // ports):
                 u = make(wtag if k == 0 else unsigned(0))
                 m.submodules[f"{name}{k}"] = u
-                m.d.comb += [u.i.valid.eq(valid), u.o.ready.eq(1)]
+                lanes += u.stream_pairs
+            for k, (i, o) in enumerate(lanes):
+                m.d.comb += [i.valid.eq(valid), o.ready.eq(1)]
                 m.d.comb += [
-                    getattr(u.i.payload, port).eq(_isolate(row[k], valid))
+                    getattr(i.payload, port).eq(_isolate(row[k], valid))
                     for port, row in operands.items()
                 ]
-                units.append(u)
-            m.d.comb += set_tag(units[0])
-            o = units[0].o
-            values = Cat(*(u.o.payload.value.as_value() for u in units))
+            i, o = lanes[0]
+            m.d.comb += set_tag(i)
+            values = Cat(*(o.payload.value.as_value() for _, o in lanes))
             writes.append(
                 (
                     o.valid,
@@ -797,7 +817,7 @@ class VectorUnit(GeometryComponent):
                     o.payload.tag.last,
                 )
             )
-            return units
+            return lanes
 
         op2 = s2.op
         is_sub = op2 == VectorOp.VSUB
@@ -808,7 +828,7 @@ class VectorUnit(GeometryComponent):
             {"a": s2.a, "b": s2.b},
             s2.valid & ((op2 == VectorOp.VADD) | is_sub),
         )
-        m.d.comb += [u.i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)) for u in adders]
+        m.d.comb += [i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)) for i, _ in adders]
         lane_group(
             "mul",
             self._lanes,
@@ -817,12 +837,14 @@ class VectorUnit(GeometryComponent):
             s2.valid & (op2 == VectorOp.VMUL),
         )
         for t_op, f in TABLE_OPS.items():
+            _, ports = _table_ports(self._table_lanes[f])
             lane_group(
                 f,
                 self._table_lanes[f],
-                lambda tag, f=f: FP16Table(f, tag=tag),
+                lambda tag, f=f, ports=ports: FP16Table(f, ports=ports, tag=tag),
                 {"x": s2.a},
                 s2.valid & (op2 == t_op),
+                ports=ports,
             )
 
         # VSET writes from the operand stage.

@@ -23,6 +23,7 @@ from tandem.rtl.arith import (
     FP16Add,
     FP16Mul,
     FP16Table,
+    table_plan,
 )
 from tandem.sim.streams import Packer
 
@@ -163,12 +164,14 @@ class DotRow(wiring.Component):
 
 def build_unit(name: str):
     """The unit called ``name``: ``add``, ``mul``, ``table-<function>`` (reduced ROM),
-    ``table-full-<function>`` (65,536 entries), ``align``, ``dot``, ``shift``, ``acc``, ``round``
-    or ``dotrow``."""
+    ``table-full-<function>`` (65,536 entries), ``table2-<function>`` (the reduced ROM with
+    two lookup ports), ``align``, ``dot``, ``shift``, ``acc``, ``round`` or ``dotrow``."""
     if name.startswith("table-full-"):
         return FP16Table(name.removeprefix("table-full-"), reduced=False, tag=TAG)
     if name.startswith("table-"):
         return FP16Table(name.removeprefix("table-"), tag=TAG)
+    if name.startswith("table2-"):
+        return FP16Table(name.removeprefix("table2-"), ports=2, tag=TAG)
     factories = {
         "add": lambda: FP16Add(tag=TAG),
         "mul": lambda: FP16Mul(tag=TAG),
@@ -295,6 +298,37 @@ def case_table(params, rng):
     xs = np.concatenate([xs, rng.integers(0, 1 << 16, params.get("extra", 4000), dtype=np.uint16)])
     want = nm.lookup(name, xs)
     return [{"x": int(x)} for x in xs], [{"value": int(v)} for v in want], None
+
+
+def table_edges(name: str) -> np.ndarray:
+    """Inputs at every boundary of the reduced table's plan (each end of each stored window
+    and its neighbours, per sign), the binary16 special values, and the ends of both halves."""
+    plan = table_plan(name)
+    mags = [0, 1, 0x3FF, 0x400, 0x7BFF, 0x7C00, 0x7C01, 0x7E00, 0x7FFF]
+    for s in (0, 1):
+        mags += [plan.lo[s] + d for d in (-1, 0, 1)] + [plan.hi[s] + d for d in (-1, 0, 1)]
+    mags = [m for m in mags if 0 <= m <= 0x7FFF]
+    xs = [sign << 15 | m for sign in (0, 1) for m in mags] + list(SPECIALS)
+    return np.unique(np.array(xs, dtype=np.uint16))
+
+
+def case_table2(params, rng):
+    """Per port (a list of two cases): the edge inputs and a random sample (``sample`` each,
+    default 3,000) in a port-specific order; with ``exhaustive``, port 0 also takes all 65,536
+    inputs in increasing order and port 1 in decreasing order, so both ports read every entry
+    while the other reads elsewhere."""
+    name = params["unit"].removeprefix("table2-")
+    edges = table_edges(name)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    cases = []
+    for port in (0, 1):
+        parts = [rng.permutation(edges), rng.integers(0, 1 << 16, params.get("sample", 3000))]
+        if params.get("exhaustive"):
+            parts.insert(0, every if port == 0 else every[::-1])
+        xs = np.concatenate(parts).astype(np.uint16)
+        want = nm.lookup(name, xs)
+        cases.append(([{"x": int(x)} for x in xs], [{"value": int(v)} for v in want], None))
+    return cases
 
 
 def random_blocks(n: int, rng) -> np.ndarray:
@@ -478,6 +512,7 @@ CASES = {
     "add": case_add,
     "mul": case_mul,
     "table": case_table,
+    "table2": case_table2,
     "align": case_align,
     "dot": case_dot,
     "shift": case_shift,
@@ -485,8 +520,12 @@ CASES = {
     "round": case_round,
     "dotrow": case_dotrow,
 }
-"""Stimulus per unit family (``table-*`` units share ``table``)."""
+"""Stimulus per unit family (``table-*`` units share ``table``, ``table2-*`` ``table2``). A
+unit with several stream pairs gets a list of cases, one per pair."""
 
 
 def case_for(unit: str):
-    return CASES["table" if unit.startswith("table-") else unit]
+    for family in ("table", "table2"):
+        if unit.startswith(f"{family}-"):
+            return CASES[family]
+    return CASES[unit]

@@ -44,6 +44,22 @@ def test_fp16_table_exhaustive(table, sim):
     run_unit(f"table-{table}", sim, seed=2)
 
 
+@pytest.mark.parametrize("sim", runner.simulators())
+def test_fp16_table_two_ports(sim):
+    """The two-port GELU ROM: per port the plan's edge inputs and 3,000 random ones, both ports
+    at full rate together, then each under its own idle and backpressure patterns."""
+    run_unit("table2-gelu", sim, seed=5)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("sim", runner.simulators())
+@pytest.mark.parametrize("table", ["exp", "gelu"])
+def test_fp16_table_two_ports_exhaustive(table, sim):
+    """All 65,536 inputs on each port at once (port 0 upwards, port 1 downwards), then edges
+    and random inputs under independent stalls."""
+    run_unit(f"table2-{table}", sim, seed=6, exhaustive=True)
+
+
 def cheapest_build() -> str:
     """Icarus unless SIM excludes it: for designs whose Verilator build takes longest (a
     65,536-entry ROM, two 64-wide aligners), the default suite runs one simulator only."""

@@ -108,6 +108,15 @@ def test_cycle_formula():
     assert v.cycles(VectorOp.VSET, 1) == 1 + 3
 
 
+def test_table_roms_are_shared_by_two_lanes():
+    """Two lanes read one two-port FP16Table ROM; a function with one lane has its own."""
+    v = VectorUnit(geometry("u55c"))
+    assert v.table_roms == {"exp": 16, "recip": 1, "rsqrt": 1, "gelu": 16}
+    assert v.table_entries == 16 * (31_201 + 34_825) + 31_484 + 31_742
+    small = VectorUnit(geometry("small"), table_lanes={"exp": 2, "gelu": 1})
+    assert small.table_roms == {"exp": 1, "recip": 1, "rsqrt": 1, "gelu": 1}
+
+
 def test_schedule_overlaps_only_independent_commands():
     """VectorUnit.schedule (which the RTL tests check cycle by cycle): a LayerNorm is a chain
     and gains nothing; the softmax of 12 heads, op by op over the heads, overlaps; a VRECIP
