@@ -51,8 +51,9 @@ class RtlDevice(HostImageDevice):
         up to a power of two; see :func:`tandem.sim.rtljob.memory_class`).
     max_cycles : int
         Cycle budget of one run (a run still going then fails with DeviceError).
-    read_latency : int
-        Simulated HBM read latency in cycles.
+    hbm : str
+        The simulated HBM's timing (:func:`tandem.sim.hbm_model.hbm_timing`: ``ideal``, the
+        default, or ``calibrated``); tokens do not depend on it, cycles do.
     allow_large_core : bool
         Build cores wider than :data:`MAX_CORE_BITS` anyway.
     log : callable or None
@@ -75,7 +76,7 @@ class RtlDevice(HostImageDevice):
         geom: CoreGeometry,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_cycles: int = 20_000_000,
-        read_latency: int = 80,
+        hbm: str = "ideal",
         allow_large_core: bool = False,
         log=...,
         log_file: str | os.PathLike | None = None,
@@ -92,7 +93,7 @@ class RtlDevice(HostImageDevice):
             )
         self.max_bytes = int(max_bytes)
         self.max_cycles = int(max_cycles)
-        self.read_latency = int(read_latency)
+        self.hbm = hbm
         self._log = log
         self.log_file = None if log_file is None else Path(log_file)
         self._progress = progress or _stderr
@@ -135,7 +136,7 @@ class RtlDevice(HostImageDevice):
                 image,
                 args,
                 mem_bytes=memory_class(self.max_bytes),
-                read_latency=self.read_latency,
+                hbm=self.hbm,
                 max_cycles=self.max_cycles,
                 **kwargs,
             )

@@ -89,8 +89,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt2")
     ap.add_argument("--geometry", default="u55c")
-    ap.add_argument("--prompt-len", type=int, default=3, metavar="N")
-    ap.add_argument("--tokens", type=int, default=4, metavar="N", help="tokens to generate")
+    ap.add_argument(
+        "--prompt-len", type=int, default=None, metavar="N", help="default 3 (--sweep: 1)"
+    )
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens to generate: default 4 (--sweep: 2)",
+    )
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (a shorter run)")
     ap.add_argument(
         "--start-pos",
@@ -101,7 +109,30 @@ def main(argv=None) -> int:
         "context: positions below S keep an all-zero KV cache (no prefill ran; the core's "
         "cycles do not depend on the values), labelled in the output",
     )
-    ap.add_argument("--read-latency", type=int, default=80)
+    ap.add_argument(
+        "--hbm",
+        default="calibrated",
+        choices=("calibrated", "ideal"),
+        help="the simulated HBM's timing (sim/hbm_model.py, docs/hbm-sources.md): calibrated "
+        "(default: 12.77 GB/s sustained per channel with refresh, 150-175 cycles of read "
+        "latency) or ideal (14.375 GB/s, 80 cycles, no refresh); set at run time, one build",
+    )
+    ap.add_argument(
+        "--read-latency", type=int, default=None, help="override the model's read latency"
+    )
+    ap.add_argument(
+        "--refresh",
+        choices=("on", "off"),
+        default=None,
+        help="override the model's refresh (on: 350 ns of every 3.9 us, at independent phases)",
+    )
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="the sensitivity table instead of one run: read latency 80/150/250 x link rate "
+        "ideal/calibrated x refresh off/on, each a short run (--prompt-len 1 --tokens 2 unless "
+        "given); prints the table and writes <json> with -sweep in its name",
+    )
     ap.add_argument(
         "--floorplan",
         default=None,
@@ -133,6 +164,112 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reanalyse:
         return finish(json.loads(raw_path(args.json).read_text()), args)
+    short = args.sweep
+    if args.prompt_len is None:
+        args.prompt_len = 1 if short else 3
+    if args.tokens is None:
+        args.tokens = 2 if short else 4
+    if args.sweep:
+        return sweep(args, ap)
+    raw = measure(args, ap, timing_of(args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    raw_path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
+    return finish(raw, args)
+
+
+SWEEP_LATENCIES = (80, 150, 250)
+SWEEP_OUT = "-sweep"
+
+
+def sweep(args, ap) -> int:
+    """The sensitivity table: read latency x link rate (ideal, calibrated) x refresh (off, on),
+    one short run each over the same build."""
+    from tandem.geometry import geometry
+    from tandem.sim.hbm_model import hbm_timing
+
+    g = geometry(args.geometry)
+    points = []
+    for rate in ("ideal", "calibrated"):
+        for refresh in (False, True):
+            for lat in SWEEP_LATENCIES:
+                base = hbm_timing(rate, g, refresh=refresh, read_latency=lat)
+                if rate == "ideal":
+                    base = base.replace(name="ideal")
+                points.append((rate, refresh, lat, base))
+    out = args.json.with_name(args.json.stem + SWEEP_OUT + ".json")
+    rows = []
+    for k, (rate, refresh, lat, timing) in enumerate(points):
+        log(f"sweep point {k + 1}/{len(points)}: {timing.describe(g)}")
+        raw = measure(args, ap, timing)
+        r = analyse(raw, args)
+        rows.append(
+            {
+                "rate": rate,
+                "refresh": refresh,
+                "read_latency": lat,
+                "hbm": r["hbm"],
+                "cycles_per_token": r["cycles_per_token"],
+                "hbm_efficiency": r["hbm_efficiency"],
+                "of_model_sustained": r["of_model_sustained"],
+                "of_calibrated_achievable": r["of_calibrated_achievable"],
+                "projection": r["projection"],
+                "model": r["model"],
+                "ctx": r["ctx"],
+                "floorplan": r["floorplan"],
+                "build": r["build"],
+            }
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows},
+                                  indent=2) + "\n")  # fmt: skip
+        print(format_sweep(rows), flush=True)
+    log(f"wrote {out}")
+    return 0
+
+
+def format_sweep(rows: list[dict]) -> str:
+    """The sensitivity table (docs/performance.md)."""
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [
+        f"HBM sensitivity: {r0['model']} on the u55c core, floorplan {r0['floorplan']}, one "
+        f"decode token at ctx ~{r0['ctx']} per point; {LABEL}",
+        "",
+        "| link rate | refresh | read latency | cycles per token | % of 460 GB/s "
+        "| % of the model's sustained | gpt2-medium ms/token |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        med = r["projection"].get("gpt2-medium", {}).get("ms_per_token")
+        h = r["hbm"]
+        lat = f"{h['read_latency']}" + (
+            f"-{h['read_latency'] + h['read_jitter']}" if h.get("read_jitter") else ""
+        )
+        lines.append(
+            f"| {r['rate']} ({h['link_gbps']:.2f} GB/s) | "
+            f"{'on' if r['refresh'] else 'off'} | {lat} | {r['cycles_per_token']:,} | "
+            f"{r['hbm_efficiency']:.1%} | {r['of_model_sustained']:.1%} | "
+            f"{'' if med is None else f'{med:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def timing_of(args, **overrides):
+    """The HBM model the options name, at the geometry's clock."""
+    from tandem.geometry import geometry
+    from tandem.sim.hbm_model import hbm_timing
+
+    g = geometry(args.geometry)
+    if args.read_latency is not None:
+        overrides.setdefault("read_latency", args.read_latency)
+    if args.refresh is not None:
+        overrides.setdefault("refresh", args.refresh == "on")
+    return hbm_timing(args.hbm, g, **overrides)
+
+
+def measure(args, ap, timing) -> dict:
+    """Compile, build (cached), run one job over the HBM model ``timing``; the raw record."""
 
     from tandem import layout as L
     from tandem.checkpoint import random_weights
@@ -175,9 +312,7 @@ def main(argv=None) -> int:
         f"about 8 minutes of Verilator and make output, 7 GB of memory) ..."
     )
     core_rev = core_revision()
-    tb = rtljob.build(
-        g, mem, read_latency=args.read_latency, floorplan=args.floorplan, make_vars=make_vars
-    )
+    tb = rtljob.build(g, mem, floorplan=args.floorplan, make_vars=make_vars)
     build_rss = peak_child_gb()
     log(
         f"Verilog {tb['verilog']:.0f} s, build {tb['build']:.0f} s, peak child RSS so far "
@@ -186,7 +321,8 @@ def main(argv=None) -> int:
 
     log(
         f"running prompt {len(prompt)} + {args.tokens} tokens from position {args.start_pos} "
-        f"({len(prompt) + args.tokens - 1 - args.start_pos} positions); a line per token"
+        f"({len(prompt) + args.tokens - 1 - args.start_pos} positions) over the "
+        f"{timing.describe(g)}; a line per token"
     )
     res = rtljob.run_job(
         g,
@@ -194,7 +330,7 @@ def main(argv=None) -> int:
         scalars,
         dump=[(c.layout["output"].base, c.layout["output"].nbytes)],
         mem_bytes=mem,
-        read_latency=args.read_latency,
+        hbm=timing,
         floorplan=args.floorplan,
         max_cycles=args.max_cycles,
         make_vars=make_vars,
@@ -218,6 +354,7 @@ def main(argv=None) -> int:
         "cycles": res.cycles,
         "events": res.events,
         "counters": res.counters,
+        "hbm": res.hbm,
         "build": {
             "core": core_rev,
             "opt_fast": args.opt,
@@ -231,9 +368,7 @@ def main(argv=None) -> int:
             "cycles_per_s": round(res.cycles / max(res.timings["run"], 1e-9)),
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    raw_path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
-    return finish(raw, args)
+    return raw
 
 
 def finish(raw: dict, args) -> int:
@@ -258,7 +393,8 @@ def provenance(report: dict, run_args: dict) -> dict:
     return {
         "what": f"decode-core cycles per token measured in RTL simulation: {report['model']} "
         f"(random weights) on the {report['geometry']} core in Verilator over the simulated HBM "
-        f"({report['read_latency']}-cycle read latency); times are {LABEL}, no FPGA ran",
+        f"({report['hbm']['name']} model: {report['read_latency']}-cycle read latency, "
+        f"{report['hbm']['sustained_gbps']:.0f} GB/s sustained); times are {LABEL}, no FPGA ran",
         "command": f"python scripts/bench_rtl.py --record (make bench-rtl "
         f"BENCH_RTL_ARGS=--record): {flags}",
         "core_commit": report["build"].get("core", "unknown"),
@@ -286,12 +422,26 @@ def matvecs_per_position(cfg, g) -> int:
     return sum(i.op == Op.MATVEC for i in program(cfg, g))
 
 
+def hbm_record(raw: dict, g) -> dict:
+    """The memory model a raw record ran over (records from before the calibrated model ran
+    over the ideal one at ``--read-latency``)."""
+    if "hbm" in raw:
+        return raw["hbm"]
+    from tandem.sim.hbm_model import hbm_timing
+
+    lat = raw["args"].get("read_latency") or 80
+    return hbm_timing("ideal", g, read_latency=lat).as_dict(g)
+
+
 def analyse(raw: dict, args) -> dict:
     from tandem.config import preset
     from tandem.geometry import geometry
     from tandem.layout import LayoutError
+    from tandem.sim.hbm_model import hbm_timing
 
     g = geometry(raw["geometry"])
+    hbm = hbm_record(raw, g)
+    calibrated = hbm_timing("calibrated", g)
     cfg = preset(raw["args"]["model"])
     if raw["n_layer"] != cfg.n_layer:
         cfg = dataclasses.replace(cfg, n_layer=raw["n_layer"], name=raw["model"])
@@ -341,19 +491,23 @@ def analyse(raw: dict, args) -> dict:
     def share(key):
         return float(np.sum([r[key] for r in dec]) / np.sum([r["cycles"] for r in dec]))
 
-    # Cycles lost against the link: the HBM model passes 115/128 of a beat per cycle per
-    # channel on average in bursts of whole beats, and the channels move in step (one tile a
-    # cycle), so even a stream at the full link rate has cycles with no R beat: about
-    # r_cycles * 13/115 of them. The cycles with no R beat beyond those are the loss.
+    # Cycles lost against the memory model: its link passes `beat_rate` of a beat per cycle
+    # per channel (115/128 for the ideal model) in whole beats, and the channels move in step
+    # (one tile a cycle), so even a stream at the full link rate has cycles with no R beat:
+    # about r_cycles * (1 / beat_rate - 1) of them. The cycles with no R beat beyond those are
+    # the loss (refresh gaps among them). The ideal cycles are the bytes at the model's
+    # sustained rate (refresh included).
     sum_dec = {k: int(np.sum([r[k] for r in dec])) for k in dec[0] if isinstance(dec[0][k], int)}
-    beat_rate = peak_bpc / (g.channels * beat)  # 115/128 of a beat per cycle and channel
-    ideal = sum_dec["bytes_read"] / peak_bpc
+    beat_rate = min(1.0, hbm["link_gbps"] * 1e9 / clock / beat)
+    model_bpc = hbm["sustained_gbps"] * 1e9 / clock  # bytes per cycle over every channel
+    calibrated_bpc = calibrated.sustained_gbps(g) * g.channels * 1e9 / clock
+    ideal = sum_dec["bytes_read"] / model_bpc
     link_gaps = sum_dec["r_cycles"] * (1 / beat_rate - 1)
     lost = sum_dec["cycles"] - ideal
     n_mv = matvecs_per_position(cfg, g)
     n = len(dec)
     loss = {
-        "ideal_cycles_at_link_rate": ideal / n,
+        "ideal_cycles_at_model_rate": ideal / n,
         "lost_cycles": lost / n,
         "vpu_busy_no_read": sum_dec["vpu_no_read"] / n,
         "mpu_busy_no_read_beyond_link_gaps": (sum_dec["mpu_no_read"] - link_gaps) / n,
@@ -397,10 +551,14 @@ def analyse(raw: dict, args) -> dict:
         "bytes_per_token": round(nbytes),
         "layout_bytes_per_token": lay,
         "hbm_efficiency": eff,
+        "of_model_sustained": nbytes / (cyc * model_bpc),
+        "of_calibrated_achievable": nbytes / (cyc * calibrated_bpc),
+        "calibrated_achievable_gbps": calibrated.sustained_gbps(g) * g.channels,
+        "hbm": hbm,
         "peak_gbps": g.peak_gbps,
         "ms_per_token": cyc / clock * 1e3,
         "label": LABEL,
-        "read_latency": raw["args"]["read_latency"],
+        "read_latency": hbm["read_latency"],
         # a raw record from before the option: the core had no stages
         "floorplan": _floorplan_name(raw.get("floorplan", "flat")),
         "n_layer": cfg.n_layer,
@@ -447,8 +605,8 @@ def format_report(r: dict) -> str:
     g = r["geometry"]
     lines = [
         f"Decode core cycles: {r['model']} on {g} ({r['clock_mhz']:.0f} MHz), RTL in Verilator "
-        f"over the simulated HBM (read latency {r['read_latency']} cycles), floorplan "
-        f"{r.get('floorplan', 'flat (before floorplanning)')}",
+        f"over the simulated HBM, floorplan {r.get('floorplan', 'flat (before floorplanning)')}",
+        f"HBM model: {describe_hbm(r['hbm'])}",
         f"{r['kv_note']}",
         f"prompt {len(r['prompt'])} tokens, {len(r['tokens'])} generated: {r['tokens']}; "
         f"{r['total_cycles']:,} cycles start to done",
@@ -477,6 +635,10 @@ def format_report(r: dict) -> str:
         f"| HBM bytes read per token (counted R beats) | {r['bytes_per_token']:,} |",
         f"| bytes per token by the layout (weights + KV) | {r['layout_bytes_per_token']:,} |",
         f"| achieved bandwidth, % of {r['peak_gbps']:.0f} GB/s | {r['hbm_efficiency']:.1%} |",
+        f"| % of the calibrated achievable {r['calibrated_achievable_gbps']:.0f} GB/s "
+        f"(sim/hbm_model.py CALIBRATED) | {r['of_calibrated_achievable']:.1%} |",
+        f"| % of this model's sustained {r['hbm']['sustained_gbps']:.0f} GB/s | "
+        f"{r['of_model_sustained']:.1%} |",
     ]
     for name, p in r["projection"].items():
         lines.append(
@@ -499,6 +661,23 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_hbm(h: dict) -> str:
+    """One line of a memory model's record (HBMTiming.as_dict)."""
+    lat = f"{h['read_latency']}"
+    if h.get("read_jitter"):
+        lat += f"-{h['read_latency'] + h['read_jitter']}"
+    ref = (
+        f"refresh {h['refresh_cycles']} of every {h['refresh_interval']} cycles"
+        if h.get("refresh_cycles")
+        else "no refresh"
+    )
+    return (
+        f"{h['name']}: read latency {lat} cycles, link {h['link_gbps']:.2f} GB/s per channel, "
+        f"{ref}; sustained {h['sustained_gbps_per_channel']:.2f} GB/s per channel, "
+        f"{h['sustained_gbps']:.0f} GB/s in all"
+    )
+
+
 def _format_loss(lo: dict, cycles: int) -> str:
     parts = [
         ("VPU busy, no data moving", lo["vpu_busy_no_read"]),
@@ -512,8 +691,8 @@ def _format_loss(lo: dict, cycles: int) -> str:
         ("the controller alone", lo["nothing_busy_controller_only"]),
     ]
     lines = [
-        f"Per decode token: {cycles:,} cycles = {lo['ideal_cycles_at_link_rate']:,.0f} at the "
-        f"link rate for the bytes read + {lo['lost_cycles']:,.0f} lost "
+        f"Per decode token: {cycles:,} cycles = {lo['ideal_cycles_at_model_rate']:,.0f} at the "
+        f"memory model's sustained rate for the bytes read + {lo['lost_cycles']:,.0f} lost "
         f"({lo['lost_cycles'] / cycles:.1%}):"
     ]
     lines += [f"  {name}: {v:,.0f} ({v / cycles:.1%})" for name, v in parts]

@@ -54,6 +54,7 @@ from tandem.floorplan import floorplan as tandem_floorplan
 from tandem.geometry import CoreGeometry
 from tandem.layout import STATUS_BYTES, HBMImage, StatusRecord
 from tandem.rtl.component import GeometryComponent
+from tandem.sim.hbm_model import HBMTiming
 
 __all__ = [
     "COUNTERS",
@@ -89,6 +90,7 @@ COUNTERS = (
     "idle_no_read",  # neither MPU nor VPU busy and no R handshake on any channel; of those:
     "idle_read_wait",  # ... a DMA read in flight (HBM latency, or a queued read)
     "idle_write_wait",  # ... no read, an HBM write not yet acknowledged (or a store feeding)
+    "refresh",  # channel-cycles the simulated HBM spent refreshing (summed over channels)
 )
 """Counters of :class:`JobTop`, counting from the shell's ``start`` pulse to ``done``."""
 
@@ -107,14 +109,12 @@ def memory_class(nbytes: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def build_name(
-    geom: CoreGeometry, mem_bytes: int, read_latency: int = 80, floorplan: str | None = None
-) -> str:
-    """The build folder's name (``build/sim/<name>-verilator``)."""
+def build_name(geom: CoreGeometry, mem_bytes: int, floorplan: str | None = None) -> str:
+    """The build folder's name (``build/sim/<name>-verilator``). The HBM model's timing is not
+    part of it: it is set at run time (:class:`tandem.sim.hbm_model.HBMTiming`)."""
     mib = mem_bytes >> 20
-    lat = "" if read_latency == 80 else f"-lat{read_latency}"
     plan = "" if resolve_floorplan(geom, floorplan) is for_geometry(geom) else f"-{floorplan}"
-    return f"rtljob-{geom.name}-{mib}m{lat}{plan}"
+    return f"rtljob-{geom.name}-{mib}m{plan}"
 
 
 def resolve_floorplan(geom: CoreGeometry, floorplan: str | None) -> Floorplan:
@@ -128,7 +128,9 @@ class JobTop(GeometryComponent):
 
     Ports: ``ap_clk``, ``ap_rst_n``, ``interrupt``, ``s_axi_control_*`` (as the kernel's),
     ``hbm_load``, ``hbm_dump``, ``hbm_dump_lo``, ``hbm_dump_hi`` (the memory backdoor, files
-    ``hbm<ch>.hex`` / ``hbm<ch>.dump.hex`` in the simulator's working directory), ``cnt_<c>``
+    ``hbm<ch>.hex`` / ``hbm<ch>.dump.hex`` in the simulator's working directory), ``hbm_cfg``
+    (the memory's timing, :meth:`tandem.sim.hbm_model.HBMTiming.pack`, set before reset is
+    released), ``cnt_<c>``
     (live) and ``snap_<c>`` (at the last event) for every ``c`` in :data:`COUNTERS`, ``ev_count``
     (events so far, counted over the whole simulation), ``ev_kind`` (:data:`EV_TOKEN` or
     :data:`EV_STATUS`), ``ev_value`` (the token id an STW stored), ``runs`` (start pulses seen).
@@ -141,16 +143,14 @@ class JobTop(GeometryComponent):
         geom: CoreGeometry,
         *,
         mem_bytes: int,
-        read_latency: int = 80,
         floorplan: str | None = None,
     ):
         from tandem.rtl.core import DecodeCore
         from tandem.sim.hbm_model import HBMModel
 
         self.core = DecodeCore(geom, perf=True, floorplan=resolve_floorplan(geom, floorplan))
-        self.hbm = HBMModel(geom, size_bytes=mem_bytes, read_latency=read_latency)
+        self.hbm = HBMModel(geom, size_bytes=mem_bytes)
         self.mem_bytes = mem_bytes
-        self.read_latency = read_latency
         hm = self.hbm.signature.members
         members = {
             "ap_clk": In(1),
@@ -161,6 +161,7 @@ class JobTop(GeometryComponent):
             "hbm_dump": In(1),
             "hbm_dump_lo": hm["hbm_dump_lo"],
             "hbm_dump_hi": hm["hbm_dump_hi"],
+            "hbm_cfg": hm["hbm_cfg"],
             "ev_count": Out(32),
             "ev_kind": Out(2),
             "ev_value": Out(32),
@@ -200,6 +201,7 @@ class JobTop(GeometryComponent):
             hbm.hbm_dump.eq(self.hbm_dump),
             hbm.hbm_dump_lo.eq(self.hbm_dump_lo),
             hbm.hbm_dump_hi.eq(self.hbm_dump_hi),
+            hbm.hbm_cfg.eq(self.hbm_cfg),
         ]
 
         # ---- monitors (simulation only): the core's perf port and its AXI ports -------------
@@ -235,6 +237,7 @@ class JobTop(GeometryComponent):
             "idle_no_read": idle,
             "idle_read_wait": idle & busy.dma_read,
             "idle_write_wait": idle & ~busy.dma_read & busy.dma_write,
+            "refresh": popcount(hbm.hbm_refreshing),
         }
         assert set(incs) == set(COUNTERS)
         counting = Signal()
@@ -296,9 +299,7 @@ def _support_files(folder: Path) -> list[Path]:
     return [memory_verilog_file(folder), vlt]
 
 
-def _source_key(
-    geom: CoreGeometry, mem_bytes: int, read_latency: int, floorplan: str | None = None
-) -> str:
+def _source_key(geom: CoreGeometry, mem_bytes: int, floorplan: str | None = None) -> str:
     """A hash of everything the top's Verilog depends on: the Python sources of the RTL and of
     the definitions it imports (geometry, regmap, ISA, numerics tables), the source of
     :class:`JobTop` and its constants, the Amaranth version and the parameters."""
@@ -311,7 +312,7 @@ def _source_key(
 
     h = hashlib.sha256()
     plan = resolve_floorplan(geom, floorplan).name
-    h.update(repr((_geom_dict(geom), mem_bytes, read_latency, plan, version("amaranth"))).encode())
+    h.update(repr((_geom_dict(geom), mem_bytes, plan, version("amaranth"))).encode())
     own = (TOPLEVEL, COUNTERS, COUNTER_BITS, EV_TOKEN, EV_STATUS)
     h.update((inspect.getsource(JobTop) + inspect.getsource(_any) + repr(own)).encode())
     folders = [Path(tandem.__file__).parent, Path(tandem.rtl.__file__).parent]
@@ -321,28 +322,24 @@ def _source_key(
     return h.hexdigest()[:16]
 
 
-def _verilog_cache(
-    geom: CoreGeometry, mem_bytes: int, read_latency: int, floorplan: str | None = None
-) -> Path:
+def _verilog_cache(geom: CoreGeometry, mem_bytes: int, floorplan: str | None = None) -> Path:
     """Where :func:`_top` keeps a top's Verilog, under a hash of its sources."""
     from tandem.sim import runner
 
-    key = _source_key(geom, mem_bytes, read_latency, floorplan)
+    key = _source_key(geom, mem_bytes, floorplan)
     return runner.build_root() / "verilog" / f"{TOPLEVEL}-{geom.name}-{key}.v"
 
 
 @functools.cache
-def _top(
-    geom: CoreGeometry, mem_bytes: int, read_latency: int, floorplan: str | None = None
-) -> tuple[str, JobTop]:
+def _top(geom: CoreGeometry, mem_bytes: int, floorplan: str | None = None) -> tuple[str, JobTop]:
     """(Verilog text, component) of a top. Converting the u55c core takes minutes, so the text
     is kept in ``build/sim/verilog/`` under a hash of its sources (:func:`_source_key`) and in
     memory for the process."""
     from tandem.rtl.axi import vitis_ports
     from tandem.sim import runner
 
-    top = JobTop(geom, mem_bytes=mem_bytes, read_latency=read_latency, floorplan=floorplan)
-    cache = _verilog_cache(geom, mem_bytes, read_latency, floorplan)
+    top = JobTop(geom, mem_bytes=mem_bytes, floorplan=floorplan)
+    cache = _verilog_cache(geom, mem_bytes, floorplan)
     if cache.is_file():
         return cache.read_text(), top
     text = runner.to_verilog(top, toplevel=TOPLEVEL, ports=vitis_ports(top))
@@ -360,7 +357,6 @@ def build(
     geom: CoreGeometry,
     mem_bytes: int,
     *,
-    read_latency: int = 80,
     floorplan: str | None = None,
     make_vars: Mapping[str, str] | None = None,
     name: str | None = None,
@@ -373,12 +369,12 @@ def build(
     from tandem.sim import runner
 
     t0 = time.monotonic()
-    text, _ = _top(geom, mem_bytes, read_latency, floorplan)
+    text, _ = _top(geom, mem_bytes, floorplan)
     t1 = time.monotonic()
     runner.run(
         text,
         TB_MODULE,
-        name=name or build_name(geom, mem_bytes, read_latency, floorplan),
+        name=name or build_name(geom, mem_bytes, floorplan),
         sim="verilator",
         toplevel=TOPLEVEL,
         build_args=BUILD_ARGS,
@@ -402,7 +398,8 @@ class JobResult:
     [channels, n] of the dumped range, ``dumps``: every requested ``(offset, nbytes)`` range;
     ``events``: one dict per token (``kind`` "token") and the final status store (``kind``
     "status"), each with the token ``value`` and every counter of :data:`COUNTERS` at the cycle
-    the controller issued the store; ``counters`` at ``done``; ``timings`` in seconds.
+    the controller issued the store; ``counters`` at ``done``; ``timings`` in seconds;
+    ``hbm`` the memory model's parameters (:meth:`tandem.sim.hbm_model.HBMTiming.as_dict`).
     """
 
     status: object
@@ -413,7 +410,7 @@ class JobResult:
     counters: dict[str, int]
     timings: dict[str, float]
     mem_bytes: int
-    read_latency: int
+    hbm: dict
     extra: dict = field(default_factory=dict)
 
     @property
@@ -442,7 +439,7 @@ def run_job(
     *,
     dump: str | Sequence[tuple[int, int]] = "all",
     mem_bytes: int | None = None,
-    read_latency: int = 80,
+    hbm: str | HBMTiming = "ideal",
     floorplan: str | None = None,
     max_cycles: int = 5_000_000,
     poll_cycles: int | None = None,
@@ -462,7 +459,9 @@ def run_job(
         (the status record, ``[0, 64)`` of channel 0, is always read).
     mem_bytes : per-channel memory of the simulated HBM (a build parameter); default
         :func:`memory_class` of the image.
-    read_latency : HBM read latency in cycles (a build parameter).
+    hbm : the simulated HBM's timing: a name (``ideal``, ``calibrated``: see
+        :func:`tandem.sim.hbm_model.hbm_timing`) or an :class:`HBMTiming`. Set at run time:
+        one build serves every model.
     floorplan : the core's floorplan by name (:mod:`tandem.floorplan`; a build parameter);
         default the geometry's own (``u55c``: every SLR crossing staged).
     max_cycles : a run still going after this many cycles raises :class:`RtlJobError`.
@@ -488,13 +487,16 @@ def run_job(
         raise ValueError(f"mem_bytes {mem} is not a multiple of the {geom.beat_bytes}-byte beat")
     log = log or (lambda msg: None)
     logs = "" if log_file is None else f" (build and simulation log: {log_file})"
-    name = name or build_name(geom, mem, read_latency, floorplan)
+    from tandem.sim.hbm_model import hbm_timing
+
+    timing = hbm_timing(hbm, geom)
+    name = name or build_name(geom, mem, floorplan)
     folder = runner.build_root() / f"{name}-verilator"
     t0 = time.monotonic()
-    if on_build is not None and not _verilog_cache(geom, mem, read_latency, floorplan).is_file():
+    if on_build is not None and not _verilog_cache(geom, mem, floorplan).is_file():
         on_build()
         on_build = None  # once per job: the Verilator build that follows is part of it
-    text, top = _top(geom, mem, read_latency, floorplan)
+    text, top = _top(geom, mem, floorplan)
     t1 = time.monotonic()
 
     if dump == "all":
@@ -526,6 +528,7 @@ def run_job(
             "scalars": {k: int(v) for k, v in scalars.items()},
             "pointers": {str(ch): top.base(ch) for ch in range(geom.channels)},
             "dumps": ranges,
+            "hbm_cfg": timing.pack(geom),
             "max_cycles": int(max_cycles),
             "poll_cycles": int(poll_cycles),
             "progress_s": float(progress_s),
@@ -586,7 +589,7 @@ def run_job(
         counters=res["counters"],
         timings=timings,
         mem_bytes=mem,
-        read_latency=read_latency,
+        hbm=timing.as_dict(geom),
         extra={"runs": res.get("runs")},
     )
 

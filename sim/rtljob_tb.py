@@ -67,6 +67,7 @@ class Job:
         self.driver = KernelDriver(self.channels, read32, write32)
         for name in ("hbm_load", "hbm_dump", "hbm_dump_lo", "hbm_dump_hi"):
             getattr(dut, name).value = 0
+        dut.hbm_cfg.value = int(p["hbm_cfg"])  # the memory's timing, before reset
 
     async def reset(self):
         self.dut.ap_rst_n.value = 0

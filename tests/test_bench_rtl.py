@@ -62,7 +62,10 @@ def test_analysis(bench, tmp_path):
     assert [t["ctx"] for t in r["per_token"]] == [3, 4, 5] and r["ctx"] == 4
     assert [t["positions"] for t in r["per_token"]] == [3, 1, 1]
     lo = r["lost_cycles_per_token"]
-    assert lo["ideal_cycles_at_link_rate"] == pytest.approx(256 * 64 / g_peak)
+    # a record from before the calibrated model ran over the ideal one
+    assert r["hbm"]["name"] == "ideal" and r["read_latency"] == 80
+    assert lo["ideal_cycles_at_model_rate"] == pytest.approx(256 * 64 / g_peak)
+    assert r["of_model_sustained"] == pytest.approx(r["hbm_efficiency"])
     parts = (
         lo["vpu_busy_no_read"]
         + lo["mpu_busy_no_read_beyond_link_gaps"]
@@ -79,6 +82,58 @@ def test_analysis(bench, tmp_path):
     text = bench.format_report(r)
     assert "projection (simulated cycles / 250 MHz)" in text
     assert "| cycles per decode token (mean of 2, ctx ~4) | 460 |" in text
+
+
+def test_analysis_over_the_calibrated_model(bench):
+    """A run over the calibrated model: the ideal cycles at its sustained rate (refresh
+    included), the link gaps at its link rate, the share of its sustained and of the calibrated
+    achievable, and the model named in the report."""
+    from tandem.geometry import geometry
+    from tandem.sim.hbm_model import hbm_timing
+
+    g = geometry("tiny")
+    cal = hbm_timing("calibrated", g)
+    raw = {**_raw(), "hbm": cal.as_dict(g)}
+    r = bench.analyse(raw, None)
+    bpc = cal.sustained_gbps(g) * 4 * 1e9 / 250e6  # 4 channels at 12.77 GB/s
+    lo = r["lost_cycles_per_token"]
+    assert lo["ideal_cycles_at_model_rate"] == pytest.approx(256 * 64 / bpc)
+    assert lo["lost_cycles"] == pytest.approx(460 - 256 * 64 / bpc)
+    assert r["of_model_sustained"] == pytest.approx(256 * 64 / (460 * bpc))
+    assert r["of_calibrated_achievable"] == pytest.approx(r["of_model_sustained"])
+    assert r["calibrated_achievable_gbps"] == pytest.approx(cal.sustained_gbps(g) * 4)
+    link_gaps = 200 * (1 / float(cal.beats_per_cycle(g)) - 1)
+    parts = sum(
+        lo[k]
+        for k in (
+            "vpu_busy_no_read",
+            "mpu_busy_no_read_beyond_link_gaps",
+            "nothing_busy_dma_read_in_flight",
+            "nothing_busy_hbm_write_pending",
+            "nothing_busy_controller_only",
+        )
+    )
+    assert parts == pytest.approx(460 - 200 - link_gaps)
+    text = bench.format_report(r)
+    assert "HBM model: calibrated: read latency 150-175 cycles, link 14.04 GB/s" in text
+    assert "refresh 88 of every 975 cycles" in text
+    assert "| % of this model's sustained 51 GB/s |" in text
+
+
+def test_sweep_table(bench):
+    """One sweep row per point, with the memory model's link rate, refresh and latency."""
+    from tandem.geometry import geometry
+    from tandem.sim.hbm_model import hbm_timing
+
+    g = geometry("tiny")
+    rows = []
+    for rate, refresh in (("ideal", False), ("calibrated", True)):
+        t = hbm_timing(rate, g, refresh=refresh, read_latency=150)
+        r = bench.analyse({**_raw(), "hbm": t.as_dict(g)}, None)
+        rows.append({"rate": rate, "refresh": refresh, "read_latency": 150, **r})
+    text = bench.format_sweep(rows)
+    assert "| ideal (14.38 GB/s) | off | 150 | 460 |" in text
+    assert "| calibrated (14.04 GB/s) | on | 150-175 | 460 |" in text
 
 
 def test_start_pos_labelled(bench):

@@ -14,6 +14,7 @@ Two designs:
 
 from __future__ import annotations
 
+import itertools
 import random
 from fractions import Fraction
 
@@ -35,11 +36,20 @@ from tandem.sim.runner import tb_params
 
 def model_of(p) -> HBMModel:
     """The same HBMModel the pytest side built (for the backdoor's names and sizes)."""
-    m = HBMModel(
-        geometry(p["geometry"]), size_bytes=p["size_bytes"], read_latency=p["read_latency"]
-    )
+    m = HBMModel(geometry(p["geometry"]), size_bytes=p["size_bytes"])
     m._MustUse__silence = True
     return m
+
+
+def timing(p, name: str) -> dict:
+    """The named timing configuration the pytest side wrote (``HBMTiming.registers`` and the
+    packed ``cfg`` value)."""
+    return p["configs"][name]
+
+
+def rate_of(t: dict) -> Fraction:
+    """A configuration's link rate in beats per cycle."""
+    return min(Fraction(1), Fraction(t["gain"], t["cost"]))
 
 
 class Edges:
@@ -65,8 +75,9 @@ class Edges:
 # HBMModel alone
 
 
-async def model_setup(dut):
+async def model_setup(dut, config: str = "plain"):
     p = tb_params()
+    dut.hbm_cfg.value = timing(p, config)["cfg"]
     tb = streams.ClockedTB(dut)
     g = geometry(p["geometry"])
     hbm = model_of(p)
@@ -79,7 +90,7 @@ async def model_setup(dut):
         del ch
     backdoor = Backdoor(dut, hbm)
     await tb.reset()
-    return tb, g, hbm, masters, backdoor, p
+    return tb, g, hbm, masters, backdoor, {**p, **timing(p, config)}
 
 
 @cocotb.test()
@@ -186,7 +197,7 @@ async def sustained_rate(dut):
             await event.wait()
             got = event.data.data
             assert got == images[ch, 4096 * k : 4096 * (k + 1)].tobytes(), f"ch{ch} page {k}"
-    rate = Fraction(p["rate_num"], p["rate_den"])
+    rate = rate_of(p)
     for ch in range(g.channels):
         at = edges.at[f"r{ch}"]
         n, span = len(at) - 1, at[-1] - at[0]
@@ -200,15 +211,123 @@ async def sustained_rate(dut):
         )
 
 
+@cocotb.test()
+async def refresh_gaps(dut):
+    """Refresh on (``refresh`` configuration): each channel refreshes for exactly
+    ``refresh_cycles`` of every ``refresh_interval`` cycles, at its own phase; no R beat moves
+    while it does; back-to-back reads move at the link rate in the cycles between, so the
+    sustained rate is the rate times the share of cycles not refreshing."""
+    tb, g, hbm, masters, backdoor, p = await model_setup(dut, "refresh")
+    size = p["size_bytes"]
+    interval, busy = p["refresh_interval"], p["refresh_cycles"]
+    rng = np.random.default_rng(seeds.seed(11))
+    images = rng.integers(0, 256, (g.channels, size), dtype=np.uint8)
+    await backdoor.load(images)
+    # sample refreshing and R handshakes at every edge
+    samples = {ch: [] for ch in range(g.channels)}  # (refreshing, r beat) per edge
+    ports = hbm.ports
+    stop = False
+
+    async def watch():
+        edge = RisingEdge(dut.clk)
+        while not stop:
+            await edge
+            ref = int(dut.hbm_refreshing.value)
+            for ch, port in enumerate(ports):
+                r = int(getattr(dut, f"{port}_rvalid").value) and int(
+                    getattr(dut, f"{port}_rready").value
+                )
+                samples[ch].append(((ref >> ch) & 1, r))
+
+    cocotb.start_soon(watch())
+    pages = size // 4096
+    reads = [
+        [masters[ch].init_read(hbm.base(ch) + 4096 * k, 4096) for k in range(pages)]
+        for ch in range(g.channels)
+    ]
+    for ch, events in enumerate(reads):
+        for k, event in enumerate(events):
+            await event.wait()
+            assert event.data.data == images[ch, 4096 * k : 4096 * (k + 1)].tobytes()
+    stop = True
+    rate = rate_of(p)
+    phases = []
+    for ch in range(g.channels):
+        ref = [a for a, _ in samples[ch]]
+        beats = [b for _, b in samples[ch]]
+        # a beat handshaking in cycle i was issued in cycle i - 1 (R is registered; the
+        # master's rready stays high): never while refreshing
+        issued_in_refresh = [i for i in range(1, len(ref)) if beats[i] and ref[i - 1]]
+        assert not issued_in_refresh, f"ch{ch}: R beats issued in refresh: {issued_in_refresh}"
+        starts = [i for i in range(1, len(ref)) if ref[i] and not ref[i - 1]]
+        assert len(starts) >= 3, f"ch{ch}: only {len(starts)} refreshes seen"
+        assert all(b - a == interval for a, b in itertools.pairwise(starts)), (ch, starts)
+        for s0 in starts[:-1]:
+            run = ref[s0 : s0 + interval]
+            assert run[:busy] == [1] * busy and not any(run[busy:]), f"ch{ch}: window at {s0}"
+        phases.append(starts[0] % interval)
+        first = beats.index(1)
+        last = len(beats) - 1 - beats[::-1].index(1)
+        free = sum(1 for i in range(first, last) if not ref[i])
+        n = sum(beats[first:last])
+        tb.log.info(
+            f"ch{ch}: refresh at phase {starts[0] % interval}, {n} beats in {last - first} "
+            f"cycles, {free} of them not refreshing: {n / free:.5f} beats per free cycle "
+            f"(rate {float(rate):.5f})"
+        )
+        assert abs(n - free * rate) <= p["bucket_beats"] + 1, (ch, n, free, float(rate))
+    assert len(set(phases)) == len(phases), f"channels refresh in step: phases {phases}"
+
+
+@cocotb.test()
+async def latency_distribution(dut):
+    """Jitter on (``jitter`` configuration): isolated single-beat reads wait
+    ``read_latency + 0..read_jitter`` cycles, every value of the range occurs and the mean is
+    the middle; writes are acknowledged ``write_latency`` cycles after their last W beat."""
+    tb, g, hbm, masters, _, p = await model_setup(dut, "jitter")
+    prefix = hbm.ports[2]
+
+    def pair(ch):
+        return (getattr(dut, f"{prefix}_{ch}valid"), getattr(dut, f"{prefix}_{ch}ready"))
+
+    edges = Edges(dut.clk, {c: pair(c) for c in ("ar", "r", "w", "b")})
+    lat, jit = p["read_latency"], p["read_jitter"]
+    n = 256
+    got = []
+    for k in range(n):
+        edges.at["ar"].clear()
+        edges.at["r"].clear()
+        await masters[2].read(hbm.base(2) + 64 * (k % 16), g.beat_bytes)
+        await ClockCycles(dut.clk, 4)
+        (ar,) = edges.at["ar"]
+        (r,) = edges.at["r"]
+        got.append(r - ar)
+    hist = {v: got.count(v) for v in sorted(set(got))}
+    tb.log.info(f"read latency histogram over {n} reads: {hist}")
+    assert min(got) >= lat and max(got) <= lat + jit, hist
+    assert set(got) == set(range(lat, lat + jit + 1)), f"values missing from {hist}"
+    mean = sum(got) / n
+    assert abs(mean - (lat + jit / 2)) < jit / 8, (mean, lat + jit / 2)
+    for k in range(4):
+        edges.at["w"].clear()
+        edges.at["b"].clear()
+        await masters[2].write(hbm.base(2) + 4096 + 64 * k, bytes(range(64)))
+        await ClockCycles(dut.clk, 2)
+        (w,) = edges.at["w"]
+        (b,) = edges.at["b"]
+        assert b - w == p["write_latency"], (b - w, p["write_latency"])
+
+
 # --------------------------------------------------------------------------------------------
 # DMAEngine over HBMModel
 
 
 class SystemTB(streams.ClockedTB):
-    def __init__(self, dut):
+    def __init__(self, dut, config: str = "plain"):
         super().__init__(dut)
         p = tb_params()
-        self.p = p
+        self.p = {**p, **timing(p, config)}
+        dut.hbm_cfg.value = self.p["cfg"]
         self.g = geometry(p["geometry"])
         self.hbm = model_of(p)
         self.backdoor = Backdoor(dut, self.hbm)
@@ -248,8 +367,8 @@ class SystemTB(streams.ClockedTB):
         )
 
 
-async def system_setup(dut):
-    tb = SystemTB(dut)
+async def system_setup(dut, config: str = "plain"):
+    tb = SystemTB(dut, config)
     await tb.reset()
     rng = np.random.default_rng(seeds.seed(7))
     model = Model.__new__(Model)
@@ -265,7 +384,7 @@ async def sustained_bandwidth(dut):
     moves at exactly the configured beats per cycle, and carries the layout's data."""
     tb, model = await system_setup(dut)
     g = tb.g
-    rate = Fraction(tb.p["rate_num"], tb.p["rate_den"])
+    rate = rate_of(tb.p)
     ds = BLOCK // g.lanes
     size = tb.p["size_bytes"]
     tiles = size // g.beat_bytes
@@ -354,3 +473,33 @@ async def stores_reach_memory(dut):
     bad = np.argwhere(got != model.data)
     assert bad.size == 0, f"{len(bad)} bytes differ, first {bad[:4].tolist()}"
     assert int(dut.error.value) == 0
+
+
+@cocotb.test()
+async def bandwidth_under_refresh(dut):
+    """The calibrated model (refresh at independent phases, jittered latency): a dense matrix
+    streams at the channels' sustained rate -- the refresh gaps cost no more than they take
+    from the slowest channel, because every channel's DMA keeps enough reads in flight and
+    enough beats buffered to cover a gap while the others run on."""
+    tb, model = await system_setup(dut, "calibrated")
+    g = tb.g
+    p = tb.p
+    size = p["size_bytes"]
+    cols = 512
+    tiles = size // g.beat_bytes
+    rows = tiles // (cols // BLOCK * (BLOCK // g.lanes)) * BLOCK
+    c = read_command(ReadKind.TILES, rows=rows, cols=cols, live_rows=rows, live_cols=cols)
+    want = model.tiles(c)
+    tb.tile_edges.clear()
+    tb.src_read.send([tb.read_cmd.pack(**c)])
+    await tb.run(until=lambda: len(tb.tiles.items) >= len(want), timeout=10 * len(want))
+    assert tb.tiles.items == want, "tiles differ from the layout"
+    n = len(tb.tile_edges) - 1
+    span = tb.tile_edges[-1] - tb.tile_edges[0]
+    sustained = rate_of(p) * (1 - Fraction(p["refresh_cycles"], p["refresh_interval"]))
+    got = Fraction(n, span)
+    tb.log.info(
+        f"{n + 1} tiles, {n} in {span} cycles = {float(got):.5f} tiles/cycle; the channels' "
+        f"sustained rate {float(sustained):.5f}: {float(got / sustained):.2%}"
+    )
+    assert got >= sustained * Fraction(97, 100), (float(got), float(sustained))

@@ -19,8 +19,12 @@ from tandem.rtl.axi import vitis_ports
 from tandem.rtl.dma import DMAEngine
 from tandem.sim import runner
 from tandem.sim.hbm_model import (
+    CALIBRATED,
+    TIMING_LAYOUT,
     HBMChannelModel,
     HBMModel,
+    HBMTiming,
+    hbm_timing,
     link_rate,
     memory_verilog_file,
     read_hex,
@@ -88,25 +92,44 @@ def _run(design, sim, name, params, testcase):
     )
 
 
-def _rate_params(g) -> dict:
-    rate = link_rate(g) / g.beat_bytes
-    return {"rate_num": rate.numerator, "rate_den": rate.denominator, "bucket_beats": 2}
+def _configs(g, **named: HBMTiming) -> dict:
+    """Timing configurations by name, as the testbench reads them (``timing(p, name)``)."""
+    return {name: {"cfg": t.pack(g), **t.registers(g)} for name, t in named.items()}
+
+
+def _plain(g, latency: int) -> HBMTiming:
+    return HBMTiming("plain", read_latency=latency, rate=link_rate(g))
 
 
 @pytest.mark.parametrize("sim", runner.simulators())
 def test_hbm_model(sim):
     """Backdoor, AXI reads and strobed writes, DECERR, exact read latency, exact sustained
-    rate on all channels at once."""
+    rate on all channels at once; with refresh on, the refresh windows, their independent
+    phases and the rate between them; with jitter on, the latency histogram and the write
+    response latency. One build: every configuration is set at run time."""
     g = geometry("tiny")
-    latency = 24  # short, to keep the simulation short; test_dma_over_hbm uses 100
-    params = {"geometry": "tiny", "size_bytes": SIZE, "read_latency": latency, **_rate_params(g)}
-    design = HBMModel(g, size_bytes=SIZE, read_latency=latency)
+    plain = _plain(g, 24)  # short, to keep the simulation short; test_dma_over_hbm uses 100
+    configs = _configs(
+        g,
+        plain=plain,
+        refresh=plain.replace(name="refresh", refresh_interval=200, refresh_cycles=30, seed=3),
+        jitter=plain.replace(name="jitter", read_jitter=15, write_latency=9, seed=5),
+    )
+    params = {"geometry": "tiny", "size_bytes": SIZE, "bucket_beats": 2, "configs": configs}
+    design = HBMModel(g, size_bytes=SIZE)
     _run(
         design,
         sim,
         "hbm-model-tiny",
         params,
-        ["backdoor_and_axi", "decode_errors", "read_latency", "sustained_rate"],
+        [
+            "backdoor_and_axi",
+            "decode_errors",
+            "read_latency",
+            "sustained_rate",
+            "refresh_gaps",
+            "latency_distribution",
+        ],
     )
 
 
@@ -114,27 +137,77 @@ def test_hbm_model(sim):
 @pytest.mark.parametrize("sim", runner.simulators())
 def test_dma_over_hbm(sim):
     """Sustained bandwidth and latency as configured, at the U55C's rate and an HBM-like
-    latency of 100 cycles."""
+    latency of 100 cycles; and under the calibrated model (refresh, jitter), the tile stream at
+    the channels' sustained rate."""
     g = geometry("tiny")
-    latency = 100
-    params = {"geometry": "tiny", "size_bytes": SIZE, "read_latency": latency, **_rate_params(g)}
-    design = DmaOverHbm(g, size_bytes=SIZE, read_latency=latency)
+    size = 4 * SIZE  # 4,096 beats a channel: about five refresh intervals of the calibrated
+    configs = _configs(g, plain=_plain(g, 100), calibrated=hbm_timing("calibrated", g))
+    params = {"geometry": "tiny", "size_bytes": size, "bucket_beats": 2, "configs": configs}
+    design = DmaOverHbm(g, size_bytes=size)
     _run(
         design,
         sim,
         "dma-over-hbm-tiny",
         params,
-        ["sustained_bandwidth", "latency_through_dma", "stores_reach_memory"],
+        [
+            "sustained_bandwidth",
+            "latency_through_dma",
+            "stores_reach_memory",
+            "bandwidth_under_refresh",
+        ],
     )
 
 
 def test_link_rate():
-    assert link_rate(geometry("u55c")) == Fraction(115, 2)  # 14.375 GB/s / 250 MHz
+    g = geometry("u55c")
+    assert link_rate(g) == Fraction(115, 2)  # 14.375 GB/s / 250 MHz
     assert link_rate(geometry("tiny").replace(clock_mhz=225.0)) == Fraction(14375, 225)
-    m = HBMChannelModel(geometry("u55c"), size_bytes=4096)
-    assert m.beats_per_cycle == Fraction(115, 128)
-    fast = HBMChannelModel(geometry("u55c"), size_bytes=4096, bytes_per_cycle=100)
-    assert fast.beats_per_cycle == 1
+    ideal = hbm_timing("ideal", g)
+    assert ideal.beats_per_cycle(g) == Fraction(115, 128)
+    assert ideal.registers(g)["gain"] == 115 and ideal.registers(g)["cost"] == 128
+    fast = ideal.replace(rate=100)
+    assert fast.beats_per_cycle(g) == 1 and fast.registers(g)["gain"] == 1
+
+
+def test_calibrated_timing():
+    """The calibrated model at 250 MHz: cycles from its physical parameters; the link rate
+    between refreshes from the measured 13.1 GB/s with the measuring card's 260 ns refresh;
+    the U55C's 350 ns refresh on top: 12.77 GB/s sustained per channel, 409 GB/s in all; every
+    parameter with its source."""
+    g = geometry("u55c")
+    cal = hbm_timing("calibrated", g)
+    assert (cal.read_latency, cal.read_jitter, cal.write_latency) == (150, 25, 60)
+    assert (cal.refresh_interval, cal.refresh_cycles) == (975, 88)
+    measured = Fraction(131, 10) * 1000 / 250  # 52.4 bytes per cycle
+    assert cal.rate == measured / (1 - Fraction(260, 3900))
+    assert cal.rate < link_rate(g)  # within the link
+    assert cal.sustained(g) == cal.rate * (1 - Fraction(88, 975))
+    assert round(cal.sustained_gbps(g), 2) == 12.77
+    assert round(cal.sustained_gbps(g) * g.channels) == 409
+    smooth = hbm_timing("calibrated", g, refresh=False)
+    assert not smooth.refresh and smooth.rate == cal.rate
+    assert smooth.sustained(g) == cal.rate
+    ideal_ref = hbm_timing("ideal", g, refresh=True)
+    assert (ideal_ref.refresh_interval, ideal_ref.refresh_cycles) == (975, 88)
+    assert ideal_ref.rate == link_rate(g)
+    assert hbm_timing("calibrated", g, read_latency=250).read_latency == 250
+    assert set(dict(cal.sources)) == set(CALIBRATED)
+    assert all(len(src) > 20 for _, src in cal.sources)
+    assert "409 GB/s over 32" in cal.describe(g)
+    # at another clock the same physical model has other cycle counts
+    slow = hbm_timing("calibrated", g.replace(clock_mhz=200.0))
+    assert (slow.read_latency, slow.refresh_interval, slow.refresh_cycles) == (120, 780, 70)
+
+
+def test_timing_registers_pack():
+    """The packed ``hbm_cfg`` value holds every register at its layout offset."""
+    g = geometry("u55c")
+    t = hbm_timing("calibrated", g, seed=77)
+    value = t.pack(g)
+    regs = t.registers(g)
+    for name, field in TIMING_LAYOUT:
+        assert (value >> field.offset) & ((1 << field.width) - 1) == regs[name], name
+    assert Fraction(regs["gain"], regs["cost"]) == (t.rate / 64).limit_denominator(65535)
 
 
 def test_hex_round_trip(tmp_path):
@@ -153,12 +226,34 @@ def test_hex_round_trip(tmp_path):
     ("kwargs", "error"),
     [
         ({"size_bytes": 100}, "multiple"),
-        ({"size_bytes": 4096, "read_latency": 2}, "read_latency"),
         ({"size_bytes": 4096, "base": 0x800}, "4 KiB"),
         ({"size_bytes": 4096, "name": "hbm 0"}, "identifier"),
-        ({"size_bytes": 4096, "bytes_per_cycle": 0}, "positive"),
+        ({"size_bytes": 4096, "index": 300}, "index"),
     ],
 )
 def test_rejects_bad_parameters(kwargs, error):
     with pytest.raises(ValueError, match=error):
         HBMChannelModel(geometry("tiny"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"read_latency": 2}, "read_latency"),
+        ({"rate": 0}, "positive"),
+        ({"refresh_interval": 100, "refresh_cycles": 100}, "below refresh_interval"),
+        ({"read_jitter": -1}, "read_jitter"),
+        ({"seed": 1 << 16}, "seed"),
+    ],
+)
+def test_timing_rejects_bad_values(kwargs, error):
+    g = geometry("tiny")
+    with pytest.raises(ValueError, match=error):
+        _plain(g, 80).replace(**kwargs)
+
+
+def test_timing_names():
+    g = geometry("tiny")
+    with pytest.raises(ValueError, match=r"unknown HBM model 'fast'.*ideal, calibrated"):
+        hbm_timing("fast", g)
+    assert hbm_timing("calibrated", g, refresh=True) == hbm_timing("calibrated", g)
