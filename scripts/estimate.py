@@ -622,16 +622,107 @@ def unit_designs():
     ]
 
 
-def run_unit(name, factory, *, out: Path, force=False, abc9=False, uram=False, max_memory_gb=16.0):
+def unit_folder(out: Path, name: str, *, free_running: bool = False) -> Path:
+    """Where :func:`run_unit` works on unit ``name`` (its netlist is ``netlist.json`` there)."""
+    base = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    return out / "units" / (f"{base}-free-running" if free_running else base)
+
+
+def free_running(unit):
+    """``unit`` in a top whose output is always ready (``o.ready`` tied high), as the MPU and
+    the VPU run every arithmetic unit: no stall enables on its registers, so it maps as it
+    does inside them (a unit with one stream pair)."""
+    from amaranth import Module
+    from amaranth.lib import stream, wiring
+    from amaranth.lib.wiring import In, Out
+
+    class FreeRunning(wiring.Component):
+        def __init__(self):
+            super().__init__(
+                {
+                    "i": In(stream.Signature(unit.in_layout)),
+                    "o": Out(unit.out_layout),
+                    "o_valid": Out(1),
+                }
+            )
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.unit = unit
+            wiring.connect(m, wiring.flipped(self.i), unit.i)
+            m.d.comb += [
+                unit.o.ready.eq(1),
+                self.o.eq(unit.o.payload),
+                self.o_valid.eq(unit.o.valid),
+            ]
+            return m
+
+    return FreeRunning()
+
+
+def unit_factory(name: str):
+    """The factory of the arithmetic unit called ``name`` in :func:`unit_designs` (any case)."""
+    designs = unit_designs()
+    for n, factory in designs:
+        if n.lower() == name.lower():
+            return n, factory
+    raise ValueError(f"unknown unit {name!r}; the units are {', '.join(n for n, _ in designs)}")
+
+
+def run_unit(
+    name,
+    factory,
+    *,
+    out: Path,
+    force=False,
+    abc9=False,
+    uram=False,
+    max_memory_gb=16.0,
+    netlist=False,
+    free=False,
+):
+    """Synthesize one arithmetic unit alone (top ``top``; with ``netlist`` also the flat netlist
+    `make timing --unit` walks; with ``free`` its output always ready, :func:`free_running`),
+    or take the cached result."""
     from amaranth.back import verilog
 
-    folder = out / "units" / re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
-    script = synth_script("top", abc9=abc9, uram=uram, netlist=False)
-    key = source_key(name, script)
+    folder = unit_folder(out, name, free_running=free)
+    script = synth_script("top", abc9=abc9, uram=uram, netlist=netlist)
+    key = source_key(name + (" free-running" if free else ""), script)
     if not force and (res := cached(folder, key)) is not None:
         return res
-    text = verilog.convert(factory(), name="top", emit_src=False)
+    design = free_running(factory()) if free else factory()
+    text = verilog.convert(design, name="top", emit_src=False)
     return synthesize(folder, text, script, key=key, max_memory_gb=max_memory_gb)
+
+
+def main_units(names: list[str], args) -> int:
+    """``--unit NAME``: only the named arithmetic units, each synthesized alone (seconds to a
+    few minutes each, no whole core), with their netlists for ``timing.py --unit``."""
+    units = {}
+    for wanted in names:
+        name, factory = unit_factory(wanted)
+        print(f"estimate: unit {name}", flush=True)
+        u = run_unit(
+            name,
+            factory,
+            out=args.out,
+            force=args.force,
+            abc9=args.abc9,
+            uram=args.uram,
+            max_memory_gb=args.max_memory_gb,
+            netlist=True,
+            free=args.free_running,
+        )
+        units[name] = u
+    print()
+    print("Arithmetic units alone (pyosys synth_xilinx -family xcup, abc -luts unless --abc9):")
+    print(table([(n, "", classify(u["design"])) for n, u in units.items()]))
+    for n, u in units.items():
+        how = "cached" if u.get("cached") else f"yosys {u['yosys_seconds']:.0f} s"
+        folder = unit_folder(args.out, n, free_running=args.free_running)
+        print(f"{n}: {how}; netlist {folder / 'netlist.json'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -649,6 +740,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--units", action="store_true", help="also synthesize each arith unit alone (not summed)"
     )
+    ap.add_argument(
+        "--unit",
+        action="append",
+        metavar="NAME",
+        help="synthesize only this arith unit alone (repeatable; e.g. FP16Add, AccToFP16), "
+        "with its netlist for `timing.py --unit`; no whole core",
+    )
+    ap.add_argument(
+        "--free-running",
+        action="store_true",
+        help="with --unit: the unit's output always ready, as the MPU and VPU run it",
+    )
     ap.add_argument("--force", action="store_true", help="ignore the cached result")
     ap.add_argument("--abc9", action="store_true", help="stock synth_xilinx LUT mapping (abc9)")
     ap.add_argument("--uram", action="store_true", help="let yosys infer URAM288 for large RAMs")
@@ -661,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "estimate", help="work folder")
     ap.add_argument("--json", type=Path, default=ROOT / "build" / "estimate.json")
     args = ap.parse_args(argv)
+    if args.unit:
+        return main_units(args.unit, args)
 
     from tandem.floorplan import BLOCKS, floorplan
     from tandem.geometry import geometry

@@ -330,6 +330,7 @@ def analyze(
     port_slr: int = 0,
     budget: int = BUDGET,
     progress: Callable[[str], None] | None = None,
+    pairs: bool = False,
 ) -> dict:
     """Longest register-to-register paths of a flat netlist, per place.
 
@@ -344,7 +345,10 @@ def analyze(
     - ``core``: the worst path of all;
     - ``crossings``: per pair of places in different SLRs, the worst path between them;
     - ``over_budget``: per end register (bits of one name together) every path over the
-      budget (``budget``; a crossing's is :data:`CROSSING_BUDGET`), worst first.
+      budget (``budget``; a crossing's is :data:`CROSSING_BUDGET`), worst first;
+    - with ``pairs``: ``pairs``, the worst path between every two places that have one, keyed
+      ``"<start place> -> <end place>"`` (a unit alone: ``core -> core`` is register to
+      register, ``port -> core`` from its inputs, ``core -> port`` to its outputs).
     """
     if slr_of is None:
         slr_map: dict = {}
@@ -544,6 +548,11 @@ def analyze(
         p["start_slr"], p["end_slr"] = s_slr, e_slr
         crossings.append(p)
     crossings.sort(key=lambda p: (-p["lut_levels"], p["start_block"], p["end_block"]))
+    between = (
+        {f"{k[1]} -> {k[0]}": path_dict(k) for k in sorted(worst, key=lambda k: (k[1], k[0]))}
+        if pairs
+        else None
+    )
     # every end point over its budget, by end register
     over_bits = []
     for bit, loc, cname in ends:
@@ -594,7 +603,7 @@ def analyze(
     for d, p in dicts:
         d.update(start=p.start, end=p.end)
     say("timing: done")
-    return {
+    out = {
         "budget": budget,
         "crossing_budget": CROSSING_BUDGET,
         "cells": len(net.cells),
@@ -606,6 +615,9 @@ def analyze(
         "crossings": crossings,
         "over_budget": over,
     }
+    if between is not None:
+        out["pairs"] = between
+    return out
 
 
 def _out_bit(net: Netlist, cname: str) -> int | None:
@@ -794,10 +806,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=BUDGET, help=f"LUT levels (default {BUDGET})")
     ap.add_argument("--list", type=int, default=40, help="over-budget registers to print")
     ap.add_argument("--json", type=Path, default=ROOT / "build" / "timing.json")
+    ap.add_argument(
+        "--unit",
+        action="append",
+        metavar="NAME",
+        help="time one arith unit synthesized alone (repeatable; e.g. FP16Add; `estimate.py "
+        "--unit` names), synthesizing it first if needed; writes timing.json in its folder",
+    )
+    ap.add_argument(
+        "--free-running",
+        action="store_true",
+        help="with --unit: the unit's output always ready (o.ready = 1), as the MPU and VPU "
+        "run it (no stall enables; it maps a little differently)",
+    )
     args = ap.parse_args(argv)
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    if args.unit:
+        return main_units(args.unit, budget=args.budget, limit=args.list, free=args.free_running)
     from tandem.floorplan import BLOCKS, floorplan
 
     plan = floorplan(args.floorplan)
@@ -885,6 +912,80 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print(f"timing: wrote {args.json} ({result['seconds']:.0f} s)")
+    return 0
+
+
+_UNIT_PAIRS = (
+    ("core -> core", "register to register"),
+    ("port -> core", "input ports to registers"),
+    ("core -> port", "registers to output ports"),
+    ("port -> port", "input ports to output ports"),
+)
+
+
+def unit_lines(name: str, result: dict, resources: dict | None = None) -> list[str]:
+    """The summary of one unit alone: its resources, and the worst path of each kind
+    (register to register, from its inputs, to its outputs) against the budget."""
+    out = [f"{name}:"]
+    if resources is not None:
+        out[0] += (
+            f" {resources['LUT']:,.0f} LUT, {resources['FF']:,.0f} FF, "
+            f"{resources['DSP']:,.0f} DSP, {resources['CARRY8']:,.1f} CARRY8"
+        )
+    pairs = result.get("pairs", {})
+    for key, label in _UNIT_PAIRS:
+        p = pairs.get(key)
+        if p is None:
+            continue
+        verdict = "OVER" if p["lut_levels"] > result["budget"] else "ok"
+        out.append(
+            f"  {label:28}{p['lut_levels']:>3} LUT levels, CARRY8 {p['carry8']}, DSP {p['dsp']}"
+            f"  {verdict:5}{p['start']} -> {p['end']}"
+        )
+    return out
+
+
+def main_units(
+    names: list[str], *, budget: int = BUDGET, limit: int = 40, free: bool = False
+) -> int:
+    """``--unit NAME``: each named arithmetic unit synthesized alone (`estimate.py --unit`,
+    cached) and walked: its worst register-to-register path, the worst from its input ports and
+    to its output ports, and its registers over the budget. In a core, a unit's ports meet the
+    registers and logic around it, so its paths from and to the ports add to those."""
+    est = _estimate()
+    worst = 0
+    for wanted in names:
+        name, factory = est.unit_factory(wanted)
+        out = ROOT / "build" / "estimate"
+        res = est.run_unit(name, factory, out=out, netlist=True, free=free)
+        folder = est.unit_folder(out, name, free_running=free)
+        net = load(folder / "netlist.json")
+        result = analyze(net, budget=budget, pairs=True)
+        result["unit"] = name
+        result["free_running"] = free
+        result["synthesis"] = {k: res.get(k) for k in ("commit", "dirty", "date")}
+        resources = est.classify(res["design"])
+        result["resources"] = {k: v for k, v in resources.items() if k != "other"}
+        (folder / "timing.json").write_text(json.dumps(result, indent=1))
+        label = f"{name} (output always ready)" if free else name
+        for line in unit_lines(label, result, resources):
+            print(line)
+        internal = result["pairs"].get("core -> core")
+        over = result["over_budget"]
+        if over:
+            print(f"  registers over budget ({len(over)}; from [a port] or [core], a register):")
+            for d in over[:limit]:
+                print(
+                    f"    {d['lut_levels']:>3} > {d['budget']} {d['register']} "
+                    f"({d['bits']} bits) from [{d['start_block']}] {d['start']} "
+                    f"(CARRY8 {d['carry8']})"
+                )
+        if internal:
+            worst = max(worst, internal["lut_levels"])
+    print(
+        f"timing: worst register-to-register path of the units: {worst} LUT levels "
+        f"(budget {budget})"
+    )
     return 0
 
 

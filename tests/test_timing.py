@@ -196,6 +196,36 @@ def test_ports_start_and_end_paths():
     assert r["blocks"]["port"]["worst"]["start"] == "in_data"
 
 
+def test_pairs_split_a_unit_alone_into_internal_input_and_output_paths():
+    """A unit synthesized alone (`timing.py --unit`): its cells are one place, ``core``; the
+    worst path from its input ports, between its registers and to its outputs come apart."""
+    n = Net()
+    i = n.bit("i")
+    o = n.bit("o")
+    n.ports = {"i": {"direction": "input", "bits": [i]}, "o": {"direction": "output", "bits": [o]}}
+    a = n.ff(None, _chain(n, None, i, 2), "a")  # input -> 2 LUTs -> a
+    b = n.ff(None, _chain(n, None, a, 3), "b")  # a -> 3 LUTs -> b
+    n.cells[n.cell(None, "LUT1", {"I0": b}, {"O": o})]["attributes"] = {}  # b -> 1 LUT -> o
+    r = tm.analyze(tm.load(n.json()), pairs=True)
+    levels = {k: (p["lut_levels"], p["start"], p["end"]) for k, p in r["pairs"].items()}
+    assert levels == {
+        "port -> core": (2, "i", "a"),
+        "core -> core": (3, "a", "b"),
+        "core -> port": (1, "b", "o"),
+    }
+    assert "pairs" not in tm.analyze(tm.load(n.json()))
+    lines = tm.unit_lines("toy", r)
+    assert lines[1].split()[:5] == ["register", "to", "register", "3", "LUT"]
+
+
+def test_unit_names_are_the_estimates_units():
+    est = _load("estimate")
+    name, factory = est.unit_factory("fp16add")
+    assert name == "FP16Add" and callable(factory)
+    with pytest.raises(ValueError, match="unknown unit 'FP16Div'; the units are FP16Add"):
+        est.unit_factory("FP16Div")
+
+
 def test_a_path_between_slrs_must_be_register_to_register():
     n = Net()
     a = n.ff("dma", n.bit(), "dma.r")
