@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="gpt2")
     ap.add_argument("--geometry", default="u55c")
     ap.add_argument(
-        "--prompt-len", type=int, default=None, metavar="N", help="default 3 (--sweep: 1)"
+        "--prompt-len", type=int, default=None, metavar="N", help="default 3 (sweep points: 1)"
     )
     ap.add_argument(
         "--tokens",
@@ -131,8 +131,10 @@ def main(argv=None) -> int:
         action="store_true",
         help="the sensitivity table instead of one run: read latency 80/150/250 x link rate "
         "ideal/calibrated x refresh off/on, each a short run (--prompt-len 1 --tokens 2 unless "
-        "given); prints the table and writes <json> with -sweep in its name",
+        "given); prints the table and writes <json> with -sweep in its name. Runs the default "
+        "measurement first (the same build), unless --sweep-only",
     )
+    ap.add_argument("--sweep-only", action="store_true", help="--sweep without the default run")
     ap.add_argument(
         "--floorplan",
         default=None,
@@ -164,12 +166,23 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reanalyse:
         return finish(json.loads(raw_path(args.json).read_text()), args)
-    short = args.sweep
+    short = args.sweep and not args.sweep_only
+    full = (args.prompt_len is None, args.tokens is None)
     if args.prompt_len is None:
-        args.prompt_len = 1 if short else 3
+        args.prompt_len = 3
     if args.tokens is None:
-        args.tokens = 2 if short else 4
+        args.tokens = 4
+    if short:
+        # first the default measurement, over the same build (so both come from one RTL)
+        raw = measure(args, ap, timing_of(args))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        raw_path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
+        finish(raw, args)
     if args.sweep:
+        if full[0]:
+            args.prompt_len = 1
+        if full[1]:
+            args.tokens = 2
         return sweep(args, ap)
     raw = measure(args, ap, timing_of(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)
