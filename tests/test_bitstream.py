@@ -71,9 +71,13 @@ def out(run):
 
 @pytest.fixture
 def copy(out, tmp_path):
-    """A private copy of the generated inputs, for tests that break them on purpose."""
+    """A private copy of the generated inputs, for tests that break them on purpose. The config
+    files' absolute paths are moved to the copy, so the copy as it is passes the checker."""
     dst = tmp_path / "tiny"
     shutil.copytree(out, dst)
+    for name in ("link.cfg", "impl.cfg"):
+        text = (dst / name).read_text()
+        (dst / name).write_text(text.replace(str(out.resolve()), str(dst.resolve())))
     return dst
 
 
@@ -218,6 +222,179 @@ def test_checker_catches_a_shared_pseudo_channel(copy):
 def test_checker_catches_a_port_without_sp(copy):
     _replace(copy / "link.cfg", f"sp={KERNEL}_1.m_axi_hbm2:HBM[2]\n", "")
     assert any("0 sp= lines for m_axi_hbm2" in p for p in bs.check_inputs(GEOM, copy, KERNEL))
+
+
+def test_a_copy_is_consistent(copy):
+    """The negative tests below break one thing in a copy; unbroken, the copy has no problem."""
+    assert bs.check_inputs(GEOM, copy, KERNEL) == []
+
+
+# ---- HBM switch ports (post_sys_link.tcl) -------------------------------------------------------
+
+CU = f"{KERNEL}_1"
+
+
+def _force_line(port: str, switch_port: int) -> str:
+    return (
+        f"hbm_memory_subsystem::force_kernel_port [tandem_pin /{CU}/{port}] {switch_port} 1 "
+        "$tandem_hmss\n"
+    )
+
+
+def _sp_channels(folder: Path) -> dict[str, int]:
+    cfg = (folder / "link.cfg").read_text()
+    return {p: int(c) for p, c in re.findall(rf"^sp={CU}\.(\S+):HBM\[(\d+)\]$", cfg, re.M)}
+
+
+def test_switch_ports_are_the_sp_pseudo_channels(out):
+    """post_sys_link.tcl forces every m_axi port once, to the switch port of its sp= channel."""
+    forced = re.findall(
+        rf"^hbm_memory_subsystem::force_kernel_port \[tandem_pin /{CU}/(\S+)\] (\d+) 1 "
+        r"\$tandem_hmss$",
+        (out / "post_sys_link.tcl").read_text(),
+        re.M,
+    )
+    sp = _sp_channels(out)
+    assert len(sp) == GEOM.channels
+    assert sorted((p, int(n)) for p, n in forced) == sorted(sp.items())
+    assert "force_host_port" not in re.sub(
+        r"(?m)^#.*$", "", (out / "post_sys_link.tcl").read_text()
+    )
+
+
+def test_link_config_loads_the_switch_port_tcl_by_absolute_path(out):
+    cfg = (out / "link.cfg").read_text()
+    advanced = cfg.split("[advanced]\n", 1)[1]
+    hook = re.search(r"^param=compiler\.userPostSysLinkOverlayTcl=(.+)$", advanced, re.M).group(1)
+    assert Path(hook).is_absolute() and Path(hook) == (out / "post_sys_link.tcl").resolve()
+    assert "[" not in advanced  # no section after [advanced] takes the line away from it
+
+
+TCL = "post_sys_link.tcl"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        pytest.param(
+            _force_line("m_axi_hbm1", 1),
+            _force_line("m_axi_hbm1", 2),
+            {
+                f"{TCL} forces m_axi_hbm1 and m_axi_hbm2 to the same HBM switch port 2",
+                f"{TCL} forces m_axi_hbm1 to HBM switch port 2, but link.cfg puts it on HBM[1]: "
+                "a port must enter the switch at its own pseudo-channel",
+            },
+            id="wrong-switch-port",
+        ),
+        pytest.param(
+            _force_line("m_axi_hbm2", 2),
+            "",
+            {f"{TCL} forces m_axi_hbm2 0 times, expected once"},
+            id="missing-port",
+        ),
+        pytest.param(
+            _force_line("m_axi_hbm3", 3),
+            _force_line("m_axi_hbm3", 3) * 2,
+            {f"{TCL} forces m_axi_hbm3 2 times, expected once"},
+            id="duplicate-port",
+        ),
+        pytest.param(
+            _force_line("m_axi_hbm3", 3),
+            _force_line("m_axi_hbm3", 32),
+            {
+                f"{TCL} forces m_axi_hbm3 to HBM switch port 32, the U55C's switch has ports 0..31",
+                f"{TCL} forces m_axi_hbm3 to HBM switch port 32, but link.cfg puts it on HBM[3]: "
+                "a port must enter the switch at its own pseudo-channel",
+            },
+            id="port-out-of-range",
+        ),
+        pytest.param(
+            _force_line("m_axi_hbm0", 0),
+            _force_line("m_axi_hbm0", 0).replace(f"/{CU}/", "/other_kernel_1/"),
+            {
+                f"{TCL} line {{line}} forces a port of other_kernel_1, the compute unit is {CU}",
+                f"{TCL} forces m_axi_hbm0 0 times, expected once",
+            },
+            id="other-compute-unit",
+        ),
+        pytest.param(
+            _force_line("m_axi_hbm0", 0),
+            _force_line("m_axi_hbm0", 0).replace("] 0 1 $", "] 0 0 $"),
+            {
+                f"{TCL} line {{line}} is not of the form `hbm_memory_subsystem::force_kernel_port "
+                "[tandem_pin /<cu>/<port>] <switch port> 1 $tandem_hmss`: "
+                + repr(_force_line("m_axi_hbm0", 0).replace("] 0 1 $", "] 0 0 $").strip()),
+                f"{TCL} forces m_axi_hbm0 0 times, expected once",
+            },
+            id="malformed-line",
+        ),
+        pytest.param(
+            "validate_bd_design -force\n",
+            "",
+            {f"{TCL} does not end with validate_bd_design -force"},
+            id="no-validate",
+        ),
+    ],
+)
+def test_checker_catches_a_wrong_switch_port_tcl(copy, old, new, expected):
+    """Each corruption of post_sys_link.tcl gives exactly its own problems (the copy unbroken
+    has none: test_a_copy_is_consistent)."""
+    text = (copy / TCL).read_text()
+    assert text.count(old) == 1, old
+    line = text[: text.index(old)].count("\n") + 1
+    (copy / TCL).write_text(text.replace(old, new))
+    problems = bs.check_inputs(GEOM, copy, KERNEL)
+    assert sorted(problems) == sorted(p.replace("{line}", str(line)) for p in expected)
+
+
+def test_checker_catches_a_missing_switch_port_tcl(copy):
+    (copy / TCL).unlink()
+    problems = bs.check_inputs(GEOM, copy, KERNEL)
+    assert (
+        len(problems) == 1 and problems[0].startswith(f"{TCL}: ") and "No such file" in problems[0]
+    )
+
+
+PARAM = "param=compiler.userPostSysLinkOverlayTcl="
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        pytest.param(
+            lambda cfg, folder: re.sub(rf"^{re.escape(PARAM)}.*\n", "", cfg, flags=re.M),
+            "link.cfg does not load post_sys_link.tcl: no [advanced] "
+            "param=compiler.userPostSysLinkOverlayTcl=<path>, so sp= alone would leave the HBM "
+            "switch ports to the tools",
+            id="no-param",
+        ),
+        pytest.param(
+            lambda cfg, folder: cfg.replace(f"{PARAM}{folder.resolve()}/", PARAM),
+            "link.cfg loads 'post_sys_link.tcl' as the post-system-link Tcl, expected the "
+            "absolute path {tcl}",
+            id="relative-path",
+        ),
+        pytest.param(
+            lambda cfg, folder: cfg.replace(str(folder.resolve()), "/elsewhere"),
+            "link.cfg loads '/elsewhere/post_sys_link.tcl' as the post-system-link Tcl, expected "
+            "the absolute path {tcl}",
+            id="other-folder",
+        ),
+        pytest.param(
+            lambda cfg, folder: cfg.replace("[advanced]\n", ""),
+            "link.cfg sets compiler.userPostSysLinkOverlayTcl in [connectivity], it belongs in "
+            "[advanced]",
+            id="outside-advanced",
+        ),
+    ],
+)
+def test_checker_catches_a_link_config_without_the_switch_port_tcl(copy, edit, expected):
+    cfg = (copy / "link.cfg").read_text()
+    edited = edit(cfg, copy)
+    assert edited != cfg
+    (copy / "link.cfg").write_text(edited)
+    problems = bs.check_inputs(GEOM, copy, KERNEL)
+    assert problems == [expected.format(tcl=(copy / TCL).resolve())]
 
 
 def test_checker_catches_a_port_missing_from_the_tcl(copy):
@@ -506,6 +683,69 @@ def test_floorplan_hook_for_one_slr_places_nothing(out):
     pre = (out / "impl_pre.tcl").read_text()
     assert f"set tandem_cu {KERNEL}_1" in pre
     assert "source" not in pre and "nothing to place" in pre
+
+
+# Stand-ins for the block-design commands post_sys_link.tcl uses: get_bd_* find what ::bd_cells
+# and ::bd_pins hold (nothing otherwise, as Vivado with -quiet); the HMSS helper prints each call.
+HMSS_STUBS = r"""
+proc unknown {args} { error "not a stubbed Vivado command: $args" }
+proc get_bd_cells {args} {
+    set name [lindex $args end]
+    if {[lsearch -exact $::bd_cells $name] >= 0} { return "/$name" }
+    return {}
+}
+proc get_bd_intf_pins {args} {
+    set path [lindex $args end]
+    if {[lsearch -exact $::bd_pins $path] >= 0} { return $path }
+    return {}
+}
+namespace eval hbm_memory_subsystem {}
+proc hbm_memory_subsystem::force_kernel_port {pin port traffic cell} {
+    puts "FORCE $pin $port $traffic $cell"
+}
+proc validate_bd_design {args} { puts "VALIDATE $args" }
+"""
+
+
+def _run_switch_tcl(folder: Path, *, cells=("hmss_0",), drop=()):
+    pins = [f"/{CU}/m_axi_hbm{ch}" for ch in range(GEOM.channels) if ch not in drop]
+    script = HMSS_STUBS + (
+        f"set ::bd_cells {{{' '.join(cells)}}}\n"
+        f"set ::bd_pins {{{' '.join(pins)}}}\n"
+        f"source {{{folder / 'post_sys_link.tcl'}}}\n"
+    )
+    return _tclsh(script, folder)
+
+
+@needs_tclsh
+def test_switch_port_tcl_forces_every_port_against_stubbed_vivado(out):
+    proc = _run_switch_tcl(out)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    sp = _sp_channels(out)
+    forces = [line for line in lines if line.startswith("FORCE")]
+    assert forces == [f"FORCE /{CU}/{port} {ch} 1 /hmss_0" for port, ch in sp.items()]
+    assert lines[len(forces)] == "VALIDATE -force"  # after every force
+    assert (
+        lines[-1]
+        == f"INFO: [tandem] forced {GEOM.channels} kernel ports of {CU} onto their HBM switch ports"
+    )
+
+
+@needs_tclsh
+def test_switch_port_tcl_stops_without_the_hbm_subsystem(out):
+    proc = _run_switch_tcl(out, cells=("hmss_1",))
+    assert proc.returncode != 0
+    assert "tandem: no HBM memory subsystem hmss_0 in the block design" in proc.stderr
+    assert "FORCE" not in proc.stdout
+
+
+@needs_tclsh
+def test_switch_port_tcl_stops_on_a_pin_it_cannot_find(out):
+    proc = _run_switch_tcl(out, drop=(2,))
+    assert proc.returncode != 0
+    assert f"tandem: no interface pin /{CU}/m_axi_hbm2 in the block design" in proc.stderr
+    assert "VALIDATE" not in proc.stdout
 
 
 # ---- commands ----------------------------------------------------------------------------------
