@@ -140,12 +140,16 @@ class PrefillResult:
     lanes): ``k`` [n_layer, n_head, T, 64] (row = position) and ``v`` **transposed**,
     [n_layer, n_head, 64, T] (row = head dimension, column = position; the core's and
     ``FaithfulCache.vt``'s orientation); and ``timings`` in seconds (``prepare`` when the
-    weights were prepared in the call, ``layers`` per layer, ``head``, ``total``)."""
+    weights were prepared in the call, ``layers`` per layer, ``head``, ``total``). With
+    ``prefill(..., logits=True)``, ``logits16`` holds the binary16 logits of every position
+    [T, n_vocab] (``StepResult.logits16`` of each; the core's ``logits=True`` program stores the
+    same bits); otherwise None."""
 
     first_token: int
     k: torch.Tensor
     v: torch.Tensor
     timings: dict = field(default_factory=dict)
+    logits16: torch.Tensor | None = None
 
     def kv_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Layer ``layer``'s K [n_head, T, 64] and V^T [n_head, 64, T] as NumPy uint16."""
@@ -290,11 +294,14 @@ def prefill(
     ids: Sequence[int],
     device=None,
     on_layer: LayerCallback | None = None,
+    logits: bool = False,
 ) -> PrefillResult:
     """Run the prompt ``ids`` through the model on ``device``; see the module docstring.
 
     ``model`` is a :class:`PreparedModel` (reused across prompts) or float weights, prepared
-    here. Raises ValueError for an empty prompt, one longer than the context, or bad ids.
+    here. With ``logits``, every position goes through the LM head, not only the last (teacher-
+    forced evaluation; :attr:`PrefillResult.logits16`). Raises ValueError for an empty prompt,
+    one longer than the context, or bad ids.
     """
     ids = _check_ids(cfg, ids)
     timings: dict = {}
@@ -326,7 +333,7 @@ def prefill(
             if on_layer is not None:
                 on_layer(i, k_all[i], vt_all[i])
             att = attention(q, k_all[i], vt_all[i], model.q_scale).transpose(0, 1).reshape(T, P)
-            if i == cfg.n_layer - 1:
+            if i == cfg.n_layer - 1 and not logits:
                 # only the last position feeds the LM head; its K/V are already out
                 x, att = x[-1:], att[-1:]
             x = c.fp16_add(x, c.matmul_fp16(lw.attn_proj, att, lw.attn_proj_b))
@@ -336,10 +343,11 @@ def prefill(
             synchronize(dev)
             layer_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        hidden = layer_norm(x[-1:], model.ln_f_g, model.ln_f_b, model.c_n, model.eps16)
-        acc, _, _ = c.matmul(model.lm_head, hidden)
-        first = int(torch.argmax(acc[0]))  # lowest index wins a tie
+        hidden = layer_norm(x, model.ln_f_g, model.ln_f_b, model.c_n, model.eps16)
+        acc, lam, nonfinite = c.matmul(model.lm_head, hidden)
+        first = int(torch.argmax(acc[-1]))  # lowest index wins a tie
+        logits16 = c.round_acc(acc, lam[:, None], nonfinite) if logits else None
         timings["head"] = time.perf_counter() - t0
     timings["layers"] = layer_times
     timings["total"] = time.perf_counter() - t_start
-    return PrefillResult(first, k_all, vt_all, timings)
+    return PrefillResult(first, k_all, vt_all, timings, logits16)

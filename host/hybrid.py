@@ -53,6 +53,7 @@ class HybridSession(Closes):
     geom : core geometry, name, or None for the smallest that fits
     backend : decode device backend name (``tandem.host.device.BACKENDS``)
     prefill_device : 'cpu', 'cuda' or None (CUDA when available)
+    logits : compile the program that stores every position's logits (:meth:`logits`)
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class HybridSession(Closes):
         backend: str = "model",
         prefill_device=None,
         device_options: Mapping | None = None,
+        logits: bool = False,
     ):
         validate(cfg, weights)
         geom = resolve_geometry(cfg, geom)
@@ -71,7 +73,9 @@ class HybridSession(Closes):
         t0 = time.perf_counter()
         self.model = PreparedModel(cfg, weights, prefill_device)
         t1 = time.perf_counter()
-        self.session = Session(cfg, weights, geom, backend, device_options=device_options)
+        self.session = Session(
+            cfg, weights, geom, backend, device_options=device_options, logits=logits
+        )
         self.timings = {"prepare": t1 - t0, **self.session.timings}
 
     @property
@@ -140,6 +144,27 @@ class HybridSession(Closes):
             "total": t3 - t0,
         }
         return HybridResult(tokens, timings, report, report.nbytes, stats)
+
+    def logits(self, ids: Sequence[int], split: int, timeout: float | None = None) -> np.ndarray:
+        """Teacher forcing across the handoff: the GPU prefills ``ids[:split]`` (their logits
+        come from it) and hands the KV cache over; the core runs positions ``split ..
+        len(ids) - 1`` (their logits come from the core). Returns the binary16 logits of every
+        position, uint16 [len(ids), n_vocab]. Needs ``logits=True``."""
+        from tandem.gpu.contract import bits_to_numpy
+
+        ids = check_request(self.cfg, ids, 1, timeout=timeout)
+        if not 0 < split < len(ids):
+            raise ValueError(f"split {split} must be in [1, {len(ids)}): both sides need a token")
+        self.session.settle(timeout)
+        transfer = KVTransfer(self.session.device, self.session.compiled.layout, self.model.device)
+        try:
+            pre = prefill(
+                self.cfg, self.model, ids[:split], on_layer=transfer.on_layer, logits=True
+            )
+        finally:
+            transfer.finish()
+        core = self.session.logits(ids, start_pos=split, timeout=timeout)
+        return np.concatenate([bits_to_numpy(pre.logits16), core])
 
     def close(self) -> None:
         self.session.close()

@@ -168,6 +168,9 @@ class Session(Closes):
         Reuse an existing compilation (``weights`` may then be None).
     device_options : mapping, optional
         Passed to the backend's constructor.
+    logits : bool
+        Compile the program that also stores every position's logits (:meth:`logits`,
+        ``tandem eval``); ignored with ``compiled``.
     """
 
     def __init__(
@@ -178,6 +181,7 @@ class Session(Closes):
         backend: str = "model",
         compiled: Compiled | None = None,
         device_options: Mapping | None = None,
+        logits: bool = False,
     ):
         self.cfg = cfg
         self.timings: dict[str, float] = {}
@@ -185,7 +189,7 @@ class Session(Closes):
         if compiled is None:
             geom = resolve_geometry(cfg, geom)
             check_geometry(cfg, geom)  # before the (slow) compilation
-            compiled = compile_model(cfg, weights, geom)
+            compiled = compile_model(cfg, weights, geom, logits=logits)
         self.compiled = compiled
         t1 = time.perf_counter()
         self.device: Device = open_device(backend, compiled.geom, **(device_options or {}))
@@ -267,6 +271,20 @@ class Session(Closes):
             positions=len(ids) + n_new - 1 - start_pos if n_new else 0,
             stats=stats,
         )
+
+    def logits(
+        self, ids: Sequence[int], start_pos: int = 0, timeout: float | None = None
+    ) -> np.ndarray:
+        """Teacher forcing: run positions ``start_pos .. len(ids) - 1`` of ``ids`` on the core and
+        return their binary16 logits, uint16 [len(ids) - start_pos, n_vocab] (row ``i`` scores
+        the token after position ``start_pos + i``). Needs a program compiled with ``logits=True``
+        (``compile_model``); positions below ``start_pos`` must be in the KV cache already (the
+        hybrid pipeline's prefix). One run of ``generate(ids, 1)``: its token is dropped."""
+        if not self.compiled.layout.logits:
+            raise ValueError("Session.logits needs a program compiled with logits=True")
+        ids = list(ids)
+        self.generate(ids, 1, timeout=timeout, start_pos=start_pos)
+        return self.compiled.read_logits(self.device, start_pos, len(ids))
 
     @property
     def running(self) -> bool:

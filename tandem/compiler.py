@@ -46,6 +46,12 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                k == n_new -> HALT 0
                pos += 1; JMP loop
 
+    with logits=True (teacher-forced evaluation, ``tandem eval``), at every position instead:
+    logits     LOADV ln1_g, ln1_b = ln_f; layer_norm(x; ln1_g, ln1_b) -> y
+               for each chunk of lm_head rows [r0, r1):  (as many as the free VBUF holds)
+                 lg = MATVEC(lm_head[r0:r1], y); STOREV lg -> logits[pos][r0:r1]
+               then, if T >= prompt_len: next = MATVEC(lm_head, y, ARGMAX) and on as above
+
     layer_norm(x; g, b) -> y:
                mu = VDOT(x, c_n[s]); d = VSUB(x, mu[s]); ds = VMUL(d, c_n[s])
                var = VDOT(d, ds); var = VADD(var, eps[s]) len 1; rstd = VRSQRT(var) len 1
@@ -56,6 +62,12 @@ VDOT's ``a`` operand is the weight side of the block-floating-point dot product,
 ``STW``\\ s as the TOKENS it reports).
 
 Registers: see the ``R_*`` constants. R0 reads as zero.
+
+The logits chunk ``lg`` reuses the attention scratch (``s``, ``sc``) and the free VBUF after it:
+nothing there is live once the last layer's attention is done. The ``logits`` region
+(:class:`tandem.layout.HBMLayout` with ``logits=True``) holds row ``pos`` = the binary16 logits
+``matvec_fp16(lm_head, y)`` of position ``pos`` (those of ``FaithfulModel``'s
+``StepResult.logits16``); the argmax still reads the raw accumulators.
 """
 
 from __future__ import annotations
@@ -81,6 +93,7 @@ from .layout import (
     mpu_tensors,
     pack_tokens,
     padded_heads,
+    unpack_rows,
     unpack_tokens,
 )
 from .numerics import BLOCK, to_bits
@@ -185,6 +198,35 @@ def head_groups(cfg: GPT2Config, vbuf: Mapping[str, VbufSlot]) -> list[range]:
     return [range(a, b) for a, b in itertools.pairwise(starts)]
 
 
+def logits_chunks(
+    cfg: GPT2Config, geom: CoreGeometry, vbuf: Mapping[str, VbufSlot]
+) -> list[tuple[int, int, int, int, int]]:
+    """How a ``logits=True`` program computes the LM head's binary16 output: chunks of rows
+    ``[r0, r1)`` as ``(r0, r1, VBUF address, line offset in lm_head, line offset in a logits
+    row)``. A chunk lives from the attention scratch (``s``) to the end of the VBUF, free once
+    the last layer's attention is done; it starts on a 64-row group of the tiled LM head and on
+    a whole line of the striped logits row. Raises LayoutError if not one chunk fits."""
+    per_line = geom.channels * (LINE // 2)  # striped elements per line across the channels
+    unit = max(BLOCK, per_line)
+    start = vbuf["s"].addr
+    room = (geom.vbuf_elems - start) // unit * unit
+    if room <= 0:
+        raise LayoutError(
+            f"{cfg.name} on {geom.name}: no room in the VBUF for the logits of tandem eval "
+            f"(a chunk of {unit} elements from element {start}; vbuf_elems = {geom.vbuf_elems})"
+        )
+    head_group = -(-cfg.n_embd // BLOCK) * dense_stride(geom) * geom.beat_bytes  # bytes/64 rows
+    out = []
+    for r0 in range(0, cfg.n_vocab, room):
+        r1 = min(cfg.n_vocab, r0 + room)
+        head_bytes = r0 // BLOCK * head_group
+        out_bytes = r0 // per_line * LINE
+        if head_bytes % LINE:
+            raise LayoutError(f"{cfg.name} on {geom.name}: LM head row {r0} is not on a line")
+        out.append((r0, r1, start, head_bytes // LINE, out_bytes // LINE))
+    return out
+
+
 class _Program:
     """An instruction list with forward labels (branch targets are resolved at the end)."""
 
@@ -214,6 +256,7 @@ class _Emitter:
 
     def __init__(self, cfg: GPT2Config, geom: CoreGeometry, layout: HBMLayout, vbuf):
         self.cfg, self.geom, self.layout, self.v = cfg, geom, layout, vbuf
+        self.logits = layout.logits
         self.p = _Program()
         self.E = cfg.n_embd
         self.P = padded_heads(cfg)
@@ -362,11 +405,38 @@ class _Emitter:
         self.matvec("mo", "hm", pre + "c_proj.weight", bias=True)
         p(Op.VADD, dst=a("x"), a=a("x"), b=a("mo"), len=self.E)
 
-    def lm_head(self) -> None:
-        """next = argmax(lm_head(ln_f(x))), stored as output token k."""
+    def final_norm(self) -> None:
+        """y = ln_f(x)."""
         self.load_vector("ln1_g", "ln_f.weight")
         self.load_vector("ln1_b", "ln_f.bias")
         self.layer_norm("ln1_g", "ln1_b")
+
+    def logits_out(self) -> None:
+        """logits[pos] = lm_head . y in binary16, chunk by chunk (:func:`logits_chunks`)."""
+        head, out = self.layout["lm_head"], self.layout["logits"]
+        for r0, r1, slot, head_line, out_line in logits_chunks(self.cfg, self.geom, self.v):
+            self.p(
+                Op.MATVEC,
+                dst=slot,
+                src=self.addr("y"),
+                line=head.line + head_line,
+                rows=r1 - r0,
+                cols=head.cols,
+            )
+            self.p(
+                Op.STOREV,
+                src=slot,
+                len=r1 - r0,
+                line=out.line + out_line,
+                ri=R_POS,
+                stride=out.row_bytes // LINE,
+            )
+
+    def lm_head(self) -> None:
+        """next = argmax(lm_head(ln_f(x))), stored as output token k (with ``logits``, ln_f ran
+        before)."""
+        if not self.logits:
+            self.final_norm()
         self.matvec("y", "y", "lm_head", flags=MatFlag.ARGMAX, rd=R_NEXT)
         self.p(Op.STW, rs=R_NEXT, line=self.layout["output"].line, ri=R_K)
         self.p(Op.ADDI, rd=R_K, ra=R_K, imm=1)
@@ -413,6 +483,9 @@ class _Emitter:
             self.attention(layer)
             self.layer_norm("ln2_g", "ln2_b")
             self.mlp(layer)
+        if self.logits:
+            self.final_norm()
+            self.logits_out()
         p(Op.BLT, ra=R_T, rb=R_PLEN, target="next")
         self.lm_head()
         p(Op.BGE, ra=R_K, rb=R_NNEW, target="done")
@@ -489,20 +562,38 @@ class Compiled:
         region = self.layout["output"]
         return unpack_tokens(source.read_channel(0, region.base, 4 * n))
 
+    def read_logits(self, source, start: int, stop: int) -> np.ndarray:  # source: read_striped
+        """Binary16 bits [stop - start, n_vocab] of the ``logits`` region's rows ``start ..
+        stop - 1`` (a program compiled with ``logits=True`` wrote row ``pos`` at position
+        ``pos``)."""
+        if not self.layout.logits:
+            raise ValueError("this program was compiled without logits=True: it stores none")
+        r = self.layout["logits"]
+        if not 0 <= start <= stop <= r.rows:
+            raise ValueError(f"logits rows [{start}, {stop}) are outside [0, {r.rows})")
+        base, n = r.base + start * r.row_bytes, (stop - start) * r.row_bytes
+        return unpack_rows(
+            self.geom, np.asarray(source.read_striped(base, n)), stop - start, r.cols
+        )
+
     def read_status(self, source) -> StatusRecord:
         region = self.layout["status"]
         return StatusRecord.unpack(source.read_channel(0, region.base, region.nbytes))
 
 
 def compile_model(
-    cfg: GPT2Config, weights: Mapping[str, np.ndarray], geom: CoreGeometry
+    cfg: GPT2Config, weights: Mapping[str, np.ndarray], geom: CoreGeometry, *, logits: bool = False
 ) -> Compiled:
     """Compile a GPT-2 model (float weights keyed as in tandem.checkpoint) for a core geometry.
+
+    With ``logits``, the program also stores the binary16 logits of every position it processes
+    in the layout's ``logits`` region (teacher-forced evaluation; module docstring); the tokens
+    it generates are the same.
 
     Raises LayoutError naming the limit when the model does not fit the geometry (HBM channel
     size, VBUF elements, instruction memory, instruction field widths).
     """
-    layout = HBMLayout(cfg, geom)
+    layout = HBMLayout(cfg, geom, logits=logits)
     vbuf = vbuf_plan(cfg, geom)
     em = _Emitter(cfg, geom, layout, vbuf)
     try:
@@ -519,16 +610,18 @@ def compile_model(
     return Compiled(cfg, geom, program, layout, image, vbuf, dict(em.p.labels))
 
 
-def program(cfg: GPT2Config, geom: CoreGeometry) -> list[Instr]:
+def program(cfg: GPT2Config, geom: CoreGeometry, *, logits: bool = False) -> list[Instr]:
     """The instruction stream :func:`compile_model` would emit for ``cfg`` on ``geom``, without
     weights or an image (it depends on the shapes only)."""
-    return _Emitter(cfg, geom, HBMLayout(cfg, geom), vbuf_plan(cfg, geom)).program()
+    layout = HBMLayout(cfg, geom, logits=logits)
+    return _Emitter(cfg, geom, layout, vbuf_plan(cfg, geom)).program()
 
 
-def fits(cfg: GPT2Config, geom: CoreGeometry) -> str | None:
-    """None if ``cfg`` compiles for ``geom``, else the reason (without building the image)."""
+def fits(cfg: GPT2Config, geom: CoreGeometry, *, logits: bool = False) -> str | None:
+    """None if ``cfg`` compiles for ``geom`` (with ``logits``: the evaluation program), else the
+    reason (without building the image)."""
     try:
-        n = len(program(cfg, geom))
+        n = len(program(cfg, geom, logits=logits))
     except (LayoutError, isa.IllegalInstruction) as err:
         return str(err)
     if n > geom.imem_words:

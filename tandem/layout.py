@@ -189,6 +189,18 @@ def pack_rows(geom: CoreGeometry, bits: np.ndarray) -> np.ndarray:
     return out.reshape(geom.channels, -1)
 
 
+def unpack_rows(geom: CoreGeometry, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Inverse of :func:`pack_rows`: uint8 [channels, >= rows * row_bytes] from the first row's
+    base to binary16 bits [rows, cols]."""
+    rb = vector_bytes(geom, cols)
+    per = geom.beat_elems * geom.channels
+    n_stripes = -(-cols // per)
+    t = np.ascontiguousarray(data[:, : rows * rb]).reshape(geom.channels, rows, rb)
+    t = np.ascontiguousarray(t[:, :, : n_stripes * geom.beat_bytes]).view(np.uint16)
+    t = t.reshape(geom.channels, rows, n_stripes, geom.beat_elems).transpose(1, 2, 0, 3)
+    return t.reshape(rows, -1)[:, :cols]
+
+
 def unpack_vector(geom: CoreGeometry, data: np.ndarray, n: int) -> np.ndarray:
     per = geom.beat_elems * geom.channels
     n_stripes = -(-n // per)
@@ -365,6 +377,11 @@ class HBMLayout:
     ----------
     cfg : GPT2Config
     geom : CoreGeometry
+    logits : bool
+        Also place a ``logits`` region after the KV cache: ``n_ctx`` rows of ``n_vocab``
+        binary16 values (ROWS form), where a program compiled with ``logits=True`` stores the LM
+        head's output of every position it processes (``tandem eval``). Every other region is
+        where it is without it.
 
     Raises
     ------
@@ -376,6 +393,7 @@ class HBMLayout:
     geom: CoreGeometry
     regions: dict[str, Region] = field(default_factory=dict)
     _cursor: int = 0
+    logits: bool = field(default=False, kw_only=True)
 
     def __post_init__(self):
         cfg, g = self.cfg, self.geom
@@ -422,6 +440,8 @@ class HBMLayout:
                 self._add(
                     f"h.{i}.{part}", Kind.TILED, kv, rows, cols, stride=cfg.n_head * dense_stride(g)
                 )
+        if self.logits:
+            self._rows("logits", cfg.n_ctx, cfg.n_vocab)
         if self._cursor > g.channel_bytes:
             raise LayoutError(
                 f"{cfg.name} on {g.name} needs {self._cursor:,} bytes per channel, more than the "
@@ -536,7 +556,10 @@ def build_image(layout: HBMLayout, tensors: dict[str, np.ndarray]) -> HBMImage:
     missing = [
         n
         for n, r in layout.regions.items()
-        if r.kind not in (Kind.CONTROL,) and not n.endswith((".k", ".v")) and n not in tensors
+        if r.kind not in (Kind.CONTROL,)
+        and not n.endswith((".k", ".v"))
+        and n != "logits"
+        and n not in tensors
     ]
     if missing:
         raise LayoutError(f"tensors missing for regions: {missing[:5]}")

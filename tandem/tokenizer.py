@@ -2,7 +2,9 @@
 
 Two implementations share one interface (``encode``, ``decode``, ``n_vocab``, ``eot``):
 
-- ``GPT2Tokenizer``: GPT-2's own algorithm, read from ``vocab.json`` and ``merges.txt``.
+- ``GPT2Tokenizer``: GPT-2's own algorithm, read from ``vocab.json`` and ``merges.txt``, or from
+  a Hugging Face ``tokenizer.json`` that describes a byte-level BPE (GPT-2's kind, such as the
+  built-in demo model's own vocabulary).
 - ``TiktokenTokenizer``: tiktoken with the GPT-2 ranks that ``openai-whisper`` ships as
   ``whisper/assets/gpt2.tiktoken``, because tiktoken itself would download them at run time.
 
@@ -108,6 +110,61 @@ class GPT2Tokenizer:
                 raise TokenizerError(f"{merges_txt}:{n}: expected two tokens, got {line!r}")
             merges.append((pair[0], pair[1]))
         return cls(encoder, merges)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike):
+        """Read a Hugging Face ``tokenizer.json`` of a byte-level BPE: a ``BPE`` model under a
+        ``ByteLevel`` pre-tokenizer with GPT-2's regex and no prefix space, no normalizer. Its
+        ``vocab`` and ``merges`` are GPT-2's ``vocab.json`` and ``merges.txt``, so the same
+        algorithm applies; added tokens join the vocabulary (``<|endoftext|>`` is the special
+        one). Anything else (WordPiece, a normalizer, byte fallback, ...) is refused by name."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            model = d["model"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise TokenizerError(f"cannot read {path}: {type(err).__name__}: {err}") from err
+
+        def refuse(what: str):
+            raise TokenizerError(
+                f"{path}: {what}; Tandem reads byte-level BPE tokenizers (GPT-2's kind) only"
+            )
+
+        if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
+            refuse(f"the model is {model.get('type') if isinstance(model, dict) else model!r}")
+        pre = d.get("pre_tokenizer") or {}
+        if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
+            pre = pre["pretokenizers"][0]
+        if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+            refuse(f"the pre-tokenizer is {pre or None!r}, not ByteLevel with GPT-2's regex")
+        if pre.get("add_prefix_space", False):
+            refuse("the ByteLevel pre-tokenizer adds a prefix space (GPT-2's does not)")
+        if d.get("normalizer"):
+            refuse(f"it has a normalizer ({d['normalizer'].get('type')})")
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                refuse(f"its BPE model sets {key} = {model[key]!r}")
+        if model.get("byte_fallback"):
+            refuse("its BPE model uses byte fallback")
+        try:
+            encoder = {str(k): int(v) for k, v in model["vocab"].items()}
+            merges = []
+            for m in model.get("merges", []):
+                pair = m.split(" ") if isinstance(m, str) else list(m)
+                if len(pair) != 2:
+                    raise ValueError(f"merge {m!r} is not a pair")
+                merges.append((pair[0], pair[1]))
+            for added in d.get("added_tokens") or []:
+                encoder.setdefault(added["content"], int(added["id"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise TokenizerError(f"{path}: bad BPE vocabulary or merges: {err}") from err
+        tok = cls(encoder, merges)
+        missing = sorted(
+            {t for pair in tok.bpe_ranks for t in (*pair, "".join(pair))} - set(encoder)
+        )
+        if missing:
+            raise TokenizerError(f"{path}: merges make tokens not in the vocabulary: {missing[:3]}")
+        return tok
 
     def _bpe(self, word: str) -> list[str]:
         """Merge the characters of one pre-token, lowest-ranked pair first."""
@@ -225,19 +282,15 @@ def default_tokenizer() -> TiktokenTokenizer:
 def tokenizer_for(checkpoint_dir: str | os.PathLike | None, cfg: GPT2Config) -> Tokenizer:
     """The text tokenizer for a model.
 
-    A checkpoint folder with ``vocab.json`` and ``merges.txt`` gives BPE from those files;
-    otherwise the offline GPT-2 default. Models whose vocabulary is smaller than the
-    tokenizer's (the test presets) cannot take text: use token ids instead.
+    A checkpoint folder with ``vocab.json`` and ``merges.txt`` gives BPE from those files; one
+    with ``tokenizer.json`` (and not those) gives BPE from it (the built-in demo model's own
+    vocabulary); otherwise, a real GPT-2 folder holding weights only, the offline GPT-2 default.
+    Models whose vocabulary is smaller than the tokenizer's (the test presets) cannot take text:
+    use token ids instead.
     """
-    if checkpoint_dir is not None:
-        d = Path(checkpoint_dir)
-        vocab, merges = d / "vocab.json", d / "merges.txt"
-        if vocab.is_file() and merges.is_file():
-            tok: Tokenizer = GPT2Tokenizer.from_files(vocab, merges)
-        else:
-            tok = default_tokenizer()
-    else:
-        tok = default_tokenizer()
+    tok: Tokenizer = (
+        default_tokenizer() if checkpoint_dir is None else _folder_tokenizer(Path(checkpoint_dir))
+    )
     if tok.n_vocab > cfg.n_vocab:
         raise TokenizerError(
             f"model {cfg.name!r} has n_vocab {cfg.n_vocab}, smaller than the tokenizer's "
@@ -245,6 +298,20 @@ def tokenizer_for(checkpoint_dir: str | os.PathLike | None, cfg: GPT2Config) -> 
             f"(--prompt-ids 1,2,3) below {cfg.n_vocab}"
         )
     return tok
+
+
+@lru_cache(maxsize=8)
+def _tokenizer_json(path: Path, mtime_ns: int) -> GPT2Tokenizer:
+    return GPT2Tokenizer.from_tokenizer_json(path)
+
+
+def _folder_tokenizer(d: Path) -> Tokenizer:
+    vocab, merges, tj = d / "vocab.json", d / "merges.txt", d / "tokenizer.json"
+    if vocab.is_file() and merges.is_file():
+        return GPT2Tokenizer.from_files(vocab, merges)
+    if tj.is_file():
+        return _tokenizer_json(tj.resolve(), tj.stat().st_mtime_ns)
+    return default_tokenizer()
 
 
 def parse_token_ids(text: str) -> list[int]:
