@@ -184,6 +184,12 @@ class _Bursts:
     ``cmd`` is a ``ChannelRun`` FIFO read side (``r_rdy``, ``r_en``, ``r_data``). While
     ``valid``, the next burst is ``addr`` / ``beats``; pulse ``take`` to consume it. ``active`` is
     high while a run has bursts left.
+
+    ``beats`` is a register, computed in the cycle after ``addr`` and ``remaining`` change (a
+    burst taken, a run loaded), so the 4 KiB distance and the two minimums are not in series
+    with the address adder or the caller's credit check: ``valid`` falls for that one cycle.
+    A run's first burst is valid 2 cycles after the run is taken from ``cmd``, the next one 2
+    cycles after a take (one burst per 2 cycles; a burst is up to ``max_beats`` beats long).
     """
 
     def __init__(self, m: Module, cmd, base, *, beat_bytes: int, max_beats: int, name: str):
@@ -194,20 +200,23 @@ class _Bursts:
         self.take = Signal(name=f"{name}_take")
         self.tag = Signal(16, name=f"{name}_tag")  # the run's tag
         self.beats = Signal(range(max_beats + 1), name=f"{name}_beats")
-        self.valid = self.active
+        fresh = Signal(name=f"{name}_fresh")  # `beats` is this addr's and remaining's
+        self.valid = Signal(name=f"{name}_valid")
+        m.d.comb += self.valid.eq(self.active & fresh)
         to_4k = Signal(range(FOUR_KB // beat_bytes + 1), name=f"{name}_to_4k")
         m.d.comb += to_4k.eq((FOUR_KB >> lb) - self.addr[lb:12])
         cap = Signal.like(self.beats, name=f"{name}_cap")
-        m.d.comb += [
-            cap.eq(Mux(to_4k < max_beats, to_4k, max_beats)),
-            self.beats.eq(Mux(self.remaining < cap, self.remaining, cap)),
-        ]
+        m.d.comb += cap.eq(Mux(to_4k < max_beats, to_4k, max_beats))
+        m.d.sync += self.beats.eq(Mux(self.remaining < cap, self.remaining, cap))
         run = ChannelRun(cmd.r_data)
         last = Signal(name=f"{name}_last")
+        load = Signal(name=f"{name}_load")
         m.d.comb += [
             last.eq(self.take & (self.remaining == self.beats)),
             cmd.r_en.eq(~self.active | last),
+            load.eq(cmd.r_en & cmd.r_rdy),
         ]
+        m.d.sync += fresh.eq(~self.take & ~load)
         with m.If(self.take):
             m.d.sync += [
                 self.addr.eq(self.addr + (self.beats << lb)),
@@ -215,7 +224,7 @@ class _Bursts:
             ]
             with m.If(last):
                 m.d.sync += self.active.eq(0)
-        with m.If(cmd.r_en & cmd.r_rdy):
+        with m.If(load):
             full = base + run.offset
             m.d.sync += [
                 self.addr.eq(Cat(Const(0, lb), full[lb:64])),
@@ -279,10 +288,11 @@ class ChannelDMA(GeometryComponent):
     Timing
     ------
     A run is taken 1 cycle after it enters ``rd_cmd``'s FIFO (2 cycles after the transfer);
-    its first AR is valid on the next cycle, then one burst per cycle while credits last. Read
-    data is on ``rd_data`` 2 cycles after its R beat (FIFO write and output register). Reads
-    sustain one beat per cycle when ``fifo_beats`` covers latency + a burst. Writes issue one AW
-    per cycle and one W beat per cycle.
+    its first AR is valid 2 cycles later (the burst length is a register, computed from the
+    address in the cycle after it changes), then one burst every 2 cycles while credits last.
+    Read data is on ``rd_data`` 2 cycles after its R beat (FIFO write and output register).
+    Reads sustain one beat per cycle when ``fifo_beats`` covers latency + a burst. Writes issue
+    one AW every 2 cycles and one W beat per cycle.
     """
 
     def __init__(
@@ -1150,7 +1160,8 @@ class DMAEngine(GeometryComponent):
                 beats.valid.eq(1),
                 beats.mask.eq(s.full),
                 s.wdata.eq(Cat(*s.vrows)),
-                s.wen.eq((Const(1, T + 1) << count) - 1),
+                # elements 0..count-1: one comparison per bit, no T-bit carry chain
+                s.wen.eq(Cat(*(count > e for e in range(T)))),
             ]
             with m.If(beats.ready):
                 m.d.sync += k.eq(0)
