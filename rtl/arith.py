@@ -14,18 +14,29 @@ beside the data without parallel delay lines.
 ========================  ========  ==========  =============================================
 unit                      latency   throughput  contract
 ========================  ========  ==========  =============================================
-:class:`FP16Add`          4         1 / cycle   ``numerics.fp16_add`` / ``fp16_sub``
-:class:`FP16Mul`          3         1 / cycle   ``numerics.fp16_mul``
+:class:`FP16Add`          5         1 / cycle   ``numerics.fp16_add`` / ``fp16_sub``
+:class:`FP16Mul`          4         1 / cycle   ``numerics.fp16_mul``
 :class:`FP16Table`        1         1 / cycle   ``numerics.table(name)`` (per port)
-:class:`BlockAlign`       2         1 / cycle   ``numerics.bfp_blocks`` (one block)
+:class:`BlockAlign`       3         1 / cycle   ``numerics.bfp_blocks`` (one block)
 :class:`BlockDot`         4         1 / cycle   exact integer block sum
 :class:`AccumulatorShift` 2         1 / cycle   ``shift_floor(sum, block_shift(...))``
 :class:`Accumulator`      1         1 / cycle   the 64-bit sum of a row's terms
-:class:`AccToFP16`        3         1 / cycle   ``numerics.acc_to_fp16`` (NaN if non-finite)
+:class:`AccToFP16`        5         1 / cycle   ``numerics.acc_to_fp16`` (NaN if non-finite)
 ========================  ========  ==========  =============================================
 
 (Latencies are for the default block size of 64; :class:`BlockDot` grows by one cycle per
 factor of four in block size.)
+
+Logic depth: the stages are cut so that no register-to-register path inside a unit has more
+than 7 LUT levels (the 250 MHz budget is 10; docs/build.md, "Logic depth"), as Yosys
+``synth_xilinx`` maps each unit alone (``python scripts/timing.py --unit NAME``, with
+``--free-running`` as the MPU and VPU run them): FP16Add 5, FP16Mul 5-6, AccToFP16 5,
+BlockAlign 6-7 (and 6 from its inputs to its first registers), BlockDot 2, AccumulatorShift 4,
+Accumulator 2. Rounding to binary16 is two stages (:func:`_round_prepare`: the subnormal
+shift and the exponent's cases; :func:`_round_finish`: the increment and packing), after the
+normalisation (one stage in FP16Add, two in AccToFP16; FP16Mul normalises its operands before
+the multiply, so its product's leading one has two possible places); bit masks are comparisons,
+not subtractions. Rounding in one stage after a normalisation had been 14-22 levels.
 """
 
 import functools
@@ -209,11 +220,12 @@ def leading_zeros(m: Module, value, *, name: str) -> tuple:
     return tree(value, "")
 
 
-def _max_tree(m: Module, values, *, name: str):
-    """Largest of ``values`` (unsigned) by a balanced tree of signals (see leading_zeros)."""
+def _max_tree(m: Module, values, *, name: str, levels: int | None = None) -> list:
+    """The largest of ``values`` (unsigned) by a balanced tree of signals (see leading_zeros):
+    the list left after ``levels`` levels of pairwise maxima (default: all, one value)."""
     level = list(values)
     depth = 0
-    while len(level) > 1:
+    while len(level) > 1 and (levels is None or depth < levels):
         depth += 1
         nxt = []
         for k, (a, b) in enumerate(zip(level[0::2], level[1::2], strict=True)):
@@ -221,7 +233,7 @@ def _max_tree(m: Module, values, *, name: str):
             m.d.comb += node.eq(Mux(a > b, a, b))
             nxt.append(node)
         level = nxt
-    return level[0]
+    return level
 
 
 class _Normalized(data.Struct):
@@ -234,14 +246,21 @@ class _Normalized(data.Struct):
     top: signed(12)  # exponent of the leading one (value = 1.xxx * 2**top)
 
 
-def _normalize(m: Module, mag, lam, sign, *, name: str):
-    """Comb: normalise ``mag * 2**lam`` (``mag`` unsigned, ``lam`` signed) for :func:`_round`."""
+def _leading(m: Module, mag, lam, *, name: str) -> tuple:
+    """Comb, the first half of a normalisation (:func:`_shift_up` is the second): ``mag * 2**lam``
+    as ``(mag, lam, zero, lz)``, ``mag`` widened to at least the 12 bits of the window (``lam``
+    adjusted, the value unchanged) and ``lz`` its leading zeros."""
     width = len(mag)
-    if width < 12:  # give the window its 12 bits; the value is unchanged
+    if width < 12:
         mag = Cat(Const(0, 12 - width), mag)
         lam = lam - (12 - width)
-        width = 12
     zero, lz = leading_zeros(m, mag, name=f"{name}_lz")
+    return mag, lam, zero, lz
+
+
+def _shift_up(m: Module, mag, lam, zero, lz, sign, *, name: str):
+    """Comb: the :class:`_Normalized` value of :func:`_leading`'s ``mag * 2**lam``."""
+    width = len(mag)
     shifted = Signal(width, name=f"{name}_shifted")
     n = Signal(_Normalized, name=f"{name}_norm")
     m.d.comb += [
@@ -255,62 +274,120 @@ def _normalize(m: Module, mag, lam, sign, *, name: str):
     return n
 
 
-def _round(m: Module, n, *, name: str):
-    """Comb: round a :class:`_Normalized` value to binary16, nearest-even, as
-    ``numerics.acc_to_fp16`` does (subnormals, overflow to +-Inf, zero gives +0)."""
-    # Below the normal range, shift right so the result LSB weighs 2**-24; 13 and more all
-    # leave only sticky bits, so the distance is clamped there.
-    under = Signal(signed(13), name=f"{name}_under")
-    m.d.comb += under.eq(-14 - n.top)
+def _normalize(m: Module, mag, lam, sign, *, name: str):
+    """Comb: normalise ``mag * 2**lam`` (``mag`` unsigned, ``lam`` signed) for rounding."""
+    mag, lam, zero, lz = _leading(m, mag, lam, name=name)
+    return _shift_up(m, mag, lam, zero, lz, sign, name=name)
+
+
+class _ExpCases(data.Struct):
+    """What rounding needs of the exponent of a normalised value's leading one (``top``),
+    computed ahead of the increment: :func:`_exp_cases`."""
+
+    sub: unsigned(1)  # top < -14: a subnormal result (exponent field 1 if it rounds up to 2**-14)
+    ovf0: unsigned(1)  # top > 15: Inf
+    ovf1: unsigned(1)  # top > 14: Inf if rounding carries into a new leading bit
+    e0: unsigned(5)  # exponent field of a normal result: top + 15
+    e1: unsigned(5)  # top + 16, when rounding carries
+
+
+def _exp_cases(c, top) -> list:
+    """Assignments of the :class:`_ExpCases` view ``c`` for a leading one at ``2**top``."""
+    return [
+        c.sub.eq(top < -14),
+        c.ovf0.eq(top > 15),
+        c.ovf1.eq(top > 14),
+        c.e0.eq(top + 15),
+        c.e1.eq(top + 16),
+    ]
+
+
+class _Rounding(data.Struct):
+    """A normalised value prepared for rounding (:func:`_round_prepare`): its 11 result bits
+    already shifted into the subnormal range, and the exponent's cases, so that
+    :func:`_round_finish` has only the increment left."""
+
+    zero: unsigned(1)
+    sign: unsigned(1)
+    kept: unsigned(11)  # the result's significand before rounding
+    guard: unsigned(1)  # the bit below it
+    rest: unsigned(1)  # any one below the guard bit
+    cases: _ExpCases
+
+
+def _subnormal_shift(m: Module, top, *, name: str):
+    """Comb: how far below the normal range a leading one at ``2**top`` is (the right shift that
+    gives the result's LSB the weight 2**-24): ``clamp(-14 - top, 0, 13)``; 13 and more leave
+    only sticky bits."""
     d = Signal(range(14), name=f"{name}_d")
-    with m.If(under <= 0):
+    with m.If(top > -15):
         m.d.comb += d.eq(0)
-    with m.Elif(under >= 13):
+    with m.Elif(top < -26):
         m.d.comb += d.eq(13)
     with m.Else():
-        m.d.comb += d.eq(under)
+        m.d.comb += d.eq((-14 - top)[:4])
+    return d
+
+
+def _round_prepare(m: Module, n, *, name: str):
+    """Comb, the first half of rounding a :class:`_Normalized` value to binary16 as
+    ``numerics.acc_to_fp16`` does: the subnormal shift and the exponent's cases
+    (:class:`_Rounding`). :func:`_round_finish` completes it."""
+    d = _subnormal_shift(m, n.top, name=name)
     window = Cat(n.sticky, n.hi)  # 13 bits: sticky, guard, 11 result bits
     shifted = Signal(13, name=f"{name}_window")
-    lost = Signal(name=f"{name}_lost")
+    # rest = the bits shifted out and the new LSB's neighbour: any one in window[0 : d + 1]
+    # (a prefix OR picked by d, no mask arithmetic)
+    ors = Signal(14, name=f"{name}_ors")
     m.d.comb += [
         shifted.eq(window >> d),
-        lost.eq((window & ((Const(1, 14) << d) - 1)[:13]).any()),
+        ors.eq(Cat(*(window[: k + 1].any() for k in range(13)), window.any())),
     ]
-    kept = shifted[2:13]
-    guard = shifted[1]
-    rest = shifted[0] | lost
-    rounded = Signal(12, name=f"{name}_rounded")
-    m.d.comb += rounded.eq(kept + (guard & (rest | kept[0])))
-    carry = rounded[11]
-    sig = Signal(11, name=f"{name}_sig")
-    qexp = Signal(signed(14), name=f"{name}_qexp")  # exponent of the result LSB
+    r = Signal(_Rounding, name=f"{name}_prep")
     m.d.comb += [
-        sig.eq(Mux(carry, rounded[1:12], rounded[:11])),
-        qexp.eq(n.top - 10 + d + carry),
+        r.zero.eq(n.zero),
+        r.sign.eq(n.sign),
+        r.kept.eq(shifted[2:13]),
+        r.guard.eq(shifted[1]),
+        r.rest.eq(ors.bit_select(d, 1)),
+        *_exp_cases(r.cases, n.top),
     ]
+    return r
+
+
+def _round_finish(m: Module, r, *, name: str):
+    """Comb: round a :class:`_Rounding` to nearest even and pack it as binary16 (subnormals,
+    overflow to +-Inf, a zero value gives +0)."""
+    rounded = Signal(12, name=f"{name}_rounded")
+    m.d.comb += rounded.eq(r.kept + (r.guard & (r.rest | r.kept[0])))
+    carry = rounded[11]  # the significand overflowed into a new leading bit (never subnormal)
+    sig = Signal(11, name=f"{name}_sig")
+    m.d.comb += sig.eq(Mux(carry, rounded[1:12], rounded[:11]))
+    c = r.cases
     out = Signal(Binary16, name=f"{name}_out")
-    with m.If(n.zero):
+    with m.If(r.zero):
         m.d.comb += out.as_value().eq(0)
-    with m.Elif(qexp > 30 - 25):
-        m.d.comb += [out.sign.eq(n.sign), out.exp.eq(31), out.frac.eq(0)]
+    with m.Elif(Mux(carry, c.ovf1, c.ovf0)):
+        m.d.comb += [out.sign.eq(r.sign), out.exp.eq(31), out.frac.eq(0)]
     with m.Else():
         m.d.comb += [
-            out.sign.eq(n.sign),
-            out.exp.eq(Mux(sig[10], qexp + 25, 0)),
+            out.sign.eq(r.sign),
+            out.exp.eq(Mux(c.sub, sig[10], Mux(carry, c.e1, c.e0))),
             out.frac.eq(sig[:10]),
         ]
     return out
 
 
 def _round_and_pack(m: Module, p: Stall, o, s, zero_sign, valid, *, name: str):
-    """The last stage of :class:`FP16Add` and :class:`FP16Mul`: round ``s["norm"]`` unless
-    ``s["special"]`` gives ``s["special_value"]``; a zero is ``zero_sign`` with a zero
-    magnitude. Loads ``o`` (``value``, ``tag`` = ``s["tag"]``, ``valid``) when ``p`` advances."""
-    rounded = _round(m, s["norm"], name=f"{name}_round")
+    """The last stage of :class:`FP16Add` and :class:`FP16Mul`: round ``s["round"]`` (a
+    :class:`_Rounding`) unless ``s["special"]`` gives ``s["special_value"]``; a zero is
+    ``zero_sign`` with a zero magnitude. Loads ``o`` (``value``, ``tag`` = ``s["tag"]``,
+    ``valid``) when ``p`` advances."""
+    rounded = _round_finish(m, s["round"], name=f"{name}_round")
     result = Signal(16, name=f"{name}_result")
     with m.If(s["special"]):
         m.d.comb += result.eq(s["special_value"])
-    with m.Elif(s["norm"].zero):
+    with m.Elif(s["round"].zero):
         m.d.comb += result.eq(Cat(Const(0, 15), zero_sign))
     with m.Else():
         m.d.comb += result.eq(rounded.as_value())
@@ -364,11 +441,11 @@ class FP16Add(StreamUnit):
     o : ``Out(stream.Signature(...))``
         ``value`` (:class:`Binary16`), ``tag``.
 
-    Latency 4 cycles (decode and order; align; add; normalise and round), throughput one
-    operation per cycle.
+    Latency 5 cycles (decode and order; align and add; normalise; subnormal shift; round and
+    pack), throughput one operation per cycle.
     """
 
-    LATENCY = 4
+    LATENCY = 5
 
     def __init__(self, *, tag=NO_TAG):
         super().__init__({"a": Binary16, "b": Binary16, "op": AddOp}, {"value": Binary16}, tag=tag)
@@ -411,14 +488,14 @@ class FP16Add(StreamUnit):
         }
         v1 = p.valid_chain(self.i.valid, 1, name="add_valid")
 
-        # Stage 2: align the smaller significand (3 extra bits, sticky in the LSB) and add.
+        # Stage 2: align the smaller significand (3 extra bits, sticky in the LSB) and add. The
+        # bits shifted out are those below position diff: a comparison per bit, no mask
+        # arithmetic (a subtraction would put a carry chain between two LUT levels).
         small = Cat(Const(0, 3), s1["small"])  # 14 bits
         aligned = Signal(14, name="aligned")
         lost = Signal(name="align_lost")
-        m.d.comb += [
-            aligned.eq(small >> s1["diff"]),
-            lost.eq((small & ((Const(1, 32) << s1["diff"]) - 1)[:14]).any()),
-        ]
+        below = Cat(*(s1["diff"] > k for k in range(14)))
+        m.d.comb += [aligned.eq(small >> s1["diff"]), lost.eq((small & below).any())]
         term = Cat(aligned[0] | lost, aligned[1:])
         big = Cat(Const(0, 3), s1["big"])
         total = Signal(15, name="total")
@@ -440,8 +517,16 @@ class FP16Add(StreamUnit):
         s3["tag"] = p.reg(s2["tag"], self._tag, name="s3_tag")
         v3 = p.valid_chain(v2, 1, name="add_valid3_")
 
-        # Stage 4: round and pack. An exact zero is +0 unless both operands were -0.
-        _round_and_pack(m, p, self.o, s3, s3["exact_zero_sign"], v3, name="add")
+        # Stage 4: the subnormal shift and the exponent's cases.
+        prep = _round_prepare(m, s3["norm"], name="add")
+        s4 = {k: p.reg(s3[k], name=f"s4_{k}") for k in ("special", "special_value")}
+        s4["exact_zero_sign"] = p.reg(s3["exact_zero_sign"], name="s4_exact_zero_sign")
+        s4["round"] = p.reg(prep, name="s4_round")
+        s4["tag"] = p.reg(s3["tag"], self._tag, name="s4_tag")
+        v4 = p.valid_chain(v3, 1, name="add_valid4_")
+
+        # Stage 5: round and pack. An exact zero is +0 unless both operands were -0.
+        _round_and_pack(m, p, self.o, s4, s4["exact_zero_sign"], v4, name="add")
         return m
 
 
@@ -464,11 +549,16 @@ class FP16Mul(StreamUnit):
     o : ``Out(stream.Signature(...))``
         ``value`` (:class:`Binary16`), ``tag``.
 
-    Latency 3 cycles (decode and multiply; normalise; round), throughput one product per
-    cycle.
+    The significands are normalised before the multiply (a subnormal's leading one moved up
+    to bit 10), so the product's leading one is at bit 20 or 21 and normalising it is a choice
+    of two; the value, and so the rounding, is the same as of the plain product.
+
+    Latency 4 cycles (decode and normalise the significands; multiply, and the exponent's cases
+    for both positions of the leading one; the subnormal shift; round and pack), throughput
+    one product per cycle.
     """
 
-    LATENCY = 3
+    LATENCY = 4
 
     def __init__(self, *, tag=NO_TAG):
         super().__init__({"a": Binary16, "b": Binary16}, {"value": Binary16}, tag=tag)
@@ -481,7 +571,7 @@ class FP16Mul(StreamUnit):
         cb = _classify(b, m, name="b")
         sign = a.sign ^ b.sign
 
-        # Stage 1: specials and the exact product.
+        # Stage 1: specials; each significand normalised (leading one at bit 10).
         special = Signal(name="special")
         special_value = Signal(16, name="special_value")
         nan = ca["nan"] | cb["nan"] | (ca["inf"] & cb["zero"]) | (cb["inf"] & ca["zero"])
@@ -489,25 +579,70 @@ class FP16Mul(StreamUnit):
         m.d.comb += special_value.eq(Mux(nan, _canonical_nan(), Cat(Const(0x7C00, 15), sign)))
         lam = Signal(signed(8), name="mul_lam")
         m.d.comb += lam.eq(ca["exp"] + cb["exp"] - 50)
+        za, la = leading_zeros(m, ca["sig"], name="a_lz")
+        zb, lb = leading_zeros(m, cb["sig"], name="b_lz")
         s1 = {
             "special": p.reg(special, name="s1_special"),
             "special_value": p.reg(special_value, name="s1_special_value"),
             "sign": p.reg(sign, name="s1_sign"),
-            "product": p.reg(ca["sig"] * cb["sig"], 22, name="s1_product"),
+            "zero": p.reg(za | zb, name="s1_zero"),
+            "na": p.reg((ca["sig"] << la)[:11], 11, name="s1_na"),
+            "nb": p.reg((cb["sig"] << lb)[:11], 11, name="s1_nb"),
+            "la": p.reg(la, name="s1_la"),
+            "lb": p.reg(lb, name="s1_lb"),
             "lam": p.reg(lam, name="s1_lam"),
             "tag": p.reg(self.i.payload.tag, self._tag, name="s1_tag"),
         }
         v1 = p.valid_chain(self.i.valid, 1, name="mul_valid")
 
-        # Stage 2: normalise.
-        norm = _normalize(m, s1["product"], s1["lam"], s1["sign"], name="mul")
+        # Stage 2: the exact product of the normalised significands (leading one at bit 20 or
+        # 21), and for both cases the exponent of the leading one (top) and what rounding
+        # needs of it: the subnormal shift d, plus 1 when the leading one is at bit 21 (the
+        # product's bits are taken from one position higher).
+        top0 = Signal(signed(12), name="mul_top0")  # the leading one at bit 20
+        m.d.comb += top0.eq(s1["lam"] + 20 - s1["la"] - s1["lb"])
+        top1 = Signal(signed(12), name="mul_top1")
+        m.d.comb += top1.eq(top0 + 1)
+        cases = [Signal(_ExpCases, name=f"mul_cases{k}") for k in (0, 1)]
+        for c, top in zip(cases, (top0, top1), strict=True):
+            m.d.comb += _exp_cases(c, top)
+        d0 = _subnormal_shift(m, top0, name="mul0")
+        d1 = _subnormal_shift(m, top1, name="mul1")
         s2 = {k: p.reg(s1[k], name=f"s2_{k}") for k in ("special", "special_value", "sign")}
-        s2["norm"] = p.reg(norm, name="s2_norm")
+        s2["zero"] = p.reg(s1["zero"], name="s2_zero")
+        s2["product"] = p.reg(s1["na"] * s1["nb"], 22, name="s2_product")
+        s2["cases0"] = p.reg(cases[0], name="s2_cases0")
+        s2["cases1"] = p.reg(cases[1], name="s2_cases1")
+        s2["at0"] = p.reg(d0, range(15), name="s2_at0")
+        s2["at1"] = p.reg(d1 + 1, range(15), name="s2_at1")
         s2["tag"] = p.reg(s1["tag"], self._tag, name="s2_tag")
         v2 = p.valid_chain(v1, 1, name="mul_valid2_")
 
-        # Stage 3: round and pack; a zero product keeps the XOR sign.
-        _round_and_pack(m, p, self.o, s2, s2["sign"], v2, name="mul")
+        # Stage 3: the subnormal shift, straight from the product: with the leading one at
+        # bit 20 + h and the shift d, the result bits start at bit 10 + h + d (at = h + d), the
+        # guard bit is below them, and the rest is every bit below the guard bit.
+        prod = s2["product"]
+        high = prod[21]
+        at = Signal(range(15), name="mul_at")
+        m.d.comb += at.eq(Mux(high, s2["at1"], s2["at0"]))
+        below = Signal(15, name="mul_below")  # below[j]: any one in prod[0 : 9 + j]
+        m.d.comb += below.eq(Cat(*(prod[: min(9 + j, 22)].any() for j in range(15))))
+        prep = Signal(_Rounding, name="mul_prep")
+        m.d.comb += [
+            prep.zero.eq(s2["zero"]),
+            prep.sign.eq(s2["sign"]),
+            prep.kept.eq((prod >> (10 + at))[:11]),
+            prep.guard.eq((prod >> (9 + at))[0]),
+            prep.rest.eq(below.bit_select(at, 1)),
+            prep.cases.eq(Mux(high, s2["cases1"], s2["cases0"])),
+        ]
+        s3 = {k: p.reg(s2[k], name=f"s3_{k}") for k in ("special", "special_value", "sign")}
+        s3["round"] = p.reg(prep, name="s3_round")
+        s3["tag"] = p.reg(s2["tag"], self._tag, name="s3_tag")
+        v3 = p.valid_chain(v2, 1, name="mul_valid3_")
+
+        # Stage 4: round and pack; a zero product keeps the XOR sign.
+        _round_and_pack(m, p, self.o, s3, s3["sign"], v3, name="mul")
         return m
 
 
@@ -776,10 +911,14 @@ class BlockAlign(StreamUnit):
         ``exp`` (block exponent, 1..31), ``q`` (``size`` x ``signed(12)``), ``nonfinite``,
         ``tag``.
 
-    Latency 2 cycles (maximum tree; shift), throughput one block per cycle.
+    Latency 3 cycles (the first three levels of the maximum tree; the rest of it; shift),
+    throughput one block per cycle.
     """
 
-    LATENCY = 2
+    LATENCY = 3
+    FIRST_LEVELS = 3
+    """Levels of the block exponent's maximum tree in the first stage (the rest in the second:
+    six levels for 64 elements would be about twelve LUT levels in one)."""
 
     def __init__(self, size: int = numerics.BLOCK, *, tag=NO_TAG):
         self._size = _check_positive_pow2("size", size)
@@ -801,10 +940,11 @@ class BlockAlign(StreamUnit):
         sigs = [Signal(11, name=f"sig{k}") for k in range(self._size)]
         for x, e, sig in zip(xs, exps, sigs, strict=True):
             m.d.comb += [e.eq(Mux(x.exp == 0, 1, x.exp)), sig.eq(Cat(x.frac, x.exp != 0))]
-        block_exp = _max_tree(m, exps, name="max")
 
-        # Stage 1: block exponent; keep sign, significand and exponent of every element.
-        s1_exp = p.reg(block_exp, name="s1_block_exp")
+        # Stage 1: the first levels of the block exponent's maximum tree; keep sign,
+        # significand and exponent of every element.
+        part = _max_tree(m, exps, name="max", levels=self.FIRST_LEVELS)
+        s1_part = [p.reg(e, name=f"s1_max{k}") for k, e in enumerate(part)]
         s1_nonfinite = p.reg(Cat(*(x.exp == 31 for x in xs)).any(), name="s1_nonfinite")
         s1_sig = [p.reg(s, 11, name=f"s1_sig{k}") for k, s in enumerate(sigs)]
         s1_e = [p.reg(e, EXP_WIDTH, name=f"s1_exp{k}") for k, e in enumerate(exps)]
@@ -812,18 +952,28 @@ class BlockAlign(StreamUnit):
         s1_tag = p.reg(self.i.payload.tag, self._tag, name="s1_tag")
         v1 = p.valid_chain(self.i.valid, 1, name="align_valid")
 
-        # Stage 2: shift right by the exponent gap (>= 11 leaves nothing) and apply the sign.
+        # Stage 2: the rest of the tree: the block exponent.
+        (block_exp,) = _max_tree(m, s1_part, name="max_s2")
+        s2_exp = p.reg(block_exp, EXP_WIDTH, name="s2_block_exp")
+        s2_nonfinite = p.reg(s1_nonfinite, name="s2_nonfinite")
+        s2_sig = [p.reg(s, name=f"s2_sig{k}") for k, s in enumerate(s1_sig)]
+        s2_e = [p.reg(e, name=f"s2_exp{k}") for k, e in enumerate(s1_e)]
+        s2_neg = [p.reg(n, name=f"s2_neg{k}") for k, n in enumerate(s1_neg)]
+        s2_tag = p.reg(s1_tag, self._tag, name="s2_tag")
+        v2 = p.valid_chain(v1, 1, name="align_valid2_")
+
+        # Stage 3: shift right by the exponent gap (>= 11 leaves nothing) and apply the sign.
         mags = [Signal(11, name=f"mag{k}") for k in range(self._size)]
         for k, mag in enumerate(mags):
-            m.d.comb += mag.eq(s1_sig[k] >> (s1_exp - s1_e[k])[:EXP_WIDTH])
+            m.d.comb += mag.eq(s2_sig[k] >> (s2_exp - s2_e[k])[:EXP_WIDTH])
         with m.If(p.en):
             for k, mag in enumerate(mags):
-                m.d.sync += self.o.payload.q[k].eq(Mux(s1_neg[k], -mag, mag))
+                m.d.sync += self.o.payload.q[k].eq(Mux(s2_neg[k], -mag, mag))
             m.d.sync += [
-                self.o.payload.exp.eq(s1_exp),
-                self.o.payload.nonfinite.eq(s1_nonfinite),
-                self.o.payload.tag.eq(s1_tag),
-                self.o.valid.eq(v1),
+                self.o.payload.exp.eq(s2_exp),
+                self.o.payload.nonfinite.eq(s2_nonfinite),
+                self.o.payload.tag.eq(s2_tag),
+                self.o.valid.eq(v2),
             ]
         return m
 
@@ -1051,10 +1201,11 @@ class AccToFP16(StreamUnit):
     o : ``Out(stream.Signature(...))``
         ``value`` (:class:`Binary16`), ``tag``.
 
-    Latency 3 cycles (magnitude; normalise; round), throughput one value per cycle.
+    Latency 5 cycles (magnitude; leading zeros; normalise; subnormal shift; round),
+    throughput one value per cycle.
     """
 
-    LATENCY = 3
+    LATENCY = 5
 
     def __init__(self, *, acc_width: int = ACC_WIDTH, tag=NO_TAG):
         self._acc_width = check_int("acc_width", acc_width, 2, 128)
@@ -1081,17 +1232,35 @@ class AccToFP16(StreamUnit):
         s1_tag = p.reg(i.tag, self._tag, name="s1_tag")
         v1 = p.valid_chain(self.i.valid, 1, name="round_valid")
 
-        norm = _normalize(m, s1_mag, s1_lam, s1_neg, name="acc")
-        s2_norm = p.reg(norm, name="s2_norm")
+        # Stage 2: the leading zeros; stage 3: shift the leading one to the top.
+        wide, lam, zero, lz = _leading(m, s1_mag, s1_lam, name="acc")
+        s2_mag = p.reg(wide, name="s2_mag")
+        s2_lam = p.reg(lam, signed(LAM_WIDTH + 1), name="s2_lam")
+        s2_zero = p.reg(zero, 1, name="s2_zero")
+        s2_lz = p.reg(lz, name="s2_lz")
+        s2_neg = p.reg(s1_neg, name="s2_neg")
         s2_nonfinite = p.reg(s1_nonfinite, name="s2_nonfinite")
         s2_tag = p.reg(s1_tag, self._tag, name="s2_tag")
         v2 = p.valid_chain(v1, 1, name="round_valid2_")
 
-        rounded = _round(m, s2_norm, name="acc_round")
+        norm = _shift_up(m, s2_mag, s2_lam, s2_zero, s2_lz, s2_neg, name="acc")
+        s3_norm = p.reg(norm, name="s3_norm")
+        s3_nonfinite = p.reg(s2_nonfinite, name="s3_nonfinite")
+        s3_tag = p.reg(s2_tag, self._tag, name="s3_tag")
+        v3 = p.valid_chain(v2, 1, name="round_valid3_")
+
+        # Stage 4: the subnormal shift; stage 5: round.
+        prep = _round_prepare(m, s3_norm, name="acc")
+        s4_round = p.reg(prep, name="s4_round")
+        s4_nonfinite = p.reg(s3_nonfinite, name="s4_nonfinite")
+        s4_tag = p.reg(s3_tag, self._tag, name="s4_tag")
+        v4 = p.valid_chain(v3, 1, name="round_valid4_")
+
+        rounded = _round_finish(m, s4_round, name="acc_round")
         with m.If(p.en):
             m.d.sync += [
-                self.o.payload.value.eq(Mux(s2_nonfinite, _canonical_nan(), rounded.as_value())),
-                self.o.payload.tag.eq(s2_tag),
-                self.o.valid.eq(v2),
+                self.o.payload.value.eq(Mux(s4_nonfinite, _canonical_nan(), rounded.as_value())),
+                self.o.payload.tag.eq(s4_tag),
+                self.o.valid.eq(v4),
             ]
         return m

@@ -144,20 +144,20 @@ class MatrixUnit(GeometryComponent):
         1 + n_cb + x_latency + n_groups * n_cb * (64 / lanes) + tail
 
         n_groups = ceil(min(live_rows, rows) / 64),  n_cb = ceil(min(live_cols, cols) / 64)
-        x_latency = A + 1                        (3)    x alignment and buffer write
+        x_latency = A + 1                        (4)    x alignment and buffer write
         tail = 0                                        the next command is taken in the cycle
                                                         after the last tile (results drain)
-        tail = argmax_latency = A+D+H+4+log2(lanes)     with ARGMAX (tiny 13, u55c 16);
+        tail = argmax_latency = A+D+H+4+log2(lanes)     with ARGMAX (tiny 14, u55c 17);
                                                         the index transfer is 1 cycle earlier
-        P = pipeline_depth = 1 + A + D + H + 2 + R   (14)
+        P = pipeline_depth = 1 + A + D + H + 2 + R   (17)
 
-    with the unit latencies of rtl/arith.py (:attr:`latencies`): BlockAlign ``A`` = 2,
-    BlockDot ``D`` = 4, AccumulatorShift ``H`` = 2, AccToFP16 ``R`` = 3. The x load is
+    with the unit latencies of rtl/arith.py (:attr:`latencies`): BlockAlign ``A`` = 3,
+    BlockDot ``D`` = 4, AccumulatorShift ``H`` = 2, AccToFP16 ``R`` = 5. The x load is
     ``n_cb`` cycles at one block per cycle. Commands overlap: after the last tile of a command
     without ARGMAX the unit takes the next command and loads its x while the pipeline drains
     (every stage after the input takes the command's state, xe_max, the x non-finite flag, BIAS
     and ARGMAX, from the tile's tag), so a run of commands costs the sum of the formula. The
-    last result row leaves :attr:`drain_latency` (P + 3, 17) cycles after the last tile;
+    last result row leaves :attr:`drain_latency` (P + 3, 20) cycles after the last tile;
     ``busy`` stays high until then. An ARGMAX command's index transfer is the last thing it
     does: the next command waits for it.
 

@@ -260,13 +260,14 @@ class VectorUnit(GeometryComponent):
 
         cycles = pass1 + beats + 3 + U
 
-        U = 4   VADD, VSUB (FP16Add)          U = 3   VMUL (FP16Mul)
+        U = 5   VADD, VSUB (FP16Add)          U = 4   VMUL (FP16Mul)
         U = 1   table ops (FP16Table)         U = 0   VSET
         U = 3   VMAX (RowMax 2, running maximum 1)
-        U = 12  VDOT (BlockAlign 2, BlockDot 4, AccumulatorShift 2, Accumulator 1, AccToFP16 3)
+        U = 15  VDOT (BlockAlign 3, BlockDot 4, AccumulatorShift 2, Accumulator 1, AccToFP16 5)
         pass1 = max(1, ceil(length / 64)) for VDOT without b_scalar, else 0
 
-    (3 = command register, VBUF read, operand register.) The last beat is issued
+    (3 = command register, VBUF read, operand register; ``U`` comes from the units'
+    ``LATENCY`` in rtl/arith.py, :meth:`unit_latency`.) The last beat is issued
     ``pass1 + beats`` cycles after the accept and its result written ``2 + U`` cycles later.
 
     Commands overlap: the next one is accepted in the cycle the previous one issues its last
@@ -285,8 +286,8 @@ class VectorUnit(GeometryComponent):
     high); :meth:`schedule` gives the accept cycles of a run. Writes of later commands never
     overtake earlier ones, and reads never see a row before an earlier command's write to it,
     so a run gives exactly the ISA's sequential results. For GPT-2 on u55c a LayerNorm over 768
-    elements (a chain, each op reading the one before) takes 231 cycles; the softmax of 12 heads
-    at T = 5, issued op by op over the heads, 78 cycles (:meth:`schedule`; 492 one by one).
+    elements (a chain, each op reading the one before) takes 243 cycles; the softmax of 12 heads
+    at T = 5, issued op by op over the heads, 82 cycles (:meth:`schedule`; 540 one by one).
 
     Resources: ``lanes`` FP16Add and FP16Mul (one DSP each), two BlockAlign, a BlockDot (64
     12x12 products), RowMax, and the table ROMs (:attr:`table_roms`; :attr:`table_entries` x
@@ -300,8 +301,9 @@ class VectorUnit(GeometryComponent):
     """
 
     MAX_IN_FLIGHT = 16
-    """Commands accepted and not yet reported on ``done`` (enough for one-beat ``VDOT``\\ s back to
-    back: their results come 15 cycles after the accept)."""
+    """Commands accepted and not yet reported on ``done``. One-beat ``VDOT``\\ s with a scalar
+    ``b`` (19 cycles from accept to ``done``) issue 16 back to back, then wait 4 cycles; every
+    other one-beat op issues one per cycle."""
 
     DEFAULT_SCALAR_TABLES = ("recip", "rsqrt")
     """Functions that get one lane by default: the compiled program applies them to one
@@ -482,7 +484,7 @@ class VectorUnit(GeometryComponent):
         m.d.comb += accept.eq(self.cmd.valid & self.cmd.ready)
 
         log_lanes = Signal(range(7))
-        in_u = Signal(range(16))  # the op's unit latency U
+        in_u = Signal(range(max(self._lat.values()) + 1))  # the op's unit latency U
         with m.Switch(cmd.op):
             for o in VectorOp:
                 with m.Case(o):
@@ -572,7 +574,8 @@ class VectorUnit(GeometryComponent):
         cmd = c.payload
         K, ptr_bits = ring.K, ring.ptr_bits
         # cycles from now to the last result write scheduled (0: none ahead)
-        wr_horizon = Signal(range(self._geom.vbuf_elems + self._rows + 16))
+        max_u = max(self._lat.values())
+        wr_horizon = Signal(range(self._geom.vbuf_elems + self._rows + 3 + max_u))
         issuing = Signal()
         op = Signal(VectorOp, init=VectorOp.VADD)
         dst_row = Signal(row_bits)
