@@ -25,7 +25,7 @@ lint:
 	$(PYTHON) -m ruff check .
 
 run:
-	tandem generate --prompt "Hello, my name is" --max-new-tokens 16
+	tandem generate --prompt "ROMEO:" --max-new-tokens 40
 
 # ISA-simulator decode speed: gpt2 (124M, random weights) on the u55c geometry.
 bench:

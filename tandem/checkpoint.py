@@ -344,19 +344,37 @@ def lively_weights(cfg: GPT2Config, seed: int = 1) -> Weights:
 
 
 def embedded_default() -> tuple[GPT2Config, Weights]:
-    """The built-in model: preset ``embedded`` with ``random_weights(seed=0)``.
+    """Preset ``embedded`` (GPT-2's vocabulary, a tiny body) with ``random_weights(seed=0)``.
 
-    Its weights are random, so its text is gibberish; it exists so that every path
-    runs without a downloaded checkpoint.
+    Its weights are random, so its text is gibberish. It was the built-in model before the
+    trained one (:func:`builtin_checkpoint`); tests and benchmarks that want GPT-2's vocabulary
+    without a checkpoint use it.
     """
     cfg = preset("embedded")
     return cfg, random_weights(cfg, seed=0)
 
 
+BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "shakespeare"
+"""The built-in model's folder, installed as package data: a small GPT-2 trained on
+Shakespeare by ``scripts/train_demo.py`` (its README.md says how), with its own
+``tokenizer.json``."""
+
+
+def builtin_checkpoint() -> Path:
+    """The built-in model's checkpoint folder (:data:`BUILTIN_DIR`); CheckpointError if the
+    installation lacks it."""
+    if not (BUILTIN_DIR / "config.json").is_file():
+        raise CheckpointError(
+            f"the built-in model is missing from this installation ({BUILTIN_DIR}): reinstall "
+            "tandem (pip install .), or pass --checkpoint DIR"
+        )
+    return BUILTIN_DIR
+
+
 def load_weights(
     spec: str | os.PathLike | None = None, *, allow_nonfinite: bool = False
 ) -> tuple[GPT2Config, Weights]:
-    """``None`` gives the built-in model; a path gives that checkpoint folder."""
-    if spec is None:
-        return embedded_default()
-    return load_checkpoint(spec, allow_nonfinite=allow_nonfinite)
+    """``None`` gives the built-in model (:func:`builtin_checkpoint`); a path gives that
+    checkpoint folder."""
+    path = builtin_checkpoint() if spec is None else spec
+    return load_checkpoint(path, allow_nonfinite=allow_nonfinite)

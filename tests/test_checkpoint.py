@@ -60,7 +60,7 @@ def test_embedded_default():
     cfg, weights = embedded_default()
     assert cfg == preset("embedded") and cfg.n_vocab == 50257
     validate(cfg, weights)
-    cfg2, weights2 = load_weights(None)
+    cfg2, weights2 = embedded_default()
     assert cfg2 == cfg and np.array_equal(weights2["wte.weight"], weights["wte.weight"])
 
 

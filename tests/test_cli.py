@@ -6,10 +6,12 @@ from tandem.host.cli import main
 
 
 def test_generate_text_with_builtin_model(capsys):
-    assert main(["generate", "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
+    """No flag: the built-in model (trained on Shakespeare), its own tokenizer, prompt ROMEO:."""
+    assert main(["generate", "--max-new-tokens", "4"]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("Hello") and len(out.strip()) > len("Hello")
-    assert "random weights" in err and "1 prompt + 4 new tokens" in err
+    assert out.startswith("ROMEO:") and len(out.strip()) > len("ROMEO:")
+    assert "trained on Shakespeare" in err and "model shakespeare on small" in err
+    assert "prompt + 4 new tokens" in err
 
 
 def test_generate_ids_with_preset(capsys):

@@ -246,10 +246,13 @@ def test_flags_that_do_not_apply_are_refused(capsys, nothing_runs, extra, needle
     one_line(capsys, [*TINY, *extra], 2, *needles)
 
 
-def test_seed_only_with_preset(capsys, ckpt, nothing_runs):
-    argv = ["generate", "--checkpoint", str(ckpt["good"]), "--prompt-ids", "1", "--seed", "3"]
-    one_line(capsys, argv, 2, "--seed", "--preset")
-    one_line(capsys, [*TINY, "--seed", "-1"], 2, "--seed", "'-1'")
+def test_weights_seed_only_with_preset(capsys, ckpt, nothing_runs):
+    argv = ["generate", "--checkpoint", str(ckpt["good"]), "--prompt-ids", "1"]
+    one_line(capsys, [*argv, "--weights-seed", "3"], 2, "--weights-seed", "--preset")
+    one_line(capsys, ["generate", "--weights-seed", "3"], 2, "--weights-seed", "built-in")
+    one_line(capsys, [*TINY, "--weights-seed", "-1"], 2, "--weights-seed", "'-1'")
+    # --seed is kept for sampling (issue 16), not yet a flag of generate
+    one_line(capsys, [*TINY, "--seed", "1"], 2, "unrecognized arguments: --seed")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 
 import numpy as np
 import pytest
@@ -133,3 +135,93 @@ def test_parse_prompt():
         parse_prompt([1.5], 4)
     with pytest.raises(TokenizerError, match="must be integers separated by commas"):
         parse_token_ids("1,x")
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer.json: a byte-level BPE of its own (the built-in model's kind)
+
+
+def _byte_level_bpe(texts, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def own_bpe(tmp_path_factory):
+    """A 400-token byte-level BPE trained on TEXTS by the ``tokenizers`` library, saved as a
+    checkpoint folder's tokenizer.json: (folder, the library's tokenizer)."""
+    d = tmp_path_factory.mktemp("own-bpe")
+    tok = _byte_level_bpe(TEXTS * 20, 400)
+    tok.save(str(d / "tokenizer.json"))
+    return d, tok
+
+
+@pytest.mark.parametrize("text", [*TEXTS, "ROMEO:\nBut soft, what light through yonder window"])
+def test_tokenizer_json_equals_the_tokenizers_library(own_bpe, text):
+    d, lib = own_bpe
+    tok = GPT2Tokenizer.from_tokenizer_json(d / "tokenizer.json")
+    assert tok.n_vocab == 400 and tok.eot == 0
+    ids = tok.encode(text)
+    assert ids == lib.encode(text).ids
+    assert tok.decode(ids) == text == lib.decode(ids)
+
+
+def test_tokenizer_json_special_token(own_bpe):
+    d, lib = own_bpe
+    tok = GPT2Tokenizer.from_tokenizer_json(d / "tokenizer.json")
+    assert 0 not in tok.encode("a<|endoftext|>b")
+    assert tok.encode("a<|endoftext|>b", allow_special=True) == lib.encode("a<|endoftext|>b").ids
+
+
+def test_tokenizer_for_prefers_the_folders_own(own_bpe, gpt2_tokenizer_dir, tmp_path):
+    import shutil
+
+    d, _ = own_bpe
+    cfg = preset("test-tiny").replace(n_vocab=400)
+    tok = tokenizer_for(d, cfg)
+    assert isinstance(tok, GPT2Tokenizer) and tok.n_vocab == 400
+    assert tokenizer_for(d, cfg) is tok  # read once per file version
+    # vocab.json and merges.txt (a real GPT-2 folder's files) win over tokenizer.json
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_tokenizer_dir / name, tmp_path / name)
+    shutil.copy(d / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert tokenizer_for(tmp_path, preset("embedded")).n_vocab == 50257
+    # a folder's own vocabulary larger than the model's cannot take text
+    with pytest.raises(TokenizerError, match="n_vocab 256, smaller than the tokenizer's 400"):
+        tokenizer_for(d, preset("test-tiny"))
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda d: d["model"].update(type="WordPiece"), "the model is 'WordPiece'"),
+        (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "not ByteLevel"),
+        (lambda d: d["pre_tokenizer"].update(add_prefix_space=True), "adds a prefix space"),
+        (lambda d: d.update(normalizer={"type": "NFC"}), "normalizer (NFC)"),
+        (lambda d: d["model"].update(byte_fallback=True), "byte fallback"),
+        (lambda d: d["model"].update(end_of_word_suffix="</w>"), "end_of_word_suffix"),
+        (lambda d: d["model"].update(merges=[["a", "b", "c"]]), "is not a pair"),
+        (lambda d: d["model"].update(merges=[["q", "Z"]]), "not in the vocabulary"),
+        (lambda d: d.pop("model"), "cannot read"),
+    ],
+)
+def test_tokenizer_json_refuses_other_kinds(own_bpe, tmp_path, edit, needle):
+    d, _ = own_bpe
+    data = json.loads((d / "tokenizer.json").read_text())
+    data["model"]["vocab"].pop("qZ", None)
+    edit(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match=re.escape(needle)):
+        GPT2Tokenizer.from_tokenizer_json(path)
