@@ -120,15 +120,18 @@ def check_floorplan(plan: Floorplan) -> Floorplan:
 
 
 def placement(plan: Floorplan) -> list[tuple[str, int]]:
-    """(instance path under the kernel, SLR) for every block, relay stage, delay register and
-    reset-tree register of a core built with ``plan``: what the Vitis flow's pblock
-    constraints place (scripts/bitstream.py)."""
+    """(instance path under the kernel, SLR) for every block, relay stage and far-end FIFO,
+    delay register and reset-tree register of a core built with ``plan``: what the Vitis flow's
+    pblock constraints place (scripts/bitstream.py)."""
     check_floorplan(plan)
     out = [(b, plan.slr[b]) for b in BLOCKS]
     for kind, table in (("xing", STREAMS), ("delay", LEVELS)):
         for name, (a, b) in table.items():
-            for k, slr in enumerate(plan.stage_slrs(a, b)):
+            slrs = plan.stage_slrs(a, b)
+            for k, slr in enumerate(slrs):
                 out.append((f"{kind}_{name}/stage{k}", slr))
+            if kind == "xing" and slrs:
+                out.append((f"{kind}_{name}/fifo", slrs[-1]))
     root = plan.slr["shell"]
     out += [(f"rst_root/stage{k}", root) for k in range(plan.reset_stages)]
     for s in plan.slrs:
@@ -137,12 +140,13 @@ def placement(plan: Floorplan) -> list[tuple[str, int]]:
 
 
 def sll_pairs(plan: Floorplan) -> list[tuple[str, str]]:
-    """(from, to) instance paths of the plain register hops of ``plan`` that cross an SLR
-    boundary: consecutive registers of a :class:`rtl.relay.Delay` or a reset branch in two
-    SLRs. Nothing but a wire joins them, so both can sit in Laguna sites (``USER_SLL_REG``).
-    A :class:`rtl.relay.Relay`'s hop has the skid multiplexer after the wire and cannot."""
+    """(from, to) instance paths of the register hops of ``plan`` that cross an SLR boundary:
+    consecutive stages of a :class:`rtl.relay.Relay` (its items one way, its acknowledgements
+    the other), of a :class:`rtl.relay.Delay` or of a reset branch, in two SLRs. Nothing but
+    wires joins them, so both can sit in Laguna sites (``USER_SLL_REG``)."""
     check_floorplan(plan)
-    chains = [(f"delay_{name}", plan.stage_slrs(a, b)) for name, (a, b) in LEVELS.items()]
+    chains = [(f"xing_{name}", plan.stage_slrs(a, b)) for name, (a, b) in STREAMS.items()]
+    chains += [(f"delay_{name}", plan.stage_slrs(a, b)) for name, (a, b) in LEVELS.items()]
     chains += [(f"rst_slr{s}", plan.reset_branch_slrs(s)) for s in plan.slrs]
     return [
         (f"{inst}/stage{k}", f"{inst}/stage{k + 1}")

@@ -1,9 +1,11 @@
 """Registered stages for the streams and control signals between the core's blocks, so that a
 path between two super logic regions (SLRs) is a register-to-register hop.
 
-- :class:`Relay`: a valid/ready stream through ``stages`` skid buffers, with a ``busy`` flag at
-  its input side that stays up until the far side's acceptance of every item it carried has come
-  back (so a scoreboard on the near side never sees a command in flight as idle).
+- :class:`Relay`: a valid/ready stream through ``stages`` plain register stages into a FIFO at
+  the far end, paced by credit (no register between SLRs has logic in front of it), with a
+  ``busy`` flag at its input side that stays up until the far side's acceptance of every item
+  it carried has come back (so a scoreboard on the near side never sees a command in flight as
+  idle).
 - :class:`Delay`: a plain register chain for level signals (busy flags, status, arguments,
   pulses) whose meaning survives a fixed delay.
 
@@ -16,11 +18,12 @@ reset leaf of that SLR (:mod:`tandem.floorplan`).
 
 import itertools
 
-from amaranth import Module, Signal
+from amaranth import DomainRenamer, Module, Shape, Signal
+from amaranth.lib import fifo as fifo_lib
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["Delay", "Relay", "SkidStage"]
+__all__ = ["Delay", "Relay", "RelayStage", "relay_depth"]
 
 
 def _domains(stages: int, domains) -> tuple[str, ...]:
@@ -36,24 +39,25 @@ def _domains(stages: int, domains) -> tuple[str, ...]:
     return domains
 
 
-class SkidStage(wiring.Component):
-    """One registered valid/ready stage (a two-entry skid buffer) in clock domain ``domain``.
+class RelayStage(wiring.Component):
+    """One register stage of a :class:`Relay` in clock domain ``domain``: the item forward
+    (``valid``, ``payload``) and the acknowledgement back (``ack``), each a plain register with
+    nothing in front of it, so that a stage and its neighbour in the next SLR are joined by
+    wires alone and both can sit in Laguna sites (``USER_SLL_REG``).
 
-    ``o.valid``/``o.payload`` and ``i.ready`` are register outputs, so no combinational path
-    passes through the stage in either direction. ``ack_i`` → ``ack_o`` is a one-register
-    return path for :class:`Relay`'s acknowledgements.
-
-    Timing: latency 1 cycle, throughput one item per cycle (with ``o.ready`` high); holds two
-    items when the output stalls. Logic depth: a 2:1 multiplexer before the output register.
+    Timing: latency 1 cycle each way, one item per cycle, no enable: the stage never holds an
+    item back (the :class:`Relay`'s credit keeps its far-end buffer from overflowing). Logic
+    depth 0.
     """
 
     def __init__(self, shape, *, domain: str = "sync"):
-        self._shape = shape
         self._domain = domain
         super().__init__(
             {
-                "i": In(stream.Signature(shape)),
-                "o": Out(stream.Signature(shape)),
+                "valid_i": In(1),
+                "payload_i": In(shape),
+                "valid_o": Out(1),
+                "payload_o": Out(shape),
                 "ack_i": In(1),
                 "ack_o": Out(1),
             }
@@ -62,27 +66,31 @@ class SkidStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         d = m.d[self._domain]
-        # Only the valid flags are reset (UG1393: reset the control registers that need it):
-        # the payload registers, 2 x the stream's width, stay off the reset tree.
-        out = Signal.like(self.i.payload, name="out", reset_less=True)
-        skid = Signal.like(self.i.payload, name="skid", reset_less=True)
-        skid_valid = Signal()
-        # i.ready is a register: ready while the skid entry is free.
-        m.d.comb += [self.i.ready.eq(~skid_valid), self.o.payload.eq(out)]
-        take = self.i.valid & self.i.ready
-        with m.If(~self.o.valid | self.o.ready):  # the output register moves
-            with m.If(skid_valid):
-                d += [out.eq(skid), self.o.valid.eq(1), skid_valid.eq(0)]
-            with m.Else():
-                d += [out.eq(self.i.payload), self.o.valid.eq(self.i.valid)]
-        with m.Elif(take):  # the output holds: park the incoming item
-            d += [skid.eq(self.i.payload), skid_valid.eq(1)]
-        d += self.ack_o.eq(self.ack_i)
+        # Only the flags are reset (UG1393: reset the control registers that need it); the
+        # payload register, the stream's width, stays off the reset tree.
+        payload = Signal.like(self.payload_i, name="payload", reset_less=True)
+        d += [self.valid_o.eq(self.valid_i), payload.eq(self.payload_i), self.ack_o.eq(self.ack_i)]
+        m.d.comb += self.payload_o.eq(payload)
         return m
 
 
+def relay_depth(stages: int) -> int:
+    """Items a :class:`Relay` of ``stages`` stages buffers at its far end: its round trip, so
+    that a credit comes back in time to keep one item per cycle moving."""
+    return 2 * stages + 3 if stages else 0
+
+
 class Relay(wiring.Component):
-    """A stream through ``stages`` :class:`SkidStage`\\ s (0: wires), with an in-flight flag.
+    """A stream through ``stages`` :class:`RelayStage`\\ s and a FIFO at the far end (0 stages:
+    wires), paced by credit, with an in-flight flag. This is the relay station of the TAPA and
+    AutoBridge multi-die designs: every register between two SLRs is fed by a register alone.
+
+    The near end sends an item whenever fewer than :func:`relay_depth` items are in flight
+    (taken and not yet acknowledged); items move through the stages unconditionally into the
+    far-end FIFO, which therefore never overflows; each item the far side takes from the FIFO
+    sends an acknowledgement back through the stages, which returns the credit. With
+    ``2 * stages + 3`` items of credit the round trip is covered and the stream moves one item
+    per cycle when neither end stalls.
 
     Members
     -------
@@ -96,9 +104,11 @@ class Relay(wiring.Component):
         takes the item, covers the rest without a gap (``DecodeCore`` relies on this). Always 0
         with ``stages=0``.
 
-    Timing: latency ``stages`` cycles, one item per cycle; ``2 * stages`` items of buffering.
-    ``domains`` gives each stage's clock domain (default ``sync``); the count of items in
-    flight is kept in ``domains[0]``.
+    Timing: latency ``stages + 2`` cycles (the FIFO's write and its registered output), one
+    item per cycle;
+    :func:`relay_depth` items of buffering, in the far end's FIFO (submodule ``fifo``, clock
+    domain ``domains[-1]``; the count of items in flight is kept in ``domains[0]``). ``i.ready``
+    is one comparison of that count; ``o`` comes from the FIFO's output register.
     """
 
     def __init__(self, shape, stages: int, *, domains=None):
@@ -119,7 +129,11 @@ class Relay(wiring.Component):
 
     @property
     def latency(self) -> int:
-        return self._stages
+        return self._stages + 2 if self._stages else 0
+
+    @property
+    def depth(self) -> int:
+        return relay_depth(self._stages)
 
     def elaborate(self, platform):
         m = Module()
@@ -128,22 +142,35 @@ class Relay(wiring.Component):
             return m
         stages = []
         for k, dom in enumerate(self._domains):
-            stage = SkidStage(self._shape, domain=dom)
+            stage = RelayStage(self._shape, domain=dom)
             m.submodules[f"stage{k}"] = stage
             stages.append(stage)
-        wiring.connect(m, wiring.flipped(self.i), stages[0].i)
-        for a, b in itertools.pairwise(stages):
-            wiring.connect(m, a.o, b.i)
-            m.d.comb += a.ack_i.eq(b.ack_o)
-        wiring.connect(m, stages[-1].o, wiring.flipped(self.o))
-        m.d.comb += stages[-1].ack_i.eq(self.o.valid & self.o.ready)
+        depth = self.depth
+        fifo = fifo_lib.SyncFIFOBuffered(width=Shape.cast(self._shape).width, depth=depth)
+        m.submodules.fifo = DomainRenamer(self._domains[-1])(fifo)
 
-        # Items taken and not yet acknowledged: at most 2 per stage buffered plus one
-        # acknowledgement per return register.
-        n = Signal(range(3 * self._stages + 2))
+        # Items taken and not yet acknowledged; the credit is depth - n.
+        n = Signal(range(depth + 1))
+        m.d.comb += self.i.ready.eq(n != depth)
         taken = self.i.valid & self.i.ready
-        acked = stages[0].ack_o
-        m.d[self._domains[0]] += n.eq(n + taken - acked)
+        m.d.comb += [stages[0].valid_i.eq(taken), stages[0].payload_i.eq(self.i.payload)]
+        for a, b in itertools.pairwise(stages):
+            m.d.comb += [
+                b.valid_i.eq(a.valid_o),
+                b.payload_i.eq(a.payload_o),
+                a.ack_i.eq(b.ack_o),
+            ]
+        last = stages[-1]
+        popped = self.o.valid & self.o.ready
+        m.d.comb += [
+            fifo.w_en.eq(last.valid_o),
+            fifo.w_data.eq(last.payload_o),
+            self.o.valid.eq(fifo.r_rdy),
+            self.o.payload.eq(fifo.r_data),
+            fifo.r_en.eq(self.o.ready),
+            last.ack_i.eq(popped),
+        ]
+        m.d[self._domains[0]] += n.eq(n + taken - stages[0].ack_o)
         m.d.comb += self.busy.eq(n != 0)
         return m
 

@@ -114,7 +114,8 @@ def test_placement_names_every_stage_of_the_design():
     assert set(placed) <= inst, sorted(set(placed) - inst)
     top = {p.split("/")[0] for p in inst}
     staged = {
-        p for p in inst if p.count("/") == 1 and p.split("/")[0] in top and "/stage" in p
+        p for p in inst if p.count("/") == 1 and p.split("/")[0] in top
+        and ("/stage" in p or p.endswith("/fifo"))
         and p.split("/")[0].startswith(("xing_", "delay_", "rst_"))
     }  # fmt: skip
     assert staged == {p for p in placed if "/" in p}
@@ -123,6 +124,9 @@ def test_placement_names_every_stage_of_the_design():
         assert placed[a] != placed[b] and abs(placed[a] - placed[b]) == 1
     assert ("xing_tiles/stage0", 0) in placement(U55C)
     assert ("xing_tiles/stage1", 1) in placement(U55C)
+    assert ("xing_tiles/fifo", 1) in placement(U55C)  # the far end's buffer, beside the MPU
+    # relay hops are plain register pairs too (items one way, acknowledgements the other)
+    assert ("xing_tiles/stage0", "xing_tiles/stage1") in sll_pairs(U55C)
 
 
 @pytest.mark.core  # elaborates the whole (tiny) core

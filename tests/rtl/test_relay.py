@@ -1,6 +1,7 @@
 # amaranth: UnusedElaboratable=no
-"""rtl/relay.py on Amaranth's simulator: Relay (skid stages, with its in-flight flag) and Delay,
-at stage counts 0 to 4 under random stalls on both sides."""
+"""rtl/relay.py on Amaranth's simulator: Relay (register stages and a far-end FIFO paced by
+credit, with its in-flight flag) and Delay, at stage counts 0 to 4 under random stalls on both
+sides."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from amaranth import Module, Signal
 from stream_models import Sink, Source, run
 
-from tandem.rtl.relay import Delay, Relay
+from tandem.rtl.relay import Delay, Relay, relay_depth
 from tandem.sim.streams import bernoulli
 
 STAGES = [0, 1, 2, 4]
@@ -30,8 +31,9 @@ STALLS = [0.0, 0.3, 0.7]
 @pytest.mark.parametrize("stages", STAGES)
 def test_relay_order_latency_busy(stages, stall):
     """Every item comes out once, in order; with no stalls an item is on ``o`` exactly
-    ``stages`` cycles after it was taken (same cycle at 0), one per cycle; ``busy`` is up from
-    the cycle after an item is taken until ``stages`` cycles after it left (never at 0)."""
+    ``stages + 2`` cycles after it was taken (same cycle at 0), one per cycle; ``busy`` is up
+    from the cycle after an item is taken until ``stages`` cycles after it left (never at 0);
+    never more than ``relay_depth(stages)`` items in flight."""
     rng = random.Random(stages * 10 + int(stall * 10))
     items = [rng.getrandbits(37) for _ in range(300)]
     dut = Relay(37, stages)
@@ -62,7 +64,9 @@ def test_relay_order_latency_busy(stages, stall):
             if out.r and ctx.get(dut.o.valid):
                 left_at.append(cyc)
                 if stall == 0:
-                    assert cyc == taken_at[len(left_at) - 1] + stages
+                    assert cyc == taken_at[len(left_at) - 1] + dut.latency
+            if stages:
+                assert len(taken_at) - len(left_at) <= relay_depth(stages)
             await ctx.tick()
             src.update()
             if not src.items and len(left_at) == len(items) and not ctx.get(dut.busy):
@@ -78,16 +82,21 @@ def test_relay_order_latency_busy(stages, stall):
 
 def test_relay_registers_every_output():
     """With stages, no combinational path from ``i`` to ``o`` or from ``o.ready`` to
-    ``i.ready``: changing the inputs within a cycle does not move the outputs."""
+    ``i.ready``: changing the inputs within a cycle does not move the outputs. With the far
+    side stalled, exactly ``relay_depth`` items are taken, then the input is held back."""
     dut = Relay(8, 2)
+    assert relay_depth(2) == dut.depth == 7
 
     async def bench(ctx):
         ctx.set(dut.i.valid, 1)
         ctx.set(dut.i.payload, 0x5A)
         ctx.set(dut.o.ready, 0)
-        for _ in range(6):
+        taken = 0
+        for _ in range(20):
+            taken += ctx.get(dut.i.ready)
             await ctx.tick()
-        # now both stages are full and the input is held back
+        assert taken == 7
+        # now the far end's FIFO is full and the input is held back
         before = (ctx.get(dut.o.valid), ctx.get(dut.o.payload), ctx.get(dut.i.ready))
         assert before == (1, 0x5A, 0)
         ctx.set(dut.o.ready, 1)
