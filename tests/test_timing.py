@@ -338,3 +338,19 @@ def test_real_synthesis_of_known_depths(tmp_path):
     assert r["blocks"]["add"]["carry_chain_bits"] == 32
     assert r["blocks"]["add"]["carry8_chain"] == 4
     assert r["blocks"]["x3"]["worst"]["end"].startswith("x3.")
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("unit", ["FP16Add", "FP16Mul", "AccToFP16", "BlockAlign"])
+def test_arith_units_stay_well_within_the_logic_budget(unit, tmp_path):
+    """Issue 14: each unit alone as the MPU and VPU run it (output always ready) has no
+    register-to-register path over 7 LUT levels and none over 6 from its inputs (the budget is
+    10; Yosys maps a unit inside a block a few levels deeper than alone). About 10-25 s each."""
+    pytest.importorskip("pyosys")
+    est = _load("estimate")
+    name, factory = est.unit_factory(unit)
+    est.run_unit(name, factory, out=tmp_path, netlist=True, free=True)
+    net = tm.load(est.unit_folder(tmp_path, name, free_running=True) / "netlist.json")
+    pairs = tm.analyze(net, pairs=True)["pairs"]
+    assert pairs["core -> core"]["lut_levels"] <= 7, pairs["core -> core"]
+    assert pairs["port -> core"]["lut_levels"] <= 6, pairs["port -> core"]
