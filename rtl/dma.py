@@ -47,6 +47,15 @@ ROW = Row
 
 _RUN_BEATS = 26  # a dense 65535 x 65535 matrix is 2**25 tiles on the smallest-lane geometry
 
+READ_FIFO_BEATS = 512
+"""Each channel's read FIFO, in beats. A channel keeps its link busy only while the beats it
+has requested and not yet delivered fit: about ``latency x rate`` in flight, plus what it runs
+ahead of the slowest channel while that one refreshes (the merge takes a beat of every channel
+at once), plus one burst of granularity (a burst is requested only when all its beats fit).
+Under the calibrated HBM model (sim/hbm_model.py) at 250 cycles of read latency that is about
+(250 + 25 + 88) x 0.88 + 64 = 383 beats; 256 (the depth before) covered about 190 cycles
+without refresh. 32 channels x 512 beats x 512 bits is 256 RAMB36-equivalents in SLR0."""
+
 
 class ChannelRun(data.Struct):
     """A run of consecutive beats in one channel: ``offset`` bytes past the channel's kernel
@@ -259,8 +268,8 @@ class ChannelDMA(GeometryComponent):
         ``port_bits`` sets the data width.
     fifo_beats : int
         Read FIFO depth in beats (a power of two, at least two bursts). Sustained reads need it
-        to cover the read latency in beats plus one burst: 256 covers ~190 cycles of HBM
-        latency with 64-beat bursts.
+        to cover the read latency in beats, the refresh gaps of the other channels and one
+        burst: :data:`READ_FIFO_BEATS`.
     max_reads, max_writes : int
         Outstanding read / write bursts.
     write_fifo_beats : int
@@ -299,7 +308,7 @@ class ChannelDMA(GeometryComponent):
         self,
         geom: CoreGeometry,
         *,
-        fifo_beats: int = 256,
+        fifo_beats: int = READ_FIFO_BEATS,
         max_reads: int = 64,
         max_writes: int = 16,
         write_fifo_beats: int = 16,
@@ -334,7 +343,7 @@ class ChannelDMA(GeometryComponent):
                 "error_tag": Out(16),
                 "rd_idle": Out(1),
                 "wr_idle": Out(1),
-            }
+            },
         )
 
     @property
@@ -621,7 +630,7 @@ class DMAEngine(GeometryComponent):
         self,
         geom: CoreGeometry,
         *,
-        fifo_beats: int = 256,
+        fifo_beats: int = READ_FIFO_BEATS,
         max_reads: int = 64,
         max_writes: int = 16,
         write_fifo_beats: int = 16,

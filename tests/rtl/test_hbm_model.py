@@ -137,11 +137,16 @@ def test_hbm_model(sim):
 @pytest.mark.parametrize("sim", runner.simulators())
 def test_dma_over_hbm(sim):
     """Sustained bandwidth and latency as configured, at the U55C's rate and an HBM-like
-    latency of 100 cycles; and under the calibrated model (refresh, jitter), the tile stream at
-    the channels' sustained rate."""
+    latency of 100 cycles; and under the calibrated model (refresh, jitter), at its latency and
+    at 250 cycles, the tile stream at the channels' sustained rate."""
     g = geometry("tiny")
     size = 4 * SIZE  # 4,096 beats a channel: about five refresh intervals of the calibrated
-    configs = _configs(g, plain=_plain(g, 100), calibrated=hbm_timing("calibrated", g))
+    configs = _configs(
+        g,
+        plain=_plain(g, 100),
+        calibrated=hbm_timing("calibrated", g),
+        slow=hbm_timing("calibrated", g, read_latency=250),
+    )
     params = {"geometry": "tiny", "size_bytes": size, "bucket_beats": 2, "configs": configs}
     design = DmaOverHbm(g, size_bytes=size)
     _run(
@@ -154,6 +159,7 @@ def test_dma_over_hbm(sim):
             "latency_through_dma",
             "stores_reach_memory",
             "bandwidth_under_refresh",
+            "bandwidth_at_250_cycles",
         ],
     )
 
