@@ -32,9 +32,10 @@ bench:
 	$(PYTHON) -m tandem.host.cli bench --model gpt2 --geometry u55c
 
 # Decode-core cycles per token from RTL simulation: gpt2 on the u55c core in Verilator over the
-# simulated HBM (scripts/bench_rtl.py). Prints a table and writes build/bench-rtl.json;
-# BENCH_RTL_ARGS="--record" also copies it to docs/bench-rtl.json. The first run builds the
-# u55c core in Verilator (long; cached under build/sim afterwards).
+# simulated HBM, the calibrated model by default (scripts/bench_rtl.py; BENCH_RTL_ARGS="--hbm
+# ideal" for the ideal one, "--sweep" adds the HBM sensitivity table). Prints a table and writes
+# build/bench-rtl.json; BENCH_RTL_ARGS="--record" also copies it to docs/bench-rtl.json. The
+# first run builds the u55c core in Verilator (long; cached under build/sim afterwards).
 .PHONY: bench-rtl
 bench-rtl:
 	$(PYTHON) scripts/bench_rtl.py $(BENCH_RTL_ARGS)

@@ -2,7 +2,7 @@
 
 gpt2 (124M, ``tandem.checkpoint.random_weights``) compiled for the u55c geometry (32 channels x
 512 bits, 16 lanes, 250 MHz) runs on the whole RTL core (rtl/core.py) in Verilator over the
-simulated HBM (sim/hbm_model.py: U55C per-channel bandwidth, 80-cycle read latency), through
+simulated HBM (sim/hbm_model.py: the calibrated U55C model by default), through
 :mod:`tandem.sim.rtljob`: a prompt of a few tokens, then a few decode tokens. The harness's
 monitors give the cycle at which each output token was issued and the HBM beats read up to it,
 so each decode token's cycles and bytes are measured, not computed.
@@ -22,6 +22,10 @@ reads (``host/data/bench-rtl.json``, :data:`tandem.host.thesis.RTL_RESULT`) and 
   cycles / 250 MHz)**: no FPGA ran;
 - where the cycles went (monitor counters): cycles with HBM data moving, with the VPU busy and
   no data moving, and with no unit busy.
+
+The simulated HBM is the calibrated model by default (``--hbm ideal`` for the ideal one;
+``--read-latency``, ``--refresh on|off`` override; sim/hbm_model.py, docs/hbm-sources.md), set
+at run time, so one build serves every model; ``--sweep`` adds the sensitivity table.
 
 Options make shorter runs (``--layers``, ``--tokens``); the default is the honest gpt2. With
 ``--layers`` the model is named e.g. ``gpt2-2L`` so host/thesis.py will not take it for gpt2.
@@ -129,10 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--sweep",
         action="store_true",
-        help="the sensitivity table instead of one run: read latency 80/150/250 x link rate "
-        "ideal/calibrated x refresh off/on, each a short run (--prompt-len 1 --tokens 2 unless "
-        "given); prints the table and writes <json> with -sweep in its name. Runs the default "
-        "measurement first (the same build), unless --sweep-only",
+        help="after the default run (over the same build), the sensitivity table: read latency "
+        "80/150/250 x link rate ideal/calibrated x refresh off/on, each a short run "
+        "(--prompt-len 1 --tokens 2 unless given); prints the table and writes <json> with "
+        "-sweep in its name",
     )
     ap.add_argument("--sweep-only", action="store_true", help="--sweep without the default run")
     ap.add_argument(
