@@ -403,9 +403,9 @@ def finish(raw: dict, args) -> int:
 def provenance(report: dict, run_args: dict) -> dict:
     """Where a recorded result came from: what was measured, the command, the RTL commit."""
     flags = " ".join(
-        f"--{k.replace('_', '-')} {v}"
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
         for k, v in run_args.items()
-        if k not in ("record", "reanalyse") and v is not None
+        if k not in ("record", "reanalyse") and v is not None and v is not False
     )
     return {
         "what": f"decode-core cycles per token measured in RTL simulation: {report['model']} "
