@@ -570,10 +570,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(BUILTIN_NOTE, file=sys.stderr)
     print(
         f"[{label}] model {cfg.name}: {result.tokens + 1:,} tokens of {args.text} scored in "
-        f"{elapsed:.2f} s ({result.tokens / max(elapsed, 1e-9):,.0f} tokens/s)",
+        f"{elapsed:.2f} s ({_rate(result.tokens, elapsed)} tokens/s)",
         file=sys.stderr,
     )
     return 0
+
+
+def _rate(n: int, seconds: float) -> str:
+    r = n / max(seconds, 1e-9)
+    return f"{r:,.0f}" if r >= 10 else f"{r:.2g}"
 
 
 def _ids_text(ids: list[int], new: list[int]) -> str:

@@ -450,6 +450,7 @@ a real GPT-2 folder keeps GPT-2's).
 
 writes this folder (and the held-out text under `build/shakespeare/heldout/`). The run is
 deterministic for a given machine and torch version; another CPU may differ in the last bits.
+{rerun}
 
 ## Licence
 
@@ -476,7 +477,8 @@ def write_folder(out: Path, cfg, weights, tok, info: dict) -> None:
 
 
 def render_readme(info: dict, rel) -> str:
-    return README.format(rel=rel, table=_table(info), **info)
+    rerun = f"\n{info['rerun']}" if info.get("rerun") else ""
+    return README.format(rel=rel, table=_table(info), **(info | {"rerun": rerun}))
 
 
 def main(argv=None) -> int:
