@@ -93,6 +93,21 @@ async def model_setup(dut, config: str = "plain"):
     return tb, g, hbm, masters, backdoor, {**p, **timing(p, config)}
 
 
+async def read_every_page(masters, hbm, images) -> None:
+    """Back-to-back 4 KiB reads of every channel's whole memory, all channels at once; each
+    page must be the loaded image's."""
+    pages = images.shape[1] // 4096
+    reads = [
+        [masters[ch].init_read(hbm.base(ch) + 4096 * k, 4096) for k in range(pages)]
+        for ch in range(len(masters))
+    ]
+    for ch, events in enumerate(reads):
+        for k, event in enumerate(events):
+            await event.wait()
+            got = event.data.data
+            assert got == images[ch, 4096 * k : 4096 * (k + 1)].tobytes(), f"ch{ch} page {k}"
+
+
 @cocotb.test()
 async def backdoor_and_axi(dut):
     """Backdoor-loaded images read back through AXI; AXI writes (any alignment, so partial
@@ -187,16 +202,7 @@ async def sustained_rate(dut):
     for ch, port in enumerate(hbm.ports):
         pairs[f"r{ch}"] = (getattr(dut, f"{port}_rvalid"), getattr(dut, f"{port}_rready"))
     edges = Edges(dut.clk, pairs)
-    pages = size // 4096
-    reads = [
-        [masters[ch].init_read(hbm.base(ch) + 4096 * k, 4096) for k in range(pages)]
-        for ch in range(g.channels)
-    ]
-    for ch, events in enumerate(reads):
-        for k, event in enumerate(events):
-            await event.wait()
-            got = event.data.data
-            assert got == images[ch, 4096 * k : 4096 * (k + 1)].tobytes(), f"ch{ch} page {k}"
+    await read_every_page(masters, hbm, images)
     rate = rate_of(p)
     for ch in range(g.channels):
         at = edges.at[f"r{ch}"]
@@ -240,15 +246,7 @@ async def refresh_gaps(dut):
                 samples[ch].append(((ref >> ch) & 1, r))
 
     cocotb.start_soon(watch())
-    pages = size // 4096
-    reads = [
-        [masters[ch].init_read(hbm.base(ch) + 4096 * k, 4096) for k in range(pages)]
-        for ch in range(g.channels)
-    ]
-    for ch, events in enumerate(reads):
-        for k, event in enumerate(events):
-            await event.wait()
-            assert event.data.data == images[ch, 4096 * k : 4096 * (k + 1)].tobytes()
+    await read_every_page(masters, hbm, images)
     stop = True
     rate = rate_of(p)
     phases = []
