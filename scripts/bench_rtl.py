@@ -209,10 +209,9 @@ def sweep(args, ap) -> int:
     for rate in ("ideal", "calibrated"):
         for refresh in (False, True):
             for lat in SWEEP_LATENCIES:
-                base = hbm_timing(rate, g, refresh=refresh, read_latency=lat)
-                if rate == "ideal":
-                    base = base.replace(name="ideal")
-                points.append((rate, refresh, lat, base))
+                points.append(
+                    (rate, refresh, lat, hbm_timing(rate, g, refresh=refresh, read_latency=lat))
+                )
     out = args.json.with_name(args.json.stem + SWEEP_OUT + ".json")
     rows = []
     for k, (rate, refresh, lat, timing) in enumerate(points):

@@ -696,6 +696,18 @@ def run_unit(
     return synthesize(folder, text, script, key=key, max_memory_gb=max_memory_gb)
 
 
+def synth_options(args) -> dict:
+    """The synthesis options of the command line, as :func:`run_core` and :func:`run_unit`
+    take them."""
+    return {
+        "out": args.out,
+        "force": args.force,
+        "abc9": args.abc9,
+        "uram": args.uram,
+        "max_memory_gb": args.max_memory_gb,
+    }
+
+
 def main_units(names: list[str], args) -> int:
     """``--unit NAME``: only the named arithmetic units, each synthesized alone (seconds to a
     few minutes each, no whole core), with their netlists for ``timing.py --unit``."""
@@ -703,17 +715,7 @@ def main_units(names: list[str], args) -> int:
     for wanted in names:
         name, factory = unit_factory(wanted)
         print(f"estimate: unit {name}", flush=True)
-        u = run_unit(
-            name,
-            factory,
-            out=args.out,
-            force=args.force,
-            abc9=args.abc9,
-            uram=args.uram,
-            max_memory_gb=args.max_memory_gb,
-            netlist=True,
-            free=args.free_running,
-        )
+        u = run_unit(name, factory, **synth_options(args), netlist=True, free=args.free_running)
         units[name] = u
     print()
     print("Arithmetic units alone (pyosys synth_xilinx -family xcup, abc -luts unless --abc9):")
@@ -778,15 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         "pyosys synth_xilinx run (u55c: about an hour)",
         flush=True,
     )
-    res, folder = run_core(
-        geom,
-        plan,
-        out=args.out,
-        force=args.force,
-        abc9=args.abc9,
-        uram=args.uram,
-        max_memory_gb=args.max_memory_gb,
-    )
+    res, folder = run_core(geom, plan, **synth_options(args))
     how = (
         "cached"
         if res.get("cached")
@@ -823,15 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.units:
         for name, factory in unit_designs():
             print(f"estimate: unit {name}", flush=True)
-            u = run_unit(
-                name,
-                factory,
-                out=args.out,
-                force=args.force,
-                abc9=args.abc9,
-                uram=args.uram,
-                max_memory_gb=args.max_memory_gb,
-            )
+            u = run_unit(name, factory, **synth_options(args))
             units[name] = {
                 "resources": classify(u["design"]),
                 "yosys_seconds": u["yosys_seconds"],

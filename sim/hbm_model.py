@@ -228,6 +228,10 @@ class HBMTiming:
         refresh share."""
         return self.beats_per_cycle(geom) * geom.beat_bytes * (1 - self.refresh_share)
 
+    def link_gbps(self, geom: CoreGeometry) -> float:
+        """The link's rate while not refreshing, in GB/s."""
+        return float(self.beats_per_cycle(geom) * geom.beat_bytes) * geom.clock_mhz / 1000
+
     def sustained_gbps(self, geom: CoreGeometry) -> float:
         return float(self.sustained(geom)) * geom.clock_mhz / 1000
 
@@ -252,9 +256,10 @@ class HBMTiming:
 
     def pack(self, geom: CoreGeometry) -> int:
         """:meth:`registers` as the integer value of an ``hbm_cfg`` port."""
+        regs = self.registers(geom)
         value = 0
         for name, field in TIMING_LAYOUT:
-            value |= self.registers(geom)[name] << field.offset
+            value |= regs[name] << field.offset
         return value
 
     def replace(self, **changes) -> HBMTiming:
@@ -265,7 +270,7 @@ class HBMTiming:
         lat = f"read latency {self.read_latency}"
         if self.read_jitter:
             lat += f"-{self.read_latency + self.read_jitter}"
-        gbps = float(self.beats_per_cycle(geom) * geom.beat_bytes) * geom.clock_mhz / 1000
+        gbps = self.link_gbps(geom)
         ref = (
             f"refresh {self.refresh_cycles} of every {self.refresh_interval} cycles"
             if self.refresh
@@ -283,9 +288,7 @@ class HBMTiming:
             "read_latency": self.read_latency,
             "read_jitter": self.read_jitter,
             "write_latency": self.write_latency,
-            "link_gbps": float(self.beats_per_cycle(geom) * geom.beat_bytes)
-            * geom.clock_mhz
-            / 1000,
+            "link_gbps": self.link_gbps(geom),
             "refresh_interval": self.refresh_interval,
             "refresh_cycles": self.refresh_cycles,
             "seed": self.seed,

@@ -54,7 +54,7 @@ from tandem.floorplan import floorplan as tandem_floorplan
 from tandem.geometry import CoreGeometry
 from tandem.layout import STATUS_BYTES, HBMImage, StatusRecord
 from tandem.rtl.component import GeometryComponent
-from tandem.sim.hbm_model import HBMTiming
+from tandem.sim.hbm_model import HBMTiming, hbm_timing
 
 __all__ = [
     "COUNTERS",
@@ -487,8 +487,6 @@ def run_job(
         raise ValueError(f"mem_bytes {mem} is not a multiple of the {geom.beat_bytes}-byte beat")
     log = log or (lambda msg: None)
     logs = "" if log_file is None else f" (build and simulation log: {log_file})"
-    from tandem.sim.hbm_model import hbm_timing
-
     timing = hbm_timing(hbm, geom)
     name = name or build_name(geom, mem, floorplan)
     folder = runner.build_root() / f"{name}-verilator"
