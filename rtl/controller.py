@@ -115,7 +115,11 @@ class Controller(GeometryComponent):
     the core's MPU feeder overlaps consecutive MATVECs and checks their VBUF rows,
     rtl/core.py). :data:`MAX_PENDING` MATVECs may wait so at once: the later ones' weights queue
     behind the first one's, which hides the HBM read latency of short products (attention
-    heads). ``LDW`` and
+    heads). Weight prefetch (:meth:`_lookahead`): while a vector op waits (for a MATVEC to
+    finish, or for LOADV rows), a second instruction-memory port looks past the vector ops
+    after it and sends the next ``MATVEC``'s weight read at once, so those weights stream
+    into the DMA's read FIFOs while the MPU and the VPU still work on what comes before
+    (one more MATVEC's weights in flight beyond the :data:`MAX_PENDING`). ``LDW`` and
     ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT`` wait for every
     unit and every write.
 
@@ -123,7 +127,9 @@ class Controller(GeometryComponent):
     reports ``HBM_RANGE`` and ``AXI_ERROR`` with the pc of the failing instruction
     (:attr:`dma_error`, :attr:`dma_error_tag`); the watchdog fires after ``watchdog`` cycles
     (0: 2**24) without an instruction issued (``WATCHDOG``). On any stop the controller
-    stops issuing, waits for the units to drain (bounded by the watchdog), writes the status
+    stops issuing, waits for the units to drain (bounded by the watchdog; MATVECs whose weights
+    were read but whose MPU commands were not sent are sent then, so no tile is left for the next
+    run, unless a DMA error stopped it), writes the status
     record with a ``STATUS`` store, waits for the write response and pulses :attr:`done`. The
     store's acceptance and its write response get a fresh watchdog period: if they do not
     come, ``WATCHDOG`` is added to the status registers (not to a record already sampled), a
@@ -204,6 +210,7 @@ class Controller(GeometryComponent):
         self._scoreboard(m, c)
         self._mpu_queue(m, c)
         self._stops(m, c)
+        self._lookahead(m, c)
         with m.FSM(name="ctrl"):
             self._fetch_states(m, c)
             self._run_states(m, c)
@@ -215,6 +222,7 @@ class Controller(GeometryComponent):
         """The instruction memory, the architectural registers and the status outputs."""
         g = self._geom
         m.submodules.imem = imem = memory.Memory(shape=isa.WORD_BITS, depth=g.imem_words, init=[])
+        c.imem = imem
         c.wr = imem.write_port()
         c.rd = imem.read_port(domain="sync")
         m.d.comb += c.rd.en.eq(0)  # a read port's enable defaults to 1: hold data while executing
@@ -386,6 +394,8 @@ class Controller(GeometryComponent):
         c.argmax_pending = Signal()
         c.argmax_rd = Signal(4)
         m.d.comb += [self.dma_word.ready.eq(1), self.mpu_argmax.ready.eq(1)]
+        c.waiting = Signal()  # a register result still on its way
+        m.d.comb += c.waiting.eq(c.word_pending | c.argmax_pending)
 
         def finish(bits, at_pc, code=0):
             """Stop at the end of this Exec cycle (the FSM goes to Drain)."""
@@ -399,6 +409,76 @@ class Controller(GeometryComponent):
             m.next = "Drain"
 
         c.finish, c.stop = finish, stop
+
+    def _lookahead(self, m, c):
+        """Weight prefetch. While a vector op waits in Exec (for a MATVEC to finish, or LOADV
+        rows), a second read port of the instruction memory scans the words after it, one per
+        cycle, through vector ops only. At the first ``MATVEC`` it sends that MATVEC's weight
+        read to the DMA (``pf_valid``, ``pf_pc``) as soon as the DMA slot is free and every HBM
+        write is answered; Exec then issues that MATVEC without a read. The scan ends there, at
+        any other instruction (it may write a register, branch, read or write HBM) or at the
+        end of the memory; it starts again after Exec retires an instruction that is not a
+        vector op.
+
+        Why it is safe: the words between Exec and the prefetched MATVEC are vector ops, which
+        change no register, read no HBM and do not branch, so Exec reaches that MATVEC with
+        the operands the scan resolved, and the DMA gets its reads in program order (the
+        weights of every earlier MATVEC were sent before). The prefetched tiles wait in the
+        DMA's read FIFOs until the MPU takes them, after the vector ops. A MATVEC with a VBUF
+        operand out of range or with no live row or column is not prefetched (Exec reports or
+        skips it as before). A register result on its way (LDW, ARGMAX) stops the prefetch.
+        """
+        g = self._geom
+        Op = isa.Op
+        la = c.imem.read_port(domain="sync")
+        c.in_exec = Signal()  # the FSM is in Exec (set there)
+        c.pf_valid = Signal()
+        c.pf_pc = Signal(16)
+        c.pf_cmd = Signal(MpuIssue)  # its MPU command, for a stop before Exec reaches it
+
+        def is_vector(opcode):
+            return Cat(*(opcode == int(op) for op in _VPU_OPS)).any()
+
+        exec_vec = Signal()  # Exec holds a vector op: it uses no DMA stream this cycle
+        m.d.comb += exec_vec.eq(c.in_exec & is_vector(c.rd.data[:8]) & c.known & c.legal)
+        on = Signal()  # scanning
+        done = Signal()  # this run of vector ops is scanned
+        have = Signal()  # la.data holds the word at `at`
+        at = Signal(16)
+        nxt = Signal(16)
+        word = la.data
+        o = self._matvec_operands(m, data.View(instruction_layout(Op.MATVEC), word), c, "la")
+        start = Signal()
+        more = Signal()
+        m.d.comb += [
+            start.eq(exec_vec & ~on & ~done & ~c.pf_valid & (c.pc + 1 < g.imem_words)),
+            more.eq(on & have & is_vector(word[:8]) & (nxt < g.imem_words)),
+        ]
+        addr = Mux(start, c.pc + 1, nxt)
+        m.d.comb += [la.addr.eq(addr), la.en.eq(start | more)]
+        with m.If(start | more):
+            m.d.sync += [at.eq(addr), nxt.eq(addr + 1), have.eq(1)]
+        with m.If(start):
+            m.d.sync += on.eq(1)
+
+        def end():
+            m.d.sync += [on.eq(0), done.eq(1)]
+
+        with m.If(on & have):
+            with m.If(word[:8] == int(Op.MATVEC)):
+                with m.If(o.bad | o.nothing):
+                    end()
+                with m.Elif(
+                    exec_vec & ~self.dma_read.valid & c.write_quiet & ~c.waiting & ~c.dma_err
+                ):
+                    o.issue_weights(at)
+                    m.d.sync += [c.pf_valid.eq(1), c.pf_pc.eq(at), c.pf_cmd.eq(o.cmd)]
+                    end()
+            with m.Elif(~more):
+                end()
+        # a new region of the program: scan again at the next vector op that waits
+        with m.If(~c.in_exec | (c.issued & ~exec_vec)):
+            m.d.sync += [on.eq(0), done.eq(0), have.eq(0)]
 
     def _fetch_states(self, m, c):
         """Idle (wait for ``start``), Fetch-Check and Fetch: the program into the instruction
@@ -422,6 +502,7 @@ class Controller(GeometryComponent):
                 c.word_pending.eq(0),
                 c.argmax_pending.eq(0),
                 c.n_pending.eq(0),
+                c.pf_valid.eq(0),
                 c.stop_status.eq(0),
                 c.stop_pc.eq(0),
             ]
@@ -477,6 +558,7 @@ class Controller(GeometryComponent):
             with m.Else():
                 m.next = "Exec"
         with m.State("Exec"):
+            m.d.comb += c.in_exec.eq(1)
             self._exec(m, c)
             with m.If(c.dma_err):
                 c.stop(c.dma_err_bits, self.dma_error_tag)
@@ -496,11 +578,19 @@ class Controller(GeometryComponent):
         with m.State("Drain"):
             # Let issued work finish (bounded by the watchdog) so the status record is the
             # last write and no unit is left mid-command for the next run.
-            with m.If(c.mpu_pending):  # never issued: drop them
-                m.d.sync += c.n_pending.eq(0)
+            # MATVECs whose weight reads went out but whose MPU commands did not: send them, so
+            # the MPU takes their tiles and none is left for the next run's first MATVEC (its
+            # results land in the VBUF, which a stopped program leaves undefined); after a DMA
+            # error their tiles may never come, so drop them then
+            dma_fault = c.dma_err | ((c.stop_status & (Status.HBM_RANGE | Status.AXI_ERROR)) != 0)
+            with m.If(dma_fault):
+                m.d.sync += [c.n_pending.eq(0), c.pf_valid.eq(0)]
+            with m.Elif(c.pf_valid & (c.n_pending < MAX_PENDING)):
+                m.d.comb += [c.push.eq(1), c.push_cmd.eq(c.pf_cmd)]
+                m.d.sync += c.pf_valid.eq(0)
             with m.If(c.dma_err & (c.stop_status == 0)):
                 m.d.sync += [c.stop_status.eq(c.dma_err_bits), c.stop_pc.eq(self.dma_error_tag)]
-            with m.If((c.all_idle & ~c.word_pending & ~c.argmax_pending) | c.wd_fire):
+            with m.If((c.all_idle & ~c.pf_valid & ~c.waiting) | c.wd_fire):
                 m.d.sync += [
                     c.status.eq(c.stop_status | Mux(c.wd_fire & ~c.all_idle, Status.WATCHDOG, 0)),
                     c.err_pc.eq(c.stop_pc),
@@ -553,12 +643,13 @@ class Controller(GeometryComponent):
 
     # ---- Exec -----------------------------------------------------------------------------
 
-    def _issue_read(self, m, c, kind, **fields):
-        """Put a command on :attr:`dma_read` (``tag`` = pc; fields not named are 0)."""
+    def _issue_read(self, m, c, kind, tag=None, **fields):
+        """Put a command on :attr:`dma_read` (``tag``: the pc of its instruction, by default the
+        current one; fields not named are 0)."""
         p = self.dma_read.payload
         m.d.sync += [self.dma_read.valid.eq(1), p.eq(0), p.kind.eq(kind)]
         m.d.sync += [getattr(p, name).eq(value) for name, value in fields.items()]
-        m.d.sync += p.tag.eq(c.pc)
+        m.d.sync += p.tag.eq(c.pc if tag is None else tag)
 
     def _issue_store(self, m, c, kind, src=None, **fields):
         """Put a command on :attr:`dma_store` (``tag`` = pc; ``src`` the VBUF element address
@@ -579,8 +670,7 @@ class Controller(GeometryComponent):
         nxt = Signal(16)
         m.d.comb += nxt.eq(pc + 1)
         # A register result still on its way blocks every instruction (simple and exact).
-        waiting = Signal()
-        m.d.comb += waiting.eq(c.word_pending | c.argmax_pending)
+        waiting = c.waiting
 
         def retire(target=None):
             m.d.comb += c.issued.eq(1)
@@ -694,61 +784,81 @@ class Controller(GeometryComponent):
             with m.Case(*_VPU_OPS):
                 self._vector(m, c, opcode, retire)
 
-    def _matvec(self, m, v, c, retire):
-        pc, reg, over = c.pc, c.reg, c.over
+    def _matvec_operands(self, m, v, c, name):
+        """A ``MATVEC`` view's resolved operands (``name`` prefixes the signals): ``bad`` (a
+        VBUF operand out of range), ``nothing`` (no live row or column: no weights to stream),
+        the MPU command ``cmd`` and :meth:`issue_weights` (its ``TILES`` read). Built twice: for
+        the word being executed and for the look-ahead's word (:meth:`_lookahead`)."""
+        reg, over = c.reg, c.over
         flags = v.flags
-        live = Signal(32)
+        live = Signal(32, name=f"{name}_live")
         m.d.comb += live.eq(reg(v.lreg))
-        n_rows = Signal(33)
-        n_cols = Signal(33)
+        n_rows = Signal(33, name=f"{name}_n_rows")
+        n_cols = Signal(33, name=f"{name}_n_cols")
         m.d.comb += [
             n_rows.eq(Mux(flags[2], live, v.rows)),
             n_cols.eq(Mux(flags[3], live, v.cols)),
         ]
-        clamp_r = Signal(16)
-        clamp_c = Signal(16)
+        clamp_r = Signal(16, name=f"{name}_clamp_r")
+        clamp_c = Signal(16, name=f"{name}_clamp_c")
         m.d.comb += [
             clamp_r.eq(Mux(n_rows < v.rows, n_rows, v.rows)),
             clamp_c.eq(Mux(n_cols < v.cols, n_cols, v.cols)),
         ]
         argmax = flags[1]
-        bad = Signal()
-        m.d.comb += bad.eq(
+        o = SimpleNamespace(bad=Signal(name=f"{name}_bad"), nothing=Signal(name=f"{name}_nothing"))
+        m.d.comb += o.bad.eq(
             over(v.src, n_cols)
             | (flags[0] & over(v.dst, n_rows))
             | (~argmax & (n_rows != 0) & over(v.dst, n_rows))
         )
-        nothing = Signal()  # no weights to stream: the MPU alone answers
-        m.d.comb += nothing.eq((clamp_r == 0) | (clamp_c == 0))
-        with m.If(bad):
+        m.d.comb += o.nothing.eq((clamp_r == 0) | (clamp_c == 0))
+        o.cmd = Signal(MpuIssue, name=f"{name}_cmd")
+        m.d.comb += [
+            o.cmd.cmd.rows.eq(v.rows),
+            o.cmd.cmd.cols.eq(v.cols),
+            o.cmd.cmd.live_rows.eq(clamp_r),
+            o.cmd.cmd.live_cols.eq(clamp_c),
+            o.cmd.cmd.flags.eq(flags),
+            o.cmd.src_row.eq(v.src >> _ROW_SHIFT),
+            o.cmd.dst_row.eq(v.dst >> _ROW_SHIFT),
+        ]
+
+        def issue_weights(tag):
+            self._issue_read(
+                m,
+                c,
+                ReadKind.TILES,
+                tag=tag,
+                offset=v.line * isa.LINE,
+                rows=v.rows,
+                cols=v.cols,
+                live_rows=clamp_r,
+                live_cols=clamp_c,
+                stride=v.stride,
+            )
+
+        o.issue_weights = issue_weights
+        return o
+
+    def _matvec(self, m, v, c, retire):
+        pc = c.pc
+        o = self._matvec_operands(m, v, c, "mv")
+        # the look-ahead already sent this MATVEC's weight read (never with `bad` or `nothing`)
+        prefetched = c.pf_valid & (c.pf_pc == pc)
+        with m.If(o.bad):
             c.finish(Status.VBUF_RANGE, pc)
         with m.Elif(
-            ~self.dma_read.valid & (c.n_pending < MAX_PENDING) & ~self.mpu.valid & c.write_quiet
+            (c.n_pending < MAX_PENDING)
+            & ~self.mpu.valid
+            & (prefetched | (~self.dma_read.valid & c.write_quiet))
         ):
-            cmd = Signal(MpuIssue)
-            m.d.comb += [
-                cmd.cmd.rows.eq(v.rows),
-                cmd.cmd.cols.eq(v.cols),
-                cmd.cmd.live_rows.eq(clamp_r),
-                cmd.cmd.live_cols.eq(clamp_c),
-                cmd.cmd.flags.eq(flags),
-                cmd.src_row.eq(v.src >> _ROW_SHIFT),
-                cmd.dst_row.eq(v.dst >> _ROW_SHIFT),
-            ]
-            with m.If(~nothing):
-                self._issue_read(
-                    m,
-                    c,
-                    ReadKind.TILES,
-                    offset=v.line * isa.LINE,
-                    rows=v.rows,
-                    cols=v.cols,
-                    live_rows=clamp_r,
-                    live_cols=clamp_c,
-                    stride=v.stride,
-                )
-            m.d.comb += [c.push.eq(1), c.push_cmd.eq(cmd)]
-            with m.If(argmax):
+            with m.If(prefetched):
+                m.d.sync += c.pf_valid.eq(0)
+            with m.Elif(~o.nothing):
+                o.issue_weights(pc)
+            m.d.comb += [c.push.eq(1), c.push_cmd.eq(o.cmd)]
+            with m.If(v.flags[1]):
                 m.d.sync += [c.argmax_pending.eq(1), c.argmax_rd.eq(v.rd)]
             retire()
 

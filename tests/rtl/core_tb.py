@@ -24,8 +24,10 @@ simulation without a reset in between (so a case after an error case checks the 
 ``error``        an instruction written over the program: ``"opcode"`` (an all-zero word),
                  ``"vbuf_loadv"``, ``"vbuf_matvec"``, ``"vbuf_storev"`` (an operand past the
                  vector buffer) or ``"vbuf_overlap"`` (a VADD whose dst partly overlaps an
-                 operand), all at instruction ``step + 5``; or ``"hbm_bytes"`` (hbm_bytes just
-                 covering the control area)
+                 operand), all at instruction ``step + 5`` (or, with ``error_at`` naming an
+                 opcode, over the first instruction of that opcode: ``"VEXP"`` is inside the
+                 softmax, after the look-ahead has sent the weights of the next MATVEC); or ``"hbm_bytes"`` (hbm_bytes just covering the control
+                 area)
 ``fault``        ``{"region": name, "resp": "SLVERR" | "DECERR"}``: every memory answers ``resp``
                  to any beat at or past that layout region's base, and IsaSim runs on the image
                  cut there (its ``AXI_ERROR``: an access inside ``hbm_bytes`` past the buffer)
@@ -316,7 +318,8 @@ class CoreTB:
         if error == "hbm_bytes":
             args["hbm_bytes"] = c.layout["wte"].base
         elif error is not None:
-            pc = c.labels["step"] + 5
+            at = case.get("error_at")
+            pc = c.labels["step"] + 5 if at is None else first_op(image, [isa.Op[at]])
             word = bad_instruction(c, error)
             image.write_channel(0, L.PROGRAM_BASE + pc * isa.WORD_BYTES, word)
         # reference: IsaSim on a copy (cut at a faulting region), budget for a hang

@@ -37,7 +37,14 @@ def _image(program, nbytes=1 << 14) -> HBMImage:
 
 
 def run_controller(
-    image: HBMImage, args: dict, *, vpu_cycles=3, argmax=7, vpu_hang=False, max_cycles=20000
+    image: HBMImage,
+    args: dict,
+    *,
+    vpu_cycles=3,
+    mpu_cycles=4,
+    argmax=7,
+    vpu_hang=False,
+    max_cycles=20000,
 ):
     """Run the controller once over ``image``; returns (status dict, log of issued commands)."""
     dut = Controller(GEOM)
@@ -115,6 +122,8 @@ def run_controller(
                 mpu_busy -= 1
             if rd is not None:
                 log.append(("read", rd.kind, rd.offset, rd.tag))
+                if rd.kind == ReadKind.TILES:
+                    log[-1] += (rd.live_rows, rd.live_cols)
                 if rd.kind == ReadKind.WORD:
                     word_q.append(int.from_bytes(image.read_channel(0, rd.offset, 4), "little"))
             if st is not None:
@@ -135,7 +144,7 @@ def run_controller(
                 log.append(
                     ("mpu", c.rows, c.cols, c.live_rows, c.live_cols, mp.src_row, mp.dst_row)
                 )
-                mpu_busy = 4
+                mpu_busy = mpu_cycles
                 if c.flags.argmax:
                     argmax_q.append(argmax)
         else:
@@ -253,7 +262,103 @@ def test_vbuf_range_and_issue_fields():
     mpu = [e for e in log if e[0] == "mpu"]
     assert mpu == [("mpu", 128, 192, 128, 130, 1, 0)]
     reads = [e for e in log if e[0] == "read"]
-    assert reads == [("read", ReadKind.TILES, 640, 3)]
+    assert reads == [("read", ReadKind.TILES, 640, 3, 128, 130)]
+
+
+def _prefetch_program(between, second=None):
+    """MATVEC (weights at line 10), ``between``, a second MATVEC (line 20, live rows from R4
+    unless ``second`` is given), STW of its argmax, HALT."""
+    if second is None:
+        second = make(Op.MATVEC, dst=0, src=512, line=20, rows=64, cols=64, flags=2 | 4, lreg=4,
+                      rd=7)  # fmt: skip
+    return [
+        make(Op.SETI, rd=4, imm=40),
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        *between,
+        second,
+        make(Op.STW, rs=7, line=OUT_LINE),
+        make(Op.HALT),
+    ]
+
+
+_VECTOR_OPS = [
+    make(Op.VADD, dst=512, a=256, b=384, len=64),
+    make(Op.VEXP, dst=576, a=512, len=64),
+    make(Op.VMUL, dst=576, a=576, b=384, len=64),
+]
+
+
+def _order(log):
+    return [(e[0], e[3]) if e[0] == "read" else (e[0],) for e in log if e[0] in ("read", "vpu", "mpu")]
+
+
+def test_lookahead_prefetches_the_next_matvec_weights():
+    """While vector ops wait for a running MATVEC, the controller sends the next MATVEC's
+    weight read (tag = its pc, its live rows from R4) before the vector ops; the MATVEC itself
+    then issues no second read, and its MPU command still follows the vector ops."""
+    p = _prefetch_program(_VECTOR_OPS)
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, argmax=0)
+    assert got["status"] == 0 and got["tokens"] == 1
+    reads = [e for e in log if e[0] == "read"]
+    assert reads == [
+        ("read", ReadKind.TILES, 10 * isa.LINE, 1, 64, 64),
+        ("read", ReadKind.TILES, 20 * isa.LINE, 5, 40, 64),
+    ]
+    assert _order(log) == [("read", 1), ("mpu",), ("read", 5), ("vpu",), ("vpu",), ("vpu",), ("mpu",)]
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        [_VECTOR_OPS[0], make(Op.LOADV, dst=640, len=64, line=30), _VECTOR_OPS[1]],
+        [_VECTOR_OPS[0], make(Op.STOREV, src=512, len=64, line=30), _VECTOR_OPS[1]],
+        [_VECTOR_OPS[0], make(Op.SETI, rd=5, imm=1), _VECTOR_OPS[1]],
+    ],
+    ids=["loadv", "storev", "seti"],
+)
+def test_lookahead_stops_at_anything_but_a_vector_op(between):
+    """The scan passes only vector ops: the second MATVEC's read waits until Exec has passed
+    the LOADV, store or scalar instruction, which waits for the first vector op (itself
+    waiting for the running MATVEC); a scan from the vector op after it may then prefetch."""
+    p = _prefetch_program(between)
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, argmax=0)
+    assert got["status"] == 0
+    order = [(e[0], e[3]) if e[0] == "read" else (e[0],) for e in log]
+    first_vpu = order.index(("vpu",))
+    second = order.index(("read", 5))
+    assert second > first_vpu
+    if between[1].op is Op.LOADV:
+        assert order.index(("read", 3)) < second
+    if between[1].op is Op.STOREV:
+        assert order.index(("store",)) < second
+
+
+def test_lookahead_skips_bad_and_empty_matvecs():
+    """A MATVEC whose operands are out of the VBUF is not prefetched (Exec reports VBUF_RANGE
+    at its pc, one read in all); one with no live row (R4 = 0) streams nothing."""
+    n = GEOM.vbuf_elems
+    bad = make(Op.MATVEC, dst=0, src=n - 64, line=20, rows=64, cols=128)
+    got, log, _ = check_against_isasim(_prefetch_program(_VECTOR_OPS, bad), {}, mpu_cycles=60)
+    assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 5
+    assert [e[3] for e in log if e[0] == "read"] == [1]
+    p = _prefetch_program(_VECTOR_OPS)
+    p[0] = make(Op.SETI, rd=4, imm=0)
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, argmax=0)
+    assert got["status"] == 0
+    assert [e[3] for e in log if e[0] == "read"] == [1]
+    assert _order(log)[-1] == ("mpu",)
+
+
+def test_a_stop_sends_the_prefetched_matvec():
+    """An error at a vector op after the look-ahead sent the next MATVEC's weights: the status
+    is IsaSim's (VBUF_RANGE at the vector op, no WATCHDOG), and the drain sends that MATVEC's
+    MPU command (with its ARGMAX) so its tiles are taken, not left for the next run."""
+    bad = make(Op.VEXP, dst=128, a=64, len=100)  # dst inside a at another start
+    p = _prefetch_program([_VECTOR_OPS[0], bad, _VECTOR_OPS[2]])
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, argmax=0)
+    assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 3
+    assert [e[3] for e in log if e[0] == "read"] == [1, 5]
+    assert [e[5:] for e in log if e[0] == "mpu"] == [(0, 4), (8, 0)]
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,8 @@ def _then_clean(cases):
 def test_errors_then_clean_run(sim):
     """Instruction errors, each followed by a clean run with no reset in between: an illegal
     opcode, a LOADV, a MATVEC and a STOREV with a vector operand one row past the vector
-    buffer, a VADD whose dst partly overlaps an operand (all at instruction step + 5), and an
+    buffer, a VADD whose dst partly overlaps an operand (all at instruction step + 5; the VADD
+    also over the first VEXP, with the next MATVEC's weights already prefetched), and an
     hbm_bytes that only covers the control area (the fetch check). Status registers, ERROR_PC
     and the status record equal IsaSim's, KernelStatus.check() raises."""
     tiny = {"cfg": "test-tiny", "prompt": [1, 2], "n_new": 3}
@@ -89,6 +90,7 @@ def test_errors_then_clean_run(sim):
                 {**tiny, "error": "vbuf_matvec", "want": "VBUF_RANGE"},
                 {**tiny, "error": "vbuf_storev", "want": "VBUF_RANGE"},
                 {**tiny, "error": "vbuf_overlap", "want": "VBUF_RANGE"},
+                {**tiny, "error": "vbuf_overlap", "error_at": "VEXP", "want": "VBUF_RANGE"},
                 {**tiny, "error": "hbm_bytes", "want": "HBM_RANGE"},
             ]
         ),
