@@ -199,7 +199,7 @@ class Controller(GeometryComponent):
                 "mpu_argmax": In(stream.Signature(16)),
                 "vpu": Out(stream.Signature(VectorCommand)),
                 "busy": In(UnitBusy),
-            }
+            },
         )
 
     def elaborate(self, platform):

@@ -26,8 +26,8 @@ simulation without a reset in between (so a case after an error case checks the 
                  vector buffer) or ``"vbuf_overlap"`` (a VADD whose dst partly overlaps an
                  operand), all at instruction ``step + 5`` (or, with ``error_at`` naming an
                  opcode, over the first instruction of that opcode: ``"VEXP"`` is inside the
-                 softmax, after the look-ahead has sent the weights of the next MATVEC); or ``"hbm_bytes"`` (hbm_bytes just covering the control
-                 area)
+                 softmax, after the look-ahead has sent the weights of the next MATVEC); or
+                 ``"hbm_bytes"`` (hbm_bytes just covering the control area)
 ``fault``        ``{"region": name, "resp": "SLVERR" | "DECERR"}``: every memory answers ``resp``
                  to any beat at or past that layout region's base, and IsaSim runs on the image
                  cut there (its ``AXI_ERROR``: an access inside ``hbm_bytes`` past the buffer)

@@ -289,7 +289,9 @@ _VECTOR_OPS = [
 
 
 def _order(log):
-    return [(e[0], e[3]) if e[0] == "read" else (e[0],) for e in log if e[0] in ("read", "vpu", "mpu")]
+    return [
+        (e[0], e[3]) if e[0] == "read" else (e[0],) for e in log if e[0] in ("read", "vpu", "mpu")
+    ]
 
 
 def test_lookahead_prefetches_the_next_matvec_weights():
@@ -304,7 +306,15 @@ def test_lookahead_prefetches_the_next_matvec_weights():
         ("read", ReadKind.TILES, 10 * isa.LINE, 1, 64, 64),
         ("read", ReadKind.TILES, 20 * isa.LINE, 5, 40, 64),
     ]
-    assert _order(log) == [("read", 1), ("mpu",), ("read", 5), ("vpu",), ("vpu",), ("vpu",), ("mpu",)]
+    assert _order(log) == [
+        ("read", 1),
+        ("mpu",),
+        ("read", 5),
+        ("vpu",),
+        ("vpu",),
+        ("vpu",),
+        ("mpu",),
+    ]
 
 
 @pytest.mark.parametrize(
