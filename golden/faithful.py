@@ -25,6 +25,7 @@ import numpy as np
 from tandem import numerics as nm
 from tandem.config import GPT2Config
 from tandem.layout import mpu_tensors, padded_heads
+from tandem.sampling import Sampling, choose
 
 BLOCK = nm.BLOCK
 
@@ -438,8 +439,11 @@ class FaithfulModel:
             result = self.step(tok, start + j, cache)
         return result
 
-    def generate(self, ids: Sequence[int], n_new: int) -> list[int]:
-        """Greedy decoding; returns the ``n_new`` generated ids.
+    def generate(
+        self, ids: Sequence[int], n_new: int, sampling: Sampling | None = None
+    ) -> list[int]:
+        """Greedy decoding, or sampling with ``sampling`` (``tandem.sampling.choose``: the token
+        after position ``p`` is keyed by ``p``); returns the ``n_new`` generated ids.
 
         Positions ``0 .. len(ids) + n_new - 2`` are processed: the prompt, then every generated
         token but the last, which is never fed back. So ``len(ids) + n_new - 1 <= n_ctx``, i.e.
@@ -464,7 +468,11 @@ class FaithfulModel:
         if n_new == 0:
             return []
         cache = self.new_cache()
-        out = [self.prefill(ids, cache).token]
+
+        def pick(r: StepResult) -> int:
+            return choose(r.acc, r.lam, r.nonfinite, sampling, cache.n_tokens - 1)
+
+        out = [pick(self.prefill(ids, cache))]
         while len(out) < n_new:
-            out.append(self.step(out[-1], cache.n_tokens, cache).token)
+            out.append(pick(self.step(out[-1], cache.n_tokens, cache)))
         return out

@@ -24,7 +24,8 @@ What the core does around the instructions, as modelled here:
 Cases the ISA leaves open, decided here (the RTL must agree): an operand of length 0 acts like one
 all-zero 64-element block, so ``VDOT`` gives +0 and ``MATVEC`` with no live columns gives the bias
 (or +0); ``VMAX`` of length 0 gives -Inf, the identity of max; ``ARGMAX`` over no live rows gives
-0; ``LDARG`` of an argument number past ``tandem.regmap.SCALAR_ARGS`` is an illegal instruction.
+0, sampling or not (``sreg`` = 0 reads R0 = 0: greedy); ``LDARG`` of an argument number past
+``tandem.regmap.SCALAR_ARGS`` is an illegal instruction.
 
 Speed: a static weight matrix (one the program never writes) is gathered from the image and
 aligned into a ``numerics.PreparedMatrix`` once and cached; any write overlapping it (by the
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from tandem import isa
+from tandem import isa, sampling
 from tandem import numerics as nm
 from tandem.geometry import CoreGeometry
 from tandem.isa import LINE, WORD_BYTES, IllegalInstruction, MatFlag, Op, Unit, VecFlag
@@ -562,7 +563,9 @@ class IsaSim:
         acc, lam, nonfinite = nm.matvec(mat, x, bias)
         if flags & MatFlag.ARGMAX:
             self.last_argmax = (acc, lam)
-            self._set(f["rd"], nm.argmax(acc))
+            sreg = f["sreg"]
+            word, seed, pos = (self.regs[(sreg + j) % isa.N_REGS] for j in range(3))
+            self._set(f["rd"], sampling.choose_word(acc, lam, nonfinite, word, seed, pos))
             return
         dst = self._vb(f["dst"], n_rows, "MATVEC dst")
         out = nm.acc_to_fp16(acc, lam)

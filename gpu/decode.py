@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.config import GPT2Config
+from tandem.sampling import Sampling
 
 from . import contract as c
 from .cuda import synchronize
 from .prefill import BLOCK, PreparedModel, attention, layer_norm, prefill, qkv
+from .sampling import choose
 
 
 @dataclass
@@ -28,10 +30,13 @@ class TorchGenerateResult:
     timings: dict = field(default_factory=dict)  # prefill, decode, decode_per_token (s)
 
 
-def decode_step(cfg: GPT2Config, model: PreparedModel, token: int, k, vt) -> tuple[int, list, list]:
+def decode_step(
+    cfg: GPT2Config, model: PreparedModel, token: int, k, vt, sampling: Sampling | None = None
+) -> tuple[int, list, list]:
     """One position: ``token`` at position ``T = k[0].shape[1]``; per layer ``k`` [H, T, 64] and
     ``vt`` (V transposed, as the prefill returns it) [H, 64, T] bits. Returns
-    (next token, k, vt) with the new position appended."""
+    (next token, k, vt) with the new position appended; the next token is greedy, or sampled
+    with ``sampling`` keyed by position ``T`` (:func:`tandem.gpu.sampling.choose`)."""
     dev = model.device
     H, P = cfg.n_head, cfg.n_head * BLOCK
     pos = k[0].shape[1]
@@ -52,19 +57,25 @@ def decode_step(cfg: GPT2Config, model: PreparedModel, token: int, k, vt) -> tup
         hmid = c.lookup("gelu", c.matmul_fp16(lw.c_fc, y, lw.c_fc_b))
         x = c.fp16_add(x, c.matmul_fp16(lw.mlp_proj, hmid, lw.mlp_proj_b))
     hidden = layer_norm(x, model.ln_f_g, model.ln_f_b, model.c_n, model.eps16)
-    acc, _, _ = c.matmul(model.lm_head, hidden)
-    return int(torch.argmax(acc[0])), k2, vt2
+    acc, lam, nonfinite = c.matmul(model.lm_head, hidden)
+    return choose(acc[0], lam[0], nonfinite[0], sampling, pos), k2, vt2
 
 
 def generate(
-    cfg: GPT2Config, model: PreparedModel, ids: Sequence[int], n_new: int, progress=None
+    cfg: GPT2Config,
+    model: PreparedModel,
+    ids: Sequence[int],
+    n_new: int,
+    progress=None,
+    sampling: Sampling | None = None,
 ) -> TorchGenerateResult:
-    """Greedy: prefill ``ids`` then ``n_new - 1`` decode steps, all in torch."""
+    """Prefill ``ids`` then ``n_new - 1`` decode steps, all in torch; greedy, or sampled with
+    ``sampling`` (``tandem.sampling``)."""
     if n_new == 0:
         return TorchGenerateResult([])
     t0 = time.perf_counter()
     with torch.no_grad():
-        pre = prefill(cfg, model, ids)
+        pre = prefill(cfg, model, ids, sampling=sampling)
         synchronize(model.device)
         t1 = time.perf_counter()
         tokens = [pre.first_token]
@@ -73,7 +84,7 @@ def generate(
         k = list(pre.k.unbind(0))
         vt = list(pre.v.unbind(0))  # V transposed, [H, 64, T] per layer
         for i in range(1, n_new):
-            tok, k, vt = decode_step(cfg, model, tokens[-1], k, vt)
+            tok, k, vt = decode_step(cfg, model, tokens[-1], k, vt, sampling)
             tokens.append(tok)
             if progress is not None:
                 progress(i, tok)

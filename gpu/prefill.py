@@ -31,9 +31,11 @@ from tandem import numerics as nm
 from tandem.checkpoint import validate
 from tandem.config import GPT2Config
 from tandem.layout import mpu_tensors, padded_heads
+from tandem.sampling import Sampling
 
 from . import contract as c
 from .cuda import resolve_device, synchronize
+from .sampling import choose
 
 BLOCK = c.BLOCK
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -136,8 +138,9 @@ class PreparedModel:
 @dataclass
 class PrefillResult:
     """``first_token`` (argmax of the LM head's raw accumulators at the last position, lowest
-    index on ties), the cache as int16 binary16 bits on the prefill device (heads padded to 64
-    lanes): ``k`` [n_layer, n_head, T, 64] (row = position) and ``v`` **transposed**,
+    index on ties; or sampled, with ``prefill(..., sampling=...)``), the cache as int16
+    binary16 bits on the prefill device (heads padded to 64 lanes): ``k`` [n_layer, n_head, T,
+    64] (row = position) and ``v`` **transposed**,
     [n_layer, n_head, 64, T] (row = head dimension, column = position; the core's and
     ``FaithfulCache.vt``'s orientation); and ``timings`` in seconds (``prepare`` when the
     weights were prepared in the call, ``layers`` per layer, ``head``, ``total``). With
@@ -295,12 +298,14 @@ def prefill(
     device=None,
     on_layer: LayerCallback | None = None,
     logits: bool = False,
+    sampling: Sampling | None = None,
 ) -> PrefillResult:
     """Run the prompt ``ids`` through the model on ``device``; see the module docstring.
 
     ``model`` is a :class:`PreparedModel` (reused across prompts) or float weights, prepared
     here. With ``logits``, every position goes through the LM head, not only the last (teacher-
-    forced evaluation; :attr:`PrefillResult.logits16`). Raises ValueError for an empty prompt,
+    forced evaluation; :attr:`PrefillResult.logits16`). ``sampling`` picks ``first_token``
+    (``tandem.sampling``; None: greedy). Raises ValueError for an empty prompt,
     one longer than the context, or bad ids.
     """
     ids = _check_ids(cfg, ids)
@@ -345,7 +350,8 @@ def prefill(
         t0 = time.perf_counter()
         hidden = layer_norm(x, model.ln_f_g, model.ln_f_b, model.c_n, model.eps16)
         acc, lam, nonfinite = c.matmul(model.lm_head, hidden)
-        first = int(torch.argmax(acc[-1]))  # lowest index wins a tie
+        # greedy: the lowest index wins a tie; or sampled, keyed by the last position
+        first = choose(acc[-1], lam[-1], nonfinite[-1], sampling, T - 1)
         logits16 = c.round_acc(acc, lam[:, None], nonfinite) if logits else None
         timings["head"] = time.perf_counter() - t0
     timings["layers"] = layer_times

@@ -13,6 +13,7 @@ from pathlib import Path
 from tandem.checkpoint import builtin_checkpoint, load_weights, random_weights
 from tandem.config import PRESETS, preset
 from tandem.geometry import GEOMETRIES
+from tandem.sampling import SEED_MAX, TOP_K_MAX
 from tandem.tokenizer import GPT2_N_VOCAB, parse_prompt, parse_token_ids, tokenizer_for
 
 BUILTIN_NOTE = (
@@ -48,6 +49,36 @@ def _whole(minimum: int):
         if value is None or value < minimum:
             what = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
             raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _temperature(text: str) -> float:
+    from tandem.sampling import TEMP_FRAC_BITS, temperature_q
+
+    try:
+        value = float(text)
+        temperature_q(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number greater than 0 and below 16 (in steps of 1/{1 << TEMP_FRAC_BITS}, "
+            f"at least 1/{1 << TEMP_FRAC_BITS}), not {text!r}; leave it out for greedy decoding"
+        ) from None
+    return value
+
+
+def _bounded(lo: int, hi: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number from {lo} to {hi} ({what}), not {text!r}"
+            )
         return value
 
     parse.__name__ = "whole number"
@@ -95,6 +126,37 @@ def check_generate_flags(args: argparse.Namespace) -> None:
     here too (``--xclbin``), before the model loads."""
     check_model_flags(args)
     check_device_flags(args)
+    check_sampling_flags(args)
+
+
+SAMPLING_FLAGS = (("top_k", "--top-k"), ("seed", "--seed"))
+"""Flags that only mean something with ``--temperature``."""
+
+
+def check_sampling_flags(args: argparse.Namespace):
+    """``args.sampling`` from ``--temperature``, ``--top-k`` and ``--seed``
+    (:class:`tandem.sampling.Sampling`; None: greedy). ``--top-k``/``--seed`` without
+    ``--temperature``, and sampling on the float reference, are UsageErrors."""
+    from tandem.sampling import Sampling
+
+    temperature = getattr(args, "temperature", None)
+    if temperature is None:
+        given = [flag for attr, flag in SAMPLING_FLAGS if getattr(args, attr, None) is not None]
+        if given:
+            raise UsageError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to sampling: "
+                "give --temperature T too "
+                "(without it decoding is greedy)"
+            )
+        args.sampling = None
+        return None
+    if args.backend == "reference":
+        raise UsageError(
+            "--temperature samples from the core's binary16 logits (tandem.sampling); the float "
+            "--backend reference decodes greedily only: drop --temperature or use another backend"
+        )
+    args.sampling = Sampling.make(temperature, args.top_k, args.seed or 0)
+    return args.sampling
 
 
 def check_model_flags(args: argparse.Namespace) -> None:
@@ -289,6 +351,7 @@ def _generate_on_device(backend: str):
             progress=progress,
             timeout=args.timeout,
             device_options=_device_options(args, cfg),
+            sampling=args.sampling,
         )
         if progress is not None:
             progress.finish()
@@ -322,7 +385,9 @@ def _generate_hybrid(weights, cfg, ids: list[int], n_new: int, args) -> dict:
         args.prefill_device,
         device_options=_device_options(args, cfg),
     ) as hs:
-        result = hs.generate(ids, n_new, progress=progress, timeout=args.timeout)
+        result = hs.generate(
+            ids, n_new, progress=progress, timeout=args.timeout, sampling=args.sampling
+        )
         where = f" on {args.geom.name}, prefill on {hs.model.device}"
     if progress is not None:
         progress.finish()
@@ -341,7 +406,7 @@ def _generate_gpu(weights, cfg, ids: list[int], n_new: int, args) -> dict:
 
     model = PreparedModel(cfg, weights, args.prefill_device)
     progress = _progress(args, n_new)
-    result = generate_gpu(cfg, model, ids, n_new, progress)
+    result = generate_gpu(cfg, model, ids, n_new, progress, sampling=args.sampling)
     if progress is not None:
         progress.finish()
     return {"tokens": result.tokens, "timings": result.timings, "where": f" on {model.device}"}
@@ -434,7 +499,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"timings: {timings}{out.get('extra', '')}", file=sys.stderr)
     print(
         f"[{label}] model {cfg.name}{out['where']}: {len(ids)} prompt + {len(new)} new "
-        f"tokens in {elapsed:.2f} s",
+        f"tokens in {elapsed:.2f} s ({args.sampling.describe() if args.sampling else 'greedy'})",
         file=sys.stderr,
     )
     return 0
@@ -774,7 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="greedy text generation")
+    gen = sub.add_parser(
+        "generate", help="text generation (greedy, or sampled on the core with --temperature)"
+    )
     _model_args(gen)
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument(
@@ -788,9 +855,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens to generate, >= 1 (prompt + N - 1 must fit the model's context)",
     )
-    # Decoding is greedy. Sampling flags (--temperature, --top-k, --seed; issue 16) belong here,
-    # beside --max-new-tokens: --seed is kept free for them (the random weights of --preset take
-    # --weights-seed).
+    # Greedy unless --temperature: then the core samples (tandem.sampling, docs/numerics.md).
+    gen.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=None,
+        metavar="T",
+        help="sample on the core with temperature T (0 < T < 16, in steps of 1/4096) by "
+        "Gumbel-max over the top-k logits; default: greedy",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=_bounded(1, TOP_K_MAX, "the core keeps at most 64 candidates"),
+        default=None,
+        metavar="K",
+        help=f"with --temperature: sample among the K most likely tokens, 1 <= K <= "
+        f"{TOP_K_MAX} (default {TOP_K_MAX})",
+    )
+    gen.add_argument(
+        "--seed",
+        type=_bounded(0, SEED_MAX, "32 bits"),
+        default=None,
+        metavar="S",
+        help="with --temperature: seed of the core's random stream, 0 <= S < 2**32 (default 0); "
+        "the same seed gives the same tokens on every backend",
+    )
     _device_args(gen, ["gpu", "fpga", "hybrid", "auto"], "decodes")
     gen.set_defaults(func=cmd_generate)
 

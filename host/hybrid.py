@@ -25,6 +25,7 @@ from tandem.config import GPT2Config
 from tandem.geometry import CoreGeometry
 from tandem.gpu.prefill import PreparedModel, prefill
 from tandem.gpu.transfer import KVTransfer, TransferReport
+from tandem.sampling import Sampling
 
 from .device import Closes
 from .request import check_geometry, check_request
@@ -88,8 +89,11 @@ class HybridSession(Closes):
         n_new: int,
         progress: Progress | None = None,
         timeout: float | None = None,
+        sampling: Sampling | None = None,
     ) -> HybridResult:
-        """Greedy decoding of ``n_new`` tokens after ``prompt_ids``. Raises ValueError for a
+        """Greedy decoding of ``n_new`` tokens after ``prompt_ids`` (or sampled with
+        ``sampling``: the GPU samples the first token, the core the rest, one stream keyed by
+        position). Raises ValueError for a
         request that does not fit (empty prompt, over the context, bad ids), and
         :class:`~tandem.host.runtime.DecodeTimeout` if the device does not finish the decode
         within ``timeout`` seconds (its ``tokens`` hold the GPU's first token; the session stays
@@ -104,7 +108,7 @@ class HybridSession(Closes):
         transfer = KVTransfer(self.session.device, layout, self.model.device)
         t0 = time.perf_counter()
         try:
-            pre = prefill(self.cfg, self.model, ids, on_layer=transfer.on_layer)
+            pre = prefill(self.cfg, self.model, ids, on_layer=transfer.on_layer, sampling=sampling)
         finally:
             t1 = time.perf_counter()
             report = transfer.finish()
@@ -124,6 +128,7 @@ class HybridSession(Closes):
                     progress=shifted if progress is not None else None,
                     timeout=timeout,
                     start_pos=L,
+                    sampling=sampling,
                 )
             except DecodeTimeout as err:
                 err.tokens = tokens + err.tokens

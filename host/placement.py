@@ -90,11 +90,12 @@ def choose(
     return Choice(placement, numbers)
 
 
-def generate_gpu(cfg: GPT2Config, model, ids, n_new: int, progress=None):
+def generate_gpu(cfg: GPT2Config, model, ids, n_new: int, progress=None, sampling=None):
     """``--placement gpu``: torch prefill and torch decode under the core's numeric contract
-    (:func:`tandem.gpu.decode.generate` on a :class:`~tandem.gpu.prefill.PreparedModel`), after
-    the same request checks as every other placement (:func:`tandem.host.request.check_request`)."""
+    (:func:`tandem.gpu.decode.generate` on a :class:`~tandem.gpu.prefill.PreparedModel`; greedy,
+    or sampled with ``sampling``, ``tandem.sampling``), after the same request checks as every
+    other placement (:func:`tandem.host.request.check_request`)."""
     from tandem.gpu.decode import generate
 
     ids = check_request(cfg, ids, n_new)
-    return generate(cfg, model, ids, n_new, progress)
+    return generate(cfg, model, ids, n_new, progress, sampling=sampling)

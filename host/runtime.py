@@ -29,6 +29,7 @@ from tandem.config import GPT2Config
 from tandem.geometry import GEOMETRIES, CoreGeometry, geometry
 from tandem.layout import StatusRecord
 from tandem.regmap import describe_status as _describe
+from tandem.sampling import Sampling
 
 from .backends import open_device
 from .device import Closes, Device, DeviceError
@@ -211,10 +212,12 @@ class Session(Closes):
         progress: Progress | None = None,
         timeout: float | None = None,
         start_pos: int = 0,
+        sampling: Sampling | None = None,
     ) -> GenerateResult:
-        """Greedy decoding of ``n_new`` tokens after ``prompt_ids`` (the prompt runs on the core
-        too, one position at a time). Raises ValueError for requests that do not fit and
-        RunError if the core reports an error.
+        """Decoding of ``n_new`` tokens after ``prompt_ids`` (the prompt runs on the core
+        too, one position at a time): greedy, or sampled on the core with ``sampling``
+        (``tandem.sampling``: the kernel's ``sampling`` and ``seed`` arguments). Raises
+        ValueError for requests that do not fit and RunError if the core reports an error.
 
         With ``start_pos`` > 0 the core starts there: positions below must already be in the
         device's KV regions (the hybrid pipeline writes the GPU prefill's K/V prefix with
@@ -230,7 +233,9 @@ class Session(Closes):
         self._fresh = False
         t0 = time.perf_counter()
         dev.write_tokens(c.layout, "prompt", ids)
-        dev.set_args(**c.args(prompt_len=len(ids), n_new=n_new, start_pos=start_pos))
+        dev.set_args(
+            **c.args(prompt_len=len(ids), n_new=n_new, start_pos=start_pos, sampling=sampling)
+        )
         t1, c1 = time.perf_counter(), time.process_time()
         dev.start(on_token=progress)
         self._running = True
@@ -322,8 +327,10 @@ def generate(
     progress: Progress | None = None,
     timeout: float | None = None,
     device_options: Mapping | None = None,
+    sampling: Sampling | None = None,
 ) -> GenerateResult:
-    """Compile ``cfg``/``weights`` for ``geom``, load it on ``backend`` and decode greedily.
+    """Compile ``cfg``/``weights`` for ``geom``, load it on ``backend`` and decode greedily (or
+    sampled on the core with ``sampling``).
     ``device_options`` go to the backend (the ``fpga`` backend's ``xclbin``, for example).
 
     Returns a :class:`GenerateResult` (tokens, timings incl. compile and load, status). The
@@ -332,4 +339,4 @@ def generate(
     """
     check_request(cfg, prompt_ids, n_new, timeout=timeout)
     with Session(cfg, weights, geom, backend, device_options=device_options) as session:
-        return session.generate(prompt_ids, n_new, progress, timeout=timeout)
+        return session.generate(prompt_ids, n_new, progress, timeout=timeout, sampling=sampling)

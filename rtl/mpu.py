@@ -4,11 +4,12 @@
 
 from types import SimpleNamespace
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from tandem import sampling as S
 from tandem.geometry import CoreGeometry, is_pow2
 from tandem.isa import MatFlag
 from tandem.numerics import BLOCK, MAX_DOT_LEN, acc_lsb_exponent
@@ -16,7 +17,7 @@ from tandem.numerics import BLOCK, MAX_DOT_LEN, acc_lsb_exponent
 from .arith import AccToFP16, AccumulatorShift, BlockAlign, BlockDot
 from .component import GeometryComponent
 
-__all__ = ["Block", "MatrixUnit", "MatvecCommand", "MatvecFlags"]
+__all__ = ["Block", "MatrixUnit", "MatvecCommand", "MatvecFlags", "MatvecSampling"]
 
 Block = data.ArrayLayout(unsigned(16), BLOCK)
 """One 64-element binary16 row: an input block, a bias row, a result row."""
@@ -30,6 +31,11 @@ _MAX_GROUPS = -(-0xFFFF // BLOCK)
 _BIAS_XE = 25
 """A bias element is placed like a block sum ``sig * 2**(exp - 25)`` with ``xe = 25``:
 ``numerics.bias_to_acc`` shifts by ``exp - 25 - lam`` = ``block_shift(exp, 25, xe_max)``."""
+
+
+_KEY_SCHEDULE = S.SIMON_ROUNDS - 4 + 1
+"""Cycles from a command's acceptance to the first cycle the scan may start: the key words are
+loaded with the command, then the other round keys come one per cycle."""
 
 
 class MatvecFlags(data.Struct):
@@ -48,12 +54,22 @@ for _name, _field in data.Layout.cast(MatvecFlags):
         raise AssertionError(f"MatvecFlags.{_name} is not at MatFlag's bit position")
 
 
+class MatvecSampling(data.Struct):
+    """The sampling registers of an ``ARGMAX`` (``MATVEC``'s ``sreg`` field): the ``sampling``
+    word (``T_q`` in bits 15:0, 0 = greedy; ``K`` in bits 22:16), the seed and the position
+    (:mod:`tandem.sampling`)."""
+
+    word: unsigned(32)
+    seed: unsigned(32)
+    pos: unsigned(16)
+
+
 class MatvecCommand(data.Struct):
     """One ``MATVEC`` as the MPU sees it.
 
     ``rows``/``cols`` are the allocated shape; ``live_rows``/``live_cols`` the part to compute
     (equal to ``rows``/``cols`` unless a ``LIVE_*`` flag is set). The MPU uses
-    ``min(live, allocated)`` of each.
+    ``min(live, allocated)`` of each. ``sampling`` matters only with ``flags.argmax``.
     """
 
     rows: unsigned(16)
@@ -61,6 +77,7 @@ class MatvecCommand(data.Struct):
     live_rows: unsigned(16)
     live_cols: unsigned(16)
     flags: MatvecFlags
+    sampling: MatvecSampling
 
     def eff_rows(self):
         """``min(live_rows, rows)``: the rows computed."""
@@ -215,7 +232,7 @@ class MatrixUnit(GeometryComponent):
                 "result": Out(stream.Signature(Block)),
                 "argmax": Out(stream.Signature(unsigned(16))),
                 "busy": Out(1),
-            }
+            },
         )
 
     # read-only parameters -------------------------------------------------------------------
@@ -269,13 +286,40 @@ class MatrixUnit(GeometryComponent):
         """Rows the bias buffer holds."""
         return self._bias_depth
 
-    def cycles(self, n_groups: int, n_cb: int, *, argmax: bool = False) -> int:
-        """The documented cycle count of one command whose streams never stall (see Timing)."""
+    @property
+    def sample_latency(self) -> int:
+        """The fixed part of a sampling command's tail (see Timing): the pipeline to the
+        rounded rows (``st_out``), the lane lists (2), the start of the scan (1), the scan's end
+        marker (1), the stream (8 stages of 4 rounds), the Gumbel table, ``T_q * g_q``, the
+        score, the running maximum and the index transfer (6)."""
+        return self._st_out + 17
+
+    def sample_tail(self, k: int, rows: int | None = None) -> int:
+        """Cycles a sampling command adds after its last tile (``tail`` in Timing) with top-k
+        ``k`` over ``rows`` live rows (default: enough to fill every lane's list), for
+        commands long enough that the key schedule is done (all but the shortest)."""
+        if rows is None:
+            rows = self._lanes * k
+        per_lane = [len(range(lane, rows, self._lanes)) for lane in range(self._lanes)]
+        merge = sum(min(k, n) + 1 for n in per_lane)
+        return self.sample_latency + merge + min(k, rows)
+
+    def cycles(
+        self, n_groups: int, n_cb: int, *, argmax: bool = False, sample: tuple | None = None
+    ) -> int:
+        """The documented cycle count of one command whose streams never stall (see Timing).
+        ``sample``: ``(K, live rows)`` of an ARGMAX that samples."""
         if n_groups == 0:
             return 2
         n_cb = max(n_cb, 1)  # no live column: one all-zero block of the unit's own
+        base = 1 + n_cb + self.x_latency + n_groups * n_cb * self._stride
+        if sample is not None:
+            k, rows = sample
+            tail = self.sample_tail(k, rows)
+            # the scan waits for the key schedule (29 cycles after the command's acceptance)
+            return max(base + tail, _KEY_SCHEDULE + 15 + min(k, rows))
         tail = self.argmax_latency if argmax else 0
-        return 1 + n_cb + self.x_latency + n_groups * n_cb * self._stride + tail
+        return base + tail
 
     # ----------------------------------------------------------------------------------------
 
@@ -288,7 +332,8 @@ class MatrixUnit(GeometryComponent):
         rounded, total = self._tile_pipeline(m, x, cr, t)
         self._result_rows(m, t.tags, rounded, cr.out_fifo)
         best, amax_done = self._argmax(m, t.tags, total)
-        self._sequence(m, c, x, cr, t, best, amax_done)
+        smp = self._sample(m, c, t.tags, rounded)
+        self._sequence(m, c, x, cr, t, best, amax_done, smp)
         return m
 
     def _command(self, m):
@@ -299,6 +344,11 @@ class MatrixUnit(GeometryComponent):
         do_bias = Signal()
         do_argmax = Signal()
         rows_left = Signal(17)  # live rows from the current group on
+        # sampling (an ARGMAX whose sampling word has a temperature; tandem.sampling)
+        do_sample = Signal()
+        s_tq = Signal(16)
+        s_k = Signal(range(S.TOP_K_MAX + 1))
+        accept = Signal()  # the command is taken this cycle
 
         eff_rows = Signal(16)
         eff_cols = Signal(16)
@@ -309,6 +359,10 @@ class MatrixUnit(GeometryComponent):
             last_grp=last_grp,
             do_bias=do_bias,
             do_argmax=do_argmax,
+            do_sample=do_sample,
+            s_tq=s_tq,
+            s_k=s_k,
+            accept=accept,
             rows_left=rows_left,
             eff_rows=eff_rows,
             eff_cols=eff_cols,
@@ -416,7 +470,7 @@ class MatrixUnit(GeometryComponent):
         """Tile counters and acceptance, the input register, and the tags that carry each
         tile's position and its command's state down the pipeline (``tags[i]`` is stage i)."""
         lanes, stride, xb = self._lanes, self._stride, self._x_blocks
-        n_stages = max(self._st_out, self._st_amax) + 1
+        n_stages = max(self._st_out + 1, self._st_amax) + 1  # sampling reads st_out + 1
         rb = Signal(range(stride))
         cb = Signal(range(xb))
         grp = Signal(range(_MAX_GROUPS))
@@ -453,6 +507,7 @@ class MatrixUnit(GeometryComponent):
                 "x_nonfinite": 1,
                 "bias": 1,
                 "argmax": 1,
+                "sample": 1,
             }
         )
         tags = [Signal(tag_layout, name=f"tag{i}") for i in range(n_stages)]
@@ -475,6 +530,7 @@ class MatrixUnit(GeometryComponent):
             tags[0].x_nonfinite.eq(x.nonfinite),
             tags[0].bias.eq(c.do_bias),
             tags[0].argmax.eq(c.do_argmax),
+            tags[0].sample.eq(c.do_sample),
         ]
         tile_in = Signal(data.ArrayLayout(Block, lanes))
         w_keep = Signal(BLOCK * 16 * lanes)
@@ -674,17 +730,226 @@ class MatrixUnit(GeometryComponent):
             m.d.sync += best.eq(cand)
         with m.If(t_am.valid & t_am.cmd_end & t_am.argmax):
             m.d.sync += amax_done.eq(1)
-        m.d.comb += self.argmax.payload.eq(best.index)
         return best, amax_done
 
-    def _sequence(self, m, c, x, cr, t, best, amax_done):
-        """The command FSM: accept, load x, stream the tiles, report the argmax."""
+    def _sample(self, m, c, tags, rounded):
+        """Sampling (an ``ARGMAX`` whose sampling word has a temperature): the contract of
+        :mod:`tandem.sampling` in four phases.
+
+        1. *Lists* (stage ``st_out + 1``): each lane inserts its live rows' binary16 results
+           into a sorted list of :data:`tandem.sampling.TOP_K_MAX` entries (value, then the
+           lower index first), one row per lane per cycle, as the rows are rounded.
+        2. *Merge*: the lanes' lists, one after the other, move their first ``K`` entries into
+           one more such list, one entry per cycle: the global top ``K`` is within the union
+           of every lane's top ``K``.
+        3. *Scan*: the global list's first ``K`` entries, one per cycle, through the stream
+           (Simon32/64, 4 rounds per stage, round keys expanded at the command's start), the
+           Gumbel table, ``2 * T_q * g_q`` and the fixed-point logit.
+        4. *Choice*: a running maximum of the score (then the lower index).
+
+        Returns the chosen index and the done flag (the index transfer may go)."""
+        lanes, K = self._lanes, S.TOP_K_MAX
+        entry = data.StructLayout({"valid": 1, "bits": 16, "index": 16})
+
+        def rank(e):
+            """Unsigned order of entries: the binary16 value (IEEE order key; -0 was made +0),
+            then the lower index."""
+            b = e.bits
+            okey = Mux(b[15], ~b, b | 0x8000)
+            return Cat(~e.index, okey)
+
+        def sorted_list(name, ins, pop):
+            es = [Signal(entry, name=f"{name}{i}") for i in range(K)]
+            gt = Signal(K, name=f"{name}_gt")
+            for i, e in enumerate(es):
+                m.d.comb += gt[i].eq(~e.valid | (rank(ins) > rank(e)))
+            with m.If(c.accept):
+                m.d.sync += [e.valid.eq(0) for e in es]
+            with m.Elif(pop):
+                m.d.sync += [es[i].eq(es[i + 1]) for i in range(K - 1)]
+                m.d.sync += es[K - 1].valid.eq(0)
+            with m.Elif(ins.valid):
+                for i in range(K):
+                    with m.If(gt[i]):
+                        if i == 0:
+                            m.d.sync += es[0].eq(ins)
+                        else:
+                            m.d.sync += es[i].eq(
+                                Mux(gt[i - 1], es[i - 1].as_value(), ins.as_value())
+                            )
+            return es
+
+        # 1. candidates, one per lane, registered at stage st_out + 1
+        t_out = tags[self._st_out]
+        t_cand = tags[self._st_out + 1]
+        cands = []
+        for lane in range(lanes):
+            b = rounded[lane]
+            e = Signal(entry, name=f"smp_cand{lane}")
+            m.d.sync += [
+                e.valid.eq(t_out.valid & t_out.last & t_out.live[lane] & t_out.sample),
+                e.bits.eq(Mux(b[:15] == 0, 0, b)),  # -0 ranks as +0
+                e.index.eq(
+                    Cat(Const(lane, (lanes - 1).bit_length()), t_out.rb, t_out.grp)
+                    if lanes > 1
+                    else Cat(t_out.rb, t_out.grp)
+                ),
+            ]
+            cands.append(e)
+
+        # 2. merge
+        merging = Signal()
+        merged = Signal()
+        m_lane = Signal(range(lanes))
+        m_taken = Signal(range(K + 1))
+        m_reg = Signal(entry)
+        pops = Signal(lanes)
+        lists = [sorted_list(f"smp_l{lane}_", cands[lane], pops[lane]) for lane in range(lanes)]
+        head = Signal(entry)
+        m.d.comb += head.eq(Array(lst[0].as_value() for lst in lists)[m_lane])
+        m_take = merging & head.valid & (m_taken < c.s_k)
+        for lane in range(lanes):
+            m.d.comb += pops[lane].eq(m_take & (m_lane == lane))
+        m.d.sync += m_reg.valid.eq(0)
+        with m.If(c.accept):
+            m.d.sync += [merging.eq(0), merged.eq(0)]
+        with m.Elif(t_cand.valid & t_cand.cmd_end & t_cand.sample):
+            m.d.sync += [merging.eq(1), m_lane.eq(0), m_taken.eq(0)]
+        with m.Elif(merging):
+            with m.If(m_take):
+                m.d.sync += [m_reg.eq(head), m_taken.eq(m_taken + 1)]
+            with m.Elif(m_lane == lanes - 1):
+                m.d.sync += [merging.eq(0), merged.eq(1)]
+            with m.Else():
+                m.d.sync += [m_lane.eq(m_lane + 1), m_taken.eq(0)]
+        s_pop = Signal()
+        glist = sorted_list("smp_g", m_reg, s_pop)
+
+        # round keys: Simon32/64's schedule, one word per cycle from the command's start (28
+        # cycles; the scan waits for it, though a command's tiles take longer)
+        ks = [Signal(16, name=f"smp_rk{i}") for i in range(S.SIMON_ROUNDS)]
+        ks_left = Signal(range(S.SIMON_ROUNDS))
+        z_bits = int(S._SIMON_Z0[: S.SIMON_ROUNDS - 4][::-1], 2)  # bit j: step j's z
+        z = Signal(S.SIMON_ROUNDS - 4)
+        seed, pos = self.cmd.payload.sampling.seed, self.cmd.payload.sampling.pos
+
+        def ror(v, r):
+            return v.rotate_right(r)
+
+        with m.If(c.accept):
+            m.d.sync += [
+                ks[28].eq(seed[:16]),
+                ks[29].eq(seed[16:]),
+                ks[30].eq(pos),
+                ks[31].eq(0),
+                ks_left.eq(S.SIMON_ROUNDS - 4),
+                z.eq(z_bits),
+            ]
+        with m.Elif(ks_left != 0):
+            tmp = ror(ks[31], 3) ^ ks[29]
+            nxt = Const(S._SIMON_C, 16) ^ z[0] ^ ks[28] ^ tmp ^ ror(tmp, 1)
+            m.d.sync += [ks[i].eq(ks[i + 1]) for i in range(S.SIMON_ROUNDS - 1)]
+            m.d.sync += [ks[31].eq(nxt), ks_left.eq(ks_left - 1), z.eq(z >> 1)]
+
+        # 3. scan: the global list's first K entries, then an end marker
+        stage = data.StructLayout({"valid": 1, "end": 1, "bits": 16, "index": 16})
+        scanning = Signal()
+        scanned = Signal()
+        s_count = Signal(range(K + 1))
+        g_head = glist[0]
+        s_take = scanning & g_head.valid & (s_count < c.s_k)
+        m.d.comb += s_pop.eq(s_take)
+        p0 = Signal(stage, name="smp_p0")
+        m.d.sync += p0.eq(0)
+        with m.If(c.accept):
+            m.d.sync += [scanning.eq(0), scanned.eq(0)]
+        with m.Elif(scanning):
+            with m.If(s_take):
+                m.d.sync += [
+                    p0.valid.eq(1),
+                    p0.bits.eq(g_head.bits),
+                    p0.index.eq(g_head.index),
+                    s_count.eq(s_count + 1),
+                ]
+            with m.Else():
+                m.d.sync += [p0.end.eq(1), scanning.eq(0), scanned.eq(1)]
+        with m.Elif(merged & (ks_left == 0) & ~scanned):
+            m.d.sync += [scanning.eq(1), s_count.eq(0)]
+
+        # the stream: (x, y) = (index, 0), ROUNDS_PER_STAGE rounds per register stage
+        rps = 4
+        meta, cx, cy = p0, p0.index, Const(0, 16)
+        for j in range(S.SIMON_ROUNDS // rps):
+            for r in range(rps):
+                k = ks[j * rps + r]
+                rx = Signal(16, name=f"smp_r{j * rps + r}")  # one name per round: no expression
+                m.d.comb += rx.eq(  # trees that grow threefold per round in the Verilog
+                    cy ^ ((cx.rotate_left(1) & cx.rotate_left(8)) ^ cx.rotate_left(2)) ^ k
+                )
+                cx, cy = rx, cx
+            nm_ = Signal(stage, name=f"smp_c{j + 1}")
+            nx = Signal(16, name=f"smp_x{j + 1}")
+            ny = Signal(16, name=f"smp_y{j + 1}")
+            m.d.sync += [nm_.eq(meta), nx.eq(cx), ny.eq(cy)]
+            meta, cx, cy = nm_, nx, ny
+        # Gumbel table (read at the next edge) and the logit's magnitude, 2**24 units
+        m.submodules.smp_gumbel = gmem = Memory(
+            shape=signed(16), depth=1 << S.GUMBEL_INDEX_BITS, init=S.gumbel_table().tolist()
+        )
+        g_rd = gmem.read_port(domain="sync")
+        m.d.comb += g_rd.addr.eq(cx[16 - S.GUMBEL_INDEX_BITS :])
+        field = meta.bits[10:15]
+        sig = Cat(meta.bits[:10], field != 0)
+        p9 = Signal(stage, name="smp_p9")
+        mag9 = Signal(11 + 30)
+        shamt = Signal(5, name="smp_shamt")  # exponent - 1; subnormals: exponent 1
+        m.d.comb += shamt.eq(Mux(field == 0, 0, field - 1))
+        m.d.sync += [p9.eq(meta), mag9.eq(sig << shamt)]
+        p10 = Signal(stage, name="smp_p10")
+        mag10 = Signal.like(mag9)
+        prod10 = Signal(signed(34))
+        m.d.sync += [p10.eq(p9), mag10.eq(mag9), prod10.eq(c.s_tq * g_rd.data)]
+        p11 = Signal(stage, name="smp_p11")
+        score11 = Signal(signed(48))
+        twice = prod10 << 1
+        m.d.sync += [
+            p11.eq(p10),
+            score11.eq(Mux(p10.bits[15], twice - mag10, twice + mag10)),
+        ]
+
+        # 4. the choice
+        best_score = Signal(signed(48))
+        best_index = Signal(16)
+        best_valid = Signal()
+        done = Signal()
+        better = Cat(~p11.index, score11).as_signed() > Cat(~best_index, best_score).as_signed()
+        with m.If(c.accept):
+            m.d.sync += [best_valid.eq(0), best_index.eq(0), done.eq(0)]
+        with m.Else():
+            with m.If(p11.valid & (~best_valid | better)):
+                m.d.sync += [best_valid.eq(1), best_score.eq(score11), best_index.eq(p11.index)]
+            with m.If(p11.end):
+                m.d.sync += done.eq(1)
+        return SimpleNamespace(index=best_index, done=done)
+
+    def _sequence(self, m, c, x, cr, t, best, amax_done, smp):
+        """The command FSM: accept, load x, stream the tiles, report the argmax (or the
+        sampled index)."""
         cmd = c.payload
         A = self._lat["align"]
+        m.d.comb += self.argmax.payload.eq(Mux(c.do_sample, smp.index, best.index))
+        word = cmd.sampling.word
+        k_raw = word[16 : 16 + S.TOP_K_BITS]
         with m.FSM(name="mpu_fsm"):
             with m.State("Idle"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
+                    m.d.comb += c.accept.eq(1)
+                    m.d.sync += [
+                        c.do_sample.eq(cmd.flags.argmax & (word[:16] != 0)),
+                        c.s_tq.eq(word[:16]),
+                        c.s_k.eq(Mux((k_raw == 0) | (k_raw > S.TOP_K_MAX), S.TOP_K_MAX, k_raw)),
+                    ]
                     rem = c.eff_cols[:6]
                     m.d.sync += [
                         c.last_grp.eq(c.groups - 1),
@@ -731,7 +996,7 @@ class MatrixUnit(GeometryComponent):
                     with m.Else():
                         m.next = "Idle"
             with m.State("Drain"):
-                m.d.comb += self.argmax.valid.eq(amax_done)
+                m.d.comb += self.argmax.valid.eq(Mux(c.do_sample, smp.done, amax_done))
                 with m.If(self.argmax.valid & self.argmax.ready):
                     m.next = "Idle"
             with m.State("Finish"):  # no live row: no result rows; argmax reports index 0

@@ -12,7 +12,7 @@ Program
 ``T`` is ``pos + 1``; ``E`` = n_embd, ``P`` = n_head * 64 (heads padded to one block), ``F`` = 4E.
 Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (broadcast) operand::
 
-    prologue   LDARG start_pos, prompt_len, n_new; k = 0
+    prologue   LDARG start_pos, prompt_len, n_new, sampling, seed; k = 0
                start_pos >= prompt_len (also prompt_len == 0) -> HALT BAD_ARGS
                n_new == 0 -> HALT 0
                VSET c_n = 1/E, eps, scale = 1/sqrt(head_dim), one = 1.0  (binary16)
@@ -42,7 +42,10 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                hm = MATVEC(c_fc, y, BIAS); hm = VGELU(hm)                     [F]
                mo = MATVEC(mlp.c_proj, hm, BIAS); x = VADD(x, mo)
     lm_head    only if T >= prompt_len: LOADV ln1_g, ln1_b = ln_f; layer_norm(x; ln1_g, ln1_b) -> y
-               next = MATVEC(lm_head, y, ARGMAX); STW next -> output[k]; k += 1
+               spos = pos; next = MATVEC(lm_head, y, ARGMAX, sreg = sampling)
+                      (greedy, or sampled when the sampling argument has a temperature:
+                      seed and position in the two registers after it)
+               STW next -> output[k]; k += 1
                k == n_new -> HALT 0
                pos += 1; JMP loop
 
@@ -98,6 +101,7 @@ from .layout import (
 )
 from .numerics import BLOCK, to_bits
 from .regmap import HaltCode, scalar_arg_index
+from .sampling import GREEDY, Sampling
 
 # Scalar registers of the compiled program.
 R_POS = 1  # position being processed
@@ -110,6 +114,9 @@ R_NEXT = 7  # the last argmax
 R_CTX = 8  # n_ctx
 R_VOCAB = 9  # n_vocab
 R_START = 10  # start_pos argument
+R_SAMP = 11  # sampling argument (temperature, top-k; tandem.sampling)
+R_SEED = 12  # seed argument: R_SAMP + 1, as MATVEC's sreg field requires
+R_SPOS = 13  # copy of R_POS at the LM head: R_SAMP + 2, the position keying the sampling stream
 
 B = VecFlag.B_SCALAR
 
@@ -437,7 +444,8 @@ class _Emitter:
         before)."""
         if not self.logits:
             self.final_norm()
-        self.matvec("y", "y", "lm_head", flags=MatFlag.ARGMAX, rd=R_NEXT)
+        self.p(Op.ADDI, rd=R_SPOS, ra=R_POS, imm=0)
+        self.matvec("y", "y", "lm_head", flags=MatFlag.ARGMAX, rd=R_NEXT, sreg=R_SAMP)
         self.p(Op.STW, rs=R_NEXT, line=self.layout["output"].line, ri=R_K)
         self.p(Op.ADDI, rd=R_K, ra=R_K, imm=1)
 
@@ -449,6 +457,8 @@ class _Emitter:
         p(Op.LDARG, rd=R_START, arg=arg("start_pos"))
         p(Op.LDARG, rd=R_PLEN, arg=arg("prompt_len"))
         p(Op.LDARG, rd=R_NNEW, arg=arg("n_new"))
+        p(Op.LDARG, rd=R_SAMP, arg=arg("sampling"))
+        p(Op.LDARG, rd=R_SEED, arg=arg("seed"))
         p(Op.SETI, rd=R_K, imm=0)
         p(Op.SETI, rd=R_CTX, imm=cfg.n_ctx)
         p(Op.SETI, rd=R_VOCAB, imm=cfg.n_vocab)
@@ -535,14 +545,18 @@ class Compiled:
     def assembly(self) -> str:
         return isa.disassemble(self.program)
 
-    def args(self, prompt_len: int, n_new: int, start_pos: int = 0) -> dict[str, int]:
-        """Scalar arguments of a run (``hbm_bytes`` = the whole layout)."""
+    def args(
+        self, prompt_len: int, n_new: int, start_pos: int = 0, sampling: Sampling | None = None
+    ) -> dict[str, int]:
+        """Scalar arguments of a run (``hbm_bytes`` = the whole layout; ``sampling`` None:
+        greedy)."""
         return {
             "start_pos": start_pos,
             "prompt_len": prompt_len,
             "n_new": n_new,
             "hbm_bytes": self.layout.channel_bytes,
             "watchdog": 0,
+            **(sampling or GREEDY).args(),
         }
 
     # Token areas and the status record, on anything with read_channel/write_channel

@@ -102,7 +102,9 @@ class VecFlag(enum.IntFlag):
 
 FLAG_DOCS = {  # keyed by name: IntFlag members of different classes compare equal as ints
     "BIAS": "start each row's accumulator from VBUF[dst + row] (the bias put there first)",
-    "ARGMAX": "write the lowest index of the largest accumulator to R[rd], not VBUF",
+    "ARGMAX": "write the lowest index of the largest accumulator to R[rd], not VBUF (or, when "
+    "R[sreg] has a temperature, the token sampled from the top-K binary16 logits; "
+    "tandem.sampling)",
     "LIVE_ROWS": "compute only the first R[lreg] rows; later rows are not written",
     "LIVE_COLS": "use only the first R[lreg] columns; later weights and inputs count as +0",
     "B_SCALAR": "operand b is the single element VBUF[b], broadcast over the length",
@@ -214,6 +216,7 @@ FORMATS: dict[Op, tuple[Field, ...]] = {
         _f("flags", 4, "MatFlag", flags=MatFlag),
         _LREG,
         _f("rd", _REG, "ARGMAX destination register"),
+        _f("sreg", _REG, "with ARGMAX: sampling word R[sreg], seed R[sreg+1], position R[sreg+2]"),
     ),
 }
 
@@ -281,7 +284,10 @@ SEMANTICS: dict[Op, str] = {
     Op.MATVEC: (
         "VBUF[dst+r] = binary16(sum_c W[r, c] * VBUF[src+c] (+ bias)) for each live row r, under "
         "the block-floating-point contract of tandem.numerics.matvec; with ARGMAX, R[rd] = the "
-        "lowest row index of the largest accumulator."
+        "lowest row index of the largest accumulator; if R[sreg]'s temperature T_q (bits 15:0) is "
+        "non-zero, R[rd] = the Gumbel-max sample among the K (bits 22:16) largest binary16 "
+        "logits, keyed by seed R[sreg+1] and position R[sreg+2] (register numbers mod 16; "
+        "tandem.sampling, docs/numerics.md). sreg = 0 reads R0 = 0: greedy."
     ),
     Op.VADD: "VBUF[dst+i] = VBUF[a+i] + b_i (binary16, nearest even).",
     Op.VSUB: "VBUF[dst+i] = VBUF[a+i] - b_i.",

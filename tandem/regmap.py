@@ -128,6 +128,8 @@ SCALAR_ARGS = (
     ("n_new", "tokens to generate"),
     ("hbm_bytes", "bytes of every channel's buffer; accesses beyond are errors"),
     ("watchdog", "cycles without progress before WATCHDOG (0: default 2**24)"),
+    ("sampling", "temperature T_q (bits 15:0; 0: greedy) and top-k (bits 22:16); tandem.sampling"),
+    ("seed", "seed of the sampling stream (tandem.sampling)"),
 )
 """Scalar arguments in order; ``LDARG`` numbers them from 0."""
 

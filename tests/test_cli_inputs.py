@@ -251,8 +251,8 @@ def test_weights_seed_only_with_preset(capsys, ckpt, nothing_runs):
     one_line(capsys, [*argv, "--weights-seed", "3"], 2, "--weights-seed", "--preset")
     one_line(capsys, ["generate", "--weights-seed", "3"], 2, "--weights-seed", "built-in")
     one_line(capsys, [*TINY, "--weights-seed", "-1"], 2, "--weights-seed", "'-1'")
-    # --seed is kept for sampling (issue 16), not yet a flag of generate
-    one_line(capsys, [*TINY, "--seed", "1"], 2, "unrecognized arguments: --seed")
+    # --seed is the sampling stream's: alone it is refused (tests/test_sampling.py has the rest)
+    one_line(capsys, [*TINY, "--seed", "1"], 2, "--seed applies to sampling")
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from tandem.host.cli import main
 from tandem.host.device import DeviceError
 from tandem.host.fpga import DeviceTimeoutError, FpgaDevice, OpenClDevice
 from tandem.host.xrt import XrtDevice
+from tandem.regmap import SCALAR_ARGS
 
 GEOM = "tiny"
 
@@ -65,6 +66,9 @@ def _decode(dev, c, ids=(3, 1, 4), n=4):
     record = dev.run(timeout=600)
     return record, dev.read_tokens(c.layout, min(n, record.tokens))
 
+
+N_SCALARS = len(SCALAR_ARGS)
+"""The first HBM pointer's argument index."""
 
 # --------------------------------------------------------------------------------------------
 # Which path
@@ -120,7 +124,8 @@ def test_xrt_buffer_in_another_bank_is_refused(xrt_card, model, tmp_path, monkey
     with pytest.raises(
         DeviceError,
         match=r"XRT error while starting the kernel on card 0 \(.*\): Kernel tandem_decode_core "
-        r"has no compute units with connectivity required for global argument at index 5\. The "
+        r"has no compute units with connectivity required for global argument at index "
+        rf"{N_SCALARS}\. The "
         r"argument is allocated in bank 0, the compute unit is connected to bank 6",
     ):
         dev.start()
@@ -166,7 +171,9 @@ def test_xrt_arguments_go_in_register_map_order(xrt_card, model, tmp_path, monke
     dev.set_args(**c.args(prompt_len=1, n_new=1))
     swapped = dict(dev._arg_index, start_pos=dev._arg_index["hbm0"], hbm0=0)
     monkeypatch.setattr(dev, "_arg_index", swapped)
-    with pytest.raises(DeviceError, match=r"set_arg\(5\): argument hbm0 is a global buffer: a bo"):
+    with pytest.raises(
+        DeviceError, match=rf"set_arg\({N_SCALARS}\): argument hbm0 is a global buffer: a bo"
+    ):
         dev.start()
     monkeypatch.undo()
     skipped = dict(dev._arg_index, watchdog=dev._arg_index["n_new"])
@@ -351,8 +358,9 @@ CASES = {
         None,
         dict.fromkeys(
             ("xrt", "opencl"),
-            r"does not match the tiny core: its kernel tandem_decode_core has 13 arguments, the "
-            r"tiny core has 9 \(5 scalars and 4 HBM channels\); it was built for a core with 8 "
+            rf"does not match the tiny core: its kernel tandem_decode_core has {N_SCALARS + 8} "
+            rf"arguments, the tiny core has {N_SCALARS + 4} \({N_SCALARS} scalars and 4 HBM "
+            r"channels\); it was built for a core with 8 "
             r"HBM channels \(--geometry small\)",
         ),
     ),

@@ -14,10 +14,11 @@ import cocotb
 import numpy as np
 
 from tandem import numerics as nm
+from tandem import sampling as S
 from tandem import seeds
 from tandem.geometry import geometry
 from tandem.layout import dense_stride, pack_tiled
-from tandem.rtl.mpu import MatvecCommand, MatvecFlags
+from tandem.rtl.mpu import MatvecCommand, MatvecFlags, MatvecSampling
 from tandem.sim import streams
 from tandem.sim.runner import tb_params
 
@@ -30,12 +31,19 @@ BLOCK = nm.BLOCK
 
 _COMMAND = streams.Packer(MatvecCommand)
 _FLAGS = streams.Packer(MatvecFlags)
+_SAMPLING = streams.Packer(MatvecSampling)
 
 
-def _cmd_word(rows, cols, live_rows, live_cols, bias, argmax) -> int:
+def _cmd_word(rows, cols, live_rows, live_cols, bias, argmax, sampling=(0, 0, 0)) -> int:
     flags = _FLAGS.pack(bias=bias, argmax=argmax)
+    word, seed, pos = sampling
     return _COMMAND.pack(
-        rows=rows, cols=cols, live_rows=live_rows, live_cols=live_cols, flags=flags
+        rows=rows,
+        cols=cols,
+        live_rows=live_rows,
+        live_cols=live_cols,
+        flags=flags,
+        sampling=_SAMPLING.pack(word=word, seed=seed, pos=pos),
     )
 
 
@@ -60,6 +68,7 @@ class Case:
     bias: np.ndarray | None  # uint16 [64 * groups_alloc] or None
     argmax: bool = False
     label: str = ""
+    sampling: tuple[int, int, int] = (0, 0, 0)  # (word, seed, position), tandem.sampling
     expect_rows: list[np.ndarray] = field(default_factory=list)
     expect_argmax: int | None = None
 
@@ -90,9 +99,9 @@ class Case:
             w, x = np.zeros((r, BLOCK), np.uint16), np.zeros(BLOCK, np.uint16)
         mat = nm.PreparedMatrix(w)
         bias = None if self.bias is None else self.bias[:r]
-        acc, _, _ = nm.matvec(mat, x, bias)
+        acc, lam, nonfinite = nm.matvec(mat, x, bias)
         if self.argmax:
-            self.expect_argmax = nm.argmax(acc)
+            self.expect_argmax = S.choose_word(acc, lam, nonfinite, *self.sampling)
             return
         y = nm.matvec_fp16(mat, x, bias)
         padded = np.zeros(self.n_groups * BLOCK, np.uint16)
@@ -108,6 +117,7 @@ class Case:
             self.live_cols,
             int(self.bias is not None),
             int(self.argmax),
+            self.sampling,
         )
         if self.n_groups == 0:  # the MPU takes nothing but the command
             return cmd, [], [], []
@@ -158,6 +168,7 @@ def make_case(
     scale=1.0,
     label="",
     values=None,
+    sampling=(0, 0, 0),
 ) -> Case:
     live_rows = rows if live_rows is None else live_rows
     live_cols = cols if live_cols is None else live_cols
@@ -171,7 +182,7 @@ def make_case(
     if bias:
         b = garbage_bits(rng, ga * BLOCK)
         b[:r] = normal_bits(rng, r, 4.0) if values is None else values(rng, r)
-    case = Case(w, rows, cols, live_rows, live_cols, x, b, argmax, label)
+    case = Case(w, rows, cols, live_rows, live_cols, x, b, argmax, label, sampling)
     case.expect()
     return case
 
@@ -436,6 +447,136 @@ async def stalls_and_random_shapes(dut):
                     bias=bool(rng.random() < 0.5),
                     argmax=bool(rng.random() < 0.3),
                     label=f"pattern {k} case {i}",
+                )
+            )
+        await tb.run(cases)
+
+
+def random_sampling(rng) -> tuple[int, int, int]:
+    """A sampling word (temperature 1/4096 .. 16, K 0 .. 127: out of range counts as 64), a
+    32-bit seed and a 16-bit position."""
+    tq = int(rng.choice([1, 300, 4096, 3277, 20000, 65535, int(rng.integers(1, 1 << 16))]))
+    k = int(rng.choice([1, 2, 3, 5, 17, 40, 63, 64, 0, 65, 127, int(rng.integers(1, 65))]))
+    return tq | k << 16, int(rng.integers(0, 1 << 32)), int(rng.integers(0, 1 << 16))
+
+
+@cocotb.test()
+async def sampling(dut):
+    """ARGMAX with a temperature: Gumbel-max over the top K binary16 results (tandem.sampling),
+    bit-exact: shapes from one row to several row groups, live rows, every K edge (1, the
+    lane count, 64, out of range), ties, signed zeros, Inf and NaN rows, mixed with greedy
+    ARGMAX and plain commands back to back (the per-command state is reset), no stall; then
+    under random stalls on every stream."""
+    geom = _geom()
+    rng = np.random.default_rng(seeds.seed(tb_params().get("seed", 1) + 5))
+    tb = TB(dut, geom)
+    await tb.reset()
+    cases = []
+    shapes = [(1, 1), (2, 64), (3, 70), (64, 64), (130, 65), (200, 130)]
+    for rows, cols in shapes[:4] if _lite() else shapes:
+        for _ in range(2):
+            smp = random_sampling(rng)
+            cases.append(
+                make_case(
+                    rng,
+                    rows,
+                    cols,
+                    argmax=True,
+                    sampling=smp,
+                    scale=cols**-0.5,  # logits of about unit size: the draw is wide
+                    label=f"{rows}x{cols} {smp}",
+                )
+            )
+        cases.append(make_case(rng, rows, cols, argmax=True, label=f"{rows}x{cols} greedy"))
+        cases.append(make_case(rng, rows, cols, bias=True, label=f"{rows}x{cols} plain"))
+    for k in (1, 2, 64, 0, 100):
+        smp = (5000 | k << 16, 12345, 77)
+        cases.append(
+            make_case(
+                rng, 150, 64, argmax=True, bias=True, sampling=smp, scale=0.125, label=f"K {k}"
+            )
+        )
+    # live rows (the KV-style LIVE_ROWS), no live row (index 0) and no live column (the bias)
+    smp = (8000 | 10 << 16, 9, 9)
+    cases.append(make_case(rng, 130, 100, live_rows=77, argmax=True, sampling=smp, label="live"))
+    cases.append(make_case(rng, 130, 100, live_rows=0, argmax=True, sampling=smp, label="none"))
+    cases.append(
+        make_case(rng, 130, 100, live_cols=0, bias=True, argmax=True, sampling=smp, label="nocol")
+    )
+
+    def ties(r, shape):  # few distinct values: equal logits, +0 and -0
+        return r.choice(np.array([0x0000, 0x8000, 0x3C00, 0x3C00, 0xBC00], np.uint16), size=shape)
+
+    def specials(r, shape):
+        v = normal_bits(r, shape, 4.0)
+        pick = r.random(shape) < 0.05
+        return np.where(pick, r.choice(SPECIALS, size=shape), v).astype(np.uint16)
+
+    def huge(r, shape):  # results that overflow binary16 (Inf) next to finite ones
+        return nm.to_bits(r.standard_normal(shape) * 200)
+
+    for name, gen in (("ties", ties), ("specials", specials), ("huge", huge)):
+        for _ in range(2):
+            smp = random_sampling(rng)
+            cases.append(
+                make_case(
+                    rng, 100, 70, argmax=True, values=gen, sampling=smp, label=f"{name} {smp}"
+                )
+            )
+    same = make_case(rng, 100, 64, argmax=True, sampling=(1 | 7 << 16, 3, 4), label="equal rows")
+    same.w[:100, :64] = same.w[7, :64]
+    same.expect()
+    cases.append(same)
+    # a temperature so small the top logit wins, and one so large the draw is wide
+    cases.append(make_case(rng, 190, 64, argmax=True, sampling=(1 | 64 << 16, 1, 2), label="cold"))
+    cases.append(
+        make_case(rng, 190, 64, argmax=True, sampling=(65535 | 64 << 16, 1, 2), label="hot")
+    )
+    sampled = [c for c in cases if c.sampling[0] & 0xFFFF and c.eff_rows > 1 and c.eff_cols]
+    greedy = []
+    for c in sampled:
+        r, k = c.eff_rows, c.eff_cols
+        bias = None if c.bias is None else c.bias[:r]
+        acc, _, _ = nm.matvec(nm.PreparedMatrix(c.w[:r, :k]), c.x[:k], bias)
+        greedy.append(c.expect_argmax == nm.argmax(acc))
+    # many draws are not the argmax, so a unit that ignored the temperature would fail
+    assert len(sampled) - sum(greedy) >= len(sampled) // 3, (sum(greedy), len(sampled))
+    edges = await tb.run(cases)
+    # each command's occupancy against the documented formula (MatrixUnit.cycles)
+    mpu = _mpu_model()
+    report = []
+    for case, c0 in zip(cases, edges["cmd"], strict=True):
+        c1 = next(c for c in edges["ready"] if c > c0)
+        smp = None
+        if case.argmax and case.sampling[0] & 0xFFFF:
+            smp = (S.unpack(case.sampling[0])[1], case.eff_rows)
+        want = mpu.cycles(case.n_groups, case.n_cb, argmax=case.argmax, sample=smp)
+        report.append((case.label, case.n_groups, case.n_cb, c1 - c0, want))
+    dut._log.info("cycles (label, n_groups, n_cb, measured, formula): %s", report)
+    wrong = [r for r in report if r[3] != r[4]]
+    assert not wrong, f"measured cycles differ from the documented formula: {wrong}"
+    # random stalls and backpressure on every stream
+    seed = tb_params().get("seed", 1) + 6
+    patterns = [
+        (lambda k: streams.bernoulli(0.6, seed + k), lambda k: streams.bernoulli(0.5, seed - k)),
+        (None, lambda k: streams.bernoulli(0.1, seed + 10 + k)),
+    ]
+    for k, (inputs, outputs) in enumerate(patterns):
+        tb.set_patterns(inputs, outputs)
+        cases = []
+        for i in range(3 if _lite() else 6):
+            rows, cols = int(rng.integers(1, 200)), int(rng.integers(1, 200))
+            smp = random_sampling(rng) if rng.random() < 0.7 else (0, 0, 0)
+            cases.append(
+                make_case(
+                    rng,
+                    rows,
+                    cols,
+                    live_rows=int(rng.integers(1, rows + 1)) if rng.random() < 0.3 else None,
+                    bias=bool(rng.random() < 0.5),
+                    argmax=bool(rng.random() < 0.8),
+                    sampling=smp,
+                    label=f"stalls {k} case {i} {smp}",
                 )
             )
         await tb.run(cases)

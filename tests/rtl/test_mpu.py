@@ -98,3 +98,22 @@ def test_cycle_formula_counts_one_cycle_per_tile():
     assert mpu.cycles(1, 1, argmax=True) - one == mpu.argmax_latency  # waits for the index
     assert mpu.cycles(0, 5) == 2  # no live row: the command only
     assert mpu.cycles(5, 0) == mpu.cycles(5, 1)  # no live column: one all-zero block
+
+
+def test_sampling_limits_follow_the_contract():
+    """The MPU's sampling lists hold tandem.sampling.TOP_K_MAX entries; the tail of a sampling
+    command is bounded as documented."""
+    from tandem.sampling import TOP_K_MAX
+
+    mpu = MatrixUnit(geometry("u55c"))
+    # the bound docs/rtl.md and docs/numerics.md state: every lane's list full, then K scanned
+    assert mpu.sample_tail(TOP_K_MAX) == mpu.sample_latency + 16 * (TOP_K_MAX + 1) + TOP_K_MAX
+    assert mpu.sample_tail(TOP_K_MAX) < 1200
+    # one live row: one lane has it, the others are skipped in a cycle each
+    assert mpu.sample_tail(40, 1) == mpu.sample_latency + 16 + 1 + 1
+    # a sampling command of the LM head's size costs its tiles plus the tail
+    assert mpu.cycles(10, 3, argmax=True, sample=(5, 640)) == mpu.cycles(10, 3) + mpu.sample_tail(
+        5, 640
+    )
+    # the shortest commands wait for the key schedule
+    assert mpu.cycles(1, 1, argmax=True, sample=(1, 1)) >= 29 + 15 + 1
