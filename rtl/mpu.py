@@ -140,7 +140,9 @@ class MatrixUnit(GeometryComponent):
         or past ``live_rows`` are +0 (the controller writes only live rows).
     argmax : Out(stream.Signature(unsigned(16)))
         With ``flags.argmax``: one transfer per command, the lowest row index of the largest
-        accumulator (bias included, non-finite flags ignored) among the live rows.
+        accumulator (bias included, non-finite flags ignored) among the live rows; or, when
+        the command's ``sampling`` word has a temperature, the row :mod:`tandem.sampling`
+        draws (:meth:`_sample`).
     busy : Out(1)
         A command is in progress or result rows are still to leave (``cmd.ready`` may be high
         while the last command drains).
@@ -177,6 +179,27 @@ class MatrixUnit(GeometryComponent):
     last result row leaves :attr:`drain_latency` (P + 3, 20) cycles after the last tile;
     ``busy`` stays high until then. An ARGMAX command's index transfer is the last thing it
     does: the next command waits for it.
+
+    Sampling (an ARGMAX whose ``sampling`` word has ``T_q != 0``) adds no cycle to the tiles:
+    each lane inserts its rows' binary16 results into a sorted list as they are rounded. Its
+    tail after the last tile (:meth:`sample_tail`) is::
+
+        tail = sample_latency + sum over lanes (n_l + 1) + min(K, rows)
+        sample_latency = P + 16 = st_out + 17             (tiny and u55c 33)
+        n_l = min(K, live rows of lane l)                 (the lane of row i is i mod lanes)
+
+    the merge of the lane lists (``n_l`` entries and one cycle to move on, per lane), then the
+    scan of the top ``K`` through the stream. At most ``sample_latency + lanes * (K + 1) + K``:
+    for u55c and K = 64, 1,137 cycles, about 0.6% of a gpt2 token (about 206,000 cycles).
+    The scan also waits for the key schedule (29 cycles from the command's acceptance), which
+    no command of one or more tiles reaches (``cycles`` keeps the bound anyway).
+
+    Cost of sampling (one list of K = 64 entries of 33 bits per lane, one more for the merge):
+    ``(lanes + 1) * 64 * 33`` flip-flops (tiny 6,336, u55c 35,904) and as many 32-bit
+    comparators as entries; one Simon32/64 pipeline (32 rounds, 8 stages), one
+    4,096 x 16-bit table, one 16 x 16 multiply. Every path is a compare, a few muxes, four
+    cipher rounds (one LUT level each) or one add: within the 7-level budget by construction,
+    not measured here (docs/numerics.md, Sampling).
 
     Degenerate commands, as :mod:`tandem.golden.isasim` defines them: with no live column the unit
     takes neither x nor tiles but computes as if on one all-zero block (``n_cb`` = 1 in the
