@@ -168,6 +168,7 @@ def main(argv=None) -> int:
         "(<json>-raw.json)",
     )
     args = ap.parse_args(argv)
+    args.sweep = args.sweep or args.sweep_only
     if args.reanalyse:
         return finish(json.loads(raw_path(args.json).read_text()), args)
     short = args.sweep and not args.sweep_only

@@ -162,3 +162,28 @@ def test_recorded_result_ships_in_the_package(bench):
     assert bench.PACKAGED.resolve() == RTL_RESULT.resolve()
     assert bench.DOC.read_text() == RTL_RESULT.read_text()
     assert "provenance" in json.loads(RTL_RESULT.read_text())
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        (["--sweep-only"], ["sweep"]),
+        (["--sweep", "--sweep-only"], ["sweep"]),
+        (["--sweep"], ["measure", "sweep"]),
+        ([], ["measure"]),
+    ],
+)
+def test_sweep_flags_choose_the_runs(bench, tmp_path, monkeypatch, flags, want):
+    """``--sweep-only`` alone is the sweep without the default run (it once ran the default
+    run alone); ``--sweep`` is both; neither, the default run."""
+    calls = []
+
+    def measure(args, ap, timing):
+        calls.append("measure")
+        return {}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "finish", lambda raw, args: 0)
+    monkeypatch.setattr(bench, "sweep", lambda args, ap: calls.append("sweep") or 0)
+    assert bench.main([*flags, "--json", str(tmp_path / "b.json")]) == 0
+    assert calls == want
