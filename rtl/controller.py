@@ -820,6 +820,10 @@ class Controller(GeometryComponent):
             o.cmd.cmd.live_rows.eq(clamp_r),
             o.cmd.cmd.live_cols.eq(clamp_c),
             o.cmd.cmd.flags.eq(flags),
+            # ARGMAX's sampling registers R[sreg], R[sreg+1], R[sreg+2] (mod 16; tandem.isa)
+            o.cmd.cmd.sampling.word.eq(reg(v.sreg)),
+            o.cmd.cmd.sampling.seed.eq(reg((v.sreg + 1)[:4])),
+            o.cmd.cmd.sampling.pos.eq(reg((v.sreg + 2)[:4])),
             o.cmd.src_row.eq(v.src >> _ROW_SHIFT),
             o.cmd.dst_row.eq(v.dst >> _ROW_SHIFT),
         ]

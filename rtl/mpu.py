@@ -190,7 +190,7 @@ class MatrixUnit(GeometryComponent):
 
     the merge of the lane lists (``n_l`` entries and one cycle to move on, per lane), then the
     scan of the top ``K`` through the stream. At most ``sample_latency + lanes * (K + 1) + K``:
-    for u55c and K = 64, 1,137 cycles, about 0.6% of a gpt2 token (about 206,000 cycles).
+    for u55c and K = 64, 1,137 cycles, about 0.6% of a gpt2 token (about 188,000 cycles).
     The scan also waits for the key schedule (29 cycles from the command's acceptance), which
     no command of one or more tiles reaches (``cycles`` keeps the bound anyway).
 
@@ -198,8 +198,11 @@ class MatrixUnit(GeometryComponent):
     ``(lanes + 1) * 64 * 33`` flip-flops (tiny 6,336, u55c 35,904) and as many 32-bit
     comparators as entries; one Simon32/64 pipeline (32 rounds, 8 stages), one
     4,096 x 16-bit table, one 16 x 16 multiply. Every path is a compare, a few muxes, four
-    cipher rounds (one LUT level each) or one add: within the 7-level budget by construction,
-    not measured here (docs/numerics.md, Sampling).
+    cipher rounds (one LUT level each) or one add. Measured on the tiny MPU synthesized alone
+    (Yosys, ``scripts/timing.py`` walking its netlist, 2026-12-06): no sampling register is
+    more than 6 LUT levels from the registers before it; the unit's deepest paths (7 and 8
+    levels) are the bias shifter's and the x mask's, as before sampling. The tiny MPU is
+    37,681 LUTs, 29,796 flip-flops and 129 DSPs with sampling (docs/numerics.md, Sampling).
 
     Degenerate commands, as :mod:`tandem.golden.isasim` defines them: with no live column the unit
     takes neither x nor tiles but computes as if on one all-zero block (``n_cb`` = 1 in the
