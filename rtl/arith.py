@@ -788,10 +788,13 @@ class FP16Table(StreamUnit):
         ``value`` (:class:`Binary16`), ``tag``. With ``ports=2`` an array of two, ``o[k]``
         answering ``i[k]``.
 
-    Latency 1 cycle (the synchronous ROM read), throughput one lookup per cycle per port.
+    Latency 2 cycles (the synchronous ROM read, then the output register that selects the ROM
+    word or the comparators' value), throughput one lookup per cycle per port. The ROM address
+    is ``mag`` plus an offset per sign, whatever the comparators say, so an input reaches the
+    block RAM through an adder only; the block RAM's output reaches ``o`` through one register.
     """
 
-    LATENCY = 1
+    LATENCY = 2
     MAX_PORTS = 2
     """Read ports of a block RAM: lookups one ROM can serve per cycle."""
 
@@ -846,39 +849,52 @@ class FP16Table(StreamUnit):
         p = stream_pipe(m, i, o, name=f"{prefix}{self._name}")
         x = i.payload.x.as_value()
         m.d.comb += port.en.eq(p.en)
+        s1_tag = p.reg(i.payload.tag, self._tag, name=f"{prefix}s1_tag")
+        s1_valid = p.valid_chain(i.valid, 1, name=f"{prefix}{self._name}_valid")
         with m.If(p.en):
-            m.d.sync += [o.payload.tag.eq(i.payload.tag), o.valid.eq(i.valid)]
+            m.d.sync += [o.payload.tag.eq(s1_tag), o.valid.eq(s1_valid)]
         if not self._reduced:
-            m.d.comb += [port.addr.eq(x), o.payload.value.eq(port.data)]
+            m.d.comb += port.addr.eq(x)
+            with m.If(p.en):
+                m.d.sync += o.payload.value.eq(port.data)
             return
 
         plan = table_plan(self._name)
         mag, sign = x[:15], x[15]
-        use_rom = Signal(name=f"{prefix}use_rom")
-        flip = Signal(name=f"{prefix}flip")
-        fixed = Signal(16, name=f"{prefix}fixed")
-        m.d.comb += port.addr.eq(0)
-        with m.If(mag > 0x7C00):
-            m.d.comb += fixed.eq(numerics.CANONICAL_NAN)
-        with m.Elif(mag == 0x7C00):
-            m.d.comb += fixed.eq(Mux(sign, plan.inf[1], plan.inf[0]))
-        for s in (0, 1):
-            with m.Elif((sign == s) & (mag < plan.lo[s])):
-                m.d.comb += fixed.eq(x if plan.low[s].identity else plan.low[s].value)
-            with m.Elif((sign == s) & (mag > plan.hi[s])):
-                m.d.comb += fixed.eq(x if plan.high[s].identity else plan.high[s].value)
-        with m.Else():
-            m.d.comb += [
-                use_rom.eq(1),
-                flip.eq(sign & plan.odd),
-                port.addr.eq(Mux(sign, plan.base[1] - plan.lo[1], plan.base[0] - plan.lo[0]) + mag),
-            ]
-        s1_use_rom = p.reg(use_rom, name=f"{prefix}s1_use_rom")
-        s1_flip = p.reg(flip, name=f"{prefix}s1_flip")
-        s1_fixed = p.reg(fixed, name=f"{prefix}s1_fixed")
-        m.d.comb += o.payload.value.eq(
-            Mux(s1_use_rom, port.data ^ Cat(Const(0, 15), s1_flip), s1_fixed)
+        # Stage 1: the ROM read, and the comparators that pick the output, registered. The
+        # address does not wait for them: outside the window the word read is not used (and
+        # may lie past the ROM's end).
+        m.d.comb += port.addr.eq(
+            Mux(sign, plan.base[1] - plan.lo[1], plan.base[0] - plan.lo[0]) + mag
         )
+        cases = {
+            "nan": mag > 0x7C00,
+            "inf": mag == 0x7C00,
+            "low": mag < Mux(sign, plan.lo[1], plan.lo[0]),
+            "high": mag > Mux(sign, plan.hi[1], plan.hi[0]),
+        }
+        s1 = {k: p.reg(v, 1, name=f"{prefix}s1_{k}") for k, v in cases.items()}
+        s1_x = p.reg(x, 16, name=f"{prefix}s1_x")
+        sign1 = s1_x[15]
+
+        def run(runs):  # the value of a run at one end, for the input's sign
+            return Mux(sign1, *(s1_x if r.identity else Const(r.value, 16) for r in runs[::-1]))
+
+        # Stage 2: the ROM word or the comparators' value, registered (the block RAM's output
+        # reaches no logic outside the unit). The cases are exclusive in this order.
+        value = Signal(16, name=f"{prefix}value")
+        with m.If(s1["nan"]):
+            m.d.comb += value.eq(numerics.CANONICAL_NAN)
+        with m.Elif(s1["inf"]):
+            m.d.comb += value.eq(Mux(sign1, plan.inf[1], plan.inf[0]))
+        with m.Elif(s1["low"]):
+            m.d.comb += value.eq(run(plan.low))
+        with m.Elif(s1["high"]):
+            m.d.comb += value.eq(run(plan.high))
+        with m.Else():
+            m.d.comb += value.eq(port.data ^ Cat(Const(0, 15), sign1 & plan.odd))
+        with m.If(p.en):
+            m.d.sync += o.payload.value.eq(value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,11 +134,13 @@ class RowMax(StreamUnit):
         ``key`` (the order key of the maximum; :meth:`from_key` gives its bits), ``nan``,
         ``tag``.
 
-    Latency 2 cycles (keys and three levels of the comparison tree; three more levels),
-    throughput one row per cycle.
+    Latency 3 cycles (keys and two levels of the comparison tree; two more levels; the last
+    two), throughput one row per cycle. Each level is a 16-bit comparison and a multiplexer (two
+    LUT levels), so no path has more than 7 LUT levels (Yosys, the unit alone: see
+    ``scripts/timing.py --unit RowMax``).
     """
 
-    LATENCY = 2
+    LATENCY = 3
 
     def __init__(self, *, tag=NO_TAG):
         super().__init__({"x": Row}, {"key": unsigned(16), "nan": unsigned(1)}, tag=tag)
@@ -165,18 +167,23 @@ class RowMax(StreamUnit):
 
         keys = [Signal(16, name=f"key{k}") for k in range(ROW_ELEMS)]
         m.d.comb += [key.eq(_order_key(x)) for key, x in zip(keys, xs, strict=True)]
-        nan = Cat(*((x[:15] > 0x7C00) for x in xs)).any()
-        s1 = [p.reg(v, 16, name=f"s1_key{k}") for k, v in enumerate(levels(keys, 3, "max_a"))]
-        s1_nan = p.reg(nan, 1, name="s1_nan")
+        # NaNs: one flag per four elements in stage 1, their OR in stage 2
+        nans = [Cat(*(x[:15] > 0x7C00 for x in xs[k : k + 4])).any() for k in range(0, 64, 4)]
+        s1 = [p.reg(v, 16, name=f"s1_key{k}") for k, v in enumerate(levels(keys, 2, "max_a"))]
+        s1_nan = p.reg(Cat(*nans), len(nans), name="s1_nan")
         s1_tag = p.reg(self.i.payload.tag, self._tag, name="s1_tag")
         v1 = p.valid_chain(self.i.valid, 1, name="rowmax_valid")
-        (top,) = levels(s1, 3, "max_b")
+        s2 = [p.reg(v, 16, name=f"s2_key{k}") for k, v in enumerate(levels(s1, 2, "max_b"))]
+        s2_nan = p.reg(s1_nan.any(), 1, name="s2_nan")
+        s2_tag = p.reg(s1_tag, self._tag, name="s2_tag")
+        v2 = p.valid_chain(v1, 1, name="rowmax_valid2_")
+        (top,) = levels(s2, 2, "max_c")
         with m.If(p.en):
             m.d.sync += [
                 self.o.payload.key.eq(top),
-                self.o.payload.nan.eq(s1_nan),
-                self.o.payload.tag.eq(s1_tag),
-                self.o.valid.eq(v1),
+                self.o.payload.nan.eq(s2_nan),
+                self.o.payload.tag.eq(s2_tag),
+                self.o.valid.eq(v2),
             ]
         return m
 
@@ -186,9 +193,10 @@ class VectorUnit(GeometryComponent):
     (see Timing), bit-exact with ``tandem.isa.SEMANTICS`` as ``tandem.golden.isasim`` executes
     them one after another.
 
-    The code follows the datapath: :meth:`_decode` (the incoming command), :meth:`_in_flight`
-    (the ring of commands in flight and the read-after-write hazard), :meth:`_issue`
-    (acceptance and one read beat per cycle), :meth:`_operands` (stages 1 and 2), the units
+    The code follows the datapath: :meth:`_in_flight` (the ring of commands in flight),
+    :meth:`_decode` (the incoming command, decoded), :meth:`_input_buffer` (the decode register
+    and two decoded commands, with the read-after-write hazard), :meth:`_issue` (the start of
+    the buffer's head and one read beat per cycle), :meth:`_operands` (stages 1 and 2), the units
     (:meth:`_lane_groups`, :meth:`_vmax`, :meth:`_vdot`) and :meth:`_write_back` (the write
     port and ``done``).
 
@@ -239,39 +247,45 @@ class VectorUnit(GeometryComponent):
     Members
     -------
     cmd : In(stream.Signature(VectorCommand))
-        Accepted in the last issue cycle of the command before it (or when none is issuing),
-        under the overlap rules below.
+        Taken into the decode register (then a two-entry buffer) while fewer than three
+        commands are held not started (``ready`` is one LUT after a register); the buffer's
+        head starts in the last issue cycle of the command before it (or when none is
+        issuing), under the overlap rules below.
     done : Out(stream.Signature(VectorOp))
         One transfer per command, in order, after its last VBUF write (the op, for checking).
-        Holding ``ready`` low delays the reports; with :attr:`MAX_IN_FLIGHT` commands not yet
-        reported the unit takes no more.
+        Holding ``ready`` low delays the reports; with :attr:`MAX_IN_FLIGHT` commands started
+        and not yet reported the unit starts no more (and holds three more).
     read_a, read_b : Out(ReadPortSignature(rows))
         Two VBUF read ports of its own (``VectorBuffer.read[k]``): no arbitration, no stall.
     write : Out(WritePortSignature(rows))
         A VBUF write port; ``mask`` is zero whenever the unit does not write.
     busy : Out(1)
-        A command is accepted and not yet reported on ``done``.
+        A command is accepted (held or started) and not yet reported on ``done``;
+        high from the cycle after the accept.
 
     Timing
     ------
     Nothing inside the unit stalls. An op reads ``beats = max(1, ceil(length / n))`` times,
     one per cycle, with ``n`` = :meth:`op_lanes` (``lanes`` for add/sub/mul, the table's lanes,
-    else 64). From the cycle ``cmd`` is accepted to the first cycle ``done.valid`` is high::
+    else 64). From the cycle ``cmd`` is accepted into an idle unit to the first cycle
+    ``done.valid`` is high::
 
-        cycles = pass1 + beats + 3 + U
+        cycles = pass1 + beats + 5 + U
 
         U = 5   VADD, VSUB (FP16Add)          U = 4   VMUL (FP16Mul)
-        U = 1   table ops (FP16Table)         U = 0   VSET
-        U = 3   VMAX (RowMax 2, running maximum 1)
+        U = 2   table ops (FP16Table)         U = 0   VSET
+        U = 4   VMAX (RowMax 3, running maximum 1)
         U = 15  VDOT (BlockAlign 3, BlockDot 4, AccumulatorShift 2, Accumulator 1, AccToFP16 5)
         pass1 = max(1, ceil(length / 64)) for VDOT without b_scalar, else 0
 
-    (3 = command register, VBUF read, operand register; ``U`` comes from the units'
-    ``LATENCY`` in rtl/arith.py, :meth:`unit_latency`.) The last beat is issued
-    ``pass1 + beats`` cycles after the accept and its result written ``2 + U`` cycles later.
+    (5 = decode register, input buffer, command register, VBUF read, operand register; ``U``
+    comes from the units' ``LATENCY`` in rtl/arith.py and :class:`RowMax`,
+    :meth:`unit_latency`.) A command starts (leaves the input buffer) two cycles after its
+    accept at the earliest; its last beat is issued ``pass1 + beats`` cycles after its start
+    and its result written ``2 + U`` cycles later.
 
-    Commands overlap: the next one is accepted in the cycle the previous one issues its last
-    beat (so a run of one-beat commands issues one per cycle) unless
+    Commands overlap: the head of the buffer starts in the cycle the previous command issues
+    its last beat (so a run of one-beat commands is accepted and started one per cycle) unless
 
     * its first result would be written no later than a result already scheduled (the write
       port takes one command's results at a time, in order): it waits while a command with a
@@ -280,14 +294,27 @@ class VectorUnit(GeometryComponent):
       results are not all written (read after write): it waits until they are;
     * it is a ``VDOT`` with a first pass (its ``xe_max`` is one register) and any command has
       results still to write;
-    * :attr:`MAX_IN_FLIGHT` commands are accepted and not yet reported on ``done``.
+    * :attr:`MAX_IN_FLIGHT` commands are started and not yet reported on ``done``.
 
-    Each command still takes :meth:`cycles` from its accept to its ``done`` (with ``done.ready``
-    high); :meth:`schedule` gives the accept cycles of a run. Writes of later commands never
-    overtake earlier ones, and reads never see a row before an earlier command's write to it,
-    so a run gives exactly the ISA's sequential results. For GPT-2 on u55c a LayerNorm over 768
-    elements (a chain, each op reading the one before) takes 243 cycles; the softmax of 12 heads
-    at T = 5, issued op by op over the heads, 82 cycles (:meth:`schedule`; 540 one by one).
+    The unit accepts a command while it holds fewer than three not started (the decode
+    register and the two-entry buffer). A command that waits in them takes longer than
+    :meth:`cycles` from its accept to its ``done`` by its wait; :meth:`schedule` gives the
+    accept and ``done`` cycles of a run (with both streams always ready). Writes of later
+    commands never overtake earlier ones, and reads never see a row before an earlier
+    command's write to it, so a run gives exactly the ISA's sequential results. For GPT-2 on
+    u55c a LayerNorm over 768 elements (a chain, each op reading the one before) takes 246
+    cycles; the softmax of 12 heads at T = 5, issued op by op over the heads, 83 cycles
+    (:meth:`schedule`; 696 one by one).
+
+    Logic depth: a decode register and the buffer sit between ``cmd`` and the start of a
+    command, so the start and issue logic work from registers (the read-after-write check is
+    an AND-OR of the head's ``meets`` flags and the ring's unwritten flags), and ``cmd.ready``
+    is one LUT after a register; stage 2 carries each unit's valid as a flag of its own (no op
+    comparison before a unit's operand isolation). The tiny VPU synthesized alone (Yosys
+    ``synth_xilinx``, ``scripts/timing.py --unit "VectorUnit(tiny)"``) has at most 7 LUT levels
+    between registers and from its ports (before: 17 from ``cmd`` through the decode into the
+    issue state, 12 into :class:`RowMax`, 8-9 from the op register into the table
+    comparators).
 
     Resources: ``lanes`` FP16Add and FP16Mul (one DSP each), two BlockAlign, a BlockDot (64
     12x12 products), RowMax, and the table ROMs (:attr:`table_roms`; :attr:`table_entries` x
@@ -301,9 +328,10 @@ class VectorUnit(GeometryComponent):
     """
 
     MAX_IN_FLIGHT = 16
-    """Commands accepted and not yet reported on ``done``. One-beat ``VDOT``\\ s with a scalar
-    ``b`` (19 cycles from accept to ``done``) issue 16 back to back, then wait 4 cycles; every
-    other one-beat op issues one per cycle."""
+    """Commands started and not yet reported on ``done``. One-beat ``VDOT``\\ s with a scalar
+    ``b`` (21 cycles from accept to ``done``) start 16 back to back, then wait 4 cycles (the
+    unit accepts 19 back to back, then waits 4); every other one-beat op starts one per
+    cycle."""
 
     DEFAULT_SCALAR_TABLES = ("recip", "rsqrt")
     """Functions that get one lane by default: the compiled program applies them to one
@@ -410,27 +438,35 @@ class VectorUnit(GeometryComponent):
         return self._lat[VectorOp(op)]
 
     def cycles(self, op, length: int, *, b_scalar: bool = False) -> int:
-        """Cycles from accepting a command to ``done.valid`` (the docstring's formula)."""
+        """Cycles from accepting a command into an idle unit to ``done.valid`` (the docstring's
+        formula; a command that waits in the input buffer takes longer by its wait)."""
         op = VectorOp(op)
         if not isinstance(length, int) or not 0 <= length <= self._geom.vbuf_elems:
             raise ValueError(f"length must be 0..{self._geom.vbuf_elems}, not {length!r}")
         beats = max(1, -(-length // self.op_lanes(op)))
         pass1 = max(1, -(-length // ROW_ELEMS)) if op is VectorOp.VDOT and not b_scalar else 0
-        return pass1 + beats + 3 + self.unit_latency(op)
+        return pass1 + beats + 5 + self.unit_latency(op)
 
     def schedule(self, cmds) -> list[tuple[int, int]]:
         """``(accept, done)`` cycles of each of ``cmds`` (objects with ``op``, ``dst``, ``a``,
         ``b``, ``length`` and ``b_scalar``) sent back to back with ``cmd.valid`` and
-        ``done.ready`` always high, counted from the first accept: the overlap rules of the
-        class docstring, cycle for cycle."""
+        ``done.ready`` always high, counted from the first accept: the input buffer and the
+        overlap rules of the class docstring, cycle for cycle."""
         flight = []  # (dst rows lo, hi, last write cycle)
+        starts = []  # the cycle each command started (left the input buffer)
+        accept = -1
         t = 0
         issue_end = horizon = -(1 << 30)
         out = []
-        for c in cmds:
+        for k, c in enumerate(cmds):
             op = VectorOp(c.op)
             u = self.unit_latency(op)
-            n = self.cycles(op, c.length, b_scalar=c.b_scalar) - 3 - u  # pass1 + beats
+            n = self.cycles(op, c.length, b_scalar=c.b_scalar) - 5 - u  # pass1 + beats
+            # the unit accepts a command while it holds fewer than three not started (in the
+            # decode register and the buffer; cmd.ready is registered): once the command three
+            # ahead has started. It can start two cycles after its accept.
+            accept = max(accept + 1, starts[k - 3] + 1 if k >= 3 else 0)
+            t = max(t, accept + 2)
             rows = max(1, -(-c.length // ROW_ELEMS))
             reads = []
             if op is not VectorOp.VSET:
@@ -455,7 +491,8 @@ class VectorUnit(GeometryComponent):
             point = op in (VectorOp.VMAX, VectorOp.VDOT)
             flight.append((d, d + (1 if point else rows), w))
             issue_end, horizon = t + n, w
-            out.append((t, w + 1))
+            starts.append(t)
+            out.append((accept, w + 1))
             t += 1
         return out
 
@@ -463,115 +500,227 @@ class VectorUnit(GeometryComponent):
 
     def elaborate(self, platform):
         m = Module()
-        cmd = self._decode(m)
-        ring = self._in_flight(m, cmd)
-        issue = self._issue(m, cmd, ring)
+        ring = self._in_flight(m)
+        head = self._input_buffer(m, self._decode(m), ring)
+        issue = self._issue(m, head, ring)
         s2 = self._operands(m, issue)
         # Every unit's output is always ready: nothing in the VPU stalls. Each result source
         # appends (valid, row, row data, mask, last) to ``writes``.
         writes = []
         self._lane_groups(m, s2, writes)
         self._vmax(m, s2, writes)
-        self._vdot(m, cmd, s2, writes)
-        self._write_back(m, cmd.accept, ring, writes)
+        self._vdot(m, head, s2, writes)
+        self._write_back(m, head.take, ring, writes)
         return m
 
-    def _decode(self, m):
-        """The incoming command, decoded (combinational): what issue, the in-flight ring and
-        acceptance need of it before it is taken."""
-        cmd = self.cmd.payload
-        accept = Signal()
-        m.d.comb += accept.eq(self.cmd.valid & self.cmd.ready)
+    def _lane_classes(self) -> list[int]:
+        """The distinct elements per cycle of the ops (each a class of ops for the decode)."""
+        return sorted(set(self._op_lanes.values()))
 
+    def _decoded_layout(self, *, buffered: bool):
+        """A command as the decode register holds it (``buffered=False``: its fields and what
+        derives from them with at most one adder), or as the input buffer holds it (also the
+        last beat and ``meets``, the ring entries its operand rows meet)."""
+        row_bits = len(self.read_a.addr)
+        max_u = max(self._lat.values())
+        fields = {
+            "op": VectorOp,
+            "dst_row": row_bits,
+            "dst_hi": row_bits + 1,  # dst rows [dst_row, dst_hi)
+            "a_row": row_bits,
+            "a_hi": row_bits + 1,  # rows read through a: [a_row, a_hi), empty (0) if none
+            "b_row": row_bits,
+            "b_hi": row_bits + 1,
+            "scalar": 1,
+            "imm": 16,
+            "pass1": 1,  # VDOT's first pass over b
+            "reads_a": 1,
+            "reads_b": 1,
+            "last_row": row_bits,  # of the operand rows
+            "first_last": 1,  # the first beat is the last of its pass
+            "p1_beats": row_bits + 1,  # beats of the first pass (0: none)
+            "chunk_bits": range(7),  # log2(64 / lanes)
+            "last_mask": ROW_ELEMS,  # live elements of the last row
+            "u2": range(max_u + 3),  # 2 + U
+            "u3": range(max_u + 4),  # 3 + U
+        }
+        if buffered:
+            fields["last_beat"] = range(self._geom.vbuf_elems)  # of the main pass
+            fields["meets"] = self.MAX_IN_FLIGHT
+        else:
+            fields["empty"] = 1
+            fields["length_m1"] = 16
+            fields["lanes"] = len(self._lane_classes())  # one-hot: the op's elements per cycle
+        return data.StructLayout(fields)
+
+    def _decode(self, m):
+        """The incoming command, decoded (combinational, from ``cmd.payload`` only) into
+        ``_decoded_layout(buffered=False)``: what the decode register holds. Row ranges come
+        from one adder each: ``a`` is a multiple of 64 in the ISA but its low 6 bits are
+        ignored, so ``ceil((a + length) / 64)`` is ``((a_row, 63) + length) >> 6``."""
+        cmd = self.cmd.payload
+        dec = Signal(self._decoded_layout(buffered=False))
+        length = cmd.length
+        empty = length == 0
+
+        def row_end(addr):  # first row past [addr, addr + max(1, length))
+            row = addr[6:]
+            return Mux(empty, row + 1, (Cat(Const(ROW_ELEMS - 1, 6), row) + length) >> 6)
+
+        is_ = {o: cmd.op == o for o in VectorOp}
+        reads_a = ~is_[VectorOp.VSET]
+        reads_b = Cat(*(is_[o] for o in _READS_B)).any()
+        point = is_[VectorOp.VMAX] | is_[VectorOp.VDOT]  # writes one element
+        pass1 = is_[VectorOp.VDOT] & ~cmd.b_scalar
+        rem = length[:6]
+        rows = Mux(empty, 1, (length + (ROW_ELEMS - 1)) >> 6)  # max(1, ceil(length / 64))
+        classes = self._lane_classes()
+        single = Signal()  # the main pass has one beat: length <= lanes
         log_lanes = Signal(range(7))
-        in_u = Signal(range(max(self._lat.values()) + 1))  # the op's unit latency U
+        u = Signal(range(max(self._lat.values()) + 1))
         with m.Switch(cmd.op):
             for o in VectorOp:
                 with m.Case(o):
+                    n = self._op_lanes[o]
                     m.d.comb += [
-                        log_lanes.eq(self._op_lanes[o].bit_length() - 1),
-                        in_u.eq(self._lat[o]),
+                        dec.lanes.eq(1 << classes.index(n)),
+                        single.eq(length <= n),
+                        log_lanes.eq(n.bit_length() - 1),
+                        u.eq(self._lat[o]),
                     ]
-        length_m1 = Signal(17)
-        rem = Signal(6)
-        m.d.comb += [length_m1.eq(cmd.length - 1), rem.eq(cmd.length[:6])]
-        empty = cmd.length == 0
-        in_last_row = Signal(17)  # of the operand rows
-        in_last_beat = Signal(17)  # of the main pass
-        in_pass1 = Signal()
         m.d.comb += [
-            in_last_row.eq(Mux(empty, 0, length_m1 >> 6)),
-            in_last_beat.eq(Mux(empty, 0, length_m1 >> log_lanes)),
-            in_pass1.eq((cmd.op == VectorOp.VDOT) & ~cmd.b_scalar),
+            dec.op.eq(cmd.op),
+            dec.dst_row.eq(cmd.dst[6:]),
+            dec.dst_hi.eq(Mux(point, cmd.dst[6:] + 1, row_end(cmd.dst))),
+            dec.a_row.eq(cmd.a[6:]),
+            dec.a_hi.eq(Mux(reads_a, row_end(cmd.a), 0)),
+            dec.b_row.eq(cmd.b[6:]),
+            dec.b_hi.eq(Mux(reads_b, Mux(cmd.b_scalar, cmd.b[6:] + 1, row_end(cmd.b)), 0)),
+            dec.scalar.eq(cmd.b_scalar),
+            dec.imm.eq(cmd.imm),
+            dec.pass1.eq(pass1),
+            dec.reads_a.eq(reads_a),
+            dec.reads_b.eq(reads_b),
+            dec.last_row.eq(Mux(empty, 0, (length - 1) >> 6)),
+            dec.first_last.eq(Mux(pass1, length <= ROW_ELEMS, single)),
+            dec.p1_beats.eq(Mux(pass1, rows, 0)),
+            dec.chunk_bits.eq(6 - log_lanes),
+            # element e is live in the last row when e < rem (all of them when rem is 0), by
+            # comparison: no shifter and no carry chain
+            dec.last_mask.eq(
+                Cat(*(~empty & ((rem == 0) | (rem > e)) for e in range(ROW_ELEMS)))
+            ),
+            dec.u2.eq(u + 2),
+            dec.u3.eq(u + 3),
+            dec.empty.eq(empty),
+            dec.length_m1.eq(length - 1),
         ]
-        return SimpleNamespace(
-            payload=cmd,
-            accept=accept,
-            log_lanes=log_lanes,
-            u=in_u,
-            rem=rem,
-            empty=empty,
-            last_row=in_last_row,
-            last_beat=in_last_beat,
-            pass1=in_pass1,
-            point=(cmd.op == VectorOp.VMAX) | (cmd.op == VectorOp.VDOT),  # writes one element
-            reads_a=cmd.op != VectorOp.VSET,
-            reads_b=Cat(*(cmd.op == o for o in _READS_B)).any(),
-            a_lo=cmd.a[6:],
-            b_lo=cmd.b[6:],
-        )
+        return dec
 
-    def _in_flight(self, m, c):
-        """The commands in flight (accepted, not yet reported on ``done``): a ring of
-        :attr:`MAX_IN_FLIGHT` entries in acceptance order, and the read-after-write ``hazard``
-        of the incoming command against the destinations still to be written.
+    def _input_buffer(self, m, dec, ring):
+        """The decode register and a two-entry input buffer between ``cmd`` and the start of a
+        command. ``cmd.ready`` is registered (fewer than three commands held), the buffer's
+        head is a register, and with one start per cycle a command moves in every cycle.
+
+        Each buffered command keeps ``meets``: which ring entries its operand rows meet. It is
+        computed as the command enters the buffer (against the ring, and against the command
+        starting in that cycle, which takes the entry at ``alloc_ptr``) and updated when the
+        command ahead of it starts; ring ranges change only on a start. So the head's
+        read-after-write ``hazard`` is one AND-OR of registers.
+
+        Returns the head (``e``, valid ``valid``), ``take`` (the head starts this cycle; set by
+        :meth:`_issue`) and ``hazard``."""
+        K = self.MAX_IN_FLIGHT
+        layout = self._decoded_layout(buffered=True)
+        p = Signal(self._decoded_layout(buffered=False))  # the decode register
+        pv = Signal()
+        e0 = Signal(layout)  # the head
+        e1 = Signal(layout)
+        v0 = Signal()
+        v1 = Signal()
+        take = Signal()
+        xfer = Signal()
+        pmove = Signal()  # the decode register's command enters the buffer
+        m.d.comb += [
+            self.cmd.ready.eq(~(pv & v1)),
+            xfer.eq(self.cmd.valid & ~(pv & v1)),
+            pmove.eq(pv & (~v1 | take)),
+        ]
+        with m.If(xfer):
+            m.d.sync += p.eq(dec)
+        m.d.sync += pv.eq(xfer | (pv & ~pmove))
+
+        def touches(x, lo, hi):  # the operand rows of x meet the rows [lo, hi)
+            return ((x.a_row < hi) & (lo < x.a_hi)) | ((x.b_row < hi) & (lo < x.b_hi))
+
+        alloc = [ring.alloc_ptr[: ring.ptr_bits - 1] == j for j in range(K)]
+        h = e0
+        inc = Signal(layout)  # the decode register's command as the buffer takes it
+        for name in self._decoded_layout(buffered=False).members:
+            if name in layout.members:
+                m.d.comb += getattr(inc, name).eq(getattr(p, name))
+        shifts = [n.bit_length() - 1 for n in self._lane_classes()]
+        last_beat = 0  # length_m1 >> log2(lanes), by the one-hot class: an OR of ANDs
+        for c, s in enumerate(shifts):
+            last_beat = last_beat | Mux(p.lanes[c], p.length_m1 >> s, 0)
+        m.d.comb += inc.last_beat.eq(Mux(p.empty, 0, last_beat))
+        p_meets_head = touches(p, h.dst_row, h.dst_hi)
+        e1_meets_head = touches(e1, h.dst_row, h.dst_hi)
+        m.d.comb += inc.meets.eq(
+            Cat(
+                *(
+                    Mux(take & alloc[j], p_meets_head, touches(p, ring.e_lo[j], ring.e_hi[j]))
+                    for j in range(K)
+                )
+            )
+        )
+        moved = Signal(K)  # e1's meets once the head has started (it moves to e0)
+        m.d.comb += moved.eq(
+            Cat(*(Mux(alloc[j], e1_meets_head, e1.meets[j]) for j in range(K)))
+        )
+        with m.If(~v0 | take):
+            with m.If(v1):
+                m.d.sync += [e0.eq(e1), e0.meets.eq(moved)]
+            with m.Else():
+                m.d.sync += e0.eq(inc)
+        with m.If(pmove):
+            m.d.sync += e1.eq(inc)
+        m.d.sync += [
+            v0.eq(v1 | pmove | (v0 & ~take)),
+            v1.eq(Mux(v1, ~take | pmove, pmove & v0 & ~take)),
+        ]
+        hazard = Signal()  # an operand row of the head still to be written by a command
+        m.d.comb += hazard.eq((ring.e_unwritten & h.meets).any())
+        return SimpleNamespace(e=e0, valid=v0, take=take, hazard=hazard, pending=pv)
+
+    def _in_flight(self, m):
+        """The commands in flight (started, not yet reported on ``done``): a ring of
+        :attr:`MAX_IN_FLIGHT` entries in start order, each with its op and destination rows.
 
         [wr_ptr, alloc_ptr) have results still to write, [done_ptr, wr_ptr) wait for ``done``.
-        Pointers count modulo 2K. The entries are written on accept (:meth:`_issue`) and
+        Pointers count modulo 2K. The entries are written on a start (:meth:`_issue`) and
         retired on the last result write (:meth:`_write_back`)."""
         K = self.MAX_IN_FLIGHT
         ptr_bits = K.bit_length()
-        alloc_ptr = Signal(ptr_bits)
-        wr_ptr = Signal(ptr_bits)
-        done_ptr = Signal(ptr_bits)
-        e_op = [Signal(VectorOp, name=f"fl{j}_op", init=VectorOp.VADD) for j in range(K)]
-        e_lo = [Signal(17, name=f"fl{j}_lo") for j in range(K)]  # dst rows [lo, hi)
-        e_hi = [Signal(17, name=f"fl{j}_hi") for j in range(K)]
-        e_unwritten = Signal(K)
-
-        def meets(lo, hi, j):
-            return e_unwritten[j] & (lo < e_hi[j]) & (e_lo[j] < hi)
-
-        a_hi = c.a_lo + c.last_row + 1
-        b_hi = c.b_lo + Mux(c.payload.b_scalar, 1, c.last_row + 1)
-        hazard = Signal()  # an operand row still to be written by a command in flight
-        m.d.comb += hazard.eq(
-            Cat(
-                *(
-                    (c.reads_a & meets(c.a_lo, a_hi, j)) | (c.reads_b & meets(c.b_lo, b_hi, j))
-                    for j in range(K)
-                )
-            ).any()
-        )
+        row_bits = len(self.read_a.addr)
         return SimpleNamespace(
             K=K,
             ptr_bits=ptr_bits,
-            alloc_ptr=alloc_ptr,
-            wr_ptr=wr_ptr,
-            done_ptr=done_ptr,
-            e_op=e_op,
-            e_lo=e_lo,
-            e_hi=e_hi,
-            e_unwritten=e_unwritten,
-            hazard=hazard,
+            alloc_ptr=Signal(ptr_bits),
+            wr_ptr=Signal(ptr_bits),
+            done_ptr=Signal(ptr_bits),
+            e_op=[Signal(VectorOp, name=f"fl{j}_op", init=VectorOp.VADD) for j in range(K)],
+            e_lo=[Signal(row_bits, name=f"fl{j}_lo") for j in range(K)],  # dst rows [lo, hi)
+            e_hi=[Signal(row_bits + 1, name=f"fl{j}_hi") for j in range(K)],
+            e_unwritten=Signal(K),
         )
 
-    def _issue(self, m, c, ring):
-        """Acceptance (``cmd.ready``, the overlap rules) and issue: one beat (a row, or a chunk
-        of it for a narrower op) per cycle, driving the read ports. Returns the issue stage's
-        registers for the operand stages."""
+    def _issue(self, m, head, ring):
+        """Acceptance (the head of the input buffer starts: the overlap rules) and issue: one
+        beat (a row, or a chunk of it for a narrower op) per cycle, driving the read ports.
+        Returns the issue stage's registers for the operand stages."""
         row_bits = len(self.read_a.addr)
-        cmd = c.payload
+        h = head.e
         K, ptr_bits = ring.K, ring.ptr_bits
         # cycles from now to the last result write scheduled (0: none ahead)
         max_u = max(self._lat.values())
@@ -583,81 +732,89 @@ class VectorUnit(GeometryComponent):
         b_row = Signal(row_bits)
         scalar = Signal()
         imm = Signal(16)
-        last_row = Signal(17)
-        last_beat = Signal(17)
+        last_row = Signal(row_bits)
+        last_beat = Signal.like(h.last_beat)
         chunk_bits = Signal(range(7))  # log2(64 / lanes)
         last_mask = Signal(ROW_ELEMS)  # live elements of the last row
         beat = Signal(17)
         pass1 = Signal()  # VDOT's first pass over b
+        i_last = Signal()  # this beat is the last of its pass (a register)
+        reads_a = Signal()
+        reads_b = Signal()
 
         i_row = Signal(17)
         i_chunk = Signal(6)
-        i_last = Signal()
         m.d.comb += [
             i_row.eq(Mux(pass1, beat, beat >> chunk_bits)),
             i_chunk.eq(Mux(pass1, 0, beat & ((Const(1, 7) << chunk_bits) - 1))),
-            i_last.eq(Mux(pass1, beat == last_row, beat == last_beat)),
         ]
-        # The next command is taken in the last beat of the one issuing (or when none is), if
-        # its first result comes after every write already scheduled (the write port serves one
+        # The head starts in the last beat of the command issuing (or when none is), if its
+        # first result comes after every write already scheduled (the write port serves one
         # command at a time, in order), none of its operand rows is still to be written, the
         # ring has room, and, for a VDOT with a first pass (it keeps xe_max in one register),
         # nothing is in flight.
         slot_free = ~issuing | (i_last & ~pass1)
-        in_order = wr_horizon < 3 + c.u
+        in_order = wr_horizon < h.u3
         n_flight = Signal(ptr_bits)
-        m.d.comb += [n_flight.eq(ring.alloc_ptr - ring.done_ptr), self.busy.eq(n_flight != 0)]
-        m.d.comb += self.cmd.ready.eq(
-            slot_free
+        m.d.comb += [
+            n_flight.eq(ring.alloc_ptr - ring.done_ptr),
+            self.busy.eq(head.pending | head.valid | (ring.alloc_ptr != ring.done_ptr)),
+        ]
+        m.d.comb += head.take.eq(
+            head.valid
+            & slot_free
             & in_order
-            & ~ring.hazard
+            & ~head.hazard
             & (n_flight < K)
-            & (~c.pass1 | (ring.e_unwritten == 0))
+            & (~h.pass1 | (ring.e_unwritten == 0))
         )
-        p1_beats = Mux(c.pass1, c.last_row + 1, 0)
-        with m.If(c.accept):
-            m.d.sync += wr_horizon.eq(p1_beats + c.last_beat + 2 + c.u)
+        take = head.take
+        with m.If(take):
+            m.d.sync += wr_horizon.eq(h.p1_beats + h.last_beat + h.u2)
         with m.Elif(wr_horizon != 0):
             m.d.sync += wr_horizon.eq(wr_horizon - 1)
 
         with m.If(issuing):
             with m.If(i_last & pass1):
-                m.d.sync += [beat.eq(0), pass1.eq(0)]
+                m.d.sync += [beat.eq(0), pass1.eq(0), i_last.eq(last_beat == 0)]
             with m.Elif(i_last):
                 m.d.sync += issuing.eq(0)
             with m.Else():
-                m.d.sync += beat.eq(beat + 1)
-        with m.If(c.accept):
-            rem = c.rem
+                m.d.sync += [
+                    beat.eq(beat + 1),
+                    i_last.eq(beat + 1 == Mux(pass1, last_row, last_beat)),
+                ]
+        with m.If(take):
             m.d.sync += [
                 issuing.eq(1),
                 beat.eq(0),
-                pass1.eq(c.pass1),
-                op.eq(cmd.op),
-                dst_row.eq(cmd.dst[6:]),
-                a_row.eq(c.a_lo),
-                b_row.eq(c.b_lo),
-                scalar.eq(cmd.b_scalar),
-                imm.eq(cmd.imm),
-                last_row.eq(c.last_row),
-                last_beat.eq(c.last_beat),
-                chunk_bits.eq(6 - c.log_lanes),
-                last_mask.eq(Mux(c.empty, 0, Mux(rem == 0, _ONES, (Const(1, 65) << rem) - 1))),
+                pass1.eq(h.pass1),
+                i_last.eq(h.first_last),
+                op.eq(h.op),
+                dst_row.eq(h.dst_row),
+                a_row.eq(h.a_row),
+                b_row.eq(h.b_row),
+                scalar.eq(h.scalar),
+                imm.eq(h.imm),
+                last_row.eq(h.last_row),
+                last_beat.eq(h.last_beat),
+                chunk_bits.eq(h.chunk_bits),
+                last_mask.eq(h.last_mask),
+                reads_a.eq(h.reads_a),
+                reads_b.eq(h.reads_b),
             ]
             for j in range(K):
                 with m.If(ring.alloc_ptr[: ptr_bits - 1] == j):
                     m.d.sync += [
-                        ring.e_op[j].eq(cmd.op),
-                        ring.e_lo[j].eq(cmd.dst[6:]),
-                        ring.e_hi[j].eq(cmd.dst[6:] + Mux(c.point, 1, c.last_row + 1)),
+                        ring.e_op[j].eq(h.op),
+                        ring.e_lo[j].eq(h.dst_row),
+                        ring.e_hi[j].eq(h.dst_hi),
                     ]
             m.d.sync += ring.alloc_ptr.eq(ring.alloc_ptr + 1)
 
-        reads_a = (op != VectorOp.VSET) & ~pass1
-        reads_b = Cat(*(op == o for o in _READS_B)).any()
         m.d.comb += [
             self.read_a.addr.eq(a_row + i_row),
-            self.read_a.en.eq(issuing & reads_a & (i_chunk == 0)),
+            self.read_a.en.eq(issuing & reads_a & ~pass1 & (i_chunk == 0)),
             self.read_b.addr.eq(b_row + Mux(scalar, 0, i_row)),
             self.read_b.en.eq(issuing & reads_b & Mux(scalar, ~pass1 & (beat == 0), i_chunk == 0)),
         ]
@@ -678,8 +835,23 @@ class VectorUnit(GeometryComponent):
 
     def _operands(self, m, s0):
         """Stage 1 (the rows arrive from the read ports: mask, broadcast and select) and stage 2
-        (the operand registers that feed the units). Returns stage 2."""
+        (the operand registers that feed the units). Returns stage 2.
+
+        The op is decoded once, at stage 1's registers, into flags (which chunk width, VMAX,
+        VDOT, and each unit's valid at stage 2), so no 8-bit op comparison sits in front of
+        the multiplexers or the units' operand isolation."""
         row_bits = len(self.read_a.addr)
+        narrow = sorted({n for n in self._op_lanes.values() if n < ROW_ELEMS})
+        units = {
+            "add": (VectorOp.VADD, VectorOp.VSUB),
+            "sub": (VectorOp.VSUB,),
+            "mul": (VectorOp.VMUL,),
+            **{f: (o,) for o, f in TABLE_OPS.items()},
+            "max": (VectorOp.VMAX,),
+            "dot": (VectorOp.VDOT,),
+            "set": (VectorOp.VSET,),
+        }
+        op = s0.op
         # Each stage has its own copy of the command's fields: the next command may be issuing.
         s1_valid = Signal()
         s1_row = Signal(row_bits)
@@ -687,9 +859,10 @@ class VectorUnit(GeometryComponent):
         s1_first = Signal()
         s1_last = Signal()
         s1_pass1 = Signal()
-        op1 = Signal(VectorOp, init=VectorOp.VADD)
+        s1_last_row = Signal()  # the operand row is the last (its elements past length are dead)
+        s1_width = {n: Signal(name=f"s1_width{n}") for n in narrow}  # the op takes n per cycle
+        s1_go = {u: Signal(name=f"s1_go_{u}") for u in units}  # the op's unit, valid or not
         scalar1 = Signal()
-        last_row1 = Signal(17)
         last_mask1 = Signal(ROW_ELEMS)
         dst1 = Signal(row_bits)
         imm1 = Signal(16)
@@ -700,15 +873,18 @@ class VectorUnit(GeometryComponent):
             s1_first.eq(s0.beat == 0),
             s1_last.eq(s0.i_last & ~s0.pass1),
             s1_pass1.eq(s0.pass1),
-            op1.eq(s0.op),
+            s1_last_row.eq(s0.i_row[:row_bits] == s0.last_row),
             scalar1.eq(s0.scalar),
-            last_row1.eq(s0.last_row),
             last_mask1.eq(s0.last_mask),
             dst1.eq(s0.dst_row),
             imm1.eq(s0.imm),
         ]
+        for n, flag in s1_width.items():
+            m.d.sync += flag.eq(Cat(*(op == o for o, k in self._op_lanes.items() if k == n)).any())
+        for u, ops in units.items():
+            m.d.sync += s1_go[u].eq(Cat(*(op == o for o in ops)).any())
         live = Signal(ROW_ELEMS)  # elements of this row below length
-        m.d.comb += live.eq(Mux(s1_row == last_row1[:row_bits], last_mask1, _ONES))
+        m.d.comb += live.eq(Mux(s1_last_row, last_mask1, _ONES))
         # Ops narrower than a row take a chunk of it per cycle, moved to element 0 up.
         chunk_mask = Signal(ROW_ELEMS)
         a_in = self.read_a.data.as_value()
@@ -716,11 +892,9 @@ class VectorUnit(GeometryComponent):
         a_sel = Signal(len(a_in))
         b_sel = Signal(len(a_in))
         m.d.comb += [chunk_mask.eq(_ONES), a_sel.eq(a_in), b_sel.eq(b_row_in)]
-        for o, n in self._op_lanes.items():
-            if n == ROW_ELEMS:
-                continue
+        for n, flag in s1_width.items():
             chunk = s1_chunk[: 6 - (n.bit_length() - 1)]
-            with m.If(op1 == o):
+            with m.If(flag):
                 m.d.comb += [
                     a_sel.eq(a_in.word_select(chunk, 16 * n)),
                     b_sel.eq(b_row_in.word_select(chunk, 16 * n)),
@@ -729,13 +903,12 @@ class VectorUnit(GeometryComponent):
         keep = _widen(live)
         neg_inf = _broadcast(Const(numerics.NEG_INF, 16))
         a_op = Signal(len(a_in))
-        with m.Switch(op1):
-            with m.Case(VectorOp.VMAX):  # past the length: -Inf, the identity of max
-                m.d.comb += a_op.eq((a_in & keep) | (neg_inf & ~keep))
-            with m.Case(VectorOp.VDOT):  # past the length: +0
-                m.d.comb += a_op.eq(a_in & keep)
-            with m.Default():
-                m.d.comb += a_op.eq(a_sel)
+        with m.If(s1_go["max"]):  # past the length: -Inf, the identity of max
+            m.d.comb += a_op.eq((a_in & keep) | (neg_inf & ~keep))
+        with m.Elif(s1_go["dot"]):  # past the length: +0
+            m.d.comb += a_op.eq(a_in & keep)
+        with m.Else():
+            m.d.comb += a_op.eq(a_sel)
         # VDOT with a scalar b: xe_max is the scalar's exponent (the port holds the row read at
         # the first beat)
         b_exp = self.read_b.data[0][10:15]
@@ -748,7 +921,7 @@ class VectorUnit(GeometryComponent):
         s2_first = Signal()
         s2_last = Signal()
         s2_pass1 = Signal()
-        op2 = Signal(VectorOp, init=VectorOp.VADD)
+        s2_go = {u: Signal(name=f"s2_go_{u}") for u in units}  # valid & the op's unit
         dst2 = Signal(row_bits)
         imm2 = Signal(16)
         scalar2 = Signal()
@@ -756,18 +929,18 @@ class VectorUnit(GeometryComponent):
         m.d.sync += [
             s2_valid.eq(s1_valid),
             s2_a.as_value().eq(a_op),
-            s2_b.as_value().eq(Mux(op1 == VectorOp.VDOT, b_sel & keep, b_sel)),
+            s2_b.as_value().eq(Mux(s1_go["dot"], b_sel & keep, b_sel)),
             s2_row.eq(dst1 + s1_row),
             s2_mask.eq(live & chunk_mask),
             s2_first.eq(s1_first),
             s2_last.eq(s1_last),
             s2_pass1.eq(s1_pass1),
-            op2.eq(op1),
             dst2.eq(dst1),
             imm2.eq(imm1),
             scalar2.eq(scalar1),
             xe2.eq(Mux(b_exp == 0, 1, b_exp)),
         ]
+        m.d.sync += [s2_go[u].eq(s1_valid & s1_go[u]) for u in units]
         return SimpleNamespace(
             valid=s2_valid,
             a=s2_a,
@@ -777,7 +950,7 @@ class VectorUnit(GeometryComponent):
             first=s2_first,
             last=s2_last,
             pass1=s2_pass1,
-            op=op2,
+            go=s2_go,
             dst=dst2,
             imm=imm2,
             scalar=scalar2,
@@ -822,37 +995,35 @@ class VectorUnit(GeometryComponent):
             )
             return lanes
 
-        op2 = s2.op
-        is_sub = op2 == VectorOp.VSUB
         adders = lane_group(
             "add",
             self._lanes,
             lambda tag: FP16Add(tag=tag),
             {"a": s2.a, "b": s2.b},
-            s2.valid & ((op2 == VectorOp.VADD) | is_sub),
+            s2.go["add"],
         )
-        m.d.comb += [i.payload.op.eq(Mux(is_sub, AddOp.SUB, AddOp.ADD)) for i, _ in adders]
+        m.d.comb += [i.payload.op.eq(Mux(s2.go["sub"], AddOp.SUB, AddOp.ADD)) for i, _ in adders]
         lane_group(
             "mul",
             self._lanes,
             lambda tag: FP16Mul(tag=tag),
             {"a": s2.a, "b": s2.b},
-            s2.valid & (op2 == VectorOp.VMUL),
+            s2.go["mul"],
         )
-        for t_op, f in TABLE_OPS.items():
+        for f in TABLE_OPS.values():
             _, ports = _table_ports(self._table_lanes[f])
             lane_group(
                 f,
                 self._table_lanes[f],
                 lambda tag, f=f, ports=ports: FP16Table(f, ports=ports, tag=tag),
                 {"x": s2.a},
-                s2.valid & (op2 == t_op),
+                s2.go[f],
                 ports=ports,
             )
 
         # VSET writes from the operand stage.
         writes.append(
-            (s2.valid & (op2 == VectorOp.VSET), s2.row, _broadcast(s2.imm), s2.mask, s2.last)
+            (s2.go["set"], s2.row, _broadcast(s2.imm), s2.mask, s2.last)
         )
 
     def _vmax(self, m, s2, writes):
@@ -860,7 +1031,7 @@ class VectorUnit(GeometryComponent):
         row_bits = len(self.read_a.addr)
         flags = data.StructLayout({"first": 1, "last": 1, "dst": row_bits})
         m.submodules.rowmax = rowmax = RowMax(tag=flags)
-        max_valid = s2.valid & (s2.op == VectorOp.VMAX)
+        max_valid = s2.go["max"]
         m.d.comb += [
             rowmax.i.valid.eq(max_valid),
             rowmax.i.payload.x.eq(_isolate(s2.a.as_value(), max_valid)),
@@ -894,8 +1065,8 @@ class VectorUnit(GeometryComponent):
         a_flags = data.StructLayout({"first": 1, "last": 1, "dst": row_bits, "scalar": 1, "xe": 5})
         m.submodules.align_a = align_a = BlockAlign(tag=a_flags)
         m.submodules.align_b = align_b = BlockAlign(tag=unsigned(1))  # pass 1
-        dot_a_valid = s2.valid & (s2.op == VectorOp.VDOT) & ~s2.pass1
-        dot_b_valid = s2.valid & (s2.op == VectorOp.VDOT)
+        dot_a_valid = s2.go["dot"] & ~s2.pass1
+        dot_b_valid = s2.go["dot"]
         m.d.comb += [
             align_a.i.valid.eq(dot_a_valid),
             align_a.i.payload.x.eq(_isolate(s2.a.as_value(), dot_a_valid)),
@@ -911,7 +1082,7 @@ class VectorUnit(GeometryComponent):
             align_b.o.ready.eq(1),
         ]
         xe_run = Signal(5)  # the first pass's largest block exponent of b
-        with m.If(c.accept & c.pass1):
+        with m.If(c.take & c.e.pass1):
             m.d.sync += xe_run.eq(1)
         with m.Elif(align_b.o.valid & align_b.o.payload.tag & (align_b.o.payload.exp > xe_run)):
             m.d.sync += xe_run.eq(align_b.o.payload.exp)

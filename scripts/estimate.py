@@ -619,6 +619,20 @@ def unit_designs():
         ("AccumulatorShift", arith.AccumulatorShift),
         ("Accumulator", arith.Accumulator),
         ("AccToFP16", arith.AccToFP16),
+        ("FP16Table(exp, ports=2)", lambda: arith.FP16Table("exp", ports=2)),
+    ]
+
+
+def block_designs():
+    """The VPU's own blocks, for ``--unit`` only (not in ``--units``): ``RowMax``, and the
+    whole ``VectorUnit`` of the tiny geometry (its table ROMs too; not a stream unit, so
+    ``--free-running`` leaves it as it is: its units run free inside it)."""
+    from tandem.geometry import geometry
+    from tandem.rtl import vpu
+
+    return [
+        ("RowMax", vpu.RowMax),
+        ("VectorUnit(tiny)", lambda: vpu.VectorUnit(geometry("tiny"))),
     ]
 
 
@@ -629,40 +643,49 @@ def unit_folder(out: Path, name: str, *, free_running: bool = False) -> Path:
 
 
 def free_running(unit):
-    """``unit`` in a top whose output is always ready (``o.ready`` tied high), as the MPU and
+    """``unit`` in a top whose outputs are always ready (``o.ready`` tied high), as the MPU and
     the VPU run every arithmetic unit: no stall enables on its registers, so it maps as it
-    does inside them (a unit with one stream pair)."""
+    does inside them. A unit with one stream pair gets ports ``i``, ``o`` (the payload) and
+    ``o_valid``; with several (a two-port ``FP16Table``), ``i<k>``, ``o<k>`` and ``o<k>_valid``.
+    A design without stream pairs (the ``VectorUnit``, whose units are free-running inside it)
+    is returned as it is."""
     from amaranth import Module
     from amaranth.lib import stream, wiring
     from amaranth.lib.wiring import In, Out
 
+    if not hasattr(unit, "stream_pairs"):
+        return unit
+    pairs = unit.stream_pairs
+    names = [""] if len(pairs) == 1 else [str(k) for k in range(len(pairs))]
+
     class FreeRunning(wiring.Component):
         def __init__(self):
-            super().__init__(
-                {
-                    "i": In(stream.Signature(unit.in_layout)),
-                    "o": Out(unit.out_layout),
-                    "o_valid": Out(1),
-                }
-            )
+            members = {}
+            for k in names:
+                members[f"i{k}"] = In(stream.Signature(unit.in_layout))
+                members[f"o{k}"] = Out(unit.out_layout)
+                members[f"o{k}_valid"] = Out(1)
+            super().__init__(members)
 
         def elaborate(self, platform):
             m = Module()
             m.submodules.unit = unit
-            wiring.connect(m, wiring.flipped(self.i), unit.i)
-            m.d.comb += [
-                unit.o.ready.eq(1),
-                self.o.eq(unit.o.payload),
-                self.o_valid.eq(unit.o.valid),
-            ]
+            for k, (i, o) in zip(names, pairs, strict=True):
+                wiring.connect(m, wiring.flipped(getattr(self, f"i{k}")), i)
+                m.d.comb += [
+                    o.ready.eq(1),
+                    getattr(self, f"o{k}").eq(o.payload),
+                    getattr(self, f"o{k}_valid").eq(o.valid),
+                ]
             return m
 
     return FreeRunning()
 
 
 def unit_factory(name: str):
-    """The factory of the arithmetic unit called ``name`` in :func:`unit_designs` (any case)."""
-    designs = unit_designs()
+    """The factory of the unit called ``name`` in :func:`unit_designs` or
+    :func:`block_designs` (any case)."""
+    designs = unit_designs() + block_designs()
     for n, factory in designs:
         if n.lower() == name.lower():
             return n, factory
@@ -681,8 +704,8 @@ def run_unit(
     netlist=False,
     free=False,
 ):
-    """Synthesize one arithmetic unit alone (top ``top``; with ``netlist`` also the flat netlist
-    `make timing --unit` walks; with ``free`` its output always ready, :func:`free_running`),
+    """Synthesize one unit alone (top ``top``; with ``netlist`` also the flat netlist
+    `make timing --unit` walks; with ``free`` its outputs always ready, :func:`free_running`),
     or take the cached result."""
     from amaranth.back import verilog
 
@@ -709,8 +732,8 @@ def synth_options(args) -> dict:
 
 
 def main_units(names: list[str], args) -> int:
-    """``--unit NAME``: only the named arithmetic units, each synthesized alone (seconds to a
-    few minutes each, no whole core), with their netlists for ``timing.py --unit``."""
+    """``--unit NAME``: only the named units, each synthesized alone (seconds to a few minutes
+    each, the tiny VPU several; no whole core), with their netlists for ``timing.py --unit``."""
     units = {}
     for wanted in names:
         name, factory = unit_factory(wanted)
@@ -718,7 +741,7 @@ def main_units(names: list[str], args) -> int:
         u = run_unit(name, factory, **synth_options(args), netlist=True, free=args.free_running)
         units[name] = u
     print()
-    print("Arithmetic units alone (pyosys synth_xilinx -family xcup, abc -luts unless --abc9):")
+    print("Units alone (pyosys synth_xilinx -family xcup, abc -luts unless --abc9):")
     print(table([(n, "", classify(u["design"])) for n, u in units.items()]))
     for n, u in units.items():
         how = "cached" if u.get("cached") else f"yosys {u['yosys_seconds']:.0f} s"
@@ -746,8 +769,9 @@ def main(argv: list[str] | None = None) -> int:
         "--unit",
         action="append",
         metavar="NAME",
-        help="synthesize only this arith unit alone (repeatable; e.g. FP16Add, AccToFP16), "
-        "with its netlist for `timing.py --unit`; no whole core",
+        help="synthesize only this unit alone (repeatable; e.g. FP16Add, AccToFP16, RowMax, "
+        "'VectorUnit(tiny)' for the whole tiny VPU), with its netlist for `timing.py --unit`; "
+        "no whole core",
     )
     ap.add_argument(
         "--free-running",

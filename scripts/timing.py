@@ -810,8 +810,9 @@ def main(argv: list[str] | None = None) -> int:
         "--unit",
         action="append",
         metavar="NAME",
-        help="time one arith unit synthesized alone (repeatable; e.g. FP16Add; `estimate.py "
-        "--unit` names), synthesizing it first if needed; writes timing.json in its folder",
+        help="time one unit synthesized alone (repeatable; an arith unit such as FP16Add, or "
+        "RowMax, or 'VectorUnit(tiny)', the whole tiny VPU; `estimate.py --unit` names), "
+        "synthesizing it first if needed; writes timing.json in its folder",
     )
     ap.add_argument(
         "--free-running",
@@ -948,7 +949,7 @@ def unit_lines(name: str, result: dict, resources: dict | None = None) -> list[s
 def main_units(
     names: list[str], *, budget: int = BUDGET, limit: int = 40, free: bool = False
 ) -> int:
-    """``--unit NAME``: each named arithmetic unit synthesized alone (`estimate.py --unit`,
+    """``--unit NAME``: each named unit synthesized alone (`estimate.py --unit`,
     cached) and walked: its worst register-to-register path, the worst from its input ports and
     to its output ports, and its registers over the budget. In a core, a unit's ports meet the
     registers and logic around it, so its paths from and to the ports add to those."""

@@ -180,3 +180,25 @@ def test_the_worker_names_pyosys_when_it_is_missing(monkeypatch, capsys, tmp_pat
     monkeypatch.setitem(sys.modules, "pyosys", None)  # import fails
     assert est._worker(str(tmp_path)) == 3
     assert "pyosys" in capsys.readouterr().err
+
+
+def test_units_alone_include_the_vpus_blocks_and_two_port_tables():
+    """`--unit` names the VPU's own blocks (not in `--units`); a unit with two stream pairs
+    runs free with a pair of ports per stream; the VPU itself is not wrapped."""
+    from amaranth.back import verilog
+
+    from tandem.rtl.arith import FP16Table
+    from tandem.rtl.vpu import RowMax, VectorUnit
+
+    names = [n for n, _ in est.unit_designs()]
+    assert "FP16Table(exp, ports=2)" in names and "RowMax" not in names
+    name, factory = est.unit_factory("vectorunit(TINY)")
+    assert name == "VectorUnit(tiny)"
+    vpu = factory()
+    vpu._MustUse__silence = True  # built only to look at
+    assert isinstance(vpu, VectorUnit) and est.free_running(vpu) is vpu
+    assert isinstance(est.unit_factory("rowmax")[1](), RowMax)
+    top = est.free_running(FP16Table("recip", ports=2))
+    assert {"i0", "i1", "o0", "o1", "o0_valid", "o1_valid"} <= set(top.signature.members)
+    text = verilog.convert(top, name="top", emit_src=False)
+    assert "o1_valid" in text and "i1__payload" in text

@@ -341,11 +341,24 @@ def test_real_synthesis_of_known_depths(tmp_path):
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("unit", ["FP16Add", "FP16Mul", "AccToFP16", "BlockAlign"])
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "FP16Add",
+        "FP16Mul",
+        "AccToFP16",
+        "BlockAlign",
+        "RowMax",
+        "FP16Table(exp)",
+        "FP16Table(exp, ports=2)",
+    ],
+)
 def test_arith_units_stay_well_within_the_logic_budget(unit, tmp_path):
     """Issue 14: each unit alone as the MPU and VPU run it (output always ready) has no
     register-to-register path over 7 LUT levels and none over 6 from its inputs (the budget is
-    10; Yosys maps a unit inside a block a few levels deeper than alone). About 10-25 s each."""
+    10; Yosys maps a unit inside a block a few levels deeper than alone). About 10-25 s each.
+    A function table's block RAM output reaches ``o`` through a register only (its output
+    ports are registers: no path to them)."""
     pytest.importorskip("pyosys")
     est = _load("estimate")
     name, factory = est.unit_factory(unit)
@@ -354,3 +367,29 @@ def test_arith_units_stay_well_within_the_logic_budget(unit, tmp_path):
     pairs = tm.analyze(net, pairs=True)["pairs"]
     assert pairs["core -> core"]["lut_levels"] <= 7, pairs["core -> core"]
     assert pairs["port -> core"]["lut_levels"] <= 6, pairs["port -> core"]
+    if unit.startswith("FP16Table"):
+        assert pairs["core -> port"]["lut_levels"] == 0, pairs["core -> port"]
+        assert pairs["core -> core"]["start"].startswith("$techmap"), pairs["core -> core"]
+
+
+@pytest.mark.long
+def test_the_vector_unit_stays_within_the_logic_budget(tmp_path):
+    """Issue 14: the whole tiny-geometry VPU synthesized alone (its command decode, input
+    buffer, ring and issue, operand stages, units and table ROMs) has no register-to-register
+    path over 7 LUT levels and none over 7 from its ports (``cmd`` from the command queue's
+    output register, the VBUF's read data); ``cmd.ready`` is a register's output through at most
+    one LUT. About 4 minutes of Yosys on a quiet machine (22 minutes at a load average of 7)."""
+    pytest.importorskip("pyosys")
+    est = _load("estimate")
+    name, factory = est.unit_factory("VectorUnit(tiny)")
+    est.run_unit(name, factory, out=tmp_path, netlist=True)
+    net = tm.load(est.unit_folder(tmp_path, name) / "netlist.json")
+    result = tm.analyze(net, pairs=True, budget=1)  # every end over 1 LUT level listed
+    pairs = result["pairs"]
+    assert pairs["core -> core"]["lut_levels"] <= 7, pairs["core -> core"]
+    assert pairs["port -> core"]["lut_levels"] <= 7, pairs["port -> core"]
+    assert "port -> port" not in pairs, pairs["port -> port"]  # no input reaches an output
+    over = [d for d in result["over_budget"] if d["lut_levels"] > 7]
+    assert not over, over[:5]
+    assert [d["register"] for d in result["over_budget"] if d["end_block"] == "port"]
+    assert "cmd__ready" not in {d["register"] for d in result["over_budget"]}
