@@ -201,8 +201,12 @@ class MatrixUnit(GeometryComponent):
     cipher rounds (one LUT level each) or one add. Measured on the tiny MPU synthesized alone
     (Yosys, ``scripts/timing.py`` walking its netlist, 2026-12-06): no sampling register is
     more than 6 LUT levels from the registers before it; the unit's deepest paths (7 and 8
-    levels) are the bias shifter's and the x mask's, as before sampling. The tiny MPU is
-    37,681 LUTs, 29,796 flip-flops and 129 DSPs with sampling (docs/numerics.md, Sampling).
+    levels) are the bias shifter's and the x mask's, as before sampling. Sampling costs the tiny
+    MPU 14,555 LUTs, 7,905 flip-flops and 1 DSP (37,681 / 29,796 / 129 against 23,126 /
+    21,891 / 128 without; same synthesis), nearly all in its three lists (about 4,300 LUTs
+    each); for u55c's 17 lists that extrapolates to about 75,000 LUTs (under 6% of the U55C's
+    1.3M) and 36,000 flip-flops (docs/numerics.md, Sampling). A smaller TOP_K_MAX would cut
+    the lists in proportion.
 
     Degenerate commands, as :mod:`tandem.golden.isasim` defines them: with no live column the unit
     takes neither x nor tiles but computes as if on one all-zero block (``n_cb`` = 1 in the
