@@ -129,7 +129,7 @@ class Controller(GeometryComponent):
     (0: 2**24) without an instruction issued (``WATCHDOG``). On any stop the controller
     stops issuing, waits for the units to drain (bounded by the watchdog; MATVECs whose weights
     were read but whose MPU commands were not sent are sent then, so no tile is left for the next
-    run, unless a DMA error stopped it), writes the status
+    run), writes the status
     record with a ``STATUS`` store, waits for the write response and pulses :attr:`done`. The
     store's acceptance and its write response get a fresh watchdog period: if they do not
     come, ``WATCHDOG`` is added to the status registers (not to a record already sampled), a
@@ -579,13 +579,11 @@ class Controller(GeometryComponent):
             # Let issued work finish (bounded by the watchdog) so the status record is the
             # last write and no unit is left mid-command for the next run.
             # MATVECs whose weight reads went out but whose MPU commands did not: send them, so
-            # the MPU takes their tiles and none is left for the next run's first MATVEC (its
-            # results land in the VBUF, which a stopped program leaves undefined); after a DMA
-            # error their tiles may never come, so drop them then
-            dma_fault = c.dma_err | ((c.stop_status & (Status.HBM_RANGE | Status.AXI_ERROR)) != 0)
-            with m.If(dma_fault):
-                m.d.sync += [c.n_pending.eq(0), c.pf_valid.eq(0)]
-            with m.Elif(c.pf_valid & (c.n_pending < MAX_PENDING)):
+            # the MPU takes their tiles and none is left for the next run's first MATVEC (their
+            # results land in the VBUF, which a stopped program leaves undefined). Their tiles
+            # always come: after HBM_RANGE the DMA delivers all-zero tiles, after an AXI error
+            # the beats with the error response.
+            with m.If(c.pf_valid & (c.n_pending < MAX_PENDING)):
                 m.d.comb += [c.push.eq(1), c.push_cmd.eq(c.pf_cmd)]
                 m.d.sync += c.pf_valid.eq(0)
             with m.If(c.dma_err & (c.stop_status == 0)):
