@@ -107,3 +107,185 @@ def check(m: QuantizedMatrix) -> None:
         raise QuantizationError(f"q holds {int(m.q.max())}, past {m.bits}-bit range")
     if int(m.zero.max()) >= top:
         raise QuantizationError(f"zero holds {int(m.zero.max())}, past {m.bits}-bit range")
+
+
+# --------------------------------------------------------------------------------------------
+# Round-to-nearest quantization, and which weights of a GPT-2 are quantized
+
+PER_CHANNEL = -1
+"""``group`` for one scale per output channel (the whole row), as GPTQ's ``group_size = -1``."""
+
+
+def group_for(group: int, cols: int) -> int:
+    """The group size of a ``cols``-wide row: ``group`` itself, or ``cols`` for
+    :data:`PER_CHANNEL`. QuantizationError if the core cannot map it (not a multiple of the
+    64-element block, nor :data:`PER_CHANNEL`); the last group of a row may be shorter."""
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
+        raise QuantizationError(f"group must be an integer, not {group!r}")
+    if group == PER_CHANNEL:
+        return int(cols)
+    if group <= 0 or group % BLOCK:
+        raise QuantizationError(
+            f"group size {group} is not a multiple of the {BLOCK}-element block (nor "
+            f"{PER_CHANNEL}, one group per output channel): the core scales whole blocks"
+        )
+    return int(group)
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise QuantizationError(f"bits must be one of {BITS}, not {bits!r}")
+    return int(bits)
+
+
+_F16_TINY = np.float16(2.0**-24)  # smallest positive binary16
+
+
+def group_params(
+    lo: np.ndarray, hi: np.ndarray, bits: int, *, sym: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (binary16 bit patterns) and zero point (uint8) of groups whose weights span
+    ``[lo, hi]`` (float arrays of one shape), as GPTQ's quantizer chooses them.
+
+    The range is widened to hold 0. Asymmetric: ``scale = (hi - lo) / (2**bits - 1)`` rounded to
+    binary16, ``zero = round(-lo / scale)`` with that rounded scale (so the range maps onto
+    ``[0, 2**bits - 1]`` as closely as the binary16 scale allows). Symmetric (``sym``):
+    ``scale = 2 * max(|lo|, |hi|) / (2**bits - 1)``, ``zero = 2**(bits - 1)`` (the largest
+    positive weight may clip by half a step, as in GPTQ). A group of zeros gets scale 1; a scale
+    below binary16's smallest subnormal becomes that subnormal. QuantizationError if a range is
+    not finite or its scale overflows binary16."""
+    bits = check_bits(bits)
+    maxq = (1 << bits) - 1
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise QuantizationError("the weights hold NaN or Inf: they cannot be quantized")
+    if sym:
+        amax = np.maximum(-lo, hi)
+        lo, hi = -amax, amax
+    span = hi - lo
+    with np.errstate(over="ignore"):
+        scale = np.where(span > 0, span / maxq, 1.0).astype(np.float16)
+    if not np.isfinite(scale).all():
+        raise QuantizationError(
+            f"a group spans {float(span.max()):.6g}: its scale overflows binary16 (max 65504)"
+        )
+    scale = np.maximum(scale, _F16_TINY)
+    if sym:
+        zero = np.full(scale.shape, 1 << (bits - 1), dtype=np.uint8)
+    else:
+        zero = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, maxq).astype(np.uint8)
+    return scale.view(np.uint16), zero
+
+
+def quantize_with(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """``clamp(round(w / scale) + zero, 0, 2**bits - 1)`` as uint8, round half to even, element
+    by element (``scale`` binary16 bit patterns and ``zero`` broadcast against ``w``)."""
+    s = np.asarray(scale, dtype=np.uint16).view(np.float16).astype(np.float64)
+    q = np.rint(np.asarray(w, dtype=np.float64) / s) + np.asarray(zero, dtype=np.float64)
+    return np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
+
+
+def _as_matrix(w, what: str = "w") -> np.ndarray:
+    a = np.asarray(w)
+    if a.ndim != 2 or a.size == 0 or not np.issubdtype(a.dtype, np.floating):
+        raise QuantizationError(
+            f"{what} must be a non-empty 2-D float matrix [rows, cols], not {a.dtype} {a.shape}"
+        )
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise QuantizationError(f"{what} holds a non-finite value at {bad}: it cannot be quantized")
+    return a
+
+
+def quantize_rtn(w, bits: int, group: int, *, sym: bool = False) -> QuantizedMatrix:
+    """Round-to-nearest quantization of ``w`` (float [rows = outputs, cols = inputs], the core's
+    orientation) to ``bits`` (4 or 8) in groups of ``group`` columns (a multiple of 64, or
+    :data:`PER_CHANNEL`). Each (row, group) gets its scale and zero from its own min and max
+    (:func:`group_params`), and ``q`` is computed with the binary16-rounded scale, so
+    ``dequantize()`` is exactly what a model using the matrix computes with."""
+    bits = check_bits(bits)
+    a = _as_matrix(w)
+    cols = a.shape[1]
+    g = group_for(group, cols)
+    starts = range(0, cols, g)
+    lo = np.stack([a[:, c : c + g].min(axis=1) for c in starts], axis=1)
+    hi = np.stack([a[:, c : c + g].max(axis=1) for c in starts], axis=1)
+    scale, zero = group_params(lo, hi, bits, sym=sym)
+    idx = np.arange(cols) // g
+    q = quantize_with(a, scale[:, idx], zero[:, idx], bits)
+    return QuantizedMatrix(q=q, scale=scale, zero=zero, bits=bits, group=g)
+
+
+QUANTIZED_LAYERS = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
+"""The weights of each block ``h.{i}.`` that a quantized model stores as :class:`QuantizedMatrix`
+(Conv1D weights, [in, out] as float; [out, in] quantized)."""
+
+LM_HEAD = "lm_head.weight"
+"""The key of the quantized LM head ([n_vocab, n_embd]), quantized from ``wte.weight``."""
+
+
+def quantized_keys(n_layer: int, *, lm_head: bool = True) -> list[str]:
+    """The keys a quantized model replaces, in the order the model uses them: each block's
+    :data:`QUANTIZED_LAYERS`, then :data:`LM_HEAD` if ``lm_head``."""
+    keys = [f"h.{i}.{name}" for i in range(n_layer) for name in QUANTIZED_LAYERS]
+    return [*keys, LM_HEAD] if lm_head else keys
+
+
+def core_matrix(weights, key: str) -> np.ndarray:
+    """The float matrix that ``key`` quantizes, in the core's orientation [out, in] (float64):
+    a Conv1D weight transposed, or ``wte.weight`` itself for :data:`LM_HEAD`."""
+    src = "wte.weight" if key == LM_HEAD else key
+    w = weights[src]
+    if isinstance(w, QuantizedMatrix):
+        raise QuantizationError(f"{src} is already quantized")
+    a = np.asarray(w, dtype=np.float64)
+    return a if key == LM_HEAD else a.T
+
+
+def quantize_weights(
+    weights,
+    cfg,
+    *,
+    bits: int,
+    group: int,
+    method: str = "rtn",
+    lm_head: bool = True,
+    sym: bool = False,
+) -> dict:
+    """A copy of the float ``weights`` of ``cfg`` with :func:`quantized_keys` quantized
+    (module docstring: the Weights-dict convention) by round to nearest (``method="rtn"``). GPTQ
+    needs a forward pass over calibration text: ``tandem.host.quantize.quantize_model``."""
+    if method != "rtn":
+        raise QuantizationError(
+            f"method {method!r}: quantize_weights does round to nearest ('rtn') only; GPTQ is "
+            "tandem.host.quantize.quantize_model (it needs calibration text)"
+        )
+    check_bits(bits)
+    out = dict(weights)
+    for key in quantized_keys(cfg.n_layer, lm_head=lm_head):
+        try:
+            out[key] = quantize_rtn(core_matrix(weights, key), bits, group, sym=sym)
+        except QuantizationError as err:
+            raise QuantizationError(f"{key}: {err}") from None
+    return out
+
+
+def dequantize_weights(weights) -> dict:
+    """Float32 weights in the checkpoint's orientation: every :class:`QuantizedMatrix` replaced by
+    ``dequantize().T`` (``lm_head.weight`` stays [n_vocab, n_embd], as a Hugging Face LM head).
+    Float entries pass through."""
+    out = {}
+    for key, w in weights.items():
+        if isinstance(w, QuantizedMatrix):
+            d = w.dequantize()
+            out[key] = (d if key == LM_HEAD else d.T).astype(np.float32)
+        else:
+            out[key] = w
+    return out
