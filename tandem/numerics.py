@@ -37,6 +37,9 @@ import functools
 
 import numpy as np
 
+from tandem.qweights import QuantizedMatrix
+from tandem.qweights import check as check_quantized
+
 BLOCK = 64
 """Elements per block-floating-point block; equals the MPU tree width and GPT-2's head dim."""
 
@@ -195,12 +198,17 @@ def shift_floor(v: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return np.where(shift >= 0, left, right)
 
 
+def bias_at(bias_bits: np.ndarray, lam) -> tuple[np.ndarray, np.ndarray]:
+    """A bias vector floored into an accumulator whose LSB weighs ``2**lam``: (int64 value,
+    non-finite flag)."""
+    neg, sig, exp = decode(bias_bits)
+    val = shift_floor(np.where(neg, -sig, sig), exp - BIAS_EXP - np.asarray(lam, dtype=np.int64))
+    return val, exp == 31
+
+
 def bias_to_acc(bias_bits: np.ndarray, xe_max) -> tuple[np.ndarray, np.ndarray]:
     """A bias vector placed in the accumulator: (int64 value, non-finite flag)."""
-    neg, sig, exp = decode(bias_bits)
-    lam = acc_lsb_exponent(xe_max)
-    val = shift_floor(np.where(neg, -sig, sig), exp - BIAS_EXP - lam)
-    return val, exp == 31
+    return bias_at(bias_bits, acc_lsb_exponent(xe_max))
 
 
 class PreparedMatrix:
@@ -298,6 +306,121 @@ def dot_fp16(a_bits, b_bits) -> np.uint16:
 def argmax(acc: np.ndarray) -> int:
     """Index of the largest accumulator; the lowest index wins a tie."""
     return int(np.argmax(acc))
+
+
+# --------------------------------------------------------------------------------------------
+# quantized weights (issue 17): the same accumulator, integer weights scaled once per block
+
+
+def quant_lsb_exponent(xe_max, bits) -> np.ndarray:
+    """Weight of the accumulator LSB (as a power of two) for a product with a ``bits``-bit
+    quantized matrix: :func:`acc_lsb_exponent` ``+ bits``, so a block term (``|T| < 2**(bits +
+    28)``, a factor ``2**bits`` above an FP16 block sum) is shifted left by at most ``ACC_FRAC -
+    bits`` and stays below ``2**52``, as an FP16 block sum does."""
+    return acc_lsb_exponent(xe_max) + np.asarray(bits, dtype=np.int64)
+
+
+def quant_block_shift(s_exp, x_exp, xe_max, bits) -> np.ndarray:
+    """Left shift (negative: flooring right shift) that moves a quantized block term ``T`` (scale
+    exponent ``s_exp``, input block exponent ``x_exp``) into the accumulator:
+    ``s_exp + x_exp - xe_max - 7 - bits``, at most ``ACC_FRAC - bits``."""
+    return block_shift(s_exp, x_exp, xe_max) - np.asarray(bits, dtype=np.int64)
+
+
+class PreparedQuantMatrix:
+    """A :class:`tandem.qweights.QuantizedMatrix` prepared once for :func:`matvec_quant`.
+
+    Per 64-column block ``k`` of row ``r``: the integer weights ``d = q - zero`` (|d| <= 255;
+    padding columns 0) as float32 [n_blocks, rows, 64], exact BLAS operands as
+    :class:`PreparedMatrix`'s significands are; and the block's scale, the binary16 ``scale[r,
+    g]`` of the group ``g = (64 k) // group`` holding the block, decoded like any binary16
+    operand: ``scale_sig`` = +-significand (hidden bit included) as float64, ``scale_exp`` its
+    exponent (subnormals 1), both [n_blocks, rows]. ``nonfinite_rows``: rows with a scale whose
+    exponent field is 31. Every group holds at least one block, so every scale takes part.
+    """
+
+    def __init__(self, m):
+        if not isinstance(m, QuantizedMatrix):
+            raise TypeError(f"PreparedQuantMatrix needs a QuantizedMatrix, not {type(m).__name__}")
+        check_quantized(m)
+        self.rows, self.cols = m.shape
+        if self.cols > MAX_DOT_LEN:
+            raise ValueError(f"{self.cols} columns exceed the contract's {MAX_DOT_LEN}")
+        self.bits = int(m.bits)
+        self.group = int(m.group)
+        nb = -(-self.cols // BLOCK)
+        self.n_blocks = nb
+        col_group = np.arange(self.cols) // self.group
+        d = m.q.astype(np.int16) - m.zero.astype(np.int16)[:, col_group]  # [rows, cols]
+        d = np.pad(d, ((0, 0), (0, nb * BLOCK - self.cols)))  # padding contributes 0
+        self.d = np.ascontiguousarray(
+            d.reshape(self.rows, nb, BLOCK).transpose(1, 0, 2).astype(np.float32)
+        )
+        block_group = np.arange(nb) * BLOCK // self.group  # [n_blocks]
+        neg, sig, exp = decode(m.scale[:, block_group].T)  # [n_blocks, rows]
+        self.scale_sig = np.ascontiguousarray(np.where(neg, -sig, sig).astype(np.float64))
+        self.scale_exp = np.ascontiguousarray(exp)
+        self.nonfinite_rows = (exp == 31).any(axis=0)
+
+
+def matvec_quant(
+    mat: PreparedQuantMatrix, x_bits: np.ndarray, bias_bits: np.ndarray | None = None
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Product of a quantized matrix and a binary16 vector under the contract: (acc int64
+    [rows], lam, nonfinite [rows]), the real result ``acc * 2**lam`` as :func:`matvec`'s.
+
+    Per row ``r`` and 64-block ``k``: ``x`` aligned as :func:`bfp_blocks` does (``x_int``,
+    ``xe[k]``, ``xe_max``); ``P = sum d * x_int`` exact (``|P| < 64 * 255 * 2047 < 2**25``);
+    ``T = +-m_s * P`` with the block's scale significand (exact, ``|T| < 2**36``); ``T`` weighs
+    ``2**(es + xe[k] - 50)`` and is shifted into the accumulator by :func:`quant_block_shift`
+    (flooring when negative, per block); the accumulator's LSB weighs ``2**lam`` with ``lam =``
+    :func:`quant_lsb_exponent` ``(xe_max, bits)``; the bias starts it, floored into that
+    position. A non-finite scale, input or bias makes the row non-finite.
+
+    Exactness at BLAS speed: ``d`` (|d| <= 255) times the input split ``32 * hi + lo`` (|hi| <=
+    63, |lo| <= 31) keeps every float32 partial sum of a block below ``2**20``; ``P`` and ``T``
+    are integers below ``2**53`` in float64, and ``T * 2**shift`` (below ``2**52``) is exact, so
+    ``floor`` of it is the contract's flooring shift.
+    """
+    x_bits = np.asarray(x_bits, dtype=np.uint16)
+    if x_bits.shape != (mat.cols,):
+        raise ValueError(f"input shape {x_bits.shape} does not match {mat.cols} columns")
+    xs, xe, xnf = prepare_input(x_bits, mat.n_blocks)
+    sums = np.matmul(mat.d, xs)  # [n_blocks, rows, 2]; every partial sum < 2**20: exact
+    t = (sums[..., 0].astype(np.float64) * 32 + sums[..., 1]) * mat.scale_sig  # T, exact
+    xe_max = int(xe.max())
+    shift = quant_block_shift(mat.scale_exp, xe[:, None], xe_max, mat.bits)
+    acc = np.floor(np.ldexp(t, shift)).astype(np.int64).sum(axis=0)
+    nonfinite = mat.nonfinite_rows | bool(xnf.any())
+    lam = int(quant_lsb_exponent(xe_max, mat.bits))
+    if bias_bits is not None:
+        bias_bits = np.asarray(bias_bits, dtype=np.uint16)
+        if bias_bits.shape != (mat.rows,):
+            raise ValueError(f"bias shape {bias_bits.shape} does not match {mat.rows} rows")
+        b, bnf = bias_at(bias_bits, lam)
+        acc = acc + b
+        nonfinite = nonfinite | bnf
+    return acc, lam, nonfinite
+
+
+def matvec_quant_fp16(mat: PreparedQuantMatrix, x_bits, bias_bits=None) -> np.ndarray:
+    """:func:`matvec_quant` rounded to binary16, NaN for rows that saw a non-finite operand."""
+    acc, lam, nonfinite = matvec_quant(mat, x_bits, bias_bits)
+    return np.where(nonfinite, np.uint16(CANONICAL_NAN), acc_to_fp16(acc, lam)).astype(np.uint16)
+
+
+def matvec_any(mat, x_bits, bias_bits=None) -> tuple[np.ndarray, int, np.ndarray]:
+    """:func:`matvec` or :func:`matvec_quant`, whichever kind of prepared matrix ``mat`` is."""
+    if isinstance(mat, PreparedQuantMatrix):
+        return matvec_quant(mat, x_bits, bias_bits)
+    return matvec(mat, x_bits, bias_bits)
+
+
+def matvec_any_fp16(mat, x_bits, bias_bits=None) -> np.ndarray:
+    """:func:`matvec_fp16` or :func:`matvec_quant_fp16`, whichever kind ``mat`` is."""
+    if isinstance(mat, PreparedQuantMatrix):
+        return matvec_quant_fp16(mat, x_bits, bias_bits)
+    return matvec_fp16(mat, x_bits, bias_bits)
 
 
 # --------------------------------------------------------------------------------------------
