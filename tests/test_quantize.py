@@ -177,3 +177,127 @@ def test_quantize_weights_refuses_gptq_and_names_the_tensor():
     w["h.1.mlp.c_proj.weight"][3, 2] = np.inf
     with pytest.raises(QuantizationError, match=r"^h\.1\.mlp\.c_proj\.weight: .*non-finite"):
         quantize_weights(w, cfg, bits=4, group=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    # H diagonal: no column's error can be compensated by another, so GPTQ rounds to nearest
+    from tandem.host.quantize import gptq_matrix
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(8, 192))
+    h = np.diag(rng.uniform(0.5, 2.0, 192))
+    for bits, group in ((4, 64), (4, 128), (8, PER_CHANNEL)):
+        got, want = gptq_matrix(w, h, bits, group), quantize_rtn(w, bits, group)
+        np.testing.assert_array_equal(got.q, want.q)
+        np.testing.assert_array_equal(got.scale, want.scale)
+        np.testing.assert_array_equal(got.zero, want.zero)
+
+
+def test_gptq_lazy_batches_change_nothing_but_the_order_of_sums():
+    from tandem.host.quantize import gptq_matrix, hessian
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(512, 192)) @ rng.normal(size=(192, 192))
+    w = rng.normal(size=(16, 192))
+    h = hessian(x)
+    one = gptq_matrix(w, h, 4, 64, blocksize=192)  # one batch: every update at once
+    for blocksize in (128, 64, 8):
+        other = gptq_matrix(w, h, 4, 64, blocksize=blocksize)
+        assert (other.q != one.q).mean() < 0.002, blocksize
+
+
+def test_gptq_compensates_a_column_error_exact_values():
+    from tandem.host.quantize import gptq_matrix
+
+    # one row, per channel: range [0, 1.5] -> scale 0.1 (binary16 0.0999755859375), zero 0.
+    # H = [[2, 1, 0], [1, 2, 0], [0, 0, 2]] + 0.02 I (1% of the mean diagonal).
+    # Column 0: 0.45 / s = 4.5011 -> q 5, error 0.45 - 5 s = -0.0498779...
+    # Column 1 absorbs it (optimal brain surgeon): 0.16 + err * 1 / 2.02 = 0.13531 -> q 1,
+    # where round to nearest gives round(1.6004) = 2. Column 2 is uncorrelated: 15.
+    s = 0.0999755859375
+    w = np.array([[0.45, 0.16, 1.5]])
+    h = np.array([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+    m = gptq_matrix(w, h, 4, PER_CHANNEL)
+    assert m.scales()[0, 0] == s and m.zero[0, 0] == 0
+    assert m.q[0].tolist() == [5, 1, 15]
+    assert quantize_rtn(w, 4, PER_CHANNEL).q[0].tolist() == [5, 2, 15]
+    # a dead input (never nonzero in the calibration) gets weight 0
+    h_dead = h.copy()
+    h_dead[1, :] = h_dead[:, 1] = 0.0
+    assert gptq_matrix(w, h_dead, 4, PER_CHANNEL).dequantize()[0, 1] == 0.0
+
+
+def test_gptq_beats_rtn_on_the_calibration_inputs_of_the_builtin_model():
+    """GPTQ's layer output error ||W X - Q X|| is below round to nearest's for the first block's
+    QKV matrix of the built-in model, on inputs from calibration text sampled from the model."""
+    from tandem.checkpoint import load_weights
+    from tandem.golden.reference import layer_norm
+    from tandem.host.quantize import gptq_matrix, hessian, output_error, sample_calibration
+
+    cfg, w = load_weights()
+    ids = sample_calibration(w, cfg, start=0, n=4, length=64, seed=1)
+    assert ids.shape == (4, 64) and (ids[:, 0] == 0).all() and ids.max() < cfg.n_vocab
+    x = w["wte.weight"][ids] + w["wpe.weight"][:64]
+    x = layer_norm(x, w["h.0.ln_1.weight"], w["h.0.ln_1.bias"], cfg.layer_norm_epsilon)
+    x = x.reshape(-1, cfg.n_embd).astype(np.float64)
+    mat = w["h.0.attn.c_attn.weight"].T.astype(np.float64)
+    h = hessian(x)
+    for bits, group in ((4, 64), (4, 128), (8, PER_CHANNEL)):
+        rtn = output_error(mat, quantize_rtn(mat, bits, group), x)
+        gptq = output_error(mat, gptq_matrix(mat, h, bits, group), x)
+        assert gptq < 0.9 * rtn, (bits, group, gptq, rtn)
+
+
+def test_forward_logits_is_the_float_reference():
+    from tandem.golden.reference import forward
+    from tandem.host.quantize import forward_logits
+
+    cfg = preset("test-odd")
+    w = random_weights(cfg, seed=3)
+    ids = [5, 1, 96, 40, 7]
+    np.testing.assert_allclose(
+        forward_logits(w, cfg, ids), forward(w, cfg, ids, dtype=np.float64), rtol=1e-12, atol=1e-12
+    )
+    # quantized matrices are dequantized and the quantized LM head is used: with the embedding
+    # set to the dequantized head, the tied reference computes the same
+    qw = quantize_weights(w, cfg, bits=4, group=64)
+    flat = dequantize_weights(qw)
+    flat["wte.weight"] = qw["wte.weight"] = flat.pop(LM_HEAD)
+    got = forward_logits(qw, cfg, ids)
+    np.testing.assert_allclose(
+        got, forward(flat, cfg, ids, dtype=np.float64), rtol=1e-12, atol=1e-12
+    )
+    # with the float embedding: the hidden state of the tied model times the quantized head
+    qw["wte.weight"] = w["wte.weight"]
+    tied = dict(qw)
+    del tied[LM_HEAD]
+    wte = w["wte.weight"].astype(np.float64)
+    hidden = np.linalg.lstsq(wte, forward_logits(tied, cfg, ids).T, rcond=None)[0].T
+    want = hidden @ qw[LM_HEAD].dequantize().T
+    np.testing.assert_allclose(forward_logits(qw, cfg, ids), want, rtol=1e-9, atol=1e-9)
+
+
+def test_quantize_model_gptq_sequential_on_a_tiny_preset():
+    from tandem.host.quantize import quantize_model, sample_calibration
+
+    cfg = preset("test-tiny")
+    w = random_weights(cfg, seed=1)
+    calib = sample_calibration(w, cfg, start=0, n=4, length=32)
+    lines = []
+    q = quantize_model(w, cfg, bits=4, group=64, method="gptq", calib=calib, progress=lines.append)
+    assert lines == [
+        "layer 1/2 quantized (GPTQ, 128 tokens)",
+        "layer 2/2 quantized (GPTQ, 128 tokens)",
+        "LM head quantized (GPTQ)",
+    ]
+    assert {k for k, v in q.items() if isinstance(v, QuantizedMatrix)} == set(
+        quantized_keys(cfg.n_layer)
+    )
+    with pytest.raises(QuantizationError, match="method must be one of rtn, gptq, not 'awq'"):
+        quantize_model(w, cfg, bits=4, group=64, method="awq")
+    with pytest.raises(QuantizationError, match="GPTQ needs calibration"):
+        quantize_model(w, cfg, bits=4, group=64, method="gptq")
