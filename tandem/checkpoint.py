@@ -4,6 +4,13 @@ Weights are a plain ``dict[str, np.ndarray]`` of float32 arrays keyed by the Hug
 names without the ``transformer.`` prefix. ``c_attn``, ``c_proj`` and ``c_fc`` are
 Conv1D layers, so their weights are stored [in, out] and are used as ``x @ w``:
 nothing is transposed on load. The LM head is tied to ``wte.weight``.
+
+A quantized checkpoint (a folder with ``quantize_config.json``, or a ``config.json`` whose
+``quantization_config`` says ``"quant_method": "gptq"``) holds, per quantized matrix, the GPTQ
+tensors ``qweight``, ``qzeros``, ``scales`` and ``g_idx`` (layout in :mod:`tandem.qweights`) in
+place of ``.weight``; it loads as Weights whose quantized entries are
+:class:`tandem.qweights.QuantizedMatrix` (that module's docstring), with ``lm_head.weight``
+when the LM head is quantized (``lm_head.qweight`` ...). :func:`save_quantized` writes one.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem.config import GPT2Config, preset
+from tandem.qweights import LM_HEAD, QUANTIZED_LAYERS, QuantizationError, QuantizedMatrix
 
 Weights = dict[str, np.ndarray]
 
@@ -62,6 +70,8 @@ def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
 def _is_ignorable(key: str, weights: Weights) -> bool:
     if key.startswith("h.") and key.endswith(_BUFFER_SUFFIXES):
         return True
+    if key == LM_HEAD and isinstance(weights[key], QuantizedMatrix):
+        return True  # a quantized LM head (its shape is checked in validate)
     # A saved LM head is fine only if it really is tied to the embedding.
     if key == "lm_head.weight" and "wte.weight" in weights:
         a, b = weights[key], weights["wte.weight"]
@@ -86,11 +96,21 @@ def validate(cfg: GPT2Config, weights: Weights, *, source: str | os.PathLike | N
         if "lm_head.weight" in unknown:
             hint = " (lm_head.weight differs from wte.weight; Tandem needs a tied LM head)"
         raise CheckpointError(f"unexpected weights{where}: {', '.join(unknown[:5])}{hint}")
+    if LM_HEAD in weights and isinstance(weights[LM_HEAD], QuantizedMatrix):
+        shapes = {**shapes, LM_HEAD: (cfg.n_vocab, cfg.n_embd)}
     for key, want in shapes.items():
-        got = tuple(np.shape(weights[key]))
+        w = weights[key]
+        if isinstance(w, QuantizedMatrix):
+            # quantized: [out, in], the transpose of the Conv1D weight; the LM head as wte
+            got = w.shape if key == LM_HEAD else w.shape[::-1]
+            what = "quantized weight"
+            if not (key == LM_HEAD or key.endswith(QUANTIZED_LAYERS)):
+                raise CheckpointError(f"weight {key!r}{where} cannot be quantized (a vector)")
+        else:
+            got, what = tuple(np.shape(w)), "weight"
         if got != want:
             raise CheckpointError(
-                f"weight {key!r}{where} has shape {got}, expected {want} for config {cfg.name!r}"
+                f"{what} {key!r}{where} has shape {got}, expected {want} for config {cfg.name!r}"
             )
 
 
@@ -218,6 +238,8 @@ def check_finite(weights: Weights, *, source: str | os.PathLike | None = None) -
     """Raise CheckpointError naming the first tensor that holds a NaN or an infinity."""
     where = f" in {source}" if source is not None else ""
     for key, w in weights.items():
+        if isinstance(w, QuantizedMatrix):
+            w = w.scales()  # the integers are finite; a scale may not be
         bad = ~np.isfinite(w)
         if bad.any():
             n = int(bad.sum())
@@ -261,6 +283,9 @@ def load_checkpoint(
     """
     d = Path(directory)
     cfg = load_config(d)
+    qcfg = load_quantize_config(d)
+    if qcfg is not None:
+        return cfg, _load_quantized(d, cfg, qcfg, allow_nonfinite)
     files = list(_weight_files(d))
     source = files[0] if len(files) == 1 else d
     if all(p.suffix == ".safetensors" for p in files):
@@ -279,6 +304,223 @@ def load_checkpoint(
     if not allow_nonfinite:
         check_finite(weights, source=source)
     return cfg, weights
+
+
+# --------------------------------------------------------------------------------------------
+# quantized checkpoints (the GPTQ layout: tandem.qweights)
+
+QUANTIZE_CONFIG = "quantize_config.json"
+
+
+def load_quantize_config(directory: str | os.PathLike) -> dict | None:
+    """The quantization settings of a checkpoint folder, checked, or None for a float folder:
+    ``quantize_config.json`` (AutoGPTQ), else ``config.json``'s ``quantization_config`` when its
+    ``quant_method`` is ``gptq``. Returns ``{"bits", "group_size", "checkpoint_format", "sym",
+    "lm_head", "method", "source"}``; CheckpointError for what the core cannot map (bits not 4
+    or 8, a group size not a multiple of 64 nor -1, act-order) or a format it does not know."""
+    d = Path(directory)
+    path = d / QUANTIZE_CONFIG
+    raw = None
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
+    else:
+        try:
+            hf = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # load_config reports it
+        qc = hf.get("quantization_config") if isinstance(hf, dict) else None
+        if qc is None:
+            return None
+        path = d / "config.json"
+        if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
+            method = qc.get("quant_method") if isinstance(qc, dict) else qc
+            raise CheckpointError(
+                f"{path}: quantization_config quant_method {method!r}: only GPTQ checkpoints "
+                "(quant_method 'gptq') are read"
+            )
+        raw = qc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    method = raw.get("quant_method", "gptq")
+    if method != "gptq":
+        raise CheckpointError(f"{path}: quant_method {method!r}: only 'gptq' checkpoints are read")
+    bits, group = raw.get("bits"), raw.get("group_size")
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise CheckpointError(f"{path}: bits {bits!r}: the core maps 4- or 8-bit weights only")
+    if (
+        isinstance(group, bool)
+        or not isinstance(group, int)
+        or not (group == -1 or (group > 0 and group % 64 == 0))
+    ):
+        raise CheckpointError(
+            f"{path}: group_size {group!r}: the core maps groups of whole 64-element blocks "
+            "(64, 128, ...) or -1 (one group per output channel)"
+        )
+    if raw.get("desc_act", False):
+        raise CheckpointError(
+            f"{path}: desc_act (act-order) is true: its groups are scattered over the inputs, and "
+            "the core needs contiguous groups; quantize with desc_act false"
+        )
+    fmt = raw.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(
+            f"{path}: checkpoint_format {fmt!r}: 'gptq' (v1, zero - 1 stored) and 'gptq_v2' "
+            "are read"
+        )
+    return {
+        "bits": bits,
+        "group_size": group,
+        "checkpoint_format": fmt,
+        "sym": bool(raw.get("sym", False)),
+        "lm_head": bool(raw.get("lm_head", False)),
+        "method": raw.get("method"),
+        "source": path,
+    }
+
+
+def _quantized_files(d: Path) -> list[Path]:
+    """A quantized folder's safetensors: model.safetensors (or its shards), else the one
+    ``*.safetensors`` file AutoGPTQ names after the model (``gptq_model-4bit-128g...``)."""
+    if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
+        return list(_weight_files(d))
+    found = sorted(d.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    if not found:
+        raise CheckpointError(
+            f"no weights in {d}: a quantized checkpoint needs a .safetensors file"
+        )
+    names = ", ".join(p.name for p in found[:3])
+    raise CheckpointError(f"{d} holds {len(found)} .safetensors files ({names}) and no index")
+
+
+def _read_raw_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Tensors in their own dtypes (integer GPTQ tensors must not pass through float32)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def _load_quantized(d: Path, cfg: GPT2Config, qcfg: dict, allow_nonfinite: bool) -> Weights:
+    from tandem.qweights import GPTQ_TENSORS, from_gptq
+
+    files = _quantized_files(d)
+    source = files[0] if len(files) == 1 else d
+    raw: dict[str, np.ndarray] = {}
+    for path in files:
+        raw.update({_strip_key(k): v for k, v in _read_raw_safetensors(path).items()})
+    shapes = expected_shapes(cfg)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    weights: Weights = {}
+    for key, value in raw.items():
+        base, _, kind = key.rpartition(".")
+        if kind in GPTQ_TENSORS:
+            parts.setdefault(base, {})[kind] = value
+        elif np.issubdtype(value.dtype, np.floating):
+            weights[key] = _as_f32(value)
+        else:
+            raise CheckpointError(f"tensor {key!r} in {source} is {value.dtype}, not a float")
+    for base, tensors in parts.items():
+        key = base + ".weight"
+        if key != LM_HEAD and (not key.endswith(QUANTIZED_LAYERS) or key not in shapes):
+            raise CheckpointError(
+                f"quantized tensors {base}.{{{','.join(tensors)}}} in {source}: {base} is not a "
+                "matrix this model quantizes (each block's attn.c_attn, attn.c_proj, mlp.c_fc, "
+                "mlp.c_proj, and lm_head)"
+            )
+        if key in weights:
+            raise CheckpointError(f"{base} in {source} has both a float weight and GPTQ tensors")
+        if "qweight" not in tensors:
+            raise CheckpointError(f"{base} in {source}: {', '.join(tensors)} without qweight")
+        cols = cfg.n_embd if key == LM_HEAD else shapes[key][0]
+        try:
+            weights[key] = from_gptq(
+                tensors, qcfg["bits"], qcfg["group_size"], qcfg["checkpoint_format"], cols=cols
+            )
+        except QuantizationError as err:
+            raise CheckpointError(f"{base} in {source}: {err}") from None
+    if qcfg["lm_head"] and LM_HEAD not in weights:
+        raise CheckpointError(
+            f"{qcfg['source']} says lm_head is quantized, but {source} has no lm_head.qweight"
+        )
+    validate(cfg, weights, source=source)
+    keep = [*shapes, LM_HEAD] if LM_HEAD in weights else list(shapes)
+    weights = {k: weights[k] for k in keep}
+    if not allow_nonfinite:
+        check_finite(weights, source=source)
+    return weights
+
+
+def save_quantized(
+    directory: str | os.PathLike,
+    cfg: GPT2Config,
+    weights: Weights,
+    *,
+    bits: int,
+    group: int,
+    sym: bool = False,
+    method: str | None = None,
+    checkpoint_format: str = "gptq_v2",
+) -> Path:
+    """Write a quantized checkpoint: ``config.json``, ``model.safetensors`` (float tensors as
+    float16 when every value fits it exactly, else float32; each :class:`QuantizedMatrix` as its
+    GPTQ tensors, with the ``transformer.`` prefix, the LM head as ``lm_head.*``) and
+    ``quantize_config.json``. Every quantized matrix must have ``bits`` and ``group`` (-1: one
+    group per output channel)."""
+    from safetensors.numpy import save_file
+
+    from tandem.qweights import to_gptq
+
+    validate(cfg, weights)
+    keys = [*expected_shapes(cfg), LM_HEAD] if LM_HEAD in weights else list(expected_shapes(cfg))
+    floats = {
+        k: np.asarray(weights[k]) for k in keys if not isinstance(weights[k], QuantizedMatrix)
+    }
+    exact16 = all(
+        np.array_equal(v.astype(np.float16).astype(v.dtype), v, equal_nan=True)
+        for v in floats.values()
+    )
+    tensors: dict[str, np.ndarray] = {}
+    for key in keys:
+        w = weights[key]
+        name = key if key == LM_HEAD else _PREFIX + key
+        if not isinstance(w, QuantizedMatrix):
+            tensors[name] = np.ascontiguousarray(w, dtype=np.float16 if exact16 else np.float32)
+            continue
+        if w.bits != bits or not (w.group == group or (group == -1 and w.group == w.cols)):
+            raise CheckpointError(
+                f"{key} is quantized to {w.bits} bits in groups of {w.group}; this checkpoint is "
+                f"{bits} bits, group size {group}"
+            )
+        base = name[: -len(".weight")]
+        try:
+            packed = to_gptq(w, checkpoint_format)
+        except QuantizationError as err:
+            raise CheckpointError(f"{key}: {err}") from None
+        tensors.update({f"{base}.{kind}": np.ascontiguousarray(v) for kind, v in packed.items()})
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    qcfg = {
+        "bits": bits,
+        "group_size": group,
+        "desc_act": False,
+        "sym": sym,
+        "checkpoint_format": checkpoint_format,
+        "lm_head": LM_HEAD in weights,
+        "method": method,
+        "quant_method": "gptq",
+    }
+    (d / QUANTIZE_CONFIG).write_text(json.dumps(qcfg, indent=2) + "\n")
+    return d
 
 
 def save_checkpoint(

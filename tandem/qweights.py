@@ -289,3 +289,136 @@ def dequantize_weights(weights) -> dict:
         else:
             out[key] = w
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The GPTQ checkpoint layout (AutoGPTQ / Hugging Face "gptq"), per quantized matrix
+#
+#   <name>.qweight  int32 [ceil(in * bits / 32), out]: q[out, in] packed along the input axis,
+#                   32 / bits values per word, the lowest input in the lowest bits
+#   <name>.qzeros   int32 [n_groups, ceil(out * bits / 32)]: zero points packed along the output
+#                   axis the same way; format "gptq" (v1) stores zero - 1, "gptq_v2" zero
+#   <name>.scales   float16 [n_groups, out]
+#   <name>.g_idx    int32 [in]: the group of each input, i // group_size (no act-order)
+#
+# A dimension that 32 / bits does not divide is padded with zeros to whole words.
+
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+FORMATS = ("gptq", "gptq_v2")
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``values`` [n, m] along axis 0 into int32 words [ceil(n * bits / 32), m]."""
+    per = 32 // bits
+    n = values.shape[0]
+    padded = np.zeros((-(-n // per) * per, values.shape[1]), dtype=np.uint32)
+    padded[:n] = values
+    words = np.zeros((padded.shape[0] // per, values.shape[1]), dtype=np.uint32)
+    for k in range(per):
+        words |= padded[k::per] << np.uint32(bits * k)
+    return words.view(np.int32)
+
+
+def _unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """The inverse of :func:`_pack`: the first ``n`` values along axis 0, as int64."""
+    w = np.ascontiguousarray(words).view(np.uint32).astype(np.int64)
+    per = 32 // bits
+    mask = (1 << bits) - 1
+    out = np.stack([(w >> (bits * k)) & mask for k in range(per)], axis=1)
+    return out.reshape(-1, words.shape[1])[:n]
+
+
+def to_gptq(m: QuantizedMatrix, fmt: str = "gptq_v2") -> dict[str, np.ndarray]:
+    """``m`` as the four GPTQ tensors (layout above), keyed ``qweight``, ``qzeros``, ``scales``,
+    ``g_idx``. Format ``"gptq"`` (v1) cannot store a zero point of 0 (it stores zero - 1):
+    QuantizationError."""
+    if fmt not in FORMATS:
+        raise QuantizationError(f"checkpoint format must be one of {FORMATS}, not {fmt!r}")
+    zero = m.zero.astype(np.int64)
+    if fmt == "gptq":
+        if (zero == 0).any():
+            raise QuantizationError(
+                "a zero point of 0 cannot be stored in the v1 'gptq' format (it stores zero - 1): "
+                "write 'gptq_v2'"
+            )
+        zero = zero - 1
+    return {
+        "qweight": _pack(m.q.T, m.bits),
+        "qzeros": _pack(zero, m.bits).T.copy(),
+        "scales": m.scale.T.copy().view(np.float16),
+        "g_idx": (np.arange(m.cols) // m.group).astype(np.int32),
+    }
+
+
+def from_gptq(
+    tensors: dict, bits: int, group: int, fmt: str = "gptq_v2", *, cols: int | None = None
+) -> QuantizedMatrix:
+    """The :class:`QuantizedMatrix` of GPTQ tensors (``qweight``, ``qzeros``, ``scales``, and
+    optionally ``g_idx``) quantized to ``bits`` in groups of ``group`` (:data:`PER_CHANNEL`
+    allowed); ``cols`` (the input size) is needed when padding makes it ambiguous (default:
+    all of qweight's rows). QuantizationError naming the tensor and the problem."""
+    bits = check_bits(bits)
+    if fmt not in FORMATS:
+        raise QuantizationError(f"checkpoint format must be one of {FORMATS}, not {fmt!r}")
+    missing = [n for n in GPTQ_TENSORS[:3] if n not in tensors]
+    if missing:
+        raise QuantizationError(
+            f"{', '.join(missing)} missing (a GPTQ matrix needs qweight, qzeros and scales)"
+        )
+    qweight, qzeros, scales = (np.asarray(tensors[n]) for n in GPTQ_TENSORS[:3])
+    per = 32 // bits
+    for name, arr in (("qweight", qweight), ("qzeros", qzeros)):
+        if arr.ndim != 2 or arr.dtype not in (np.int32, np.uint32):
+            raise QuantizationError(f"{name} must be 2-D int32, not {arr.dtype} {arr.shape}")
+    if scales.ndim != 2 or not np.issubdtype(scales.dtype, np.floating):
+        raise QuantizationError(f"scales must be 2-D float16, not {scales.dtype} {scales.shape}")
+    rows = scales.shape[1]
+    cols = qweight.shape[0] * per if cols is None else cols
+    g = group_for(group, cols)
+    n_groups = -(-cols // g)
+    for name, arr, want in (
+        ("qweight", qweight, (-(-cols // per), rows)),
+        ("qzeros", qzeros, (n_groups, -(-rows // per))),
+        ("scales", scales, (n_groups, rows)),
+    ):
+        if arr.shape != want:
+            raise QuantizationError(
+                f"{name} has shape {arr.shape}, expected {want} for a [{rows}, {cols}] matrix "
+                f"at {bits} bits in groups of {g}"
+            )
+    s16 = scales.astype(np.float16)
+    if not np.isfinite(s16).all() or (
+        scales.dtype != np.float16 and not np.array_equal(s16, scales)
+    ):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(s16) | (s16 != scales))[0])
+        raise QuantizationError(f"scales hold {scales[bad]} at {bad}: not a finite binary16")
+    if "g_idx" in tensors and tensors["g_idx"] is not None:
+        g_idx = np.asarray(tensors["g_idx"])
+        want = np.arange(cols) // g
+        if g_idx.shape != (cols,) or not np.array_equal(g_idx, want):
+            raise QuantizationError(
+                "g_idx is not input // group_size: an act-order (desc_act) checkpoint, whose "
+                "groups are scattered; the core needs contiguous groups (quantize without "
+                "act-order)"
+            )
+    zero = _unpack(qzeros.T, bits, rows) + (1 if fmt == "gptq" else 0)  # [rows, n_groups]
+    top = 1 << bits
+    if zero.max() >= top:
+        at = tuple(int(i) for i in np.argwhere(zero >= top)[0])
+        raise QuantizationError(
+            f"qzeros holds zero point {int(zero[at])} at (output, group) {at}, past the "
+            f"{bits}-bit range"
+            + (
+                " (v1 'gptq' stores zero - 1, so all ones there means zero 2**bits)"
+                if fmt == "gptq"
+                else ""
+            )
+        )
+    q = _unpack(qweight, bits, cols).T
+    return QuantizedMatrix(
+        q=q.astype(np.uint8),
+        scale=s16.view(np.uint16).T.copy(),
+        zero=zero.astype(np.uint8),
+        bits=bits,
+        group=g,
+    )
