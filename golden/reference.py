@@ -4,6 +4,10 @@ This is tier one of the golden models: plain float math in the order that reads 
 clearly, checked against Hugging Face ``transformers``. The hardware-faithful model is
 compared with it, not the other way round. Weights are keyed as in ``tandem.checkpoint``;
 ``c_attn``, ``c_proj`` and ``c_fc`` weights are [in, out], so a layer is ``x @ w + b``.
+
+Quantized weights (``tandem.qweights``): a :class:`~tandem.qweights.QuantizedMatrix` entry is
+used as the float matrix it stands for, ``dequantize().T`` (exact in float32 and float64), and a
+quantized ``lm_head.weight`` [n_vocab, n_embd] gives the logits instead of ``wte``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tandem.config import GPT2Config
+from tandem.qweights import LM_HEAD, QuantizedMatrix
 
 Weights = Mapping[str, np.ndarray]
 
@@ -110,10 +115,25 @@ def block(
     return x, k, v
 
 
+def as_float(key: str, w, dtype=np.float32) -> np.ndarray:
+    """A weight as a float array of ``dtype``: a :class:`QuantizedMatrix` dequantized into the
+    checkpoint's orientation (Conv1D [in, out]; ``lm_head.weight`` stays [n_vocab, n_embd])."""
+    if isinstance(w, QuantizedMatrix):
+        d = w.dequantize()
+        return (d if key == LM_HEAD else d.T).astype(dtype)
+    return np.asarray(w, dtype=dtype)
+
+
+def float_weights(weights: Weights, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Every weight as a float array of ``dtype`` (:func:`as_float`): cast once, reuse per step."""
+    return {k: as_float(k, w, dtype) for k, w in weights.items()}
+
+
 def layer_params(weights: Weights, i: int, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Block ``i``'s weights keyed without the ``h.{i}.`` prefix, cast to ``dtype``."""
+    """Block ``i``'s weights keyed without the ``h.{i}.`` prefix, cast to ``dtype``
+    (quantized ones dequantized)."""
     p = f"h.{i}."
-    return {k[len(p) :]: np.asarray(w, dtype=dtype) for k, w in weights.items() if k.startswith(p)}
+    return {k[len(p) :]: as_float(k, w, dtype) for k, w in weights.items() if k.startswith(p)}
 
 
 @dataclass
@@ -171,7 +191,8 @@ def _run(
         new.v.append(v)
     g, b = (np.asarray(weights[f"ln_f.{n}"], dtype=dtype) for n in ("weight", "bias"))
     x = layer_norm(x, g, b, cfg.layer_norm_epsilon)
-    return x @ wte.T, new  # tied LM head: [n_seq, n_embd] -> [n_seq, n_vocab]
+    head = as_float(LM_HEAD, weights[LM_HEAD], dtype) if LM_HEAD in weights else wte
+    return x @ head.T, new  # LM head (tied to wte): [n_seq, n_embd] -> [n_seq, n_vocab]
 
 
 def forward(weights: Weights, cfg: GPT2Config, ids: Sequence[int], dtype=np.float32) -> np.ndarray:
@@ -225,8 +246,8 @@ def generate_greedy(
         )
     if n_new == 0:
         return []
-    # Cast once here, not in every step.
-    w = {k: np.asarray(v, dtype=dtype) for k, v in weights.items()}
+    # Cast (and dequantize) once here, not in every step.
+    w = float_weights(weights, dtype)
     logits, cache = prefill(w, cfg, ids, dtype)
     out = [int(np.argmax(logits))]
     while len(out) < n_new:

@@ -14,6 +14,11 @@ stays below 2**24 and a float32 matmul is exact in any summation order (on CUDA 
 off: see :mod:`tandem.gpu.cuda`). Block sums (< 2**29) are recombined in float64; the flooring
 shift into the accumulator is ``floor(s * 2**shift)`` in float64, exact because the result has
 at most 53 bits.
+
+Quantized weights (``numerics.matvec_quant``) take the same path: :class:`QuantPreparedMatrix`
+holds ``d = q - zero`` (|d| <= 255) where the significands were, so the float32 partial sums stay
+below 2**20; the block sum ``P`` is multiplied by the block's scale significand in float64
+(``T``, exact below 2**36), and ``T * 2**shift`` stays below 2**52.
 """
 
 from __future__ import annotations
@@ -115,8 +120,9 @@ def shift_floor(v: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def floor_scale(s: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``floor(s * 2**shift)`` for integer-valued float64 ``s`` (|s| < 2**29, shift <= 24):
-    exact in float64, returned as int64."""
+    """``floor(s * 2**shift)`` for integer-valued float64 ``s`` with ``|s * 2**shift| < 2**53``
+    (block sums: |s| < 2**29, shift <= 24; quantized block terms: |s| < 2**36, shift <= 24 -
+    bits): exact in float64, returned as int64."""
     scale = torch.pow(torch.tensor(2.0, dtype=torch.float64, device=s.device), shift.double())
     return torch.floor(s * scale).to(torch.int64)
 
@@ -185,6 +191,9 @@ class PreparedMatrix:
     ``nonfinite_rows`` bool [rows].
     """
 
+    bits = 0  # the accumulator's LSB over the FP16 contract's (QuantPreparedMatrix: its bits)
+    scale_sig = None  # per-block scale significands (QuantPreparedMatrix only)
+
     def __init__(self, q, block_exp, nonfinite_rows, cols: int):
         self.q, self.block_exp, self.nonfinite_rows = q, block_exp, nonfinite_rows
         self.n_blocks, self.rows = block_exp.shape
@@ -215,12 +224,55 @@ class PreparedMatrix:
 
     @classmethod
     def from_numpy(cls, pm: nm.PreparedMatrix, device="cpu") -> PreparedMatrix:
-        """Reuse an alignment ``tandem.numerics`` already made (same numbers, no recompute)."""
+        """Reuse an alignment ``tandem.numerics`` already made (same numbers, no recompute); a
+        ``numerics.PreparedQuantMatrix`` gives a :class:`QuantPreparedMatrix`."""
+        if isinstance(pm, nm.PreparedQuantMatrix):
+            return QuantPreparedMatrix.from_numpy(pm, device)
         return cls(
             torch.from_numpy(pm.q).to(device),
             torch.from_numpy(pm.block_exp).to(device),
             torch.from_numpy(np.asarray(pm.nonfinite_rows)).to(device),
             pm.cols,
+        )
+
+
+class QuantPreparedMatrix(PreparedMatrix):
+    """A quantized matrix prepared as ``numerics.PreparedQuantMatrix``, on a device: ``q`` holds
+    ``d = q - zero`` (float32 [n_blocks, rows, 64]), ``block_exp`` the block's scale exponent and
+    ``scale_sig`` its signed scale significand (float64), both [n_blocks, rows]; ``bits`` the
+    weight width. :func:`matmul` computes the quantized contract for it."""
+
+    def __init__(self, q, block_exp, nonfinite_rows, cols: int, scale_sig, bits: int):
+        super().__init__(q, block_exp, nonfinite_rows, cols)
+        self.scale_sig, self.bits = scale_sig, int(bits)
+
+    @classmethod
+    def from_bits(cls, bits):
+        raise TypeError("a quantized matrix is prepared from numerics.PreparedQuantMatrix")
+
+    def row_slice(self, start: int, stop: int) -> QuantPreparedMatrix:
+        """Rows ``start:stop`` (views), as :meth:`PreparedMatrix.row_slice`."""
+        if not 0 <= start < stop <= self.rows:
+            raise ValueError(f"rows {start}:{stop} out of 0:{self.rows}")
+        return QuantPreparedMatrix(
+            self.q[:, start:stop],
+            self.block_exp[:, start:stop],
+            self.nonfinite_rows[start:stop],
+            self.cols,
+            self.scale_sig[:, start:stop],
+            self.bits,
+        )
+
+    @classmethod
+    def from_numpy(cls, pm: nm.PreparedQuantMatrix, device="cpu") -> QuantPreparedMatrix:
+        """The numbers of a ``numerics.PreparedQuantMatrix`` on ``device``."""
+        return cls(
+            torch.from_numpy(pm.d).to(device),
+            torch.from_numpy(pm.scale_exp).to(device),
+            torch.from_numpy(np.asarray(pm.nonfinite_rows)).to(device),
+            pm.cols,
+            torch.from_numpy(pm.scale_sig).to(device),
+            pm.bits,
         )
 
 
@@ -234,7 +286,8 @@ def matmul(
     bias_bits: torch.Tensor | None = None,
     transposed: bool = False,
 ):
-    """``numerics.matvec`` for every row of ``x_bits`` [T, cols] at once.
+    """``numerics.matvec`` for every row of ``x_bits`` [T, cols] at once (for a
+    :class:`QuantPreparedMatrix`, ``numerics.matvec_quant``).
 
     Returns (acc int64 [T, rows], lam int64 [T], nonfinite bool [T, rows]); row ``t`` equals
     ``numerics.matvec(mat, x_bits[t], bias_bits)``. With ``transposed=True``, ``acc`` and
@@ -247,7 +300,7 @@ def matmul(
     xq, xe, xnf = bfp_blocks(pad_to_block(x_bits))  # [T, nb*64], [T, nb], [T, nb]
     nb = mat.n_blocks
     xe_max = xe.amax(dim=1)  # [T]
-    lam = xe_max + nm.LAM_OFFSET
+    lam = xe_max + (nm.LAM_OFFSET + mat.bits)
     hi, lo = split_input(xq.reshape(T, nb, BLOCK).permute(1, 2, 0))  # [nb, 64, T]
     step = max(1, _CHUNK_ELEMS // (nb * mat.rows))
     accs = []
@@ -257,8 +310,10 @@ def matmul(
         sums = torch.bmm(mat.q, xs)  # [nb, rows, 2c]: every partial sum < 2**24, exact
         c = t1 - t0
         s = sums[:, :, :c].double() * 32 + sums[:, :, c:].double()
+        if mat.scale_sig is not None:
+            s = s * mat.scale_sig[:, :, None]  # quantized: T = +-m_s * P, exact
         shift = mat.block_exp[:, :, None] + (xe[t0:t1] - xe_max[t0:t1, None]).T[:, None, :]
-        accs.append(floor_scale(s, shift + _SHIFT_OFFSET).sum(dim=0))  # [rows, c]
+        accs.append(floor_scale(s, shift + (_SHIFT_OFFSET - mat.bits)).sum(dim=0))  # [rows, c]
     xnf_t = xnf.any(dim=1)  # [T]
     if transposed:
         acc = accs[0] if len(accs) == 1 else torch.cat(accs, dim=1)  # [rows, T]

@@ -64,13 +64,15 @@ class PreparedModel:
     Parameters
     ----------
     cfg : GPT2Config
-    weights : float weights keyed like ``tandem.checkpoint`` (checked against ``cfg``), or a
-        ``tandem.golden.faithful.FaithfulWeights`` whose alignment is reused
+    weights : float weights keyed like ``tandem.checkpoint`` (checked against ``cfg``; any
+        quantized matrices, ``tandem.qweights``, are prepared by
+        ``tandem.golden.faithful.FaithfulWeights`` and computed under the quantized contract),
+        or a ``FaithfulWeights`` whose alignment is reused
     device : 'cpu', 'cuda', 'cuda:N' or None (CUDA when available)
     """
 
     def __init__(self, cfg: GPT2Config, weights, device=None):
-        from tandem.golden.faithful import FaithfulWeights
+        from tandem.golden.faithful import FaithfulWeights, split_quantized
 
         padded_heads(cfg)
         self.cfg = cfg
@@ -79,6 +81,11 @@ class PreparedModel:
         def vec(a):
             return c.bits_from_numpy(a, dev)
 
+        if not isinstance(weights, FaithfulWeights):
+            view, quant = split_quantized(cfg, weights)
+            validate(cfg, view)
+            if quant:  # prepared (and head-padded) once, by the faithful model's definition
+                weights = FaithfulWeights.from_float(cfg, weights)
         if isinstance(weights, FaithfulWeights):
             if weights.cfg != cfg:
                 raise ValueError(f"weights were prepared for {weights.cfg}, not {cfg}")
@@ -91,7 +98,7 @@ class PreparedModel:
                 PreparedLayer(
                     *(
                         mat(getattr(lw, f))
-                        if isinstance(getattr(lw, f), nm.PreparedMatrix)
+                        if isinstance(getattr(lw, f), nm.PreparedMatrix | nm.PreparedQuantMatrix)
                         else vec(getattr(lw, f))
                         for f in PreparedLayer.__dataclass_fields__
                     )
@@ -102,7 +109,6 @@ class PreparedModel:
             self.ln_f_g, self.ln_f_b = vec(fw.ln_f_g), vec(fw.ln_f_b)
             self.lm_head = mat(fw.lm_head)
         else:
-            validate(cfg, weights)
             t = mpu_tensors(cfg, dict(weights))
 
             def mat(bits):

@@ -100,6 +100,7 @@ from .layout import (
     unpack_tokens,
 )
 from .numerics import BLOCK, to_bits
+from .qweights import QuantizedMatrix
 from .regmap import HaltCode, scalar_arg_index
 from .sampling import GREEDY, Sampling
 
@@ -605,8 +606,15 @@ def compile_model(
     it generates are the same.
 
     Raises LayoutError naming the limit when the model does not fit the geometry (HBM channel
-    size, VBUF elements, instruction memory, instruction field widths).
+    size, VBUF elements, instruction memory, instruction field widths), and for quantized
+    weights (``tandem.qweights``), which the HBM layout does not place yet.
     """
+    quantized = [k for k, w in weights.items() if isinstance(w, QuantizedMatrix)]
+    if quantized:
+        raise LayoutError(
+            f"quantized weights are not supported by the HBM layout yet (issue 17): "
+            f"{quantized[0]!r}" + (f" and {len(quantized) - 1} more" if len(quantized) > 1 else "")
+        )
     layout = HBMLayout(cfg, geom, logits=logits)
     vbuf = vbuf_plan(cfg, geom)
     em = _Emitter(cfg, geom, layout, vbuf)
