@@ -136,9 +136,10 @@ class Controller(GeometryComponent):
     store the DMA never took is dropped, and :attr:`done` pulses anyway.
     ``TOKENS`` counts the ``STW`` instructions issued, as ``tandem.golden.isasim`` does.
 
-    Timing: one cycle per instruction when the target unit accepts at once (the next word is
-    read from the instruction memory in the cycle the current one issues), two after a branch
-    or jump (read, execute); fetch takes ``imem_words`` cycles after the data arrives.
+    Timing: one cycle per instruction when the target unit accepts at once (Exec runs from the
+    instruction register ``ir``; the word after it is already read, and is decoded into
+    ``ir`` in the cycle the current one issues), three after a branch or jump (read, decode,
+    execute); fetch takes ``imem_words`` cycles after the data arrives.
 
     The code: :meth:`_registers`, :meth:`_decode`, :meth:`_scoreboard` (when each VBUF user may
     issue), :meth:`_mpu_queue` (the pending MATVECs), :meth:`_stops`, the FSM's states
@@ -211,6 +212,16 @@ class Controller(GeometryComponent):
         self._mpu_queue(m, c)
         self._stops(m, c)
         self._lookahead(m, c)
+        # the operands of a MATVEC in Exec, registered a cycle after its decode (outside the FSM:
+        # computed every cycle, valid once ir and dec have held still for a cycle in Exec)
+        c.mv = self._matvec_operands(
+            m,
+            c.views[isa.Op.MATVEC],
+            c.dec,
+            c,
+            "mv",
+            invalidate=c.dec_changed | ~c.in_exec,
+        )
         with m.FSM(name="ctrl"):
             self._fetch_states(m, c)
             self._run_states(m, c)
@@ -256,18 +267,99 @@ class Controller(GeometryComponent):
             m.d.sync += c.cycles.eq(c.cycles + 1)
 
     def _decode(self, m, c):
-        """Decode (combinational, from the instruction memory's read data): one view per
-        format, ``known`` and ``legal``, and the operand helpers."""
-        word = c.rd.data
+        """Decode, a pipeline stage of its own. :meth:`_predecode` computes from a word
+        everything that does not depend on a register (``known``, ``legal``, each VBUF operand's
+        room and distances), and Exec reads it from registers: the instruction register ``ir``
+        and its decode ``c.dec`` (:meth:`load_ir`, when Exec takes the next word), so Exec starts
+        from registers, not from the block RAM's output, and its range checks are one
+        comparison of a length with a registered bound. One view per format of ``ir``, and the
+        operand helpers."""
+        c.reg_write = Signal()  # a register is written this cycle (set where it is)
+        pre = self._predecode(m, c, c.rd.data, "rd")
+        c.ir = Signal(isa.WORD_BITS)
+        c.dec = self._decode_register(pre, "dec")
+        c.views = {op: data.View(instruction_layout(op), c.ir) for op in isa.Op}
+        c.known, c.legal = c.dec.known, c.dec.legal
+        # `dec.n` and `dec.live` read the register file when the word is decoded; a register
+        # written in that cycle or later makes them stale, and Exec reads them again (one cycle)
+        # before it issues a vector op or a MATVEC (_exec; the flag is set in _results)
+        c.dec_stale = Signal()
+        c.dec_changed = Signal()  # ir or dec is loaded this cycle
+        fresh = self._register_operands(m, c, c.ir, "ir")
+
+        def load_ir():
+            """The read port's word (and its decode) into the instruction register."""
+            m.d.sync += [c.ir.eq(c.rd.data), c.dec_stale.eq(0)]
+            m.d.comb += c.dec_changed.eq(1)
+            c.dec.load(m)
+
+        def refresh():
+            """Read ``dec.n`` and ``dec.live`` again, from ``ir`` and the registers now."""
+            m.d.sync += [c.dec.n.eq(fresh.n), c.dec.live.eq(fresh.live), c.dec_stale.eq(0)]
+            m.d.comb += c.dec_changed.eq(1)
+
+        c.load_ir, c.refresh = load_ir, refresh
+
+        def reg(index):
+            return c.regs[index]
+
+        def over(dec, field, n):
+            """VBUF operand ``field`` of a decoded word, [addr, addr + n), past the buffer:
+            ``n > vbuf_elems - addr`` (the room registered at decode; negative: always)."""
+            room = dec.room[field]
+            return room[-1] | (n > room[:-1])
+
+        def partial(dec, field, n):
+            """[dst, dst + n) and [field, field + n) overlap at different starts (tandem.isa):
+            ``dst != field`` and ``n > |dst - field|`` (both registered at decode)."""
+            return ~dec.same[field] & (n > dec.dist[field])
+
+        c.reg, c.over, c.partial = reg, over, partial
+
+    def _register_operands(self, m, c, word, name):
+        """A word's register-length operands (combinational): ``n`` = ``R[lreg]`` if ``lreg``
+        else ``len`` (a vector op's length), ``live`` = ``R[lreg]`` (a MATVEC's live rows or
+        columns); ``lreg`` and ``len`` are 0 in formats without them (``R[0]`` is 0)."""
         opcode = word[:8]
-        c.views = {op: data.View(instruction_layout(op), word) for op in isa.Op}
-        c.known = Signal()
-        c.legal = Signal()
-        m.d.comb += c.known.eq(Cat(*(opcode == int(op) for op in isa.Op)).any())
+        lreg = Signal(4, name=f"{name}_lreg")
+        n_field = Signal(16, name=f"{name}_len")
+        with m.Switch(opcode):
+            for op in isa.Op:
+                names = {f.name for f in isa.FORMATS[op]}
+                if "lreg" in names:
+                    with m.Case(int(op)):
+                        v = data.View(instruction_layout(op), word)
+                        m.d.comb += lreg.eq(v.lreg)
+                        if "len" in names:
+                            m.d.comb += n_field.eq(v.len)
+        o = SimpleNamespace(n=Signal(32, name=f"{name}_n"), live=Signal(32, name=f"{name}_live"))
+        m.d.comb += [
+            o.live.eq(c.regs[lreg]),
+            o.n.eq(Mux(lreg != 0, c.regs[lreg], n_field)),
+        ]
+        return o
+
+    def _predecode(self, m, c, word, name):
+        """Everything Exec needs from a word, registered at decode (combinational here):
+        ``known``, ``legal``, ``room[f]`` = ``vbuf_elems - f`` (signed) for each VBUF field
+        ``f`` of the word's format, for ``a`` and ``b``: ``same[f]`` (``dst == f``) and
+        ``dist[f]`` = ``|dst - f|``; ``n`` and ``live`` (:meth:`_register_operands`, from the
+        registers as they are now) and ``uses_len`` (a vector op or MATVEC: it uses them)."""
+        g = self._geom
+        opcode = word[:8]
+        p = SimpleNamespace(known=Signal(name=f"{name}_known"), legal=Signal(name=f"{name}_legal"))
+        ops = self._register_operands(m, c, word, name)
+        p.n, p.live = ops.n, ops.live
+        p.uses_len = Signal(name=f"{name}_uses_len")
+        m.d.comb += p.uses_len.eq(
+            Cat(*(opcode == int(op) for op in (*_VPU_OPS, isa.Op.MATVEC))).any()
+        )
+        addr = {f: Signal(16, name=f"{name}_{f}") for f in isa.VBUF_FIELDS}
+        m.d.comb += p.known.eq(Cat(*(opcode == int(op) for op in isa.Op)).any())
         with m.Switch(opcode):
             for op in isa.Op:
                 with m.Case(int(op)):
-                    v = c.views[op]
+                    v = data.View(instruction_layout(op), word)
                     ok = v.reserved == 0
                     mask = _flag_mask(op)
                     if mask:
@@ -275,28 +367,47 @@ class Controller(GeometryComponent):
                     for f in isa.FORMATS[op]:
                         if f.name in isa.VBUF_FIELDS:
                             ok &= v[f.name][:_ROW_SHIFT] == 0
+                            m.d.comb += addr[f.name].eq(v[f.name])
                     if op is isa.Op.LDARG:
                         ok &= v.arg < len(regmap.SCALAR_ARGS)
-                    m.d.comb += c.legal.eq(ok)
+                    m.d.comb += p.legal.eq(ok)
+        p.room = {}
+        for f in isa.VBUF_FIELDS:
+            p.room[f] = Signal(signed(18), name=f"{name}_room_{f}")
+            m.d.comb += p.room[f].eq(g.vbuf_elems - addr[f])
+        p.same, p.dist = {}, {}
+        for f in ("a", "b"):
+            p.same[f] = Signal(name=f"{name}_same_{f}")
+            p.dist[f] = Signal(16, name=f"{name}_dist_{f}")
+            m.d.comb += [
+                p.same[f].eq(addr["dst"] == addr[f]),
+                p.dist[f].eq(Mux(addr["dst"] > addr[f], addr["dst"] - addr[f], addr[f] - addr["dst"])),
+            ]
+        return p
 
-        vbuf_elems = self._geom.vbuf_elems
+    @staticmethod
+    def _decode_register(pre, name):
+        """Registers of the same shape as :meth:`_predecode`'s signals; ``load(m)`` copies them."""
+        r = SimpleNamespace(
+            known=Signal(name=f"{name}_known"),
+            legal=Signal(name=f"{name}_legal"),
+            n=Signal(32, name=f"{name}_n"),
+            live=Signal(32, name=f"{name}_live"),
+            uses_len=Signal(name=f"{name}_uses_len"),
+            room={f: Signal(signed(18), name=f"{name}_room_{f}") for f in pre.room},
+            same={f: Signal(name=f"{name}_same_{f}") for f in pre.same},
+            dist={f: Signal(16, name=f"{name}_dist_{f}") for f in pre.dist},
+        )
 
-        def reg(index):
-            return c.regs[index]
+        def load(m):
+            m.d.sync += [r.known.eq(pre.known), r.legal.eq(pre.legal), r.uses_len.eq(pre.uses_len)]
+            m.d.sync += [r.n.eq(pre.n), r.live.eq(pre.live)]
+            m.d.sync += [r.room[f].eq(pre.room[f]) for f in pre.room]
+            m.d.sync += [r.same[f].eq(pre.same[f]) for f in pre.same]
+            m.d.sync += [r.dist[f].eq(pre.dist[f]) for f in pre.dist]
 
-        def length(v):
-            """``R[lreg]`` if ``lreg`` else ``len``, 32 bits."""
-            return Mux(v.lreg != 0, reg(v.lreg), v.len)
-
-        def over(addr, n):
-            """VBUF operand [addr, addr + n) past the buffer (33-bit sum, no wrap)."""
-            return (addr + n) > vbuf_elems
-
-        def partial(dst, src, n):
-            """[dst, dst + n) and [src, src + n) overlap at different starts (tandem.isa)."""
-            return (n != 0) & (dst != src) & (dst < src + n) & (src < dst + n)
-
-        c.reg, c.length, c.over, c.partial = reg, length, over, partial
+        r.load = load
+        return r
 
     def _scoreboard(self, m, c):
         """When each kind of VBUF user may issue (see the class docstring)."""
@@ -440,14 +551,24 @@ class Controller(GeometryComponent):
             return Cat(*(opcode == int(op) for op in _VPU_OPS)).any()
 
         exec_vec = Signal()  # Exec holds a vector op: it uses no DMA stream this cycle
-        m.d.comb += exec_vec.eq(c.in_exec & is_vector(c.rd.data[:8]) & c.known & c.legal)
+        m.d.comb += exec_vec.eq(c.in_exec & is_vector(c.ir[:8]) & c.known & c.legal)
         on = Signal()  # scanning
         done = Signal()  # this run of vector ops is scanned
-        have = Signal()  # la.data holds the word at `at`
+        reading = Signal()  # la.data holds the word at `at` this cycle
+        have = Signal()  # `word` (a register) holds the word at `at`, decoded in `dec`
         at = Signal(16)
         nxt = Signal(16)
-        word = la.data
-        o = self._matvec_operands(m, data.View(instruction_layout(Op.MATVEC), word), c, "la")
+        # the read word and its decode are registered before they are looked at (a block RAM
+        # output is not a good start for the operand arithmetic): two cycles per word
+        word = Signal(isa.WORD_BITS, name="la_word")
+        dec = self._decode_register(self._predecode(m, c, la.data, "la_rd"), "la_dec")
+        m.d.sync += [reading.eq(0), have.eq(0)]
+        with m.If(reading):
+            m.d.sync += [word.eq(la.data), have.eq(1)]
+            dec.load(m)
+        o = self._matvec_operands(
+            m, data.View(instruction_layout(Op.MATVEC), word), dec, c, "la", invalidate=reading
+        )
         start = Signal()
         more = Signal()
         m.d.comb += [
@@ -457,7 +578,7 @@ class Controller(GeometryComponent):
         addr = Mux(start, c.pc + 1, nxt)
         m.d.comb += [la.addr.eq(addr), la.en.eq(start | more)]
         with m.If(start | more):
-            m.d.sync += [at.eq(addr), nxt.eq(addr + 1), have.eq(1)]
+            m.d.sync += [at.eq(addr), nxt.eq(addr + 1), reading.eq(1)]
         with m.If(start):
             m.d.sync += on.eq(1)
 
@@ -466,7 +587,9 @@ class Controller(GeometryComponent):
 
         with m.If(on & have):
             with m.If(word[:8] == int(Op.MATVEC)):
-                with m.If(o.bad | o.nothing):
+                with m.If(~o.checked):
+                    m.d.sync += have.eq(1)  # its operands are registered next cycle
+                with m.Elif(o.bad | o.nothing):
                     end()
                 with m.Elif(
                     exec_vec & ~self.dma_read.valid & c.write_quiet & ~c.waiting & ~c.dma_err
@@ -474,11 +597,14 @@ class Controller(GeometryComponent):
                     o.issue_weights(at)
                     m.d.sync += [c.pf_valid.eq(1), c.pf_pc.eq(at), c.pf_cmd.eq(o.cmd)]
                     end()
+                with m.Else():
+                    m.d.sync += have.eq(1)  # keep the word until the DMA slot is free
             with m.Elif(~more):
                 end()
         # a new region of the program: scan again at the next vector op that waits
-        with m.If(~c.in_exec | (c.issued & ~exec_vec)):
-            m.d.sync += [on.eq(0), done.eq(0), have.eq(0)]
+        # (and after a register write: the registered operands may be stale)
+        with m.If(~c.in_exec | (c.issued & ~exec_vec) | c.reg_write):
+            m.d.sync += [on.eq(0), done.eq(0), have.eq(0), reading.eq(0)]
 
     def _fetch_states(self, m, c):
         """Idle (wait for ``start``), Fetch-Check and Fetch: the program into the instruction
@@ -545,8 +671,12 @@ class Controller(GeometryComponent):
                 c.stop(Status.WATCHDOG, 0)
 
     def _run_states(self, m, c):
-        """Read (an instruction word after a jump) and Exec (:meth:`_exec`; the next word is
-        read in the cycle an instruction issues)."""
+        """Read (an instruction word after a jump), Decode (the word into ``ir``, and the next
+        one read) and Exec (:meth:`_exec`, from ``ir``): a three-stage pipeline. While Exec
+        holds the word at ``pc``, the read port holds the word at ``pc + 1``; when an
+        instruction issues and the next is ``pc + 1``, that word goes into ``ir`` and the port
+        reads ``pc + 2``, so sequential code still issues one instruction per cycle. The read
+        port's address comes from ``pc`` alone, never from the decode."""
         g = self._geom
         rd, pc = c.rd, c.pc
         with m.State("Read"):
@@ -556,9 +686,16 @@ class Controller(GeometryComponent):
             with m.Elif(pc >= g.imem_words):
                 c.stop(Status.ILLEGAL_INSTRUCTION, pc)
             with m.Else():
+                m.next = "Decode"
+        with m.State("Decode"):
+            c.load_ir()
+            m.d.comb += [rd.addr.eq(pc + 1), rd.en.eq(1)]
+            with m.If(c.dma_err):
+                c.stop(c.dma_err_bits, self.dma_error_tag)
+            with m.Else():
                 m.next = "Exec"
         with m.State("Exec"):
-            m.d.comb += c.in_exec.eq(1)
+            m.d.comb += [c.in_exec.eq(1), rd.addr.eq(pc + 2)]
             self._exec(m, c)
             with m.If(c.dma_err):
                 c.stop(c.dma_err_bits, self.dma_error_tag)
@@ -568,8 +705,10 @@ class Controller(GeometryComponent):
             with m.Elif(c.wd_fire):
                 c.stop(Status.WATCHDOG, pc)
             with m.Elif(c.issued & c.sequential & (pc + 1 < g.imem_words)):
-                # the next instruction is pc + 1: read it now and execute it next cycle
-                m.d.comb += [rd.addr.eq(pc + 1), rd.en.eq(1)]
+                # the next instruction is pc + 1, whose word the port holds: decode it into
+                # ir, read pc + 2, and execute it next cycle
+                c.load_ir()
+                m.d.comb += rd.en.eq(1)
             with m.Elif(c.issued):
                 m.next = "Read"
 
@@ -634,10 +773,16 @@ class Controller(GeometryComponent):
             m.d.sync += c.word_pending.eq(0)
             with m.If(c.word_rd != 0):
                 m.d.sync += c.regs[c.word_rd].eq(self.dma_word.payload)
+                m.d.comb += c.reg_write.eq(1)
         with m.If(self.mpu_argmax.valid & c.argmax_pending):
             m.d.sync += c.argmax_pending.eq(0)
             with m.If(c.argmax_rd != 0):
                 m.d.sync += c.regs[c.argmax_rd].eq(self.mpu_argmax.payload)
+                m.d.comb += c.reg_write.eq(1)
+        # last, so it wins over load_ir and refresh: a register written this cycle makes the
+        # decoded register operands stale (_decode)
+        with m.If(c.reg_write):
+            m.d.sync += c.dec_stale.eq(1)
 
     # ---- Exec -----------------------------------------------------------------------------
 
@@ -669,6 +814,7 @@ class Controller(GeometryComponent):
         m.d.comb += nxt.eq(pc + 1)
         # A register result still on its way blocks every instruction (simple and exact).
         waiting = c.waiting
+        mv = c.mv
 
         def retire(target=None):
             m.d.comb += c.issued.eq(1)
@@ -679,11 +825,14 @@ class Controller(GeometryComponent):
         def set_reg(rd, value):
             with m.If(rd != 0):
                 m.d.sync += c.regs[rd].eq(value)
+                m.d.comb += c.reg_write.eq(1)
 
         with m.If(~c.known | ~c.legal):
             finish(Status.ILLEGAL_INSTRUCTION, pc)
         with m.Elif(waiting):
             pass
+        with m.Elif(c.dec_stale & c.dec.uses_len):
+            c.refresh()
         with m.Else(), m.Switch(opcode):
             with m.Case(Op.HALT):
                 v = views[Op.HALT]
@@ -731,7 +880,7 @@ class Controller(GeometryComponent):
                     retire()
             with m.Case(Op.LOADV):
                 v = views[Op.LOADV]
-                with m.If(over(v.dst, v.len)):
+                with m.If(over(c.dec, "dst", v.len)):
                     finish(Status.VBUF_RANGE, pc)
                 with m.Elif(~self.dma_read.valid & c.loadv_may_issue & c.write_quiet):
                     self._issue_read(
@@ -745,7 +894,7 @@ class Controller(GeometryComponent):
                     retire()
             with m.Case(Op.STOREV):
                 v = views[Op.STOREV]
-                with m.If(over(v.src, v.len)):
+                with m.If(over(c.dec, "src", v.len)):
                     finish(Status.VBUF_RANGE, pc)
                 with m.Elif(~self.dma_store.valid & c.vbuf_quiet):
                     self._issue_store(
@@ -760,7 +909,7 @@ class Controller(GeometryComponent):
             for op, kind in ((Op.STROW, StoreKind.ROW), (Op.STCOL, StoreKind.COL)):
                 with m.Case(op):
                     v = views[op]
-                    with m.If(over(v.src, v.len)):
+                    with m.If(over(c.dec, "src", v.len)):
                         finish(Status.VBUF_RANGE, pc)
                     with m.Elif(v.len == 0):
                         retire()
@@ -778,39 +927,48 @@ class Controller(GeometryComponent):
                         )
                         retire()
             with m.Case(Op.MATVEC):
-                self._matvec(m, views[Op.MATVEC], c, retire)
+                self._matvec(m, views[Op.MATVEC], mv, c, retire)
             with m.Case(*_VPU_OPS):
                 self._vector(m, c, opcode, retire)
 
-    def _matvec_operands(self, m, v, c, name):
-        """A ``MATVEC`` view's resolved operands (``name`` prefixes the signals): ``bad`` (a
-        VBUF operand out of range), ``nothing`` (no live row or column: no weights to stream),
-        the MPU command ``cmd`` and :meth:`issue_weights` (its ``TILES`` read). Built twice: for
-        the word being executed and for the look-ahead's word (:meth:`_lookahead`)."""
+    def _matvec_operands(self, m, v, dec, c, name, invalidate):
+        """A ``MATVEC`` view's resolved operands (``name`` prefixes the signals), one cycle
+        after its decode: ``bad`` (a VBUF operand out of range), ``nothing`` (no live row or
+        column: no weights to stream) and the live rows and columns are computed from ``dec``
+        (the word's registered decode, :meth:`_predecode`) into registers, valid (``checked``)
+        in the cycle after one with ``invalidate`` low; the MPU command ``cmd`` and
+        :meth:`issue_weights` (its ``TILES`` read) use them. Built twice, outside any
+        condition: for the word in Exec and for the look-ahead's word (:meth:`_lookahead`)."""
         reg, over = c.reg, c.over
         flags = v.flags
-        live = Signal(32, name=f"{name}_live")
-        m.d.comb += live.eq(reg(v.lreg))
+        live = dec.live  # R[lreg], read at decode
         n_rows = Signal(33, name=f"{name}_n_rows")
         n_cols = Signal(33, name=f"{name}_n_cols")
         m.d.comb += [
             n_rows.eq(Mux(flags[2], live, v.rows)),
             n_cols.eq(Mux(flags[3], live, v.cols)),
         ]
+        argmax = flags[1]
+        o = SimpleNamespace(
+            bad=Signal(name=f"{name}_bad"),
+            nothing=Signal(name=f"{name}_nothing"),
+            checked=Signal(name=f"{name}_checked"),
+        )
         clamp_r = Signal(16, name=f"{name}_clamp_r")
         clamp_c = Signal(16, name=f"{name}_clamp_c")
-        m.d.comb += [
-            clamp_r.eq(Mux(n_rows < v.rows, n_rows, v.rows)),
-            clamp_c.eq(Mux(n_cols < v.cols, n_cols, v.cols)),
+        live_r = Mux(n_rows < v.rows, n_rows, v.rows)
+        live_c = Mux(n_cols < v.cols, n_cols, v.cols)
+        m.d.sync += [
+            clamp_r.eq(live_r),
+            clamp_c.eq(live_c),
+            o.bad.eq(
+                over(dec, "src", n_cols)
+                | (flags[0] & over(dec, "dst", n_rows))
+                | (~argmax & (n_rows != 0) & over(dec, "dst", n_rows))
+            ),
+            o.nothing.eq((live_r == 0) | (live_c == 0)),
+            o.checked.eq(~invalidate),
         ]
-        argmax = flags[1]
-        o = SimpleNamespace(bad=Signal(name=f"{name}_bad"), nothing=Signal(name=f"{name}_nothing"))
-        m.d.comb += o.bad.eq(
-            over(v.src, n_cols)
-            | (flags[0] & over(v.dst, n_rows))
-            | (~argmax & (n_rows != 0) & over(v.dst, n_rows))
-        )
-        m.d.comb += o.nothing.eq((clamp_r == 0) | (clamp_c == 0))
         o.cmd = Signal(MpuIssue, name=f"{name}_cmd")
         m.d.comb += [
             o.cmd.cmd.rows.eq(v.rows),
@@ -843,12 +1001,15 @@ class Controller(GeometryComponent):
         o.issue_weights = issue_weights
         return o
 
-    def _matvec(self, m, v, c, retire):
+    def _matvec(self, m, v, o, c, retire):
+        """Exec of a ``MATVEC`` (``o``: its operands, :meth:`_matvec_operands`; it waits a
+        cycle for them after its decode)."""
         pc = c.pc
-        o = self._matvec_operands(m, v, c, "mv")
         # the look-ahead already sent this MATVEC's weight read (never with `bad` or `nothing`)
         prefetched = c.pf_valid & (c.pf_pc == pc)
-        with m.If(o.bad):
+        with m.If(~o.checked):
+            pass
+        with m.Elif(o.bad):
             c.finish(Status.VBUF_RANGE, pc)
         with m.Elif(
             (c.n_pending < MAX_PENDING)
@@ -870,18 +1031,18 @@ class Controller(GeometryComponent):
         for op in _VPU_OPS:
             with m.If(opcode == int(op)):
                 v = c.views[op]
-                n = Signal(32, name=f"len_{op.name.lower()}")
-                m.d.comb += n.eq(c.length(v))
-                bad = c.over(v.dst, 1 if op in (Op.VMAX, Op.VDOT) else n)
+                n = c.dec.n  # R[lreg] if lreg else len, read at decode
+                dec = c.dec
+                bad = c.over(dec, "dst", 1 if op in (Op.VMAX, Op.VDOT) else n)
                 elementwise = op not in (Op.VMAX, Op.VDOT, Op.VSET)
                 if op is not Op.VSET:
-                    bad |= c.over(v.a, n)
+                    bad |= c.over(dec, "a", n)
                 if elementwise:
-                    bad |= c.partial(v.dst, v.a, n)
+                    bad |= c.partial(dec, "a", n)
                 if op in (Op.VADD, Op.VSUB, Op.VMUL, Op.VDOT):
-                    bad |= c.over(v.b, Mux(v.flags[0], 1, n))
+                    bad |= c.over(dec, "b", Mux(v.flags[0], 1, n))
                 if op in (Op.VADD, Op.VSUB, Op.VMUL):
-                    bad |= ~v.flags[0] & c.partial(v.dst, v.b, n)
+                    bad |= ~v.flags[0] & c.partial(dec, "b", n)
                 with m.If(bad):
                     c.finish(Status.VBUF_RANGE, pc)
                 with m.Elif(c.vpu_may_issue):

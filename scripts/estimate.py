@@ -624,15 +624,18 @@ def unit_designs():
 
 
 def block_designs():
-    """The VPU's own blocks, for ``--unit`` only (not in ``--units``): ``RowMax``, and the
+    """Blocks of the core, for ``--unit`` only (not in ``--units``): the VPU's ``RowMax``, the
     whole ``VectorUnit`` of the tiny geometry (its table ROMs too; not a stream unit, so
-    ``--free-running`` leaves it as it is: its units run free inside it)."""
+    ``--free-running`` leaves it as it is: its units run free inside it), and the
+    ``Controller`` of the tiny and u55c geometries (instruction memory, decode, scoreboard)."""
     from tandem.geometry import geometry
-    from tandem.rtl import vpu
+    from tandem.rtl import controller, vpu
 
     return [
         ("RowMax", vpu.RowMax),
         ("VectorUnit(tiny)", lambda: vpu.VectorUnit(geometry("tiny"))),
+        ("Controller(tiny)", lambda: controller.Controller(geometry("tiny"))),
+        ("Controller(u55c)", lambda: controller.Controller(geometry("u55c"))),
     ]
 
 

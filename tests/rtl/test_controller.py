@@ -409,3 +409,36 @@ def test_program_past_hbm_bytes():
     p = [make(Op.HALT)]
     got, _, res = check_against_isasim(p, {"hbm_bytes": 512})
     assert got["status"] == Status.HBM_RANGE and res.status == Status.HBM_RANGE
+
+
+def test_register_operands_right_after_their_write():
+    """The decode stage reads a length register (``lreg``) when it decodes the next word; a
+    register written in that cycle (SETI, ADDI, an LDW's word, an ARGMAX) must not leave the
+    old value in the decoded length: every length is the one written just before. Also a
+    MATVEC reached by a jump straight after another MATVEC gets its own live rows."""
+    p = [
+        make(Op.SETI, rd=4, imm=70),
+        make(Op.VEXP, dst=0, a=128, len=0, lreg=4),  # 70, written the cycle before
+        make(Op.ADDI, rd=4, ra=4, imm=10),
+        make(Op.VEXP, dst=0, a=128, len=0, lreg=4),  # 80
+        make(Op.LDARG, rd=4, arg=2),  # n_new = 90
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=128, cols=64, flags=4, lreg=4),  # 90 rows
+        make(Op.JMP, target=8),
+        make(Op.HALT, code=5),
+        make(Op.MATVEC, dst=512, src=0, line=20, rows=128, cols=64, flags=4, lreg=5),  # 0 rows
+        make(Op.SETI, rd=6, imm=66),
+        make(Op.STW, rs=6, line=OUT_LINE),
+        make(Op.LDW, rd=4, line=OUT_LINE),  # 66, from HBM
+        make(Op.VEXP, dst=0, a=128, len=0, lreg=4),  # 66
+        make(Op.MATVEC, dst=0, src=512, line=30, rows=64, cols=64, flags=2 | 4, lreg=4, rd=4),
+        make(Op.VEXP, dst=512, a=128, len=0, lreg=4),  # the argmax (7)
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {"n_new": 90}, argmax=7, mpu_cycles=20)
+    assert got["status"] == 0
+    assert [e[5] for e in log if e[0] == "vpu"] == [70, 80, 66, 7]
+    assert [e[3] for e in log if e[0] == "mpu"] == [90, 0, 64]
+    assert [(e[3], e[4]) for e in log if e[0] == "read" and e[1] == ReadKind.TILES] == [
+        (5, 90),
+        (13, 64),
+    ]
