@@ -21,6 +21,10 @@ Summary of the contract
 * Non-finite operands (exponent field 31) are not special-cased inside the sum (they decode like
   a finite value with exponent 31); instead any non-finite operand in a row makes that row's
   binary16 result the canonical NaN ``0x7E00``. Argmax reads the raw accumulators.
+* Quantized weights (:func:`matvec_quant`): per block, the exact integer sum of ``d = q - zero``
+  times the aligned input, times the block's binary16 scale significand, shifted into the same
+  accumulator, whose LSB sits ``bits`` above the FP16 product's; flooring per block, one
+  rounding, NaN rows for a non-finite scale, input or bias.
 * Element-wise add, sub and mul are IEEE binary16 with round-to-nearest-even, gradual underflow,
   and canonical NaN ``0x7E00`` for every NaN result.
 * ``exp``, ``recip``, ``rsqrt`` and ``gelu`` are 65,536-entry tables: the correctly rounded
@@ -376,6 +380,13 @@ def matvec_quant(
     (flooring when negative, per block); the accumulator's LSB weighs ``2**lam`` with ``lam =``
     :func:`quant_lsb_exponent` ``(xe_max, bits)``; the bias starts it, floored into that
     position. A non-finite scale, input or bias makes the row non-finite.
+
+    No overflow: ``|P| < 2**(bits + 17)``, ``|T| < 2**(bits + 28)``, and a shift of at most
+    ``24 - bits`` keeps each block term below ``2**52``; at most 256 blocks (``MAX_DOT_LEN``)
+    give less than ``2**60``, and the bias (below ``2**17``) at an LSB of at least
+    ``2**(bits - 42)`` less than ``2**55``: the sum stays below ``2**61``. Hardware cost: a
+    ``(bits + 1)`` x 12-bit signed product per weight, one 26 x 12-bit multiply per block per
+    lane for the scale, then the FP16 product's shifter and accumulator (docs/numerics.md).
 
     Exactness at BLAS speed: ``d`` (|d| <= 255) times the input split ``32 * hi + lo`` (|hi| <=
     63, |lo| <= 31) keeps every float32 partial sum of a block below ``2**20``; ``P`` and ``T``
