@@ -242,6 +242,7 @@ def test_misplaced_quantized_weights_are_refused():
 
 def test_compiler_refuses_quantized_weights():
     """The model, rtl, fpga and hybrid backends compile first: one clear error."""
+    from tandem.host.hybrid import HybridSession
     from tandem.host.runtime import Session
 
     cfg, qw = quantized("test-tiny", 4, 64)
@@ -250,6 +251,8 @@ def test_compiler_refuses_quantized_weights():
         compile_model(cfg, qw, geometry("tiny"))
     with pytest.raises(LayoutError, match=msg):
         Session(cfg, qw, "tiny", backend="model")
+    with pytest.raises(LayoutError, match=msg):  # after the torch side prepared them fine
+        HybridSession(cfg, qw, "tiny", backend="model", prefill_device="cpu")
 
 
 # --------------------------------------------------------------------------------------------
