@@ -449,6 +449,30 @@ def _backends() -> dict:
     return {"reference": _generate_reference} | {n: _generate_on_device(n) for n in BACKENDS}
 
 
+QUANTIZED_PATHS = "--backend reference or --placement gpu"
+"""Where a quantized checkpoint runs so far: the float reference (dequantized) and the torch
+model (issue 17); the core's ISA, HBM layout and RTL for quantized weights come later, so the
+device backends refuse them (:func:`check_quantized`)."""
+
+
+def check_quantized(args: argparse.Namespace, weights) -> None:
+    """UsageError if ``weights`` hold quantized matrices and the run would put them on a device
+    backend (model, rtl, fpga; placements fpga, hybrid, auto), which cannot map them yet."""
+    from tandem.qweights import QuantizedMatrix
+
+    if not any(isinstance(w, QuantizedMatrix) for w in weights.values()):
+        return
+    if args.placement == "gpu" or args.backend == "reference":
+        return
+    where = f"--backend {args.backend}"
+    if args.placement != "fpga":
+        where += f" with --placement {args.placement}"
+    raise UsageError(
+        f"{args.checkpoint} is a quantized checkpoint, and {where} cannot run quantized weights "
+        f"yet (the core's layout for them is not built): use {QUANTIZED_PATHS}"
+    )
+
+
 def _load_model(args: argparse.Namespace):
     """(config, weights, folder): ``--preset`` (random weights, no folder), ``--checkpoint``,
     or the built-in model (its folder in the package). The folder's tokenizer is the model's."""
@@ -468,6 +492,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_generate_flags(args)
     cfg, weights, folder = _load_model(args)
+    check_quantized(args, weights)
     if args.prompt_ids is not None:
         ids = parse_prompt(parse_token_ids(args.prompt_ids), cfg.n_vocab)
         tokenizer = None
@@ -565,6 +590,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_generate_flags(args)
     text = read_text(args.text)
     cfg, weights, folder = _load_model(args)
+    check_quantized(args, weights)
     if folder is None and cfg.n_vocab < GPT2_N_VOCAB:
         raise UsageError(
             f"--preset {args.preset} has a vocabulary of {cfg.n_vocab} tokens, so no text "
@@ -638,6 +664,123 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{elapsed:.2f} s ({_rate(result.tokens, elapsed)} tokens/s)",
         file=sys.stderr,
     )
+    return 0
+
+
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+"""The tokenizer files ``tandem quantize`` copies from the source folder, when it has them."""
+
+
+def _group(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not (value == -1 or (value > 0 and value % 64 == 0)):
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of 64 (the core's block: 64, 128, ...) or -1 (one group per "
+            f"output channel), not {text!r}"
+        )
+    return value
+
+
+def check_out_dir(flag: str, path: Path, source: Path | None) -> None:
+    """A folder the run will fill: new, or empty; not the source checkpoint. UsageError."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file: give a folder to write the checkpoint into")
+    if source is not None and path.exists() and path.resolve() == Path(source).resolve():
+        raise UsageError(f"{flag} {path} is the checkpoint being quantized: give a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise UsageError(f"{flag} {path} is not empty: give a new or empty folder")
+    check_output_file(flag, path / "config.json")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Flags, the output folder, the model (float), the calibration text; then the quantizer,
+    then the folder (:func:`tandem.checkpoint.save_quantized`) and its tokenizer files."""
+    import shutil
+
+    from tandem.checkpoint import save_quantized
+    from tandem.host.quantize import (
+        calibration_segments,
+        quantize_model,
+        sample_calibration,
+        stderr_progress,
+    )
+    from tandem.qweights import QuantizedMatrix
+    from tandem.tokenizer import EOT_TEXT
+
+    if args.group is None:
+        args.group = -1 if args.bits == 8 else 128
+    if args.calib is not None and args.method != "gptq":
+        raise UsageError(
+            f"--calib is GPTQ's calibration text; --method {args.method} uses none: drop it, or "
+            "add --method gptq"
+        )
+    out = Path(args.out)
+    folder = Path(args.checkpoint) if args.checkpoint is not None else builtin_checkpoint()
+    check_out_dir("--out", out, folder)
+    text = read_text(args.calib) if args.calib is not None else None
+    cfg, weights = load_weights(folder)
+    if any(isinstance(w, QuantizedMatrix) for w in weights.values()):
+        raise UsageError(f"{folder} is already quantized: give the float checkpoint")
+    calib = None
+    if args.method == "gptq":
+        if text is not None:
+            calib = calibration_segments(tokenizer_for(folder, cfg).encode(text), cfg)
+            where = f"{args.calib}"
+        else:
+            try:
+                start = tokenizer_for(folder, cfg).encode(EOT_TEXT, allow_special=True)[0]
+            except Exception:  # no tokenizer fits the model, or it has no end-of-text token
+                start = 0
+            stderr_progress("no --calib: sampling calibration text from the float model")
+            calib = sample_calibration(weights, cfg, start=start)
+            where = "text sampled from the model"
+        stderr_progress(
+            f"calibration: {calib.shape[0]} sequences of {calib.shape[1]} tokens from {where}"
+        )
+    t0 = time.perf_counter()
+    qweights = quantize_model(
+        weights,
+        cfg,
+        bits=args.bits,
+        group=args.group,
+        method=args.method,
+        calib=calib,
+        lm_head=args.lm_head,
+        sym=args.sym,
+        progress=stderr_progress if args.method == "gptq" else None,
+    )
+    save_quantized(
+        out,
+        cfg,
+        qweights,
+        bits=args.bits,
+        group=args.group,
+        sym=args.sym,
+        method=args.method,
+        checkpoint_format=args.format,
+    )
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+    n = sum(isinstance(w, QuantizedMatrix) for w in qweights.values())
+    size = (out / "model.safetensors").stat().st_size
+    group = "per channel" if args.group == -1 else f"groups of {args.group}"
+    write_stdout(
+        f"wrote {out}: {cfg.name} W{args.bits} {group}, {args.method.upper()}, {n} matrices "
+        f"quantized{'' if args.lm_head else ' (LM head float)'}, {size / 1e6:,.2f} MB "
+        f"({args.format}), in {time.perf_counter() - t0:.1f} s\n"
+    )
+    if args.checkpoint is None:
+        print(BUILTIN_NOTE, file=sys.stderr)
     return 0
 
 
@@ -898,6 +1041,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _device_args(ev, ["gpu", "fpga", "hybrid"], "runs the model")
     ev.set_defaults(func=cmd_eval)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="weight-only quantization of a checkpoint (INT8/INT4, RTN or GPTQ) into a GPTQ "
+        "safetensors folder",
+    )
+    qz.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="the float Hugging Face GPT-2 folder to quantize (default: the built-in model)",
+    )
+    qz.add_argument("--bits", type=int, choices=[4, 8], required=True, help="4 or 8")
+    qz.add_argument(
+        "--group",
+        type=_group,
+        default=None,
+        metavar="G",
+        help="inputs per scale: a multiple of 64, or -1 for one scale per output channel "
+        "(default: -1 at 8 bits, 128 at 4)",
+    )
+    qz.add_argument(
+        "--method",
+        choices=["rtn", "gptq"],
+        default="gptq",
+        help="gptq (default): GPTQ on calibration text; rtn: round to nearest",
+    )
+    qz.add_argument(
+        "--calib",
+        metavar="FILE",
+        help="--method gptq: UTF-8 calibration text (default: text sampled from the model "
+        "itself); never a held-out text you will evaluate on",
+    )
+    qz.add_argument(
+        "--no-lm-head",
+        dest="lm_head",
+        action="store_false",
+        help="keep the LM head float (tied to the embedding); by default it is quantized too",
+    )
+    qz.add_argument(
+        "--sym",
+        action="store_true",
+        help="symmetric quantization (zero point 2**(bits-1)); default asymmetric",
+    )
+    qz.add_argument(
+        "--format",
+        choices=["gptq_v2", "gptq"],
+        default="gptq_v2",
+        help="checkpoint_format: gptq_v2 (default) stores zero points; gptq (v1) stores "
+        "zero - 1 and cannot hold a zero point of 0",
+    )
+    qz.add_argument("--out", metavar="DIR", required=True, help="new (or empty) folder to write")
+    qz.set_defaults(func=cmd_quantize)
 
     bench = sub.add_parser("bench", help="ISA-simulator decode speed (random weights)")
     bench.add_argument("--model", choices=sorted(PRESETS), default=None, help="default gpt2")
