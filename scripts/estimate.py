@@ -627,15 +627,17 @@ def block_designs():
     """Blocks of the core, for ``--unit`` only (not in ``--units``): the VPU's ``RowMax``, the
     whole ``VectorUnit`` of the tiny geometry (its table ROMs too; not a stream unit, so
     ``--free-running`` leaves it as it is: its units run free inside it), and the
-    ``Controller`` of the tiny and u55c geometries (instruction memory, decode, scoreboard)."""
+    ``Controller`` of the tiny and u55c geometries (instruction memory, decode, scoreboard),
+    and the tiny geometry's ``DMAEngine`` (its channels are the u55c's, fewer of them)."""
     from tandem.geometry import geometry
-    from tandem.rtl import controller, vpu
+    from tandem.rtl import controller, dma, vpu
 
     return [
         ("RowMax", vpu.RowMax),
         ("VectorUnit(tiny)", lambda: vpu.VectorUnit(geometry("tiny"))),
         ("Controller(tiny)", lambda: controller.Controller(geometry("tiny"))),
         ("Controller(u55c)", lambda: controller.Controller(geometry("u55c"))),
+        ("DMAEngine(tiny)", lambda: dma.DMAEngine(geometry("tiny"))),
     ]
 
 
