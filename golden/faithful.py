@@ -16,7 +16,8 @@ Positions: :meth:`FaithfulModel.step` at position ``pos`` writes K row ``pos`` a
 Quantized weights (issue 17): any of a block's four MPU matrices, and the LM head, may be a
 :class:`tandem.qweights.QuantizedMatrix` (the Weights-dict convention there); its products then
 follow the quantized contract (``tandem.numerics.matvec_quant``). Head padding applies to them as
-to float weights (:func:`quantized_mpu_matrix`).
+to float weights (``tandem.layout.quantized_mpu_matrix``; it and ``split_quantized`` are
+importable from here too).
 """
 
 from __future__ import annotations
@@ -28,115 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from tandem import numerics as nm
-from tandem.checkpoint import CheckpointError, expected_shapes
 from tandem.config import GPT2Config
-from tandem.layout import mpu_tensors, padded_heads
-from tandem.qweights import LM_HEAD, QUANTIZED_LAYERS, QuantizationError, QuantizedMatrix
+from tandem.layout import (  # the quantized keys and head padding live with the layout
+    mpu_tensors,
+    padded_heads,
+    quantized_mpu_matrix,
+    split_quantized,
+)
+from tandem.qweights import LM_HEAD
 from tandem.sampling import Sampling, choose
 
 BLOCK = nm.BLOCK
 
 Weights = Mapping[str, np.ndarray]
 Matrix = nm.PreparedMatrix | nm.PreparedQuantMatrix
-
-
-def quantized_shapes(cfg: GPT2Config) -> dict[str, tuple[int, int]]:
-    """Every key that may hold a :class:`QuantizedMatrix`, with its (rows, cols) = (out, in)."""
-    conv1d = expected_shapes(cfg)  # [in, out]
-    keys = [f"h.{i}.{k}" for i in range(cfg.n_layer) for k in QUANTIZED_LAYERS]
-    shapes = {k: conv1d[k][::-1] for k in keys}
-    shapes[LM_HEAD] = conv1d["wte.weight"]
-    return shapes
-
-
-def split_quantized(
-    cfg: GPT2Config, weights: Weights
-) -> tuple[dict[str, np.ndarray], dict[str, QuantizedMatrix]]:
-    """Separate the quantized matrices of a Weights dict: (float view, quantized).
-
-    The float view holds every float entry, with a zero stand-in of the Conv1D shape [in, out]
-    for each quantized layer and no ``lm_head.weight``, so that ``tandem.checkpoint.validate``
-    and ``tandem.layout.mpu_tensors`` read it as a float model. Raises
-    :class:`~tandem.checkpoint.CheckpointError` for a quantized matrix under a key that cannot
-    be quantized or of the wrong shape."""
-    shapes = quantized_shapes(cfg)
-    view: dict[str, np.ndarray] = {}
-    quant: dict[str, QuantizedMatrix] = {}
-    for key, w in weights.items():
-        if not isinstance(w, QuantizedMatrix):
-            view[key] = w
-            continue
-        if key not in shapes:
-            raise CheckpointError(
-                f"weight {key!r} is quantized, but only the blocks' c_attn, c_proj and c_fc "
-                f"weights and {LM_HEAD!r} can be"
-            )
-        if w.shape != shapes[key]:
-            raise CheckpointError(
-                f"quantized weight {key!r} has shape {w.shape}, expected {shapes[key]} "
-                f"([out, in]) for config {cfg.name!r}"
-            )
-        quant[key] = w
-        if key != LM_HEAD:
-            view[key] = np.broadcast_to(np.float32(0), shapes[key][::-1])
-    return view, quant
-
-
-def _head_slots(cfg: GPT2Config) -> np.ndarray:
-    """For each padded slot ``h*64 + j``, the source index ``h*hd + j``, or -1 for padding: the
-    head padding ``tandem.layout.mpu_tensors`` applies (tests/test_quant_backends.py checks the
-    two agree)."""
-    h, j = np.divmod(np.arange(cfg.n_head * BLOCK), BLOCK)
-    return np.where(j < cfg.head_dim, h * cfg.head_dim + j, -1)
-
-
-def quantized_mpu_matrix(cfg: GPT2Config, key: str, m: QuantizedMatrix) -> QuantizedMatrix:
-    """A quantized matrix as the core computes with it, heads padded to 64 as
-    ``tandem.layout.mpu_tensors`` pads float weights (no change when ``head_dim`` is 64, or for
-    c_fc, the MLP's c_proj and the LM head).
-
-    ``c_attn``'s rows go to their padded places; a padding row is all zero (``q = zero = 0``,
-    scale +0), so its product is its bias, as with float weights. The attention ``c_proj``'s
-    columns go to their padded places, which makes every head one 64-block: the result is in
-    groups of 64, block ``h`` with the scale and zero point of the group that holds head ``h``,
-    and padding columns hold the zero point (``d = 0``). A head that straddles two groups (head
-    width not dividing the group) has no one scale per block: QuantizationError names it.
-    """
-    if cfg.head_dim == BLOCK or not key.endswith(("attn.c_attn.weight", "attn.c_proj.weight")):
-        return m
-    idx = _head_slots(cfg)
-    live = idx >= 0
-    src = np.maximum(idx, 0)
-    if key.endswith("c_attn.weight"):
-        e = cfg.n_embd
-        rows = np.concatenate([src + part * e for part in range(3)])
-        keep = np.tile(live, 3)[:, None]
-        return QuantizedMatrix(
-            q=np.where(keep, m.q[rows], 0).astype(np.uint8),
-            scale=np.where(keep, m.scale[rows], 0).astype(np.uint16),
-            zero=np.where(keep, m.zero[rows], 0).astype(np.uint8),
-            bits=m.bits,
-            group=m.group,
-        )
-    hd, group = cfg.head_dim, m.group
-    first = np.arange(cfg.n_head) * hd
-    g = first // group
-    straddle = np.flatnonzero(g != (first + hd - 1) // group)
-    if straddle.size:
-        h = int(straddle[0])
-        raise QuantizationError(
-            f"{key}: head {h} (columns {h * hd}..{h * hd + hd - 1}) straddles two groups of "
-            f"{group}; with heads padded to {BLOCK} lanes each head must lie in one group"
-        )
-    zero = m.zero[:, g]  # [rows, n_head]: one group per padded block
-    pad_zero = np.repeat(zero, BLOCK, axis=1)
-    return QuantizedMatrix(
-        q=np.where(live[None, :], m.q[:, src], pad_zero).astype(np.uint8),
-        scale=np.ascontiguousarray(m.scale[:, g]),
-        zero=np.ascontiguousarray(zero),
-        bits=m.bits,
-        group=BLOCK,
-    )
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ all-zero 64-element block, so ``VDOT`` gives +0 and ``MATVEC`` with no live colu
 0, sampling or not (``sreg`` = 0 reads R0 = 0: greedy); ``LDARG`` of an argument number past
 ``tandem.regmap.SCALAR_ARGS`` is an illegal instruction.
 
+Quantized ``MATVEC`` (``wfmt`` INT8/INT4): the matrix's tiles and scale beats are read through
+``layout.unpack_quant_tiled`` and computed with ``numerics.matvec_quant``; HBM bytes count every
+tile and scale beat. One with no rows or no columns streams nothing and acts as an FP16 one.
+
 Speed: a static weight matrix (one the program never writes) is gathered from the image and
 aligned into a ``numerics.PreparedMatrix`` once and cached; any write overlapping it (by the
 program or by the host through :meth:`IsaSim.invalidate`) drops the cached copy. Matrices read
@@ -48,13 +52,26 @@ from threadpoolctl import threadpool_limits
 from tandem import isa, sampling
 from tandem import numerics as nm
 from tandem.geometry import CoreGeometry
-from tandem.isa import LINE, WORD_BYTES, IllegalInstruction, MatFlag, Op, Unit, VecFlag
+from tandem.isa import (
+    LINE,
+    WFMT_BITS,
+    WORD_BYTES,
+    IllegalInstruction,
+    MatFlag,
+    Op,
+    Unit,
+    VecFlag,
+    WFmt,
+)
 from tandem.layout import (
     PROGRAM_BASE,
     HBMImage,
     StatusRecord,
     dense_stride,
+    quant_tiles,
+    scale_run,
     tiled_address,
+    unpack_quant_tiled,
     unpack_tiled,
     vector_address,
 )
@@ -297,7 +314,13 @@ class IsaSim:
             program = self.stored_program()
         n = 0
         for ins in program:
-            if ins.op is Op.MATVEC and not ins["flags"] & (MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS):
+            if ins.op is Op.MATVEC and ins["wfmt"] and ins["rows"] and ins["cols"]:
+                f = dict(ins.fields)
+                base, end = self._quant_extent(f)
+                if end <= self.image.nbytes:
+                    self._quant_matrix(f, base, end)
+                    n += 1
+            elif ins.op is Op.MATVEC and not ins["flags"] & (MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS):
                 stride = ins["stride"] or dense_stride(self.geom)
                 base = ins["line"] * LINE
                 end = base + self._tiled_extent(ins["rows"], ins["cols"], ins["cols"], stride)
@@ -535,7 +558,29 @@ class IsaSim:
 
     # MPU -------------------------------------------------------------------------------------
 
+    def _quant_extent(self, f) -> tuple[int, int]:
+        """[base, end): the bytes a quantized MATVEC streams from each channel (its tiles and
+        scale beats, tandem.layout's quantized tiled form)."""
+        base, bits = f["line"] * LINE, WFMT_BITS[WFmt(f["wfmt"])]
+        n = quant_tiles(self.geom, f["rows"], f["cols"], bits)
+        return base, base + (n + -(-n // scale_run(bits, f["wgroup"]))) * self.geom.beat_bytes
+
+    def _quant_matrix(self, f, base: int, end: int) -> nm.PreparedQuantMatrix:
+        """A quantized MATVEC's matrix, read through ``layout.unpack_quant_tiled`` and cached as
+        a static matrix."""
+        rows, cols, wfmt, wgroup = f["rows"], f["cols"], f["wfmt"], f["wgroup"]
+        key = (base, rows, cols, wfmt, wgroup)
+        got = self._static.get(key)
+        if got is None:
+            data = self.image.data[:, base:end]
+            m = unpack_quant_tiled(self.geom, data, rows, cols, WFMT_BITS[WFmt(wfmt)], wgroup)
+            got = self._static[key] = (nm.PreparedQuantMatrix(m), base, end)
+            self._update_span()
+        return got[0]
+
     def _MATVEC(self, f):
+        if f["wfmt"]:
+            return self._matvec_quant(f)
         flags, rows, cols = f["flags"], f["rows"], f["cols"]
         live = flags & (MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS)
         n_rows = self.regs[f["lreg"]] if flags & MatFlag.LIVE_ROWS else rows
@@ -560,8 +605,34 @@ class IsaSim:
             if flags & MatFlag.ARGMAX:
                 self._set(f["rd"], 0)
             return
-        acc, lam, nonfinite = nm.matvec(mat, x, bias)
-        if flags & MatFlag.ARGMAX:
+        self._matvec_out(f, nm.matvec(mat, x, bias), n_rows)
+
+    def _matvec_quant(self, f):
+        """A quantized MATVEC (``wfmt`` INT8/INT4): dense, every row and column (tandem.isa)."""
+        rows, cols, flags = f["rows"], f["cols"], f["flags"]
+        x = self.vbuf[self._vb(f["src"], cols, "MATVEC src")]
+        if rows == 0 or cols == 0:  # an empty matrix: no tile streams, as with FP16
+            self._hbm(f["line"] * LINE, f["line"] * LINE, "MATVEC")
+            mat = nm.PreparedMatrix(np.zeros((rows, nm.BLOCK), np.uint16))
+            x = np.zeros(nm.BLOCK, np.uint16)
+        else:
+            base, end = self._quant_extent(f)
+            self._hbm(base, end, "MATVEC")
+            mat = self._quant_matrix(f, base, end)
+            self.hbm_read += (end - base) * self.geom.channels
+        bias = None
+        if flags & MatFlag.BIAS:
+            bias = self.vbuf[self._vb(f["dst"], rows, "MATVEC bias")].copy()
+        if rows == 0:
+            if flags & MatFlag.ARGMAX:
+                self._set(f["rd"], 0)
+            return
+        self._matvec_out(f, nm.matvec_any(mat, x, bias), rows)
+
+    def _matvec_out(self, f, result, n_rows: int) -> None:
+        """A MATVEC's result to VBUF[dst:], or with ARGMAX the chosen row to R[rd]."""
+        acc, lam, nonfinite = result
+        if f["flags"] & MatFlag.ARGMAX:
             self.last_argmax = (acc, lam)
             sreg = f["sreg"]
             word, seed, pos = (self.regs[(sreg + j) % isa.N_REGS] for j in range(3))

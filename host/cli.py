@@ -449,27 +449,30 @@ def _backends() -> dict:
     return {"reference": _generate_reference} | {n: _generate_on_device(n) for n in BACKENDS}
 
 
-QUANTIZED_PATHS = "--backend reference or --placement gpu"
-"""Where a quantized checkpoint runs so far: the float reference (dequantized) and the torch
-model (issue 17); the core's ISA, HBM layout and RTL for quantized weights come later, so the
-device backends refuse them (:func:`check_quantized`)."""
+QUANTIZED_PATHS = "--backend model, --backend reference or --placement gpu"
+"""Where a quantized checkpoint runs so far: the ISA simulator (``--backend model`` with the
+default ``--placement fpga``), the float reference (dequantized) and the torch model (issue 17);
+the RTL's matrix unit does not compute quantized weights yet, so the ``rtl`` and ``fpga`` backends
+and the hybrid placements (their device side is the core) refuse them (:func:`check_quantized`)."""
 
 
 def check_quantized(args: argparse.Namespace, weights) -> None:
     """UsageError if ``weights`` hold quantized matrices and the run would put them on a device
-    backend (model, rtl, fpga; placements fpga, hybrid, auto), which cannot map them yet."""
+    that cannot compute them yet: backends rtl and fpga, placements hybrid and auto."""
     from tandem.qweights import QuantizedMatrix
 
     if not any(isinstance(w, QuantizedMatrix) for w in weights.values()):
         return
     if args.placement == "gpu" or args.backend == "reference":
         return
+    if args.backend == "model" and args.placement == "fpga":
+        return
     where = f"--backend {args.backend}"
     if args.placement != "fpga":
         where += f" with --placement {args.placement}"
     raise UsageError(
         f"{args.checkpoint} is a quantized checkpoint, and {where} cannot run quantized weights "
-        f"yet (the core's layout for them is not built): use {QUANTIZED_PATHS}"
+        f"yet (the core's matrix unit for them is issue 17's next part): use {QUANTIZED_PATHS}"
     )
 
 

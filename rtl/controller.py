@@ -370,6 +370,8 @@ class Controller(GeometryComponent):
                             m.d.comb += addr[f.name].eq(v[f.name])
                     if op is isa.Op.LDARG:
                         ok &= v.arg < len(regmap.SCALAR_ARGS)
+                    if op is isa.Op.MATVEC:  # issue 17: the MPU computes FP16 weights only so far
+                        ok &= v.wfmt == 0
                     m.d.comb += p.legal.eq(ok)
         p.room = {}
         for f in isa.VBUF_FIELDS:

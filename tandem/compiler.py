@@ -66,6 +66,11 @@ VDOT's ``a`` operand is the weight side of the block-floating-point dot product,
 
 Registers: see the ``R_*`` constants. R0 reads as zero.
 
+Quantized weights (issue 17): any of a block's four matrices and the LM head may be a
+``tandem.qweights.QuantizedMatrix``; it is placed in the layout's quantized tiled form
+(``tandem.layout.core_tensors``) and its MATVECs carry ``wfmt``/``wgroup``. The program is
+otherwise the same; a logits chunk of a quantized LM head starts on a scale beat.
+
 The logits chunk ``lg`` reuses the attention scratch (``s``, ``sc``) and the free VBUF after it:
 nothing there is live once the last layer's attention is done. The ``logits`` region
 (:class:`tandem.layout.HBMLayout` with ``logits=True``) holds row ``pos`` = the binary16 logits
@@ -76,6 +81,7 @@ nothing there is live once the last layer's attention is done. The ``logits`` re
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -84,7 +90,7 @@ import numpy as np
 from . import isa
 from .config import GPT2Config
 from .geometry import CoreGeometry
-from .isa import LINE, Instr, MatFlag, Op, VecFlag
+from .isa import LINE, WFMT_BITS, Instr, MatFlag, Op, VecFlag, WFmt
 from .layout import (
     HBMImage,
     HBMLayout,
@@ -92,15 +98,17 @@ from .layout import (
     Region,
     StatusRecord,
     build_image,
+    core_tensors,
     dense_stride,
-    mpu_tensors,
     pack_tokens,
     padded_heads,
+    quant_scale_offset,
+    quant_tiles,
+    scale_run,
     unpack_rows,
     unpack_tokens,
 )
 from .numerics import BLOCK, to_bits
-from .qweights import QuantizedMatrix
 from .regmap import HaltCode, scalar_arg_index
 from .sampling import GREEDY, Sampling
 
@@ -207,15 +215,23 @@ def head_groups(cfg: GPT2Config, vbuf: Mapping[str, VbufSlot]) -> list[range]:
 
 
 def logits_chunks(
-    cfg: GPT2Config, geom: CoreGeometry, vbuf: Mapping[str, VbufSlot]
+    cfg: GPT2Config, geom: CoreGeometry, vbuf: Mapping[str, VbufSlot], head: Region | None = None
 ) -> list[tuple[int, int, int, int, int]]:
     """How a ``logits=True`` program computes the LM head's binary16 output: chunks of rows
     ``[r0, r1)`` as ``(r0, r1, VBUF address, line offset in lm_head, line offset in a logits
     row)``. A chunk lives from the attention scratch (``s``) to the end of the VBUF, free once
     the last layer's attention is done; it starts on a 64-row group of the tiled LM head and on
-    a whole line of the striped logits row. Raises LayoutError if not one chunk fits."""
+    a whole line of the striped logits row, and, for a quantized LM head (``head``, the layout's
+    region; default FP16), on a run of tiles after a scale beat (tandem.layout), so that its rows
+    are a quantized matrix of their own. Raises LayoutError if not one chunk fits."""
     per_line = geom.channels * (LINE // 2)  # striped elements per line across the channels
     unit = max(BLOCK, per_line)
+    quant = head is not None and head.wfmt != WFmt.FP16
+    if quant:
+        bits = WFMT_BITS[WFmt(head.wfmt)]
+        per_group = quant_tiles(geom, BLOCK, cfg.n_embd, bits)  # tiles per 64 rows
+        run = scale_run(bits, head.wgroup)
+        unit = math.lcm(unit, BLOCK * run // math.gcd(run, per_group))
     start = vbuf["s"].addr
     room = (geom.vbuf_elems - start) // unit * unit
     if room <= 0:
@@ -228,6 +244,8 @@ def logits_chunks(
     for r0 in range(0, cfg.n_vocab, room):
         r1 = min(cfg.n_vocab, r0 + room)
         head_bytes = r0 // BLOCK * head_group
+        if quant:
+            head_bytes = int(quant_scale_offset(geom, bits, head.wgroup, r0 // BLOCK * per_group))
         out_bytes = r0 // per_line * LINE
         if head_bytes % LINE:
             raise LayoutError(f"{cfg.name} on {geom.name}: LM head row {r0} is not on a line")
@@ -290,6 +308,8 @@ class _Emitter:
             rows=r.rows,
             cols=r.cols,
             flags=flags | extra.pop("flags", 0),
+            wfmt=r.wfmt,
+            wgroup=r.wgroup,
             **extra,
         )
 
@@ -422,7 +442,8 @@ class _Emitter:
     def logits_out(self) -> None:
         """logits[pos] = lm_head . y in binary16, chunk by chunk (:func:`logits_chunks`)."""
         head, out = self.layout["lm_head"], self.layout["logits"]
-        for r0, r1, slot, head_line, out_line in logits_chunks(self.cfg, self.geom, self.v):
+        chunks = logits_chunks(self.cfg, self.geom, self.v, head)
+        for r0, r1, slot, head_line, out_line in chunks:
             self.p(
                 Op.MATVEC,
                 dst=slot,
@@ -430,6 +451,8 @@ class _Emitter:
                 line=head.line + head_line,
                 rows=r1 - r0,
                 cols=head.cols,
+                wfmt=head.wfmt,
+                wgroup=head.wgroup,
             )
             self.p(
                 Op.STOREV,
@@ -605,17 +628,16 @@ def compile_model(
     in the layout's ``logits`` region (teacher-forced evaluation; module docstring); the tokens
     it generates are the same.
 
+    Quantized weights (a :class:`tandem.qweights.QuantizedMatrix` for any of a block's four MPU
+    matrices or ``lm_head.weight``) are placed in the layout's quantized tiled form and their
+    MATVECs carry ``wfmt``/``wgroup`` (``tandem.layout.core_tensors``).
+
     Raises LayoutError naming the limit when the model does not fit the geometry (HBM channel
-    size, VBUF elements, instruction memory, instruction field widths), and for quantized
-    weights (``tandem.qweights``), which the HBM layout does not place yet.
+    size, VBUF elements, instruction memory, instruction field widths) or a quantized matrix
+    cannot be mapped (a head straddling two groups, a group the tiles cannot map).
     """
-    quantized = [k for k, w in weights.items() if isinstance(w, QuantizedMatrix)]
-    if quantized:
-        raise LayoutError(
-            f"quantized weights are not supported by the HBM layout yet (issue 17): "
-            f"{quantized[0]!r}" + (f" and {len(quantized) - 1} more" if len(quantized) > 1 else "")
-        )
-    layout = HBMLayout(cfg, geom, logits=logits)
+    tensors, formats = core_tensors(cfg, weights)
+    layout = HBMLayout(cfg, geom, logits=logits, formats=formats)
     vbuf = vbuf_plan(cfg, geom)
     em = _Emitter(cfg, geom, layout, vbuf)
     try:
@@ -627,7 +649,7 @@ def compile_model(
             f"{cfg.name} compiles to {len(program)} instructions, more than imem_words = "
             f"{geom.imem_words} of geometry {geom.name!r}"
         )
-    image = build_image(layout, mpu_tensors(cfg, weights))
+    image = build_image(layout, tensors)
     image.write_channel(0, layout["program"].base, isa.encode_program(program))
     return Compiled(cfg, geom, program, layout, image, vbuf, dict(em.p.labels))
 

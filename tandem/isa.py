@@ -21,6 +21,14 @@ starting elsewhere is an operand error (``Status.VBUF_RANGE``), because the vect
 rows and would read some after writing them. Lengths come from registers, so this is checked when
 the instruction executes, like the buffer bound.
 
+``MATVEC`` reads FP16 weights or, by its ``wfmt`` field, weight-only quantized INT8/INT4 weights
+(issue 17): the quantized tiled form of tandem.layout, with the scale beats that carry each tile
+run's binary16 scales and zero points in groups of ``wgroup`` columns, and the product of
+tandem.numerics.matvec_quant. A quantized ``MATVEC`` streams a dense matrix whole: ``stride`` must
+be 0 and neither ``LIVE_ROWS`` nor ``LIVE_COLS`` may be set; that, and ``wfmt = 3``, is an illegal
+instruction. (The RTL's matrix unit does not compute quantized weights yet: the core reports every
+``MATVEC`` with ``wfmt != 0`` as an illegal instruction until it does.)
+
 The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
 zero), with ``label:`` lines, branch targets given as labels or numbers, flags as ``A|B`` and
 comments after ``#``. :func:`disassemble` writes the same format, so text round-trips.
@@ -92,6 +100,25 @@ class MatFlag(enum.IntFlag):
     ARGMAX = 2
     LIVE_ROWS = 4
     LIVE_COLS = 8
+
+
+class WFmt(enum.IntEnum):
+    """``MATVEC``'s weight format (field ``wfmt``): how the tiled matrix at ``line`` is stored
+    (tandem.layout: the FP16 tiled form, or the quantized one with its scale beats). The value 3
+    is reserved: an illegal instruction."""
+
+    FP16 = 0
+    INT8 = 1
+    INT4 = 2
+
+
+WFMT_BITS = {WFmt.FP16: 16, WFmt.INT8: 8, WFmt.INT4: 4}
+"""Bits per stored weight of each :class:`WFmt`."""
+
+WGROUPS = (64, 128, 256, None)
+"""``MATVEC``'s ``wgroup`` field: the columns sharing one scale and zero point of a quantized
+matrix, by code: 64, 128, 256, or (3, None) the whole row or any larger multiple of the tile's
+columns (one scale-beat entry per tile: tandem.layout). Ignored with ``wfmt = FP16``."""
 
 
 class VecFlag(enum.IntFlag):
@@ -217,6 +244,8 @@ FORMATS: dict[Op, tuple[Field, ...]] = {
         _LREG,
         _f("rd", _REG, "ARGMAX destination register"),
         _f("sreg", _REG, "with ARGMAX: sampling word R[sreg], seed R[sreg+1], position R[sreg+2]"),
+        _f("wfmt", 2, "weight format (WFmt): 0 FP16, 1 INT8, 2 INT4; 3 is illegal"),
+        _f("wgroup", 2, "quantized group (WGROUPS): 0 = 64, 1 = 128, 2 = 256, 3 = whole row"),
     ),
 }
 
@@ -287,7 +316,9 @@ SEMANTICS: dict[Op, str] = {
         "lowest row index of the largest accumulator; if R[sreg]'s temperature T_q (bits 15:0) is "
         "non-zero, R[rd] = the Gumbel-max sample among the K (bits 22:16) largest binary16 "
         "logits, keyed by seed R[sreg+1] and position R[sreg+2] (register numbers mod 16; "
-        "tandem.sampling, docs/numerics.md). sreg = 0 reads R0 = 0: greedy."
+        "tandem.sampling, docs/numerics.md). sreg = 0 reads R0 = 0: greedy. With wfmt INT8 or "
+        "INT4 the matrix is quantized (tandem.layout's quantized tiled form, groups of wgroup) and "
+        "the product is tandem.numerics.matvec_quant's."
     ),
     Op.VADD: "VBUF[dst+i] = VBUF[a+i] + b_i (binary16, nearest even).",
     Op.VSUB: "VBUF[dst+i] = VBUF[a+i] - b_i.",
@@ -333,6 +364,8 @@ class Instr:
                     f"{op.name}.{f.name} = {v} is not a multiple of {VBUF_ALIGN} (a VBUF row)"
                 )
             items.append((f.name, v))
+        if op is Op.MATVEC:
+            _check_quantized_matvec(dict(items))
         return cls(Op(op), tuple(items))
 
     def __getitem__(self, name: str) -> int:
@@ -353,6 +386,25 @@ class Instr:
 
     def __str__(self) -> str:
         return disassemble_one(self)
+
+
+def _check_quantized_matvec(f: dict[str, int]) -> None:
+    """The rules of a quantized ``MATVEC`` (module docstring)."""
+    if f["wfmt"] not in {int(w) for w in WFmt}:
+        formats = ", ".join(f"{int(w)} {w.name}" for w in WFmt)
+        raise IllegalInstruction(f"MATVEC.wfmt = {f['wfmt']} is reserved (formats: {formats})")
+    if f["wfmt"] == WFmt.FP16:
+        return
+    if f["stride"]:
+        raise IllegalInstruction(
+            f"MATVEC.stride = {f['stride']} with wfmt = {WFmt(f['wfmt']).name}: a quantized "
+            "matrix is dense (stride 0)"
+        )
+    if f["flags"] & (MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS):
+        raise IllegalInstruction(
+            f"MATVEC with wfmt = {WFmt(f['wfmt']).name} sets LIVE_ROWS or LIVE_COLS: a quantized "
+            "matrix is read whole"
+        )
 
 
 def _flag_mask(flags: type[enum.IntFlag]) -> int:

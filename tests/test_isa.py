@@ -28,6 +28,11 @@ def random_instr(rng: random.Random, op: Op) -> isa.Instr:
         else:
             v = rng.choice([f.lo, f.hi, rng.randint(f.lo, f.hi)])
         values[f.name] = v
+    if op is Op.MATVEC:  # a legal weight format; a quantized MATVEC is dense and whole
+        values["wfmt"] = rng.choice(list(isa.WFmt))
+        if values["wfmt"]:
+            values["stride"] = 0
+            values["flags"] &= ~(isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS)
     return isa.make(op, **values)
 
 

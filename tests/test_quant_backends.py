@@ -1,5 +1,5 @@
 """Quantized weights on the software backends: the faithful model and torch agree bit for bit,
-the float reference dequantizes, the compiler refuses them until the HBM layout places them,
+the float reference dequantizes, the compiler refuses what the core cannot map,
 and the faithful model stays within a measured bound of the dequantized float reference.
 
 ``python tests/test_quant_backends.py`` prints the distance table of docs/numerics.md
@@ -240,19 +240,18 @@ def test_misplaced_quantized_weights_are_refused():
         FaithfulModel(cfg, bad)
 
 
-def test_compiler_refuses_quantized_weights():
-    """The model, rtl, fpga and hybrid backends compile first: one clear error."""
-    from tandem.host.hybrid import HybridSession
+def test_compiler_refuses_what_the_core_cannot_map():
+    """The compiler places quantized weights (tests/test_quant_isasim.py runs them); a head
+    straddling two groups is one clear LayoutError, on every path that compiles."""
     from tandem.host.runtime import Session
 
-    cfg, qw = quantized("test-tiny", 4, 64)
-    msg = r"quantized weights are not supported by the HBM layout yet \(issue 17\)"
-    with pytest.raises(LayoutError, match=msg + r": 'h.0.attn.c_attn.weight' and 8 more"):
+    cfg = GPT2Config(n_vocab=50, n_ctx=16, n_embd=144, n_head=3, n_layer=1, name="hd48")
+    qw = quantize_weights(random_weights(cfg, seed=1), cfg, bits=4, group=64)
+    msg = r"h.0.attn.c_proj.weight: head 1 \(columns 48..95\) straddles two groups of 64"
+    with pytest.raises(LayoutError, match=msg):
         compile_model(cfg, qw, geometry("tiny"))
     with pytest.raises(LayoutError, match=msg):
         Session(cfg, qw, "tiny", backend="model")
-    with pytest.raises(LayoutError, match=msg):  # after the torch side prepared them fine
-        HybridSession(cfg, qw, "tiny", backend="model", prefill_device="cpu")
 
 
 # --------------------------------------------------------------------------------------------

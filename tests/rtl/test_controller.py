@@ -226,10 +226,13 @@ def test_halt_code_is_program_error():
     assert got["status"] == Status.PROGRAM_ERROR and got["error_code"] == 1
 
 
-@pytest.mark.parametrize("bad", ["opcode", "reserved", "flag", "align", "ldarg", "fall-off"])
+@pytest.mark.parametrize(
+    "bad", ["opcode", "reserved", "flag", "align", "ldarg", "fall-off", "wfmt3"]
+)
 def test_illegal_instruction(bad):
     good = [make(Op.SETI, rd=1, imm=1), make(Op.STW, rs=1, line=OUT_LINE)]
     word = {
+        "wfmt3": isa.encode(make(Op.MATVEC, rows=64, cols=64)) | 3 << _field_pos(Op.MATVEC, "wfmt"),
         "opcode": 0x7F,
         "reserved": isa.encode(make(Op.SYNC)) | 1 << 100,
         "flag": isa.encode(make(Op.VADD, dst=0, a=0, b=0, len=4)) | 2 << (8 + 64),
@@ -241,6 +244,34 @@ def test_illegal_instruction(bad):
     got, _, _ = check_against_isasim(program, {})
     assert got["status"] == Status.ILLEGAL_INSTRUCTION
     assert got["error_pc"] == (2 if bad != "fall-off" else GEOM.imem_words + 5)
+
+
+def _field_pos(op, name: str) -> int:
+    """Bit position of field ``name`` in ``op``'s word (tandem.isa.FORMATS)."""
+    pos = 8
+    for f in isa.FORMATS[op]:
+        if f.name == name:
+            return pos
+        pos += f.width
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("wfmt", [isa.WFmt.INT8, isa.WFmt.INT4])
+def test_quantized_matvec_is_illegal_until_the_mpu_computes_it(wfmt):
+    """Issue 17: the ISA simulator runs a quantized MATVEC, the RTL's MPU cannot yet, so the
+    controller refuses it (ILLEGAL_INSTRUCTION at its pc) instead of streaming the weights as
+    FP16 tiles."""
+    program = [
+        make(Op.SETI, rd=1, imm=1),
+        make(Op.MATVEC, dst=0, src=64, line=128, rows=64, cols=64, wfmt=wfmt, wgroup=3),
+        make(Op.STW, rs=1, line=OUT_LINE),
+        make(Op.HALT),
+    ]
+    image = _image(program)
+    got, _ = run_controller(image, {})
+    assert got["status"] == Status.ILLEGAL_INSTRUCTION and got["error_pc"] == 1
+    want = IsaSim(GEOM, _image(program)).run({})
+    assert want.status == 0 and want.tokens == 1  # legal in the ISA
 
 
 def test_vbuf_range_and_issue_fields():
