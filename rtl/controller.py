@@ -383,7 +383,9 @@ class Controller(GeometryComponent):
             p.dist[f] = Signal(16, name=f"{name}_dist_{f}")
             m.d.comb += [
                 p.same[f].eq(addr["dst"] == addr[f]),
-                p.dist[f].eq(Mux(addr["dst"] > addr[f], addr["dst"] - addr[f], addr[f] - addr["dst"])),
+                p.dist[f].eq(
+                    Mux(addr["dst"] > addr[f], addr["dst"] - addr[f], addr[f] - addr["dst"])
+                ),
             ]
         return p
 
