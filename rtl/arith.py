@@ -62,12 +62,17 @@ __all__ = [
     "FP16Add",
     "FP16Mul",
     "FP16Table",
+    "QuantBlockDot",
+    "QuantBlockDotPair",
+    "QuantScale",
     "Stall",
     "StreamUnit",
     "TablePlan",
     "block_sum_shape",
+    "quant_sum_shape",
     "stream_pipe",
     "table_plan",
+    "xsum_shape",
 ]
 
 
@@ -1278,5 +1283,371 @@ class AccToFP16(StreamUnit):
                 self.o.payload.value.eq(Mux(s4_nonfinite, _canonical_nan(), rounded.as_value())),
                 self.o.payload.tag.eq(s4_tag),
                 self.o.valid.eq(v4),
+            ]
+        return m
+
+
+# --------------------------------------------------------------------------------------------
+# quantized weights (issue 17, part 4): the block sums P = sum (q - zero) * x, and T = +-m_s * P
+# shifted into the accumulator (numerics.matvec_quant). Measured against each other in
+# docs/rtl.md, "Quantized arithmetic (issue 17)".
+
+QUANT_BITS = (4, 8)
+"""Weight widths of the quantized contract (``tandem.qweights``)."""
+
+
+def _check_quant_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in QUANT_BITS:
+        raise ValueError(f"bits must be 4 or 8, not {bits!r}")
+    return bits
+
+
+def xsum_shape(size: int) -> Shape:
+    """Exact shape of ``sum x`` over an aligned block (``|x| <= 2047``): 18 bits for 64."""
+    return signed(Q_WIDTH + (size - 1).bit_length())
+
+
+def quant_sum_shape(bits: int, size: int = numerics.BLOCK) -> Shape:
+    """Exact shape of a quantized block sum ``P = sum (q - zero) * x``: ``|P| <= size * (2**bits
+    - 1) * 2047``, 22 bits at INT4 and 26 at INT8 for a 64-block (numerics: ``|P| < 2**(bits +
+    17)``)."""
+    return signed(_bound_shape(size * ((1 << bits) - 1) * 2047).width)
+
+
+def _bound_shape(bound: int) -> Shape:
+    """The signed shape that holds every integer of magnitude at most ``bound``."""
+    return signed(bound.bit_length() + 1)
+
+
+def _tree_depths(counts) -> int:
+    """Adder levels of :func:`_adder_trees` for trees of ``counts`` leaves (pairwise, an odd
+    leaf carried up)."""
+    return max((n - 1).bit_length() for n in counts)
+
+
+def _adder_trees(p: Stall, trees, *, per_stage: int, name: str):
+    """Exact sums of several lists of ``(value, bound)`` leaves (``|value| <= bound``), by
+    pairwise adder trees reduced in step, a register after every ``per_stage`` levels and after
+    the last; each register as wide as its bound needs. Returns (``[sum]``, registers on the
+    way), the sums registered."""
+    levels = [list(t) for t in trees]
+    depth = _tree_depths([len(t) for t in trees])
+    stages = 0
+    for d in range(1, depth + 1):
+        for t, level in enumerate(levels):
+            nxt = [
+                (a + b, ba + bb) for (a, ba), (b, bb) in zip(level[0::2], level[1::2], strict=False)
+            ]
+            if len(level) % 2:
+                nxt.append(level[-1])
+            levels[t] = nxt
+        if d % per_stage == 0 or d == depth:
+            stages += 1
+            levels = [
+                [
+                    (p.reg(v, _bound_shape(b), name=f"{name}{t}_d{d}_{k}"), b)
+                    for k, (v, b) in enumerate(level)
+                ]
+                for t, level in enumerate(levels)
+            ]
+    return [level[0][0] for level in levels], stages
+
+
+class QuantBlockDot(StreamUnit):
+    """One lane's quantized block sum in LUTs: ``P = sum (q - zero) * x`` over a block, exactly,
+    as ``sum q * x - zero * xsum`` (``xsum = sum x``, one per block, shared by all lanes).
+
+    Every product is a sum of ``bits`` partial products ``q[j] ? x << j : 0`` (no ``$mul``, so
+    Yosys maps no DSP), and ``-zero * xsum`` ``bits`` more; all of them go into one pipelined
+    adder tree, whose first level absorbs the AND gates into its LUTs.
+
+    Parameters
+    ----------
+    bits : int
+        Weight width, 4 or 8 (``q`` and ``zero`` unsigned).
+    size : int
+        Elements per block (a power of two; the contract's block is 64).
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``q`` (``size`` x ``unsigned(bits)``), ``zero`` (``unsigned(bits)``), ``x`` (``size`` x
+        ``signed(12)``, aligned), ``xsum`` (:func:`xsum_shape`, the sum of this ``x``), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``sum`` (:func:`quant_sum_shape`), ``tag``.
+
+    Latency ``ceil(levels / 2)`` cycles with ``levels = ceil(log2(size * bits + bits))`` (a
+    register after every two adder levels): 5 for a 64-block at INT4 (9 levels) and at INT8
+    (10); throughput one block per cycle.
+    """
+
+    PER_STAGE = 2
+
+    def __init__(self, bits: int, size: int = numerics.BLOCK, *, tag=NO_TAG):
+        self._bits = _check_quant_bits(bits)
+        self._size = _check_positive_pow2("size", size)
+        super().__init__(
+            {
+                "q": data.ArrayLayout(unsigned(bits), size),
+                "zero": unsigned(bits),
+                "x": _aligned_layout(size),
+                "xsum": xsum_shape(size),
+            },
+            {"sum": quant_sum_shape(bits, size)},
+            tag=tag,
+        )
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def latency(self) -> int:
+        depth = _tree_depths([self._size * self._bits + self._bits])
+        return -(-depth // self.PER_STAGE)
+
+    def elaborate(self, platform):
+        m = Module()
+        p = stream_pipe(m, self.i, self.o, name="qdot")
+        i = self.i.payload
+        leaves = []
+        for k in range(self._size):
+            for j in range(self._bits):
+                leaves.append((Mux(i.q[k][j], i.x[k] << j, 0), 2047 << j))
+        neg_xsum = Signal(xsum_shape(self._size), name="neg_xsum")
+        m.d.comb += neg_xsum.eq(-i.xsum)
+        for j in range(self._bits):
+            leaves.append((Mux(i.zero[j], neg_xsum << j, 0), (self._size * 2047) << j))
+        (total,), stages = _adder_trees(p, [leaves], per_stage=self.PER_STAGE, name="qdot_t")
+        tag = i.tag
+        for s in range(stages):
+            tag = p.reg(tag, self._tag, name=f"qdot_tag{s}")
+        valid = p.valid_chain(self.i.valid, stages, name="qdot_valid")
+        m.d.comb += [
+            self.o.payload.sum.eq(total),
+            self.o.payload.tag.eq(tag),
+            self.o.valid.eq(valid),
+        ]
+        return m
+
+
+class QuantBlockDotPair(StreamUnit):
+    """Two lanes' quantized block sums on DSP48E2s, two 4-bit products per DSP: ``Pa = sum (qa -
+    za) * x`` and ``Pb = sum (qb - zb) * x`` over one block (two lanes' rows, the same input).
+
+    The weights are cut into nibbles (INT8: ``q = 16 * hi + lo``, two nibble planes; INT4 one),
+    each offset to signed ``n' = n - 8``. Per element and plane one ``$mul`` of a packed
+    ``A = na' + nb' * 2**15`` (20 bits) by ``x`` (``B``): ``|na' * x| <= 8 * 2047 < 2**14``,
+    so the low product is the sign-extended low 15 bits of the DSP's result, and the high one
+    the rest plus the low field's sign bit (its borrow, added in the adder tree). Two 8-bit
+    products need 28 bits of ``A`` (27 are there), hence the nibbles: INT8 and INT4 take the
+    same DSPs per cycle (2,048 on u55c). ``sum q * x = sum q' * x + c * xsum`` with ``c = 8``
+    (INT4) or ``136`` (INT8), so the offsets and the zero point cost one ``(c - zero) * xsum``
+    multiply per lane (a small DSP).
+
+    Parameters, members: as :class:`QuantBlockDot`, with ``qa``, ``qb``, ``za``, ``zb`` in and
+    ``sa``, ``sb`` out.
+
+    Latency ``3 + ceil(levels / 2)`` cycles (packing; the DSP's ``M`` and ``P`` registers; the
+    adder trees, ``levels = ceil(log2(2 * planes * size + 1))``): 7 at INT4, 8 at INT8 for a
+    64-block; throughput one block pair per cycle.
+    """
+
+    PER_STAGE = 2
+    SPACING = 15
+    """Bit position of the second lane's product in a DSP's result."""
+
+    def __init__(self, bits: int, size: int = numerics.BLOCK, *, tag=NO_TAG):
+        self._bits = _check_quant_bits(bits)
+        self._size = _check_positive_pow2("size", size)
+        q = data.ArrayLayout(unsigned(bits), size)
+        out = quant_sum_shape(bits, size)
+        super().__init__(
+            {
+                "qa": q,
+                "qb": q,
+                "za": unsigned(bits),
+                "zb": unsigned(bits),
+                "x": _aligned_layout(size),
+                "xsum": xsum_shape(size),
+            },
+            {"sa": out, "sb": out},
+            tag=tag,
+        )
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def latency(self) -> int:
+        planes = self._bits // 4
+        return 3 + -(-_tree_depths([2 * planes * self._size + 1]) // self.PER_STAGE)
+
+    def elaborate(self, platform):
+        m = Module()
+        p = stream_pipe(m, self.i, self.o, name="qpair")
+        i = self.i.payload
+        n, s = self._size, self.SPACING
+        planes = self._bits // 4
+        coef = sum(8 << (4 * j) for j in range(planes))  # sum q = sum q' + coef (per element)
+        low_bound = 8 * 2047  # |n' * x|
+
+        # Stage 1: the packed A operands (n' = the nibble with its MSB inverted, as signed), x,
+        # and the zero points' coefficients (coef - zero).
+        packed, xs = [], []
+        for k in range(n):
+            xs.append(p.reg(i.x[k], signed(Q_WIDTH), name=f"b{k}"))
+            for j in range(planes):
+                na = Signal(signed(4), name=f"na{k}_{j}")
+                nb = Signal(signed(4), name=f"nb{k}_{j}")
+                m.d.comb += [
+                    na.eq(Cat(i.qa[k][4 * j : 4 * j + 3], ~i.qa[k][4 * j + 3])),
+                    nb.eq(Cat(i.qb[k][4 * j : 4 * j + 3], ~i.qb[k][4 * j + 3])),
+                ]
+                packed.append((k, j, p.reg(na + (nb << s), signed(s + 5), name=f"a{k}_{j}")))
+        ca = p.reg(coef - i.za, signed(self._bits + 1), name="za_coef")
+        cb = p.reg(coef - i.zb, signed(self._bits + 1), name="zb_coef")
+        xsum = p.reg(i.xsum, xsum_shape(n), name="xsum1")
+
+        # Stages 2 and 3: the DSP's M and P registers.
+        width = s + 5 + Q_WIDTH - 1  # |A| <= 8 * 2**15 + 8
+        prod = []
+        for k, j, a in packed:
+            mreg = p.reg(a * xs[k], signed(width), name=f"m{k}_{j}")
+            prod.append((j, p.reg(mreg, name=f"p{k}_{j}")))
+        zbound = n * 2047 * max(coef, (1 << self._bits) - 1 - coef)
+        za_term = p.reg(p.reg(ca * xsum, _bound_shape(zbound), name="za_m"), name="za_p")
+        zb_term = p.reg(p.reg(cb * xsum, _bound_shape(zbound), name="zb_m"), name="zb_p")
+
+        # Then the two adder trees: the low fields; the high fields and the borrows. Plane j
+        # weighs 16**j.
+        low = [(v[:s].as_signed() << 4 * j, low_bound << 4 * j) for j, v in prod]
+        high = [(v[s:].as_signed() << 4 * j, (low_bound + 1) << 4 * j) for j, v in prod]
+        borrows = [(v[s - 1].as_unsigned() << 4 * j, 1 << 4 * j) for j, v in prod]
+        (sa, sb), stages = _adder_trees(
+            p,
+            [[*low, (za_term, zbound)], [*high, *borrows, (zb_term, zbound)]],
+            per_stage=self.PER_STAGE,
+            name="qpair_t",
+        )
+        tag = i.tag
+        for k in range(3 + stages):
+            tag = p.reg(tag, self._tag, name=f"qpair_tag{k}")
+        valid = p.valid_chain(self.i.valid, 3 + stages, name="qpair_valid")
+        m.d.comb += [
+            self.o.payload.sa.eq(sa),
+            self.o.payload.sb.eq(sb),
+            self.o.payload.tag.eq(tag),
+            self.o.valid.eq(valid),
+        ]
+        return m
+
+
+class QuantScale(StreamUnit):
+    """A quantized block sum scaled and placed in the accumulator (``numerics.matvec_quant``):
+    ``T = +-m_s * P``, then ``shift_floor(T, quant_block_shift(es, x_exp, xe_max, bits))`` as
+    int64, with ``m_s`` and ``es`` the block scale's significand and exponent as
+    ``numerics.decode`` gives them (subnormals: exponent 1; exponent field 31 decodes as 31 and
+    sets ``nonfinite``).
+
+    The shift ``es + x_exp - xe_max - 7 - bits`` lies in -44..20 (``es``, ``x_exp`` 1..31,
+    ``x_exp <= xe_max``); ``|T| < 2**37`` fits any left shift in 64 bits.
+
+    Parameters
+    ----------
+    sum_shape : shape
+        Signed shape of ``P`` (default the INT8 64-block sum, 26 bits; at most 27 for one DSP).
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``sum`` (``P``), ``scale`` (:class:`Binary16`), ``x_exp``, ``xe_max`` (5-bit exponents),
+        ``bits`` (4 or 8, the matrix's weight width: one bitstream for both), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``value`` (``signed(64)``), ``nonfinite`` (the scale's exponent field is 31), ``tag``.
+
+    Latency 4 cycles (decode and shift amount; the DSP's ``M`` and ``P`` registers; shift),
+    throughput one block per cycle.
+    """
+
+    LATENCY = 4
+
+    def __init__(self, *, sum_shape=None, tag=NO_TAG):
+        if sum_shape is None:
+            sum_shape = quant_sum_shape(8)
+        self._sum_shape = _check_shape("sum_shape", sum_shape)
+        if not self._sum_shape.signed or self._sum_shape.width > 27:
+            raise ValueError(f"sum_shape must be signed and at most 27 bits, not {sum_shape!r}")
+        exp = unsigned(EXP_WIDTH)
+        super().__init__(
+            {
+                "sum": self._sum_shape,
+                "scale": Binary16,
+                "x_exp": exp,
+                "xe_max": exp,
+                "bits": unsigned(4),
+            },
+            {"value": signed(ACC_WIDTH), "nonfinite": unsigned(1)},
+            tag=tag,
+        )
+
+    @property
+    def sum_shape(self) -> Shape:
+        return self._sum_shape
+
+    def elaborate(self, platform):
+        m = Module()
+        p = stream_pipe(m, self.i, self.o, name="qscale")
+        i = self.i.payload
+        sc = i.scale
+        sig = Signal(11, name="scale_sig")
+        es = Signal(EXP_WIDTH, name="scale_exp")
+        shift = Signal(signed(8), name="shift")
+        m.d.comb += [
+            sig.eq(Cat(sc.frac, sc.exp != 0)),
+            es.eq(Mux(sc.exp == 0, 1, sc.exp)),
+            shift.eq(es + i.x_exp - i.xe_max - numerics.EW_MAX + numerics.ACC_FRAC - i.bits),
+        ]
+        s1_ms = p.reg(Mux(sc.sign, -sig, sig), signed(Q_WIDTH), name="s1_ms")
+        s1_sum = p.reg(i.sum, self._sum_shape, name="s1_sum")
+        s1_shift = p.reg(shift, name="s1_shift")
+        s1_nonfinite = p.reg(sc.exp == 31, 1, name="s1_nonfinite")
+        s1_tag = p.reg(i.tag, self._tag, name="s1_tag")
+
+        t_shape = signed(self._sum_shape.width + Q_WIDTH - 1)
+        s2_t = p.reg(s1_sum * s1_ms, t_shape, name="s2_t")  # the DSP's M register
+        s3_t = p.reg(s2_t, name="s3_t")  # and its P register
+        s3_shift = p.reg(p.reg(s1_shift, name="s2_shift"), name="s3_shift")
+        s3_nonfinite = p.reg(p.reg(s1_nonfinite, name="s2_nonfinite"), name="s3_nonfinite")
+        s3_tag = p.reg(p.reg(s1_tag, self._tag, name="s2_tag"), self._tag, name="s3_tag")
+        v3 = p.valid_chain(self.i.valid, 3, name="qscale_valid")
+
+        wide = Signal(signed(ACC_WIDTH), name="t_wide")
+        left = Signal(signed(ACC_WIDTH), name="t_left")
+        right = Signal(signed(ACC_WIDTH), name="t_right")
+        m.d.comb += [
+            wide.eq(s3_t),
+            left.eq(wide << s3_shift.as_unsigned()[:5]),  # 0..20
+            right.eq(wide >> (-s3_shift).as_unsigned()[:6]),  # 1..44, flooring
+        ]
+        with m.If(p.en):
+            m.d.sync += [
+                self.o.payload.value.eq(Mux(s3_shift >= 0, left, right)),
+                self.o.payload.nonfinite.eq(s3_nonfinite),
+                self.o.payload.tag.eq(s3_tag),
+                self.o.valid.eq(v3),
             ]
         return m

@@ -620,6 +620,11 @@ def unit_designs():
         ("Accumulator", arith.Accumulator),
         ("AccToFP16", arith.AccToFP16),
         ("FP16Table(exp, ports=2)", lambda: arith.FP16Table("exp", ports=2)),
+        ("QuantBlockDot(4)", lambda: arith.QuantBlockDot(4)),
+        ("QuantBlockDot(8)", lambda: arith.QuantBlockDot(8)),
+        ("QuantBlockDotPair(4)", lambda: arith.QuantBlockDotPair(4)),
+        ("QuantBlockDotPair(8)", lambda: arith.QuantBlockDotPair(8)),
+        ("QuantScale", arith.QuantScale),
     ]
 
 
