@@ -27,6 +27,13 @@ unit                      latency   throughput  contract
 (Latencies are for the default block size of 64; :class:`BlockDot` grows by one cycle per
 factor of four in block size.)
 
+Quantized weights (issue 17; docs/rtl.md, "Quantized arithmetic"): :class:`QuantBlockDot`
+(the block sum ``P = sum (q - zero) * x`` of one lane in LUTs, latency 5),
+:class:`QuantBlockDotPair` (two lanes' ``P`` on DSP48E2s, two 4-bit products per DSP, latency
+7 at INT4 and 8 at INT8), :class:`NibbleDotPair` (the same DSP array computing two lanes' FP16,
+INT8 or INT4 block sums, latency 8) and :class:`QuantScale` (``+-m_s * P`` shifted into the
+accumulator, ``numerics.matvec_quant``, latency 4); one item per cycle each.
+
 Logic depth: the stages are cut so that no register-to-register path inside a unit has more
 than 7 LUT levels (the 250 MHz budget is 10; docs/build.md, "Logic depth"), as Yosys
 ``synth_xilinx`` maps each unit alone (``python scripts/timing.py --unit NAME``, with
@@ -62,6 +69,7 @@ __all__ = [
     "FP16Add",
     "FP16Mul",
     "FP16Table",
+    "NibbleDotPair",
     "QuantBlockDot",
     "QuantBlockDotPair",
     "QuantScale",
@@ -1650,4 +1658,182 @@ class QuantScale(StreamUnit):
                 self.o.payload.tag.eq(s3_tag),
                 self.o.valid.eq(v3),
             ]
+        return m
+
+
+class NibbleDotPair(StreamUnit):
+    """Two lanes' block sums for every weight format on one array of DSP48E2s, two 4-bit
+    products per DSP (as :class:`QuantBlockDotPair`): per cycle and lane one FP16 block (64
+    aligned ``signed(12)`` weight significands), or two INT8 blocks, or four INT4 blocks (the
+    quantized tile of ``tandem.layout``: 1,024 weight bits per lane).
+
+    The array has ``4 x size`` DSP columns (``p``, ``j``): plane ``p`` of element ``j``. A lane's
+    1,024 bits are 256 nibbles, and column (``p``, ``j``) takes nibble ``64p + j`` at INT4
+    (block ``p``), ``128 (p // 2) + 2j + p % 2`` at INT8 (block ``p // 2``, weight ``16**(p %
+    2)``) and ``3j + p`` at FP16 (the significand's nibbles; the top one signed, plane 3
+    unused), with the input block it multiplies. Per plane the unit sums ``size`` products;
+    the last stage combines the planes into block sums and adds ``(c - zero) * xsum`` (``c =
+    8`` at INT4, ``136`` at INT8, and at FP16 ``136`` with no zero point: the offsets of the
+    unsigned nibbles).
+
+    Parameters
+    ----------
+    size : int
+        Elements per block (a power of two; the contract's block is 64).
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``fmt`` (``tandem.isa.WFmt``: 0 FP16, 1 INT8, 2 INT4), ``wa``, ``wb`` (``unsigned(16 *
+        size)``: the lanes' nibbles as above; FP16: 64 ``signed(12)`` in the low 768 bits),
+        ``za``, ``zb`` (4 x ``unsigned(8)``, per block; ignored at FP16), ``x`` (4 blocks of
+        ``size`` x ``signed(12)``: block ``b`` of the cycle in slot ``b``), ``xsum`` (4 x
+        :func:`xsum_shape`), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``sa``, ``sb`` (4 x :func:`block_sum_shape`: block ``b``'s sum in slot ``b``; slots
+        past the format's blocks are unspecified), ``tag``.
+
+    Latency ``4 + ceil(log2(2 * size) / 2)`` cycles (select and pack; the DSP's ``M`` and
+    ``P`` registers; the plane trees; combine): 8 for a 64-block; throughput one tile row pair
+    per cycle.
+    """
+
+    PER_STAGE = 2
+    SPACING = 15
+    FP16, INT8, INT4 = 0, 1, 2
+
+    def __init__(self, size: int = numerics.BLOCK, *, tag=NO_TAG):
+        self._size = _check_positive_pow2("size", size)
+        blocks = data.ArrayLayout(_aligned_layout(size), 4)
+        out = data.ArrayLayout(block_sum_shape(size), 4)
+        zeros = data.ArrayLayout(unsigned(8), 4)
+        super().__init__(
+            {
+                "fmt": unsigned(2),
+                "wa": unsigned(16 * size),
+                "wb": unsigned(16 * size),
+                "za": zeros,
+                "zb": zeros,
+                "x": blocks,
+                "xsum": data.ArrayLayout(xsum_shape(size), 4),
+            },
+            {"sa": out, "sb": out},
+            tag=tag,
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def latency(self) -> int:
+        return 4 + -(-_tree_depths([2 * self._size]) // self.PER_STAGE)
+
+    def _nibble(self, m, w, fmt, p, j, *, name):
+        """Comb: the signed operand of column (p, j) of one lane: the nibble minus 8, or the
+        FP16 significand's signed top nibble, or 0 (FP16, plane 3)."""
+        n = self._size
+
+        def nib(k):
+            return w[4 * k : 4 * k + 4]
+
+        raw = Signal(4, name=f"{name}_raw")
+        with m.Switch(fmt):
+            with m.Case(self.INT4):
+                m.d.comb += raw.eq(nib(n * p + j))
+            with m.Case(self.INT8):
+                m.d.comb += raw.eq(nib(2 * n * (p // 2) + 2 * j + p % 2))
+            with m.Default():
+                m.d.comb += raw.eq(nib(3 * j + p) if p < 3 and 3 * j + p < 4 * n else 0)
+        op = Signal(signed(4), name=f"{name}_op")
+        if p == 3:  # FP16 leaves plane 3 empty (operand 0); else nibble - 8
+            m.d.comb += op.eq(Mux(fmt == self.FP16, 0, Cat(raw[:3], ~raw[3])))
+        elif p == 2:  # the FP16 significand's top nibble is signed
+            m.d.comb += op.eq(Cat(raw[:3], raw[3] ^ (fmt != self.FP16)))
+        else:
+            m.d.comb += op.eq(Cat(raw[:3], ~raw[3]))
+        return op
+
+    def elaborate(self, platform):
+        m = Module()
+        p = stream_pipe(m, self.i, self.o, name="nib")
+        i = self.i.payload
+        n, s = self._size, self.SPACING
+        fmt = i.fmt
+        int4, fp16 = fmt == self.INT4, fmt == self.FP16
+
+        # Stage 1: each column's packed operand and input element.
+        cols = []
+        for pl in range(4):
+            for j in range(n):
+                na = self._nibble(m, i.wa, fmt, pl, j, name=f"na{pl}_{j}")
+                nb = self._nibble(m, i.wb, fmt, pl, j, name=f"nb{pl}_{j}")
+                if pl == 1:
+                    xsel = Mux(int4, i.x[1][j], i.x[0][j])
+                elif pl == 2:
+                    xsel = Mux(int4, i.x[2][j], Mux(fp16, i.x[0][j], i.x[1][j]))
+                elif pl == 3:
+                    xsel = Mux(int4, i.x[3][j], i.x[1][j])
+                else:
+                    xsel = i.x[0][j]
+                a = p.reg(na + (nb << s), signed(s + 5), name=f"a{pl}_{j}")
+                b = p.reg(xsel, signed(Q_WIDTH), name=f"b{pl}_{j}")
+                cols.append((pl, a, b))
+        coef = Mux(int4, 8, 136)
+        terms = []
+        for lane, z in (("a", i.za), ("b", i.zb)):
+            for blk in range(4):
+                c = p.reg(coef - Mux(fp16, 0, z[blk]), signed(9), name=f"coef{lane}{blk}")
+                xs = p.reg(i.xsum[blk], xsum_shape(n), name=f"xsum{lane}{blk}")
+                terms.append((c, xs))
+        s1_fmt = p.reg(fmt, 2, name="s1_fmt")
+
+        # Stages 2 and 3: the DSP's M and P registers.
+        width = s + 5 + Q_WIDTH - 1
+        prods = []
+        for k, (pl, a, b) in enumerate(cols):
+            mreg = p.reg(a * b, signed(width), name=f"m{k}")
+            prods.append((pl, p.reg(mreg, name=f"p{k}")))
+        zbound = n * 2047 * 136
+        zterms = [
+            p.reg(p.reg(c * xs, _bound_shape(zbound), name=f"zm{k}"), name=f"zp{k}")
+            for k, (c, xs) in enumerate(terms)
+        ]
+        fmt3 = p.reg(p.reg(s1_fmt, name="s2_fmt"), name="s3_fmt")
+
+        # The plane trees: lane a's low fields, lane b's high fields and borrows.
+        trees = []
+        for pl in range(4):
+            vs = [v for q, v in prods if q == pl]
+            trees.append([(v[:s].as_signed(), 8 * 2047) for v in vs])
+            trees.append(
+                [(v[s:].as_signed(), 8 * 2047 + 1) for v in vs]
+                + [(v[s - 1].as_unsigned(), 1) for v in vs]
+            )
+        sums, stages = _adder_trees(p, trees, per_stage=self.PER_STAGE, name="nib_t")
+        for k in range(stages):
+            zterms = [p.reg(z, name=f"z{k}_{t}") for t, z in enumerate(zterms)]
+            fmt3 = p.reg(fmt3, name=f"fmt_t{k}")
+        tag = i.tag
+        for k in range(3 + stages):
+            tag = p.reg(tag, self._tag, name=f"nib_tag{k}")
+        int4, fp16 = fmt3 == self.INT4, fmt3 == self.FP16
+
+        # Combine: planes into block sums, plus the offsets' and zero points' terms.
+        with m.If(p.en):
+            for lane, out in ((0, self.o.payload.sa), (1, self.o.payload.sb)):
+                sp = [sums[2 * pl + lane] for pl in range(4)]
+                z = zterms[4 * lane : 4 * lane + 4]
+                m.d.sync += [
+                    out[0].eq(sp[0] + Mux(int4, 0, sp[1] << 4) + Mux(fp16, sp[2] << 8, 0) + z[0]),
+                    out[1].eq(Mux(int4, sp[1], sp[2] + (sp[3] << 4)) + z[1]),
+                    out[2].eq(sp[2] + z[2]),
+                    out[3].eq(sp[3] + z[3]),
+                ]
+            m.d.sync += self.o.payload.tag.eq(tag)
+        valid = p.valid_chain(self.i.valid, 3 + stages, name="nib_valid")
+        with m.If(p.en):
+            m.d.sync += self.o.valid.eq(valid)
         return m

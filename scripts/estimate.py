@@ -625,6 +625,7 @@ def unit_designs():
         ("QuantBlockDotPair(4)", lambda: arith.QuantBlockDotPair(4)),
         ("QuantBlockDotPair(8)", lambda: arith.QuantBlockDotPair(8)),
         ("QuantScale", arith.QuantScale),
+        ("NibbleDotPair", arith.NibbleDotPair),
     ]
 
 

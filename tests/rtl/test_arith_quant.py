@@ -316,3 +316,111 @@ def test_parameters_are_validated():
     assert QuantBlockDot(4).latency == QuantBlockDot(8).latency == 5
     assert (QuantBlockDotPair(4).latency, QuantBlockDotPair(8).latency) == (7, 8)
     assert QuantScale().latency == 4
+
+
+# --------------------------------------------------------------------------------------------
+# one DSP array for FP16, INT8 and INT4
+
+
+def nibble_item(rng, fmt: str, case: int):
+    """(NibbleDotPair input fields, expected [sa, sb] for the format's blocks): lanes' weights
+    and the cycle's input blocks; FP16 weights are binary16 aligned by numerics.bfp_blocks, the
+    quantized ones edge or random rows (zero points per block)."""
+    kinds = (*X_KINDS, "random", "random")
+    if fmt == "fp16":
+        xs = [fp16_block(rng, kinds[case % len(kinds)])]
+        ws = [fp16_block(rng, kinds[(case + lane + 1) % len(kinds)]) for lane in range(2)]
+        x_int, _, _ = nm.bfp_blocks(xs[0])
+        w_int = [nm.bfp_blocks(w)[0] for w in ws]
+        want = [[int(w @ x_int)] for w in w_int]
+        words = [sum((int(v) & 0xFFF) << (12 * j) for j, v in enumerate(w)) for w in w_int]
+        zeros = [[0] * 4, [0] * 4]
+        blocks = [x_int]
+    else:
+        bits = 8 if fmt == "int8" else 4
+        nb = 16 // bits
+        xs = [fp16_block(rng, kinds[(case + b) % len(kinds)]) for b in range(nb)]
+        lanes = [
+            [
+                weight_row(rng, bits, (*W_KINDS, "random")[(case + b + 3 * lane) % 6])
+                for b in range(nb)
+            ]
+            for lane in range(2)
+        ]
+        want = [[], []]
+        blocks = []
+        for b in range(nb):
+            sums, x_int = contract_sums(bits, xs[b], [lanes[0][b], lanes[1][b]])
+            want[0].append(sums[0])
+            want[1].append(sums[1])
+            blocks.append(x_int)
+        words = [
+            sum(
+                int(q) << (bits * (64 * b + j))
+                for b in range(nb)
+                for j, q in enumerate(lanes[lane][b][0])
+            )
+            for lane in range(2)
+        ]
+        zeros = [[lanes[lane][b][1] for b in range(nb)] + [0] * (4 - nb) for lane in range(2)]
+    blocks += [np.zeros(nm.BLOCK, np.int64)] * (4 - len(blocks))
+    item = {
+        "fmt": {"fp16": 0, "int8": 1, "int4": 2}[fmt],
+        "wa": words[0],
+        "wb": words[1],
+        "za": zeros[0],
+        "zb": zeros[1],
+        "x": [[int(v) for v in blk] for blk in blocks],
+        "xsum": [int(blk.sum()) for blk in blocks],
+    }
+    return item, want
+
+
+@pytest.mark.parametrize("stall", [0.0, 0.35])
+def test_nibble_dot_pair_all_formats(stall):
+    """NibbleDotPair, formats interleaved item by item: FP16 block sums equal the FP16
+    contract's (numerics.bfp_blocks of weights and input, summed exactly), INT8 and INT4 block
+    sums equal the quantized contract's P, on edge and random blocks."""
+    from tandem.rtl.arith import NibbleDotPair
+
+    rng = np.random.default_rng(9)
+    fmts = ["fp16", "int8", "int4"]
+    pairs = [nibble_item(rng, fmts[k % 3], k // 3) for k in range(3 * 24)]
+    unit = NibbleDotPair(tag=TAG)
+    outs, first = run_stream(unit, [it for it, _ in pairs], stall=stall, seed=21)
+    for k, (o, (_, want)) in enumerate(zip(outs, pairs, strict=True)):
+        nb = len(want[0])
+        got = [[o.sa[b] for b in range(nb)], [o.sb[b] for b in range(nb)]]
+        assert got == want, f"item {k} ({fmts[k % 3]})"
+    if not stall:
+        assert first == unit.latency == 8
+
+
+def test_quant_scale_places_the_bias():
+    """The bias of a quantized product goes through QuantScale too: ``sum = +-significand``,
+    scale 1.0 (``m_s = 2**10``, exponent 15) and ``x_exp`` = the bias's exponent give
+    numerics.bias_at(bias, quant_lsb_exponent(xe_max, bits)), the non-finite flag aside."""
+    rng = np.random.default_rng(12)
+    biases = np.concatenate(
+        [np.array(nm.EDGE_FINITE, np.uint16), rng.integers(0, 0x7C00, 120).astype(np.uint16)]
+    )
+    biases[len(nm.EDGE_FINITE) :] |= (rng.integers(0, 2, 120) << 15).astype(np.uint16)
+    cases = [(int(b), int(rng.integers(1, 32)), int(rng.choice([4, 8]))) for b in biases]
+    items = []
+    for b, xe_max, bits in cases:
+        neg, sig, exp = nm.decode(np.array([b], np.uint16))
+        items.append(
+            {
+                "sum": int(-sig[0] if neg[0] else sig[0]),
+                "scale": fp16_fields(0x3C00),
+                "x_exp": int(exp[0]),
+                "xe_max": xe_max,
+                "bits": bits,
+            }
+        )
+    outs, _ = run_stream(QuantScale(tag=TAG), items, stall=0.2, seed=4)
+    want = [
+        int(nm.bias_at(np.array([b], np.uint16), nm.quant_lsb_exponent(xe_max, bits))[0][0])
+        for b, xe_max, bits in cases
+    ]
+    assert [o.value for o in outs] == want
