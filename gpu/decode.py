@@ -19,7 +19,7 @@ from tandem.config import GPT2Config
 from tandem.sampling import Sampling
 
 from . import contract as c
-from .cuda import synchronize
+from .cuda import cpu_threads, synchronize
 from .prefill import BLOCK, PreparedModel, attention, layer_norm, prefill, qkv
 from .sampling import choose
 
@@ -70,11 +70,12 @@ def generate(
     sampling: Sampling | None = None,
 ) -> TorchGenerateResult:
     """Prefill ``ids`` then ``n_new - 1`` decode steps, all in torch; greedy, or sampled with
-    ``sampling`` (``tandem.sampling``)."""
+    ``sampling`` (``tandem.sampling``). On the CPU with ``tandem.gpu.cuda.CPU_THREADS`` torch
+    threads (:func:`~tandem.gpu.cuda.cpu_threads`)."""
     if n_new == 0:
         return TorchGenerateResult([])
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(model.device):
         pre = prefill(cfg, model, ids, sampling=sampling)
         synchronize(model.device)
         t1 = time.perf_counter()

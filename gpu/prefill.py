@@ -34,7 +34,7 @@ from tandem.layout import mpu_tensors, padded_heads
 from tandem.sampling import Sampling
 
 from . import contract as c
-from .cuda import resolve_device, synchronize
+from .cuda import cpu_threads, resolve_device, synchronize
 from .sampling import choose
 
 BLOCK = c.BLOCK
@@ -72,6 +72,12 @@ class PreparedModel:
     """
 
     def __init__(self, cfg: GPT2Config, weights, device=None):
+        # aligning the matrices is many small ops too: 1.0 s for the built-in model with one
+        # thread here, 6.3 s with two under load (tandem.gpu.cuda.CPU_THREADS)
+        with cpu_threads(resolve_device(device)):
+            self._prepare(cfg, weights, device)
+
+    def _prepare(self, cfg: GPT2Config, weights, device) -> None:
         from tandem.golden.faithful import FaithfulWeights, split_quantized
 
         padded_heads(cfg)

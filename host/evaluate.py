@@ -130,22 +130,26 @@ def evaluate(
 
 
 def reference_scorer(cfg: GPT2Config, weights: Mapping[str, np.ndarray]) -> Logits:
-    """The float reference in float64."""
-    from tandem.golden.reference import forward
+    """The float reference in float64 (quantized matrices dequantized, a quantized LM head
+    giving the logits: ``tandem.golden.reference``)."""
+    from tandem.golden.reference import float_weights, forward
 
-    w64 = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    w64 = float_weights(weights, np.float64)
     return lambda window: forward(w64, cfg, window, dtype=np.float64)
 
 
 def gpu_scorer(cfg: GPT2Config, weights: Mapping[str, np.ndarray], device=None) -> Logits:
-    """The torch prefill under the contract (``--placement gpu``), every position's logits."""
+    """The torch prefill under the contract (``--placement gpu``), every position's logits; on
+    the CPU with ``tandem.gpu.cuda.CPU_THREADS`` torch threads."""
     from tandem.gpu.contract import bits_to_numpy
+    from tandem.gpu.cuda import cpu_threads
     from tandem.gpu.prefill import PreparedModel, prefill
 
     model = PreparedModel(cfg, weights, device)
 
     def run(window):
-        pre = prefill(cfg, model, window, logits=True)
+        with cpu_threads(model.device):
+            pre = prefill(cfg, model, window, logits=True)
         return from_bits(bits_to_numpy(pre.logits16)).astype(np.float64)
 
     run.where = f" on {model.device}"

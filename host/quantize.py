@@ -58,6 +58,14 @@ CALIB_SEQUENCES = 64
 CALIB_LEN = 256
 """Tokens per calibration sequence at most (the model's context if shorter)."""
 
+
+def default_group(bits: int) -> int:
+    """``tandem quantize``'s group size when none is given: one scale per output channel
+    (``PER_CHANNEL``) at 8 bits, groups of 128 at 4."""
+    check_bits(bits)
+    return PER_CHANNEL if bits == 8 else 128
+
+
 BLAS_THREADS = 1
 """BLAS threads for the quantizer's matrix products: its matrices are small, and more threads
 made sampling the built-in model's calibration text 8x slower on this project's busy 2-core

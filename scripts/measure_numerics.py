@@ -11,6 +11,15 @@ decoding produces exactly the reference's tokens, so that step is reported too.
     python scripts/measure_numerics.py                    # preset 'embedded', random weights
     python scripts/measure_numerics.py --preset gpt2      # any preset, random weights
     python scripts/measure_numerics.py --checkpoint DIR   # a Hugging Face GPT-2 folder
+    python scripts/measure_numerics.py --checkpoint DIR --bits 4 --group 64 --method rtn
+
+With ``--bits`` the weights are quantized first (``tandem.host.quantize.quantize_model``, what
+``tandem quantize`` runs; LM head included): the faithful model computes the quantized contract
+and the reference runs on the dequantized weights, its logits from the quantized LM head
+(``lm_head.weight``), so the table measures the contract, not the quantization. ``--method
+gptq`` calibrates on ``--calib FILE`` (tokenized with the checkpoint's tokenizer) or, without
+one, on text sampled from the float model, as ``tandem quantize`` does. A ``--checkpoint``
+folder that is already quantized is measured as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +37,7 @@ from tandem.config import GPT2Config, preset
 from tandem.golden import reference
 from tandem.golden.faithful import FaithfulModel
 from tandem.numerics import from_bits
+from tandem.qweights import LM_HEAD
 
 # "The quick brown fox" in GPT-2's vocabulary; reduced modulo n_vocab for the test presets.
 DEFAULT_PROMPT = (464, 2068, 7586, 21831)
@@ -38,13 +49,15 @@ def reference_states(
     """Float64 forward over ``ids``: ([n, n_vocab] logits, [n, n_embd] ln_f output).
 
     The reference's own blocks in its own order; only the final hidden state is kept as well.
+    Quantized matrices are dequantized, and a quantized LM head (``lm_head.weight``) gives the
+    logits in place of ``wte``, as in ``reference.forward``.
     """
-    w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    w = reference.float_weights(weights, np.float64)
     x = w["wte.weight"][list(ids)] + w["wpe.weight"][: len(ids)]  # [n, n_embd]
     for i in range(cfg.n_layer):
         x, _, _ = reference.block(x, reference.layer_params(w, i, np.float64), cfg)
     hidden = reference.layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.layer_norm_epsilon)
-    return hidden @ w["wte.weight"].T, hidden
+    return hidden @ w.get(LM_HEAD, w["wte.weight"]).T, hidden
 
 
 def measure(
@@ -64,7 +77,7 @@ def measure(
     steps = min(steps, cfg.n_ctx - len(prompt) + 1)
     if steps < 1:
         raise ValueError(f"a prompt of {len(prompt)} tokens leaves no step in n_ctx {cfg.n_ctx}")
-    w64 = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    w64 = reference.float_weights(weights, np.float64)
     gen = reference.generate_greedy(w64, cfg, prompt, steps - 1, dtype=np.float64)
     ids = prompt + gen
     ref_logits, ref_hidden = reference_states(w64, cfg, ids)
@@ -125,6 +138,41 @@ def format_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+def quantized(cfg: GPT2Config, weights, args) -> tuple[dict, str]:
+    """The weights quantized as ``args`` say (``--bits``, ``--group``, ``--method``,
+    ``--calib``), and a label."""
+    from tandem.host.quantize import (
+        calibration_segments,
+        default_group,
+        quantize_model,
+        sample_calibration,
+    )
+    from tandem.qweights import QuantizedMatrix
+    from tandem.tokenizer import EOT_TEXT, tokenizer_for
+
+    if any(isinstance(w, QuantizedMatrix) for w in weights.values()):
+        raise SystemExit(f"{args.checkpoint} is already quantized: drop --bits")
+    group = args.group if args.group is not None else default_group(args.bits)
+    calib, how = None, ""
+    if args.method == "gptq":
+        if args.calib:
+            if not args.checkpoint:
+                raise SystemExit("--calib needs --checkpoint DIR (its tokenizer reads the text)")
+            text = Path(args.calib).read_text(encoding="utf-8")
+            calib = calibration_segments(tokenizer_for(args.checkpoint, cfg).encode(text), cfg)
+            how = f", calibrated on {args.calib}"
+        else:
+            try:
+                start = tokenizer_for(args.checkpoint, cfg).encode(EOT_TEXT, allow_special=True)[0]
+            except Exception:  # a preset: no tokenizer fits its vocabulary
+                start = 0
+            calib = sample_calibration(weights, cfg, start=start)
+            how = ", calibrated on text sampled from the model"
+    q = quantize_model(weights, cfg, bits=args.bits, group=group, method=args.method, calib=calib)
+    size = "per channel" if group == -1 else f"group {group}"
+    return q, f"W{args.bits} {size} {args.method.upper()}{how} (LM head quantized)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -133,7 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random-weight seed (presets)")
     ap.add_argument("--steps", type=int, default=256, help="decode steps, clamped to n_ctx")
     ap.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    ap.add_argument("--bits", type=int, choices=(4, 8), help="quantize the weights first")
+    ap.add_argument("--group", type=int, help="inputs per scale (-1: per channel; default: "
+                    "tandem quantize's, -1 at 8 bits, 128 at 4)")  # fmt: skip
+    ap.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="with --bits")
+    ap.add_argument("--calib", metavar="FILE", help="--method gptq: calibration text")
     args = ap.parse_args(argv)
+    if args.bits is None and (args.group is not None or args.calib or args.method != "rtn"):
+        ap.error("--group, --method and --calib quantize: give --bits too")
+    if args.calib and args.method != "gptq":
+        ap.error("--calib is GPTQ's calibration text: add --method gptq")
 
     if args.checkpoint:
         cfg, weights = checkpoint.load_checkpoint(args.checkpoint)
@@ -142,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = preset(args.preset)
         weights = checkpoint.random_weights(cfg, seed=args.seed)
         what = f"preset {cfg.name!r}, random_weights(seed={args.seed})"
+    if args.bits is not None:
+        weights, how = quantized(cfg, weights, args)
+        what += f", {how}"
     if args.prompt_ids:
         prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
     else:
