@@ -267,7 +267,9 @@ class CoreTB:
             if p:
                 chan.set_pause_generator(streams.bernoulli(p, seed * 1000 + k))
             else:
+                # killing the generator leaves the channel as it was: paused, if it was then
                 chan.clear_pause_generator()
+                chan.pause = False
 
     async def reset(self):
         self.dut.ap_rst_n.value = 0
