@@ -712,6 +712,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tandem.checkpoint import save_quantized
     from tandem.host.quantize import (
         calibration_segments,
+        default_group,
         quantize_model,
         sample_calibration,
         stderr_progress,
@@ -720,7 +721,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tandem.tokenizer import EOT_TEXT
 
     if args.group is None:
-        args.group = -1 if args.bits == 8 else 128
+        args.group = default_group(args.bits)
     if args.calib is not None and args.method != "gptq":
         raise UsageError(
             f"--calib is GPTQ's calibration text; --method {args.method} uses none: drop it, or "
