@@ -55,7 +55,7 @@ hw_emu:
 	$(PYTHON) scripts/bitstream.py --geometry $(or $(GEOMETRY),u55c) --platform $(PLATFORM) --target hw_emu
 
 # Open-source resource estimate: the whole core synthesized in one pyosys synth_xilinx run
-# (u55c: about an hour), per block and per SLR against the U55C and the floorplan's budgets;
+# (u55c: 1-2 hours, 7 GB), per block and per SLR against the U55C and the floorplan's budgets;
 # prints the tables, writes build/estimate.json and the netlist `make timing` reads.
 estimate:
 	$(PYTHON) scripts/estimate.py --geometry $(or $(GEOMETRY),u55c) $(ESTIMATE_ARGS)

@@ -812,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     print(
         f"estimate: whole core, geometry {geom.name}, floorplan {plan.name}: Verilog, then one "
-        "pyosys synth_xilinx run (u55c: about an hour)",
+        "pyosys synth_xilinx run (u55c: 1-2 hours, 7 GB)",
         flush=True,
     )
     res, folder = run_core(geom, plan, **synth_options(args))
