@@ -263,6 +263,19 @@ def prepare_input(x_bits: np.ndarray, n_blocks: int):
     return split.reshape(n_blocks, BLOCK, 2), xe, nf
 
 
+def _start_with_bias(acc, nonfinite, bias_bits, rows: int, lam: int):
+    """``acc`` plus the bias floored into the accumulator position ``lam`` (:func:`bias_at`),
+    and the rows made non-finite by it; unchanged without a bias. Shared by the FP16 and the
+    quantized products."""
+    if bias_bits is None:
+        return acc, nonfinite
+    bias_bits = np.asarray(bias_bits, dtype=np.uint16)
+    if bias_bits.shape != (rows,):
+        raise ValueError(f"bias shape {bias_bits.shape} does not match {rows} rows")
+    b, bnf = bias_at(bias_bits, lam)
+    return acc + b, nonfinite | bnf
+
+
 def matvec(
     mat: PreparedMatrix, x_bits: np.ndarray, bias_bits: np.ndarray | None = None
 ) -> tuple[np.ndarray, int, np.ndarray]:
@@ -285,14 +298,9 @@ def matvec(
     shift = block_shift(mat.block_exp, xe[:, None], xe_max)
     acc = np.floor(np.ldexp(s, shift)).astype(np.int64).sum(axis=0)
     nonfinite = mat.nonfinite_rows | bool(xnf.any())
-    if bias_bits is not None:
-        bias_bits = np.asarray(bias_bits, dtype=np.uint16)
-        if bias_bits.shape != (mat.rows,):
-            raise ValueError(f"bias shape {bias_bits.shape} does not match {mat.rows} rows")
-        b, bnf = bias_to_acc(bias_bits, xe_max)
-        acc = acc + b
-        nonfinite = nonfinite | bnf
-    return acc, int(acc_lsb_exponent(xe_max)), nonfinite
+    lam = int(acc_lsb_exponent(xe_max))
+    acc, nonfinite = _start_with_bias(acc, nonfinite, bias_bits, mat.rows, lam)
+    return acc, lam, nonfinite
 
 
 def matvec_fp16(mat: PreparedMatrix, x_bits, bias_bits=None) -> np.ndarray:
@@ -404,13 +412,7 @@ def matvec_quant(
     acc = np.floor(np.ldexp(t, shift)).astype(np.int64).sum(axis=0)
     nonfinite = mat.nonfinite_rows | bool(xnf.any())
     lam = int(quant_lsb_exponent(xe_max, mat.bits))
-    if bias_bits is not None:
-        bias_bits = np.asarray(bias_bits, dtype=np.uint16)
-        if bias_bits.shape != (mat.rows,):
-            raise ValueError(f"bias shape {bias_bits.shape} does not match {mat.rows} rows")
-        b, bnf = bias_at(bias_bits, lam)
-        acc = acc + b
-        nonfinite = nonfinite | bnf
+    acc, nonfinite = _start_with_bias(acc, nonfinite, bias_bits, mat.rows, lam)
     return acc, lam, nonfinite
 
 

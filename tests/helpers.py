@@ -23,3 +23,21 @@ def thesis_cpu_times(**change) -> dict:
         else:
             data[key] = value
     return data
+
+
+def byte_level_bpe(texts, vocab: int):
+    """A byte-level BPE (the built-in model's kind) trained on ``texts`` by the ``tokenizers``
+    library, with ``<|endoftext|>`` as its special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import byte_level_bpe
 
 from tandem.checkpoint import lively_weights, save_checkpoint
 from tandem.compiler import compile_model, fits, logits_chunks, vbuf_plan
@@ -57,19 +58,8 @@ CFG = GPT2Config(300, 40, 64, 1, 2, name="sonnet")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A Hugging Face GPT-2 folder with its own tokenizer.json; random (lively) weights."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     d = tmp_path_factory.mktemp("sonnet")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=CFG.n_vocab,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([SONNET], trainer=trainer)
+    tok = byte_level_bpe([SONNET], CFG.n_vocab)
     assert tok.get_vocab_size() == CFG.n_vocab
     tok.save(str(d / "tokenizer.json"))
     save_checkpoint(d, CFG, lively_weights(CFG, seed=3))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import byte_level_bpe
 
 from tandem.checkpoint import lively_weights, load_checkpoint, save_checkpoint
 from tandem.config import GPT2Config
@@ -48,19 +49,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure_quant_perple
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """The float folder (with tokenizer.json and the text) and its W4 g64 and W8 RTN copies."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     d = tmp_path_factory.mktemp("sonnet29")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=CFG.n_vocab,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([TEXT], trainer=trainer)
+    tok = byte_level_bpe([TEXT], CFG.n_vocab)
     src = d / "float"
     src.mkdir()
     tok.save(str(src / "tokenizer.json"))

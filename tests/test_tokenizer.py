@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import byte_level_bpe
 
 from tandem.config import preset
 from tandem.tokenizer import (
@@ -141,28 +142,12 @@ def test_parse_prompt():
 # tokenizer.json: a byte-level BPE of its own (the built-in model's kind)
 
 
-def _byte_level_bpe(texts, vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
 @pytest.fixture(scope="module")
 def own_bpe(tmp_path_factory):
     """A 400-token byte-level BPE trained on TEXTS by the ``tokenizers`` library, saved as a
     checkpoint folder's tokenizer.json: (folder, the library's tokenizer)."""
     d = tmp_path_factory.mktemp("own-bpe")
-    tok = _byte_level_bpe(TEXTS * 20, 400)
+    tok = byte_level_bpe(TEXTS * 20, 400)
     tok.save(str(d / "tokenizer.json"))
     return d, tok
 
