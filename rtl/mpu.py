@@ -70,6 +70,9 @@ class MatvecCommand(data.Struct):
     ``rows``/``cols`` are the allocated shape; ``live_rows``/``live_cols`` the part to compute
     (equal to ``rows``/``cols`` unless a ``LIVE_*`` flag is set). The MPU uses
     ``min(live, allocated)`` of each. ``sampling`` matters only with ``flags.argmax``.
+    ``wfmt``/``wgroup`` are the instruction's fields (:class:`tandem.isa.WFmt`,
+    :data:`tandem.isa.WGROUPS`): a quantized matrix (``wfmt`` 1 or 2) is dense, ``live_*`` equal
+    to ``rows``/``cols`` (the controller refuses anything else as an illegal instruction).
     """
 
     rows: unsigned(16)
@@ -78,6 +81,8 @@ class MatvecCommand(data.Struct):
     live_cols: unsigned(16)
     flags: MatvecFlags
     sampling: MatvecSampling
+    wfmt: unsigned(2)
+    wgroup: unsigned(2)
 
     def eff_rows(self):
         """``min(live_rows, rows)``: the rows computed."""
