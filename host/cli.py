@@ -449,33 +449,6 @@ def _backends() -> dict:
     return {"reference": _generate_reference} | {n: _generate_on_device(n) for n in BACKENDS}
 
 
-QUANTIZED_PATHS = "--backend model, --backend reference or --placement gpu"
-"""Where a quantized checkpoint runs so far: the ISA simulator (``--backend model`` with the
-default ``--placement fpga``), the float reference (dequantized) and the torch model (issue 17);
-the RTL's matrix unit does not compute quantized weights yet, so the ``rtl`` and ``fpga`` backends
-and the hybrid placements (their device side is the core) refuse them (:func:`check_quantized`)."""
-
-
-def check_quantized(args: argparse.Namespace, weights) -> None:
-    """UsageError if ``weights`` hold quantized matrices and the run would put them on a device
-    that cannot compute them yet: backends rtl and fpga, placements hybrid and auto."""
-    from tandem.qweights import QuantizedMatrix
-
-    if not any(isinstance(w, QuantizedMatrix) for w in weights.values()):
-        return
-    if args.placement == "gpu" or args.backend == "reference":
-        return
-    if args.backend == "model" and args.placement == "fpga":
-        return
-    where = f"--backend {args.backend}"
-    if args.placement != "fpga":
-        where += f" with --placement {args.placement}"
-    raise UsageError(
-        f"{args.checkpoint} is a quantized checkpoint, and {where} cannot run quantized weights "
-        f"yet (the core's matrix unit for them is issue 17's next part): use {QUANTIZED_PATHS}"
-    )
-
-
 def _load_model(args: argparse.Namespace):
     """(config, weights, folder): ``--preset`` (random weights, no folder), ``--checkpoint``,
     or the built-in model (its folder in the package). The folder's tokenizer is the model's."""
@@ -495,7 +468,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_generate_flags(args)
     cfg, weights, folder = _load_model(args)
-    check_quantized(args, weights)
     if args.prompt_ids is not None:
         ids = parse_prompt(parse_token_ids(args.prompt_ids), cfg.n_vocab)
         tokenizer = None
@@ -593,7 +565,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_generate_flags(args)
     text = read_text(args.text)
     cfg, weights, folder = _load_model(args)
-    check_quantized(args, weights)
     if folder is None and cfg.n_vocab < GPT2_N_VOCAB:
         raise UsageError(
             f"--preset {args.preset} has a vocabulary of {cfg.n_vocab} tokens, so no text "

@@ -353,15 +353,8 @@ def test_cli_quantize_rtn_builtin_then_generate(tmp_path, capsys):
     cfg, float_w = load_weights()
     _, got = load_weights(out)
     assert_same(quantize_weights(float_w, cfg, bits=4, group=64), got)
-    # the RTL backends refuse it in one line (issue 17: no quantized MPU yet); the float
-    # reference runs it (and the ISA simulator: tests/test_quant_isasim.py)
-    cmd = ["generate", "--checkpoint", str(out), "--prompt-ids", "1,2", "--max-new-tokens", "3"]
-    assert main([*cmd, "--backend", "rtl"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        f"tandem generate: error: {out} is a quantized checkpoint, and --backend rtl cannot "
-        "run quantized weights yet" in err
-    )
+    # the float reference runs it, and the ISA simulator (every backend and placement:
+    # tests/test_quant_isasim.py; the RTL: tests/rtl/test_core_quant.py)
     assert (
         main(
             [

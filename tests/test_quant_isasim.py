@@ -4,8 +4,8 @@ model bit for bit.
 Every generated token, every position's binary16 logits (the ``logits=True`` program stores
 them), the LM head's accumulators of the last step and the KV cache the program left in HBM, on
 test-tiny and test-odd at W8 per channel, W4 g64 and W4 g128 (geometry tiny); a quantized LM head
-read in several logits chunks; and ``tandem generate --backend model`` on a quantized checkpoint
-folder."""
+read in several logits chunks; and ``tandem generate`` on a quantized checkpoint folder on the
+model and fpga backends (the fake cards) and the hybrid and auto placements."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import functools
 
 import numpy as np
 import pytest
+from fake_cards import write_xclbin
+from fake_opencl import card_fixture  # noqa: F401
+from fake_xrt import xrt_card_fixture  # noqa: F401
 from test_isasim import check_kv
 
 from tandem import isa
@@ -113,24 +116,38 @@ def test_quantized_lm_head_in_logits_chunks():
     assert c.read_output(c.image, 2) == [s.token for s in steps[2:]]
 
 
-def test_cli_generate_on_a_quantized_checkpoint(tmp_path, capsys):
-    """``tandem generate --checkpoint QDIR --backend model`` runs the quantized folder on the ISA
-    simulator: the faithful model's tokens; the RTL's placements refuse it in one line."""
+def test_cli_generate_on_a_quantized_checkpoint(tmp_path, capsys, request):
+    """``tandem generate --checkpoint QDIR`` runs the quantized folder on every backend and
+    placement that does not need the RTL simulator: the ISA simulator (``--backend model``), the
+    card (``--backend fpga`` on the fake pyxrt and the fake OpenCL card, which run the same ISA
+    simulator on the HBM image the host loaded), the hybrid placement (torch prefill on the CPU,
+    the KV cache handed to the core) and ``--placement auto``: the faithful model's tokens on
+    each. ``--backend rtl`` runs it in tests/rtl/test_core_quant.py (the Verilator build)."""
     cfg, w = quantized("test-odd", 4, 128)
     folder = save_quantized(tmp_path / "w4", cfg, w, bits=4, group=128)
     _, loaded = load_checkpoint(folder)
     want = FaithfulModel(cfg, loaded).generate([1, 2, 3], 8)
-    cmd = ["generate", "--checkpoint", str(folder), "--prompt-ids", "1,2,3"]
-    assert main([*cmd, "--max-new-tokens", "8", "--backend", "model"]) == 0
-    assert capsys.readouterr().out == ",".join(map(str, [1, 2, 3, *want])) + "\n"
-    for extra, where in (
-        (["--backend", "rtl"], "--backend rtl"),
-        (["--placement", "hybrid"], "--backend model with --placement hybrid"),
+    assert len(set(want)) > 2
+    line = ",".join(map(str, [1, 2, 3, *want])) + "\n"
+    cmd = ["generate", "--checkpoint", str(folder), "--prompt-ids", "1,2,3", "--no-progress"]
+    cmd += ["--max-new-tokens", "8", "--geometry", "tiny"]
+    assert main([*cmd, "--backend", "model"]) == 0
+    assert capsys.readouterr().out == line
+    for extra in (
+        ["--placement", "hybrid", "--prefill-device", "cpu"],
+        ["--placement", "auto", "--prefill-device", "cpu"],
     ):
-        assert main([*cmd, *extra]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err == (
-            f"tandem generate: error: {folder} is a quantized checkpoint, and {where} cannot run "
-            "quantized weights yet (the core's matrix unit for them is issue 17's next part): "
-            "use --backend model, --backend reference or --placement gpu"
-        )
+        assert main([*cmd, *extra]) == 0, extra
+        out, err = capsys.readouterr()
+        assert out == line, (extra, err)
+    xclbin = write_xclbin(tmp_path / "k.xclbin", geometry("tiny"))
+    for fake in ("xrt_card", "card"):
+        card = request.getfixturevalue(fake)
+        assert main([*cmd, "--backend", "fpga", "--xclbin", str(xclbin)]) == 0, fake
+        out, err = capsys.readouterr()
+        assert out == line, (fake, err)
+        hybrid = ["--placement", "hybrid", "--prefill-device", "cpu"]
+        assert main([*cmd, "--backend", "fpga", "--xclbin", str(xclbin), *hybrid]) == 0, fake
+        out, err = capsys.readouterr()
+        assert out == line and "KV moved" in err, (fake, err)
+        assert [run["n_new"] for run in card.launches] == [8, 7]  # this card ran both
