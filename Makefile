@@ -36,6 +36,11 @@ bench:
 # ideal" for the ideal one, "--sweep" adds the HBM sensitivity table). Prints a table and writes
 # build/bench-rtl.json; BENCH_RTL_ARGS="--record" also copies it to docs/bench-rtl.json. The
 # first run builds the u55c core in Verilator (long; cached under build/sim afterwards).
+# Quantized weights (issue 17): BENCH_RTL_ARGS="--weights int8" (per channel) or "--weights int4"
+# (groups of 128; "--group 64") quantizes gpt2 by round to nearest; its result goes to
+# build/bench-rtl-int4.json (--record: docs/bench-rtl-int4.json, not the FP16 package data).
+# "--dry-run" checks it all on the ISA simulator in seconds; "--summary" prints the recorded
+# formats side by side.
 .PHONY: bench-rtl
 bench-rtl:
 	$(PYTHON) scripts/bench_rtl.py $(BENCH_RTL_ARGS)

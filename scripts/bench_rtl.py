@@ -29,6 +29,20 @@ at run time, so one build serves every model; ``--sweep`` adds the sensitivity t
 
 Options make shorter runs (``--layers``, ``--tokens``); the default is the honest gpt2. With
 ``--layers`` the model is named e.g. ``gpt2-2L`` so host/thesis.py will not take it for gpt2.
+
+Quantized weights (issue 17): ``--weights int8`` (per output channel) or ``--weights int4``
+(groups of 128; ``--group G`` for another size) quantizes the random weights by round to nearest
+(:func:`tandem.qweights.quantize_weights`, what ``tandem quantize --method rtn`` runs, LM head
+included) and compiles them as a quantized checkpoint is compiled. The table then gives that
+format's cycles, bytes (measured, and the quantized layout's), % of the peak and of the
+calibrated figure, and the projected gpt2 and gpt2-medium ms/token and tokens/s, gpt2-medium's
+from its own quantized layout's bytes per token. A quantized run writes
+``build/bench-rtl-int4.json`` (``-int8``, ``-int4-g64``, ...), and ``--record`` writes
+``docs/bench-rtl-int4.json`` (...) only: the FP16 result the cost model reads
+(``host/data/bench-rtl.json``) stays the FP16 one. ``--dry-run`` quantizes and compiles, runs the
+job on the ISA simulator instead of the RTL (the tokens the RTL must give) and prints the
+layout's bytes per token: a check of everything but the simulation, in seconds on ``tiny``.
+``--summary`` prints the recorded FP16, W8 and W4 results side by side (no simulation).
 """
 
 from __future__ import annotations
@@ -58,6 +72,72 @@ def raw_path(json_path: Path) -> Path:
 
 LABEL = "projection (simulated cycles / 250 MHz)"
 
+WEIGHTS = ("fp16", "int8", "int4")
+"""``--weights``: the weight format of the benchmarked model."""
+BITS = {"int8": 8, "int4": 4}
+DEFAULT_GROUP = {"int8": -1, "int4": 128}
+"""``--group`` by default: INT8 per output channel (``tandem.qweights.PER_CHANNEL``), INT4 in
+groups of 128 (the common GPTQ checkpoint's)."""
+
+
+def weights_suffix(weights: str = "fp16", group: int | None = None) -> str:
+    """The file-name suffix of a format's results: ``""`` for FP16, ``-int4`` for INT4 in its
+    default group, ``-int4-g64`` in another, ``-int8-g128`` for INT8 in groups."""
+    if weights == "fp16":
+        return ""
+    if group is None or group == DEFAULT_GROUP[weights]:
+        return f"-{weights}"
+    return f"-{weights}-g{group}"
+
+
+def weights_spec(raw_args: dict) -> dict:
+    """The weight format of a run from its arguments (records from before ``--weights``: FP16):
+    ``{"format", "bits", "group", "label"}``; ``group`` -1 is per channel."""
+    fmt = raw_args.get("weights") or "fp16"
+    if fmt == "fp16":
+        return {"format": "fp16", "bits": 16, "group": None, "label": "FP16"}
+    group = raw_args.get("group")
+    group = DEFAULT_GROUP[fmt] if group is None else int(group)
+    how = "per channel" if group == -1 else f"groups of {group}"
+    return {
+        "format": fmt,
+        "bits": BITS[fmt],
+        "group": group,
+        "label": f"W{BITS[fmt]} {how} (RTN, LM head quantized)",
+    }
+
+
+def quant_formats(cfg, g, bits: int, group: int) -> dict:
+    """The ``formats`` of :class:`tandem.layout.HBMLayout` for ``cfg`` with every quantizable
+    matrix (:func:`tandem.qweights.quantized_keys`, LM head included) at ``bits`` in groups of
+    ``group``: what :func:`tandem.layout.core_tensors` gives for such weights, without
+    quantizing any (gpt2-medium's 350M). Models whose heads are padded (``head_dim`` not 64)
+    quantize random weights to learn it (small models only)."""
+    from tandem.layout import HBMLayout, core_tensors, quant_region, quant_wgroup, wfmt_for
+    from tandem.numerics import BLOCK
+    from tandem.qweights import group_for, quantized_keys
+
+    if cfg.head_dim != BLOCK:
+        from tandem.checkpoint import random_weights
+        from tandem.qweights import quantize_weights
+
+        qw = quantize_weights(random_weights(cfg, seed=0), cfg, bits=bits, group=group)
+        return core_tensors(cfg, qw)[1]
+    fp16 = HBMLayout(cfg, g)
+    formats = {}
+    for key in quantized_keys(cfg.n_layer):
+        name = quant_region(key)
+        cols = fp16[name].cols
+        formats[name] = (wfmt_for(bits), quant_wgroup(bits, group_for(group, cols), cols))
+    return formats
+
+
+def spec_formats(cfg, g, spec: dict) -> dict:
+    """:func:`quant_formats` of a :func:`weights_spec` (``{}`` for FP16)."""
+    if spec["format"] == "fp16":
+        return {}
+    return quant_formats(cfg, g, spec["bits"], spec["group"])
+
 
 def log(msg: str) -> None:
     print(f"[bench-rtl] {msg}", file=sys.stderr, flush=True)
@@ -80,13 +160,14 @@ def peak_child_gb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
 
 
-def layout_bytes(cfg, g, ctx: int) -> int:
+def layout_bytes(cfg, g, ctx: int, formats=None) -> int:
     """What one generated token streams according to the layout: every MPU matrix and vector
-    once, and the KV prefix of ``ctx`` positions (host/thesis.py's formula)."""
+    once (quantized matrices, by ``formats``, with their scale beats), and the KV prefix of
+    ``ctx`` positions (host/thesis.py's formula)."""
     from tandem.host.thesis import kv_read_bytes, streamed_bytes
     from tandem.layout import HBMLayout
 
-    return streamed_bytes(HBMLayout(cfg, g)) + kv_read_bytes(cfg, g, ctx)
+    return streamed_bytes(HBMLayout(cfg, g, formats=formats or {})) + kv_read_bytes(cfg, g, ctx)
 
 
 def main(argv=None) -> int:
@@ -152,14 +233,48 @@ def main(argv=None) -> int:
         help="C++ optimisation of the Verilator model (OPT_FAST; Verilator's default -Os). "
         "-O1 builds the u55c core faster; part of the build key",
     )
+    ap.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="fp16",
+        help="the weight format (issue 17): fp16 (default), int8 (per output channel) or int4 "
+        "(groups of 128): the random weights quantized by round to nearest, LM head included",
+    )
+    ap.add_argument(
+        "--group",
+        type=int,
+        default=None,
+        metavar="G",
+        help="with --weights int8/int4: the group size (a multiple of 64, or -1 per channel; "
+        "default int8 -1, int4 128)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-cycles", type=int, default=50_000_000)
-    ap.add_argument("--json", type=Path, default=OUT)
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where the result goes (default build/bench-rtl.json; quantized "
+        "build/bench-rtl-int4.json, -int8, -int4-g64, ...)",
+    )
     ap.add_argument(
         "--record",
         action="store_true",
         help="also write the result with its provenance to the package data the cost model "
-        "reads (host/data/bench-rtl.json) and to docs/bench-rtl.json",
+        "reads (host/data/bench-rtl.json) and to docs/bench-rtl.json; a quantized run to "
+        "docs/bench-rtl-int4.json (-int8, ...) only",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no RTL: quantize and compile, run the job on the ISA simulator (the tokens the "
+        "RTL must give) and print the layout's bytes per token",
+    )
+    ap.add_argument(
+        "--summary",
+        action="store_true",
+        help="no simulation: print the recorded FP16, W8 and W4 results (docs/bench-rtl*.json) "
+        "side by side",
     )
     ap.add_argument(
         "--reanalyse",
@@ -168,6 +283,19 @@ def main(argv=None) -> int:
         "(<json>-raw.json)",
     )
     args = ap.parse_args(argv)
+    if args.weights == "fp16" and args.group is not None:
+        ap.error("--group applies to --weights int8 or int4")
+    if args.weights != "fp16" and args.group is None:
+        args.group = DEFAULT_GROUP[args.weights]
+    if args.group is not None and args.group != -1 and (args.group <= 0 or args.group % 64):
+        ap.error(f"--group {args.group}: a multiple of 64, or -1 (per channel)")
+    if args.json is None:
+        args.json = OUT.with_name(OUT.stem + weights_suffix(args.weights, args.group) + ".json")
+    if args.summary:
+        print(format_summary(read_recorded()))
+        return 0
+    if args.dry_run:
+        return dry_run(args, ap)
     args.sweep = args.sweep or args.sweep_only
     if args.reanalyse:
         return finish(json.loads(raw_path(args.json).read_text()), args)
@@ -285,15 +413,10 @@ def timing_of(args, **overrides):
     return hbm_timing(args.hbm, g, **overrides)
 
 
-def measure(args, ap, timing) -> dict:
-    """Compile, build (cached), run one job over the HBM model ``timing``; the raw record."""
-
-    from tandem import layout as L
-    from tandem.checkpoint import random_weights
-    from tandem.compiler import compile_model
+def bench_model(args, ap):
+    """(config, geometry) of the run: ``--model`` with ``--layers``, on ``--geometry``."""
     from tandem.config import preset
     from tandem.geometry import geometry
-    from tandem.sim import rtljob
 
     g = geometry(args.geometry)
     cfg = preset(args.model)
@@ -301,16 +424,92 @@ def measure(args, ap, timing) -> dict:
         cfg = dataclasses.replace(cfg, n_layer=args.layers, name=f"{cfg.name}-{args.layers}L")
     if args.tokens < 2:
         ap.error("--tokens must be at least 2 (a decode token is the gap between two tokens)")
-    t_all = time.monotonic()
+    return cfg, g
 
-    t0 = time.monotonic()
+
+def compiled(cfg, g, args):
+    """(Compiled, prompt ids): the random weights (seed ``--seed``), quantized as ``--weights``
+    says (round to nearest, LM head included: ``tandem quantize --method rtn``), compiled for
+    ``g``; the prompt drawn from the same seed."""
+    from tandem.checkpoint import random_weights
+    from tandem.compiler import compile_model
+    from tandem.qweights import quantize_weights
+
+    spec = weights_spec(vars(args))
     log(f"{cfg.name}: random weights (seed {args.seed}) ...")
     weights = random_weights(cfg, seed=args.seed)
+    if spec["format"] != "fp16":
+        t0 = time.monotonic()
+        weights = quantize_weights(weights, cfg, bits=spec["bits"], group=spec["group"])
+        log(f"quantized to {spec['label']} in {time.monotonic() - t0:.0f} s")
     log(f"compiling for {g.name} ...")
     c = compile_model(cfg, weights, g)
     del weights
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, cfg.n_vocab, args.start_pos + args.prompt_len).tolist()
+    return c, prompt
+
+
+def dry_run(args, ap) -> int:
+    """``--dry-run``: everything but the RTL. The job on the ISA simulator (its tokens are the
+    ones the RTL must give, bit-exact), and the layout's bytes per token of the model and of
+    gpt2-medium in this format."""
+    from tandem.golden.isasim import IsaSim
+    from tandem.host.thesis import kv_read_bytes, streamed_bytes
+    from tandem.layout import LayoutError
+
+    if args.prompt_len is None:
+        args.prompt_len = 3
+    if args.tokens is None:
+        args.tokens = 4
+    cfg, g = bench_model(args, ap)
+    spec = weights_spec(vars(args))
+    c, prompt = compiled(cfg, g, args)
+    c.write_prompt(c.image, prompt)
+    scalars = c.args(len(prompt), args.tokens, start_pos=args.start_pos)
+    t0 = time.monotonic()
+    r = IsaSim(g, c.image).run(scalars)
+    if not r.ok:
+        raise SystemExit(f"the ISA simulator stopped: {r.message}")
+    tokens = c.read_output(c.image, args.tokens)
+    ctx = len(prompt) + args.tokens // 2
+    lines = [
+        f"dry run (no RTL): {cfg.name} {spec['label']} on {g.name}: the ISA simulator ran "
+        f"prompt {len(prompt)} + {args.tokens} tokens in {time.monotonic() - t0:.1f} s: "
+        f"{tokens} (the RTL must give these); {r.hbm_read:,} HBM bytes read",
+        f"layout bytes per token at ctx {ctx} (weights and scale beats + KV):",
+    ]
+    mine = streamed_bytes(c.layout) + kv_read_bytes(cfg, g, ctx)
+    lines.append(f"  {cfg.name} (compiled): {mine:,}")
+    for name in sorted({args.model, "gpt2-medium"}):
+        from tandem.config import preset
+
+        pc = preset(name)
+        try:
+            lb = layout_bytes(pc, g, ctx, spec_formats(pc, g, spec))
+        except LayoutError as err:
+            lines.append(f"  {name}: no layout on {g.name} ({err})")
+            continue
+        floor = lb / (g.peak_gbps * 1e9) * 1e3
+        lines.append(
+            f"  {name}, {spec['label']}: {lb:,} bytes; at 100% of {g.peak_gbps:.0f} GB/s "
+            f"{floor:.3f} ms/token ({1e3 / floor:,.0f} tokens/s), the bandwidth floor"
+        )
+    print("\n".join(lines))
+    return 0
+
+
+def measure(args, ap, timing) -> dict:
+    """Compile, build (cached), run one job over the HBM model ``timing``; the raw record."""
+
+    from tandem import layout as L
+    from tandem.sim import rtljob
+
+    cfg, g = bench_model(args, ap)
+    t_all = time.monotonic()
+
+    t0 = time.monotonic()
+    c, prompt = compiled(cfg, g, args)
     image = L.HBMImage(g, c.image.nbytes)
     image.data[:] = c.image.data
     c.write_prompt(image, prompt)
@@ -395,9 +594,73 @@ def finish(raw: dict, args) -> int:
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.json}")
     if args.record:
-        for path in record(report, raw["args"]):
+        for path in record(report, raw["args"], record_paths(raw["args"])):
             log(f"recorded {path}")
     return 0
+
+
+def record_paths(raw_args: dict) -> tuple[Path, ...]:
+    """Where ``--record`` writes: FP16 the package data the cost model reads and its docs copy;
+    a quantized format only its own docs file (``docs/bench-rtl-int4.json``, ...), so the FP16
+    result stays what :data:`tandem.host.thesis.RTL_RESULT` holds."""
+    spec = weights_spec(raw_args)
+    if spec["format"] == "fp16":
+        return (PACKAGED, DOC)
+    return (DOC.with_name(DOC.stem + weights_suffix(spec["format"], spec["group"]) + ".json"),)
+
+
+SUMMARY_FILES = (
+    ("FP16", ""),
+    ("W8 per channel", "-int8"),
+    ("W4 groups of 128", "-int4"),
+    ("W4 groups of 64", "-int4-g64"),
+)
+"""The recorded results :func:`read_recorded` looks for beside :data:`DOC`, in table order."""
+
+
+def read_recorded(doc: Path = DOC) -> list[tuple[str, Path, dict | None]]:
+    """(format, path, the recorded result or None) of each of :data:`SUMMARY_FILES`."""
+    out = []
+    for label, suffix in SUMMARY_FILES:
+        path = doc.with_name(doc.stem + suffix + ".json")
+        out.append((label, path, json.loads(path.read_text()) if path.is_file() else None))
+    return out
+
+
+def format_summary(recorded) -> str:
+    """``--summary``: one row per recorded format: cycles, bytes (measured and the layout's),
+    % of the peak and of the calibrated figure, and the projected ms/token and tokens/s of the
+    simulated model and gpt2-medium."""
+    lines = [
+        f"Recorded make bench-rtl results by weight format; times are {LABEL}",
+        "",
+        "| weights | model | cycles per token | MB read per token | layout MB | % of peak "
+        "| % of calibrated | ms/token | tokens/s | gpt2-medium ms/token | gpt2-medium tokens/s "
+        "| RTL |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, path, r in recorded:
+        if r is None:
+            lines.append(f"| {label} | not recorded ({path.name}) |" + " |" * 10)
+            continue
+        med = r["projection"].get("gpt2-medium")
+        ms = r["ms_per_token"]
+        core = r.get("provenance", {}).get("core_commit", r.get("build", {}).get("core", "?"))
+        lines.append(
+            f"| {r.get('weights', {}).get('label', label)} | {r['model']} | "
+            f"{r['cycles_per_token']:,} | {r['bytes_per_token'] / 1e6:,.2f} | "
+            f"{r['layout_bytes_per_token'] / 1e6:,.2f} | {r['hbm_efficiency']:.1%} | "
+            f"{r['of_calibrated_achievable']:.1%} | {ms:.3f} | {1e3 / ms:,.0f} | "
+            + (f"{med['ms_per_token']:.3f} | {1e3 / med['ms_per_token']:,.0f}" if med else " | ")
+            + f" | {core} |"
+        )
+    return "\n".join(lines)
+
+
+USED_BY = (
+    "tandem.host.thesis.FpgaDecodeModel (tandem bench --thesis, tandem generate --placement auto)"
+)
+USED_BY_QUANT = "docs/performance.md (quantized weights; the cost model reads the FP16 result)"
 
 
 def provenance(report: dict, run_args: dict) -> dict:
@@ -407,17 +670,20 @@ def provenance(report: dict, run_args: dict) -> dict:
         for k, v in run_args.items()
         if k not in ("record", "reanalyse") and v is not None and v is not False
     )
+    weights = report.get("weights", {"format": "fp16"})
+    quantized = weights["format"] != "fp16"
+    what = f"{weights['label']} " if quantized else ""
     return {
         "what": f"decode-core cycles per token measured in RTL simulation: {report['model']} "
-        f"(random weights) on the {report['geometry']} core in Verilator over the simulated HBM "
-        f"({report['hbm']['name']} model: {report['read_latency']}-cycle read latency, "
-        f"{report['hbm']['sustained_gbps']:.0f} GB/s sustained); times are {LABEL}, no FPGA ran",
+        f"({what}random weights) on the {report['geometry']} core in Verilator over the "
+        f"simulated HBM ({report['hbm']['name']} model: {report['read_latency']}-cycle read "
+        f"latency, {report['hbm']['sustained_gbps']:.0f} GB/s sustained); times are {LABEL}, "
+        "no FPGA ran",
         "command": f"python scripts/bench_rtl.py --record (make bench-rtl "
         f"BENCH_RTL_ARGS=--record): {flags}",
         "core_commit": report["build"].get("core", "unknown"),
         "recorded_in_commit": "the commit that adds this file",
-        "used_by": "tandem.host.thesis.FpgaDecodeModel (tandem bench --thesis, tandem generate "
-        "--placement auto)",
+        "used_by": USED_BY_QUANT if quantized else USED_BY,
     }
 
 
@@ -430,13 +696,53 @@ def record(report: dict, run_args: dict, paths=(PACKAGED, DOC)) -> list[Path]:
     return list(paths)
 
 
-def matvecs_per_position(cfg, g) -> int:
+def matvecs_per_position(cfg, g, formats=None) -> int:
     """MATVEC instructions the compiled program runs per generated token (the program has no
-    loop inside a position; the prologue has none)."""
-    from tandem.compiler import program
+    loop inside a position; the prologue has none); ``formats``: quantized matrices'
+    (:func:`quant_formats`), whose LM head may be read in other chunks."""
+    from tandem.compiler import _Emitter, program, vbuf_plan
     from tandem.isa import Op
+    from tandem.layout import HBMLayout
 
-    return sum(i.op == Op.MATVEC for i in program(cfg, g))
+    if formats:
+        prog = _Emitter(cfg, g, HBMLayout(cfg, g, formats=formats), vbuf_plan(cfg, g)).program()
+    else:
+        prog = program(cfg, g)
+    return sum(i.op == Op.MATVEC for i in prog)
+
+
+def project(pc, g, ctx: int, spec: dict, read_ratio: float, cycles, eff: float) -> dict | None:
+    """One row of the projection: model ``pc`` in the run's weight format (``spec``) at context
+    ``ctx``: its layout's bytes per token (the quantized layout's for a quantized run: weight
+    tiles and scale beats), the bytes the core would read (``read_ratio`` of them: the measured
+    bytes over the measured model's layout bytes), and the cycles: ``cycles`` when the model is
+    the one simulated, else those bytes at the measured HBM efficiency ``eff`` of the
+    geometry's peak. None (logged) when the model has no layout on ``g``."""
+    from tandem.layout import LayoutError
+
+    clock = g.clock_mhz * 1e6
+    peak_bpc = g.peak_gbps * 1e9 / clock
+    try:
+        lb = layout_bytes(pc, g, ctx, spec_formats(pc, g, spec))
+    except LayoutError as err:  # e.g. gpt2-medium on a test geometry
+        log(f"no projection for {pc.name}: {err}")
+        return None
+    # bytes the core reads scale with the layout's (same read pattern per matrix)
+    b = lb * read_ratio
+    measured = cycles is not None
+    if not measured:
+        cycles = b / (eff * peak_bpc)
+    return {
+        "weights": spec["label"],
+        "layout_bytes_per_token": lb,
+        "bytes_per_token": round(b),
+        "cycles_per_token": round(cycles),
+        "ms_per_token": cycles / clock * 1e3,
+        "tokens_per_s": clock / cycles,
+        "source": "measured in RTL simulation"
+        if measured
+        else "projected from the measured HBM efficiency and its layout's bytes per token",
+    }
 
 
 def hbm_record(raw: dict, g) -> dict:
@@ -453,7 +759,6 @@ def hbm_record(raw: dict, g) -> dict:
 def analyse(raw: dict, args) -> dict:
     from tandem.config import preset
     from tandem.geometry import geometry
-    from tandem.layout import LayoutError
     from tandem.sim.hbm_model import hbm_timing
 
     g = geometry(raw["geometry"])
@@ -464,6 +769,7 @@ def analyse(raw: dict, args) -> dict:
         cfg = dataclasses.replace(cfg, n_layer=raw["n_layer"], name=raw["model"])
     prompt = raw["prompt"]
     base_name = raw["args"]["model"]
+    spec = weights_spec(raw["args"])
 
     beat = g.beat_bytes
     peak_bpc = g.peak_gbps * 1e9 / (g.clock_mhz * 1e6)  # 1,840 B/cycle on u55c
@@ -503,7 +809,7 @@ def analyse(raw: dict, args) -> dict:
     # token i comes from position P - 1 + i, which attends over P + i positions: the decode
     # tokens' mean context
     ctx_i = round(float(np.mean([r["ctx"] for r in dec])))
-    lay = layout_bytes(cfg, g, ctx_i)
+    lay = layout_bytes(cfg, g, ctx_i, spec_formats(cfg, g, spec))
 
     def share(key):
         return float(np.sum([r[key] for r in dec]) / np.sum([r["cycles"] for r in dec]))
@@ -521,7 +827,7 @@ def analyse(raw: dict, args) -> dict:
     ideal = sum_dec["bytes_read"] / model_bpc
     link_gaps = sum_dec["r_cycles"] * (1 / beat_rate - 1)
     lost = sum_dec["cycles"] - ideal
-    n_mv = matvecs_per_position(cfg, g)
+    n_mv = matvecs_per_position(cfg, g, spec_formats(cfg, g, spec))
     n = len(dec)
     loss = {
         "ideal_cycles_at_model_rate": ideal / n,
@@ -557,25 +863,13 @@ def analyse(raw: dict, args) -> dict:
         pc = preset(name)
         if name == base_name and cfg.n_layer != pc.n_layer:
             continue
-        try:
-            lb = layout_bytes(pc, g, ctx_i)
-        except LayoutError as err:  # e.g. gpt2-medium on a test geometry
-            log(f"no projection for {name}: {err}")
-            continue
-        # bytes the core reads scale with the layout's (same read pattern per matrix)
-        b = lb * (nbytes / lay)
-        cycles = cyc if name == cfg.name else b / (eff * peak_bpc)
-        proj[name] = {
-            "layout_bytes_per_token": lb,
-            "bytes_per_token": round(b),
-            "cycles_per_token": round(cycles),
-            "ms_per_token": cycles / clock * 1e3,
-            "source": "measured in RTL simulation"
-            if name == cfg.name
-            else "projected from the measured HBM efficiency and its layout's bytes per token",
-        }
+        proj[name] = project(pc, g, ctx_i, spec, nbytes / lay, cyc if name == cfg.name else None,
+                             eff)  # fmt: skip
+        if proj[name] is None:
+            del proj[name]
     return {
         "model": cfg.name,
+        "weights": spec,
         "geometry": g.name,
         "clock_mhz": g.clock_mhz,
         "ctx": ctx_i,
@@ -589,6 +883,7 @@ def analyse(raw: dict, args) -> dict:
         "hbm": hbm,
         "peak_gbps": g.peak_gbps,
         "ms_per_token": cyc / clock * 1e3,
+        "tokens_per_s": clock / cyc,
         "label": LABEL,
         "read_latency": hbm["read_latency"],
         # a raw record from before the option: the core had no stages
@@ -635,9 +930,11 @@ def _floorplan_name(name: str) -> str:
 
 def format_report(r: dict) -> str:
     g = r["geometry"]
+    weights = r.get("weights", {}).get("label", "FP16")
     lines = [
-        f"Decode core cycles: {r['model']} on {g} ({r['clock_mhz']:.0f} MHz), RTL in Verilator "
-        f"over the simulated HBM, floorplan {r.get('floorplan', 'flat (before floorplanning)')}",
+        f"Decode core cycles: {r['model']} ({weights} weights) on {g} ({r['clock_mhz']:.0f} "
+        f"MHz), RTL in Verilator over the simulated HBM, floorplan "
+        f"{r.get('floorplan', 'flat (before floorplanning)')}",
         f"HBM model: {describe_hbm(r['hbm'])}",
         f"{r['kv_note']}",
         f"prompt {len(r['prompt'])} tokens, {len(r['tokens'])} generated: {r['tokens']}; "
@@ -674,9 +971,13 @@ def format_report(r: dict) -> str:
     ]
     for name, p in r["projection"].items():
         lines.append(
-            f"| {name}: ms per token ({p['cycles_per_token']:,} cycles, "
-            f"{p['bytes_per_token'] / 1e6:,.1f} MB; {p['source']}) | {p['ms_per_token']:.3f} |"
+            f"| {name} {p.get('weights', 'FP16')}: ms per token ({p['cycles_per_token']:,} "
+            f"cycles, {p['bytes_per_token'] / 1e6:,.1f} MB read, layout "
+            f"{p['layout_bytes_per_token'] / 1e6:,.1f} MB; {p['source']}) | "
+            f"{p['ms_per_token']:.3f} |"
         )
+        lines.append(f"| {name} {p.get('weights', 'FP16')}: tokens per s | "
+                     f"{1e3 / p['ms_per_token']:,.0f} |")  # fmt: skip
     s = r["cycle_shares"]
     lines += [
         "",

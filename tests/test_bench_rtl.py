@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tandem.sim.rtljob import COUNTERS
@@ -187,3 +188,176 @@ def test_sweep_flags_choose_the_runs(bench, tmp_path, monkeypatch, flags, want):
     monkeypatch.setattr(bench, "sweep", lambda args, ap: calls.append("sweep") or 0)
     assert bench.main([*flags, "--json", str(tmp_path / "b.json")]) == 0
     assert calls == want
+
+
+# --------------------------------------------------------------------------------------------
+# --weights int8 / int4 (issue 17): the plumbing and the projection arithmetic, no RTL
+
+
+@pytest.mark.parametrize(
+    "argv, weights, group, json_name",
+    [
+        ([], "fp16", None, "bench-rtl.json"),
+        (["--weights", "int8"], "int8", -1, "bench-rtl-int8.json"),
+        (["--weights", "int4"], "int4", 128, "bench-rtl-int4.json"),
+        (["--weights", "int4", "--group", "64"], "int4", 64, "bench-rtl-int4-g64.json"),
+        (["--weights", "int8", "--group", "128"], "int8", 128, "bench-rtl-int8-g128.json"),
+    ],
+)
+def test_weights_flags(bench, monkeypatch, argv, weights, group, json_name):
+    """The format and group reach the run, and each format has its own result file."""
+    seen = {}
+
+    def measure(args, ap, timing):
+        seen.update(vars(args))
+        return {}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "finish", lambda raw, args: 0)
+    assert bench.main(argv) == 0
+    assert (seen["weights"], seen["group"]) == (weights, group)
+    assert seen["json"] == bench.OUT.with_name(json_name)
+    spec = bench.weights_spec(seen)
+    assert spec["format"] == weights and spec["group"] == group
+    if weights == "fp16":
+        assert bench.record_paths(seen) == (bench.PACKAGED, bench.DOC)
+    else:
+        # --record of a quantized run leaves the FP16 result the cost model reads alone
+        assert bench.record_paths(seen) == (bench.DOC.with_name(json_name),)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--group", "64"], "--group applies to --weights int8 or int4"),
+        (["--weights", "int4", "--group", "100"], "--group 100: a multiple of 64, or -1"),
+        (["--weights", "int2"], "invalid choice: 'int2'"),
+    ],
+)
+def test_weights_flags_refused(bench, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_old_records_are_fp16(bench):
+    assert bench.weights_spec({"model": "gpt2"})["label"] == "FP16"
+    assert bench.weights_spec({"weights": "int8", "group": None})["group"] == -1
+    assert bench.weights_spec({"weights": "int4", "group": 64})["label"] == (
+        "W4 groups of 64 (RTN, LM head quantized)"
+    )
+
+
+@pytest.mark.parametrize("bits, group", [(8, -1), (4, 64), (4, 128), (8, 128)])
+@pytest.mark.parametrize("name", ["head64", "test-tiny", "test-odd"])
+def test_quant_formats_are_the_compilers(bench, name, bits, group):
+    """The formats the projection lays gpt2-medium out with, without quantizing it, are what
+    core_tensors gives for quantized weights (head_dim 64; padded heads quantize a stand-in)."""
+    from tandem.checkpoint import random_weights
+    from tandem.config import GPT2Config, preset
+    from tandem.geometry import geometry
+    from tandem.layout import core_tensors
+    from tandem.qweights import quantize_weights
+
+    if name == "head64":
+        cfg = GPT2Config(n_vocab=300, n_ctx=32, n_embd=192, n_head=3, n_layer=2, name=name)
+    else:
+        cfg = preset(name)
+    g = geometry("tiny")
+    qw = quantize_weights(random_weights(cfg, seed=1), cfg, bits=bits, group=group)
+    assert bench.quant_formats(cfg, g, bits, group) == core_tensors(cfg, qw)[1]
+
+
+def _quant_raw(model="gpt2", geometry="u55c", weights="int4", group=128, beats=3000):
+    raw = _raw()
+    ev = [dict(e) for e in raw["events"]]
+    for i, e in enumerate(ev):  # each decode token: 100,000 cycles, `beats` R beats per channel
+        e["cycles"] = 50_000 + 100_000 * min(i, 2)
+        e["r_beats"] = 32 * (1000 + beats * min(i, 2))
+        e["r_cycles"] = 900 * (1 + min(i, 2))
+    args = {"model": model, "read_latency": 80, "start_pos": 0, "weights": weights, "group": group}
+    return {**raw, "args": args, "model": model, "n_layer": 12, "geometry": geometry, "events": ev}
+
+
+def test_quantized_analysis_projects_from_the_quantized_layout(bench):
+    """A W4 g128 gpt2 record on u55c: the layout bytes are the quantized layout's, gpt2-medium's
+    projection its own quantized layout's bytes at the measured efficiency, with ms/token and
+    tokens/s; every time labelled a projection."""
+    from tandem.config import preset
+    from tandem.geometry import geometry
+
+    g = geometry("u55c")
+    r = bench.analyse(_quant_raw(), None)
+    assert r["weights"]["label"] == "W4 groups of 128 (RTN, LM head quantized)"
+    nbytes = 32 * 3000 * 64
+    assert r["cycles_per_token"] == 100_000 and r["bytes_per_token"] == nbytes
+    peak_bpc = 460e9 / 250e6
+    assert r["hbm_efficiency"] == pytest.approx(nbytes / (100_000 * peak_bpc))
+    assert r["tokens_per_s"] == pytest.approx(2500)
+    gpt2, med = preset("gpt2"), preset("gpt2-medium")
+    fp16_med = bench.layout_bytes(med, g, r["ctx"])
+    w4_med = bench.layout_bytes(med, g, r["ctx"], bench.quant_formats(med, g, 4, 128))
+    w8_med = bench.layout_bytes(med, g, r["ctx"], bench.quant_formats(med, g, 8, -1))
+    # the weights stream at a quarter (plus scale beats), the vectors and KV as at FP16
+    assert 0.25 < w4_med / fp16_med < 0.3 and 0.5 < w8_med / fp16_med < 0.55
+    assert r["layout_bytes_per_token"] == bench.layout_bytes(
+        gpt2, g, r["ctx"], bench.quant_formats(gpt2, g, 4, 128)
+    )
+    p = r["projection"]
+    assert p["gpt2"]["cycles_per_token"] == 100_000 and p["gpt2"]["tokens_per_s"] == 2500
+    m = p["gpt2-medium"]
+    assert m["layout_bytes_per_token"] == w4_med
+    read = w4_med * nbytes / r["layout_bytes_per_token"]
+    assert m["bytes_per_token"] == round(read)
+    cycles = read / (r["hbm_efficiency"] * peak_bpc)
+    assert m["ms_per_token"] == pytest.approx(cycles / 250e6 * 1e3)
+    assert m["tokens_per_s"] == pytest.approx(250e6 / cycles)
+    assert m["source"].startswith("projected") and m["weights"] == r["weights"]["label"]
+    text = bench.format_report(r)
+    assert "gpt2 (W4 groups of 128 (RTN, LM head quantized) weights) on u55c" in text
+    assert f"| gpt2-medium {m['weights']}: tokens per s | {m['tokens_per_s']:,.0f} |" in text
+    assert "projection (simulated cycles / 250 MHz)" in text
+    # the same record at FP16 projects from the FP16 layout
+    fp16 = bench.analyse({**_quant_raw(), "args": {**_quant_raw()["args"], "weights": "fp16",
+                                                   "group": None}}, None)  # fmt: skip
+    assert fp16["projection"]["gpt2-medium"]["layout_bytes_per_token"] == fp16_med
+    assert fp16["weights"]["format"] == "fp16"
+
+
+def test_quantized_record_and_summary(bench, tmp_path):
+    """--record of a W4 run writes its own file with its provenance; --summary reads every
+    format's recorded file (a missing one is a row that says so)."""
+    r = bench.analyse(_quant_raw(), None)
+    raw_args = _quant_raw()["args"]
+    doc = tmp_path / "bench-rtl.json"
+    (path,) = bench.record(r, raw_args, (doc.with_name("bench-rtl-int4.json"),))
+    data = json.loads(path.read_text())
+    assert "--weights int4 --group 128" in data["provenance"]["command"]
+    assert "W4 groups of 128" in data["provenance"]["what"]
+    assert not doc.exists()
+    text = bench.format_summary(bench.read_recorded(doc))
+    rows = [line for line in text.splitlines() if line.startswith("| W")]
+    assert rows[0].startswith("| W8 per channel | not recorded (bench-rtl-int8.json) |")
+    assert rows[1].startswith("| W4 groups of 128 (RTN, LM head quantized) | gpt2 | 100,000 |")
+    assert f"| {1e3 / r['projection']['gpt2-medium']['ms_per_token']:,.0f} |" in rows[1]
+    assert all(line.count("|") == 13 for line in text.splitlines()[2:])
+
+
+def test_dry_run_int4_on_tiny(bench, capsys):
+    """--dry-run: the quantized job on the ISA simulator, whose tokens are the faithful
+    model's on the same RTN-quantized weights, and the layout's bytes per token."""
+    from tandem.checkpoint import random_weights
+    from tandem.config import preset
+    from tandem.golden.faithful import FaithfulModel
+    from tandem.qweights import quantize_weights
+
+    argv = ["--model", "test-odd", "--geometry", "tiny", "--weights", "int4", "--group", "64"]
+    assert bench.main([*argv, "--dry-run", "--tokens", "3", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    cfg = preset("test-odd")
+    qw = quantize_weights(random_weights(cfg, seed=2), cfg, bits=4, group=64)
+    prompt = np.random.default_rng(2).integers(0, cfg.n_vocab, 3).tolist()
+    want = FaithfulModel(cfg, qw).generate(prompt, 3)
+    assert "W4 groups of 64 (RTN, LM head quantized) on tiny: the ISA simulator ran" in out
+    assert f": {want} (the RTL must give these)" in out
+    assert "gpt2-medium: no layout on tiny" in out
