@@ -17,10 +17,10 @@ from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from tandem import regmap
+from tandem import isa, regmap
 from tandem.checks import check_int
 from tandem.geometry import CoreGeometry
-from tandem.layout import STATUS_BYTES
+from tandem.layout import STATUS_BYTES, quant_blocks, quant_span, scale_run
 from tandem.numerics import BLOCK
 
 from .axi import FOUR_KB, AXI4Signature, Burst, Resp, burst_limit
@@ -99,10 +99,14 @@ class ReadCommand(data.Struct):
     TILES takes the MATVEC fields as :class:`tandem.rtl.mpu.MatvecCommand` does: ``rows``,
     ``cols`` allocated, ``live_rows``, ``live_cols`` (the DMA streams ``min(live, allocated)`` of
     each, whole 64-row groups and 64-column blocks, in the MPU's order) and the tiled
-    ``stride`` (0: dense). ROWS takes ``length`` in elements and the first VBUF row
-    ``vbuf_row`` (``dst // 64``). ``tag`` comes back on :attr:`DMAEngine.error_tag` if the
-    command is out of range or one of its bursts gets an error response (the controller passes
-    the instruction's pc).
+    ``stride`` (0: dense). With ``wfmt`` INT8 or INT4 (:class:`tandem.isa.WFmt`; ``wgroup`` a
+    :data:`tandem.isa.WGROUPS` code) the matrix is quantized (tandem.layout's quantized tiled
+    form) and TILES streams its whole region, scale beats included: ``live_*`` and ``stride``
+    are ignored (a quantized MATVEC is dense and whole). ``wfmt`` 0, and the reserved 3, read
+    FP16 tiles; ROWS and WORD ignore both fields. ROWS takes ``length`` in elements and the
+    first VBUF row ``vbuf_row`` (``dst // 64``). ``tag`` comes back on
+    :attr:`DMAEngine.error_tag` if the command is out of range or one of its bursts gets an
+    error response (the controller passes the instruction's pc).
     """
 
     kind: ReadKind
@@ -115,6 +119,26 @@ class ReadCommand(data.Struct):
     length: unsigned(16)
     vbuf_row: unsigned(16)
     tag: unsigned(16)
+    wfmt: unsigned(2)
+    wgroup: unsigned(2)
+
+
+def quant_read_table() -> dict[tuple[int, int], tuple[int, int]]:
+    """``{(wfmt, wgroup): (log2 span, log2 K)}`` for every quantized format and group code: a
+    quantized tile's columns (:func:`tandem.layout.quant_span`) and the tiles after each scale
+    beat (:func:`tandem.layout.scale_run`), the constants of a quantized TILES read. Built from
+    tandem.layout, the one definition; both are powers of two, so the read divides by shifts."""
+    table = {}
+    for wfmt, bits in isa.WFMT_BITS.items():
+        if wfmt is isa.WFmt.FP16:
+            continue
+        span = quant_span(bits)
+        assert span == BLOCK * quant_blocks(bits) and span & (span - 1) == 0, span
+        for wgroup in range(len(isa.WGROUPS)):
+            k = scale_run(bits, wgroup)
+            assert k & (k - 1) == 0, f"scale_run({bits}, {wgroup}) = {k} is not a power of two"
+            table[int(wfmt), wgroup] = (_log2(span), _log2(k))
+    return table
 
 
 class StoreKind(enum.Enum, shape=3):
@@ -549,6 +573,10 @@ class DMAEngine(GeometryComponent):
       MPU's ``weights`` payload. Each channel reads runs of consecutive tiles: the live part of
       each row group of a dense matrix (one run for the whole matrix when every column is live),
       or ``64/lanes`` tiles every ``stride`` tiles for the head-interleaved KV matrices.
+      A quantized matrix (``wfmt`` INT8 or INT4) streams its whole region, in order: ``n + ceil(n
+      / K)`` transfers, its ``n = ceil(rows / 64) * ceil(cols / span) * 64/lanes`` tiles and the
+      scale beat before every ``K`` of them (``span``, ``K``: :func:`quant_read_table`), one run
+      per channel from ``offset``; nothing when ``rows`` or ``cols`` is 0.
     * ``ROWS`` reads the ``ceil(length / (lanes*64))`` stripes of a striped vector and sends its
       ``ceil(length / 64)`` rows on :attr:`rows` for VBUF rows ``vbuf_row``, ``vbuf_row + 1``,
       ... (the last row's ``mask`` ends at the vector's length).
@@ -614,8 +642,9 @@ class DMAEngine(GeometryComponent):
     Timing
     ------
     A read command is accepted when the read planner is idle; planning takes 5 cycles
-    (:attr:`PLAN_CYCLES`), then the runs go to the channels at one per cycle. The merge stage
-    spends one cycle per command picking it up, then moves one tile per cycle (``tiles``), one
+    (:attr:`PLAN_CYCLES`; 6 for a quantized TILES read, which adds its scale beats in a cycle
+    of its own), then the runs go to the channels at one per cycle. The merge stage spends one
+    cycle per command picking it up, then moves one tile per cycle (``tiles``), one
     row per cycle (``rows``; a stripe of ``lanes`` rows is loaded as the previous stripe's last
     row leaves) or one word. Sustained, ``tiles`` moves one tile per cycle whenever every
     channel's memory delivers a beat per cycle. Stores are planned in 6 cycles; then VECTOR
@@ -744,7 +773,7 @@ class DMAEngine(GeometryComponent):
         runs = _Broadcast(m, [c.rd_cmd for c in chans], ChannelRun, name="rd_runs")
 
         n_g = Signal(11)  # live row groups
-        n_cbl = Signal(11)  # live column blocks
+        n_cbl = Signal(11)  # live column blocks (quantized: tile columns, ceil(cols / span))
         n_cb = Signal(11)  # allocated column blocks
         st = Signal(12)
         start = Signal(32)  # the offset, beat aligned
@@ -762,6 +791,16 @@ class DMAEngine(GeometryComponent):
         run_addr = Signal(40)
         group_addr = Signal(40)
         bad = Signal()
+        # a quantized TILES read (wfmt INT8/INT4): the whole region, scale beats included
+        qtable = quant_read_table()
+        quant = Signal()  # of rc, combinational
+        is_quant = Signal()  # registered in Shape
+        m.d.comb += quant.eq(
+            (rc.kind == ReadKind.TILES)
+            & Cat(*(rc.wfmt == w for w in sorted({w for w, _ in qtable}))).any()
+        )
+        l_ks = sorted({lk for _, lk in qtable.values()})
+        l_k = Signal(range(len(l_ks)))  # index into l_ks: log2 K of the command
 
         entry = _ReadEntry(queue.w_data)
         m.d.comb += [
@@ -785,11 +824,23 @@ class DMAEngine(GeometryComponent):
                     m.d.sync += rc.eq(self.read.payload)
                     m.next = "Shape"
             with m.State("Shape"):
-                eff_rows = Mux(rc.live_rows < rc.rows, rc.live_rows, rc.rows)
+                eff_rows = Mux((rc.live_rows < rc.rows) & ~quant, rc.live_rows, rc.rows)
                 eff_cols = Mux(rc.live_cols < rc.cols, rc.live_cols, rc.cols)
+                cbl = Signal(11)
+                m.d.comb += cbl.eq(_ceil_blocks(eff_cols))
+                with m.If(rc.kind == ReadKind.TILES), m.Switch(rc.wfmt):
+                    for w in sorted({w for w, _ in qtable}):
+                        l_span = qtable[w, 0][0]
+                        with m.Case(w):  # a quantized tile's columns
+                            m.d.comb += cbl.eq((rc.cols + (1 << l_span) - 1) >> l_span)
+                with m.Switch(Cat(rc.wgroup, rc.wfmt)):
+                    for (w, wg), (_, lk) in qtable.items():
+                        with m.Case(wg | w << 2):
+                            m.d.sync += l_k.eq(l_ks.index(lk))
                 m.d.sync += [
+                    is_quant.eq(quant),
                     n_g.eq(_ceil_blocks(eff_rows)),
-                    n_cbl.eq(_ceil_blocks(eff_cols)),
+                    n_cbl.eq(cbl),
                     n_cb.eq(_ceil_blocks(rc.cols)),
                     st.eq(Mux(rc.stride == 0, DS, rc.stride)),
                     start.eq(Cat(Const(0, lB), rc.offset[lB:])),
@@ -820,6 +871,19 @@ class DMAEngine(GeometryComponent):
                         m.d.sync += pattern(1, 1, stripes, stripes, 0, 0)
                     with m.Default():  # WORD
                         m.d.sync += pattern(1, 1, 1, 1, 0, 0)
+                with m.If(is_quant):
+                    m.next = "Scales"
+                with m.Else():
+                    m.next = "Extent"
+            with m.State("Scales"):
+                # a quantized matrix: p_total = n tiles; with a scale beat before every K of
+                # them, the region is n + ceil(n / K) consecutive beats, one run per channel
+                scales = Signal(_RUN_BEATS)
+                with m.Switch(l_k):
+                    for i, lk in enumerate(l_ks):
+                        with m.Case(i):
+                            m.d.comb += scales.eq((p_total + (1 << lk) - 1) >> lk)
+                m.d.sync += pattern(1, 1, p_total + scales, p_total + scales, 0, 0)
                 m.next = "Extent"
             with m.State("Extent"):
                 with m.If(p_total == 0):

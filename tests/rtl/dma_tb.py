@@ -4,8 +4,10 @@ Every HBM channel is a cocotbext-axi ``AxiRam`` holding the channel's buffer at 
 that is deliberately not 4 KiB aligned, so runs cross 4 KiB boundaries at odd places. Expected
 results come from :class:`Model`, which knows nothing of the engine: it addresses every element
 through ``tandem.layout`` (``tiled_address``, ``vector_address``) on a NumPy copy of the
-channels. A monitor records every AR and AW handshake. Every burst must be beat aligned, at most
-256 beats and 4 KiB long and inside one 4 KiB page; the read bursts must moreover be exactly
+channels; a quantized matrix (``wfmt`` INT8/INT4) is packed by
+``tandem.layout.pack_quant_tiled`` and must come back as its region's beats, scale beats
+included. A monitor records every AR and AW handshake. Every burst must be beat aligned, at
+most 256 beats and 4 KiB long and inside one 4 KiB page; the read bursts must moreover be exactly
 the layout's runs of each command cut at every 4 KiB boundary and at the burst limit (the write
 path splits with the same logic, and its result is checked byte for byte in memory).
 
@@ -24,8 +26,20 @@ from cocotbext.axi import AxiBus, AxiRam
 
 from tandem import seeds
 from tandem.geometry import geometry
-from tandem.layout import STATUS_BYTES, StatusRecord, tiled_address, vector_address
+from tandem.isa import WFMT_BITS, WFmt
+from tandem.layout import (
+    STATUS_BYTES,
+    StatusRecord,
+    pack_quant_tiled,
+    quant_tiles,
+    quant_wgroup,
+    scale_run,
+    tiled_address,
+    vector_address,
+    wfmt_for,
+)
 from tandem.numerics import BLOCK
+from tandem.qweights import PER_CHANNEL, quantize_rtn
 from tandem.rtl.axi import burst_limit
 from tandem.rtl.dma import ReadCommand, ReadKind, StoreCommand, StoreKind, row_write_layout
 from tandem.rtl.shell import args_layout
@@ -51,10 +65,20 @@ class Model:
     def u16(self):
         return self.data.view(np.uint16)
 
+    def quant_beats(self, c: dict) -> int:
+        """Beats of a quantized matrix's region (tandem.layout): its tiles and scale beats."""
+        bits = WFMT_BITS[WFmt(c["wfmt"])]
+        n = quant_tiles(self.g, c["rows"], c["cols"], bits)
+        return n + -(-n // scale_run(bits, c["wgroup"]))
+
     def tiles(self, c: dict) -> list[int]:
         """The MPU's weight stream of a MATVEC: tiles in (group, column block, row block) order,
-        element (lane, j) of a tile = W[row, col] as tiled_address places it."""
+        element (lane, j) of a tile = W[row, col] as tiled_address places it; for a quantized
+        matrix the region's beats in order (a beat of every channel each)."""
         g, L = self.g, self.g.lanes
+        if c.get("wfmt"):
+            B, off = g.beat_bytes, c["offset"]
+            return [_beat_row(self.data, off + k * B, B) for k in range(self.quant_beats(c))]
         rows = min(c["rows"], c["live_rows"])
         cols = min(c["cols"], c["live_cols"])
         stride = c["stride"] or BLOCK // L
@@ -115,6 +139,8 @@ class Model:
         if kind is ReadKind.ROWS:
             n = -(-c["length"] // g.tile_elems)
             beats = [c["offset"] + s * B for s in range(n)]
+        elif c.get("wfmt"):  # the whole region, in order
+            beats = [c["offset"] + k * B for k in range(self.quant_beats(c))]
         else:
             L = g.lanes
             rows = min(c["rows"], c["live_rows"])
@@ -154,6 +180,12 @@ def split_bursts(base: int, offsets: list[int], beat_bytes: int) -> list[tuple[i
             addr += k * beat_bytes
             n -= k
     return out
+
+
+def _beat_row(data: np.ndarray, offset: int, beat_bytes: int) -> int:
+    """The beat at ``offset`` of every channel of ``data`` (uint8 [channels, bytes]) as one
+    integer, channel 0 in the low bits: one transfer on ``tiles``."""
+    return int.from_bytes(data[:, offset : offset + beat_bytes].tobytes(), "little")
 
 
 def _pack16(values: np.ndarray) -> int:
@@ -296,7 +328,10 @@ class DmaTB(streams.ClockedTB):
 
 def read_command(kind: ReadKind, **fields) -> dict:
     c = dict.fromkeys(
-        ("offset", "rows", "cols", "live_rows", "live_cols", "stride", "length", "vbuf_row", "tag"),
+        (
+            *("offset", "rows", "cols", "live_rows", "live_cols", "stride", "length", "vbuf_row"),
+            *("tag", "wfmt", "wgroup"),
+        ),
         0,
     )
     c.update(fields)
@@ -462,6 +497,91 @@ async def boundary_bursts(dut):
     assert sum(len(tb.model.tiles(c)) for c in cmds) == 10 * 2 * ds
     await run_reads(tb, cmds)
     assert any(n == burst_limit(g.beat_bytes) for b in tb.ar.bursts for _, n in b)
+
+
+QUANT_CASES = [  # (rows, cols, bits, group): odd shapes, K = 32, 16, 8, 16 and 32
+    (70, 200, 8, PER_CHANNEL),
+    (70, 200, 8, 64),
+    (130, 300, 4, 64),
+    (130, 300, 4, 128),
+    (130, 300, 4, PER_CHANNEL),
+]
+
+
+def place_quant(tb: DmaTB, rows, cols, bits, group, offset, **fields) -> tuple[dict, list[int]]:
+    """A random matrix quantized (``quantize_rtn``) and packed (``pack_quant_tiled``) into
+    every channel at ``offset``, in the model and in the RAMs: its TILES command (``fields``
+    added) and the transfers the packed bytes say it must deliver, a beat of every channel
+    each, channel 0 in the low bits."""
+    g, B = tb.g, tb.g.beat_bytes
+    m = quantize_rtn(tb.rng.standard_normal((rows, cols)), bits, group)
+    packed = pack_quant_tiled(g, m)
+    c = read_command(
+        ReadKind.TILES,
+        rows=rows,
+        cols=cols,
+        live_rows=rows,
+        live_cols=cols,
+        offset=offset,
+        wfmt=int(wfmt_for(bits)),
+        wgroup=quant_wgroup(bits, m.group, cols),
+    )
+    c.update(fields)
+    beats = tb.model.quant_beats(c)
+    assert beats * B <= packed.shape[1] and not packed[:, beats * B :].any()
+    assert offset + packed.shape[1] <= BUFFER
+    tb.model.data[:, offset : offset + packed.shape[1]] = packed
+    for ch, ram in enumerate(tb.rams):
+        ram.write(tb.base[ch] + offset, packed[ch].tobytes())
+    want = [_beat_row(packed, k * B, B) for k in range(beats)]
+    assert tb.model.tiles(c) == want
+    return c, want
+
+
+@cocotb.test()
+@cocotb.parametrize(stalled=[False, True])
+async def quant_reads(dut, stalled):
+    """Quantized TILES reads (INT8 and INT4; per channel, groups of 64 and 128; odd shapes):
+    each delivers its packed region's beats in order, scale beats included, as one run per
+    channel (cut only at 4 KiB and the burst limit), between FP16 reads; ``live_*`` and
+    ``stride`` are ignored; an empty matrix streams nothing."""
+    tb = await setup(dut, stalled=stalled, seed=61 + stalled)
+    rng = tb.pyrng
+    fp16 = random_reads(tb, len(QUANT_CASES))
+    cmds, offset = [], 0
+    for k, case in enumerate(QUANT_CASES):
+        offset += rng.randrange(0, 6) * 64
+        odd = {"live_rows": 1, "live_cols": 3, "stride": 5} if k == 2 else {}
+        c, want = place_quant(tb, *case, offset, tag=100 + k, **odd)
+        offset += len(want) * tb.g.beat_bytes
+        cmds += [c, fp16[k]]
+    cmds.insert(3, read_command(ReadKind.TILES, cols=200, wfmt=1, offset=64, tag=99))  # 0 rows
+    await run_reads(tb, cmds)
+
+
+@cocotb.test()
+async def quant_range(dut):
+    """A quantized region ending a line past hbm_bytes: HBM_RANGE with its tag, as many zero
+    transfers as its beats, no burst; the same region ending at hbm_bytes reads normally."""
+    tb = await setup(dut, stalled=True, seed=71)
+    B = tb.g.beat_bytes
+    limit = BUFFER - 0x800
+    tb.set_args(hbm_bytes=limit)
+    rows, cols, bits, group = 130, 300, 4, 64
+    probe = read_command(ReadKind.TILES, rows=rows, cols=cols, wfmt=int(wfmt_for(bits)))
+    probe["wgroup"] = quant_wgroup(bits, group, cols)
+    region = tb.model.quant_beats(probe) * B
+    c, want = place_quant(tb, rows, cols, bits, group, limit - region + 64, tag=7)
+    tb.ar.clear()
+    tb.src_read.send([tb.read_cmd.pack(**c)])
+    await tb.run(until=lambda: tb.idle() and len(tb.tiles.items) >= len(want))
+    assert tb.errors() == (1, 0), tb.errors()
+    assert int(dut.error_tag.value) == 7, "error_tag is not the failing command's tag"
+    assert len(tb.tiles.items) == len(want) and all(t == 0 for t in tb.tiles.items)
+    assert not any(tb.ar.bursts), f"an out-of-range read reached the memory: {tb.ar.bursts}"
+    await tb.clear_errors()
+    c, _ = place_quant(tb, rows, cols, bits, group, limit - region, tag=8)
+    await run_reads(tb, [c])
 
 
 def random_stores(tb: DmaTB, n: int) -> list[tuple[dict, int]]:
