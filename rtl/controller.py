@@ -92,13 +92,17 @@ class Controller(GeometryComponent):
     the channel's port) into its instruction memory, then runs from pc 0. Decoding uses one
     ``data.StructLayout`` per format, built from :data:`tandem.isa.FORMATS`; an unknown opcode,
     non-zero reserved bits or reserved flags, a misaligned VBUF operand, an ``LDARG`` past
-    :data:`tandem.regmap.SCALAR_ARGS` or a pc outside the instruction memory is
-    ``ILLEGAL_INSTRUCTION`` at that pc. Control instructions execute in the controller; the
-    others are issued with their register operands and lengths resolved:
+    :data:`tandem.regmap.SCALAR_ARGS`, a ``MATVEC`` weight format tandem.isa refuses (``wfmt``
+    3; INT8 or INT4 with ``stride != 0`` or with ``LIVE_ROWS``/``LIVE_COLS``) or a pc outside
+    the instruction memory is ``ILLEGAL_INSTRUCTION`` at that pc. Control instructions execute
+    in the controller; the others are issued with their register operands and lengths
+    resolved:
 
     * ``LDW``, ``LOADV``, ``MATVEC`` weights: :attr:`dma_read` (``tag`` = pc);
       ``STW``, ``STOREV``, ``STROW``, ``STCOL``: :attr:`dma_store`;
     * ``MATVEC``: :attr:`mpu` (the MPU command with the VBUF rows of x and the result);
+      its ``wfmt`` and ``wgroup`` go into both the MPU command and the ``TILES`` read (a
+      quantized matrix streams its whole region, scale beats included: rtl/dma.py);
     * vector ops: :attr:`vpu`.
 
     Scoreboard (conservative, correct first): a VBUF user (vector op, LOADV, a store, the MPU's
@@ -370,8 +374,8 @@ class Controller(GeometryComponent):
                             m.d.comb += addr[f.name].eq(v[f.name])
                     if op is isa.Op.LDARG:
                         ok &= v.arg < len(regmap.SCALAR_ARGS)
-                    if op is isa.Op.MATVEC:  # issue 17: the MPU computes FP16 weights only so far
-                        ok &= v.wfmt == 0
+                    if op is isa.Op.MATVEC:
+                        ok &= self._matvec_format_legal(v)
                     m.d.comb += p.legal.eq(ok)
         p.room = {}
         for f in isa.VBUF_FIELDS:
@@ -388,6 +392,16 @@ class Controller(GeometryComponent):
                 ),
             ]
         return p
+
+    @staticmethod
+    def _matvec_format_legal(v):
+        """A ``MATVEC`` word's weight format is legal (tandem.isa ``_check_quantized_matvec``):
+        ``wfmt`` is a :class:`tandem.isa.WFmt`, and a quantized one (INT8, INT4) has ``stride`` 0
+        and neither ``LIVE_ROWS`` nor ``LIVE_COLS``."""
+        known = Cat(*(v.wfmt == int(w) for w in isa.WFmt)).any()
+        quant = v.wfmt != int(isa.WFmt.FP16)
+        live = int(isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS)
+        return known & (~quant | ((v.stride == 0) & ((v.flags & live) == 0)))
 
     @staticmethod
     def _decode_register(pre, name):
@@ -540,8 +554,10 @@ class Controller(GeometryComponent):
         the operands the scan resolved, and the DMA gets its reads in program order (the
         weights of every earlier MATVEC were sent before). The prefetched tiles wait in the
         DMA's read FIFOs until the MPU takes them, after the vector ops. A MATVEC with a VBUF
-        operand out of range or with no live row or column is not prefetched (Exec reports or
-        skips it as before). A register result on its way (LDW, ARGMAX) stops the prefetch.
+        operand out of range, with no live row or column, or that is an illegal instruction (a
+        reserved weight format or bit: the DMA and the MPU could disagree on its tiles) is not
+        prefetched (Exec reports or skips it as before). A register result on its way (LDW,
+        ARGMAX) stops the prefetch.
         """
         g = self._geom
         Op = isa.Op
@@ -593,7 +609,7 @@ class Controller(GeometryComponent):
             with m.If(word[:8] == int(Op.MATVEC)):
                 with m.If(~o.checked):
                     m.d.sync += have.eq(1)  # its operands are registered next cycle
-                with m.Elif(o.bad | o.nothing):
+                with m.Elif(o.bad | o.nothing | ~dec.legal):
                     end()
                 with m.Elif(
                     exec_vec & ~self.dma_read.valid & c.write_quiet & ~c.waiting & ~c.dma_err
@@ -980,6 +996,8 @@ class Controller(GeometryComponent):
             o.cmd.cmd.live_rows.eq(clamp_r),
             o.cmd.cmd.live_cols.eq(clamp_c),
             o.cmd.cmd.flags.eq(flags),
+            o.cmd.cmd.wfmt.eq(v.wfmt),
+            o.cmd.cmd.wgroup.eq(v.wgroup),
             # ARGMAX's sampling registers R[sreg], R[sreg+1], R[sreg+2] (mod 16; tandem.isa)
             o.cmd.cmd.sampling.word.eq(reg(v.sreg)),
             o.cmd.cmd.sampling.seed.eq(reg((v.sreg + 1)[:4])),
@@ -1000,6 +1018,8 @@ class Controller(GeometryComponent):
                 live_rows=clamp_r,
                 live_cols=clamp_c,
                 stride=v.stride,
+                wfmt=v.wfmt,
+                wgroup=v.wgroup,
             )
 
         o.issue_weights = issue_weights

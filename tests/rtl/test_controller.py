@@ -123,7 +123,7 @@ def run_controller(
             if rd is not None:
                 log.append(("read", rd.kind, rd.offset, rd.tag))
                 if rd.kind == ReadKind.TILES:
-                    log[-1] += (rd.live_rows, rd.live_cols)
+                    log[-1] += (rd.live_rows, rd.live_cols, rd.wfmt, rd.wgroup)
                 if rd.kind == ReadKind.WORD:
                     word_q.append(int.from_bytes(image.read_channel(0, rd.offset, 4), "little"))
             if st is not None:
@@ -142,7 +142,10 @@ def run_controller(
             if mp is not None:
                 c = mp.cmd
                 log.append(
-                    ("mpu", c.rows, c.cols, c.live_rows, c.live_cols, mp.src_row, mp.dst_row)
+                    (
+                        *("mpu", c.rows, c.cols, c.live_rows, c.live_cols, mp.src_row, mp.dst_row),
+                        *(c.wfmt, c.wgroup),
+                    )
                 )
                 mpu_busy = mpu_cycles
                 if c.flags.argmax:
@@ -226,13 +229,37 @@ def test_halt_code_is_program_error():
     assert got["status"] == Status.PROGRAM_ERROR and got["error_code"] == 1
 
 
+def _field_pos(op, name: str) -> int:
+    """Bit position of field ``name`` in ``op``'s word (tandem.isa.FORMATS)."""
+    pos = 8
+    for f in isa.FORMATS[op]:
+        if f.name == name:
+            return pos
+        pos += f.width
+    raise KeyError(name)
+
+
+def _quant_word(wfmt: int, **fields) -> int:
+    """A MATVEC word with ``wfmt`` set over an FP16 one (``make`` refuses the illegal ones)."""
+    return isa.encode(make(Op.MATVEC, **fields)) | wfmt << _field_pos(Op.MATVEC, "wfmt")
+
+
+_ILLEGAL_QUANT = {  # tandem.isa's rules of a quantized MATVEC, one word each
+    "wfmt3": _quant_word(3, rows=64, cols=64),
+    "int8-stride": _quant_word(1, rows=64, cols=64, stride=64),
+    "int4-stride": _quant_word(2, rows=64, cols=64, stride=1),
+    "int8-live-rows": _quant_word(1, rows=64, cols=64, flags=4, lreg=4),
+    "int4-live-cols": _quant_word(2, rows=64, cols=64, flags=8 | 2, lreg=4),
+}
+
+
 @pytest.mark.parametrize(
-    "bad", ["opcode", "reserved", "flag", "align", "ldarg", "fall-off", "wfmt3"]
+    "bad", ["opcode", "reserved", "flag", "align", "ldarg", "fall-off", *_ILLEGAL_QUANT]
 )
 def test_illegal_instruction(bad):
     good = [make(Op.SETI, rd=1, imm=1), make(Op.STW, rs=1, line=OUT_LINE)]
     word = {
-        "wfmt3": isa.encode(make(Op.MATVEC, rows=64, cols=64)) | 3 << _field_pos(Op.MATVEC, "wfmt"),
+        **_ILLEGAL_QUANT,
         "opcode": 0x7F,
         "reserved": isa.encode(make(Op.SYNC)) | 1 << 100,
         "flag": isa.encode(make(Op.VADD, dst=0, a=0, b=0, len=4)) | 2 << (8 + 64),
@@ -246,32 +273,35 @@ def test_illegal_instruction(bad):
     assert got["error_pc"] == (2 if bad != "fall-off" else GEOM.imem_words + 5)
 
 
-def _field_pos(op, name: str) -> int:
-    """Bit position of field ``name`` in ``op``'s word (tandem.isa.FORMATS)."""
-    pos = 8
-    for f in isa.FORMATS[op]:
-        if f.name == name:
-            return pos
-        pos += f.width
-    raise KeyError(name)
-
-
-@pytest.mark.parametrize("wfmt", [isa.WFmt.INT8, isa.WFmt.INT4])
-def test_quantized_matvec_is_illegal_until_the_mpu_computes_it(wfmt):
-    """Issue 17: the ISA simulator runs a quantized MATVEC, the RTL's MPU cannot yet, so the
-    controller refuses it (ILLEGAL_INSTRUCTION at its pc) instead of streaming the weights as
-    FP16 tiles."""
-    program = [
-        make(Op.SETI, rd=1, imm=1),
-        make(Op.MATVEC, dst=0, src=64, line=128, rows=64, cols=64, wfmt=wfmt, wgroup=3),
-        make(Op.STW, rs=1, line=OUT_LINE),
+def test_legal_quantized_matvecs_issue_their_format():
+    """INT8 and INT4 MATVECs (dense, no LIVE flag; FP16 around them) issue an MPU command and a
+    TILES read that carry the instruction's wfmt and wgroup, with live = allocated; an FP16
+    MATVEC with a stride and LIVE_ROWS stays legal and carries 0, 0."""
+    p = [
+        make(Op.SETI, rd=4, imm=40),
+        make(Op.MATVEC, dst=0, src=256, line=20, rows=64, cols=130, wfmt=1, wgroup=0),
+        make(Op.MATVEC, dst=128, src=256, line=100, rows=70, cols=300, wfmt=2, wgroup=1),
+        make(Op.MATVEC, dst=0, src=512, line=10, rows=64, cols=64, stride=64, flags=4, lreg=4),
+        make(
+            Op.MATVEC, dst=0, src=256, line=40, rows=64, cols=256, flags=2, rd=7, wfmt=2, wgroup=2
+        ),
+        make(Op.STW, rs=7, line=OUT_LINE),
         make(Op.HALT),
     ]
-    image = _image(program)
-    got, _ = run_controller(image, {})
-    assert got["status"] == Status.ILLEGAL_INSTRUCTION and got["error_pc"] == 1
-    want = IsaSim(GEOM, _image(program)).run({})
-    assert want.status == 0 and want.tokens == 1  # legal in the ISA
+    got, log, _ = check_against_isasim(p, {}, argmax=0)
+    assert got["status"] == 0 and got["tokens"] == 1
+    assert [e for e in log if e[0] == "read"] == [
+        ("read", ReadKind.TILES, 20 * isa.LINE, 1, 64, 130, 1, 0),
+        ("read", ReadKind.TILES, 100 * isa.LINE, 2, 70, 300, 2, 1),
+        ("read", ReadKind.TILES, 10 * isa.LINE, 3, 40, 64, 0, 0),
+        ("read", ReadKind.TILES, 40 * isa.LINE, 4, 64, 256, 2, 2),
+    ]
+    assert [e for e in log if e[0] == "mpu"] == [
+        ("mpu", 64, 130, 64, 130, 4, 0, 1, 0),
+        ("mpu", 70, 300, 70, 300, 4, 2, 2, 1),
+        ("mpu", 64, 64, 40, 64, 8, 0, 0, 0),
+        ("mpu", 64, 256, 64, 256, 4, 0, 2, 2),
+    ]
 
 
 def test_vbuf_range_and_issue_fields():
@@ -291,9 +321,9 @@ def test_vbuf_range_and_issue_fields():
     assert vpu[0][2:] == (64, 0, 0, 100, 0, 0x3C00)
     assert vpu[1][2:7] == (256, 64, 0, 130, 1)
     mpu = [e for e in log if e[0] == "mpu"]
-    assert mpu == [("mpu", 128, 192, 128, 130, 1, 0)]
+    assert mpu == [("mpu", 128, 192, 128, 130, 1, 0, 0, 0)]
     reads = [e for e in log if e[0] == "read"]
-    assert reads == [("read", ReadKind.TILES, 640, 3, 128, 130)]
+    assert reads == [("read", ReadKind.TILES, 640, 3, 128, 130, 0, 0)]
 
 
 def _prefetch_program(between, second=None):
@@ -334,8 +364,8 @@ def test_lookahead_prefetches_the_next_matvec_weights():
     assert got["status"] == 0 and got["tokens"] == 1
     reads = [e for e in log if e[0] == "read"]
     assert reads == [
-        ("read", ReadKind.TILES, 10 * isa.LINE, 1, 64, 64),
-        ("read", ReadKind.TILES, 20 * isa.LINE, 5, 40, 64),
+        ("read", ReadKind.TILES, 10 * isa.LINE, 1, 64, 64, 0, 0),
+        ("read", ReadKind.TILES, 20 * isa.LINE, 5, 40, 64, 0, 0),
     ]
     assert _order(log) == [
         ("read", 1),
@@ -346,6 +376,34 @@ def test_lookahead_prefetches_the_next_matvec_weights():
         ("vpu",),
         ("mpu",),
     ]
+
+
+def test_lookahead_prefetches_a_quantized_matvec():
+    """The look-ahead sends a quantized MATVEC's weight read (wfmt, wgroup with it) before the
+    vector ops; its MPU command carries them too."""
+    second = make(Op.MATVEC, dst=0, src=512, line=20, rows=130, cols=300, flags=2, rd=7, wfmt=2,
+                  wgroup=0)  # fmt: skip
+    got, log, _ = check_against_isasim(
+        _prefetch_program(_VECTOR_OPS, second), {}, mpu_cycles=60, argmax=0
+    )
+    assert got["status"] == 0 and got["tokens"] == 1
+    assert [e for e in log if e[0] == "read"][1] == (
+        *("read", ReadKind.TILES, 20 * isa.LINE, 5, 130, 300, 2, 0),
+    )
+    assert _order(log) == [("read", 1), ("mpu",), ("read", 5), *[("vpu",)] * 3, ("mpu",)]
+    assert [e for e in log if e[0] == "mpu"][1] == ("mpu", 130, 300, 130, 300, 8, 0, 2, 0)
+
+
+@pytest.mark.parametrize("bad", ["int8-stride", "int8-live-rows", "int4-live-cols", "wfmt3"])
+def test_lookahead_skips_an_illegal_quantized_matvec(bad):
+    """An illegal MATVEC after the vector ops is not prefetched (its tiles as the DMA would
+    read them need not be what the MPU would take): Exec reports ILLEGAL_INSTRUCTION at its pc
+    and only the first MATVEC's weights were read."""
+    words = [isa.encode(i) for i in _prefetch_program(_VECTOR_OPS)]
+    words[5] = _ILLEGAL_QUANT[bad] | isa.encode(make(Op.MATVEC, line=20, src=512, rd=7))
+    got, log, _ = check_against_isasim(words, {}, mpu_cycles=60, argmax=0)
+    assert got["status"] == Status.ILLEGAL_INSTRUCTION and got["error_pc"] == 5
+    assert [e[3] for e in log if e[0] == "read"] == [1]
 
 
 @pytest.mark.parametrize(
@@ -399,7 +457,7 @@ def test_a_stop_sends_the_prefetched_matvec():
     got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, argmax=0)
     assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 3
     assert [e[3] for e in log if e[0] == "read"] == [1, 5]
-    assert [e[5:] for e in log if e[0] == "mpu"] == [(0, 4), (8, 0)]
+    assert [e[5:7] for e in log if e[0] == "mpu"] == [(0, 4), (8, 0)]
 
 
 @pytest.mark.parametrize(
