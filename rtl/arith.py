@@ -66,6 +66,7 @@ __all__ = [
     "Binary16",
     "BlockAlign",
     "BlockDot",
+    "BlockSum",
     "FP16Add",
     "FP16Mul",
     "FP16Table",
@@ -1359,6 +1360,64 @@ def _adder_trees(p: Stall, trees, *, per_stage: int, name: str):
                 for t, level in enumerate(levels)
             ]
     return [level[0][0] for level in levels], stages
+
+
+class BlockSum(StreamUnit):
+    """Exact sum of one aligned block, ``xsum = sum x`` (:func:`xsum_shape`): what the quantized
+    block sums need once per input block (``sum (q - zero) * x = sum q * x - zero * xsum``), so
+    the matrix unit computes it when it loads ``x``.
+
+    Parameters
+    ----------
+    size : int
+        Elements per block (a power of two; the contract's block is 64).
+    tag : shape
+        Side data carried from input to output unchanged (default: none).
+
+    Members
+    -------
+    i : ``In(stream.Signature(...))``
+        ``x`` (``size`` x ``signed(12)``, aligned), ``tag``.
+    o : ``Out(stream.Signature(...))``
+        ``sum`` (:func:`xsum_shape`), ``tag``.
+
+    Latency ``ceil(log2(size) / 2)`` cycles (a register after every two adder levels): 3 for a
+    64-block; throughput one block per cycle.
+    """
+
+    PER_STAGE = 2
+
+    def __init__(self, size: int = numerics.BLOCK, *, tag=NO_TAG):
+        self._size = _check_positive_pow2("size", size)
+        super().__init__({"x": _aligned_layout(size)}, {"sum": xsum_shape(size)}, tag=tag)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def latency(self) -> int:
+        return max(1, -(-_tree_depths([self._size]) // self.PER_STAGE))
+
+    def elaborate(self, platform):
+        m = Module()
+        p = stream_pipe(m, self.i, self.o, name="bsum")
+        i = self.i.payload
+        leaves = [(i.x[k], 2047) for k in range(self._size)]
+        if self._size == 1:
+            (total,), stages = [p.reg(i.x[0], xsum_shape(1), name="bsum_t")], 1
+        else:
+            (total,), stages = _adder_trees(p, [leaves], per_stage=self.PER_STAGE, name="bsum_t")
+        tag = i.tag
+        for s in range(stages):
+            tag = p.reg(tag, self._tag, name=f"bsum_tag{s}")
+        valid = p.valid_chain(self.i.valid, stages, name="bsum_valid")
+        m.d.comb += [
+            self.o.payload.sum.eq(total),
+            self.o.payload.tag.eq(tag),
+            self.o.valid.eq(valid),
+        ]
+        return m
 
 
 class QuantBlockDot(StreamUnit):

@@ -11,10 +11,20 @@ from amaranth.lib.wiring import In, Out
 
 from tandem import sampling as S
 from tandem.geometry import CoreGeometry, is_pow2
-from tandem.isa import MatFlag
+from tandem.isa import WFMT_BITS, MatFlag, WFmt
+from tandem.layout import quant_blocks, quant_span, scale_entries, scale_run
 from tandem.numerics import BLOCK, MAX_DOT_LEN, acc_lsb_exponent
 
-from .arith import AccToFP16, AccumulatorShift, BlockAlign, BlockDot
+from .arith import (
+    AccToFP16,
+    AccumulatorShift,
+    BlockAlign,
+    BlockSum,
+    NibbleDotPair,
+    QuantScale,
+    quant_sum_shape,
+    xsum_shape,
+)
 from .component import GeometryComponent
 
 __all__ = ["Block", "MatrixUnit", "MatvecCommand", "MatvecFlags", "MatvecSampling"]
@@ -31,6 +41,33 @@ _MAX_GROUPS = -(-0xFFFF // BLOCK)
 _BIAS_XE = 25
 """A bias element is placed like a block sum ``sig * 2**(exp - 25)`` with ``xe = 25``:
 ``numerics.bias_to_acc`` shifts by ``exp - 25 - lam`` = ``block_shift(exp, 25, xe_max)``."""
+
+
+_QUANT = (WFmt.INT8, WFmt.INT4)
+"""The quantized weight formats (tandem.isa.WFmt); their parameters come from tandem.layout."""
+
+
+def _log2(n: int) -> int:
+    if n & (n - 1) or n < 1:
+        raise AssertionError(f"{n} is not a power of two")
+    return n.bit_length() - 1
+
+
+def quant_params(wfmt, wgroup: int) -> SimpleNamespace:
+    """What the MPU needs of a quantized format, from :mod:`tandem.layout` (the one definition):
+    ``bits``, ``blocks`` per tile and lane (``k``), the tile's ``span`` of columns, the scale
+    beat's ``run`` of tiles (``K``), the ``entries`` per tile (``e``) and ``per`` = ``k / e``
+    blocks per entry."""
+    bits = WFMT_BITS[WFmt(wfmt)]
+    k, e = quant_blocks(bits), scale_entries(bits, wgroup)
+    return SimpleNamespace(
+        bits=bits,
+        blocks=k,
+        span=quant_span(bits),
+        run=scale_run(bits, wgroup),
+        entries=e,
+        per=k // e,
+    )
 
 
 _KEY_SCHEDULE = S.SIMON_ROUNDS - 4 + 1
@@ -238,16 +275,23 @@ class MatrixUnit(GeometryComponent):
         self._lanes = geom.lanes
         self._stride = BLOCK // geom.lanes
         self._x_blocks = max_cols // BLOCK
-        dot = _probe(BlockDot())
+        nib = _probe(NibbleDotPair())
         a = _probe(BlockAlign()).latency
-        d = dot.latency
-        h = _probe(AccumulatorShift(sum_shape=dot.sum_shape)).latency
+        d = nib.latency
+        h = _probe(AccumulatorShift()).latency
+        q = _probe(QuantScale()).latency
         r = _probe(AccToFP16()).latency
-        if a < 1:
-            raise ValueError(f"BlockAlign must be registered (latency {a}): x is read at stage A-1")
-        self._lat = {"align": a, "dot": d, "shift": h, "round": r}
+        xs = _probe(BlockSum()).latency
+        if a < 2:
+            raise ValueError(f"BlockAlign must take 2 or more cycles ({a}): x is read at A-2")
+        # place: from the block sums to the accumulator, the same for every format (commands of
+        # different formats overlap in the pipeline): QuantScale and a two-stage sum of the
+        # four blocks' terms, or AccumulatorShift and a delay
+        place = max(q + 2, h)
+        self._lat = {"align": a, "dot": d, "shift": h, "scale": q, "round": r, "xsum": xs}
+        self._lat["place"] = place
         # Stages count cycles after the input register (stage 0) that holds an accepted tile.
-        self._st_acc = a + d + h  # accumulate (the shifted block sum arrives)
+        self._st_acc = a + d + place  # accumulate (the placed block term arrives)
         self._st_out = self._st_acc + 2 + r  # result assembly: +1 final sum, +1 bias added, round
         self._st_amax = self._st_acc + 2 + (self._lanes - 1).bit_length()  # argmax compare
         # Output FIFO: a group claims a row when its last tile is accepted and frees it when the
@@ -255,8 +299,8 @@ class MatrixUnit(GeometryComponent):
         # cycles at most, so this depth never stalls an unstalled stream.
         self._result_depth = max(2, -(-(self._st_out + 3) // self._stride) + 1)
         # Bias rows: claimed at a group's first last-column-block tile, popped when the group's
-        # last tile reaches the bias shifter (stride + a + d cycles), refilled 2 cycles later.
-        self._bias_depth = max(2, -(-(a + d + self._stride + 3) // self._stride) + 1)
+        # last tile reaches the bias shifter (stride + st_acc - h cycles), refilled 2 cycles later.
+        self._bias_depth = max(2, -(-(self._st_acc - h + self._stride + 3) // self._stride) + 1)
         super().__init__(
             geom,
             {
@@ -288,13 +332,15 @@ class MatrixUnit(GeometryComponent):
     @property
     def x_latency(self) -> int:
         """Cycles from the last x transfer to the first cycle a tile can be accepted, minus one:
-        the x block's alignment (BlockAlign) and its write into the x buffer."""
-        return self._lat["align"] + 1
+        the x block's alignment (BlockAlign), its sum (BlockSum) and its write into the x
+        buffer."""
+        return self._lat["align"] + self._lat["xsum"] + 1
 
     @property
     def pipeline_depth(self) -> int:
         """Register stages from an accepted tile to its group's result row: input register,
-        BlockAlign, BlockDot, AccumulatorShift, accumulate, bias add, AccToFP16."""
+        BlockAlign, NibbleDotPair, the place step (QuantScale and the blocks' sum, or
+        AccumulatorShift), accumulate, bias add, AccToFP16."""
         return self._st_out + 1
 
     @property
@@ -306,8 +352,8 @@ class MatrixUnit(GeometryComponent):
 
     @property
     def argmax_latency(self) -> int:
-        """As :attr:`drain_latency` with ``ARGMAX``: input register, BlockAlign, BlockDot,
-        AccumulatorShift, accumulate, bias add, a log2(lanes)-level max tree, the running
+        """As :attr:`drain_latency` with ``ARGMAX``: input register, BlockAlign, NibbleDotPair,
+        the place step, accumulate, bias add, a log2(lanes)-level max tree, the running
         compare, and the index transfer."""
         return self._st_amax + 2
 
@@ -339,15 +385,36 @@ class MatrixUnit(GeometryComponent):
         merge = sum(min(k, n) + 1 for n in per_lane)
         return self.sample_latency + merge + min(k, rows)
 
+    def weight_beats(self, n_groups: int, n_cb: int, wfmt=0, wgroup: int = 0) -> int:
+        """Transfers on ``weights`` of a command with ``n_groups`` row groups and ``n_cb``
+        64-column blocks: its tiles, and for a quantized matrix (``wfmt`` INT8/INT4) its scale
+        beats, one before every ``K`` tiles (tandem.layout)."""
+        if n_groups == 0 or n_cb == 0:
+            return 0
+        if wfmt == WFmt.FP16:
+            return n_groups * n_cb * self._stride
+        q = quant_params(wfmt, wgroup)
+        tiles = n_groups * -(-n_cb // q.blocks) * self._stride
+        return tiles + -(-tiles // q.run)
+
     def cycles(
-        self, n_groups: int, n_cb: int, *, argmax: bool = False, sample: tuple | None = None
+        self,
+        n_groups: int,
+        n_cb: int,
+        *,
+        argmax: bool = False,
+        sample: tuple | None = None,
+        wfmt=0,
+        wgroup: int = 0,
     ) -> int:
         """The documented cycle count of one command whose streams never stall (see Timing).
-        ``sample``: ``(K, live rows)`` of an ARGMAX that samples."""
+        ``sample``: ``(K, live rows)`` of an ARGMAX that samples; ``wfmt``/``wgroup``: a
+        quantized matrix (its tiles and scale beats, :meth:`weight_beats`)."""
         if n_groups == 0:
             return 2
-        n_cb = max(n_cb, 1)  # no live column: one all-zero block of the unit's own
-        base = 1 + n_cb + self.x_latency + n_groups * n_cb * self._stride
+        if n_cb == 0:  # no live column: one all-zero FP16 block of the unit's own
+            n_cb, wfmt = 1, WFmt.FP16
+        base = 1 + n_cb + self.x_latency + self.weight_beats(n_groups, n_cb, wfmt, wgroup)
         if sample is not None:
             k, rows = sample
             tail = self.sample_tail(k, rows)
@@ -374,7 +441,14 @@ class MatrixUnit(GeometryComponent):
     def _command(self, m):
         """The command's registers (set when it is accepted, :meth:`_sequence`) and its shape."""
         cmd = self.cmd.payload
-        last_cb = Signal(range(self._x_blocks))
+        last_cb = Signal(range(self._x_blocks))  # the last x block
+        last_tcb = Signal(range(self._x_blocks))  # the last tile column (quantized: span wide)
+        fmt = Signal(2)  # WFmt of the tiles (FP16 when there is no live column)
+        # quantized: log2 of the scale beat's run K, of the entries per tile e, of the blocks
+        # per entry k / e (tandem.layout, through quant_params)
+        run_log2 = Signal(range(6))
+        ent_log2 = Signal(2)
+        per_log2 = Signal(2)
         last_grp = Signal(range(_MAX_GROUPS))
         do_bias = Signal()
         do_argmax = Signal()
@@ -391,6 +465,11 @@ class MatrixUnit(GeometryComponent):
         return SimpleNamespace(
             payload=cmd,
             last_cb=last_cb,
+            last_tcb=last_tcb,
+            fmt=fmt,
+            run_log2=run_log2,
+            ent_log2=ent_log2,
+            per_log2=per_log2,
             last_grp=last_grp,
             do_bias=do_bias,
             do_argmax=do_argmax,
@@ -406,15 +485,25 @@ class MatrixUnit(GeometryComponent):
         )
 
     def _x_load(self, m, c):
-        """The x load: each block is aligned once (:class:`BlockAlign`) into the x buffer, and
-        the command's ``xe_max`` and x non-finite flag are gathered on the way."""
-        A, xb = self._lat["align"], self._x_blocks
-        x_entry = data.StructLayout({"q": data.ArrayLayout(signed(12), BLOCK), "e": unsigned(5)})
-        m.submodules.xbuf = xbuf = Memory(shape=x_entry, depth=xb, init=[])
-        x_wr = xbuf.write_port()
-        x_rd = xbuf.read_port(domain="sync")
+        """The x load: each block is aligned once (:class:`BlockAlign`) and summed
+        (:class:`BlockSum`, for the quantized formats) into the x buffer, and the command's
+        ``xe_max`` and x non-finite flag are gathered on the way. The buffer is four banks (block
+        ``b`` in bank ``b % 4`` at ``b // 4``), so that an INT4 tile reads its four blocks, an
+        INT8 tile its two, in one cycle."""
+        A, S_, xb = self._lat["align"], self._lat["xsum"], self._x_blocks
+        x_entry = data.StructLayout(
+            {"q": data.ArrayLayout(signed(12), BLOCK), "e": unsigned(5), "sum": xsum_shape(BLOCK)}
+        )
+        banks, wrs, rds = [], [], []
+        for b in range(4):
+            mem = Memory(shape=x_entry, depth=max(1, -(-xb // 4)), init=[])
+            m.submodules[f"xbuf{b}"] = mem
+            banks.append(mem)
+            wrs.append(mem.write_port())
+            rds.append(mem.read_port(domain="sync"))
 
         m.submodules.x_align = x_align = BlockAlign()
+        m.submodules.x_sum = x_sum = BlockSum()
         x_count = Signal(range(xb))
         x_in = Signal(Block)
         # Dead columns of the last block become +0 by one wide AND with an element mask, not per
@@ -423,9 +512,10 @@ class MatrixUnit(GeometryComponent):
         # register so that its uses stay one name in the Verilog (Verilator refuses lines of
         # over 40,000 tokens, which a mask expanded bit by bit into 16 lanes makes).
         last_keep = Signal(BLOCK * 16)  # all ones for live columns of the last block
-        xv = [Signal(name=f"x_valid{i}") for i in range(A + 1)]
-        xa = [Signal(range(xb), name=f"x_addr{i}") for i in range(A + 1)]
-        for i in range(A):
+        W = A + S_  # the stage that writes the buffer
+        xv = [Signal(name=f"x_valid{i}") for i in range(W + 1)]
+        xa = [Signal(range(xb), name=f"x_addr{i}") for i in range(W + 1)]
+        for i in range(W):
             m.d.sync += [xv[i + 1].eq(xv[i]), xa[i + 1].eq(xa[i])]
         xe_max = Signal(5)
         x_nonfinite = Signal()
@@ -441,22 +531,35 @@ class MatrixUnit(GeometryComponent):
             x_keep = Mux(x_last_block, last_keep, Const(-1, BLOCK * 16))
             m.d.sync += x_in.eq(Mux(no_cols, 0, self.x.payload.as_value() & x_keep))
         xo = x_align.o.payload
+        q_d, e_d = xo.q.as_value(), xo.exp
+        for i in range(S_):  # q and the exponent wait for the block's sum
+            q_n = Signal(len(q_d), name=f"x_q_d{i + 1}")
+            e_n = Signal(5, name=f"x_e_d{i + 1}")
+            m.d.sync += [q_n.eq(q_d), e_n.eq(e_d)]
+            q_d, e_d = q_n, e_n
         m.d.comb += [
             x_align.i.payload.x.as_value().eq(x_in.as_value()),
             x_align.i.valid.eq(xv[0]),
             x_align.o.ready.eq(1),  # never stalls: every unit below advances each cycle
-            x_wr.en.eq(xv[A]),
-            x_wr.addr.eq(xa[A]),
-            x_wr.data.q.eq(xo.q),
-            x_wr.data.e.eq(xo.exp),
+            x_sum.i.payload.x.eq(xo.q),
+            x_sum.i.valid.eq(1),
+            x_sum.o.ready.eq(1),
         ]
+        for b, wr in enumerate(wrs):
+            m.d.comb += [
+                wr.en.eq(xv[W] & (xa[W][:2] == b)),
+                wr.addr.eq(xa[W] >> 2),
+                wr.data.q.as_value().eq(q_d),
+                wr.data.e.eq(e_d),
+                wr.data.sum.eq(x_sum.o.payload.sum),
+            ]
         with m.If(xv[A]):
             with m.If(xo.exp > xe_max):
                 m.d.sync += xe_max.eq(xo.exp)
             with m.If(xo.nonfinite):
                 m.d.sync += x_nonfinite.eq(1)
         return SimpleNamespace(
-            rd=x_rd,
+            rd=rds,
             count=x_count,
             last_keep=last_keep,
             valid=xv,
@@ -507,19 +610,34 @@ class MatrixUnit(GeometryComponent):
         lanes, stride, xb = self._lanes, self._stride, self._x_blocks
         n_stages = max(self._st_out + 1, self._st_amax) + 1  # sampling reads st_out + 1
         rb = Signal(range(stride))
-        cb = Signal(range(xb))
+        cb = Signal(range(xb))  # the tile's column: 64 columns at FP16, span when quantized
         grp = Signal(range(_MAX_GROUPS))
-        is_last_cb = cb == c.last_cb
+        is_last_cb = cb == c.last_tcb
         is_group_end = is_last_cb & (rb == stride - 1)
         is_cmd_end = is_group_end & (grp == c.last_grp)
         need_out = is_group_end & ~c.do_argmax
         need_bias = is_last_cb & (rb == 0) & c.do_bias
         streaming = Signal()
+        # Quantized: a scale beat comes before every K tiles (tandem.layout); it is taken with no
+        # credit and computes nothing, its entries move into the lanes' scale registers.
+        need_scale = Signal()
+        run_left = Signal(range(64))  # tiles left in the current scale beat's run
         can_take = (
-            streaming & (~need_out | (cr.out_free != 0)) & (~need_bias | (cr.bias_avail != 0))
+            streaming
+            & ~need_scale
+            & (~need_out | (cr.out_free != 0))
+            & (~need_bias | (cr.bias_avail != 0))
         )
-        m.d.comb += self.weights.ready.eq(can_take & ~x.no_cols)
+        scale_take = streaming & need_scale & self.weights.valid
+        m.d.comb += self.weights.ready.eq(((streaming & need_scale) | can_take) & ~x.no_cols)
         tile_take = can_take & (self.weights.valid | x.no_cols)
+        quant = c.fmt != WFmt.FP16
+        with m.If(scale_take):
+            m.d.sync += [need_scale.eq(0), run_left.eq(1 << c.run_log2)]
+        with m.Elif(tile_take & quant):
+            m.d.sync += run_left.eq(run_left - 1)
+            with m.If(run_left == 1):
+                m.d.sync += need_scale.eq(1)
         m.d.comb += [
             cr.out_claim.eq(tile_take & need_out),
             cr.bias_claim.eq(tile_take & need_bias),
@@ -543,6 +661,7 @@ class MatrixUnit(GeometryComponent):
                 "bias": 1,
                 "argmax": 1,
                 "sample": 1,
+                "fmt": 2,
             }
         )
         tags = [Signal(tag_layout, name=f"tag{i}") for i in range(n_stages)]
@@ -566,10 +685,50 @@ class MatrixUnit(GeometryComponent):
             tags[0].bias.eq(c.do_bias),
             tags[0].argmax.eq(c.do_argmax),
             tags[0].sample.eq(c.do_sample),
+            tags[0].fmt.eq(c.fmt),
         ]
         tile_in = Signal(data.ArrayLayout(Block, lanes))
         w_keep = Signal(BLOCK * 16 * lanes)
-        m.d.comb += w_keep.eq(Mux(is_last_cb, x.last_keep.replicate(lanes), Const(-1, len(w_keep))))
+        m.d.comb += w_keep.eq(
+            Mux(is_last_cb & ~quant, x.last_keep.replicate(lanes), Const(-1, len(w_keep)))
+        )
+        # Each lane's scale beat share (tandem.layout.pack_quant_tiled): 32 binary16 scales in
+        # bits 0..511, then 32 zero points of `bits` bits. The registers shift by the tile's e
+        # entries as tiles are taken, so the tile's entries are always the first ones; block b
+        # of the tile takes entry b // (k / e). They are registered with the tile (stage 0).
+        int8 = c.fmt == WFmt.INT8
+        q_scale = Signal(data.ArrayLayout(data.ArrayLayout(unsigned(16), 4), lanes))
+        q_zero = Signal(data.ArrayLayout(data.ArrayLayout(unsigned(8), 4), lanes))
+        for lane in range(lanes):
+            beat = self.weights.payload[lane].as_value()
+            ssc = Signal(32 * 16, name=f"scales{lane}")
+            szr = Signal(32 * 8, name=f"zeros{lane}")
+            with m.If(scale_take):
+                m.d.sync += [ssc.eq(beat[: 32 * 16]), szr.eq(beat[32 * 16 : 32 * 24])]
+            with m.Elif(tile_take & quant), m.Switch(c.ent_log2):
+                for el in range(3):
+                    with m.Case(el):
+                        e = 1 << el
+                        m.d.sync += [
+                            ssc.eq(ssc >> (16 * e)),
+                            szr.eq(Mux(int8, szr >> (8 * e), szr >> (4 * e))),
+                        ]
+            for b in range(4):
+                j = [b >> pl for pl in range(3)]  # the entry of block b, by log2(k / e)
+                sc = Mux(
+                    c.per_log2 == 0,
+                    ssc.word_select(j[0], 16),
+                    Mux(c.per_log2 == 1, ssc.word_select(j[1], 16), ssc.word_select(j[2], 16)),
+                )
+                z8 = [szr.word_select(jj, 8) for jj in j]
+                z4 = [szr.word_select(jj, 4) for jj in j]
+                zr = Mux(
+                    c.per_log2 == 0,
+                    Mux(int8, z8[0], z4[0]),
+                    Mux(c.per_log2 == 1, Mux(int8, z8[1], z4[1]), Mux(int8, z8[2], z4[2])),
+                )
+                with m.If(tile_take):
+                    m.d.sync += [q_scale[lane][b].eq(sc), q_zero[lane][b].eq(zr)]
         with m.If(tile_take):
             m.d.sync += tile_in.eq(Mux(x.no_cols, 0, self.weights.payload.as_value() & w_keep))
             with m.If(rb == stride - 1):
@@ -589,14 +748,20 @@ class MatrixUnit(GeometryComponent):
             cmd_end=is_cmd_end,
             tags=tags,
             tile_in=tile_in,
+            q_scale=q_scale,
+            q_zero=q_zero,
+            need_scale=need_scale,
         )
 
     def _tile_pipeline(self, m, x, cr, t):
-        """Per lane: BlockAlign of the tile's row, BlockDot with the x block, AccumulatorShift,
-        the accumulate stage (``K``), the bias added (``K + 1``) and AccToFP16. Returns each
-        lane's rounded result and its total (for the argmax)."""
+        """Per lane: BlockAlign of the tile's row (FP16), the lane pair's NibbleDotPair with the
+        x blocks (every format), the place step (FP16: AccumulatorShift; quantized: a
+        QuantScale per block and the sum of the blocks' terms), the accumulate stage (``K``),
+        the bias added (``K + 1``) and AccToFP16. Returns each lane's rounded result and its
+        total (for the argmax)."""
         lanes, stride = self._lanes, self._stride
         A, D, H = self._lat["align"], self._lat["dot"], self._lat["shift"]
+        Q, P = self._lat["scale"], self._lat["place"]
         K = self._st_acc
         tags = t.tags
 
@@ -608,17 +773,55 @@ class MatrixUnit(GeometryComponent):
                 sig = nxt
             return sig
 
-        # x block for the tile: read at stage A-1 so that it arrives with the aligned weights.
-        m.d.comb += x.rd.addr.eq(tags[A - 1].cb)
-        x_q = x.rd.data.q
-        x_e = delay(x.rd.data.e, D, "x_e")
+        def qbits(fmt):
+            """The weight width of a quantized format, 0 for FP16 (the accumulator's LSB is
+            ``bits`` above FP16's: numerics.quant_lsb_exponent)."""
+            return Mux(fmt == WFmt.INT8, 8, Mux(fmt == WFmt.INT4, 4, 0))
 
-        t_bias = tags[A + D]
+        # x blocks for the tile: the banks are read at stage A-2 and the blocks the format
+        # needs put in slots 0..3 at A-1, registered, so that they arrive with the aligned
+        # weights (FP16: block cb in slot 0; INT8: 2cb, 2cb+1; INT4: 4cb .. 4cb+3).
+        t_rd, t_sel = tags[A - 2], tags[A - 1]
+        row = Signal(range(max(2, -(-self._x_blocks // 4))), name="x_row")
+        with m.Switch(t_rd.fmt):
+            with m.Case(WFmt.INT4):
+                m.d.comb += row.eq(t_rd.cb)
+            with m.Case(WFmt.INT8):
+                m.d.comb += row.eq(t_rd.cb >> 1)
+            with m.Default():
+                m.d.comb += row.eq(t_rd.cb >> 2)
+        for rd in x.rd:
+            m.d.comb += rd.addr.eq(row)
+        x_slot = Signal(data.ArrayLayout(x.rd[0].data.shape(), 4), name="x_slot")
+        bank = [rd.data for rd in x.rd]
+        half = t_sel.cb[0]
+        quarter = t_sel.cb[:2]
+        with m.Switch(t_sel.fmt):
+            with m.Case(WFmt.INT4):
+                m.d.sync += [x_slot[b].eq(bank[b]) for b in range(4)]
+            with m.Case(WFmt.INT8):
+                m.d.sync += [
+                    x_slot[0].eq(Mux(half, bank[2], bank[0])),
+                    x_slot[1].eq(Mux(half, bank[3], bank[1])),
+                ]
+            with m.Default():
+                m.d.sync += x_slot[0].eq(Array(v.as_value() for v in bank)[quarter])
+        x_exp = [delay(x_slot[b].e, D, f"x_e{b}") for b in range(4)]  # at stage A + D
+
+        t_dot = tags[A]
+        t_plc = tags[A + D]  # the place step's input stage
+        t_sum = tags[A + D + Q]  # QuantScale's output: the blocks' terms are summed
+        t_bias = tags[K - H]
         bias_head = data.ArrayLayout(data.ArrayLayout(unsigned(16), lanes), stride)(
             cr.bias_fifo.r_data
         )
         m.d.comb += cr.bias_fifo.r_en.eq(
             t_bias.valid & t_bias.last & (t_bias.rb == stride - 1) & t_bias.bias
+        )
+        # the blocks a quantized format fills: INT8 slots 0 and 1, INT4 all four
+        q_slots = Signal(4, name="q_slots")
+        m.d.comb += q_slots.eq(
+            Mux(t_sum.fmt == WFmt.INT4, 0b1111, Mux(t_sum.fmt == WFmt.INT8, 0b0011, 0))
         )
 
         t_acc = tags[K]
@@ -634,37 +837,104 @@ class MatrixUnit(GeometryComponent):
         total = [Signal(signed(64), name=f"total{ln}") for ln in range(lanes)]
         total_nf = Signal(lanes)
         rounded = []
+        aligns = []
         for lane in range(lanes):
             align = BlockAlign()
-            dot = BlockDot()
-            shift = AccumulatorShift(sum_shape=dot.sum_shape)
+            m.submodules[f"align{lane}"] = align
+            m.d.comb += [
+                align.i.valid.eq(1),
+                align.o.ready.eq(1),
+                align.i.payload.x.as_value().eq(t.tile_in[lane].as_value()),
+            ]
+            aligns.append(align)
+        # the quantized words and zero points wait for BlockAlign (stage A)
+        q_words = [delay(t.tile_in[lane].as_value(), A, f"qword{lane}") for lane in range(lanes)]
+        q_zero = [delay(t.q_zero[lane].as_value(), A, f"qzero{lane}") for lane in range(lanes)]
+        sums = []  # per lane: the NibbleDotPair's four block sums (stage A + D)
+        for pair in range(-(-lanes // 2)):
+            nib = NibbleDotPair()
+            m.submodules[f"dot{pair}"] = nib
+            m.d.comb += [
+                nib.i.valid.eq(1),
+                nib.o.ready.eq(1),
+                nib.i.payload.fmt.eq(t_dot.fmt),
+                nib.i.payload.x.eq(Cat(*(x_slot[b].q.as_value() for b in range(4)))),
+                nib.i.payload.xsum.eq(Cat(*(x_slot[b].sum for b in range(4)))),
+            ]
+            for side, lane in (("a", 2 * pair), ("b", 2 * pair + 1)):
+                w_in, z_in = getattr(nib.i.payload, f"w{side}"), getattr(nib.i.payload, f"z{side}")
+                if lane >= lanes:  # an odd lane count: the pair's second lane computes zeros
+                    m.d.comb += [w_in.eq(0), z_in.eq(0)]
+                    continue
+                fp_word = aligns[lane].o.payload.q.as_value()
+                m.d.comb += [
+                    w_in.eq(Mux(t_dot.fmt == WFmt.FP16, fp_word, q_words[lane])),
+                    z_in.eq(q_zero[lane]),
+                ]
+                sums.append(getattr(nib.o.payload, f"s{side}"))
+
+        q_sum_shape = quant_sum_shape(8)
+        for lane in range(lanes):
+            align = aligns[lane]
+            shift = AccumulatorShift(sum_shape=sums[lane][0].shape())
             bshift = AccumulatorShift(sum_shape=signed(12))
             rnd = AccToFP16()
-            m.submodules[f"align{lane}"] = align
-            m.submodules[f"dot{lane}"] = dot
             m.submodules[f"shift{lane}"] = shift
             m.submodules[f"bias_shift{lane}"] = bshift
             m.submodules[f"round{lane}"] = rnd
-            for unit in (align, dot, shift, bshift, rnd):
+            for unit in (shift, bshift, rnd):
                 m.d.comb += [unit.i.valid.eq(1), unit.o.ready.eq(1)]
+            # FP16: block 0's sum placed by AccumulatorShift, then waits for the quantized path
             m.d.comb += [
-                align.i.payload.x.as_value().eq(t.tile_in[lane].as_value()),
-                dot.i.payload.w.eq(align.o.payload.q),
-                dot.i.payload.x.eq(x_q),
-                shift.i.payload.sum.eq(dot.o.payload.sum),
+                shift.i.payload.sum.eq(sums[lane][0]),
                 shift.i.payload.w_exp.eq(delay(align.o.payload.exp, D, f"we{lane}")),
-                shift.i.payload.x_exp.eq(x_e),
-                shift.i.payload.xe_max.eq(t_bias.xe_max),  # stage A + D, as the bias shifter
+                shift.i.payload.x_exp.eq(x_exp[0]),
+                shift.i.payload.xe_max.eq(t_plc.xe_max),
             ]
-            w_nf = delay(align.o.payload.nonfinite, D + H, f"w_nf{lane}")
-            # bias element of this lane's row, placed by the same shifter as a block sum
+            fp_value = delay(shift.o.payload.value, P - H, f"fp_value{lane}")
+            fp_nf = delay(align.o.payload.nonfinite, D + P, f"w_nf{lane}")
+            # quantized: each block's term T = +-m_s * P placed by QuantScale, then their sum
+            scales = delay(t.q_scale[lane].as_value(), A + D, f"qscale{lane}")
+            terms, t_nf = [], []
+            for b in range(4):
+                qs = QuantScale(sum_shape=q_sum_shape)
+                m.submodules[f"qscale{lane}_{b}"] = qs
+                m.d.comb += [
+                    qs.i.valid.eq(1),
+                    qs.o.ready.eq(1),
+                    qs.i.payload.sum.eq(sums[lane][b]),  # |P| < 2**25: the low 26 bits
+                    qs.i.payload.scale.as_value().eq(scales.word_select(b, 16)),
+                    qs.i.payload.x_exp.eq(x_exp[b]),
+                    qs.i.payload.xe_max.eq(t_plc.xe_max),
+                    qs.i.payload.bits.eq(qbits(t_plc.fmt)),
+                ]
+                terms.append(Mux(q_slots[b], qs.o.payload.value, 0))
+                t_nf.append(q_slots[b] & qs.o.payload.nonfinite)
+            s01 = Signal(signed(64), name=f"qs01_{lane}")
+            s23 = Signal(signed(64), name=f"qs23_{lane}")
+            nf1 = Signal(name=f"qnf1_{lane}")
+            q_value = Signal(signed(64), name=f"q_value{lane}")
+            q_nf = Signal(name=f"q_nf{lane}")
+            m.d.sync += [
+                s01.eq(terms[0] + terms[1]),
+                s23.eq(terms[2] + terms[3]),
+                nf1.eq(Cat(*t_nf).any()),
+                q_value.eq(s01 + s23),
+                q_nf.eq(nf1),
+            ]
+            fp_at_acc = t_acc.fmt == WFmt.FP16
+            term = Mux(fp_at_acc, fp_value, q_value)
+            term_nf = Mux(fp_at_acc, fp_nf, q_nf)
+            # bias element of this lane's row, placed by the same shifter as an FP16 block sum,
+            # `bits` higher for a quantized matrix (x_exp = 25 - bits: numerics.bias_at at
+            # quant_lsb_exponent)
             b_bits = bias_head[t_bias.rb][lane]
             b_field = b_bits[10:15]
             b_sig = Cat(b_bits[:10], b_field != 0)
             m.d.comb += [
                 bshift.i.payload.sum.eq(Mux(b_bits[15], -b_sig, b_sig)),
                 bshift.i.payload.w_exp.eq(Mux(b_field == 0, 1, b_field)),
-                bshift.i.payload.x_exp.eq(_BIAS_XE),
+                bshift.i.payload.x_exp.eq(_BIAS_XE - qbits(t_bias.fmt)),
                 bshift.i.payload.xe_max.eq(t_bias.xe_max),
             ]
             b_nf = delay(b_field == 31, H, f"b_nf{lane}")
@@ -680,8 +950,8 @@ class MatrixUnit(GeometryComponent):
             s_nf = Signal(name=f"sum_nf{lane}")
             m.d.comb += [
                 acc_rd.addr.eq(t_acc.rb),
-                s.eq(base + shift.o.payload.value),
-                s_nf.eq(base_nf | w_nf),
+                s.eq(base + term),
+                s_nf.eq(base_nf | term_nf),
                 acc_wr.addr.eq(t_acc.rb),
                 acc_wr.data.value.eq(s),
                 acc_wr.data.nonfinite.eq(s_nf),
@@ -701,7 +971,7 @@ class MatrixUnit(GeometryComponent):
                 ]
             m.d.comb += [
                 rnd.i.payload.acc.eq(total[lane]),
-                rnd.i.payload.lam.eq(t_rnd.xe_max + _LAM0),
+                rnd.i.payload.lam.eq(t_rnd.xe_max + _LAM0 + qbits(t_rnd.fmt)),
                 rnd.i.payload.nonfinite.eq(total_nf[lane] | t_rnd.x_nonfinite),
             ]
             rounded.append(rnd.o.payload.value.as_value())
@@ -971,7 +1241,6 @@ class MatrixUnit(GeometryComponent):
         """The command FSM: accept, load x, stream the tiles, report the argmax (or the
         sampled index)."""
         cmd = c.payload
-        A = self._lat["align"]
         m.d.comb += self.argmax.payload.eq(Mux(c.do_sample, smp.index, best.index))
         word = cmd.sampling.word
         k_raw = word[16 : 16 + S.TOP_K_BITS]
@@ -986,6 +1255,28 @@ class MatrixUnit(GeometryComponent):
                         c.s_k.eq(Mux((k_raw == 0) | (k_raw > S.TOP_K_MAX), S.TOP_K_MAX, k_raw)),
                     ]
                     rem = c.eff_cols[:6]
+                    # the tiles' format and columns: FP16 with no live column (the unit's own
+                    # zero block); quantized, span columns per tile and its scale beats
+                    m.d.sync += [
+                        c.fmt.eq(WFmt.FP16),
+                        c.last_tcb.eq(Mux(c.cbs == 0, 0, c.cbs - 1)),
+                        t.need_scale.eq(0),
+                    ]
+                    with m.If(c.cbs != 0), m.Switch(Cat(cmd.wgroup, cmd.wfmt)):
+                        for wfmt in _QUANT:
+                            for wgroup in range(4):
+                                qp = quant_params(wfmt, wgroup)
+                                with m.Case(wgroup | (int(wfmt) << 2)):
+                                    span = _log2(qp.span)
+                                    tcb = (c.eff_cols + qp.span - 1) >> span
+                                    m.d.sync += [
+                                        c.fmt.eq(wfmt),
+                                        c.last_tcb.eq(tcb - 1),
+                                        c.run_log2.eq(_log2(qp.run)),
+                                        c.ent_log2.eq(_log2(qp.entries)),
+                                        c.per_log2.eq(_log2(qp.per)),
+                                        t.need_scale.eq(1),
+                                    ]
                     m.d.sync += [
                         c.last_grp.eq(c.groups - 1),
                         c.last_cb.eq(Mux(c.cbs == 0, 0, c.cbs - 1)),
@@ -1017,8 +1308,9 @@ class MatrixUnit(GeometryComponent):
                     m.d.sync += x.count.eq(x.count + 1)
                     with m.If(x.last_block):
                         m.next = "Wait-X"
-            # The last x block is written in the cycle xv[A] is high; xe_max is final after it.
-            with m.State("Wait-X"), m.If(~Cat(*x.valid[:A]).any()):
+            # The last x block is written in the cycle xv[A + xsum] is high (xe_max is final
+            # after xv[A]).
+            with m.State("Wait-X"), m.If(~Cat(*x.valid[:-1]).any()):
                 m.next = "Stream"
             # After the last tile the next command may start while this one's results drain
             # (the later stages take the command's state from the tags); an ARGMAX command

@@ -17,7 +17,16 @@ from tandem import numerics as nm
 from tandem import sampling as S
 from tandem import seeds
 from tandem.geometry import geometry
-from tandem.layout import dense_stride, pack_tiled
+from tandem.layout import (
+    dense_stride,
+    pack_quant_tiled,
+    pack_tiled,
+    quant_tiles,
+    quant_wgroup,
+    scale_run,
+    wfmt_for,
+)
+from tandem.qweights import QuantizedMatrix
 from tandem.rtl.mpu import MatvecCommand, MatvecFlags, MatvecSampling
 from tandem.sim import streams
 from tandem.sim.runner import tb_params
@@ -34,7 +43,9 @@ _FLAGS = streams.Packer(MatvecFlags)
 _SAMPLING = streams.Packer(MatvecSampling)
 
 
-def _cmd_word(rows, cols, live_rows, live_cols, bias, argmax, sampling=(0, 0, 0)) -> int:
+def _cmd_word(
+    rows, cols, live_rows, live_cols, bias, argmax, sampling=(0, 0, 0), wfmt=0, wgroup=0
+) -> int:
     flags = _FLAGS.pack(bias=bias, argmax=argmax)
     word, seed, pos = sampling
     return _COMMAND.pack(
@@ -44,6 +55,8 @@ def _cmd_word(rows, cols, live_rows, live_cols, bias, argmax, sampling=(0, 0, 0)
         live_cols=live_cols,
         flags=flags,
         sampling=_SAMPLING.pack(word=word, seed=seed, pos=pos),
+        wfmt=wfmt,
+        wgroup=wgroup,
     )
 
 
@@ -136,6 +149,107 @@ class Case:
         if self.bias is not None:
             bias = [_row_int(self.bias[g * BLOCK : (g + 1) * BLOCK]) for g in range(self.n_groups)]
         return cmd, xs, tiles, bias
+
+    def cycles(self, mpu) -> int:
+        return mpu.cycles(self.n_groups, self.n_cb, argmax=self.argmax)
+
+
+@dataclass
+class QuantCase:
+    """One quantized MATVEC (``wfmt`` INT8/INT4): a dense matrix, x (stale past ``cols``),
+    bias; the weight stream is the region :func:`tandem.layout.pack_quant_tiled` stores, scale
+    beats included, and the expected results come from ``numerics.matvec_quant``."""
+
+    m: QuantizedMatrix
+    x: np.ndarray  # uint16 [64 * ceil(cols / 64)]
+    bias: np.ndarray | None  # uint16 [64 * groups] or None
+    argmax: bool = False
+    label: str = ""
+    sampling: tuple[int, int, int] = (0, 0, 0)
+    expect_rows: list[np.ndarray] = field(default_factory=list)
+    expect_argmax: int | None = None
+
+    @property
+    def n_groups(self):
+        return -(-self.m.rows // BLOCK)
+
+    @property
+    def n_cb(self):
+        return -(-self.m.cols // BLOCK)
+
+    @property
+    def wfmt(self) -> int:
+        return int(wfmt_for(self.m.bits))
+
+    @property
+    def wgroup(self) -> int:
+        return quant_wgroup(self.m.bits, self.m.group, self.m.cols)
+
+    def expect(self) -> None:
+        r, c = self.m.rows, self.m.cols
+        mat = nm.PreparedQuantMatrix(self.m)
+        bias = None if self.bias is None else self.bias[:r]
+        acc, lam, nonfinite = nm.matvec_quant(mat, self.x[:c], bias)
+        if self.argmax:
+            self.expect_argmax = S.choose_word(acc, lam, nonfinite, *self.sampling)
+            return
+        y = nm.matvec_quant_fp16(mat, self.x[:c], bias)
+        padded = np.zeros(self.n_groups * BLOCK, np.uint16)
+        padded[:r] = y
+        self.expect_rows = [padded[g * BLOCK : (g + 1) * BLOCK] for g in range(self.n_groups)]
+
+    def streams(self, geom):
+        r, c = self.m.rows, self.m.cols
+        cmd = _cmd_word(
+            r, c, r, c, int(self.bias is not None), int(self.argmax), self.sampling,
+            wfmt=self.wfmt, wgroup=self.wgroup,
+        )  # fmt: skip
+        xs = [_row_int(self.x[b * BLOCK : (b + 1) * BLOCK]) for b in range(self.n_cb)]
+        packed = pack_quant_tiled(geom, self.m)
+        n = quant_tiles(geom, r, c, self.m.bits)
+        beats = n + -(-n // scale_run(self.m.bits, self.wgroup))
+        bb = geom.beat_bytes
+        tiles = [
+            int.from_bytes(packed[:, t * bb : (t + 1) * bb].tobytes(), "little")
+            for t in range(beats)
+        ]
+        bias = []
+        if self.bias is not None:
+            bias = [_row_int(self.bias[g * BLOCK : (g + 1) * BLOCK]) for g in range(self.n_groups)]
+        return cmd, xs, tiles, bias
+
+    def cycles(self, mpu) -> int:
+        return mpu.cycles(
+            self.n_groups, self.n_cb, argmax=self.argmax, wfmt=self.wfmt, wgroup=self.wgroup
+        )
+
+
+def make_quant_case(
+    rng, rows, cols, bits, group, *, bias=False, argmax=False, label="", scales=None, zeros=None
+) -> QuantCase:
+    """A random quantized matrix: every ``q`` and zero point of the range, scales of about
+    ``1 / 2**bits`` (``scales(rng, shape)`` overrides them, ``zeros`` the zero points)."""
+    g = cols if group is None else group
+    ng = -(-cols // g)
+    q = rng.integers(0, 1 << bits, size=(rows, cols), dtype=np.uint8)
+    if scales is None:
+        scale = normal_bits(rng, (rows, ng), 2.0**-bits)
+    else:
+        scale = scales(rng, (rows, ng))
+    if zeros is None:
+        zero = rng.integers(0, 1 << bits, size=(rows, ng), dtype=np.uint8)
+    else:
+        zero = zeros(rng, (rows, ng)).astype(np.uint8)
+    m = QuantizedMatrix(q=q, scale=scale, zero=zero, bits=bits, group=g)
+    x = garbage_bits(rng, -(-cols // BLOCK) * BLOCK)
+    x[:cols] = normal_bits(rng, cols)
+    b = None
+    if bias:
+        b = garbage_bits(rng, -(-rows // BLOCK) * BLOCK)
+        b[:rows] = normal_bits(rng, rows, 4.0)
+    case = QuantCase(m, x, b, argmax, label or f"INT{bits} g{group} {rows}x{cols}")
+    case.expect()
+    return case
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +455,7 @@ async def shapes_and_cycle_formula(dut):
     report = []
     for case, c0 in zip(cases, edges["cmd"], strict=True):
         c1 = next(c for c in edges["ready"] if c > c0)
-        want = mpu.cycles(case.n_groups, case.n_cb, argmax=case.argmax)
+        want = case.cycles(mpu)
         report.append((case.label, case.n_groups, case.n_cb, c1 - c0, want))
     dut._log.info("cycles (label, n_groups, n_cb, measured, formula): %s", report)
     wrong = [r for r in report if r[3] != r[4]]
@@ -580,3 +694,91 @@ async def sampling(dut):
                 )
             )
         await tb.run(cases)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantized weights (issue 17)
+
+# (bits, group) of every scale-beat shape: INT8 per channel / g64 / g128; INT4 g64 (K = 8),
+# g128 (K = 16), g256 and per channel (K = 32). None: one group per row.
+QUANT_FORMATS = [(8, None), (8, 64), (8, 128), (4, 64), (4, 128), (4, 256), (4, None)]
+
+
+@cocotb.test()
+async def quantized_weights(dut):
+    """INT8 and INT4 matrices of every group size, with bias and argmax, odd shapes, back to
+    back with FP16 commands and no stall: bit-exact against numerics.matvec_quant, and the
+    cycle formula with the scale beats; then special scales; then random stalls."""
+    geom = _geom()
+    rng = np.random.default_rng(tb_params().get("seed", 1) + 7)
+    tb = TB(dut, geom)
+    await tb.reset()
+    lite = _lite()
+    shapes = [(70, 130), (130, 300)] if lite else [(70, 130), (130, 300), (64, 64), (3, 520)]
+    cases = []
+    for k, (bits, group) in enumerate(QUANT_FORMATS[::3] if lite else QUANT_FORMATS):
+        for i, (rows, cols) in enumerate(shapes):
+            mode = (k + i) % 3  # plain, bias, argmax
+            cases.append(
+                make_quant_case(rng, rows, cols, bits, group, bias=mode == 1, argmax=mode == 2)
+            )
+        # an FP16 command between quantized ones: formats overlap in the pipeline
+        cases.append(make_case(rng, 70, 130, bias=bool(k % 2), label=f"fp16 after {k}"))
+    edges = await tb.run(cases)
+    mpu = _mpu_model()
+    report = []
+    for case, c0 in zip(cases, edges["cmd"], strict=True):
+        c1 = next(c for c in edges["ready"] if c > c0)
+        report.append((case.label, c1 - c0, case.cycles(mpu)))
+    dut._log.info("cycles (label, measured, formula): %s", report)
+    wrong = [r for r in report if r[1] != r[2]]
+    assert not wrong, f"measured cycles differ from the documented formula: {wrong}"
+
+    # scales: subnormal, zero, negative, the largest, and Inf/NaN in a few rows (row -> NaN);
+    # zero points at both ends
+    def special_scales(r, shape):
+        v = normal_bits(r, shape, 2.0**-4)
+        pick = r.random(shape) < 0.3
+        return np.where(pick, r.choice(SPECIALS, size=shape), v).astype(np.uint16)
+
+    def edge_zeros(r, shape, bits):
+        return r.choice([0, (1 << bits) - 1], size=shape)
+
+    cases = []
+    for bits, group in [(8, 64), (4, 128)] if lite else [(8, None), (8, 64), (4, 64), (4, 128)]:
+        for mode in range(2 if lite else 3):
+            cases.append(
+                make_quant_case(
+                    rng, 70, 200, bits, group,
+                    bias=mode == 1, argmax=mode == 2,
+                    scales=special_scales,
+                    zeros=lambda r, s, b=bits: edge_zeros(r, s, b),
+                    label=f"special scales INT{bits} g{group} mode {mode}",
+                )
+            )  # fmt: skip
+    await tb.run(cases)
+
+    # random shapes and formats under random stalls and backpressure
+    seed = tb_params().get("seed", 1) + 8
+    patterns = [
+        (lambda k: streams.cycle([1, 1, 1, 0]), lambda k: streams.cycle([1, 1, 1, 0])),
+        (lambda k: streams.bernoulli(0.6, seed + k), lambda k: streams.bernoulli(0.5, seed - k)),
+        (lambda k: streams.bursts(seed + 30 + k), lambda k: streams.bursts(seed + 40 + k)),
+    ]
+    for k, (inputs, outputs) in enumerate(patterns[:2] if lite else patterns):
+        tb.set_patterns(inputs, outputs)
+        cases = []
+        for i in range(2 if lite else 4):
+            bits, group = QUANT_FORMATS[int(rng.integers(len(QUANT_FORMATS)))]
+            rows, cols = int(rng.integers(1, 200)), int(rng.integers(1, 400))
+            cases.append(
+                make_quant_case(
+                    rng, rows, cols, bits, group,
+                    bias=bool(rng.random() < 0.5), argmax=bool(rng.random() < 0.3),
+                    label=f"stalls {k} case {i} INT{bits} g{group} {rows}x{cols}",
+                )
+            )  # fmt: skip
+            if i == 1:
+                cases.append(make_case(rng, 50, 70, label=f"stalls {k} fp16"))
+        await tb.run(cases)
+    tb.set_patterns(None, None)
