@@ -144,12 +144,22 @@ class MatrixUnit(GeometryComponent):
     aligned once into an on-chip buffer), then consumes the weight tiles of the live part in the
     tiled order of :mod:`tandem.layout`: for each row group ``g`` (64 rows), for each column block
     ``cb``, for each row block ``rb`` (``64 / lanes`` of them), one tile of ``lanes`` rows x 64
-    columns. The arithmetic is :func:`tandem.numerics.matvec`, bit for bit: per lane and tile,
-    ``BlockAlign`` of the 64 weights, ``BlockDot`` with x block ``cb``, ``AccumulatorShift`` into
-    the row's 64-bit accumulator; after the last ``cb`` the bias (``numerics.bias_to_acc``) is
-    added and ``AccToFP16`` rounds, with the canonical NaN for rows that saw a non-finite operand.
-    Columns at or past ``live_cols`` in the last block count as +0 for x and the weights (stale
-    HBM data there does not matter), also for the block exponents.
+    columns (quantized: ``span`` columns, below). The arithmetic is :func:`tandem.numerics.matvec`, bit for bit: per lane and tile,
+    ``BlockAlign`` of the 64 weights, the lane pair's ``NibbleDotPair`` with x block ``cb``,
+    ``AccumulatorShift`` into the row's 64-bit accumulator; after the last ``cb`` the bias
+    (``numerics.bias_to_acc``) is added and ``AccToFP16`` rounds, with the canonical NaN for rows
+    that saw a non-finite operand. Columns at or past ``live_cols`` in the last block count as +0
+    for x and the weights (stale HBM data there does not matter), also for the block exponents.
+
+    Quantized matrices (``wfmt`` INT8 or INT4; dense) follow :func:`tandem.numerics.matvec_quant`
+    on the same DSP array: a tile is one beat of every channel, ``span`` = 128 (INT8) or 256
+    (INT4) columns per lane, i.e. 2 or 4 blocks, and a scale beat precedes every ``K`` tiles
+    (tandem.layout's quantized tiled form). Per lane and block, ``NibbleDotPair`` gives ``P =
+    sum (q - zero) * x``, a ``QuantScale`` places ``+-m_s * P``, and the blocks' terms are summed
+    into the accumulator, whose LSB is ``bits`` higher (``quant_lsb_exponent``); the bias is
+    placed there too. The scale beat's entries (32 per lane: binary16 scales, then zero points)
+    wait in per-lane registers; block ``b`` of a tile takes entry ``b // (k / e)`` of the
+    tile's ``e``.
 
     The code follows the datapath: :meth:`_command`, :meth:`_x_load`, :meth:`_credits` (output
     FIFO and bias buffer), :meth:`_tiles` (acceptance and the per-stage tags),
@@ -202,23 +212,30 @@ class MatrixUnit(GeometryComponent):
     Cycles of one command whose streams never stall, from the cycle ``cmd`` is accepted up to
     the first cycle ``cmd.ready`` is high again::
 
-        1 + n_cb + x_latency + n_groups * n_cb * (64 / lanes) + tail
+        1 + n_cb + x_latency + beats + tail
 
         n_groups = ceil(min(live_rows, rows) / 64),  n_cb = ceil(min(live_cols, cols) / 64)
-        x_latency = A + 1                        (4)    x alignment and buffer write
+        beats = n_groups * n_cb * (64 / lanes)          FP16 (the tiles)
+        beats = T + ceil(T / K),                        quantized: T = n_groups * ceil(n_cb / k)
+                                                        * (64 / lanes) tiles, k = 2 (INT8) or 4
+                                                        (INT4) blocks per tile, and the scale
+                                                        beats (:meth:`weight_beats`)
+        x_latency = A + X + 1                    (7)    x alignment, block sum, buffer write
         tail = 0                                        the next command is taken in the cycle
                                                         after the last tile (results drain)
-        tail = argmax_latency = A+D+H+4+log2(lanes)     with ARGMAX (tiny 14, u55c 17);
+        tail = argmax_latency = A+D+L+4+log2(lanes)     with ARGMAX (tiny 22, u55c 25);
                                                         the index transfer is 1 cycle earlier
-        P = pipeline_depth = 1 + A + D + H + 2 + R   (17)
+        P = pipeline_depth = 1 + A + D + L + 2 + R   (25)
 
     with the unit latencies of rtl/arith.py (:attr:`latencies`): BlockAlign ``A`` = 3,
-    BlockDot ``D`` = 4, AccumulatorShift ``H`` = 2, AccToFP16 ``R`` = 5. The x load is
-    ``n_cb`` cycles at one block per cycle. Commands overlap: after the last tile of a command
+    BlockSum ``X`` = 3, NibbleDotPair ``D`` = 8, the place step ``L`` = 6 (QuantScale, 4, and
+    the two-stage sum of a tile's block terms; FP16's AccumulatorShift, 2, is delayed to the
+    same stage so that commands of different formats overlap), AccToFP16 ``R`` = 5. The x load
+    is ``n_cb`` cycles at one block per cycle. Commands overlap: after the last tile of a command
     without ARGMAX the unit takes the next command and loads its x while the pipeline drains
     (every stage after the input takes the command's state, xe_max, the x non-finite flag, BIAS
     and ARGMAX, from the tile's tag), so a run of commands costs the sum of the formula. The
-    last result row leaves :attr:`drain_latency` (P + 3, 20) cycles after the last tile;
+    last result row leaves :attr:`drain_latency` (P + 3, 28) cycles after the last tile;
     ``busy`` stays high until then. An ARGMAX command's index transfer is the last thing it
     does: the next command waits for it.
 
@@ -227,12 +244,12 @@ class MatrixUnit(GeometryComponent):
     tail after the last tile (:meth:`sample_tail`) is::
 
         tail = sample_latency + sum over lanes (n_l + 1) + min(K, rows)
-        sample_latency = P + 16 = st_out + 17             (tiny and u55c 33)
+        sample_latency = P + 16 = st_out + 17             (tiny and u55c 41)
         n_l = min(K, live rows of lane l)                 (the lane of row i is i mod lanes)
 
     the merge of the lane lists (``n_l`` entries and one cycle to move on, per lane), then the
     scan of the top ``K`` through the stream. At most ``sample_latency + lanes * (K + 1) + K``:
-    for u55c and K = 64, 1,137 cycles, about 0.6% of a gpt2 token (about 188,000 cycles).
+    for u55c and K = 64, 1,145 cycles, about 0.6% of a gpt2 token (about 188,000 cycles).
     The scan also waits for the key schedule (29 cycles from the command's acceptance), which
     no command of one or more tiles reaches (``cycles`` keeps the bound anyway).
 
