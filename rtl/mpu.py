@@ -144,8 +144,9 @@ class MatrixUnit(GeometryComponent):
     aligned once into an on-chip buffer), then consumes the weight tiles of the live part in the
     tiled order of :mod:`tandem.layout`: for each row group ``g`` (64 rows), for each column block
     ``cb``, for each row block ``rb`` (``64 / lanes`` of them), one tile of ``lanes`` rows x 64
-    columns (quantized: ``span`` columns, below). The arithmetic is :func:`tandem.numerics.matvec`, bit for bit: per lane and tile,
-    ``BlockAlign`` of the 64 weights, the lane pair's ``NibbleDotPair`` with x block ``cb``,
+    columns (quantized: ``span`` columns, below). The arithmetic is
+    :func:`tandem.numerics.matvec`, bit for bit: per lane and tile, ``BlockAlign`` of the 64
+    weights, the lane pair's ``NibbleDotPair`` with x block ``cb``,
     ``AccumulatorShift`` into the row's 64-bit accumulator; after the last ``cb`` the bias
     (``numerics.bias_to_acc``) is added and ``AccToFP16`` rounds, with the canonical NaN for rows
     that saw a non-finite operand. Columns at or past ``live_cols`` in the last block count as +0

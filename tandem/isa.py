@@ -26,8 +26,7 @@ the instruction executes, like the buffer bound.
 run's binary16 scales and zero points in groups of ``wgroup`` columns, and the product of
 tandem.numerics.matvec_quant. A quantized ``MATVEC`` streams a dense matrix whole: ``stride`` must
 be 0 and neither ``LIVE_ROWS`` nor ``LIVE_COLS`` may be set; that, and ``wfmt = 3``, is an illegal
-instruction. (The RTL's matrix unit does not compute quantized weights yet: the core reports every
-``MATVEC`` with ``wfmt != 0`` as an illegal instruction until it does.)
+instruction. The RTL core computes all three formats on one matrix unit (docs/rtl.md).
 
 The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
 zero), with ``label:`` lines, branch targets given as labels or numbers, flags as ``A|B`` and
