@@ -700,15 +700,10 @@ def matvecs_per_position(cfg, g, formats=None) -> int:
     """MATVEC instructions the compiled program runs per generated token (the program has no
     loop inside a position; the prologue has none); ``formats``: quantized matrices'
     (:func:`quant_formats`), whose LM head may be read in other chunks."""
-    from tandem.compiler import _Emitter, program, vbuf_plan
+    from tandem.compiler import program
     from tandem.isa import Op
-    from tandem.layout import HBMLayout
 
-    if formats:
-        prog = _Emitter(cfg, g, HBMLayout(cfg, g, formats=formats), vbuf_plan(cfg, g)).program()
-    else:
-        prog = program(cfg, g)
-    return sum(i.op == Op.MATVEC for i in prog)
+    return sum(i.op == Op.MATVEC for i in program(cfg, g, formats=formats))
 
 
 def project(pc, g, ctx: int, spec: dict, read_ratio: float, cycles, eff: float) -> dict | None:

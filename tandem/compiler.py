@@ -654,10 +654,13 @@ def compile_model(
     return Compiled(cfg, geom, program, layout, image, vbuf, dict(em.p.labels))
 
 
-def program(cfg: GPT2Config, geom: CoreGeometry, *, logits: bool = False) -> list[Instr]:
+def program(
+    cfg: GPT2Config, geom: CoreGeometry, *, logits: bool = False, formats=None
+) -> list[Instr]:
     """The instruction stream :func:`compile_model` would emit for ``cfg`` on ``geom``, without
-    weights or an image (it depends on the shapes only)."""
-    layout = HBMLayout(cfg, geom, logits=logits)
+    weights or an image (it depends on the shapes only, and on the quantized matrices' formats:
+    ``formats`` as :class:`~tandem.layout.HBMLayout` takes them)."""
+    layout = HBMLayout(cfg, geom, logits=logits, formats=formats or {})
     return _Emitter(cfg, geom, layout, vbuf_plan(cfg, geom)).program()
 
 
