@@ -415,8 +415,14 @@ def _generate_gpu(weights, cfg, ids: list[int], n_new: int, args) -> dict:
 def _choose_placement(weights, cfg, ids: list[int], n_new: int, args) -> str:
     from tandem.gpu.prefill import PreparedModel
     from tandem.host.placement import choose
+    from tandem.layout import core_tensors
+    from tandem.qweights import QuantizedMatrix
 
-    choice = choose(cfg, args.geom, PreparedModel(cfg, weights, args.prefill_device), ids, n_new)
+    formats = None
+    if any(isinstance(w, QuantizedMatrix) for w in weights.values()):
+        formats = core_tensors(cfg, weights)[1]  # the FPGA streams the quantized layout
+    model = PreparedModel(cfg, weights, args.prefill_device)
+    choice = choose(cfg, args.geom, model, ids, n_new, formats=formats)
     print(choice.explain(), file=sys.stderr)
     return choice.placement
 

@@ -56,16 +56,20 @@ def choose(
     ids: list[int],
     n_new: int,
     rtl_paths=RTL_RESULTS,
+    formats=None,
 ) -> Choice:
     """Time the torch prefill and one decode step for this request, then :func:`decide`.
-    ``rtl_paths``: where :class:`~tandem.host.thesis.FpgaDecodeModel` looks for RTL cycles."""
-    from tandem.gpu.cuda import synchronize
+    ``rtl_paths``: where :class:`~tandem.host.thesis.FpgaDecodeModel` looks for RTL cycles;
+    ``formats``: the quantized matrices' formats (``tandem.layout.core_tensors``), so that the
+    FPGA's bytes per token are the quantized layout's. Torch runs with the contract's CPU thread
+    cap (:func:`tandem.gpu.cuda.cpu_threads`), as ``--placement gpu`` does."""
+    from tandem.gpu.cuda import cpu_threads, synchronize
     from tandem.gpu.decode import decode_step
     from tandem.gpu.prefill import prefill
 
     ids = check_request(cfg, ids, n_new)
     where = f"measured (this machine, torch on {model.device})"
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(model.device):
         t0 = time.perf_counter()
         pre = prefill(cfg, model, ids)
         synchronize(model.device)
@@ -76,7 +80,7 @@ def choose(
             decode_step(cfg, model, pre.first_token, k, v)
             synchronize(model.device)
             step = time.perf_counter() - t1
-    fpga = FpgaDecodeModel(cfg, geom, HBMLayout(cfg, geom), rtl_paths)
+    fpga = FpgaDecodeModel(cfg, geom, HBMLayout(cfg, geom, formats=formats or {}), rtl_paths)
     P = len(ids)
     moved = kv_moved_bytes(cfg, geom, P)
     numbers = {

@@ -371,3 +371,23 @@ def test_packaged_result_is_the_default_and_carries_provenance():
         f.origin()
         == f"; from the packaged tandem/host/data/bench-rtl.json (RTL {prov['core_commit']})"
     )
+
+
+def test_choose_projects_a_quantized_model_from_its_layout(tmp_path):
+    """--placement auto on a quantized model: the FPGA's bytes per token are the quantized
+    layout's (weight tiles and scale beats), not FP16's."""
+    from tandem.layout import core_tensors
+    from tandem.qweights import quantize_weights
+
+    cfg, g = preset("test-tiny"), geometry("u55c")
+    weights = quantize_weights(random_weights(cfg, seed=0), cfg, bits=4, group=64)
+    formats = core_tensors(cfg, weights)[1]
+    assert formats  # the matrices are quantized
+    model = PreparedModel(cfg, weights, "cpu")
+    paths = [rtl_json(tmp_path / "b.json")]
+    choice = choose(cfg, g, model, [1, 2, 3], 4, rtl_paths=paths, formats=formats)
+    lay = HBMLayout(cfg, g, formats=formats)
+    per = (streamed_bytes(lay) + kv_read_bytes(cfg, g, 1)) / (0.25 * PEAK)
+    assert choice.numbers["FPGA decode"][0] == pytest.approx(3 * per, rel=1e-12)
+    fp16 = choose(cfg, g, model, [1, 2, 3], 4, rtl_paths=paths)
+    assert choice.numbers["FPGA decode"][0] < fp16.numbers["FPGA decode"][0]
