@@ -1362,6 +1362,20 @@ def _adder_trees(p: Stall, trees, *, per_stage: int, name: str):
     return [level[0][0] for level in levels], stages
 
 
+def _tree_output(m: Module, p: Stall, unit: StreamUnit, total, stages: int, *, name: str):
+    """Drive ``unit.o`` from an adder tree's registered ``total`` (``o.payload.sum``), ``stages``
+    cycles after the input: the tag and valid bit delayed to match."""
+    tag = unit.i.payload.tag
+    for s in range(stages):
+        tag = p.reg(tag, unit._tag, name=f"{name}_tag{s}")
+    valid = p.valid_chain(unit.i.valid, stages, name=f"{name}_valid")
+    m.d.comb += [
+        unit.o.payload.sum.eq(total),
+        unit.o.payload.tag.eq(tag),
+        unit.o.valid.eq(valid),
+    ]
+
+
 class BlockSum(StreamUnit):
     """Exact sum of one aligned block, ``xsum = sum x`` (:func:`xsum_shape`): what the quantized
     block sums need once per input block (``sum (q - zero) * x = sum q * x - zero * xsum``), so
@@ -1408,15 +1422,7 @@ class BlockSum(StreamUnit):
             (total,), stages = [p.reg(i.x[0], xsum_shape(1), name="bsum_t")], 1
         else:
             (total,), stages = _adder_trees(p, [leaves], per_stage=self.PER_STAGE, name="bsum_t")
-        tag = i.tag
-        for s in range(stages):
-            tag = p.reg(tag, self._tag, name=f"bsum_tag{s}")
-        valid = p.valid_chain(self.i.valid, stages, name="bsum_valid")
-        m.d.comb += [
-            self.o.payload.sum.eq(total),
-            self.o.payload.tag.eq(tag),
-            self.o.valid.eq(valid),
-        ]
+        _tree_output(m, p, self, total, stages, name="bsum")
         return m
 
 
@@ -1492,15 +1498,7 @@ class QuantBlockDot(StreamUnit):
         for j in range(self._bits):
             leaves.append((Mux(i.zero[j], neg_xsum << j, 0), (self._size * 2047) << j))
         (total,), stages = _adder_trees(p, [leaves], per_stage=self.PER_STAGE, name="qdot_t")
-        tag = i.tag
-        for s in range(stages):
-            tag = p.reg(tag, self._tag, name=f"qdot_tag{s}")
-        valid = p.valid_chain(self.i.valid, stages, name="qdot_valid")
-        m.d.comb += [
-            self.o.payload.sum.eq(total),
-            self.o.payload.tag.eq(tag),
-            self.o.valid.eq(valid),
-        ]
+        _tree_output(m, p, self, total, stages, name="qdot")
         return m
 
 

@@ -16,7 +16,7 @@ from stream_models import Sink, Source, run
 
 from tandem import numerics as nm
 from tandem.qweights import QuantizedMatrix
-from tandem.rtl.arith import QuantBlockDot, QuantBlockDotPair, QuantScale
+from tandem.rtl.arith import BlockSum, QuantBlockDot, QuantBlockDotPair, QuantScale
 
 TAG = unsigned(16)
 
@@ -170,6 +170,21 @@ def test_quant_block_sums(kind, bits, stall):
     extreme = 64 * ((1 << bits) - 1) * 2047
     flat = [v for w in want for v in w]
     assert extreme in flat and -extreme in flat
+
+
+@pytest.mark.parametrize("stall", [0.0, 0.35])
+def test_block_sum(stall):
+    """BlockSum (the MPU's ``xsum`` per input block) equals the sum of numerics' aligned block
+    on every edge input kind and random ones; with no stalls, after its latency."""
+    rng = np.random.default_rng(7)
+    kinds = [*X_KINDS, *(["random", "spread", "subnormal"] * 6)]
+    xs = [nm.bfp_blocks(fp16_block(rng, k))[0] for k in kinds]
+    unit = BlockSum(tag=TAG)
+    outs, first = run_stream(unit, [{"x": [int(v) for v in x]} for x in xs], stall=stall)
+    assert [o.sum for o in outs] == [int(x.sum()) for x in xs]
+    assert 64 * 2047 in [o.sum for o in outs] and -64 * 2047 in [o.sum for o in outs]
+    if not stall:
+        assert first == unit.latency == 3
 
 
 # --------------------------------------------------------------------------------------------
