@@ -36,10 +36,15 @@ def run_mpu(geom_name: str, sim: str, *, max_cols=None, testcase=None, **params)
 
 @pytest.mark.parametrize("sim", runner.simulators())
 def test_mpu_tiny(sim):
-    """Shapes and modes with the cycle formula, special values, stalls: the whole TB. Icarus
-    runs a lighter workload (its cycles cost about 20x more here)."""
-    workload = "full" if sim == "verilator" else "lite"
-    run_mpu("tiny", sim, seed=1, random_cases=6 if sim == "verilator" else 2, workload=workload)
+    """Shapes and modes with the cycle formula, special values, stalls, sampling, quantized
+    weights: the whole TB on Verilator. Icarus, where a cycle of the DSP array's Verilog costs
+    several hundred times Verilator's, runs the lite workload of the shapes and the quantized
+    tests (every format's path, the cycle formula, a bias, an argmax, a stalled case)."""
+    if sim == "verilator":
+        run_mpu("tiny", sim, seed=1, random_cases=6, workload="full")
+    else:
+        lite = ["shapes_and_cycle_formula", "quantized_weights"]
+        run_mpu("tiny", sim, seed=1, workload="lite", testcase=lite)
 
 
 @pytest.mark.long
