@@ -19,6 +19,7 @@ from .feeders import CommandQueue, MpuFeeder, ReadPortShare, StoreFeeder, VbufWr
 from .fetch import ProgramFetch
 from .mpu import MatrixUnit
 from .relay import Delay, Relay
+from .sampler import Sampler
 from .shell import KernelShell
 from .vbuf import VectorBuffer
 from .vpu import VectorCommand, VectorUnit
@@ -83,6 +84,8 @@ LEVELS = {
     "dma_error": ("dma", "ctrl"),
     "dma_error_tag": ("dma", "ctrl"),
     "hold": ("mpu_feeder", "store_feeder"),
+    "sample_feed": ("mpu", "sampler"),
+    "sample_result": ("sampler", "mpu"),
     "busy_vpu": ("vpu", "ctrl"),
     "busy_mpu_feeder": ("mpu_feeder", "ctrl"),
     "busy_mpu": ("mpu", "ctrl"),
@@ -206,7 +209,8 @@ class DecodeCore(GeometryComponent):
       VBUF). LDW words go straight to the controller.
     - the :class:`MatrixUnit` through :class:`rtl.feeders.MpuFeeder` (x and bias rows from the
       VBUF, result rows back); the weight tiles go from the DMA straight into the MPU and the
-      ARGMAX index straight to the controller.
+      ARGMAX index straight to the controller. The MPU's :class:`rtl.sampler.Sampler` is a
+      block of its own (``sampler``), fed the rounded rows through level-signal stages.
     - the :class:`VectorUnit` through a :class:`rtl.feeders.CommandQueue` of :data:`VPU_QUEUE`
       commands, so the controller runs ahead.
 
@@ -265,7 +269,8 @@ class DecodeCore(GeometryComponent):
         fetch = place("fetch", ProgramFetch(g))
         stores = place("store_feeder", StoreFeeder(g))
         feeder = place("mpu_feeder", MpuFeeder(g))
-        mpu = place("mpu", MatrixUnit(g))
+        mpu = place("mpu", MatrixUnit(g, external_sampler=True))
+        sampler = place("sampler", Sampler(g))
         vq = place("vpu_queue", CommandQueue(VectorCommand, VPU_QUEUE))
         vpu = place("vpu", VectorUnit(g))
         vbuf = place("vbuf", VectorBuffer(g, read_ports=3, write_ports=1))
@@ -334,6 +339,10 @@ class DecodeCore(GeometryComponent):
         relay("tiles", dma.tiles, mpu.weights)
         relay("mpu_result", mpu.result, feeder.result)
         relay("argmax", mpu.argmax, ctrl.mpu_argmax)
+        m.d.comb += [
+            sampler.feed.eq(delay("sample_feed", mpu.sample_feed.as_value())),
+            mpu.sample_result.eq(delay("sample_result", sampler.result.as_value())),
+        ]
         connect(m, feeder.read, shared_rd.users[0])
         connect(m, feeder.write, vbuf_wr.mpu)
 

@@ -17,14 +17,16 @@ from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, enum, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from tandem import isa, regmap
+from tandem import regmap
 from tandem.checks import check_int
 from tandem.geometry import CoreGeometry
-from tandem.layout import STATUS_BYTES, quant_blocks, quant_span, scale_run
+from tandem.layout import STATUS_BYTES
 from tandem.numerics import BLOCK
 
 from .axi import FOUR_KB, AXI4Signature, Burst, Resp, burst_limit
 from .component import GeometryComponent
+from .quant import log2_exact as _log2
+from .quant import quant_table
 from .shell import args_layout
 from .vbuf import Row, row_addr_bits
 
@@ -125,20 +127,9 @@ class ReadCommand(data.Struct):
 
 def quant_read_table() -> dict[tuple[int, int], tuple[int, int]]:
     """``{(wfmt, wgroup): (log2 span, log2 K)}`` for every quantized format and group code: a
-    quantized tile's columns (:func:`tandem.layout.quant_span`) and the tiles after each scale
-    beat (:func:`tandem.layout.scale_run`), the constants of a quantized TILES read. Built from
-    tandem.layout, the one definition; both are powers of two, so the read divides by shifts."""
-    table = {}
-    for wfmt, bits in isa.WFMT_BITS.items():
-        if wfmt is isa.WFmt.FP16:
-            continue
-        span = quant_span(bits)
-        assert span == BLOCK * quant_blocks(bits) and span & (span - 1) == 0, span
-        for wgroup in range(len(isa.WGROUPS)):
-            k = scale_run(bits, wgroup)
-            assert k & (k - 1) == 0, f"scale_run({bits}, {wgroup}) = {k} is not a power of two"
-            table[int(wfmt), wgroup] = (_log2(span), _log2(k))
-    return table
+    quantized tile's columns and the tiles after each scale beat, the constants of a quantized
+    TILES read (:func:`rtl.quant.quant_table`, the MPU's too)."""
+    return {key: (q.span_log2, q.run_log2) for key, q in quant_table().items()}
 
 
 class StoreKind(enum.Enum, shape=3):
@@ -184,10 +175,6 @@ class DMAErrors(data.Struct):
 
     hbm_range: 1
     axi_error: 1
-
-
-def _log2(n: int) -> int:
-    return n.bit_length() - 1
 
 
 def _check_geometry(geom) -> CoreGeometry:

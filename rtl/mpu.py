@@ -9,10 +9,8 @@ from amaranth.lib import data, fifo, stream
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from tandem import sampling as S
 from tandem.geometry import CoreGeometry, is_pow2
-from tandem.isa import WFMT_BITS, MatFlag, WFmt
-from tandem.layout import quant_blocks, quant_span, scale_entries, scale_run
+from tandem.isa import MatFlag, WFmt
 from tandem.numerics import BLOCK, MAX_DOT_LEN, acc_lsb_exponent
 
 from .arith import (
@@ -26,6 +24,9 @@ from .arith import (
     xsum_shape,
 )
 from .component import GeometryComponent
+from .quant import QUANT_FORMATS, quant_params
+from .quant import log2_exact as _log2
+from .sampler import KEY_SCHEDULE, MatvecSampling, Sampler, SampleResult, feed_layout
 
 __all__ = ["Block", "MatrixUnit", "MatvecCommand", "MatvecFlags", "MatvecSampling"]
 
@@ -43,38 +44,6 @@ _BIAS_XE = 25
 ``numerics.bias_to_acc`` shifts by ``exp - 25 - lam`` = ``block_shift(exp, 25, xe_max)``."""
 
 
-_QUANT = (WFmt.INT8, WFmt.INT4)
-"""The quantized weight formats (tandem.isa.WFmt); their parameters come from tandem.layout."""
-
-
-def _log2(n: int) -> int:
-    if n & (n - 1) or n < 1:
-        raise AssertionError(f"{n} is not a power of two")
-    return n.bit_length() - 1
-
-
-def quant_params(wfmt, wgroup: int) -> SimpleNamespace:
-    """What the MPU needs of a quantized format, from :mod:`tandem.layout` (the one definition):
-    ``bits``, ``blocks`` per tile and lane (``k``), the tile's ``span`` of columns, the scale
-    beat's ``run`` of tiles (``K``), the ``entries`` per tile (``e``) and ``per`` = ``k / e``
-    blocks per entry."""
-    bits = WFMT_BITS[WFmt(wfmt)]
-    k, e = quant_blocks(bits), scale_entries(bits, wgroup)
-    return SimpleNamespace(
-        bits=bits,
-        blocks=k,
-        span=quant_span(bits),
-        run=scale_run(bits, wgroup),
-        entries=e,
-        per=k // e,
-    )
-
-
-_KEY_SCHEDULE = S.SIMON_ROUNDS - 4 + 1
-"""Cycles from a command's acceptance to the first cycle the scan may start: the key words are
-loaded with the command, then the other round keys come one per cycle."""
-
-
 class MatvecFlags(data.Struct):
     """``MATVEC`` flags in the bit order of :class:`tandem.isa.MatFlag`, so that the instruction's
     flag field casts to it unchanged. The MPU reads ``bias`` and ``argmax``; the ``live_*`` bits
@@ -89,16 +58,6 @@ class MatvecFlags(data.Struct):
 for _name, _field in data.Layout.cast(MatvecFlags):
     if 1 << _field.offset != MatFlag[_name.upper()]:
         raise AssertionError(f"MatvecFlags.{_name} is not at MatFlag's bit position")
-
-
-class MatvecSampling(data.Struct):
-    """The sampling registers of an ``ARGMAX`` (``MATVEC``'s ``sreg`` field): the ``sampling``
-    word (``T_q`` in bits 15:0, 0 = greedy; ``K`` in bits 22:16), the seed and the position
-    (:mod:`tandem.sampling`)."""
-
-    word: unsigned(32)
-    seed: unsigned(32)
-    pos: unsigned(16)
 
 
 class MatvecCommand(data.Struct):
@@ -175,6 +134,10 @@ class MatrixUnit(GeometryComponent):
         Longest input vector (size of the aligned x buffer); default the VBUF capacity, at most
         :data:`tandem.numerics.MAX_DOT_LEN`. A command with more live columns is not defined
         (the controller must not issue one).
+    external_sampler : bool
+        Leave the :class:`rtl.sampler.Sampler` out and expose its ports instead
+        (``sample_feed``, ``sample_result``): the core places it in another SLR
+        (:mod:`tandem.floorplan`). Default: the unit holds its own.
 
     Members
     -------
@@ -199,6 +162,11 @@ class MatrixUnit(GeometryComponent):
     busy : Out(1)
         A command is in progress or result rows are still to leave (``cmd.ready`` may be high
         while the last command drains).
+    sample_feed : Out(rtl.sampler.feed_layout(lanes)), sample_result : In(SampleResult)
+        Only with ``external_sampler``: the sampler's input, every cycle (the command's start,
+        the rounded candidate rows), and its one-cycle answer, which the unit keeps until the
+        index transfer. Each register the core puts on either adds a cycle to a sampling
+        command's tail.
 
     Timing
     ------
@@ -253,10 +221,13 @@ class MatrixUnit(GeometryComponent):
     for u55c and K = 64, 1,145 cycles, about 0.6% of a gpt2 token (about 188,000 cycles).
     The scan also waits for the key schedule (29 cycles from the command's acceptance), which
     no command of one or more tiles reaches (``cycles`` keeps the bound anyway).
+    The lists, the merge, the scan and the choice are the :class:`rtl.sampler.Sampler`'s, the
+    unit's own submodule; in the u55c core it is a block of its own in SLR2, and the 2 + 2
+    registers of its feed and answer add 4 cycles to this tail (rtl/core.py).
 
-    Cost of sampling (one list of K = 64 entries of 33 bits per lane, one more for the merge):
-    ``(lanes + 1) * 64 * 33`` flip-flops (tiny 6,336, u55c 35,904) and as many 32-bit
-    comparators as entries; one Simon32/64 pipeline (32 rounds, 8 stages), one
+    Cost of sampling (the sampler; one list of K = 64 entries of 33 bits per lane, one more
+    for the merge): ``(lanes + 1) * 64 * 33`` flip-flops (tiny 6,336, u55c 35,904) and as
+    many 32-bit comparators as entries; one Simon32/64 pipeline (32 rounds, 8 stages), one
     4,096 x 16-bit table, one 16 x 16 multiply. Every path is a compare, a few muxes, four
     cipher rounds (one LUT level each) or one add. Measured on the tiny MPU synthesized alone
     (Yosys, ``scripts/timing.py`` walking its netlist, 2026-12-06): no sampling register is
@@ -275,7 +246,13 @@ class MatrixUnit(GeometryComponent):
     index 0), in 2 cycles.
     """
 
-    def __init__(self, geom: CoreGeometry, *, max_cols: int | None = None):
+    def __init__(
+        self,
+        geom: CoreGeometry,
+        *,
+        max_cols: int | None = None,
+        external_sampler: bool = False,
+    ):
         if not isinstance(geom, CoreGeometry):
             raise ValueError(f"geom must be a tandem.geometry.CoreGeometry, not {geom!r}")
         if not is_pow2(geom.lanes) or geom.lanes > BLOCK:
@@ -291,6 +268,7 @@ class MatrixUnit(GeometryComponent):
         if max_cols % BLOCK:
             raise ValueError(f"max_cols must be a multiple of {BLOCK}, not {max_cols}")
         self._lanes = geom.lanes
+        self._external_sampler = bool(external_sampler)
         self._stride = BLOCK // geom.lanes
         self._x_blocks = max_cols // BLOCK
         nib = _probe(NibbleDotPair())
@@ -329,7 +307,12 @@ class MatrixUnit(GeometryComponent):
                 "result": Out(stream.Signature(Block)),
                 "argmax": Out(stream.Signature(unsigned(16))),
                 "busy": Out(1),
-            },
+            }
+            | (
+                {"sample_feed": Out(feed_layout(self._lanes)), "sample_result": In(SampleResult)}
+                if external_sampler
+                else {}
+            ),
         )
 
     # read-only parameters -------------------------------------------------------------------
@@ -437,7 +420,7 @@ class MatrixUnit(GeometryComponent):
             k, rows = sample
             tail = self.sample_tail(k, rows)
             # the scan waits for the key schedule (29 cycles after the command's acceptance)
-            return max(base + tail, _KEY_SCHEDULE + 15 + min(k, rows))
+            return max(base + tail, KEY_SCHEDULE + 15 + min(k, rows))
         tail = self.argmax_latency if argmax else 0
         return base + tail
 
@@ -473,8 +456,6 @@ class MatrixUnit(GeometryComponent):
         rows_left = Signal(17)  # live rows from the current group on
         # sampling (an ARGMAX whose sampling word has a temperature; tandem.sampling)
         do_sample = Signal()
-        s_tq = Signal(16)
-        s_k = Signal(range(S.TOP_K_MAX + 1))
         accept = Signal()  # the command is taken this cycle
 
         eff_rows = Signal(16)
@@ -492,8 +473,6 @@ class MatrixUnit(GeometryComponent):
             do_bias=do_bias,
             do_argmax=do_argmax,
             do_sample=do_sample,
-            s_tq=s_tq,
-            s_k=s_k,
             accept=accept,
             rows_left=rows_left,
             eff_rows=eff_rows,
@@ -626,7 +605,7 @@ class MatrixUnit(GeometryComponent):
         """Tile counters and acceptance, the input register, and the tags that carry each
         tile's position and its command's state down the pipeline (``tags[i]`` is stage i)."""
         lanes, stride, xb = self._lanes, self._stride, self._x_blocks
-        n_stages = max(self._st_out + 1, self._st_amax) + 1  # sampling reads st_out + 1
+        n_stages = max(self._st_out, self._st_amax) + 1
         rb = Signal(range(stride))
         cb = Signal(range(xb))  # the tile's column: 64 columns at FP16, span when quantized
         grp = Signal(range(_MAX_GROUPS))
@@ -1056,204 +1035,43 @@ class MatrixUnit(GeometryComponent):
         return best, amax_done
 
     def _sample(self, m, c, tags, rounded):
-        """Sampling (an ``ARGMAX`` whose sampling word has a temperature): the contract of
-        :mod:`tandem.sampling` in four phases.
-
-        1. *Lists* (stage ``st_out + 1``): each lane inserts its live rows' binary16 results
-           into a sorted list of :data:`tandem.sampling.TOP_K_MAX` entries (value, then the
-           lower index first), one row per lane per cycle, as the rows are rounded.
-        2. *Merge*: the lanes' lists, one after the other, move their first ``K`` entries into
-           one more such list, one entry per cycle: the global top ``K`` is within the union
-           of every lane's top ``K``.
-        3. *Scan*: the global list's first ``K`` entries, one per cycle, through the stream
-           (Simon32/64, 4 rounds per stage, round keys expanded at the command's start), the
-           Gumbel table, ``2 * T_q * g_q`` and the fixed-point logit.
-        4. *Choice*: a running maximum of the score (then the lower index).
+        """Sampling (an ``ARGMAX`` whose sampling word has a temperature) is the
+        :class:`rtl.sampler.Sampler`'s: this feeds it the command's start and its rounded rows
+        (stage ``st_out``) and keeps its answer until the index transfer. The sampler is the
+        unit's own submodule, or with ``external_sampler`` a block of the core's, reached
+        through :attr:`sample_feed` and :attr:`sample_result`.
 
         Returns the chosen index and the done flag (the index transfer may go)."""
-        lanes, K = self._lanes, S.TOP_K_MAX
-        entry = data.StructLayout({"valid": 1, "bits": 16, "index": 16})
-
-        def rank(e):
-            """Unsigned order of entries: the binary16 value (IEEE order key; -0 was made +0),
-            then the lower index."""
-            b = e.bits
-            okey = Mux(b[15], ~b, b | 0x8000)
-            return Cat(~e.index, okey)
-
-        def sorted_list(name, ins, pop):
-            es = [Signal(entry, name=f"{name}{i}") for i in range(K)]
-            gt = Signal(K, name=f"{name}_gt")
-            for i, e in enumerate(es):
-                m.d.comb += gt[i].eq(~e.valid | (rank(ins) > rank(e)))
-            with m.If(c.accept):
-                m.d.sync += [e.valid.eq(0) for e in es]
-            with m.Elif(pop):
-                m.d.sync += [es[i].eq(es[i + 1]) for i in range(K - 1)]
-                m.d.sync += es[K - 1].valid.eq(0)
-            with m.Elif(ins.valid):
-                for i in range(K):
-                    with m.If(gt[i]):
-                        if i == 0:
-                            m.d.sync += es[0].eq(ins)
-                        else:
-                            m.d.sync += es[i].eq(
-                                Mux(gt[i - 1], es[i - 1].as_value(), ins.as_value())
-                            )
-            return es
-
-        # 1. candidates, one per lane, registered at stage st_out + 1
+        lanes = self._lanes
+        if self._external_sampler:
+            feed, res = self.sample_feed, self.sample_result
+        else:
+            m.submodules.sampler = smp = Sampler(self._geom)
+            feed = Signal(feed_layout(lanes))
+            res = smp.result
+            m.d.comb += smp.feed.eq(feed)
         t_out = tags[self._st_out]
-        t_cand = tags[self._st_out + 1]
-        cands = []
-        for lane in range(lanes):
-            b = rounded[lane]
-            e = Signal(entry, name=f"smp_cand{lane}")
-            m.d.sync += [
-                e.valid.eq(t_out.valid & t_out.last & t_out.live[lane] & t_out.sample),
-                e.bits.eq(Mux(b[:15] == 0, 0, b)),  # -0 ranks as +0
-                e.index.eq(
-                    Cat(Const(lane, (lanes - 1).bit_length()), t_out.rb, t_out.grp)
-                    if lanes > 1
-                    else Cat(t_out.rb, t_out.grp)
-                ),
-            ]
-            cands.append(e)
-
-        # 2. merge
-        merging = Signal()
-        merged = Signal()
-        m_lane = Signal(range(lanes))
-        m_taken = Signal(range(K + 1))
-        m_reg = Signal(entry)
-        pops = Signal(lanes)
-        lists = [sorted_list(f"smp_l{lane}_", cands[lane], pops[lane]) for lane in range(lanes)]
-        head = Signal(entry)
-        m.d.comb += head.eq(Array(lst[0].as_value() for lst in lists)[m_lane])
-        m_take = merging & head.valid & (m_taken < c.s_k)
-        for lane in range(lanes):
-            m.d.comb += pops[lane].eq(m_take & (m_lane == lane))
-        m.d.sync += m_reg.valid.eq(0)
-        with m.If(c.accept):
-            m.d.sync += [merging.eq(0), merged.eq(0)]
-        with m.Elif(t_cand.valid & t_cand.cmd_end & t_cand.sample):
-            m.d.sync += [merging.eq(1), m_lane.eq(0), m_taken.eq(0)]
-        with m.Elif(merging):
-            with m.If(m_take):
-                m.d.sync += [m_reg.eq(head), m_taken.eq(m_taken + 1)]
-            with m.Elif(m_lane == lanes - 1):
-                m.d.sync += [merging.eq(0), merged.eq(1)]
-            with m.Else():
-                m.d.sync += [m_lane.eq(m_lane + 1), m_taken.eq(0)]
-        s_pop = Signal()
-        glist = sorted_list("smp_g", m_reg, s_pop)
-
-        # round keys: Simon32/64's schedule, one word per cycle from the command's start (28
-        # cycles; the scan waits for it, though a command's tiles take longer)
-        ks = [Signal(16, name=f"smp_rk{i}") for i in range(S.SIMON_ROUNDS)]
-        ks_left = Signal(range(S.SIMON_ROUNDS))
-        z_bits = int(S._SIMON_Z0[: S.SIMON_ROUNDS - 4][::-1], 2)  # bit j: step j's z
-        z = Signal(S.SIMON_ROUNDS - 4)
-        seed, pos = self.cmd.payload.sampling.seed, self.cmd.payload.sampling.pos
-
-        def ror(v, r):
-            return v.rotate_right(r)
-
-        with m.If(c.accept):
-            m.d.sync += [
-                ks[28].eq(seed[:16]),
-                ks[29].eq(seed[16:]),
-                ks[30].eq(pos),
-                ks[31].eq(0),
-                ks_left.eq(S.SIMON_ROUNDS - 4),
-                z.eq(z_bits),
-            ]
-        with m.Elif(ks_left != 0):
-            tmp = ror(ks[31], 3) ^ ks[29]
-            nxt = Const(S._SIMON_C, 16) ^ z[0] ^ ks[28] ^ tmp ^ ror(tmp, 1)
-            m.d.sync += [ks[i].eq(ks[i + 1]) for i in range(S.SIMON_ROUNDS - 1)]
-            m.d.sync += [ks[31].eq(nxt), ks_left.eq(ks_left - 1), z.eq(z >> 1)]
-
-        # 3. scan: the global list's first K entries, then an end marker
-        stage = data.StructLayout({"valid": 1, "end": 1, "bits": 16, "index": 16})
-        scanning = Signal()
-        scanned = Signal()
-        s_count = Signal(range(K + 1))
-        g_head = glist[0]
-        s_take = scanning & g_head.valid & (s_count < c.s_k)
-        m.d.comb += s_pop.eq(s_take)
-        p0 = Signal(stage, name="smp_p0")
-        m.d.sync += p0.eq(0)
-        with m.If(c.accept):
-            m.d.sync += [scanning.eq(0), scanned.eq(0)]
-        with m.Elif(scanning):
-            with m.If(s_take):
-                m.d.sync += [
-                    p0.valid.eq(1),
-                    p0.bits.eq(g_head.bits),
-                    p0.index.eq(g_head.index),
-                    s_count.eq(s_count + 1),
-                ]
-            with m.Else():
-                m.d.sync += [p0.end.eq(1), scanning.eq(0), scanned.eq(1)]
-        with m.Elif(merged & (ks_left == 0) & ~scanned):
-            m.d.sync += [scanning.eq(1), s_count.eq(0)]
-
-        # the stream: (x, y) = (index, 0), ROUNDS_PER_STAGE rounds per register stage
-        rps = 4
-        meta, cx, cy = p0, p0.index, Const(0, 16)
-        for j in range(S.SIMON_ROUNDS // rps):
-            for r in range(rps):
-                k = ks[j * rps + r]
-                rx = Signal(16, name=f"smp_r{j * rps + r}")  # one name per round: no expression
-                m.d.comb += rx.eq(  # trees that grow threefold per round in the Verilog
-                    cy ^ ((cx.rotate_left(1) & cx.rotate_left(8)) ^ cx.rotate_left(2)) ^ k
-                )
-                cx, cy = rx, cx
-            nm_ = Signal(stage, name=f"smp_c{j + 1}")
-            nx = Signal(16, name=f"smp_x{j + 1}")
-            ny = Signal(16, name=f"smp_y{j + 1}")
-            m.d.sync += [nm_.eq(meta), nx.eq(cx), ny.eq(cy)]
-            meta, cx, cy = nm_, nx, ny
-        # Gumbel table (read at the next edge) and the logit's magnitude, 2**24 units
-        m.submodules.smp_gumbel = gmem = Memory(
-            shape=signed(16), depth=1 << S.GUMBEL_INDEX_BITS, init=S.gumbel_table().tolist()
+        row0 = Cat(Const(0, (lanes - 1).bit_length()), t_out.rb, t_out.grp) if lanes > 1 else Cat(
+            t_out.rb, t_out.grp
         )
-        g_rd = gmem.read_port(domain="sync")
-        m.d.comb += g_rd.addr.eq(cx[16 - S.GUMBEL_INDEX_BITS :])
-        field = meta.bits[10:15]
-        sig = Cat(meta.bits[:10], field != 0)
-        p9 = Signal(stage, name="smp_p9")
-        mag9 = Signal(11 + 30)
-        shamt = Signal(5, name="smp_shamt")  # exponent - 1; subnormals: exponent 1
-        m.d.comb += shamt.eq(Mux(field == 0, 0, field - 1))
-        m.d.sync += [p9.eq(meta), mag9.eq(sig << shamt)]
-        p10 = Signal(stage, name="smp_p10")
-        mag10 = Signal.like(mag9)
-        prod10 = Signal(signed(34))
-        m.d.sync += [p10.eq(p9), mag10.eq(mag9), prod10.eq(c.s_tq * g_rd.data)]
-        p11 = Signal(stage, name="smp_p11")
-        score11 = Signal(signed(48))
-        twice = prod10 << 1
-        m.d.sync += [
-            p11.eq(p10),
-            score11.eq(Mux(p10.bits[15], twice - mag10, twice + mag10)),
+        m.d.comb += [
+            feed.start.eq(c.accept),
+            feed.sampling.eq(self.cmd.payload.sampling),
+            feed.row0.eq(row0),
+            feed.end.eq(t_out.valid & t_out.cmd_end & t_out.sample),
         ]
-
-        # 4. the choice
-        best_score = Signal(signed(48))
-        best_index = Signal(16)
-        best_valid = Signal()
+        for lane in range(lanes):
+            m.d.comb += [
+                feed.valid[lane].eq(t_out.valid & t_out.last & t_out.live[lane] & t_out.sample),
+                feed.bits[lane].eq(rounded[lane]),
+            ]
         done = Signal()
-        better = Cat(~p11.index, score11).as_signed() > Cat(~best_index, best_score).as_signed()
-        with m.If(c.accept):
-            m.d.sync += [best_valid.eq(0), best_index.eq(0), done.eq(0)]
-        with m.Else():
-            with m.If(p11.valid & (~best_valid | better)):
-                m.d.sync += [best_valid.eq(1), best_score.eq(score11), best_index.eq(p11.index)]
-            with m.If(p11.end):
-                m.d.sync += done.eq(1)
-        return SimpleNamespace(index=best_index, done=done)
+        index = Signal(16)
+        with m.If(c.accept):  # a command with no live row reports index 0
+            m.d.sync += [done.eq(0), index.eq(0)]
+        with m.Elif(res.done):
+            m.d.sync += [done.eq(1), index.eq(res.index)]
+        return SimpleNamespace(index=Mux(res.done, res.index, index), done=done | res.done)
 
     def _sequence(self, m, c, x, cr, t, best, amax_done, smp):
         """The command FSM: accept, load x, stream the tiles, report the argmax (or the
@@ -1261,7 +1079,6 @@ class MatrixUnit(GeometryComponent):
         cmd = c.payload
         m.d.comb += self.argmax.payload.eq(Mux(c.do_sample, smp.index, best.index))
         word = cmd.sampling.word
-        k_raw = word[16 : 16 + S.TOP_K_BITS]
         with m.FSM(name="mpu_fsm"):
             with m.State("Idle"):
                 m.d.comb += self.cmd.ready.eq(1)
@@ -1269,8 +1086,6 @@ class MatrixUnit(GeometryComponent):
                     m.d.comb += c.accept.eq(1)
                     m.d.sync += [
                         c.do_sample.eq(cmd.flags.argmax & (word[:16] != 0)),
-                        c.s_tq.eq(word[:16]),
-                        c.s_k.eq(Mux((k_raw == 0) | (k_raw > S.TOP_K_MAX), S.TOP_K_MAX, k_raw)),
                     ]
                     rem = c.eff_cols[:6]
                     # the tiles' format and columns: FP16 with no live column (the unit's own
@@ -1281,7 +1096,7 @@ class MatrixUnit(GeometryComponent):
                         t.need_scale.eq(0),
                     ]
                     with m.If(c.cbs != 0), m.Switch(Cat(cmd.wgroup, cmd.wfmt)):
-                        for wfmt in _QUANT:
+                        for wfmt in QUANT_FORMATS:
                             for wgroup in range(4):
                                 qp = quant_params(wfmt, wgroup)
                                 with m.Case(wgroup | (int(wfmt) << 2)):

@@ -40,6 +40,7 @@ BLOCKS = (
     "store_feeder",
     "mpu_feeder",
     "mpu",
+    "sampler",
     "vpu_queue",
     "vpu",
     "vbuf",
@@ -207,6 +208,10 @@ U55C = Floorplan(
         "vbuf_write": 2,
         "mpu_feeder": 2,
         "store_feeder": 2,
+        # The MPU's sampling lists (about 75K LUTs): SLR1 cannot hold them beside the MPU's
+        # DSP array, and their ports are a registered feed of rounded rows and a one-cycle
+        # answer (rtl/sampler.py), so they cross as level signals.
+        "sampler": 2,
     },
 )
 """The U55C build's plan (docs/floorplan.md gives the resource arithmetic behind it)."""
