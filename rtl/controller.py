@@ -25,7 +25,7 @@ _ROW_SHIFT = BLOCK.bit_length() - 1
 """log2 of a VBUF row: an element address ``>> _ROW_SHIFT`` is its row, and its low
 ``_ROW_SHIFT`` bits are zero when it is row aligned (``tandem.isa.VBUF_ALIGN``)."""
 DEFAULT_WATCHDOG = 1 << 24
-MAX_PENDING = 4
+MAX_PENDING = 8
 """MATVECs whose weight read is with the DMA and whose MPU command has not gone to the core's
 MPU feeder yet: short products (attention heads) keep this many HBM reads in flight."""
 Status = regmap.Status

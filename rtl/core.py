@@ -13,8 +13,8 @@ from tandem.geometry import CoreGeometry, check_geometry
 
 from .axi import AXI4LiteSignature, AXI4Signature, vitis_ports
 from .component import GeometryComponent
-from .controller import Controller, UnitBusy
-from .dma import DMAEngine, StoreCommand
+from .controller import MAX_PENDING, Controller, UnitBusy
+from .dma import DMAEngine, ReadKind, StoreCommand
 from .feeders import CommandQueue, MpuFeeder, ReadPortShare, StoreFeeder, VbufWriteArbiter
 from .fetch import ProgramFetch
 from .mpu import MatrixUnit
@@ -265,7 +265,8 @@ class DecodeCore(GeometryComponent):
 
         shell = place("shell", KernelShell(g))
         ctrl = place("ctrl", Controller(g))
-        dma = place("dma", DMAEngine(g))
+        # the DMA holds as many read commands as the controller keeps MATVECs pending
+        dma = place("dma", DMAEngine(g, queue_depth=MAX_PENDING, cmd_depth=MAX_PENDING))
         fetch = place("fetch", ProgramFetch(g))
         stores = place("store_feeder", StoreFeeder(g))
         feeder = place("mpu_feeder", MpuFeeder(g))
@@ -277,11 +278,16 @@ class DecodeCore(GeometryComponent):
         shared_rd = place("vbuf_shared_read", ReadPortShare(vbuf.rows, users=2))
         vbuf_wr = place("vbuf_write", VbufWriteArbiter(g))
 
-        def relay(name, src, dst):
+        def relay(name, src, dst, mark=None):
             """Stream ``src`` to ``dst`` through the stages the floorplan gives the pair of
             blocks :data:`STREAMS` names."""
             a, b = STREAMS[name]
-            r = Relay(src.payload.shape(), plan.stages(a, b), domains=_stage_domains(plan, a, b))
+            r = Relay(
+                src.payload.shape(),
+                plan.stages(a, b),
+                domains=_stage_domains(plan, a, b),
+                mark=mark,
+            )
             m.submodules[f"xing_{name}"] = r
             connect(m, src, r.i)
             connect(m, r.o, dst)
@@ -318,8 +324,13 @@ class DecodeCore(GeometryComponent):
         # ---- DMA reads: program fetch, LOADV rows, LDW words --------------------------------
         x_fetch_cmd = relay("fetch_cmd", ctrl.fetch_cmd, fetch.cmd)
         relay("fetch_data", fetch.data, ctrl.fetch_data)
-        x_read = relay("dma_read", ctrl.dma_read, fetch.issue)
-        x_fetch_read = relay("fetch_read", fetch.read, dma.read)
+        # busy.loadv counts the ROWS reads in these relays only: a weight (TILES) read held
+        # there by a full DMA must not stop the MPU commands whose tiles would free the DMA
+        def rows_read(p):
+            return p.kind == ReadKind.ROWS
+
+        x_read = relay("dma_read", ctrl.dma_read, fetch.issue, mark=rows_read)
+        x_fetch_read = relay("fetch_read", fetch.read, dma.read, mark=rows_read)
         relay("rows", dma.rows, fetch.rows)
         x_loadv = relay("loadv", fetch.loadv, vbuf_wr.loadv)
         relay("word", dma.word, ctrl.dma_word)
@@ -379,7 +390,7 @@ class DecodeCore(GeometryComponent):
             ctrl.busy.vpu.eq(vpu_far | x_vpu.busy | ctrl.vpu.valid),
             ctrl.busy.mpu.eq(feeder_far | mpu_far | x_mpu.busy),
             ctrl.busy.dma_read.eq(read_far | x_read.busy | x_fetch_cmd.busy | x_fetch_read.busy),
-            ctrl.busy.loadv.eq(loadv_far | x_read.busy | x_fetch_read.busy),
+            ctrl.busy.loadv.eq(loadv_far | x_read.busy_mark | x_fetch_read.busy_mark),
             ctrl.busy.store.eq(store_far | x_store.busy),
             ctrl.busy.dma_write.eq(write_far | write_dma | x_store.busy),
         ]

@@ -651,6 +651,7 @@ class DMAEngine(GeometryComponent):
         max_writes: int = 16,
         write_fifo_beats: int = 16,
         queue_depth: int = 4,
+        cmd_depth: int = 4,
     ):
         _check_geometry(geom)
         self._queue_depth = check_int("queue_depth", queue_depth, 2)
@@ -659,6 +660,7 @@ class DMAEngine(GeometryComponent):
             "max_reads": max_reads,
             "max_writes": max_writes,
             "write_fifo_beats": write_fifo_beats,
+            "cmd_depth": cmd_depth,
         }
         _check_channel(geom, **self._channel_args)
         pointers = [a for a in regmap.arguments(geom.channels) if a.kind == "pointer"]

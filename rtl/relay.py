@@ -111,17 +111,20 @@ class Relay(wiring.Component):
     is one comparison of that count; ``o`` comes from the FIFO's output register.
     """
 
-    def __init__(self, shape, stages: int, *, domains=None):
+    def __init__(self, shape, stages: int, *, domains=None, mark=None):
         self._shape = shape
         self._stages = stages
         self._domains = _domains(stages, domains)
-        super().__init__(
-            {
-                "i": In(stream.Signature(shape)),
-                "o": Out(stream.Signature(shape)),
-                "busy": Out(1),
-            }
-        )
+        self._mark = mark
+        members = {
+            "i": In(stream.Signature(shape)),
+            "o": Out(stream.Signature(shape)),
+            "busy": Out(1),
+        }
+        if mark is not None:
+            # ``busy`` for the items ``mark(payload)`` selects only (same timing)
+            members["busy_mark"] = Out(1)
+        super().__init__(members)
 
     @property
     def stages(self) -> int:
@@ -139,7 +142,7 @@ class Relay(wiring.Component):
         m = Module()
         if self._stages == 0:
             wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
-            return m
+            return m  # busy and busy_mark stay 0
         stages = []
         for k, dom in enumerate(self._domains):
             stage = RelayStage(self._shape, domain=dom)
@@ -172,6 +175,21 @@ class Relay(wiring.Component):
         ]
         m.d[self._domains[0]] += n.eq(n + taken - stages[0].ack_o)
         m.d.comb += self.busy.eq(n != 0)
+        if self._mark is not None:
+            # the marks of the items in flight, in order (acknowledgements come back in order)
+            marks = fifo_lib.SyncFIFO(width=1, depth=depth)
+            m.submodules.marks = DomainRenamer(self._domains[0])(marks)
+            n_mark = Signal(range(depth + 1))
+            is_marked = Signal()
+            m.d.comb += [
+                is_marked.eq(self._mark(self.i.payload)),
+                marks.w_en.eq(taken),
+                marks.w_data.eq(is_marked),
+                marks.r_en.eq(stages[0].ack_o),
+            ]
+            acked_mark = stages[0].ack_o & marks.r_data[0]
+            m.d[self._domains[0]] += n_mark.eq(n_mark + (taken & is_marked) - acked_mark)
+            m.d.comb += self.busy_mark.eq(n_mark != 0)
         return m
 
 
