@@ -602,6 +602,11 @@ class DMAEngine(GeometryComponent):
         Passed to every :class:`ChannelDMA`.
     queue_depth : int
         Read commands planned ahead of the merge stage.
+    cmd_depth : int
+        Passed to every :class:`ChannelDMA` (its run FIFOs). The core sets it and
+        ``queue_depth`` to the controller's ``MAX_PENDING`` (8), so that every pending
+        MATVEC's weight read is with the channels at once: at 4, more MATVECs pending changed
+        nothing (issue 17).
 
     Members
     -------

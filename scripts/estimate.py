@@ -634,9 +634,13 @@ def block_designs():
     whole ``VectorUnit`` of the tiny geometry (its table ROMs too; not a stream unit, so
     ``--free-running`` leaves it as it is: its units run free inside it), and the
     ``Controller`` of the tiny and u55c geometries (instruction memory, decode, scoreboard),
-    and the tiny geometry's ``DMAEngine`` (its channels are the u55c's, fewer of them)."""
+    and the tiny geometry's ``DMAEngine`` (its channels are the u55c's, fewer of them), with the
+    default queues (4 reads planned ahead, 4 runs per channel FIFO) and as the core builds it
+    (``MAX_PENDING`` of each: the difference is what issue 17's 8 pending reads cost)."""
     from tandem.geometry import geometry
     from tandem.rtl import controller, dma, vpu
+
+    pending = controller.MAX_PENDING
 
     return [
         ("RowMax", vpu.RowMax),
@@ -644,6 +648,10 @@ def block_designs():
         ("Controller(tiny)", lambda: controller.Controller(geometry("tiny"))),
         ("Controller(u55c)", lambda: controller.Controller(geometry("u55c"))),
         ("DMAEngine(tiny)", lambda: dma.DMAEngine(geometry("tiny"))),
+        (
+            f"DMAEngine(tiny, {pending} pending)",
+            lambda: dma.DMAEngine(geometry("tiny"), queue_depth=pending, cmd_depth=pending),
+        ),
     ]
 
 

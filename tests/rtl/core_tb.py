@@ -313,8 +313,8 @@ class CoreTB:
             if name not in args:
                 raise ValueError(f"unknown argument {name!r}")
             args[name] = c.layout[value].base if isinstance(value, str) else int(value)
-        if case.get("program") == "chain":
-            program = isa.encode_program(matvec_chain(c))
+        if case.get("program") is not None:
+            program = isa.encode_program(PROGRAMS[case["program"]](c))
             image.write_channel(0, L.PROGRAM_BASE, program)
         error = case.get("error")
         if error == "hbm_bytes":
@@ -577,6 +577,42 @@ def matvec_chain(c) -> list:
         isa.make(Op.STOREV, src=X, len=64 + 256 + 64 + 64 + 256, line=scratch),
         isa.make(Op.HALT),
     ]
+
+
+def pending_reads(c) -> list:
+    """A hand-written program that fills every read queue on the way to the DMA: a long vector
+    op holds the MPU commands back while ``MAX_PENDING`` MATVECs of 128 tiles each (more than
+    the DMA's read FIFOs hold together) send their weight reads, then a vector op makes Exec
+    wait while the look-ahead sends one more MATVEC's read, which the full DMA leaves in the
+    read relays. The MPU commands must still go when the long op ends (a weight read in the
+    relays is not a LOADV in flight: rtl/core.py, ``busy.loadv``), or the core hangs until its
+    watchdog. The weights are whatever the first lines of the image hold."""
+    from tandem.rtl.controller import MAX_PENDING
+
+    Op = isa.Op
+    lay = c.layout
+    X, M, W, E = 0, 256, 1024, 2048  # VBUF: x [256], results [64 each], VADD out, VEXP [2048]
+    rows, cols = 64, 256
+    lines = rows // GEOM.lanes * cols // 64  # 128 tiles = one line per channel each
+    wte = lay["wte"]
+    prog = [
+        isa.make(Op.LOADV, dst=X, len=cols, line=wte.line, stride=wte.row_bytes // 64),
+        isa.make(Op.LOADV, dst=E, len=2048, line=wte.line),
+        isa.make(Op.VEXP, dst=E, a=E, len=2048),  # the MPU commands wait for it
+    ]
+    for i in range(MAX_PENDING + 1):
+        if i == MAX_PENDING:  # Exec waits here; the look-ahead sends the next read
+            prog.append(isa.make(Op.VADD, dst=W, a=E, b=E, len=64))
+        prog.append(
+            isa.make(Op.MATVEC, dst=M + i * rows, src=X, line=i * lines, rows=rows, cols=cols)
+        )
+    return prog + [
+        isa.make(Op.STOREV, src=M, len=(MAX_PENDING + 1) * rows, line=lay["h.1.k"].line),
+        isa.make(Op.HALT),
+    ]
+
+
+PROGRAMS = {"chain": matvec_chain, "pending": pending_reads}
 
 
 class _Mem:

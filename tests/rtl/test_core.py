@@ -197,6 +197,16 @@ def test_matvec_chain(sim):
 
 
 @pytest.mark.parametrize("sim", _sims())
+def test_pending_reads_fill_the_dma(sim):
+    """MAX_PENDING MATVECs' weight reads with the DMA and one more in the read relays while a
+    vector op holds their MPU commands (core_tb.pending_reads): the commands go when it ends,
+    without and with AXI stalls, every byte as IsaSim (with busy.loadv counting that read, the
+    core waited for it forever: issue 17's deadlock at 8 pending)."""
+    case = {"cfg": "test-tiny", "prompt": [1], "n_new": 1, "program": "pending"}
+    run_cases(sim, [case, {**case, "stall": 0.3}])
+
+
+@pytest.mark.parametrize("sim", _sims())
 def test_odd_8_tokens_with_stalls(sim):
     """The second model (3 heads, vocab 97), 8 generated tokens, random pauses on every AXI
     channel of all four memories and the control port."""

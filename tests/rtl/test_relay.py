@@ -33,32 +33,42 @@ def test_relay_order_latency_busy(stages, stall):
     """Every item comes out once, in order; with no stalls an item is on ``o`` exactly
     ``stages + 2`` cycles after it was taken (same cycle at 0), one per cycle; ``busy`` is up
     from the cycle after an item is taken until ``stages`` cycles after it left (never at 0);
-    never more than ``relay_depth(stages)`` items in flight."""
+    ``busy_mark`` the same over the marked items only (here: payload bit 0 set, about one in
+    four items, in runs); never more than ``relay_depth(stages)`` items in flight."""
     rng = random.Random(stages * 10 + int(stall * 10))
-    items = [rng.getrandbits(37) for _ in range(300)]
-    dut = Relay(37, stages)
+    # marked items in runs and alone, so that busy_mark both stays up and drops while busy does not
+    items = [(rng.getrandbits(36) << 1) | (rng.random() < 0.25) for _ in range(300)]
+    dut = Relay(37, stages, mark=lambda p: p[0])
     src = Source(dut.i, items, stall=stall, seed=3 + stages)
     out = Sink(dut.o, stall=stall, seed=4 + stages, name="o")
 
     async def bench(ctx):
         taken_at, left_at = [], []
+        mark_seen = [False, False]  # busy_mark seen up, and seen down while busy was up
+
+        def in_flight(cyc, marked_only):
+            """What busy (busy_mark) must be: some (marked) item taken before this cycle whose
+            exit was less than `stages` cycles ago (or has not happened)."""
+            return stages > 0 and any(
+                t < cyc
+                and (k >= len(left_at) or cyc <= left_at[k] + stages)
+                and (items[k] & 1 or not marked_only)
+                for k, t in enumerate(taken_at)
+            )
+
         for cyc in range(20_000):
             src.drive(ctx)
             out.drive(ctx)
             src.sample(ctx)
             out.sample(ctx)
             busy = ctx.get(dut.busy)
-            # what busy must be: some item taken before this cycle whose exit was less than
-            # `stages` cycles ago (or has not happened)
-            want = (
-                any(
-                    t < cyc and (k >= len(left_at) or cyc <= left_at[k] + stages)
-                    for k, t in enumerate(taken_at)
-                )
-                if stages
-                else False
-            )
+            want = in_flight(cyc, False)
             assert busy == want, f"cycle {cyc}: busy {busy}, expected {want}"
+            busy_mark = ctx.get(dut.busy_mark)
+            want = in_flight(cyc, True)
+            assert busy_mark == want, f"cycle {cyc}: busy_mark {busy_mark}, expected {want}"
+            mark_seen[0] |= bool(busy_mark)
+            mark_seen[1] |= bool(busy and not busy_mark)
             if src.fire:
                 taken_at.append(cyc)
             if out.r and ctx.get(dut.o.valid):
@@ -74,10 +84,15 @@ def test_relay_order_latency_busy(stages, stall):
         assert len(left_at) == len(items)
         if stall == 0:  # one per cycle
             assert left_at[-1] - left_at[0] == len(items) - 1
-        del taken_at[:-1]
+        assert mark_seen == [bool(stages)] * 2  # the check above saw both cases
 
     run(_clocked(dut), bench)
     assert out.got == items
+
+
+def test_relay_without_mark_has_no_busy_mark():
+    assert not hasattr(Relay(8, 2), "busy_mark")
+    assert hasattr(Relay(8, 2, mark=lambda p: p[0]), "busy_mark")
 
 
 def test_relay_registers_every_output():
