@@ -324,6 +324,7 @@ class DecodeCore(GeometryComponent):
         # ---- DMA reads: program fetch, LOADV rows, LDW words --------------------------------
         x_fetch_cmd = relay("fetch_cmd", ctrl.fetch_cmd, fetch.cmd)
         relay("fetch_data", fetch.data, ctrl.fetch_data)
+
         # busy.loadv counts the ROWS reads in these relays only: a weight (TILES) read held
         # there by a full DMA must not stop the MPU commands whose tiles would free the DMA
         def rows_read(p):

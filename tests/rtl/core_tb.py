@@ -606,10 +606,8 @@ def pending_reads(c) -> list:
         prog.append(
             isa.make(Op.MATVEC, dst=M + i * rows, src=X, line=i * lines, rows=rows, cols=cols)
         )
-    return prog + [
-        isa.make(Op.STOREV, src=M, len=(MAX_PENDING + 1) * rows, line=lay["h.1.k"].line),
-        isa.make(Op.HALT),
-    ]
+    prog.append(isa.make(Op.STOREV, src=M, len=(MAX_PENDING + 1) * rows, line=lay["h.1.k"].line))
+    return [*prog, isa.make(Op.HALT)]
 
 
 PROGRAMS = {"chain": matvec_chain, "pending": pending_reads}
