@@ -220,13 +220,24 @@ class DecodeCore(GeometryComponent):
     (:class:`rtl.feeders.VbufWriteArbiter`); the controller's scoreboard lets only one of each
     group use the VBUF at a time, so the sharing is a plain multiplexer (the store feeder also
     waits while the MPU feeder loads).
+
+    ``dma_queue``: the DMA's read commands planned ahead and each channel's run FIFO depth
+    (:class:`DMAEngine` ``queue_depth``, ``cmd_depth``); by default the controller's
+    :data:`rtl.controller.MAX_PENDING`, so every pending MATVEC's read is with the channels. A
+    test builds the core with less (tests/rtl/test_core.py) to fill the read relays.
     """
 
     def __init__(
-        self, geom: CoreGeometry, *, perf: bool = False, floorplan: Floorplan | None = None
+        self,
+        geom: CoreGeometry,
+        *,
+        perf: bool = False,
+        floorplan: Floorplan | None = None,
+        dma_queue: int = MAX_PENDING,
     ):
         check_geometry(geom)
         self._perf = bool(perf)
+        self._dma_queue = dma_queue
         if floorplan is None:
             floorplan = for_geometry(geom)
         self._plan = check_floorplan(floorplan)
@@ -266,7 +277,8 @@ class DecodeCore(GeometryComponent):
         shell = place("shell", KernelShell(g))
         ctrl = place("ctrl", Controller(g))
         # the DMA holds as many read commands as the controller keeps MATVECs pending
-        dma = place("dma", DMAEngine(g, queue_depth=MAX_PENDING, cmd_depth=MAX_PENDING))
+        q = self._dma_queue
+        dma = place("dma", DMAEngine(g, queue_depth=q, cmd_depth=q))
         fetch = place("fetch", ProgramFetch(g))
         stores = place("store_feeder", StoreFeeder(g))
         feeder = place("mpu_feeder", MpuFeeder(g))

@@ -13,6 +13,7 @@ import pytest
 from tandem.floorplan import floorplan
 from tandem.geometry import geometry
 from tandem.rtl.axi import vitis_ports
+from tandem.rtl.controller import MAX_PENDING
 from tandem.rtl.core import TOPLEVEL, DecodeCore
 from tandem.sim import runner
 
@@ -33,20 +34,24 @@ def _sims(*, icarus_default=False):
 
 
 @functools.cache
-def _verilog(plan: str = "u55c") -> str:
+def _verilog(plan: str = "u55c", dma_queue: int = MAX_PENDING) -> str:
     """The tiny core's Verilog, converted once per process (about 30 s; the runner takes the
     text as is and keys its build cache on it). By default with the u55c floorplan, so every
     stream between blocks in different SLRs has its stages and the reset its tree, as the u55c
-    build; ``"flat"`` is the core with no stages."""
-    core = DecodeCore(geometry("tiny"), floorplan=floorplan(plan))
+    build; ``"flat"`` is the core with no stages. ``dma_queue``: ``DecodeCore``'s."""
+    core = DecodeCore(geometry("tiny"), floorplan=floorplan(plan), dma_queue=dma_queue)
     return runner.to_verilog(core, toplevel=TOPLEVEL, ports=vitis_ports(core))
 
 
-def run_cases(sim, cases, name="core-tiny", plan="u55c"):
+def run_cases(sim, cases, name="core-tiny", plan="u55c", dma_queue=MAX_PENDING):
+    if plan != "u55c":
+        name = f"{name}-{plan}"
+    if dma_queue != MAX_PENDING:
+        name = f"{name}-q{dma_queue}"
     runner.run(
-        _verilog(plan),
+        _verilog(plan, dma_queue),
         TB,
-        name=name if plan == "u55c" else f"{name}-{plan}",
+        name=name,
         sim=sim,
         toplevel=TOPLEVEL,
         params={"cases": cases},
@@ -196,14 +201,27 @@ def test_matvec_chain(sim):
     run_cases(sim, [chain, {**chain, "stall": 0.3}])
 
 
+PENDING = {"cfg": "test-tiny", "prompt": [1], "n_new": 1, "program": "pending"}
+
+
 @pytest.mark.parametrize("sim", _sims())
 def test_pending_reads_fill_the_dma(sim):
-    """MAX_PENDING MATVECs' weight reads with the DMA and one more in the read relays while a
+    """MAX_PENDING MATVECs' weight reads with the DMA and one more from the look-ahead while a
     vector op holds their MPU commands (core_tb.pending_reads): the commands go when it ends,
-    without and with AXI stalls, every byte as IsaSim (with busy.loadv counting that read, the
-    core waited for it forever: issue 17's deadlock at 8 pending)."""
-    case = {"cfg": "test-tiny", "prompt": [1], "n_new": 1, "program": "pending"}
-    run_cases(sim, [case, {**case, "stall": 0.3}])
+    without and with AXI stalls, every byte as IsaSim. The DMA as the core builds it holds
+    all nine reads; the next test keeps some in the read relays."""
+    run_cases(sim, [PENDING, {**PENDING, "stall": 0.3}])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sim", ["verilator"])
+def test_pending_reads_wait_in_the_relays(sim):
+    """The same program on a core whose DMA plans 4 reads ahead with 4-deep run FIFOs (a build
+    of its own, hence the slow tier): some weight reads wait in the read relays while the MPU
+    commands must go. Issue 17's deadlock: with busy.loadv counting those reads as LOADVs in
+    flight, this hung at pc 11 (the VADD; seen at 093c9af with the old rule, 300,000 cycles
+    without progress); busy.loadv counts only ROWS reads (Relay.busy_mark)."""
+    run_cases(sim, [PENDING, {**PENDING, "stall": 0.3}], dma_queue=4)
 
 
 @pytest.mark.parametrize("sim", _sims())
