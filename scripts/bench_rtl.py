@@ -144,7 +144,8 @@ def log(msg: str) -> None:
 
 
 def core_revision() -> str:
-    """The commit the RTL came from, and whether rtl/ or tandem/ had uncommitted changes."""
+    """The commit the RTL came from, and whether tracked files in rtl/ or tandem/ had
+    uncommitted changes (untracked files, such as a worktree's links, change no RTL)."""
     import subprocess
 
     def git(*args):
@@ -152,7 +153,7 @@ def core_revision() -> str:
         return out.stdout.strip() if out.returncode == 0 else ""
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "rtl", "tandem")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "rtl", "tandem")
     return rev + (" + uncommitted changes in rtl/ or tandem/" if dirty else "")
 
 
