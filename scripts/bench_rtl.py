@@ -5,7 +5,9 @@ gpt2 (124M, ``tandem.checkpoint.random_weights``) compiled for the u55c geometry
 simulated HBM (sim/hbm_model.py: the calibrated U55C model by default), through
 :mod:`tandem.sim.rtljob`: a prompt of a few tokens, then a few decode tokens. The harness's
 monitors give the cycle at which each output token was issued and the HBM beats read up to it,
-so each decode token's cycles and bytes are measured, not computed.
+so each decode token's cycles and bytes are measured, not computed. The generated tokens must
+equal the ISA simulator's for the same image and arguments (checked after the run, a few
+seconds), or the benchmark stops.
 
 Printed and written to ``build/bench-rtl.json``. ``--record`` also writes it, with a
 ``provenance`` field (the command, the RTL commit), to the package data the placement cost model
@@ -451,11 +453,26 @@ def compiled(cfg, g, args):
     return c, prompt
 
 
+def reference_tokens(g, c, prompt, args):
+    """The tokens the RTL must give, bit-exact: the job on the ISA simulator, over a copy of
+    the compiled image (``c.image`` stays as compiled). Returns them and the simulator's
+    result; stops the benchmark if the simulator does not finish."""
+    from tandem import layout as L
+    from tandem.golden.isasim import IsaSim
+
+    image = L.HBMImage(g, c.image.nbytes)
+    image.data[:] = c.image.data
+    c.write_prompt(image, prompt)
+    r = IsaSim(g, image).run(c.args(len(prompt), args.tokens, start_pos=args.start_pos))
+    if not r.ok:
+        raise SystemExit(f"the ISA simulator stopped: {r.message}")
+    return c.read_output(image, args.tokens), r
+
+
 def dry_run(args, ap) -> int:
     """``--dry-run``: everything but the RTL. The job on the ISA simulator (its tokens are the
     ones the RTL must give, bit-exact), and the layout's bytes per token of the model and of
     gpt2-medium in this format."""
-    from tandem.golden.isasim import IsaSim
     from tandem.host.thesis import kv_read_bytes, streamed_bytes
     from tandem.layout import LayoutError
 
@@ -466,13 +483,8 @@ def dry_run(args, ap) -> int:
     cfg, g = bench_model(args, ap)
     spec = weights_spec(vars(args))
     c, prompt = compiled(cfg, g, args)
-    c.write_prompt(c.image, prompt)
-    scalars = c.args(len(prompt), args.tokens, start_pos=args.start_pos)
     t0 = time.monotonic()
-    r = IsaSim(g, c.image).run(scalars)
-    if not r.ok:
-        raise SystemExit(f"the ISA simulator stopped: {r.message}")
-    tokens = c.read_output(c.image, args.tokens)
+    tokens, r = reference_tokens(g, c, prompt, args)
     ctx = len(prompt) + args.tokens // 2
     lines = [
         f"dry run (no RTL): {cfg.name} {spec['label']} on {g.name}: the ISA simulator ran "
@@ -559,6 +571,11 @@ def measure(args, ap, timing) -> dict:
     mem_tokens = L.unpack_tokens(out_region[0, : 4 * res.status.tokens])
     if mem_tokens != res.tokens or len(res.tokens) != args.tokens:
         raise SystemExit(f"token mismatch: monitor {res.tokens}, memory {mem_tokens}")
+    t0 = time.monotonic()
+    want, _ = reference_tokens(g, c, prompt, args)
+    if res.tokens != want:
+        raise SystemExit(f"the RTL gave {res.tokens}, the ISA simulator {want}")
+    log(f"tokens {res.tokens} equal the ISA simulator's ({time.monotonic() - t0:.0f} s)")
 
     raw = {
         "args": {k: v for k, v in vars(args).items() if k not in ("json",)},
