@@ -453,16 +453,24 @@ def compiled(cfg, g, args):
     return c, prompt
 
 
-def reference_tokens(g, c, prompt, args):
-    """The tokens the RTL must give, bit-exact: the job on the ISA simulator, over a copy of
-    the compiled image (``c.image`` stays as compiled). Returns them and the simulator's
-    result; stops the benchmark if the simulator does not finish."""
+def job_image(g, c, prompt):
+    """A copy of the compiled image (``c.image`` stays as compiled) with ``prompt`` written:
+    what a job starts from, on the RTL or the ISA simulator."""
     from tandem import layout as L
-    from tandem.golden.isasim import IsaSim
 
     image = L.HBMImage(g, c.image.nbytes)
     image.data[:] = c.image.data
     c.write_prompt(image, prompt)
+    return image
+
+
+def reference_tokens(g, c, prompt, args):
+    """The tokens the RTL must give, bit-exact: the job on the ISA simulator, over its own
+    :func:`job_image`. Returns them and the simulator's result; stops the benchmark if the
+    simulator does not finish."""
+    from tandem.golden.isasim import IsaSim
+
+    image = job_image(g, c, prompt)
     r = IsaSim(g, image).run(c.args(len(prompt), args.tokens, start_pos=args.start_pos))
     if not r.ok:
         raise SystemExit(f"the ISA simulator stopped: {r.message}")
@@ -523,9 +531,7 @@ def measure(args, ap, timing) -> dict:
 
     t0 = time.monotonic()
     c, prompt = compiled(cfg, g, args)
-    image = L.HBMImage(g, c.image.nbytes)
-    image.data[:] = c.image.data
-    c.write_prompt(image, prompt)
+    image = job_image(g, c, prompt)
     scalars = c.args(len(prompt), args.tokens, start_pos=args.start_pos)
     t_compile = time.monotonic() - t0
     mem = rtljob.memory_class(image.nbytes)

@@ -593,7 +593,7 @@ def pending_reads(c) -> list:
     lay = c.layout
     X, M, W, E = 0, 256, 1024, 2048  # VBUF: x [256], results [64 each], VADD out, VEXP [2048]
     rows, cols = 64, 256
-    lines = rows // GEOM.lanes * cols // 64  # 128 tiles = one line per channel each
+    lines = L.tiled_bytes(GEOM, rows, cols) // isa.LINE  # 128 tiles, a line per channel each
     wte = lay["wte"]
     prog = [
         isa.make(Op.LOADV, dst=X, len=cols, line=wte.line, stride=wte.row_bytes // 64),
