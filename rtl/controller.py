@@ -170,6 +170,9 @@ class Controller(GeometryComponent):
     mpu_argmax : In(stream.Signature(16))
     vpu : Out(stream.Signature(VectorCommand))
     busy : In(UnitBusy)
+
+    ``exec_pc`` (a plain signal, not a port) is the pc of the instruction in Exec, for
+    performance monitors (``DecodeCore(perf=True)``).
     """
 
     def __init__(self, geom: CoreGeometry):
@@ -185,6 +188,7 @@ class Controller(GeometryComponent):
             )
         from .dma import StatusRecordLayout
 
+        self.exec_pc = Signal(16)
         super().__init__(
             geom,
             {
@@ -244,6 +248,7 @@ class Controller(GeometryComponent):
 
         c.regs = Array(Signal(32, name=f"r{i}") for i in range(isa.N_REGS))
         c.pc = Signal(16)
+        m.d.comb += self.exec_pc.eq(c.pc)
         c.tokens = Signal(32)
         c.cycles = Signal(64)
         c.running = Signal()

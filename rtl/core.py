@@ -166,6 +166,8 @@ class PerfSignature(wiring.Signature):
     -------
     start, done : Out(1)
         The shell's one-cycle ``ap_start`` pulse to the controller, and the controller's done.
+    pc : Out(16)
+        The pc of the instruction in the controller's Exec stage (``Controller.exec_pc``).
     busy : Out(UnitBusy)
         The busy flags the controller sees (:class:`tandem.rtl.controller.UnitBusy`).
     tile_valid, tile_ready : Out(1)
@@ -181,6 +183,7 @@ class PerfSignature(wiring.Signature):
             {
                 "start": Out(1),
                 "done": Out(1),
+                "pc": Out(16),
                 "busy": Out(UnitBusy),
                 "tile_valid": Out(1),
                 "tile_ready": Out(1),
@@ -412,6 +415,7 @@ class DecodeCore(GeometryComponent):
             m.d.comb += [
                 self.perf.start.eq(ctrl.start),
                 self.perf.done.eq(ctrl.done),
+                self.perf.pc.eq(ctrl.exec_pc),
                 self.perf.busy.eq(ctrl.busy),
                 self.perf.tile_valid.eq(mpu.weights.valid),
                 self.perf.tile_ready.eq(mpu.weights.ready),

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import resource
 import sys
 import time
@@ -266,6 +267,13 @@ def main(argv=None) -> int:
         help="also write the result with its provenance to the package data the cost model "
         "reads (host/data/bench-rtl.json) and to docs/bench-rtl.json; a quantized run to "
         "docs/bench-rtl-int4.json (-int8, ...) only",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also read the monitor's profile by pc and print where Exec waits and the memory "
+        "idles: cycles per position by instruction site (a layer's instruction summed over the "
+        "layers), largest idle first",
     )
     ap.add_argument(
         "--dry-run",
@@ -571,6 +579,7 @@ def measure(args, ap, timing) -> dict:
         make_vars=make_vars,
         progress_s=60.0,
         log=log,
+        profile=len(c.program) if args.profile else 0,
     )
     res.status.check()
     out_region = res.dumps[(c.layout["output"].base, c.layout["output"].nbytes)]
@@ -595,6 +604,7 @@ def measure(args, ap, timing) -> dict:
         "events": res.events,
         "counters": res.counters,
         "hbm": res.hbm,
+        "profile": profile_sites(c, res.profile) if args.profile else None,
         "build": {
             "core": core_rev,
             "opt_fast": args.opt,
@@ -611,9 +621,68 @@ def measure(args, ap, timing) -> dict:
     return raw
 
 
+_LAYER = re.compile(r"^h\.\d+\.")
+
+
+def instruction_site(c, ins) -> str:
+    """What an instruction does, the same for every layer: the op and the HBM region it reads
+    or writes (``h.N.`` dropped) or the VBUF operand it writes (the compiler's slot names)."""
+    from tandem.isa import LINE
+
+    f = dict(ins.fields)
+    name = ins.op.name
+    if "line" in f:
+        at = f["line"] * LINE
+        for r in c.layout.regions.values():
+            if r.base <= at < r.base + max(r.nbytes, 1):
+                return f"{name} {_LAYER.sub('h.*.', r.name)}"
+    if "dst" in f:
+        for slot, v in c.vbuf_map.items():
+            if v.addr <= f["dst"] < v.end:
+                return f"{name} -> {slot}"
+    return name
+
+
+def profile_sites(c, prof: list[dict]) -> list[dict]:
+    """The profile by pc summed by :func:`instruction_site`, in program order of each site's
+    first pc."""
+    sites: dict[str, dict] = {}
+    for pc, (ins, e) in enumerate(zip(c.program, prof, strict=False)):
+        row = sites.setdefault(
+            instruction_site(c, ins), {"site": instruction_site(c, ins), "pcs": 0, "first": pc}
+        )
+        row["pcs"] += 1
+        for k, v in e.items():
+            row[k] = row.get(k, 0) + v
+    return list(sites.values())
+
+
+def format_profile(rows: list[dict], positions: int, top: int = 30) -> str:
+    """The largest ``top`` sites by idle cycles, per position."""
+    total = sum(r["cycles"] for r in rows)
+    idle = sum(r["idle"] for r in rows)
+    out = [
+        f"Profile by instruction site ({positions} positions; per position: {total / positions:,.0f}"
+        f" cycles, {idle / positions:,.0f} with no HBM read beat): where Exec waits",
+        "| site | first pc | pcs | cycles / position | of which HBM idle | share of idle |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["idle"])[:top]:
+        out.append(
+            f"| {r['site']} | {r['first']} | {r['pcs']} | {r['cycles'] / positions:,.0f} | "
+            f"{r['idle'] / positions:,.0f} | {r['idle'] / max(idle, 1):.1%} |"
+        )
+    return "\n".join(out)
+
+
 def finish(raw: dict, args) -> int:
     report = analyse(raw, args)
     print(format_report(report))
+    if raw.get("profile"):
+        a = raw["args"]
+        positions = a["prompt_len"] + a["tokens"] - 1 - a.get("start_pos", 0)
+        print()
+        print(format_profile(raw["profile"], positions))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.json}")

@@ -17,6 +17,9 @@ tiles, unit busy cycles), and an event (``ev_count``, ``ev_kind``, ``ev_value``,
 every store the controller issues that is an ``STW`` (an output token: the core counts STWs as
 its TOKENS) or the status record, with a snapshot of every counter at that cycle. So a job
 reports the cycle at which each output token was issued and the bytes read before it.
+A profile by program counter (``run_job(profile=n)``, :attr:`JobResult.profile`) adds, per
+instruction, the cycles the controller's Exec stage held it and, of those, the cycles with no
+HBM read beat on any channel: where a run waits, and where the memory idles meanwhile.
 
 Usage::
 
@@ -45,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from amaranth import ClockDomain, DomainRenamer, Module, Signal
-from amaranth.lib import wiring
+from amaranth import ClockDomain, DomainRenamer, Module, Mux, Signal
+from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from tandem.floorplan import Floorplan, for_geometry
@@ -61,6 +64,7 @@ __all__ = [
     "TOPLEVEL",
     "JobResult",
     "JobTop",
+    "PROFILE_FIELDS",
     "RtlJobError",
     "build",
     "build_name",
@@ -96,6 +100,10 @@ COUNTERS = (
 
 EV_TOKEN = 1
 EV_STATUS = 2
+
+PROFILE_FIELDS = ("cycles", "idle")
+"""Per instruction (pc): the counted cycles the controller's Exec stage held it, and those
+with no HBM read beat on any channel (:class:`JobTop`'s profile)."""
 
 
 class RtlJobError(RuntimeError):
@@ -133,7 +141,10 @@ class JobTop(GeometryComponent):
     released), ``cnt_<c>``
     (live) and ``snap_<c>`` (at the last event) for every ``c`` in :data:`COUNTERS`, ``ev_count``
     (events so far, counted over the whole simulation), ``ev_kind`` (:data:`EV_TOKEN` or
-    :data:`EV_STATUS`), ``ev_value`` (the token id an STW stored), ``runs`` (start pulses seen).
+    :data:`EV_STATUS`), ``ev_value`` (the token id an STW stored), ``runs`` (start pulses seen),
+    ``prof_addr`` / ``prof_cycles`` / ``prof_idle`` (the profile: for the instruction at
+    ``prof_addr``, the counted cycles Exec held it and those of them with no R beat on any
+    channel, summed over every run of the simulation; :data:`PROFILE_FIELDS`).
 
     Channel ``ch``'s memory is at byte address :meth:`base`, the pointer to pass as ``hbm<ch>``.
     """
@@ -166,7 +177,10 @@ class JobTop(GeometryComponent):
             "ev_kind": Out(2),
             "ev_value": Out(32),
             "runs": Out(16),
+            "prof_addr": In(16),
         }
+        for f in PROFILE_FIELDS:
+            members[f"prof_{f}"] = Out(COUNTER_BITS)
         for c in COUNTERS:
             members[f"cnt_{c}"] = Out(COUNTER_BITS)
             members[f"snap_{c}"] = Out(COUNTER_BITS)
@@ -267,7 +281,38 @@ class JobTop(GeometryComponent):
                 m.d.tb += self.ev_kind.eq(EV_STATUS)
             for c in COUNTERS:
                 m.d.tb += getattr(self, f"snap_{c}").eq(counters[c])
+        self._profile(m, perf.pc, counting, perf.done, {"cycles": 1, "idle": ~any_r})
         return m
+
+    def _profile(self, m, pc, counting, done, incs):
+        """Cycles by Exec's pc: a run of cycles at one pc adds up in registers and goes into
+        that pc's entries (read as they are, written a cycle later) when the pc changes and on
+        the cycle after ``done``, so every counted cycle lands in exactly one entry."""
+        depth = self._geom.imem_words
+        cur = Signal(16)
+        flush = Signal()  # the cycle after the last counted one
+        m.d.tb += flush.eq(counting & done)
+        for f in PROFILE_FIELDS:
+            mem = memory.Memory(shape=COUNTER_BITS, depth=depth, init=[])
+            m.submodules[f"prof_{f}"] = mem
+            rd = mem.read_port(domain="comb")
+            out = mem.read_port(domain="comb")
+            wr = mem.write_port(domain="tb")
+            acc = Signal(COUNTER_BITS, name=f"prof_acc_{f}")
+            m.d.comb += [
+                rd.addr.eq(cur),
+                wr.addr.eq(cur),
+                wr.data.eq(rd.data + acc),
+                out.addr.eq(self.prof_addr),
+                getattr(self, f"prof_{f}").eq(out.data),
+            ]
+            with m.If(counting & (pc == cur)):
+                m.d.tb += acc.eq(acc + incs[f])
+            with m.Elif(counting | flush):
+                m.d.comb += wr.en.eq(1)
+                m.d.tb += acc.eq(Mux(counting, incs[f], 0))
+        with m.If(counting):
+            m.d.tb += cur.eq(pc)
 
 
 def _any(bits):
@@ -399,7 +444,9 @@ class JobResult:
     ``events``: one dict per token (``kind`` "token") and the final status store (``kind``
     "status"), each with the token ``value`` and every counter of :data:`COUNTERS` at the cycle
     the controller issued the store; ``counters`` at ``done``; ``timings`` in seconds;
-    ``hbm`` the memory model's parameters (:meth:`tandem.sim.hbm_model.HBMTiming.as_dict`).
+    ``hbm`` the memory model's parameters (:meth:`tandem.sim.hbm_model.HBMTiming.as_dict`);
+    ``profile`` (with ``run_job(profile=n)``): for each pc below ``n``, a dict of
+    :data:`PROFILE_FIELDS` (cycles Exec held it, of which no R beat on any channel).
     """
 
     status: object
@@ -412,6 +459,7 @@ class JobResult:
     mem_bytes: int
     hbm: dict
     extra: dict = field(default_factory=dict)
+    profile: list[dict] = field(default_factory=list)
 
     @property
     def cycles(self) -> int:
@@ -449,6 +497,7 @@ def run_job(
     make_vars: Mapping[str, str] | None = None,
     log_file: os.PathLike | str | None = None,
     on_build: Callable[[], None] | None = None,
+    profile: int = 0,
 ) -> JobResult:
     """Run one job: load ``image``, set ``scalars`` (``tandem.regmap.SCALAR_ARGS`` names; channel
     pointers are the harness's), start, wait for ``ap_done``, dump memory.
@@ -473,6 +522,8 @@ def run_job(
         :class:`RtlJobError` names it. Default: on stderr, as before. ``log`` is separate.
     on_build : called before the Verilog is converted or the model built, when either is not
         cached (the slow first use).
+    profile : read the profile by pc (:class:`JobTop`) for pcs ``0 .. profile - 1`` after the
+        run into :attr:`JobResult.profile` (0: none).
     """
     from tandem.sim import runner
 
@@ -531,6 +582,7 @@ def run_job(
             "poll_cycles": int(poll_cycles),
             "progress_s": float(progress_s),
             "clock_ns": CLOCK_NS,
+            "profile": int(profile),
         }
         log(
             f"{name}: Verilog {t1 - t0:.1f} s, image {image.nbytes:,} B x {geom.channels} "
@@ -587,6 +639,7 @@ def run_job(
         counters=res["counters"],
         timings=timings,
         mem_bytes=mem,
+        profile=res.get("profile", []),
         hbm=timing.as_dict(geom),
         extra={"runs": res.get("runs")},
     )

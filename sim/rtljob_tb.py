@@ -26,7 +26,7 @@ from cocotbext.axi import AxiLiteBus, AxiLiteMaster
 
 from tandem.driver import KernelDriver
 from tandem.sim.hbm_model import read_hex
-from tandem.sim.rtljob import COUNTERS, EV_STATUS, EV_TOKEN
+from tandem.sim.rtljob import COUNTERS, EV_STATUS, EV_TOKEN, PROFILE_FIELDS
 from tandem.sim.runner import tb_params
 
 
@@ -106,6 +106,16 @@ class Job:
             os.unlink(name)
         return np.stack(out)
 
+    async def profile(self, n: int) -> list[dict]:
+        """The monitor's profile for pcs 0 .. n-1 (combinational read ports, one address per
+        nanosecond; the counting stopped at ``done``)."""
+        out = []
+        for pc in range(n):
+            self.dut.prof_addr.value = pc
+            await Timer(1, unit="ns")
+            out.append({f: int(getattr(self.dut, f"prof_{f}").value) for f in PROFILE_FIELDS})
+        return out
+
     async def watch_events(self):
         """One wake-up per monitor event: a token's STW or the status record. An error here is
         kept and raised by the next poll (a task's exception would only cancel the test)."""
@@ -183,6 +193,7 @@ class Job:
         for k, (off, n) in enumerate(p["dumps"]):
             arrays[f"d{k}"] = await self.dump(int(off), int(n))
         np.savez(self.dir / "dumps.npz", **arrays)
+        profile = await self.profile(int(p.get("profile", 0)))
         t_dump = time.monotonic() - t
         self.log.info(
             "done: status %#x, %d tokens, %d cycles (monitor %d) in %.1f s (%.0f cycles/s)",
@@ -200,6 +211,7 @@ class Job:
             "events": self.events,
             "counters": counters,
             "runs": int(self.dut.runs.value),
+            "profile": profile,
             "timings": {"load": t_load, "run": t_sim, "dump": t_dump},
         }
 

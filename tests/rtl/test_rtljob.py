@@ -55,7 +55,7 @@ def test_tiny_job_equals_isasim():
     want = IsaSim(GEOM, ref).run(args)
     assert want.ok and want.tokens == 3, want
 
-    res = rtljob.run_job(GEOM, image, args)
+    res = rtljob.run_job(GEOM, image, args, profile=len(c.program) + 4)
 
     st = res.status
     assert (st.status, st.error_pc, st.error_code, st.tokens) == (
@@ -100,6 +100,19 @@ def test_tiny_job_equals_isasim():
     assert reads >= want.hbm_read, (reads, want.hbm_read)
     assert res.counters["tiles"] > 0 and res.counters["r_cycles"] <= st.cycles
     assert res.counters["w_beats"] > 0
+
+    # the profile by pc: every counted cycle at exactly one pc, each idle cycle (no R beat) too
+    prof = res.profile
+    assert len(prof) == len(c.program) + 4
+    assert sum(e["cycles"] for e in prof) == res.counters["cycles"], prof
+    idle = res.counters["cycles"] - res.counters["r_cycles"]
+    assert sum(e["idle"] for e in prof) == idle, (idle, prof)
+    assert all(e["idle"] <= e["cycles"] for e in prof)
+    assert not any(e["cycles"] for e in prof[len(c.program) :])  # no pc past the program
+    # Exec held the MATVECs' successors, the stores and the HALT; not just one pc
+    held = [pc for pc, e in enumerate(prof) if e["cycles"]]
+    assert len(held) > len(c.program) // 2, held
+    assert prof[c.labels["done"]]["cycles"] > 0  # the HALT that ended the run
 
 
 def test_job_timeout_is_reported():
