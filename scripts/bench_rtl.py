@@ -661,9 +661,10 @@ def format_profile(rows: list[dict], positions: int, top: int = 30) -> str:
     """The largest ``top`` sites by idle cycles, per position."""
     total = sum(r["cycles"] for r in rows)
     idle = sum(r["idle"] for r in rows)
+    per = f"{total / positions:,.0f} cycles, {idle / positions:,.0f} with no HBM read beat"
     out = [
-        f"Profile by instruction site ({positions} positions; per position: {total / positions:,.0f}"
-        f" cycles, {idle / positions:,.0f} with no HBM read beat): where Exec waits",
+        f"Profile by instruction site ({positions} positions; per position: {per}): where "
+        "Exec waits",
         "| site | first pc | pcs | cycles / position | of which HBM idle | share of idle |",
         "|---|---:|---:|---:|---:|---:|",
     ]

@@ -61,10 +61,10 @@ from tandem.sim.hbm_model import HBMTiming, hbm_timing
 
 __all__ = [
     "COUNTERS",
+    "PROFILE_FIELDS",
     "TOPLEVEL",
     "JobResult",
     "JobTop",
-    "PROFILE_FIELDS",
     "RtlJobError",
     "build",
     "build_name",
