@@ -22,6 +22,11 @@ from .vpu import VectorCommand, VectorOp
 __all__ = ["Controller", "MpuIssue", "StoreIssue", "UnitBusy", "instruction_layout"]
 
 _ROW_SHIFT = BLOCK.bit_length() - 1
+PF_QUEUE = 8
+"""MATVECs whose weight reads the look-ahead may send before Exec reaches them
+(:meth:`Controller._lookahead`), beyond the :data:`MAX_PENDING` ones Exec sent."""
+_SPANS = ("w_lo", "w_hi", "r_lo", "r_hi")  # VBUF rows written and read (rtl: _predecode)
+_SPAN_BITS = 18 - _ROW_SHIFT  # (a 16-bit address + a 16-bit length + 63) >> 6
 """log2 of a VBUF row: an element address ``>> _ROW_SHIFT`` is its row, and its low
 ``_ROW_SHIFT`` bits are zero when it is row aligned (``tandem.isa.VBUF_ALIGN``)."""
 DEFAULT_WATCHDOG = 1 << 24
@@ -111,7 +116,12 @@ class Controller(GeometryComponent):
     itself, never letting a read overtake an earlier command's write to the same rows, so the
     core may queue them and the controller runs ahead to the next ``MATVEC``, whose weight
     read then overlaps the vector work), and so do LOADV instructions
-    (the DMA delivers their rows in order, so their HBM read latencies overlap); a DMA read
+    (the DMA delivers their rows in order, so their HBM read latencies overlap) and stores
+    (they only read the VBUF, in order, so their write latencies overlap). A LOADV may also run
+    beside MATVECs already sent to the MPU when its rows meet none of theirs, x or results
+    (the MPU's result rows go first through the VBUF's write port, rtl/feeders.py
+    ``VbufWriteArbiter``; the LOADV's rows arrive behind their tiles), so the compiler hides a
+    layer's vector loads behind its products (tandem/compiler.py). A DMA read
     waits for every outstanding HBM write (a program may read what it just stored). A
     ``MATVEC`` sends its weight read to the DMA as soon as the DMA takes it, so the weights
     stream into the MPU's input while the VPU still computes; its MPU command follows, in
@@ -382,6 +392,24 @@ class Controller(GeometryComponent):
                     if op is isa.Op.MATVEC:
                         ok &= self._matvec_format_legal(v)
                     m.d.comb += p.legal.eq(ok)
+        # the VBUF rows a LOADV writes and a MATVEC reads (x) and writes (results, bias):
+        # [lo, hi) in rows, from the immediates (the allocated rows and columns)
+        p.span = {k: Signal(_SPAN_BITS, name=f"{name}_span_{k}") for k in _SPANS}
+
+        def span(lo, hi, first, n):
+            m.d.comb += [
+                p.span[lo].eq(first[_ROW_SHIFT:]),
+                p.span[hi].eq((first + n + (1 << _ROW_SHIFT) - 1)[_ROW_SHIFT:]),
+            ]
+
+        with m.Switch(opcode):
+            with m.Case(int(isa.Op.LOADV)):
+                v = data.View(instruction_layout(isa.Op.LOADV), word)
+                span("w_lo", "w_hi", v.dst, v.len)
+            with m.Case(int(isa.Op.MATVEC)):
+                v = data.View(instruction_layout(isa.Op.MATVEC), word)
+                span("w_lo", "w_hi", v.dst, v.rows)
+                span("r_lo", "r_hi", v.src, v.cols)
         p.room = {}
         for f in isa.VBUF_FIELDS:
             p.room[f] = Signal(signed(18), name=f"{name}_room_{f}")
@@ -420,6 +448,7 @@ class Controller(GeometryComponent):
             room={f: Signal(signed(18), name=f"{name}_room_{f}") for f in pre.room},
             same={f: Signal(name=f"{name}_same_{f}") for f in pre.same},
             dist={f: Signal(16, name=f"{name}_dist_{f}") for f in pre.dist},
+            span={k: Signal(_SPAN_BITS, name=f"{name}_span_{k}") for k in pre.span},
         )
 
         def load(m):
@@ -428,6 +457,7 @@ class Controller(GeometryComponent):
             m.d.sync += [r.room[f].eq(pre.room[f]) for f in pre.room]
             m.d.sync += [r.same[f].eq(pre.same[f]) for f in pre.same]
             m.d.sync += [r.dist[f].eq(pre.dist[f]) for f in pre.dist]
+            m.d.sync += [r.span[k].eq(pre.span[k]) for k in pre.span]
 
         r.load = load
         return r
@@ -456,10 +486,16 @@ class Controller(GeometryComponent):
         c.vpu_may_issue = Signal()
         m.d.comb += c.vpu_may_issue.eq(c.mpu_quiet & loadv_quiet & c.store_quiet & ~self.vpu.valid)
         m.d.comb += c.vbuf_quiet.eq(c.vpu_may_issue & ~busy.vpu)
+        # Stores only read the VBUF, and the store path takes them in order (the store feeder
+        # reads one after the other), so a store waits for the VBUF's writers only: a run of
+        # stores goes out back to back, their HBM write latencies overlapping.
+        c.store_may_issue = Signal()
+        m.d.comb += c.store_may_issue.eq(
+            c.mpu_quiet & loadv_quiet & c.vpu_quiet & ~self.dma_store.valid
+        )
         # LOADVs follow each other without waiting: the DMA delivers their rows in order through
-        # the one VBUF write port, so a LOADV needs only the other VBUF users quiet.
-        c.loadv_may_issue = Signal()
-        m.d.comb += c.loadv_may_issue.eq(c.mpu_quiet & c.store_quiet & c.vpu_quiet)
+        # the one VBUF write port, so a LOADV needs only the other VBUF users quiet, or the MPU
+        # busy with other rows (_loadv_may_issue).
         c.all_idle = Signal()
         m.d.comb += c.all_idle.eq(
             c.vbuf_quiet & ~busy.dma_read & ~busy.dma_write & ~self.dma_read.valid
@@ -497,6 +533,22 @@ class Controller(GeometryComponent):
                 with m.If(slot == i):
                     m.d.sync += pending[i].eq(c.push_cmd)
         m.d.sync += n_pending.eq(n_pending + c.push - send)
+
+        # The VBUF rows of the MATVECs issued since the MPU was last quiet, the x rows read and
+        # the result (and bias) rows written, each as one interval [lo, hi): a LOADV may run
+        # beside them if it meets neither (Exec, LOADV).
+        empty = {"w_lo": -1, "r_lo": -1, "w_hi": 0, "r_hi": 0}
+        c.mpu_rows = {
+            k: Signal(_SPAN_BITS, name=f"mpu_rows_{k}", init=empty[k] % (1 << _SPAN_BITS))
+            for k in _SPANS
+        }
+        with m.If(c.push):
+            for k in _SPANS:
+                new, old = c.dec.span[k], c.mpu_rows[k]
+                keep = Mux(new < old, new, old) if k.endswith("lo") else Mux(new > old, new, old)
+                m.d.sync += old.eq(Mux(c.mpu_quiet, new, keep))
+        with m.Elif(c.mpu_quiet):
+            m.d.sync += [c.mpu_rows[k].eq(empty[k] % (1 << _SPAN_BITS)) for k in _SPANS]
 
     def _stops(self, m, c):
         """Stop handling: DMA errors, the watchdog, and ``finish``/``stop`` (record a stop and
@@ -568,9 +620,30 @@ class Controller(GeometryComponent):
         Op = isa.Op
         la = c.imem.read_port(domain="sync")
         c.in_exec = Signal()  # the FSM is in Exec (set there)
+        # the prefetched MATVECs, oldest first: pc and MPU command (for a stop before Exec
+        # reaches them); Exec (or the drain) pops the oldest, the scan pushes
+        pf_pcs = [Signal(16, name=f"pf_pc{i}") for i in range(PF_QUEUE)]
+        pf_cmds = [Signal(MpuIssue, name=f"pf_cmd{i}") for i in range(PF_QUEUE)]
+        c.pf_n = Signal(range(PF_QUEUE + 1))
         c.pf_valid = Signal()
-        c.pf_pc = Signal(16)
-        c.pf_cmd = Signal(MpuIssue)  # its MPU command, for a stop before Exec reaches it
+        m.d.comb += c.pf_valid.eq(c.pf_n != 0)
+        c.pf_pc, c.pf_cmd = pf_pcs[0], pf_cmds[0]
+        c.pf_pop = Signal()  # the oldest leaves (set by Exec and the drain)
+        pf_push = Signal()
+        pf_new_pc = Signal(16)
+        pf_new_cmd = Signal(MpuIssue)
+        pf_last = Signal(16)  # the newest one's pc: a new scan starts after it
+        pf_last_argmax = Signal()  # ... and it is an ARGMAX (its register stops the scan)
+        with m.If(c.pf_pop):
+            for i in range(PF_QUEUE - 1):
+                m.d.sync += [pf_pcs[i].eq(pf_pcs[i + 1]), pf_cmds[i].eq(pf_cmds[i + 1])]
+        with m.If(pf_push):
+            slot = Mux(c.pf_pop, c.pf_n - 1, c.pf_n)
+            for i in range(PF_QUEUE):
+                with m.If(slot == i):
+                    m.d.sync += [pf_pcs[i].eq(pf_new_pc), pf_cmds[i].eq(pf_new_cmd)]
+            m.d.sync += pf_last.eq(pf_new_pc)
+        m.d.sync += c.pf_n.eq(c.pf_n + pf_push - c.pf_pop)
 
         def is_vector(opcode):
             return Cat(*(opcode == int(op) for op in _VPU_OPS)).any()
@@ -596,13 +669,18 @@ class Controller(GeometryComponent):
         )
         start = Signal()
         more = Signal()
+        go_on = Signal()  # a MATVEC prefetched this cycle, and the scan goes on past it
+        # a scan starts after the newest prefetched MATVEC (the words up to it are vector ops
+        # and MATVECs already prefetched), else after Exec
+        first = Mux(c.pf_valid, pf_last + 1, c.pc + 1)
+        room = (c.pf_n < PF_QUEUE) & ~(c.pf_valid & pf_last_argmax)
         m.d.comb += [
-            start.eq(exec_vec & ~on & ~done & ~c.pf_valid & (c.pc + 1 < g.imem_words)),
+            start.eq(exec_vec & ~on & ~done & room & (first < g.imem_words)),
             more.eq(on & have & is_vector(word[:8]) & (nxt < g.imem_words)),
         ]
-        addr = Mux(start, c.pc + 1, nxt)
-        m.d.comb += [la.addr.eq(addr), la.en.eq(start | more)]
-        with m.If(start | more):
+        addr = Mux(start, first, nxt)
+        m.d.comb += [la.addr.eq(addr), la.en.eq(start | more | go_on)]
+        with m.If(start | more | go_on):
             m.d.sync += [at.eq(addr), nxt.eq(addr + 1), reading.eq(1)]
         with m.If(start):
             m.d.sync += on.eq(1)
@@ -610,6 +688,7 @@ class Controller(GeometryComponent):
         def end():
             m.d.sync += [on.eq(0), done.eq(1)]
 
+        argmax = data.View(instruction_layout(Op.MATVEC), word).flags[1]
         with m.If(on & have):
             with m.If(word[:8] == int(Op.MATVEC)):
                 with m.If(~o.checked):
@@ -617,11 +696,24 @@ class Controller(GeometryComponent):
                 with m.Elif(o.bad | o.nothing | ~dec.legal):
                     end()
                 with m.Elif(
-                    exec_vec & ~self.dma_read.valid & c.write_quiet & ~c.waiting & ~c.dma_err
+                    exec_vec
+                    & ~self.dma_read.valid
+                    & c.write_quiet
+                    & ~c.waiting
+                    & ~c.dma_err
+                    & (c.pf_n < PF_QUEUE)
                 ):
                     o.issue_weights(at)
-                    m.d.sync += [c.pf_valid.eq(1), c.pf_pc.eq(at), c.pf_cmd.eq(o.cmd)]
-                    end()
+                    m.d.comb += [pf_push.eq(1), pf_new_pc.eq(at), pf_new_cmd.eq(o.cmd)]
+                    m.d.sync += pf_last_argmax.eq(argmax)
+                    # on past it, unless its result register may change what follows or the
+                    # queue is full after it
+                    with m.If(argmax | (c.pf_n + 1 - c.pf_pop >= PF_QUEUE)):
+                        end()
+                    with m.Elif(nxt < g.imem_words):
+                        m.d.comb += go_on.eq(1)
+                    with m.Else():
+                        end()
                 with m.Else():
                     m.d.sync += have.eq(1)  # keep the word until the DMA slot is free
             with m.Elif(~more):
@@ -653,7 +745,7 @@ class Controller(GeometryComponent):
                 c.word_pending.eq(0),
                 c.argmax_pending.eq(0),
                 c.n_pending.eq(0),
-                c.pf_valid.eq(0),
+                c.pf_n.eq(0),
                 c.stop_status.eq(0),
                 c.stop_pc.eq(0),
             ]
@@ -748,8 +840,7 @@ class Controller(GeometryComponent):
             # always come: after HBM_RANGE the DMA delivers all-zero tiles, after an AXI error
             # the beats with the error response.
             with m.If(c.pf_valid & (c.n_pending < MAX_PENDING)):
-                m.d.comb += [c.push.eq(1), c.push_cmd.eq(c.pf_cmd)]
-                m.d.sync += c.pf_valid.eq(0)
+                m.d.comb += [c.push.eq(1), c.push_cmd.eq(c.pf_cmd), c.pf_pop.eq(1)]
             with m.If(c.dma_err & (c.stop_status == 0)):
                 m.d.sync += [c.stop_status.eq(c.dma_err_bits), c.stop_pc.eq(self.dma_error_tag)]
             with m.If((c.all_idle & ~c.pf_valid & ~c.waiting) | c.wd_fire):
@@ -907,7 +998,7 @@ class Controller(GeometryComponent):
                 v = views[Op.LOADV]
                 with m.If(over(c.dec, "dst", v.len)):
                     finish(Status.VBUF_RANGE, pc)
-                with m.Elif(~self.dma_read.valid & c.loadv_may_issue & c.write_quiet):
+                with m.Elif(~self.dma_read.valid & c.write_quiet & self._loadv_may_issue(c)):
                     self._issue_read(
                         m,
                         c,
@@ -921,7 +1012,7 @@ class Controller(GeometryComponent):
                 v = views[Op.STOREV]
                 with m.If(over(c.dec, "src", v.len)):
                     finish(Status.VBUF_RANGE, pc)
-                with m.Elif(~self.dma_store.valid & c.vbuf_quiet):
+                with m.Elif(c.store_may_issue):
                     self._issue_store(
                         m,
                         c,
@@ -938,7 +1029,7 @@ class Controller(GeometryComponent):
                         finish(Status.VBUF_RANGE, pc)
                     with m.Elif(v.len == 0):
                         retire()
-                    with m.Elif(~self.dma_store.valid & c.vbuf_quiet):
+                    with m.Elif(c.store_may_issue):
                         self._issue_store(
                             m,
                             c,
@@ -955,6 +1046,19 @@ class Controller(GeometryComponent):
                 self._matvec(m, views[Op.MATVEC], mv, c, retire)
             with m.Case(*_VPU_OPS):
                 self._vector(m, c, opcode, retire)
+
+    def _loadv_may_issue(self, c):
+        """The LOADV in Exec may issue as far as the VBUF goes: no store or vector op uses it,
+        and the MPU is quiet or runs only MATVECs already sent to it whose rows the LOADV's
+        meet neither as x nor as results (its rows arrive behind their tiles, in the DMA's
+        order; MPU commands issued later wait for it)."""
+        lo, hi, box = c.dec.span["w_lo"], c.dec.span["w_hi"], c.mpu_rows
+
+        def apart(k):
+            return (hi <= box[f"{k}_lo"]) | (lo >= box[f"{k}_hi"])
+
+        beside = ~c.mpu_pending & ~self.mpu.valid & ~c.pf_valid & apart("r") & apart("w")
+        return (c.mpu_quiet | beside) & c.store_quiet & c.vpu_quiet
 
     def _matvec_operands(self, m, v, dec, c, name, invalidate):
         """A ``MATVEC`` view's resolved operands (``name`` prefixes the signals), one cycle
@@ -1046,7 +1150,7 @@ class Controller(GeometryComponent):
             & (prefetched | (~self.dma_read.valid & c.write_quiet))
         ):
             with m.If(prefetched):
-                m.d.sync += c.pf_valid.eq(0)
+                m.d.comb += c.pf_pop.eq(1)
             with m.Elif(~o.nothing):
                 o.issue_weights(pc)
             m.d.comb += [c.push.eq(1), c.push_cmd.eq(o.cmd)]

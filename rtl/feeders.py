@@ -118,7 +118,7 @@ class MpuFeeder(GeometryComponent):
                 "read": Out(ReadPortSignature(rows)),
                 "loading": Out(1),
                 "busy": Out(1),
-            }
+            },
         )
 
     def elaborate(self, platform):
@@ -304,7 +304,7 @@ class StoreFeeder(GeometryComponent):
                 "read": Out(ReadPortSignature(rows)),
                 "hold": In(1),
                 "busy": Out(1),
-            }
+            },
         )
 
     def elaborate(self, platform):
@@ -392,10 +392,12 @@ class VbufWriteArbiter(GeometryComponent):
     """The VBUF's one write port, shared by the DMA's LOADV rows, the MPU feeder's result rows
     and the VPU.
 
-    The controller's scoreboard lets only one of them write at a time, so this is a
-    multiplexer: a valid LOADV row, else a valid result row, else the VPU's port (whose mask is
-    zero when it does not write). A write port cannot refuse a row: ``loadv.ready`` and
-    ``mpu.ready`` are always high.
+    The controller's scoreboard never lets the VPU write beside another writer, but a LOADV may
+    run beside a MATVEC whose VBUF rows it does not meet (rtl/controller.py), so a result row
+    goes first: a valid result row, else a valid LOADV row, else the VPU's port (whose mask is
+    zero when it does not write). The MPU's result rows cannot wait: ``mpu.ready`` is always
+    high; ``loadv.ready`` is low while a result row is written (the LOADV row waits in the
+    DMA's stream, which keeps its order).
 
     Parameters
     ----------
@@ -426,18 +428,18 @@ class VbufWriteArbiter(GeometryComponent):
                 "mpu": In(stream.Signature(layout)),
                 "vpu": In(WritePortSignature(rows)),
                 "write": Out(WritePortSignature(rows)),
-            }
+            },
         )
 
     def elaborate(self, platform):
         m = Module()
         wr = self.write
-        m.d.comb += [self.loadv.ready.eq(1), self.mpu.ready.eq(1)]
-        with m.If(self.loadv.valid):
-            row = self.loadv.payload
-            m.d.comb += [wr.addr.eq(row.addr), wr.data.eq(row.data), wr.mask.eq(row.mask)]
-        with m.Elif(self.mpu.valid):
+        m.d.comb += [self.loadv.ready.eq(~self.mpu.valid), self.mpu.ready.eq(1)]
+        with m.If(self.mpu.valid):
             row = self.mpu.payload
+            m.d.comb += [wr.addr.eq(row.addr), wr.data.eq(row.data), wr.mask.eq(row.mask)]
+        with m.Elif(self.loadv.valid):
+            row = self.loadv.payload
             m.d.comb += [wr.addr.eq(row.addr), wr.data.eq(row.data), wr.mask.eq(row.mask)]
         with m.Else():
             vpu = self.vpu

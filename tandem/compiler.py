@@ -20,13 +20,17 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                tok = LDW prompt[pos] if pos < prompt_len (tok >= n_vocab -> HALT BAD_ARGS)
                      else the last argmax
     embedding  x = LOADV wte[tok]; y = LOADV wpe[pos]
-    per layer  LOADV ln1_g, ln1_b = ln_1; qkv = c_attn.bias; a = attn.c_proj.bias;
-                 ln2_g, ln2_b = ln_2; hm = c_fc.bias; mo = mlp.c_proj.bias
+               layer 0's vectors: LOADV ln1_g, ln1_b = ln_1; qkv = c_attn.bias;
+                 a = attn.c_proj.bias; ln2_g, ln2_b = ln_2; hm = c_fc.bias; mo = mlp.c_proj.bias
                  (one run of loads: the core overlaps their read latencies)
-               first layer only: x = VADD(x, y)
+    per layer  first layer only: x = VADD(x, y)
                layer_norm(x; ln1_g, ln1_b) -> y
                qkv = MATVEC(c_attn, y, BIAS)                                 [3P]
-               for every head h: STROW k_h -> K_h row pos; STCOL v_h -> V^T_h column pos
+               not the first layer: LOADV hm = c_fc.bias; mo = mlp.c_proj.bias
+                 (beside c_attn: the core runs a LOADV beside the MATVECs whose rows it
+                 does not meet, so these read latencies hide behind the weights' stream)
+               STROW k -> K row pos (every head's: the heads' K side by side are one matrix)
+               for every head h: STCOL v_h -> V^T_h column pos
                q = VMUL(q, scale[s]) len n_head * 64                          (in place)
       group    for the heads h of each group (i = h's place in it; head_groups):
                s_i = MATVEC(K_h, q_h, LIVE_ROWS T)                 each h     [T]
@@ -39,9 +43,12 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                att_h = VMUL(att_h, sc_i[s]) len 64                 each h
                a = MATVEC(attn.c_proj, att, BIAS); x = VADD(x, a)
                layer_norm(x; ln2_g, ln2_b) -> y
-               hm = MATVEC(c_fc, y, BIAS); hm = VGELU(hm)                     [F]
+               hm = MATVEC(c_fc, y, BIAS)                                     [F]
+               LOADV the next layer's ln1_g, ln1_b, qkv, a, ln2_g, ln2_b (beside c_fc);
+                 after the last layer ln1_g, ln1_b = ln_f
+               hm = VGELU(hm)
                mo = MATVEC(mlp.c_proj, hm, BIAS); x = VADD(x, mo)
-    lm_head    only if T >= prompt_len: LOADV ln1_g, ln1_b = ln_f; layer_norm(x; ln1_g, ln1_b) -> y
+    lm_head    only if T >= prompt_len: layer_norm(x; ln1_g, ln1_b) -> y (ln_f)
                spos = pos; next = MATVEC(lm_head, y, ARGMAX, sreg = sampling)
                       (greedy, or sampled when the sampling argument has a temperature:
                       seed and position in the two registers after it)
@@ -50,7 +57,7 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                pos += 1; JMP loop
 
     with logits=True (teacher-forced evaluation, ``tandem eval``), at every position instead:
-    logits     LOADV ln1_g, ln1_b = ln_f; layer_norm(x; ln1_g, ln1_b) -> y
+    logits     layer_norm(x; ln1_g, ln1_b) -> y (ln_f)
                for each chunk of lm_head rows [r0, r1):  (as many as the free VBUF holds)
                  lg = MATVEC(lm_head[r0:r1], y); STOREV lg -> logits[pos][r0:r1]
                then, if T >= prompt_len: next = MATVEC(lm_head, y, ARGMAX) and on as above
@@ -126,6 +133,21 @@ R_START = 10  # start_pos argument
 R_SAMP = 11  # sampling argument (temperature, top-k; tandem.sampling)
 R_SEED = 12  # seed argument: R_SAMP + 1, as MATVEC's sreg field requires
 R_SPOS = 13  # copy of R_POS at the LM head: R_SAMP + 2, the position keying the sampling stream
+
+LAYER_VECTORS_EARLY = (
+    ("ln1_g", "ln_1.weight"),
+    ("ln1_b", "ln_1.bias"),
+    ("qkv", "attn.c_attn.bias"),
+    ("a", "attn.c_proj.bias"),
+    ("ln2_g", "ln_2.weight"),
+    ("ln2_b", "ln_2.bias"),
+)
+"""A layer's vectors loaded while the layer before runs its MLP (behind ``c_fc``): the
+operands they go to are free by then."""
+LAYER_VECTORS_LATE = (("hm", "mlp.c_fc.bias"), ("mo", "mlp.c_proj.bias"))
+"""A layer's vectors loaded behind its own ``c_attn`` (the MLP operands of the layer before
+are free by then)."""
+LAYER_VECTORS = LAYER_VECTORS_EARLY + LAYER_VECTORS_LATE
 
 B = VecFlag.B_SCALAR
 
@@ -346,22 +368,12 @@ class _Emitter:
             stride = r.row_bytes // LINE
             self.p(Op.LOADV, dst=self.addr(dst), len=self.E, line=r.line, ri=reg, stride=stride)
 
-    def layer_loads(self, layer: int) -> None:
-        """Every vector a layer reads from HBM, in one run of LOADVs (the core overlaps their
-        read latencies): the LayerNorm parameters and the biases, each product's into its
-        output operand."""
-        pre = f"h.{layer}."
-        for dst, name in (
-            ("ln1_g", "ln_1.weight"),
-            ("ln1_b", "ln_1.bias"),
-            ("qkv", "attn.c_attn.bias"),
-            ("a", "attn.c_proj.bias"),
-            ("ln2_g", "ln_2.weight"),
-            ("ln2_b", "ln_2.bias"),
-            ("hm", "mlp.c_fc.bias"),
-            ("mo", "mlp.c_proj.bias"),
-        ):
-            self.load_vector(dst, pre + name)
+    def layer_loads(self, layer: int, vectors=LAYER_VECTORS) -> None:
+        """Vectors a layer reads from HBM (``vectors``: (VBUF operand, tensor) pairs), in one run
+        of LOADVs (the core overlaps their read latencies): the LayerNorm parameters and the
+        biases, each product's into its output operand."""
+        for dst, name in vectors:
+            self.load_vector(dst, f"h.{layer}.{name}")
 
     def layer_norm(self, g: str, b: str) -> None:
         """y = LayerNorm(x; g, b), the parameters already in VBUF."""
@@ -386,18 +398,22 @@ class _Emitter:
         p, a, E, P = self.p, self.addr, self.E, self.P
         pre = f"h.{layer}.attn."
         self.matvec("qkv", "y", pre + "c_attn.weight", bias=True)
+        if layer > 0:  # beside c_attn, which reads y and writes qkv (layer 0's came first)
+            self.layer_loads(layer, LAYER_VECTORS_LATE)
         kv = [(self.kv(layer, h, "k"), self.kv(layer, h, "v")) for h in range(self.cfg.n_head)]
-        for h, (k, v) in enumerate(kv):
-            for op, src, r in ((Op.STROW, P, k), (Op.STCOL, 2 * P, v)):
-                p(
-                    op,
-                    src=a("qkv", src + h * BLOCK),
-                    len=BLOCK,
-                    line=r.line,
-                    ri=R_POS,
-                    cols=r.cols,
-                    stride=r.stride,
-                )
+        # every head's K row at once: the heads of a layer's K region side by side are one
+        # dense [n_ctx, P] tiled matrix (tandem.layout: head h's 64 columns are its block h)
+        p(Op.STROW, src=a("qkv", P), len=P, line=kv[0][0].line, ri=R_POS, cols=P, stride=0)
+        for h, (_, v) in enumerate(kv):
+            p(
+                Op.STCOL,
+                src=a("qkv", 2 * P + h * BLOCK),
+                len=BLOCK,
+                line=v.line,
+                ri=R_POS,
+                cols=v.cols,
+                stride=v.stride,
+            )
         n_q = self.cfg.n_head * BLOCK
         p(Op.VMUL, dst=a("qkv"), a=a("qkv"), b=a("scale"), len=n_q, flags=B)
         seg = _score_segment(self.cfg)
@@ -429,14 +445,18 @@ class _Emitter:
         p, a = self.p, self.addr
         pre = f"h.{layer}.mlp."
         self.matvec("hm", "y", pre + "c_fc.weight", bias=True)
+        # beside c_fc, which reads y and writes hm: the next layer's first vectors, or ln_f's
+        if layer + 1 < self.cfg.n_layer:
+            self.layer_loads(layer + 1, LAYER_VECTORS_EARLY)
+        else:
+            self.load_vector("ln1_g", "ln_f.weight")
+            self.load_vector("ln1_b", "ln_f.bias")
         p(Op.VGELU, dst=a("hm"), a=a("hm"), len=4 * self.E)
         self.matvec("mo", "hm", pre + "c_proj.weight", bias=True)
         p(Op.VADD, dst=a("x"), a=a("x"), b=a("mo"), len=self.E)
 
     def final_norm(self) -> None:
-        """y = ln_f(x)."""
-        self.load_vector("ln1_g", "ln_f.weight")
-        self.load_vector("ln1_b", "ln_f.bias")
+        """y = ln_f(x) (the last layer's MLP loaded ln_f into ``ln1_g``, ``ln1_b``)."""
         self.layer_norm("ln1_g", "ln1_b")
 
     def logits_out(self) -> None:
@@ -509,8 +529,8 @@ class _Emitter:
         p.label("step")
         p(Op.ADDI, rd=R_T, ra=R_POS, imm=1)
         self.embedding_loads()
+        self.layer_loads(0)
         for layer in range(cfg.n_layer):
-            self.layer_loads(layer)
             if layer == 0:
                 p(Op.VADD, dst=a("x"), a=a("x"), b=a("y"), len=self.E)
             self.layer_norm("ln1_g", "ln1_b")

@@ -79,26 +79,40 @@ def ops_between(program, start, stop):
 
 
 def test_attention_is_the_normative_sequence(odd):
-    """Per layer: the K/V stores of every head, the q scaling, then per group the score
-    products, the softmax op by op over the heads, the output products and the normalisations
-    (tandem.compiler)."""
+    """Per layer: one K store for every head, the V store of each head, the q scaling, then
+    per group the score products, the softmax op by op over the heads, the output products and
+    the normalisations (tandem.compiler)."""
     prog = odd.program
     H = odd.cfg.n_head
+    P = H * BLOCK  # the odd model's heads are padded to 64
     strows = [pc for pc, i in enumerate(prog) if i.op is Op.STROW]
-    assert len(strows) == odd.cfg.n_layer * H
+    assert len(strows) == odd.cfg.n_layer
     pc = strows[0]
     soft = [o for o in (Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT, Op.VRECIP) for _ in range(H)]
-    assert ops_between(prog, pc, pc + 2 * H + 1 + 8 * H) == (
-        [Op.STROW, Op.STCOL] * H + [Op.VMUL] + [Op.MATVEC] * H + soft
+    assert ops_between(prog, pc, pc + H + 2 + 8 * H) == (
+        [Op.STROW] + [Op.STCOL] * H + [Op.VMUL] + [Op.MATVEC] * H + soft
         + [Op.MATVEC] * H + [Op.VMUL] * H
     )  # fmt: skip
-    q_scale = prog[pc + 2 * H]
+    # the K store: row pos of the layer's K region as one dense [n_ctx, P] matrix, every head's
+    # 64 columns in its block (where each head's score product reads them)
+    st = prog[pc]
+    k0 = odd.layout.kv_head(0, 0, "k")
+    assert (st["src"], st["len"], st["cols"], st["stride"], st["line"] * isa.LINE) == (
+        odd.vbuf_map["qkv"].addr + P, P, P, 0, k0.base
+    )  # fmt: skip
+    for h in range(H):
+        kh = odd.layout.kv_head(0, h, "k")
+        for r, c in ((0, 0), (5, 63), (odd.cfg.n_ctx - 1, 17)):
+            want = L.tiled_address(odd.geom, kh.base, kh.cols, kh.stride, r, c)
+            got = L.tiled_address(odd.geom, k0.base, P, 0, r, h * BLOCK + c)
+            assert tuple(map(int, got)) == tuple(map(int, want)), (h, r, c)
+    q_scale = prog[pc + H + 1]
     assert (q_scale["dst"], q_scale["a"], q_scale["len"]) == (
         odd.vbuf_map["qkv"].addr,
         odd.vbuf_map["qkv"].addr,
         H * BLOCK,
     )
-    k_mv, v_mv = prog[pc + 2 * H + 1], prog[pc + 2 * H + 1 + 6 * H]
+    k_mv, v_mv = prog[pc + H + 2], prog[pc + H + 2 + 6 * H]
     assert k_mv["flags"] == MatFlag.LIVE_ROWS and k_mv["rows"] == odd.cfg.n_ctx
     assert v_mv["flags"] == MatFlag.LIVE_COLS and v_mv["cols"] == odd.cfg.n_ctx
     assert k_mv["lreg"] == v_mv["lreg"] != 0
@@ -124,6 +138,35 @@ def test_one_matvec_per_weight_matrix_per_layer(odd):
         if r.kind is L.Kind.TILED and not n.endswith((".k", ".v"))
     }
     assert lines == tiled
+
+
+def test_layer_vectors_load_beside_the_products(odd):
+    """Every vector a position reads is loaded once per position: the embeddings and layer 0's
+    at the top, a layer's MLP biases right after its c_attn, the next layer's LayerNorm
+    parameters and attention biases (after the last layer ln_f) right after c_fc; each load's
+    rows meet neither operand of the MATVEC before it (what lets the core run them beside)."""
+    prog, lay, vb = odd.program, odd.layout, odd.vbuf_map
+    loop = odd.labels["loop"]
+    loads = [(pc, i) for pc, i in enumerate(prog) if i.op is Op.LOADV and pc > loop]
+    region = {r.line: n for n, r in lay.regions.items()}
+    names = [region[i["line"]] for _, i in loads]
+    want = [n for n in lay.regions if lay[n].kind is L.Kind.VECTOR] + ["wte", "wpe"]
+    assert sorted(names) == sorted(want)
+    rows = {n: range(v.addr // BLOCK, -(-v.end // BLOCK)) for n, v in vb.items()}
+    for pc, i in loads[2 + 8 :]:  # after the embeddings and layer 0's
+        before = prog[pc - 1]
+        k = pc - 1
+        while before.op is Op.LOADV:
+            k -= 1
+            before = prog[k]
+        assert before.op is Op.MATVEC, (pc, before)
+        name = region[before["line"]]
+        assert name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")), name
+        dst = range(i["dst"] // BLOCK, -(-(i["dst"] + i["len"]) // BLOCK))
+        src_rows = range(before["src"] // BLOCK, -(-(before["src"] + before["cols"]) // BLOCK))
+        out_rows = range(before["dst"] // BLOCK, -(-(before["dst"] + before["rows"]) // BLOCK))
+        assert not set(dst) & (set(src_rows) | set(out_rows)), (pc, name, region[i["line"]])
+        assert set(dst) <= set(rows[next(n for n, r in rows.items() if dst[0] in r)])
 
 
 def test_token_and_status_helpers(odd):

@@ -44,9 +44,12 @@ def run_controller(
     mpu_cycles=4,
     argmax=7,
     vpu_hang=False,
+    store_cycles=0,
     max_cycles=20000,
 ):
-    """Run the controller once over ``image``; returns (status dict, log of issued commands)."""
+    """Run the controller once over ``image``; returns (status dict, log of issued commands).
+    The status dict's ``cycles`` holds the cycle of each log entry; a store keeps ``busy.store``
+    high for ``store_cycles`` cycles after it is taken (the store feeder reading the VBUF)."""
     dut = Controller(GEOM)
     log = []
     result = {}
@@ -61,10 +64,11 @@ def run_controller(
         await ctx.tick()
         ctx.set(dut.start, 0)
         fetch_beats = []
-        vpu_busy = mpu_busy = 0
+        vpu_busy = mpu_busy = store_busy = 0
+        cycles = result["cycles"] = []
         word_q = []
         argmax_q = []
-        for _ in range(max_cycles):
+        for cyc in range(max_cycles):
             # fetch
             if ctx.get(dut.fetch_cmd.valid):
                 cmd = ctx.get(dut.fetch_cmd.payload)
@@ -85,6 +89,7 @@ def run_controller(
             ctx.set(dut.mpu.ready, not mpu_busy)
             ctx.set(dut.busy.vpu, bool(vpu_busy))
             ctx.set(dut.busy.mpu, bool(mpu_busy))
+            ctx.set(dut.busy.store, bool(store_busy))
             ctx.set(dut.dma_word.valid, bool(word_q))
             if word_q:
                 ctx.set(dut.dma_word.payload, word_q[0])
@@ -120,6 +125,9 @@ def run_controller(
                 vpu_busy -= 1
             if mpu_busy:
                 mpu_busy -= 1
+            if store_busy:
+                store_busy -= 1
+            n_log = len(log)
             if rd is not None:
                 log.append(("read", rd.kind, rd.offset, rd.tag))
                 if rd.kind == ReadKind.TILES:
@@ -129,6 +137,7 @@ def run_controller(
             if st is not None:
                 cmd = st.cmd
                 log.append(("store", cmd.kind, cmd.offset, cmd.value, st.src_row))
+                store_busy = store_cycles
                 if cmd.kind == StoreKind.WORD:
                     image.write_channel(
                         0, cmd.offset, np.frombuffer(int(cmd.value).to_bytes(4, "little"), np.uint8)
@@ -150,6 +159,7 @@ def run_controller(
                 mpu_busy = mpu_cycles
                 if c.flags.argmax:
                     argmax_q.append(argmax)
+            cycles += [cyc] * (len(log) - n_log)
         else:
             raise AssertionError(f"no done in {max_cycles} cycles")
 
@@ -458,6 +468,124 @@ def test_a_stop_sends_the_prefetched_matvec():
     assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 3
     assert [e[3] for e in log if e[0] == "read"] == [1, 5]
     assert [e[5:7] for e in log if e[0] == "mpu"] == [(0, 4), (8, 0)]
+
+
+def _when(got, log, entry):
+    """The cycle of the first log entry that starts with ``entry``."""
+    return next(c for e, c in zip(log, got["cycles"], strict=True) if e[: len(entry)] == entry)
+
+
+def test_lookahead_queues_matvecs_past_matvecs():
+    """The scan goes on past a MATVEC it prefetched: behind a long MATVEC, the reads of the two
+    MATVECs after the vector ops go out before the first vector op, in program order, and each
+    MATVEC's MPU command still waits for the vector ops before it."""
+    p = [
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        make(Op.VADD, dst=512, a=256, b=384, len=64),
+        make(Op.MATVEC, dst=640, src=512, line=20, rows=64, cols=64),
+        make(Op.VEXP, dst=768, a=640, len=64),
+        make(Op.MATVEC, dst=896, src=768, line=30, rows=64, cols=64, flags=2, rd=7),
+        make(Op.STW, rs=7, line=OUT_LINE),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=80, argmax=0)
+    assert got["status"] == 0 and got["tokens"] == 1
+    assert _order(log) == [
+        ("read", 0),
+        ("mpu",),
+        ("read", 2),
+        ("read", 4),
+        ("vpu",),
+        ("mpu",),
+        ("vpu",),
+        ("mpu",),
+    ]
+    # both reads while the first MATVEC runs (80 cycles)
+    assert _when(got, log, ("read", ReadKind.TILES, 30 * isa.LINE)) < _when(got, log, ("vpu",))
+
+
+def test_lookahead_stops_after_an_argmax_matvec():
+    """A prefetched MATVEC ... ARGMAX ends the scan (its register may change what follows):
+    the MATVEC after it is read only once Exec is past it."""
+    p = [
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        make(Op.VADD, dst=512, a=256, b=384, len=64),
+        make(Op.MATVEC, dst=640, src=512, line=20, rows=64, cols=64, flags=2, rd=7),
+        make(Op.VEXP, dst=768, a=640, len=64),
+        make(Op.MATVEC, dst=896, src=768, line=30, rows=64, cols=64),
+        make(Op.STW, rs=7, line=OUT_LINE),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=80, argmax=0)
+    assert got["status"] == 0
+    order = _order(log)
+    assert order.index(("read", 2)) < order.index(("vpu",))
+    assert order.index(("read", 4)) > order.index(("mpu",), order.index(("read", 2)))
+
+
+def test_a_stop_sends_every_prefetched_matvec():
+    """An error at a vector op after the look-ahead sent two MATVECs' weights: both MPU
+    commands go out in the drain, in order, so none of their tiles is left behind."""
+    p = [
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        make(Op.VADD, dst=512, a=256, b=384, len=64),
+        make(Op.VEXP, dst=128, a=64, len=100),  # dst inside a at another start: VBUF_RANGE
+        make(Op.MATVEC, dst=640, src=512, line=20, rows=64, cols=64),
+        make(Op.MATVEC, dst=768, src=512, line=30, rows=128, cols=64),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=80, argmax=0)
+    assert got["status"] == Status.VBUF_RANGE and got["error_pc"] == 2
+    assert [e[3] for e in log if e[0] == "read"] == [0, 3, 4]
+    assert [e[1] for e in log if e[0] == "mpu"] == [64, 64, 128]
+
+
+def test_loadv_runs_beside_a_matvec_whose_rows_it_does_not_meet():
+    """A LOADV whose rows meet neither the running MATVEC's x nor its results is read while the
+    MATVEC runs; one that meets its results, or its x, waits until the MPU is done."""
+    for dst, beside in ((640, True), (256, False), (0, False), (320, True)):
+        p = [
+            make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+            make(Op.LOADV, dst=dst, len=64, line=30),
+            make(Op.VADD, dst=512, a=256, b=384, len=64),
+            make(Op.HALT),
+        ]
+        got, log, _ = check_against_isasim(p, {}, mpu_cycles=80)
+        assert got["status"] == 0
+        mpu = _when(got, log, ("mpu",))
+        loadv = _when(got, log, ("read", ReadKind.ROWS))
+        assert (loadv < mpu + 80) == beside, (dst, mpu, loadv)
+
+
+def test_loadv_waits_for_a_pending_matvec():
+    """A MATVEC whose MPU command waits (here for the VPU) comes first: a LOADV after it,
+    whose rows would arrive behind that MATVEC's tiles, waits until the command is sent."""
+    p = [
+        make(Op.VSET, dst=0, imm=0x3C00, len=64),
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        make(Op.LOADV, dst=640, len=64, line=30),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=20, vpu_cycles=50)
+    assert got["status"] == 0
+    assert _when(got, log, ("read", ReadKind.ROWS)) > _when(got, log, ("mpu",))
+
+
+def test_stores_go_back_to_back():
+    """Stores only read the VBUF: a run of them goes out without waiting for the one before
+    to finish reading (``busy.store``), and the vector op after them waits until they have."""
+    p = [
+        make(Op.VSET, dst=0, imm=0x3C00, len=192),
+        *(make(Op.STOREV, src=64 * i, len=64, line=30 + i) for i in range(3)),
+        make(Op.VADD, dst=0, a=0, b=0, len=64),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, store_cycles=20)
+    assert got["status"] == 0
+    stores = [c for e, c in zip(log, got["cycles"], strict=True) if e[0] == "store"][:3]
+    assert stores[2] - stores[0] < 20, stores
+    vpu = [c for e, c in zip(log, got["cycles"], strict=True) if e[0] == "vpu"]
+    assert vpu[1] >= stores[2] + 20, (stores, vpu)
 
 
 @pytest.mark.parametrize(

@@ -488,8 +488,8 @@ def test_program_fetch(stall):
 
 def test_read_port_share_and_write_arbiter():
     """ReadPortShare: ``en`` is any user's, ``addr`` the enabled user's, ``data`` reaches every
-    user. VbufWriteArbiter: a valid LOADV row, else a valid MPU row, else the VPU's port; both
-    streams always ready."""
+    user. VbufWriteArbiter: a valid MPU row, else a valid LOADV row, else the VPU's port; the
+    MPU's stream always ready, the LOADV's while no MPU row is there."""
     rng = random.Random(3)
     share = ReadPortShare(ROWS, users=2)
     arb = VbufWriteArbiter(GEOM)
@@ -520,12 +520,13 @@ def test_read_port_share_and_write_arbiter():
                 ctx.set(port.valid, valid)
                 ctx.set(port.payload.as_value(), bits)
                 rows[name] = data.Const(layout, bits) if valid else None
-                assert ctx.get(port.ready) == 1
+            assert ctx.get(arb.mpu.ready) == 1
+            assert ctx.get(arb.loadv.ready) == (rows["mpu"] is None)
             vpu = {"addr": rng.randrange(ROWS), "data": _rand_row(rng), "mask": rng.getrandbits(64)}
             ctx.set(arb.vpu.addr, vpu["addr"])
             ctx.set(arb.vpu.data.as_value(), vpu["data"])
             ctx.set(arb.vpu.mask, vpu["mask"])
-            pick = rows["loadv"] if rows["loadv"] is not None else rows["mpu"]
+            pick = rows["mpu"] if rows["mpu"] is not None else rows["loadv"]
             want = tuple(vpu.values())
             if pick is not None:
                 want = (pick.addr, pick.data.as_bits(), pick.mask)

@@ -503,11 +503,11 @@ SOFTMAX_OPS = [isa.Op[n] for n in ("VMAX", "VSUB", "VEXP", "VDOT", "VRECIP")]
 
 def head_zero(program, n_head: int) -> list:
     """Head 0's instructions in the compiler's head-group form (one group of every head):
-    after the layer's 2 * n_head K/V stores, the q scaling of all heads, head 0's score
-    product, its softmax (op by op over the heads: every n_head-th instruction), its output
-    product and its normalisation."""
+    after the layer's K store (every head's) and n_head V stores, the q scaling of all heads,
+    head 0's score product, its softmax (op by op over the heads: every n_head-th
+    instruction), its output product and its normalisation."""
     j = _find(program, [isa.Op.STROW, isa.Op.STCOL])
-    k0 = j + 2 * n_head + 1
+    k0 = j + 1 + n_head + 1
     head = [program[k0 - 1], program[k0]]
     head += [program[k0 + n_head * (1 + i)] for i in range(5)]
     head += [program[k0 + 6 * n_head], program[k0 + 7 * n_head]]
