@@ -133,7 +133,7 @@ class Controller(GeometryComponent):
     finish, or for LOADV rows), a second instruction-memory port looks past the vector ops
     after it and sends the next ``MATVEC``'s weight read at once, so those weights stream
     into the DMA's read FIFOs while the MPU and the VPU still work on what comes before
-    (one more MATVEC's weights in flight beyond the :data:`MAX_PENDING`). ``LDW`` and
+    (up to :data:`PF_QUEUE` more MATVECs' weights in flight beyond the :data:`MAX_PENDING`). ``LDW`` and
     ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT`` wait for every
     unit and every write.
 
@@ -599,17 +599,20 @@ class Controller(GeometryComponent):
     def _lookahead(self, m, c):
         """Weight prefetch. While a vector op waits in Exec (for a MATVEC to finish, or LOADV
         rows), a second read port of the instruction memory scans the words after it, one per
-        cycle, through vector ops only. At the first ``MATVEC`` it sends that MATVEC's weight
-        read to the DMA (``pf_valid``, ``pf_pc``) as soon as the DMA slot is free and every HBM
-        write is answered; Exec then issues that MATVEC without a read. The scan ends there, at
-        any other instruction (it may write a register, branch, read or write HBM) or at the
-        end of the memory; it starts again after Exec retires an instruction that is not a
-        vector op.
+        cycle, through vector ops and MATVECs. At each ``MATVEC`` it sends that MATVEC's weight
+        read to the DMA as soon as the DMA slot is free and every HBM write is answered, and
+        queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest ``pf_pc``);
+        Exec then issues the oldest without a read. The scan ends at any other instruction (it
+        may write a register, branch, read or write HBM), after a MATVEC with ARGMAX (its
+        register may change what follows), with the queue full, or at the end of the memory; it
+        starts again, after the newest queued MATVEC, when Exec retires an instruction that is
+        not a vector op.
 
-        Why it is safe: the words between Exec and the prefetched MATVEC are vector ops, which
-        change no register, read no HBM and do not branch, so Exec reaches that MATVEC with
-        the operands the scan resolved, and the DMA gets its reads in program order (the
-        weights of every earlier MATVEC were sent before). The prefetched tiles wait in the
+        Why it is safe: the words between Exec and a prefetched MATVEC are vector ops and
+        MATVECs without ARGMAX, which change no register, read no HBM but weights (in program
+        order) and do not branch, so Exec reaches that MATVEC with the operands the scan
+        resolved, and the DMA gets its reads in program order (the weights of every earlier
+        MATVEC were sent before). The prefetched tiles wait in the
         DMA's read FIFOs until the MPU takes them, after the vector ops. A MATVEC with a VBUF
         operand out of range, with no live row or column, or that is an illegal instruction (a
         reserved weight format or bit: the DMA and the MPU could disagree on its tiles) is not
