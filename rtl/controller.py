@@ -132,10 +132,10 @@ class Controller(GeometryComponent):
     heads). Weight prefetch (:meth:`_lookahead`): while a vector op waits (for a MATVEC to
     finish, or for LOADV rows), a second instruction-memory port looks past the vector ops
     after it and sends the next ``MATVEC``'s weight read at once, so those weights stream
-    into the DMA's read FIFOs while the MPU and the VPU still work on what comes before
-    (up to :data:`PF_QUEUE` more MATVECs' weights in flight beyond the :data:`MAX_PENDING`). ``LDW`` and
-    ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT`` wait for every
-    unit and every write.
+    into the DMA's read FIFOs while the MPU and the VPU still work on what comes before (up
+    to :data:`PF_QUEUE` more MATVECs' weights in flight beyond the :data:`MAX_PENDING`).
+    ``LDW`` and ``MATVEC ... ARGMAX`` wait for their result register. ``SYNC`` and ``HALT``
+    wait for every unit and every write.
 
     Errors: VBUF operands past ``vbuf_elems`` (``VBUF_RANGE``) are checked at issue; the DMA
     reports ``HBM_RANGE`` and ``AXI_ERROR`` with the pc of the failing instruction
