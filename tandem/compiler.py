@@ -30,11 +30,10 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                  (beside c_attn: the core runs a LOADV beside the MATVECs whose rows it
                  does not meet, so these read latencies hide behind the weights' stream)
                STROW k -> K row pos (every head's: the heads' K side by side are one matrix)
+               for every head h: STCOL v_h -> V^T_h column pos
                q = VMUL(q, scale[s]) len n_head * 64                          (in place)
       group    for the heads h of each group (i = h's place in it; head_groups):
                s_i = MATVEC(K_h, q_h, LIVE_ROWS T)                 each h     [T]
-               first group only: for every head h: STCOL v_h -> V^T_h column pos
-                 (the score products wait for the K row's write alone)
                sc_i = VMAX(s_i) len T                              each h
                s_i = VSUB(s_i, sc_i[s]) len T                      each h
                s_i = VEXP(s_i) len T                               each h
@@ -405,26 +404,23 @@ class _Emitter:
         # every head's K row at once: the heads of a layer's K region side by side are one
         # dense [n_ctx, P] tiled matrix (tandem.layout: head h's 64 columns are its block h)
         p(Op.STROW, src=a("qkv", P), len=P, line=kv[0][0].line, ri=R_POS, cols=P, stride=0)
+        for h, (_, v) in enumerate(kv):
+            p(
+                Op.STCOL,
+                src=a("qkv", 2 * P + h * BLOCK),
+                len=BLOCK,
+                line=v.line,
+                ri=R_POS,
+                cols=v.cols,
+                stride=v.stride,
+            )
         n_q = self.cfg.n_head * BLOCK
         p(Op.VMUL, dst=a("qkv"), a=a("qkv"), b=a("scale"), len=n_q, flags=B)
         seg = _score_segment(self.cfg)
-        for gi, group in enumerate(head_groups(self.cfg, self.v)):
+        for group in head_groups(self.cfg, self.v):
             heads = [(h, a("s", i * seg), a("sc", i * BLOCK)) for i, h in enumerate(group)]
             for h, s, _ in heads:
                 self.kv_product(s, a("qkv", h * BLOCK), kv[h][0], MatFlag.LIVE_ROWS)
-            if gi == 0:
-                # the V columns after the first score products: those wait for the K row's
-                # write alone, and these writes land while the softmax runs
-                for h, (_, v) in enumerate(kv):
-                    p(
-                        Op.STCOL,
-                        src=a("qkv", 2 * P + h * BLOCK),
-                        len=BLOCK,
-                        line=v.line,
-                        ri=R_POS,
-                        cols=v.cols,
-                        stride=v.stride,
-                    )
             # op by op over the group: consecutive ops are independent, so the VPU overlaps them
             for _, s, sc in heads:
                 p(Op.VMAX, dst=sc, a=s, lreg=R_T)

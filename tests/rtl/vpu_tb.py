@@ -503,15 +503,14 @@ SOFTMAX_OPS = [isa.Op[n] for n in ("VMAX", "VSUB", "VEXP", "VDOT", "VRECIP")]
 
 def head_zero(program, n_head: int) -> list:
     """Head 0's instructions in the compiler's head-group form (one group of every head):
-    after the layer's K store (every head's), the q scaling of all heads, head 0's score
-    product (the n_head V stores follow the score products), its softmax (op by op over the
-    heads: every n_head-th instruction), its output product and its normalisation."""
-    j = _find(program, [isa.Op.STROW, isa.Op.VMUL])
-    k0 = j + 2
-    soft = k0 + 2 * n_head
-    head = [program[j + 1], program[k0]]
-    head += [program[soft + n_head * i] for i in range(5)]
-    head += [program[soft + 5 * n_head], program[soft + 6 * n_head]]
+    after the layer's K store (every head's) and n_head V stores, the q scaling of all heads,
+    head 0's score product, its softmax (op by op over the heads: every n_head-th
+    instruction), its output product and its normalisation."""
+    j = _find(program, [isa.Op.STROW, isa.Op.STCOL])
+    k0 = j + 1 + n_head + 1
+    head = [program[k0 - 1], program[k0]]
+    head += [program[k0 + n_head * (1 + i)] for i in range(5)]
+    head += [program[k0 + 6 * n_head], program[k0 + 7 * n_head]]
     want = [isa.Op.VMUL, isa.Op.MATVEC, *SOFTMAX_OPS, isa.Op.MATVEC, isa.Op.VMUL]
     assert [ins.op for ins in head] == want, [ins.op.name for ins in head]
     return head
