@@ -22,13 +22,13 @@ from .vpu import VectorCommand, VectorOp
 __all__ = ["Controller", "MpuIssue", "StoreIssue", "UnitBusy", "instruction_layout"]
 
 _ROW_SHIFT = BLOCK.bit_length() - 1
+"""log2 of a VBUF row: an element address ``>> _ROW_SHIFT`` is its row, and its low
+``_ROW_SHIFT`` bits are zero when it is row aligned (``tandem.isa.VBUF_ALIGN``)."""
+_SPANS = ("w_lo", "w_hi", "r_lo", "r_hi")  # VBUF rows written and read (rtl: _predecode)
+_SPAN_BITS = 18 - _ROW_SHIFT  # (a 16-bit address + a 16-bit length + 63) >> 6
 PF_QUEUE = 8
 """MATVECs whose weight reads the look-ahead may send before Exec reaches them
 (:meth:`Controller._lookahead`), beyond the :data:`MAX_PENDING` ones Exec sent."""
-_SPANS = ("w_lo", "w_hi", "r_lo", "r_hi")  # VBUF rows written and read (rtl: _predecode)
-_SPAN_BITS = 18 - _ROW_SHIFT  # (a 16-bit address + a 16-bit length + 63) >> 6
-"""log2 of a VBUF row: an element address ``>> _ROW_SHIFT`` is its row, and its low
-``_ROW_SHIFT`` bits are zero when it is row aligned (``tandem.isa.VBUF_ALIGN``)."""
 DEFAULT_WATCHDOG = 1 << 24
 MAX_PENDING = 8
 """MATVECs whose weight read is with the DMA and whose MPU command has not gone to the core's
