@@ -45,6 +45,8 @@ from its own quantized layout's bytes per token. A quantized run writes
 job on the ISA simulator instead of the RTL (the tokens the RTL must give) and prints the
 layout's bytes per token: a check of everything but the simulation, in seconds on ``tiny``.
 ``--summary`` prints the recorded FP16, W8 and W4 results side by side (no simulation).
+``--profile`` also prints where the run waits, by instruction site: the monitor's cycles per
+pc in Exec and, of those, the cycles with no HBM read beat (:func:`profile_sites`).
 """
 
 from __future__ import annotations
