@@ -361,3 +361,33 @@ def test_dry_run_int4_on_tiny(bench, capsys):
     assert "W4 groups of 64 (RTN, LM head quantized) on tiny: the ISA simulator ran" in out
     assert f": {want} (the RTL must give these)" in out
     assert "gpt2-medium: no layout on tiny" in out
+
+
+def test_profile_sites_sum_a_layer_instruction_over_the_layers(bench):
+    """--profile: every pc's cycles land in one site; a layer's instruction is one site over all
+    layers (``h.N.`` dropped), named by its HBM region or its VBUF operand; the table lists the
+    largest idle first, per position."""
+    from tandem.checkpoint import lively_weights
+    from tandem.compiler import compile_model
+    from tandem.config import preset
+    from tandem.geometry import geometry
+
+    cfg = preset("test-tiny")
+    c = compile_model(cfg, lively_weights(cfg, seed=1), geometry("tiny"))
+    prof = [{"cycles": 3 * pc + 1, "idle": pc % 5} for pc in range(len(c.program))]
+    rows = bench.profile_sites(c, prof)
+    assert sum(r["cycles"] for r in rows) == sum(e["cycles"] for e in prof)
+    assert sum(r["idle"] for r in rows) == sum(e["idle"] for e in prof)
+    assert sum(r["pcs"] for r in rows) == len(c.program)
+    by = {r["site"]: r for r in rows}
+    site = "MATVEC h.*.attn.c_attn.weight"
+    lines = {c.layout[f"h.{n}.attn.c_attn.weight"].line for n in range(cfg.n_layer)}
+    c_attn = [pc for pc, i in enumerate(c.program) if i.op.name == "MATVEC" and i["line"] in lines]
+    assert len(c_attn) == by[site]["pcs"] == cfg.n_layer
+    assert by[site]["cycles"] == sum(3 * pc + 1 for pc in c_attn)
+    assert "STROW h.*.k" in by and "VGELU -> hm" in by and "HALT" in by
+    assert [r["first"] for r in rows] == sorted(r["first"] for r in rows)
+    table = bench.format_profile(rows, positions=2, top=3).splitlines()
+    assert len(table) == 3 + 3
+    idles = [float(ln.split("|")[5].replace(",", "")) for ln in table[3:]]
+    assert idles == sorted(idles, reverse=True)
