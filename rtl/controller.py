@@ -538,17 +538,15 @@ class Controller(GeometryComponent):
         # the result (and bias) rows written, each as one interval [lo, hi): a LOADV may run
         # beside them if it meets neither (Exec, LOADV).
         empty = {"w_lo": -1, "r_lo": -1, "w_hi": 0, "r_hi": 0}
-        c.mpu_rows = {
-            k: Signal(_SPAN_BITS, name=f"mpu_rows_{k}", init=empty[k] % (1 << _SPAN_BITS))
-            for k in _SPANS
-        }
+        empty = {k: v % (1 << _SPAN_BITS) for k, v in empty.items()}  # lo at its largest
+        c.mpu_rows = {k: Signal(_SPAN_BITS, name=f"mpu_rows_{k}", init=empty[k]) for k in _SPANS}
         with m.If(c.push):
             for k in _SPANS:
                 new, old = c.dec.span[k], c.mpu_rows[k]
                 keep = Mux(new < old, new, old) if k.endswith("lo") else Mux(new > old, new, old)
                 m.d.sync += old.eq(Mux(c.mpu_quiet, new, keep))
         with m.Elif(c.mpu_quiet):
-            m.d.sync += [c.mpu_rows[k].eq(empty[k] % (1 << _SPAN_BITS)) for k in _SPANS]
+            m.d.sync += [c.mpu_rows[k].eq(empty[k]) for k in _SPANS]
 
     def _stops(self, m, c):
         """Stop handling: DMA errors, the watchdog, and ``finish``/``stop`` (record a stop and
@@ -667,9 +665,8 @@ class Controller(GeometryComponent):
         with m.If(reading):
             m.d.sync += [word.eq(la.data), have.eq(1)]
             dec.load(m)
-        o = self._matvec_operands(
-            m, data.View(instruction_layout(Op.MATVEC), word), dec, c, "la", invalidate=reading
-        )
+        la_view = data.View(instruction_layout(Op.MATVEC), word)
+        o = self._matvec_operands(m, la_view, dec, c, "la", invalidate=reading)
         start = Signal()
         more = Signal()
         go_on = Signal()  # a MATVEC prefetched this cycle, and the scan goes on past it
@@ -691,7 +688,7 @@ class Controller(GeometryComponent):
         def end():
             m.d.sync += [on.eq(0), done.eq(1)]
 
-        argmax = data.View(instruction_layout(Op.MATVEC), word).flags[1]
+        argmax = la_view.flags[1]
         with m.If(on & have):
             with m.If(word[:8] == int(Op.MATVEC)):
                 with m.If(~o.checked):

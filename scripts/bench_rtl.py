@@ -650,9 +650,8 @@ def profile_sites(c, prof: list[dict]) -> list[dict]:
     first pc."""
     sites: dict[str, dict] = {}
     for pc, (ins, e) in enumerate(zip(c.program, prof, strict=False)):
-        row = sites.setdefault(
-            instruction_site(c, ins), {"site": instruction_site(c, ins), "pcs": 0, "first": pc}
-        )
+        site = instruction_site(c, ins)
+        row = sites.setdefault(site, {"site": site, "pcs": 0, "first": pc})
         row["pcs"] += 1
         for k, v in e.items():
             row[k] = row.get(k, 0) + v
@@ -682,8 +681,7 @@ def finish(raw: dict, args) -> int:
     report = analyse(raw, args)
     print(format_report(report))
     if raw.get("profile"):
-        a = raw["args"]
-        positions = a["prompt_len"] + a["tokens"] - 1 - a.get("start_pos", 0)
+        positions = sum(t["positions"] for t in report["per_token"])  # every position run
         print()
         print(format_profile(raw["profile"], positions))
     args.json.parent.mkdir(parents=True, exist_ok=True)
