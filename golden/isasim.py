@@ -35,7 +35,10 @@ Speed: a static weight matrix (one the program never writes) is gathered from th
 aligned into a ``numerics.PreparedMatrix`` once and cached; any write overlapping it (by the
 program or by the host through :meth:`IsaSim.invalidate`) drops the cached copy. Matrices read
 with ``LIVE_ROWS`` / ``LIVE_COLS`` (the KV cache) are gathered with ``layout.tiled_address`` on
-every use, live part only. A group of attention heads in the compiler's normative form is executed
+every use, live part only; a forwarding ``MATVEC`` (``sreg`` without ``ARGMAX``: tandem.isa)
+then has its last live row replaced by the VBUF row it names. The simulator runs in order, so
+the rule that a forwarding product's HBM read does not wait for earlier stores changes nothing
+here. A group of attention heads in the compiler's normative form is executed
 as one batched computation over the heads (see :func:`_head_groups`), bit for bit what
 the instructions give one by one; ``batch_heads=False`` turns that off.
 """
@@ -578,6 +581,22 @@ class IsaSim:
             self._update_span()
         return got[0]
 
+    def _forwarded_row(self, f, n_rows: int) -> tuple[int, np.ndarray] | None:
+        """A forwarding MATVEC's (row index, VBUF row of ``cols`` elements), or None when the
+        MATVEC does not forward or has no live row (tandem.isa)."""
+        n = min(n_rows, f["rows"])
+        if not isa.is_forwarding(f) or n == 0:
+            return None
+        off = self.regs[f["sreg"]]
+        if off % isa.VBUF_ALIGN:
+            raise _Stop(
+                Status.VBUF_RANGE,
+                f"MATVEC forwarded row offset R[{f['sreg']}] = {off} is not a multiple of "
+                f"{isa.VBUF_ALIGN}",
+            )
+        row = self.vbuf[self._vb(f["src"] + off, BLOCK, "MATVEC forwarded row")]
+        return n - 1, row[: f["cols"]].copy()
+
     def _MATVEC(self, f):
         if f["wfmt"]:
             return self._matvec_quant(f)
@@ -588,6 +607,7 @@ class IsaSim:
         base = f["line"] * LINE
         stride = f["stride"] or dense_stride(self.geom)
         x = self.vbuf[self._vb(f["src"], n_cols, "MATVEC src")]
+        fwd = self._forwarded_row(f, n_rows)  # forwarding: LIVE_ROWS, 1 <= cols = n_cols <= 64
         self._hbm(base, base + self._tiled_extent(n_rows, n_cols, cols, stride), "MATVEC")
         if n_cols == 0:  # no live column: one all-zero block
             mat = nm.PreparedMatrix(np.zeros((n_rows, nm.BLOCK), np.uint16))
@@ -596,7 +616,10 @@ class IsaSim:
             mat = self._static_matrix(base, rows, cols, stride)
         else:
             ch, half = self._tiled_addresses(rows, cols, n_rows, n_cols, stride)
-            mat = nm.PreparedMatrix(self.u16[ch, base // 2 + half])
+            bits = self.u16[ch, base // 2 + half]  # a copy (fancy indexing)
+            if fwd is not None:
+                bits[fwd[0]] = fwd[1]
+            mat = nm.PreparedMatrix(bits)
         self.hbm_read += self._tiles_bytes(n_rows, n_cols)
         bias = None
         if flags & MatFlag.BIAS:
@@ -732,6 +755,11 @@ class IsaSim:
         if max(k_end, v_end) > min(self._limit, self.image.nbytes):
             return None
         spans = [(a, a + BLOCK, True) for a in g.q] + [(g.one, g.one + 1, True)]
+        if g.fwd_reg:  # forwarding score products: row T-1 of each K_h from VBUF[q_h + off]
+            off = self.regs[g.fwd_reg]
+            if off % isa.VBUF_ALIGN:
+                return None
+            spans += [(a + off, a + off + BLOCK, True) for a in g.q]
         spans += [(a, a + T, False) for a in g.s] + [(a, a + 1, False) for a in g.sc]
         spans += [(a, a + BLOCK, False) for a in g.att]
         if not _disjoint(spans, self.geom.vbuf_elems):
@@ -743,6 +771,8 @@ class IsaSim:
         # s = K_h[:T] q_h
         q = vbuf[g.q[:, None] + lane]  # [H, 64]
         kbits = u16[kch[None, :T], g.k_base[:, None, None] // 2 + khalf[None, :T]]  # [H, T, 64]
+        if g.fwd_reg:
+            kbits[:, T - 1] = vbuf[(g.q + off)[:, None] + lane]
         kq, ke, knf = nm.bfp_blocks(kbits)  # one block per row
         kq = kq[:, None].astype(np.float32)  # [H, 1 block, T rows, 64]
         s = _round(*_matvec_batch(kq, ke[:, None, :, 0], knf[..., 0], q))  # [H, T]
@@ -778,9 +808,11 @@ class IsaSim:
 # small operations cost NumPy call overhead, not arithmetic, so the simulator runs a group as one
 # batched computation with the same numerics primitives (bfp_blocks, block_shift, shift_floor,
 # acc_to_fp16, the tables), bit for bit what the instructions give in sequence (tests compare both
-# ways). The group must match exactly; anything else runs one instruction at a time.
+# ways). The group must match exactly; anything else runs one instruction at a time. The score
+# products may forward row T-1 of K_h from VBUF[q_h + R[sreg]] (tandem.isa), all with the same
+# sreg; a group whose products differ in that runs one instruction at a time.
 #
-#   MATVEC s_i, q_h, K_h, LIVE_ROWS T                    for each head
+#   MATVEC s_i, q_h, K_h, LIVE_ROWS T (sreg: all or none)  for each head
 #   VMAX sc_i, s_i                                       for each head
 #   VSUB s_i, s_i, sc_i[s]                               for each head
 #   VEXP s_i, s_i                                        for each head
@@ -798,6 +830,7 @@ class _HeadGroup:
     n_instr: int
     counts: dict  # (unit, op) -> instructions
     r_len: int  # register with T, the live length
+    fwd_reg: int  # the score products' sreg: non-zero, row T-1 of K_h is VBUF[q_h + R[fwd_reg]]
     k_rows: int
     k_stride: int
     v_cols: int
@@ -828,7 +861,7 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
     f = [decoded[pc + i][1] for i in range(len(want))]
     ks, soft, vs, outs = f[:n], f[n : 6 * n], f[6 * n : 7 * n], f[7 * n :]
     k0, v0 = ks[0], vs[0]
-    t, B = k0["lreg"], VecFlag.B_SCALAR
+    t, B, fwd_reg = k0["lreg"], VecFlag.B_SCALAR, k0["sreg"]
     one = soft[3 * n]["b"]
     for i in range(n):
         k, v, o = ks[i], vs[i], outs[i]
@@ -836,8 +869,8 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
         s, sc, att = k["dst"], vmax["dst"], v["dst"]
         if not (
             t != 0
-            and (k["lreg"], k["rows"], k["cols"], k["stride"])
-            == (t, k0["rows"], BLOCK, k0["stride"])
+            and (k["lreg"], k["rows"], k["cols"], k["stride"], k["sreg"])
+            == (t, k0["rows"], BLOCK, k0["stride"], fwd_reg)
             and k["stride"] > 0
             and (v["flags"], v["lreg"], v["src"], v["rows"]) == (MatFlag.LIVE_COLS, t, s, BLOCK)
             and (v["cols"], v["stride"]) == (v0["cols"], v0["stride"])
@@ -857,6 +890,7 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
         n_instr=len(want),
         counts=dict(Counter((e[2], e[3]) for e in decoded[pc : pc + len(want)])),
         r_len=t,
+        fwd_reg=fwd_reg,
         k_rows=k0["rows"],
         k_stride=k0["stride"],
         v_cols=v0["cols"],

@@ -63,6 +63,7 @@ class MpuIssue(data.Struct):
     cmd: MatvecCommand
     src_row: unsigned(16)
     dst_row: unsigned(16)
+    fwd_row: unsigned(16)  # a forwarding product's row (src + R[sreg]) / 64
 
 
 class StoreIssue(data.Struct):
@@ -434,7 +435,13 @@ class Controller(GeometryComponent):
         known = Cat(*(v.wfmt == int(w) for w in isa.WFmt)).any()
         quant = v.wfmt != int(isa.WFmt.FP16)
         live = int(isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS)
-        return known & (~quant | ((v.stride == 0) & ((v.flags & live) == 0)))
+        legal = known & (~quant | ((v.stride == 0) & ((v.flags & live) == 0)))
+        # a forwarding product (sreg without ARGMAX): LIVE_ROWS only, FP16, 1..64 columns
+        fwd = ~v.flags[1] & (v.sreg != 0)
+        fwd_ok = (
+            (v.flags[2:4] == 0b01) & ~quant & (v.cols != 0) & (v.cols <= BLOCK)
+        )
+        return legal & (~fwd | fwd_ok)
 
     @staticmethod
     def _decode_register(pre, name):
@@ -540,6 +547,13 @@ class Controller(GeometryComponent):
         empty = {"w_lo": -1, "r_lo": -1, "w_hi": 0, "r_hi": 0}
         empty = {k: v % (1 << _SPAN_BITS) for k, v in empty.items()}  # lo at its largest
         c.mpu_rows = {k: Signal(_SPAN_BITS, name=f"mpu_rows_{k}", init=empty[k]) for k in _SPANS}
+        # ... and whether one of them forwards a row (src + R[sreg], outside those intervals):
+        # no LOADV runs beside it
+        c.mpu_fwd = Signal()
+        with m.If(c.push):
+            m.d.sync += c.mpu_fwd.eq(c.push_cmd.cmd.fwd | (c.mpu_fwd & ~c.mpu_quiet))
+        with m.Elif(c.mpu_quiet):
+            m.d.sync += c.mpu_fwd.eq(0)
         with m.If(c.push):
             for k in _SPANS:
                 new, old = c.dec.span[k], c.mpu_rows[k]
@@ -597,20 +611,24 @@ class Controller(GeometryComponent):
     def _lookahead(self, m, c):
         """Weight prefetch. While a vector op waits in Exec (for a MATVEC to finish, or LOADV
         rows), a second read port of the instruction memory scans the words after it, one per
-        cycle, through vector ops and MATVECs. At each ``MATVEC`` it sends that MATVEC's weight
-        read to the DMA as soon as the DMA slot is free and every HBM write is answered, and
-        queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest ``pf_pc``);
-        Exec then issues the oldest without a read. The scan ends at any other instruction (it
-        may write a register, branch, read or write HBM), after a MATVEC with ARGMAX (its
+        cycle, through vector ops, MATVECs and the stores ``STROW`` and ``STCOL``. At each
+        ``MATVEC`` it sends that MATVEC's weight read to the DMA as soon as the DMA slot is free
+        and every HBM write is answered (a forwarding product's, tandem.isa, without waiting for
+        writes), and queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest
+        ``pf_pc``); Exec then issues the oldest without a read. Past a store only forwarding
+        products are prefetched (the scan ends at any other MATVEC). The scan ends at any other
+        instruction (it may write a register, branch, read or write HBM), after a MATVEC with ARGMAX (its
         register may change what follows), with the queue full, or at the end of the memory; it
         starts again, after the newest queued MATVEC, when Exec retires an instruction that is
         not a vector op.
 
-        Why it is safe: the words between Exec and a prefetched MATVEC are vector ops and
-        MATVECs without ARGMAX, which change no register, read no HBM but weights (in program
-        order) and do not branch, so Exec reaches that MATVEC with the operands the scan
+        Why it is safe: the words between Exec and a prefetched MATVEC are vector ops,
+        MATVECs without ARGMAX and stores, which change no register, read no HBM but weights (in
+        program order) and do not branch, so Exec reaches that MATVEC with the operands the scan
         resolved, and the DMA gets its reads in program order (the weights of every earlier
-        MATVEC were sent before). The prefetched tiles wait in the
+        MATVEC were sent before). A read sent before a store it passed is a forwarding
+        product's, which by the ISA's rule meets no store in flight but into the row it takes
+        from the VBUF. The prefetched tiles wait in the
         DMA's read FIFOs until the MPU takes them, after the vector ops. A MATVEC with a VBUF
         operand out of range, with no live row or column, or that is an illegal instruction (a
         reserved weight format or bit: the DMA and the MPU could disagree on its tiles) is not
@@ -674,10 +692,27 @@ class Controller(GeometryComponent):
         # and MATVECs already prefetched), else after Exec
         first = Mux(c.pf_valid, pf_last + 1, c.pc + 1)
         room = (c.pf_n < PF_QUEUE) & ~(c.pf_valid & pf_last_argmax)
+        # a store (STROW, STCOL: it reads the VBUF and writes HBM, nothing else) is passed, but
+        # after one only forwarding products are prefetched: no other read may overtake a store
+        is_store = (word[:8] == int(Op.STROW)) | (word[:8] == int(Op.STCOL))
+        past_store = Signal()
         m.d.comb += [
             start.eq(exec_vec & ~on & ~done & room & (first < g.imem_words)),
-            more.eq(on & have & is_vector(word[:8]) & (nxt < g.imem_words)),
+            more.eq(on & have & (is_vector(word[:8]) | is_store) & (nxt < g.imem_words)),
         ]
+        # ... and a scan that starts after queued MATVECs some of which lie past a store (Exec
+        # may not have issued it yet) starts past a store too (pf_store: a queued one was
+        # prefetched past a store; cleared when the queue empties)
+        pf_store = Signal()
+        left = c.pf_n - c.pf_pop  # queued MATVECs after this cycle's pop, before its push
+        with m.If(pf_push):
+            m.d.sync += pf_store.eq(past_store | (pf_store & (left != 0)))
+        with m.Elif(left == 0):
+            m.d.sync += pf_store.eq(0)
+        with m.If(start):
+            m.d.sync += past_store.eq(c.pf_valid & pf_store)
+        with m.Elif(more & is_store):
+            m.d.sync += past_store.eq(1)
         addr = Mux(start, first, nxt)
         m.d.comb += [la.addr.eq(addr), la.en.eq(start | more | go_on)]
         with m.If(start | more | go_on):
@@ -693,12 +728,12 @@ class Controller(GeometryComponent):
             with m.If(word[:8] == int(Op.MATVEC)):
                 with m.If(~o.checked):
                     m.d.sync += have.eq(1)  # its operands are registered next cycle
-                with m.Elif(o.bad | o.nothing | ~dec.legal):
+                with m.Elif(o.bad | o.nothing | ~dec.legal | (past_store & ~o.fwd)):
                     end()
                 with m.Elif(
                     exec_vec
                     & ~self.dma_read.valid
-                    & c.write_quiet
+                    & (c.write_quiet | o.fwd)
                     & ~c.waiting
                     & ~c.dma_err
                     & (c.pf_n < PF_QUEUE)
@@ -1057,7 +1092,9 @@ class Controller(GeometryComponent):
         def apart(k):
             return (hi <= box[f"{k}_lo"]) | (lo >= box[f"{k}_hi"])
 
-        beside = ~c.mpu_pending & ~self.mpu.valid & ~c.pf_valid & apart("r") & apart("w")
+        beside = (
+            ~c.mpu_pending & ~self.mpu.valid & ~c.pf_valid & ~c.mpu_fwd & apart("r") & apart("w")
+        )
         return (c.mpu_quiet | beside) & c.store_quiet & c.vpu_quiet
 
     def _matvec_operands(self, m, v, dec, c, name, invalidate):
@@ -1082,7 +1119,14 @@ class Controller(GeometryComponent):
             bad=Signal(name=f"{name}_bad"),
             nothing=Signal(name=f"{name}_nothing"),
             checked=Signal(name=f"{name}_checked"),
+            # a forwarding product (tandem.isa: sreg without ARGMAX) with a live row: its row
+            # R[lreg] - 1 comes from VBUF[src + R[sreg]], so its read need not wait for stores
+            fwd=Signal(name=f"{name}_fwd"),
         )
+        fwd = ~argmax & (v.sreg != 0)
+        fwd_at = Signal(33, name=f"{name}_fwd_at")  # the forwarded row's first element
+        m.d.comb += fwd_at.eq(v.src + reg(v.sreg))
+        fwd_row = Signal(16, name=f"{name}_fwd_row")
         clamp_r = Signal(16, name=f"{name}_clamp_r")
         clamp_c = Signal(16, name=f"{name}_clamp_c")
         live_r = Mux(n_rows < v.rows, n_rows, v.rows)
@@ -1097,7 +1141,16 @@ class Controller(GeometryComponent):
             ),
             o.nothing.eq((live_r == 0) | (live_c == 0)),
             o.checked.eq(~invalidate),
+            o.fwd.eq(fwd & (live_r != 0)),
+            fwd_row.eq(fwd_at[_ROW_SHIFT:]),
         ]
+        # the forwarded row must be a VBUF row inside the buffer (checked with a live row)
+        with m.If(
+            fwd
+            & (live_r != 0)
+            & ((fwd_at[:_ROW_SHIFT] != 0) | (fwd_at + BLOCK > self._geom.vbuf_elems))
+        ):
+            m.d.sync += o.bad.eq(1)
         o.cmd = Signal(MpuIssue, name=f"{name}_cmd")
         m.d.comb += [
             o.cmd.cmd.rows.eq(v.rows),
@@ -1113,6 +1166,9 @@ class Controller(GeometryComponent):
             o.cmd.cmd.sampling.pos.eq(reg((v.sreg + 2)[:4])),
             o.cmd.src_row.eq(v.src >> _ROW_SHIFT),
             o.cmd.dst_row.eq(v.dst >> _ROW_SHIFT),
+            o.cmd.cmd.fwd.eq(o.fwd),
+            o.cmd.cmd.fwd_index.eq(clamp_r - 1),
+            o.cmd.fwd_row.eq(fwd_row),
         ]
 
         def issue_weights(tag):
@@ -1147,7 +1203,7 @@ class Controller(GeometryComponent):
         with m.Elif(
             (c.n_pending < MAX_PENDING)
             & ~self.mpu.valid
-            & (prefetched | (~self.dma_read.valid & c.write_quiet))
+            & (prefetched | (~self.dma_read.valid & (c.write_quiet | o.fwd)))
         ):
             with m.If(prefetched):
                 m.d.comb += c.pf_pop.eq(1)

@@ -42,7 +42,9 @@ class MpuFeeder(GeometryComponent):
 
     A reader and a writer. The reader takes a ``MATVEC`` from the controller (``issue``), hands
     its command to the MPU (``cmd``) and reads the command's input rows from the VBUF: the
-    ``n_cb = ceil(live_cols / 64)`` x rows from ``src_row`` onto ``x``, then, with the ``bias``
+    ``n_cb = ceil(live_cols / 64)`` x rows from ``src_row`` onto ``x`` (with ``fwd``, a
+    forwarding product, then row ``fwd_row`` onto ``x``: the row the MPU puts in place of matrix
+    row ``fwd_index``), then, with the ``bias``
     flag, the ``n_groups = ceil(live_rows / 64)`` bias rows from ``dst_row`` onto ``bias``. A
     command with no live column reads no x row (the MPU computes on zeros), one with no live row
     is a command only. Then the reader may take the next command while the MPU still works on
@@ -51,8 +53,8 @@ class MpuFeeder(GeometryComponent):
     The writer writes the MPU's ``result`` rows to ``write`` (row ``dst_row + g`` for row group
     ``g``, with a mask of the live elements) for a queue of up to two commands, in order; a
     command with ``argmax`` (its index goes from the MPU straight to the controller) or with no
-    live row has none. A command whose x rows, or bias rows, meet result rows still to be
-    written waits (read after write through the VBUF).
+    live row has none. A command whose x rows, bias rows or forwarded row meet result rows still
+    to be written waits (read after write through the VBUF).
 
     Parameters
     ----------
@@ -87,8 +89,8 @@ class MpuFeeder(GeometryComponent):
 
     Throughput: an input row every second cycle (a read, then the transfer; the next read is
     made after the row is taken). ``issue`` is ready again two cycles after the last input row
-    is taken (and the command handed over), so with ``n`` input rows (``n_cb``, plus
-    ``n_groups`` with ``bias``) and streams that never stall, commands are taken every
+    is taken (and the command handed over), so with ``n`` input rows (``n_cb``, plus one with
+    ``fwd``, plus ``n_groups`` with ``bias``) and streams that never stall, commands are taken every
     ``max(3, 2 * n + 2)`` cycles. One result row per cycle. The queue holds two commands with
     result rows: a third waits until the first one's last row is written.
 
@@ -129,7 +131,7 @@ class MpuFeeder(GeometryComponent):
         n_cb = Signal(16)
         n_groups = Signal(16)
         rd_i = Signal(16)  # x or bias rows read so far
-        rd_phase = Signal(2)  # 0 x rows, 1 bias rows, 2 done
+        rd_phase = Signal(2)  # 0 x rows, 3 the forwarded row, 1 bias rows, 2 done
         rd_wait = Signal()  # a read is in flight (data next cycle)
         held = Signal()  # read data waiting for the stream
         cmd_sent = Signal()
@@ -157,6 +159,7 @@ class MpuFeeder(GeometryComponent):
                 *(
                     overlaps(inc.src_row, inc_cb, i)
                     | (c.flags.bias & overlaps(inc.dst_row, inc_groups, i))
+                    | (c.fwd & overlaps(inc.fwd_row, 1, i))
                     for i in range(WQ)
                 )
             ).any()
@@ -187,14 +190,20 @@ class MpuFeeder(GeometryComponent):
         # reader: x rows, then bias rows, one read at a time through the read port
         nothing = n_groups == 0  # no live row: the MPU takes only the command
         use_bias = issue.cmd.flags.bias
-        with m.If(rd_active & ~nothing & (rd_phase < 2) & ~rd_wait & ~held):
+        with m.If(rd_active & ~nothing & (rd_phase != 2) & ~rd_wait & ~held):
             m.d.comb += [
                 self.read.en.eq(1),
-                self.read.addr.eq(Mux(rd_phase == 0, issue.src_row, issue.dst_row) + rd_i),
+                self.read.addr.eq(
+                    Mux(
+                        rd_phase == 3,
+                        issue.fwd_row,
+                        Mux(rd_phase == 0, issue.src_row, issue.dst_row) + rd_i,
+                    )
+                ),
             ]
             m.d.sync += rd_wait.eq(1)
         with m.If(rd_active & (rd_wait | held)):
-            is_x = rd_phase == 0
+            is_x = (rd_phase == 0) | (rd_phase == 3)  # the forwarded row goes on x too
             m.d.comb += [
                 self.x.payload.eq(self.read.data),
                 self.bias.payload.eq(self.read.data),
@@ -204,10 +213,13 @@ class MpuFeeder(GeometryComponent):
             took = Mux(is_x, self.x.ready, self.bias.ready)
             m.d.sync += [rd_wait.eq(0), held.eq(~took)]
             with m.If(took):
-                last = rd_i + 1 == Mux(is_x, n_cb, n_groups)
+                last = (rd_phase == 3) | (rd_i + 1 == Mux(is_x, n_cb, n_groups))
+                after_x = Mux(use_bias, 1, 2)
                 m.d.sync += rd_i.eq(Mux(last, 0, rd_i + 1))
                 with m.If(last):
-                    m.d.sync += rd_phase.eq(Mux(is_x & use_bias, 1, 2))
+                    m.d.sync += rd_phase.eq(
+                        Mux(rd_phase == 0, Mux(issue.cmd.fwd, 3, after_x), Mux(is_x, after_x, 2))
+                    )
         # the reader is done when the MPU has the command and every x and bias row
         with m.If(rd_active & cmd_sent & (nothing | (rd_phase == 2)) & ~rd_wait & ~held):
             m.d.sync += rd_active.eq(0)

@@ -69,6 +69,9 @@ class MatvecCommand(data.Struct):
     ``wfmt``/``wgroup`` are the instruction's fields (:class:`tandem.isa.WFmt`,
     :data:`tandem.isa.WGROUPS`): a quantized matrix (``wfmt`` 1 or 2) is dense, ``live_*`` equal
     to ``rows``/``cols`` (the controller refuses anything else as an illegal instruction).
+    ``fwd``: a forwarding product (tandem.isa): after the x blocks one more transfer on ``x``
+    carries a row that replaces matrix row ``fwd_index`` (FP16, one column block; set only
+    with a live row and column).
     """
 
     rows: unsigned(16)
@@ -79,6 +82,8 @@ class MatvecCommand(data.Struct):
     sampling: MatvecSampling
     wfmt: unsigned(2)
     wgroup: unsigned(2)
+    fwd: 1
+    fwd_index: unsigned(16)
 
     def eff_rows(self):
         """``min(live_rows, rows)``: the rows computed."""
@@ -143,7 +148,10 @@ class MatrixUnit(GeometryComponent):
     -------
     cmd : In(stream.Signature(MatvecCommand))
     x : In(stream.Signature(Block))
-        The ``n_cb`` live input blocks, in order, at the start of each command.
+        The ``n_cb`` live input blocks, in order, at the start of each command; with
+        ``fwd`` (a forwarding product, tandem.isa) then one more transfer, the row that
+        replaces matrix row ``fwd_index`` (taken raw and put in that row's lane in place of its
+        tile's: the row's HBM copy may be stale, a store to it still in flight).
     weights : In(stream.Signature(ArrayLayout(Block, lanes)))
         One tile per transfer; ``payload[lane][j]`` is row ``rb*lanes + lane`` of the group,
         column ``cb*64 + j``. Its bits are the channel beats of one tile concatenated (channel 0
@@ -200,7 +208,8 @@ class MatrixUnit(GeometryComponent):
     BlockSum ``X`` = 3, NibbleDotPair ``D`` = 8, the place step ``L`` = 6 (QuantScale, 4, and
     the two-stage sum of a tile's block terms; FP16's AccumulatorShift, 2, is delayed to the
     same stage so that commands of different formats overlap), AccToFP16 ``R`` = 5. The x load
-    is ``n_cb`` cycles at one block per cycle. Commands overlap: after the last tile of a command
+    is ``n_cb`` cycles at one block per cycle; a forwarding product's row is one more
+    transfer, during the x latency (it adds no cycle when it arrives within it). Commands overlap: after the last tile of a command
     without ARGMAX the unit takes the next command and loads its x while the pipeline drains
     (every stage after the input takes the command's state, xe_max, the x non-finite flag, BIAS
     and ARGMAX, from the tile's tag), so a run of commands costs the sum of the formula. The
@@ -453,6 +462,9 @@ class MatrixUnit(GeometryComponent):
         last_grp = Signal(range(_MAX_GROUPS))
         do_bias = Signal()
         do_argmax = Signal()
+        do_fwd = Signal()  # a forwarding product: one more x transfer, its row patched in
+        fwd_index = Signal(16)
+        fwd_vec = Signal(Block)
         rows_left = Signal(17)  # live rows from the current group on
         # sampling (an ARGMAX whose sampling word has a temperature; tandem.sampling)
         do_sample = Signal()
@@ -472,6 +484,10 @@ class MatrixUnit(GeometryComponent):
             last_grp=last_grp,
             do_bias=do_bias,
             do_argmax=do_argmax,
+            do_fwd=do_fwd,
+            fwd_index=fwd_index,
+            fwd_vec=fwd_vec,
+            fwd_loading=Signal(),
             do_sample=do_sample,
             accept=accept,
             rows_left=rows_left,
@@ -521,7 +537,9 @@ class MatrixUnit(GeometryComponent):
         no_cols = Signal()
         loading = Signal()
         x_take = loading & (self.x.valid | no_cols)
-        m.d.comb += self.x.ready.eq(loading & ~no_cols)
+        m.d.comb += self.x.ready.eq((loading & ~no_cols) | c.fwd_loading)
+        with m.If(c.fwd_loading & self.x.valid):  # the forwarded row, as it comes (no align)
+            m.d.sync += c.fwd_vec.eq(self.x.payload)
         m.d.sync += [xv[0].eq(x_take), xa[0].eq(x_count)]
         x_last_block = x_count == c.last_cb
         with m.If(x_take):
@@ -726,8 +744,17 @@ class MatrixUnit(GeometryComponent):
                 )
                 with m.If(tile_take):
                     m.d.sync += [q_scale[lane][b].eq(sc), q_zero[lane][b].eq(zr)]
+        # A forwarding product's row fwd_index comes from fwd_vec, not from its tile: the lane
+        # whose row it is takes it (one compare of the tile's row and the registered index; in
+        # the same LUT as the column mask, one more input per bit).
+        lanes_log2 = _log2(lanes)
+        row_hit = c.do_fwd & (c.fwd_index[lanes_log2:] == Cat(rb, grp))
+        beat_in = Signal(data.ArrayLayout(Block, lanes))
+        for lane in range(lanes):
+            hit = row_hit & (c.fwd_index[:lanes_log2] == lane) if lanes_log2 else row_hit
+            m.d.comb += beat_in[lane].eq(Mux(hit, c.fwd_vec, self.weights.payload[lane]))
         with m.If(tile_take):
-            m.d.sync += tile_in.eq(Mux(x.no_cols, 0, self.weights.payload.as_value() & w_keep))
+            m.d.sync += tile_in.eq(Mux(x.no_cols, 0, beat_in.as_value() & w_keep))
             with m.If(rb == stride - 1):
                 m.d.sync += rb.eq(0)
                 with m.If(is_last_cb):
@@ -1119,6 +1146,8 @@ class MatrixUnit(GeometryComponent):
                         ),
                         c.do_bias.eq(cmd.flags.bias),
                         c.do_argmax.eq(cmd.flags.argmax),
+                        c.do_fwd.eq(cmd.fwd & (c.cbs != 0)),
+                        c.fwd_index.eq(cmd.fwd_index),
                         cr.bias_todo.eq(Mux(cmd.flags.bias, c.groups, 0)),
                         c.rows_left.eq(c.eff_rows),
                         x.count.eq(0),
@@ -1141,6 +1170,12 @@ class MatrixUnit(GeometryComponent):
                     m.d.sync += x.count.eq(x.count + 1)
                     with m.If(x.last_block):
                         m.next = "Wait-X"
+                        with m.If(c.do_fwd):
+                            m.next = "Load-F"
+            with m.State("Load-F"):  # a forwarding product's row, after the x blocks
+                m.d.comb += c.fwd_loading.eq(1)
+                with m.If(self.x.valid):
+                    m.next = "Wait-X"
             # The last x block is written in the cycle xv[A + xsum] is high (xe_max is final
             # after xv[A]).
             with m.State("Wait-X"), m.If(~Cat(*x.valid[:-1]).any()):

@@ -13,6 +13,7 @@ Program
 Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (broadcast) operand::
 
     prologue   LDARG start_pos, prompt_len, n_new, sampling, seed; k = 0
+               koff = P  (q_h + koff: head h's K part of qkv, the score products' forwarded row)
                start_pos >= prompt_len (also prompt_len == 0) -> HALT BAD_ARGS
                n_new == 0 -> HALT 0
                VSET c_n = 1/E, eps, scale = 1/sqrt(head_dim), one = 1.0  (binary16)
@@ -29,11 +30,12 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                not the first layer: LOADV hm = c_fc.bias; mo = mlp.c_proj.bias
                  (beside c_attn: the core runs a LOADV beside the MATVECs whose rows it
                  does not meet, so these read latencies hide behind the weights' stream)
+               q = VMUL(q, scale[s]) len n_head * 64                          (in place)
                STROW k -> K row pos (every head's: the heads' K side by side are one matrix)
                for every head h: STCOL v_h -> V^T_h column pos
-               q = VMUL(q, scale[s]) len n_head * 64                          (in place)
       group    for the heads h of each group (i = h's place in it; head_groups):
-               s_i = MATVEC(K_h, q_h, LIVE_ROWS T)                 each h     [T]
+               s_i = MATVEC(K_h, q_h, LIVE_ROWS T,                 each h     [T]
+                            row T-1 from k_h: sreg = R_KOFF)
                sc_i = VMAX(s_i) len T                              each h
                s_i = VSUB(s_i, sc_i[s]) len T                      each h
                s_i = VEXP(s_i) len T                               each h
@@ -66,6 +68,11 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                mu = VDOT(x, c_n[s]); d = VSUB(x, mu[s]); ds = VMUL(d, c_n[s])
                var = VDOT(d, ds); var = VADD(var, eps[s]) len 1; rstd = VRSQRT(var) len 1
                y = VMUL(d, rstd[s]); y = VMUL(y, g); y = VADD(y, b)
+
+The score products forward their last live row (tandem.isa): row T-1 of K_h, the row the STROW
+just stored, comes from k_h = VBUF[q_h + P] (``R_KOFF`` holds P), so their HBM reads of K need not
+wait for the store. The q scaling comes before the stores: it writes only q, the stores read only
+k and v, and the core's look-ahead then starts from a waiting vector op.
 
 VDOT's ``a`` operand is the weight side of the block-floating-point dot product, as in
 ``tandem.numerics.dot_fp16(a, b)``. Every ``STW`` writes one output token (the core counts
@@ -133,6 +140,7 @@ R_START = 10  # start_pos argument
 R_SAMP = 11  # sampling argument (temperature, top-k; tandem.sampling)
 R_SEED = 12  # seed argument: R_SAMP + 1, as MATVEC's sreg field requires
 R_SPOS = 13  # copy of R_POS at the LM head: R_SAMP + 2, the position keying the sampling stream
+R_KOFF = 14  # P = padded_heads: head h's K part of qkv is q_h + R_KOFF (the forwarded K row)
 
 LAYER_VECTORS_EARLY = (
     ("ln1_g", "ln_1.weight"),
@@ -335,8 +343,9 @@ class _Emitter:
             **extra,
         )
 
-    def kv_product(self, dst: int, src: int, r: Region, live: MatFlag) -> None:
-        """dst = r . src over the live part of a KV matrix (T rows of K or T columns of V^T)."""
+    def kv_product(self, dst: int, src: int, r: Region, live: MatFlag, sreg: int = 0) -> None:
+        """dst = r . src over the live part of a KV matrix (T rows of K or T columns of V^T);
+        a non-zero ``sreg`` forwards row T-1 of K from VBUF[src + R[sreg]] (tandem.isa)."""
         self.p(
             Op.MATVEC,
             dst=dst,
@@ -347,6 +356,7 @@ class _Emitter:
             stride=r.stride,
             flags=live,
             lreg=R_T,
+            sreg=sreg,
         )
 
     def kv(self, layer: int, head: int, part: str) -> Region:
@@ -400,6 +410,10 @@ class _Emitter:
         self.matvec("qkv", "y", pre + "c_attn.weight", bias=True)
         if layer > 0:  # beside c_attn, which reads y and writes qkv (layer 0's came first)
             self.layer_loads(layer, LAYER_VECTORS_LATE)
+        # q scaled in place before the stores (they read only k and v): the core's look-ahead
+        # then starts from a vector op waiting for c_attn
+        n_q = self.cfg.n_head * BLOCK
+        p(Op.VMUL, dst=a("qkv"), a=a("qkv"), b=a("scale"), len=n_q, flags=B)
         kv = [(self.kv(layer, h, "k"), self.kv(layer, h, "v")) for h in range(self.cfg.n_head)]
         # every head's K row at once: the heads of a layer's K region side by side are one
         # dense [n_ctx, P] tiled matrix (tandem.layout: head h's 64 columns are its block h)
@@ -414,13 +428,11 @@ class _Emitter:
                 cols=v.cols,
                 stride=v.stride,
             )
-        n_q = self.cfg.n_head * BLOCK
-        p(Op.VMUL, dst=a("qkv"), a=a("qkv"), b=a("scale"), len=n_q, flags=B)
         seg = _score_segment(self.cfg)
         for group in head_groups(self.cfg, self.v):
             heads = [(h, a("s", i * seg), a("sc", i * BLOCK)) for i, h in enumerate(group)]
-            for h, s, _ in heads:
-                self.kv_product(s, a("qkv", h * BLOCK), kv[h][0], MatFlag.LIVE_ROWS)
+            for h, s, _ in heads:  # row T-1 of K_h forwarded from k_h = VBUF[q_h + P]
+                self.kv_product(s, a("qkv", h * BLOCK), kv[h][0], MatFlag.LIVE_ROWS, R_KOFF)
             # op by op over the group: consecutive ops are independent, so the VPU overlaps them
             for _, s, sc in heads:
                 p(Op.VMAX, dst=sc, a=s, lreg=R_T)
@@ -506,6 +518,7 @@ class _Emitter:
         p(Op.SETI, rd=R_K, imm=0)
         p(Op.SETI, rd=R_CTX, imm=cfg.n_ctx)
         p(Op.SETI, rd=R_VOCAB, imm=cfg.n_vocab)
+        p(Op.SETI, rd=R_KOFF, imm=self.P)
         p(Op.BGE, ra=R_START, rb=R_PLEN, target="bad_args")
         p(Op.BGE, ra=R_K, rb=R_NNEW, target="done")
         constants = {

@@ -12,7 +12,8 @@ in instructions are per-channel offsets in 64-byte lines (:data:`LINE`); the lay
 what lives where. VBUF operand addresses (fields ``dst``, ``src``, ``a``, ``b``) are element
 addresses that must be multiples of 64 (one VBUF row, :data:`VBUF_ALIGN`); anything else is an
 illegal instruction. Semantics are sequential: each instruction sees the effects of every earlier
-one. The hardware overlaps units behind a scoreboard without changing that.
+one. The hardware overlaps units behind a scoreboard without changing that (a forwarding
+``MATVEC``, below, adds a rule the program must keep).
 
 An element-wise vector instruction (``VADD``, ``VSUB``, ``VMUL``, ``VEXP``, ``VRECIP``,
 ``VRSQRT``, ``VGELU``) may write in place (``dst`` equal to ``a``, or to a vector ``b``) or to a
@@ -27,6 +28,23 @@ run's binary16 scales and zero points in groups of ``wgroup`` columns, and the p
 tandem.numerics.matvec_quant. A quantized ``MATVEC`` streams a dense matrix whole: ``stride`` must
 be 0 and neither ``LIVE_ROWS`` nor ``LIVE_COLS`` may be set; that, and ``wfmt = 3``, is an illegal
 instruction. The RTL core computes all three formats on one matrix unit (docs/rtl.md).
+
+A ``MATVEC`` without ``ARGMAX`` whose ``sreg`` field is non-zero is a *forwarding* product: row
+``n - 1`` of the matrix, where ``n = min(R[lreg], rows)`` is the live row count, is taken from
+``VBUF[src + R[sreg] : src + R[sreg] + cols]`` instead of from HBM; every other row comes from HBM
+as before, and with ``n = 0`` nothing is forwarded. (With ``ARGMAX``, ``sreg`` keeps its sampling
+meaning.) It is the attention's score product reading the K row just computed (and stored with
+``STROW``) from the VBUF. A forwarding ``MATVEC`` must set ``LIVE_ROWS``, must not set
+``LIVE_COLS``, must have ``wfmt`` FP16 and ``1 <= cols <= 64`` (one 64-column block); anything
+else is an illegal instruction. When it executes with ``n >= 1``, ``R[sreg]`` must be a multiple
+of 64 (:data:`VBUF_ALIGN`) and the forwarded row ``VBUF[src + R[sreg] : src + R[sreg] + 64]``
+must lie inside the VBUF; otherwise it is an operand error (``Status.VBUF_RANGE``). HBM ordering:
+a forwarding product's HBM read of the matrix does not wait for earlier stores (every other read
+does), so a program must have no store in flight into the product's live rows other than into the
+forwarded row, whose HBM copy the product does not use; a program that breaks this rule may read
+stale rows. One that keeps it has sequential semantics, the forwarded row replacing row ``n - 1``
+of the matrix (what the ISA simulator, which runs in order, does). The core still reads every live
+tile from HBM, the forwarded row's included.
 
 The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
 zero), with ``label:`` lines, branch targets given as labels or numbers, flags as ``A|B`` and
@@ -242,7 +260,13 @@ FORMATS: dict[Op, tuple[Field, ...]] = {
         _f("flags", 4, "MatFlag", flags=MatFlag),
         _LREG,
         _f("rd", _REG, "ARGMAX destination register"),
-        _f("sreg", _REG, "with ARGMAX: sampling word R[sreg], seed R[sreg+1], position R[sreg+2]"),
+        _f(
+            "sreg",
+            _REG,
+            "with ARGMAX: sampling word R[sreg], seed R[sreg+1], position R[sreg+2]; without "
+            "ARGMAX, if non-zero: a forwarding product, live row n-1 = VBUF[src + R[sreg] :], "
+            "R[sreg] a multiple of 64 (module docstring)",
+        ),
         _f("wfmt", 2, "weight format (WFmt): 0 FP16, 1 INT8, 2 INT4; 3 is illegal"),
         _f("wgroup", 2, "quantized group (WGROUPS): 0 = 64, 1 = 128, 2 = 256, 3 = whole row"),
     ),
@@ -317,7 +341,13 @@ SEMANTICS: dict[Op, str] = {
         "logits, keyed by seed R[sreg+1] and position R[sreg+2] (register numbers mod 16; "
         "tandem.sampling, docs/numerics.md). sreg = 0 reads R0 = 0: greedy. With wfmt INT8 or "
         "INT4 the matrix is quantized (tandem.layout's quantized tiled form, groups of wgroup) and "
-        "the product is tandem.numerics.matvec_quant's."
+        "the product is tandem.numerics.matvec_quant's. Without ARGMAX, a non-zero sreg makes "
+        "a forwarding product: with n = min(R[lreg], rows) live rows, row n-1 of W (columns "
+        "0..cols-1) is VBUF[src+R[sreg]+c] instead of the HBM row (nothing if n = 0). It must "
+        "set LIVE_ROWS, not LIVE_COLS, with wfmt FP16 and 1 <= cols <= 64 (else illegal); "
+        "R[sreg] not a multiple of 64, or VBUF[src+R[sreg] : src+R[sreg]+64] past the VBUF, is "
+        "VBUF_RANGE (checked when n >= 1). Its HBM read of W does not wait for earlier stores: "
+        "no store may be in flight into its live rows but the forwarded row's."
     ),
     Op.VADD: "VBUF[dst+i] = VBUF[a+i] + b_i (binary16, nearest even).",
     Op.VSUB: "VBUF[dst+i] = VBUF[a+i] - b_i.",
@@ -365,6 +395,7 @@ class Instr:
             items.append((f.name, v))
         if op is Op.MATVEC:
             _check_quantized_matvec(dict(items))
+            _check_forwarding_matvec(dict(items))
         return cls(Op(op), tuple(items))
 
     def __getitem__(self, name: str) -> int:
@@ -403,6 +434,29 @@ def _check_quantized_matvec(f: dict[str, int]) -> None:
         raise IllegalInstruction(
             f"MATVEC with wfmt = {WFmt(f['wfmt']).name} sets LIVE_ROWS or LIVE_COLS: a quantized "
             "matrix is read whole"
+        )
+
+
+def is_forwarding(f) -> bool:
+    """Whether a ``MATVEC``'s fields (an :class:`Instr` or a field dict) make it a forwarding
+    product (module docstring): ``sreg`` non-zero without ``ARGMAX``."""
+    return bool(f["sreg"]) and not f["flags"] & MatFlag.ARGMAX
+
+
+def _check_forwarding_matvec(f: dict[str, int]) -> None:
+    """The static rules of a forwarding ``MATVEC`` (module docstring)."""
+    if not is_forwarding(f):
+        return
+    what = f"MATVEC with sreg = {f['sreg']} and no ARGMAX (a forwarding product)"
+    if not f["flags"] & MatFlag.LIVE_ROWS:
+        raise IllegalInstruction(f"{what} does not set LIVE_ROWS: it forwards the last live row")
+    if f["flags"] & MatFlag.LIVE_COLS:
+        raise IllegalInstruction(f"{what} sets LIVE_COLS: it forwards a whole row")
+    if f["wfmt"] != WFmt.FP16:
+        raise IllegalInstruction(f"{what} has wfmt = {WFmt(f['wfmt']).name}: it must be FP16")
+    if not 1 <= f["cols"] <= VBUF_ALIGN:
+        raise IllegalInstruction(
+            f"{what} has cols = {f['cols']}: it forwards one 64-column block (1 <= cols <= 64)"
         )
 
 

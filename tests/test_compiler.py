@@ -8,7 +8,16 @@ import pytest
 from tandem import isa
 from tandem import layout as L
 from tandem.checkpoint import random_weights
-from tandem.compiler import compile_model, fits, head_groups, vbuf_plan
+from tandem.compiler import (
+    R_KOFF,
+    R_POS,
+    R_T,
+    compile_model,
+    fits,
+    head_groups,
+    program,
+    vbuf_plan,
+)
 from tandem.config import preset
 from tandem.geometry import geometry
 from tandem.isa import MatFlag, Op
@@ -79,20 +88,24 @@ def ops_between(program, start, stop):
 
 
 def test_attention_is_the_normative_sequence(odd):
-    """Per layer: one K store for every head, the V store of each head, the q scaling, then
-    per group the score products, the softmax op by op over the heads, the output products and
-    the normalisations (tandem.compiler)."""
+    """Per layer: c_attn (and beside it the MLP biases' loads), the q scaling, one K store for
+    every head, the V store of each head, then per group the score products, the softmax op by op
+    over the heads, the output products and the normalisations (tandem.compiler)."""
     prog = odd.program
     H = odd.cfg.n_head
     P = H * BLOCK  # the odd model's heads are padded to 64
     strows = [pc for pc, i in enumerate(prog) if i.op is Op.STROW]
     assert len(strows) == odd.cfg.n_layer
-    pc = strows[0]
     soft = [o for o in (Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT, Op.VRECIP) for _ in range(H)]
-    assert ops_between(prog, pc, pc + H + 2 + 8 * H) == (
-        [Op.STROW] + [Op.STCOL] * H + [Op.VMUL] + [Op.MATVEC] * H + soft
-        + [Op.MATVEC] * H + [Op.VMUL] * H
-    )  # fmt: skip
+    for layer, pc in enumerate(strows):
+        assert ops_between(prog, pc - 1, pc + H + 1 + 8 * H) == (
+            [Op.VMUL, Op.STROW] + [Op.STCOL] * H + [Op.MATVEC] * H + soft
+            + [Op.MATVEC] * H + [Op.VMUL] * H
+        )  # fmt: skip
+        c_attn = pc - 2 if layer == 0 else pc - 4  # after layer 0, the LOADVs of hm and mo
+        assert ops_between(prog, c_attn, pc - 1) == [Op.MATVEC] + [Op.LOADV] * (pc - 2 - c_attn)
+        assert prog[c_attn]["line"] == odd.layout[f"h.{layer}.attn.c_attn.weight"].line
+    pc = strows[0]
     # the K store: row pos of the layer's K region as one dense [n_ctx, P] matrix, every head's
     # 64 columns in its block (where each head's score product reads them)
     st = prog[pc]
@@ -106,16 +119,17 @@ def test_attention_is_the_normative_sequence(odd):
             want = L.tiled_address(odd.geom, kh.base, kh.cols, kh.stride, r, c)
             got = L.tiled_address(odd.geom, k0.base, P, 0, r, h * BLOCK + c)
             assert tuple(map(int, got)) == tuple(map(int, want)), (h, r, c)
-    q_scale = prog[pc + H + 1]
+    q_scale = prog[pc - 1]
     assert (q_scale["dst"], q_scale["a"], q_scale["len"]) == (
         odd.vbuf_map["qkv"].addr,
         odd.vbuf_map["qkv"].addr,
         H * BLOCK,
     )
-    k_mv, v_mv = prog[pc + H + 2], prog[pc + H + 2 + 6 * H]
+    k_mv, v_mv = prog[pc + H + 1], prog[pc + H + 1 + 6 * H]
     assert k_mv["flags"] == MatFlag.LIVE_ROWS and k_mv["rows"] == odd.cfg.n_ctx
     assert v_mv["flags"] == MatFlag.LIVE_COLS and v_mv["cols"] == odd.cfg.n_ctx
     assert k_mv["lreg"] == v_mv["lreg"] != 0
+    assert k_mv["sreg"] == R_KOFF and v_mv["sreg"] == 0  # the score product forwards row T-1
     assert v_mv["src"] == k_mv["dst"] == odd.vbuf_map["s"].addr
     assert v_mv["dst"] == odd.vbuf_map["att"].addr
     k = odd.layout.kv_head(0, 0, "k")
@@ -124,6 +138,68 @@ def test_attention_is_the_normative_sequence(odd):
     lm = [i for i in prog if i.op is Op.MATVEC and i["flags"] & MatFlag.ARGMAX]
     assert len(lm) == 1 and lm[0]["rows"] == odd.cfg.n_vocab
     assert sum(i.op is Op.STW for i in prog) == 1
+
+
+def check_forwarded_rows(cfg, geom, prog):
+    """Every layer's every head's score product forwards, as its row T-1 = pos, the K row of
+    that head that the layer's STROW stores: VBUF[src + R_KOFF] is the STROW's src + h*64, and
+    nothing writes it between the store and the product."""
+    layout, vb = L.HBMLayout(cfg, geom), vbuf_plan(cfg, geom)
+    P = cfg.n_head * BLOCK
+    writes = [i for i in prog if i.get("rd", 0) == R_KOFF]
+    assert [(i.op, i["imm"]) for i in writes] == [(Op.SETI, P)]  # set once, in the prologue
+    assert prog.index(writes[0]) < loop_start(prog)
+    koff = writes[0]["imm"]
+    # T = pos + 1: the live rows end on the row the STROW (row R_POS) writes
+    assert isa.make(Op.ADDI, rd=R_T, ra=R_POS, imm=1) in prog
+    strows = [pc for pc, i in enumerate(prog) if i.op is Op.STROW]
+    scores = [
+        (pc, i)
+        for pc, i in enumerate(prog)
+        if i.op is Op.MATVEC and i["flags"] & MatFlag.LIVE_ROWS and not i["flags"] & MatFlag.ARGMAX
+    ]
+    assert len(strows) == cfg.n_layer and len(scores) == cfg.n_layer * cfg.n_head
+    kbase = {
+        layout.kv_head(layer, h, "k").line: (layer, h)
+        for layer in range(cfg.n_layer)
+        for h in range(cfg.n_head)
+    }
+    seen = set()
+    for pc, mv in scores:
+        layer, h = kbase[mv["line"]]
+        seen.add((layer, h))
+        st_pc = strows[layer]
+        st = prog[st_pc]
+        assert st_pc < pc and (layer + 1 == cfg.n_layer or pc < strows[layer + 1])
+        assert st["line"] == layout.kv_head(layer, 0, "k").line and st["ri"] == R_POS
+        assert (mv["sreg"], mv["lreg"], mv["cols"]) == (R_KOFF, R_T, BLOCK)
+        assert isa.is_forwarding(mv)
+        assert mv["src"] == vb["qkv"].addr + h * BLOCK  # q_h
+        row = mv["src"] + koff
+        assert row == st["src"] + h * BLOCK == vb["qkv"].addr + P + h * BLOCK  # k_h
+        assert st["src"] <= row and row + BLOCK <= st["src"] + st["len"]
+        for i in prog[st_pc + 1 : pc]:  # k_h unchanged between the store and the product
+            dst = i.get("dst", -1)
+            n = i.get("rows") if i.op is Op.MATVEC else i.get("len")
+            if i.op in (Op.MATVEC, Op.LOADV, Op.VSET) or i.unit is isa.Unit.VPU:
+                n = n or cfg.n_ctx  # a register length: at most a score vector
+                assert dst + n <= row or dst >= row + BLOCK, (pc, i)
+    assert len(seen) == cfg.n_layer * cfg.n_head
+
+
+def loop_start(prog):
+    """The pc of the position loop (its first instruction: pos >= n_ctx -> HALT)."""
+    return next(pc for pc, i in enumerate(prog) if i.op is Op.BGE and i["ra"] == R_POS)
+
+
+def test_score_products_forward_the_stored_k_row(odd):
+    check_forwarded_rows(odd.cfg, odd.geom, odd.program)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium"])  # one group of heads, and two
+def test_score_products_forward_the_stored_k_row_at_gpt2_shapes(name):
+    cfg, geom = preset(name), geometry("u55c")
+    check_forwarded_rows(cfg, geom, program(cfg, geom))
 
 
 def test_one_matvec_per_weight_matrix_per_layer(odd):

@@ -33,6 +33,13 @@ def random_instr(rng: random.Random, op: Op) -> isa.Instr:
         if values["wfmt"]:
             values["stride"] = 0
             values["flags"] &= ~(isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS)
+        if isa.is_forwarding(values):  # sreg without ARGMAX: a legal forwarding product
+            if rng.random() < 0.5:
+                values["sreg"] = 0
+            else:
+                values["wfmt"] = isa.WFmt.FP16
+                values["flags"] = values["flags"] & MatFlag.BIAS | MatFlag.LIVE_ROWS
+                values["cols"] = rng.randint(1, 64)
     return isa.make(op, **values)
 
 
@@ -169,6 +176,53 @@ def test_other_illegal_inputs():
         isa.assemble("halt\nseti rd=1 bogus=2")
     with pytest.raises(IllegalInstruction, match="defined twice"):
         isa.assemble("a:\na:\nhalt")
+
+
+FWD = {"flags": MatFlag.LIVE_ROWS, "lreg": 2, "sreg": 14, "rows": 1024, "cols": 64}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"flags": 0}, "does not set LIVE_ROWS"),
+        ({"flags": MatFlag.BIAS}, "does not set LIVE_ROWS"),
+        ({"flags": MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS}, "sets LIVE_COLS"),
+        ({"flags": MatFlag.LIVE_COLS}, "does not set LIVE_ROWS"),
+        ({"cols": 0}, "cols = 0"),
+        ({"cols": 65}, "cols = 65"),
+        ({"cols": 128}, "cols = 128"),
+        ({"wfmt": isa.WFmt.INT8}, "LIVE_ROWS"),  # the quantized rules say it first
+        ({"wfmt": isa.WFmt.INT4}, "LIVE_ROWS"),
+    ],
+)
+def test_forwarding_matvec_rules(change, match):
+    """A MATVEC with sreg and no ARGMAX forwards its last live row from the VBUF: it must set
+    LIVE_ROWS, not LIVE_COLS, be FP16 and have 1..64 columns; anything else is illegal, from
+    make and from decode alike."""
+    with pytest.raises(IllegalInstruction, match=match):
+        isa.make(Op.MATVEC, **{**FWD, **change})
+    if not change.get("wfmt"):  # legal without sreg: the same word with sreg set is not
+        word = isa.encode(isa.make(Op.MATVEC, **{**FWD, "sreg": 0, **change}))
+        with pytest.raises(IllegalInstruction, match=match):
+            isa.decode(word | 14 << field_shift(Op.MATVEC, "sreg"))
+
+
+def test_forwarding_matvec_legal_forms():
+    for cols in (1, 17, 64):
+        ins = isa.make(Op.MATVEC, **{**FWD, "cols": cols})
+        assert isa.is_forwarding(ins) and isa.decode(isa.encode(ins)) == ins
+    ins = isa.make(Op.MATVEC, **{**FWD, "flags": MatFlag.LIVE_ROWS | MatFlag.BIAS})
+    assert isa.is_forwarding(ins)
+    assert isa.assemble("matvec rows=8 cols=64 flags=LIVE_ROWS lreg=2 sreg=14") == [
+        isa.make(Op.MATVEC, rows=8, cols=64, flags=MatFlag.LIVE_ROWS, lreg=2, sreg=14)
+    ]
+    # with ARGMAX, sreg is the sampling register: no forwarding, none of its rules
+    for flags in (MatFlag.ARGMAX, MatFlag.ARGMAX | MatFlag.LIVE_COLS):
+        ins = isa.make(Op.MATVEC, rows=50257, cols=768, flags=flags, lreg=2, sreg=11)
+        assert not isa.is_forwarding(ins)
+    ins = isa.make(Op.MATVEC, rows=64, cols=64, flags=MatFlag.ARGMAX, sreg=3, wfmt=isa.WFmt.INT8)
+    assert not isa.is_forwarding(ins)
+    assert not isa.is_forwarding(isa.make(Op.MATVEC, **{**FWD, "sreg": 0, "cols": 512}))
 
 
 def test_every_op_has_semantics_and_a_unit():

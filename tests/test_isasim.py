@@ -13,6 +13,7 @@ import pytest
 
 from tandem import isa
 from tandem import layout as L
+from tandem import numerics as nm
 from tandem.checkpoint import lively_weights
 from tandem.compiler import compile_model, head_groups
 from tandem.config import preset
@@ -414,3 +415,219 @@ def test_gpt2_on_u55c_bit_exact_with_faithful_model():
     y = c.vbuf_map["y"]
     assert np.array_equal(sim.vbuf[y.addr : y.addr + cfg.n_embd], last.hidden16)
     check_kv(c, sim.image, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# forwarding MATVEC: the last live row from the VBUF (tandem.isa)
+
+FWD_LINE = 1024  # matrices after the instruction memory's words (tiny: 32 KiB from PROGRAM_BASE)
+
+
+def fwd_sim(text, mats=(), vbuf=None, **kw):
+    """The tiny core with ``text`` in its program, dense matrices ``mats`` ((line, bits) pairs)
+    in HBM and ``vbuf`` ((address, bits) pairs) in its vector buffer."""
+    g = geometry("tiny")
+    img = L.HBMImage(g, 1 << 19)
+    img.write_channel(0, L.PROGRAM_BASE, isa.encode_program(isa.assemble(text)))
+    for line, bits in mats:
+        img.write_striped(line * isa.LINE, L.pack_tiled(g, bits))
+    sim = IsaSim(g, img, **kw)
+    for addr, bits in vbuf or ():
+        sim.vbuf[addr : addr + len(bits)] = bits
+    return sim
+
+
+def fp16_values(rng, shape, scale=1.0):
+    return nm.to_bits((rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+def product(k_bits, x_bits):
+    """matvec_fp16 of a whole matrix (the reference for a live product)."""
+    return nm.matvec_fp16(nm.PreparedMatrix(k_bits), x_bits)
+
+
+@pytest.mark.parametrize("t", [1, 2, 37, 64, 65, 128])
+@pytest.mark.parametrize("cols", [64, 40])
+def test_forwarding_matvec_takes_the_last_live_row_from_the_vbuf(t, cols):
+    """Row T-1 comes from VBUF[src + R[sreg]], the other live rows from HBM; the HBM row T-1
+    differs, so the product differs from the same one without forwarding exactly in row T-1.
+    Columns past ``cols`` of the forwarded VBUF row do not count."""
+    rng = np.random.default_rng(t * 100 + cols)
+    k = fp16_values(rng, (128, cols))
+    q, row = fp16_values(rng, 64), fp16_values(rng, 64)  # row[cols:] is not zero: ignored
+    src, off, dst = 192, 1024, 2048
+    text = f"""
+        seti rd=2 imm={t}
+        seti rd=14 imm={off}
+        matvec dst={dst} src={src} line={FWD_LINE} rows=128 cols={cols} flags=LIVE_ROWS lreg=2 sreg=SREG
+        halt
+    """  # noqa: E501
+    out = {}
+    for sreg in (14, 0):
+        sim = fwd_sim(
+            text.replace("SREG", str(sreg)), [(FWD_LINE, k)], [(src, q), (src + off, row)]
+        )
+        r = sim.run()
+        assert r.ok, r.message
+        out[sreg] = sim.vbuf[dst : dst + t].copy()
+        assert r.hbm_read == -(-t // 2) * sim.geom.channels * sim.geom.beat_bytes  # every tile
+    patched = k[:t].copy()
+    patched[t - 1] = row[:cols]
+    assert np.array_equal(out[14], product(patched, q[:cols]))
+    assert np.array_equal(out[0], product(k[:t], q[:cols]))
+    assert np.array_equal(out[14][:-1], out[0][:-1]) and out[14][-1] != out[0][-1]
+
+
+def test_forwarding_matvec_operand_errors():
+    """R[sreg] not a multiple of 64, or a forwarded row past the VBUF, is VBUF_RANGE at the
+    MATVEC's pc, checked only when a row is live; the last row of the VBUF may be forwarded."""
+    g = geometry("tiny")
+    src, dst = 128, 1024
+    k = fp16_values(np.random.default_rng(3), (64, 64))
+
+    def run(t, off):
+        text = f"""
+            seti rd=3 imm={t}
+            seti rd=5 imm={off}
+            vset dst={dst} imm=0x1234 len=64
+            matvec dst={dst} src={src} line={FWD_LINE} rows=64 cols=64 flags=LIVE_ROWS lreg=3 sreg=5
+            halt
+        """
+        sim = fwd_sim(text, [(FWD_LINE, k)])
+        return sim, sim.run()
+
+    last = g.vbuf_elems - 64 - src
+    for off in (32, 1, last + 64, last + 32, (1 << 32) - 64):
+        _, r = run(5, off)
+        assert r.status == Status.VBUF_RANGE and r.pc == 3, (off, r.message)
+        assert "forwarded row" in r.message
+    sim, r = run(5, last)
+    assert r.ok
+    assert np.array_equal(sim.vbuf[dst : dst + 4], product(k[:4], sim.vbuf[src : src + 64]))
+    # no live row: nothing forwarded, nothing checked, nothing written
+    for off in (32, last + 64):
+        sim, r = run(0, off)
+        assert r.ok and (sim.vbuf[dst : dst + 64] == 0x1234).all()
+
+
+@pytest.mark.parametrize(
+    "flags, cols, wfmt",
+    [
+        (0, 64, 0),  # no LIVE_ROWS
+        (isa.MatFlag.BIAS, 64, 0),
+        (isa.MatFlag.LIVE_COLS, 64, 0),
+        (isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS, 64, 0),
+        (isa.MatFlag.LIVE_ROWS, 0, 0),
+        (isa.MatFlag.LIVE_ROWS, 65, 0),
+        (0, 64, 1),  # a quantized one, legal without sreg
+        (0, 64, 2),
+    ],
+)
+def test_illegal_forwarding_matvec_stops_the_run(flags, cols, wfmt):
+    """A word that would be a forwarding MATVEC of an illegal form is ILLEGAL_INSTRUCTION at its
+    pc; with ARGMAX the same sreg is the sampling register and the word is legal."""
+    g = geometry("tiny")
+    base = isa.make(  # legal: sreg = 0
+        isa.Op.MATVEC, src=64, line=FWD_LINE, rows=64, cols=cols, flags=flags, lreg=2, wfmt=wfmt
+    )
+
+    def shift(name):
+        fmt = isa.FORMATS[isa.Op.MATVEC]
+        return 8 + sum(f.width for f in fmt[: [f.name for f in fmt].index(name)])
+
+    for argmax, status in ((0, Status.ILLEGAL_INSTRUCTION), (isa.MatFlag.ARGMAX, Status(0))):
+        word = isa.encode(base) | 14 << shift("sreg") | int(argmax) << shift("flags")
+        img = L.HBMImage(g, 1 << 19)
+        prog = [isa.make(isa.Op.SETI, rd=2, imm=3), isa.make(isa.Op.HALT)]
+        raw = isa.encode_program(prog[:1]) + word.to_bytes(16, "little")
+        img.write_channel(0, L.PROGRAM_BASE, raw + isa.encode_program(prog[1:]))
+        r = IsaSim(g, img).run()
+        assert r.status == status and (status == 0 or r.pc == 1), r.message
+
+
+H_FWD = 3
+
+
+def head_group_text(sregs, t, off, c=128):
+    """One attention head group in the compiler's normative form (the batched path's), H_FWD
+    heads: q_h at 64h, k_h at 64h + off, scores at 1024 + c*i, scalars at 1600 + 64i, outputs at
+    2048 + 64h, one at 2560; K_h and V^T_h dense in HBM."""
+    ds = L.dense_stride(geometry("tiny"))
+    kb = L.tiled_bytes(geometry("tiny"), c, 64) // isa.LINE
+    k_line = [FWD_LINE + 2 * h * kb for h in range(H_FWD)]
+    v_line = [FWD_LINE + (2 * h + 1) * kb for h in range(H_FWD)]
+    s = [1024 + c * i for i in range(H_FWD)]
+    sc = [1600 + 64 * i for i in range(H_FWD)]
+    att = [2048 + 64 * i for i in range(H_FWD)]
+    one, hs = 2560, range(H_FWD)
+    lines = [f"seti rd=2 imm={t}", f"seti rd=14 imm={off}", f"vset dst={one} imm=0x3c00 len=1"]
+    lines += [
+        f"matvec dst={s[h]} src={64 * h} line={k_line[h]} rows={c} cols=64 stride={ds} "
+        f"flags=LIVE_ROWS lreg=2 sreg={sregs[h]}"
+        for h in hs
+    ]
+    lines += [f"vmax dst={sc[h]} a={s[h]} lreg=2" for h in hs]
+    lines += [f"vsub dst={s[h]} a={s[h]} b={sc[h]} flags=B_SCALAR lreg=2" for h in hs]
+    lines += [f"vexp dst={s[h]} a={s[h]} lreg=2" for h in hs]
+    lines += [f"vdot dst={sc[h]} a={s[h]} b={one} flags=B_SCALAR lreg=2" for h in hs]
+    lines += [f"vrecip dst={sc[h]} a={sc[h]} len=1" for h in hs]
+    lines += [
+        f"matvec dst={att[h]} src={s[h]} line={v_line[h]} rows=64 cols={c} stride={ds} "
+        "flags=LIVE_COLS lreg=2"
+        for h in hs
+    ]
+    lines += [f"vmul dst={att[h]} a={att[h]} b={sc[h]} len=64 flags=B_SCALAR" for h in hs]
+    return "\n".join([*lines, "halt"]), k_line, v_line, att
+
+
+def head_group_run(sregs, t, off=192, batch=True, patch_hbm=False, seed=5):
+    """Run :func:`head_group_text` on random K, V, q and k rows whose HBM row t-1 differs from
+    the VBUF row (``patch_hbm``: the HBM row made equal to it). Returns (sim, result, att)."""
+    rng = np.random.default_rng(seed)
+    text, k_line, v_line, att = head_group_text(sregs, t, off)
+    ks = [fp16_values(rng, (128, 64)) for _ in range(H_FWD)]
+    vs = [fp16_values(rng, (64, 128)) for _ in range(H_FWD)]
+    q, rows = fp16_values(rng, 64 * H_FWD, 0.3), fp16_values(rng, (H_FWD, 64))
+    if patch_hbm:
+        for k, row in zip(ks, rows, strict=True):
+            k[t - 1] = row
+    mats = list(zip(k_line, ks, strict=True)) + list(zip(v_line, vs, strict=True))
+    vb = [(0, q)] + [(64 * h + off, rows[h]) for h in range(H_FWD) if 64 * h + off < 4096]
+    sim = fwd_sim(text, mats, vb, batch_heads=batch)
+    r = sim.run()
+    return sim, r, np.concatenate([sim.vbuf[a : a + 64] for a in att])
+
+
+@pytest.mark.parametrize("t", [1, 2, 64, 100, 128])
+def test_forwarding_head_group_batched_equals_one_instruction_at_a_time(t):
+    """The batched head group forwards row T-1 of every head's K as the instructions do: same
+    VBUF, registers and status both ways; the same as the non-forwarding group over an HBM whose
+    row T-1 is the VBUF row; not the same as the non-forwarding group over the HBM as it is."""
+    fwd = [14] * H_FWD
+    a, ra, att_a = head_group_run(fwd, t, batch=True)
+    b, rb, _ = head_group_run(fwd, t, batch=False)
+    assert ra.ok and ra == rb and a.regs == b.regs
+    assert a.batched_groups == 1 and b.batched_groups == 0
+    assert np.array_equal(a.vbuf, b.vbuf)
+    for batch in (True, False):
+        c, rc, att_c = head_group_run([0] * H_FWD, t, batch=batch, patch_hbm=True)
+        assert rc.ok and c.batched_groups == int(batch) and np.array_equal(att_c, att_a)
+        _, _, att_d = head_group_run([0] * H_FWD, t, batch=batch)
+        # forwarding was not ignored (one position's softmax is 1 whatever its score)
+        assert np.array_equal(att_d, att_a) == (t == 1)
+
+
+def test_forwarding_head_group_mixed_or_out_of_range_runs_one_by_one():
+    """Score products that do not all forward with one sreg are not batched (and give what the
+    instructions give); a bad forwarding offset stops at the first score product, batched or
+    not."""
+    for sregs in ([14, 0, 14], [14, 13, 14]):
+        a, ra, _ = head_group_run(sregs, 50, batch=True)
+        b, rb, _ = head_group_run(sregs, 50, batch=False)
+        assert ra.ok and ra == rb and a.batched_groups == 0 and np.array_equal(a.vbuf, b.vbuf)
+    for off in (96, 4096 - 128):  # not a multiple of 64; head 2's row past the VBUF
+        for batch in (True, False):
+            sim, r, _ = head_group_run([14] * H_FWD, 50, off=off, batch=batch)
+            first = 3 + (2 if off == 4096 - 128 else 0)
+            assert r.status == Status.VBUF_RANGE and r.pc == first, (off, batch, r.message)
+            assert sim.batched_groups == 0

@@ -44,7 +44,16 @@ _SAMPLING = streams.Packer(MatvecSampling)
 
 
 def _cmd_word(
-    rows, cols, live_rows, live_cols, bias, argmax, sampling=(0, 0, 0), wfmt=0, wgroup=0
+    rows,
+    cols,
+    live_rows,
+    live_cols,
+    bias,
+    argmax,
+    sampling=(0, 0, 0),
+    wfmt=0,
+    wgroup=0,
+    fwd_index=None,
 ) -> int:
     flags = _FLAGS.pack(bias=bias, argmax=argmax)
     word, seed, pos = sampling
@@ -57,6 +66,8 @@ def _cmd_word(
         sampling=_SAMPLING.pack(word=word, seed=seed, pos=pos),
         wfmt=wfmt,
         wgroup=wgroup,
+        fwd=int(fwd_index is not None),
+        fwd_index=fwd_index or 0,
     )
 
 
@@ -82,6 +93,9 @@ class Case:
     argmax: bool = False
     label: str = ""
     sampling: tuple[int, int, int] = (0, 0, 0)  # (word, seed, position), tandem.sampling
+    # a forwarding product (tandem.isa): the 64 elements that replace the last live row (the
+    # matrix's copy of that row is stale)
+    fwd: np.ndarray | None = None
     expect_rows: list[np.ndarray] = field(default_factory=list)
     expect_argmax: int | None = None
 
@@ -108,6 +122,9 @@ class Case:
             self.expect_argmax = 0 if self.argmax else None
             return
         w, x = self.w[:r, :c], self.x[:c]
+        if self.fwd is not None and c:
+            w = w.copy()
+            w[r - 1] = self.fwd[:c]
         if c == 0:  # no live column: one all-zero block (isasim), so the result is the bias
             w, x = np.zeros((r, BLOCK), np.uint16), np.zeros(BLOCK, np.uint16)
         mat = nm.PreparedMatrix(w)
@@ -131,10 +148,13 @@ class Case:
             int(self.bias is not None),
             int(self.argmax),
             self.sampling,
+            fwd_index=None if self.fwd is None or self.eff_rows == 0 else self.eff_rows - 1,
         )
         if self.n_groups == 0:  # the MPU takes nothing but the command
             return cmd, [], [], []
         xs = [_row_int(self.x[b * BLOCK : (b + 1) * BLOCK]) for b in range(self.n_cb)]
+        if self.fwd is not None and self.n_cb:
+            xs.append(_row_int(self.fwd))
         packed = pack_tiled(geom, self.w)  # the HBM image of the whole allocated matrix
         cbs_alloc = -(-self.cols // BLOCK)
         stride = dense_stride(geom)
@@ -283,7 +303,10 @@ def make_case(
     label="",
     values=None,
     sampling=(0, 0, 0),
+    fwd=False,
 ) -> Case:
+    """A random MATVEC; ``fwd``: a forwarding product (``cols`` <= 64, no ARGMAX), whose last
+    live row comes with x (its matrix copy stays garbage)."""
     live_rows = rows if live_rows is None else live_rows
     live_cols = cols if live_cols is None else live_cols
     ga, ca = -(-rows // BLOCK), -(-cols // BLOCK)
@@ -297,6 +320,12 @@ def make_case(
         b = garbage_bits(rng, ga * BLOCK)
         b[:r] = normal_bits(rng, r, 4.0) if values is None else values(rng, r)
     case = Case(w, rows, cols, live_rows, live_cols, x, b, argmax, label, sampling)
+    if fwd:
+        assert cols <= BLOCK and not argmax
+        case.fwd = garbage_bits(rng, BLOCK)
+        case.fwd[:c] = normal_bits(rng, c) if values is None else values(rng, c)
+        if r:
+            w[r - 1] = garbage_bits(rng, w.shape[1])  # the stale copy the row replaces
     case.expect()
     return case
 
@@ -432,6 +461,13 @@ async def shapes_and_cycle_formula(dut):
             cases.append(make_case(rng, rows, cols, bias=bias, argmax=argmax, label=label))
     cases.append(make_case(rng, 130, 200, live_rows=77, live_cols=90, bias=True, label="live"))
     cases.append(make_case(rng, 130, 200, live_rows=100, live_cols=1, argmax=True, label="live am"))
+    # forwarding products (the attention's score products): the last live row from x's stream
+    for rows, live_rows, cols, bias in ((128, 5, 64, False), (130, 64, 64, True), (70, 70, 40, False)):
+        label = f"fwd {live_rows}/{rows}x{cols}{' bias' if bias else ''}"
+        cases.append(
+            make_case(rng, rows, cols, live_rows=live_rows, bias=bias, fwd=True, label=label)
+        )
+    cases.append(make_case(rng, 64, 64, live_rows=0, fwd=True, label="fwd no live row"))
     # no live row (nothing happens) or no live column (results = bias, or +0)
     degenerate = [(0, 64, True, False), (0, 0, True, True), (130, 0, True, False)]
     degenerate += [(64, 0, True, True), (70, 0, False, False)]
@@ -552,16 +588,20 @@ async def stalls_and_random_shapes(dut):
             rows = int(rng.integers(1, 200))
             cols = int(rng.integers(1, 300))
             live = rng.random() < 0.4
+            fwd = rng.random() < 0.25  # a forwarding product: one column block, live rows
+            if fwd:
+                cols = int(rng.integers(1, BLOCK + 1))
             cases.append(
                 make_case(
                     rng,
                     rows,
                     cols,
-                    live_rows=int(rng.integers(1, rows + 1)) if live else None,
-                    live_cols=int(rng.integers(1, cols + 1)) if live else None,
+                    live_rows=int(rng.integers(1, rows + 1)) if live or fwd else None,
+                    live_cols=int(rng.integers(1, cols + 1)) if live and not fwd else None,
                     bias=bool(rng.random() < 0.5),
-                    argmax=bool(rng.random() < 0.3),
-                    label=f"pattern {k} case {i}",
+                    argmax=not fwd and bool(rng.random() < 0.3),
+                    label=f"pattern {k} case {i}{' fwd' if fwd else ''}",
+                    fwd=fwd,
                 )
             )
         await tb.run(cases)

@@ -45,11 +45,13 @@ def run_controller(
     argmax=7,
     vpu_hang=False,
     store_cycles=0,
+    write_cycles=0,
     max_cycles=20000,
 ):
     """Run the controller once over ``image``; returns (status dict, log of issued commands).
     The status dict's ``cycles`` holds the cycle of each log entry; a store keeps ``busy.store``
-    high for ``store_cycles`` cycles after it is taken (the store feeder reading the VBUF)."""
+    high for ``store_cycles`` cycles after it is taken (the store feeder reading the VBUF), and
+    ``busy.dma_write`` for ``write_cycles`` (its HBM write waiting for the response)."""
     dut = Controller(GEOM)
     log = []
     result = {}
@@ -64,7 +66,7 @@ def run_controller(
         await ctx.tick()
         ctx.set(dut.start, 0)
         fetch_beats = []
-        vpu_busy = mpu_busy = store_busy = 0
+        vpu_busy = mpu_busy = store_busy = write_busy = 0
         cycles = result["cycles"] = []
         word_q = []
         argmax_q = []
@@ -90,6 +92,7 @@ def run_controller(
             ctx.set(dut.busy.vpu, bool(vpu_busy))
             ctx.set(dut.busy.mpu, bool(mpu_busy))
             ctx.set(dut.busy.store, bool(store_busy))
+            ctx.set(dut.busy.dma_write, bool(write_busy))
             ctx.set(dut.dma_word.valid, bool(word_q))
             if word_q:
                 ctx.set(dut.dma_word.payload, word_q[0])
@@ -127,6 +130,8 @@ def run_controller(
                 mpu_busy -= 1
             if store_busy:
                 store_busy -= 1
+            if write_busy:
+                write_busy -= 1
             n_log = len(log)
             if rd is not None:
                 log.append(("read", rd.kind, rd.offset, rd.tag))
@@ -138,6 +143,7 @@ def run_controller(
                 cmd = st.cmd
                 log.append(("store", cmd.kind, cmd.offset, cmd.value, st.src_row))
                 store_busy = store_cycles
+                write_busy = max(write_busy, write_cycles)
                 if cmd.kind == StoreKind.WORD:
                     image.write_channel(
                         0, cmd.offset, np.frombuffer(int(cmd.value).to_bytes(4, "little"), np.uint8)
@@ -156,6 +162,8 @@ def run_controller(
                         *(c.wfmt, c.wgroup),
                     )
                 )
+                if c.fwd:  # a forwarding product: its row's index and VBUF row
+                    log[-1] += ("fwd", c.fwd_index, mp.fwd_row)
                 mpu_busy = mpu_cycles
                 if c.flags.argmax:
                     argmax_q.append(argmax)
@@ -263,13 +271,30 @@ _ILLEGAL_QUANT = {  # tandem.isa's rules of a quantized MATVEC, one word each
 }
 
 
+def _fwd_word(**fields) -> int:
+    """A MATVEC word with ``sreg`` = 6 without ARGMAX (a forwarding product) over a word
+    ``make`` accepts (it refuses the illegal ones)."""
+    return isa.encode(make(Op.MATVEC, **fields)) | 6 << _field_pos(Op.MATVEC, "sreg")
+
+
+_ILLEGAL_FWD = {  # tandem.isa's rules of a forwarding MATVEC: LIVE_ROWS only, FP16, 1..64 cols
+    "fwd-no-live-rows": _fwd_word(rows=64, cols=64),
+    "fwd-live-cols": _fwd_word(rows=64, cols=64, flags=4 | 8, lreg=4),
+    "fwd-cols-65": _fwd_word(rows=64, cols=65, flags=4, lreg=4),
+    "fwd-cols-0": _fwd_word(rows=64, cols=0, flags=4, lreg=4),
+    "fwd-int8": _quant_word(1, rows=64, cols=64) | 6 << _field_pos(Op.MATVEC, "sreg"),
+}
+
+
 @pytest.mark.parametrize(
-    "bad", ["opcode", "reserved", "flag", "align", "ldarg", "fall-off", *_ILLEGAL_QUANT]
+    "bad",
+    ["opcode", "reserved", "flag", "align", "ldarg", "fall-off", *_ILLEGAL_QUANT, *_ILLEGAL_FWD],
 )
 def test_illegal_instruction(bad):
     good = [make(Op.SETI, rd=1, imm=1), make(Op.STW, rs=1, line=OUT_LINE)]
     word = {
         **_ILLEGAL_QUANT,
+        **_ILLEGAL_FWD,
         "opcode": 0x7F,
         "reserved": isa.encode(make(Op.SYNC)) | 1 << 100,
         "flag": isa.encode(make(Op.VADD, dst=0, a=0, b=0, len=4)) | 2 << (8 + 64),
@@ -586,6 +611,95 @@ def test_stores_go_back_to_back():
     assert stores[2] - stores[0] < 20, stores
     vpu = [c for e, c in zip(log, got["cycles"], strict=True) if e[0] == "vpu"]
     assert vpu[1] >= stores[2] + 20, (stores, vpu)
+
+
+def _forwarding_program(second_fwd: bool):
+    """A long MATVEC; a vector op waiting for it; a store (K row R4 of the matrix at line 40);
+    a forwarding product over that matrix (row R2 - 1 from VBUF[0 + R6]); a second MATVEC
+    (forwarding or not) over another matrix; HALT."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    second = fwd if second_fwd else {}
+    return [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=4, imm=4),
+        make(Op.SETI, rd=6, imm=128),
+        make(Op.VSET, dst=0, imm=0x3C00, len=256),
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        make(Op.VMUL, dst=512, a=256, b=384, len=64),
+        make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
+        make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),
+        make(Op.MATVEC, dst=704, src=64, line=50, rows=64, cols=64, **second),
+        make(Op.HALT),
+    ]
+
+
+@pytest.mark.parametrize("second_fwd", [False, True], ids=["then-plain", "then-fwd"])
+def test_forwarding_products_are_read_beside_stores(second_fwd):
+    """A forwarding product's read need not wait for stores (tandem.isa): the look-ahead, from
+    the vector op waiting for the running MATVEC, passes the store and sends the forwarding
+    product's read before it; after a store it prefetches nothing else (a plain MATVEC's read
+    waits for the store's write response, ``busy.dma_write``). The MPU command carries the
+    forwarded row's index (R2 - 1 = 4) and VBUF row ((0 + R6) / 64 = 2)."""
+    got, log, _ = check_against_isasim(
+        _forwarding_program(second_fwd), {}, mpu_cycles=60, write_cycles=50
+    )
+    assert got["status"] == 0
+    at = dict(zip(log, got["cycles"], strict=True))
+    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}  # by tag (pc)
+    store = next(c for e, c in at.items() if e[0] == "store")
+    assert reads[7] < store, (reads, store)  # prefetched past the store
+    mpus = [e for e in log if e[0] == "mpu"]
+    assert mpus[1][-3:] == ("fwd", 4, 2)
+    if second_fwd:
+        assert reads[8] < store
+        assert mpus[2][-3:] == ("fwd", 4, 3)
+    else:
+        assert reads[8] >= store + 50, (reads, store)  # after the write's response
+        assert "fwd" not in mpus[2]
+
+
+def test_forwarding_product_without_lookahead_ignores_writes():
+    """Exec itself sends a forwarding product's read while a write is outstanding (no vector
+    op before it, so no look-ahead); a plain MATVEC waits for the response."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    p = [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=4, imm=4),
+        make(Op.SETI, rd=6, imm=128),
+        make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
+        make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),
+        make(Op.MATVEC, dst=704, src=64, line=50, rows=64, cols=64),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=4, write_cycles=50)
+    assert got["status"] == 0
+    at = dict(zip(log, got["cycles"], strict=True))
+    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
+    store = next(c for e, c in at.items() if e[0] == "store")
+    assert reads[4] < store + 10 and reads[5] >= store + 50, (reads, store)
+
+
+@pytest.mark.parametrize(
+    "r6, status",
+    [(96, Status.VBUF_RANGE), (4096, Status.VBUF_RANGE), (4032, 0)],
+    ids=["unaligned", "past-end", "last-row"],
+)
+def test_forwarded_row_out_of_range(r6, status):
+    """The forwarded row must be a VBUF row inside the buffer (tiny: 4,096 elements):
+    VBUF_RANGE at the product's pc, as the ISA simulator says, and no read for it; the last
+    row is fine."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    p = [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=6, imm=r6),
+        make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {})
+    assert got["status"] == status
+    if status:
+        assert got["error_pc"] == 2
+        assert not [e for e in log if e[0] == "read" and e[1] == ReadKind.TILES]
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,9 @@ def _mpu_commands(rng, n):
         src = last_dst if rng.random() < 0.4 else rng.randint(0, ROWS - max(n_cb, 1))
         src = min(src, ROWS - n_cb)
         dst = rng.randint(0, ROWS - max(n_groups, 1))
+        # a forwarding product (its row after the x rows; often the last results' rows)
+        fwd = not argmax and n_groups and n_cb and rng.random() < 0.3
+        fwd_row = last_dst if rng.random() < 0.5 else rng.randint(0, ROWS - 1)
         if not argmax and n_groups:
             last_dst = dst
         cmds.append(
@@ -93,9 +96,12 @@ def _mpu_commands(rng, n):
                     "live_rows": live_rows,
                     "live_cols": live_cols,
                     "flags": {"bias": bias, "argmax": argmax},
+                    "fwd": int(bool(fwd)),
+                    "fwd_index": max(min(live_rows, rows) - 1, 0),
                 },
                 "src_row": src,
                 "dst_row": dst,
+                "fwd_row": fwd_row if fwd else 0,
             }
         )
     return cmds
@@ -112,6 +118,8 @@ def _mpu_reference(cmds, mem, result_row):
         if n_groups == 0:
             continue
         xs += [mem[issue["src_row"] + i] for i in range(n_cb)]
+        if c.get("fwd") and n_cb:
+            xs.append(mem[issue["fwd_row"]])
         if c["flags"]["bias"]:
             biases += [mem[issue["dst_row"] + g] for g in range(n_groups)]
         if c["flags"]["argmax"]:
@@ -128,8 +136,9 @@ def _mpu_reference(cmds, mem, result_row):
 @pytest.mark.parametrize("stall", STALLS)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_mpu_feeder(stall, seed):
-    """Commands, x rows, bias rows and result writes (address, mask, data, order) equal the
-    sequential model, so reads after results still to come waited for them; a fake MPU takes
+    """Commands, x rows (a forwarding product's row after them), bias rows and result writes
+    (address, mask, data, order) equal the sequential model, so reads after results still to
+    come waited for them; a fake MPU takes
     the inputs and answers each command's result rows after a random delay."""
     rng = random.Random(seed)
     cmds = _mpu_commands(rng, 40)
@@ -178,6 +187,7 @@ def test_mpu_feeder(stall, seed):
                 assert cmd.got[k] == c.as_bits(), f"command {k}"
                 n_groups = _rows_of(min(c.live_rows, c.rows))
                 n_x = _rows_of(min(c.live_cols, c.cols)) if n_groups else 0
+                n_x += bool(n_x and c.fwd)  # a forwarding product's row
                 n_b = n_groups if c.flags.bias else 0
                 pending.append((k, n_x, n_b, 0 if c.flags.argmax else n_groups))
                 state["seen"] = k + 1

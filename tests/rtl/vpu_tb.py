@@ -502,13 +502,13 @@ SOFTMAX_OPS = [isa.Op[n] for n in ("VMAX", "VSUB", "VEXP", "VDOT", "VRECIP")]
 
 
 def head_zero(program, n_head: int) -> list:
-    """Head 0's instructions in the compiler's head-group form (one group of every head):
-    after the layer's K store (every head's) and n_head V stores, the q scaling of all heads,
+    """Head 0's instructions in the compiler's head-group form (one group of every head): the
+    q scaling of all heads (before the layer's K store, every head's, and its n_head V stores),
     head 0's score product, its softmax (op by op over the heads: every n_head-th
     instruction), its output product and its normalisation."""
-    j = _find(program, [isa.Op.STROW, isa.Op.STCOL])
-    k0 = j + 1 + n_head + 1
-    head = [program[k0 - 1], program[k0]]
+    j = _find(program, [isa.Op.VMUL, isa.Op.STROW, isa.Op.STCOL])
+    k0 = j + 2 + n_head
+    head = [program[j], program[k0]]
     head += [program[k0 + n_head * (1 + i)] for i in range(5)]
     head += [program[k0 + 6 * n_head], program[k0 + 7 * n_head]]
     want = [isa.Op.VMUL, isa.Op.MATVEC, *SOFTMAX_OPS, isa.Op.MATVEC, isa.Op.VMUL]
