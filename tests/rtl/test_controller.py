@@ -658,6 +658,36 @@ def test_forwarding_products_are_read_beside_stores(second_fwd):
         assert "fwd" not in mpus[2]
 
 
+def test_a_scan_after_queued_forwarding_products_stays_past_the_store():
+    """A scan from a vector op (VADD, waiting for MATVEC A) prefetches B, passes VMUL and the
+    store, prefetches the forwarding product C and stops at the plain D. Exec then holds the
+    VMUL (waiting for B) and a new scan starts after C, the newest queued MATVEC, with the
+    store still ahead of Exec: it must still count as past a store, so D's read waits for the
+    store's write response (a plain read sent before the store would read stale rows)."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    p = [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=4, imm=4),
+        make(Op.SETI, rd=6, imm=128),
+        make(Op.VSET, dst=0, imm=0x3C00, len=256),
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),  # A
+        make(Op.VADD, dst=512, a=256, b=384, len=64),
+        make(Op.MATVEC, dst=768, src=0, line=60, rows=64, cols=64),  # B
+        make(Op.VMUL, dst=832, a=768, b=384, len=64),
+        make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
+        make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),  # C
+        make(Op.MATVEC, dst=704, src=64, line=50, rows=64, cols=64),  # D
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, write_cycles=50)
+    assert got["status"] == 0
+    at = dict(zip(log, got["cycles"], strict=True))
+    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
+    store = next(c for e, c in at.items() if e[0] == "store")
+    assert reads[6] < store and reads[9] < store, (reads, store)  # B and C prefetched
+    assert reads[10] >= store + 50, (reads, store)
+
+
 def test_forwarding_product_without_lookahead_ignores_writes():
     """Exec itself sends a forwarding product's read while a write is outstanding (no vector
     op before it, so no look-ahead); a plain MATVEC waits for the response."""
