@@ -611,24 +611,22 @@ class Controller(GeometryComponent):
     def _lookahead(self, m, c):
         """Weight prefetch. While a vector op waits in Exec (for a MATVEC to finish, or LOADV
         rows), a second read port of the instruction memory scans the words after it, one per
-        cycle, through vector ops, MATVECs and the stores ``STROW`` and ``STCOL``. At each
-        ``MATVEC`` it sends that MATVEC's weight read to the DMA as soon as the DMA slot is free
-        and every HBM write is answered (a forwarding product's, tandem.isa, without waiting for
-        writes), and queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest
-        ``pf_pc``); Exec then issues the oldest without a read. Past a store only forwarding
-        products are prefetched (the scan ends at any other MATVEC). The scan ends at any other
+        cycle, through vector ops and MATVECs. At each ``MATVEC`` it sends that MATVEC's weight
+        read to the DMA as soon as the DMA slot is free and every HBM write is answered (a
+        forwarding product's, tandem.isa, without waiting for writes), and queues its pc and MPU
+        command (up to :data:`PF_QUEUE`: ``pf_n``, oldest ``pf_pc``); Exec then issues the oldest
+        without a read. The scan ends at any other
         instruction (it may write a register, branch, read or write HBM), after a MATVEC with ARGMAX (its
         register may change what follows), with the queue full, or at the end of the memory; it
         starts again, after the newest queued MATVEC, when Exec retires an instruction that is
         not a vector op.
 
-        Why it is safe: the words between Exec and a prefetched MATVEC are vector ops,
-        MATVECs without ARGMAX and stores, which change no register, read no HBM but weights (in
-        program order) and do not branch, so Exec reaches that MATVEC with the operands the scan
+        Why it is safe: the words between Exec and a prefetched MATVEC are vector ops and
+        MATVECs without ARGMAX, which change no register, read no HBM but weights (in program
+        order) and do not branch, so Exec reaches that MATVEC with the operands the scan
         resolved, and the DMA gets its reads in program order (the weights of every earlier
-        MATVEC were sent before). A read sent before a store it passed is a forwarding
-        product's, which by the ISA's rule meets no store in flight but into the row it takes
-        from the VBUF. The prefetched tiles wait in the
+        MATVEC were sent before). The scan does not pass stores: a read sent before an earlier
+        store could report its HBM error first (the DMA keeps the first error's tag). The prefetched tiles wait in the
         DMA's read FIFOs until the MPU takes them, after the vector ops. A MATVEC with a VBUF
         operand out of range, with no live row or column, or that is an illegal instruction (a
         reserved weight format or bit: the DMA and the MPU could disagree on its tiles) is not
@@ -692,27 +690,10 @@ class Controller(GeometryComponent):
         # and MATVECs already prefetched), else after Exec
         first = Mux(c.pf_valid, pf_last + 1, c.pc + 1)
         room = (c.pf_n < PF_QUEUE) & ~(c.pf_valid & pf_last_argmax)
-        # a store (STROW, STCOL: it reads the VBUF and writes HBM, nothing else) is passed, but
-        # after one only forwarding products are prefetched: no other read may overtake a store
-        is_store = (word[:8] == int(Op.STROW)) | (word[:8] == int(Op.STCOL))
-        past_store = Signal()
         m.d.comb += [
             start.eq(exec_vec & ~on & ~done & room & (first < g.imem_words)),
-            more.eq(on & have & (is_vector(word[:8]) | is_store) & (nxt < g.imem_words)),
+            more.eq(on & have & is_vector(word[:8]) & (nxt < g.imem_words)),
         ]
-        # ... and a scan that starts after queued MATVECs some of which lie past a store (Exec
-        # may not have issued it yet) starts past a store too (pf_store: a queued one was
-        # prefetched past a store; cleared when the queue empties)
-        pf_store = Signal()
-        left = c.pf_n - c.pf_pop  # queued MATVECs after this cycle's pop, before its push
-        with m.If(pf_push):
-            m.d.sync += pf_store.eq(past_store | (pf_store & (left != 0)))
-        with m.Elif(left == 0):
-            m.d.sync += pf_store.eq(0)
-        with m.If(start):
-            m.d.sync += past_store.eq(c.pf_valid & pf_store)
-        with m.Elif(more & is_store):
-            m.d.sync += past_store.eq(1)
         addr = Mux(start, first, nxt)
         m.d.comb += [la.addr.eq(addr), la.en.eq(start | more | go_on)]
         with m.If(start | more | go_on):
@@ -728,7 +709,7 @@ class Controller(GeometryComponent):
             with m.If(word[:8] == int(Op.MATVEC)):
                 with m.If(~o.checked):
                     m.d.sync += have.eq(1)  # its operands are registered next cycle
-                with m.Elif(o.bad | o.nothing | ~dec.legal | (past_store & ~o.fwd)):
+                with m.Elif(o.bad | o.nothing | ~dec.legal):
                     end()
                 with m.Elif(
                     exec_vec

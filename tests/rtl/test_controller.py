@@ -635,11 +635,11 @@ def _forwarding_program(second_fwd: bool):
 
 @pytest.mark.parametrize("second_fwd", [False, True], ids=["then-plain", "then-fwd"])
 def test_forwarding_products_are_read_beside_stores(second_fwd):
-    """A forwarding product's read need not wait for stores (tandem.isa): the look-ahead, from
-    the vector op waiting for the running MATVEC, passes the store and sends the forwarding
-    product's read before it; after a store it prefetches nothing else (a plain MATVEC's read
-    waits for the store's write response, ``busy.dma_write``). The MPU command carries the
-    forwarded row's index (R2 - 1 = 4) and VBUF row ((0 + R6) / 64 = 2)."""
+    """A forwarding product's read need not wait for stores' write responses (tandem.isa):
+    it goes out right after the store (the look-ahead does not pass stores: an earlier store's
+    HBM error must come first), a plain MATVEC's read waits for the store's write response
+    (``busy.dma_write``). The MPU command carries the forwarded row's index (R2 - 1 = 4) and
+    VBUF row ((0 + R6) / 64 = 2)."""
     got, log, _ = check_against_isasim(
         _forwarding_program(second_fwd), {}, mpu_cycles=60, write_cycles=50
     )
@@ -647,45 +647,15 @@ def test_forwarding_products_are_read_beside_stores(second_fwd):
     at = dict(zip(log, got["cycles"], strict=True))
     reads = {e[3]: c for e, c in at.items() if e[0] == "read"}  # by tag (pc)
     store = next(c for e, c in at.items() if e[0] == "store")
-    assert reads[7] < store, (reads, store)  # prefetched past the store
+    assert store < reads[7] < store + 10, (reads, store)
     mpus = [e for e in log if e[0] == "mpu"]
     assert mpus[1][-3:] == ("fwd", 4, 2)
     if second_fwd:
-        assert reads[8] < store
+        assert reads[8] < store + 20
         assert mpus[2][-3:] == ("fwd", 4, 3)
     else:
         assert reads[8] >= store + 50, (reads, store)  # after the write's response
         assert "fwd" not in mpus[2]
-
-
-def test_a_scan_after_queued_forwarding_products_stays_past_the_store():
-    """A scan from a vector op (VADD, waiting for MATVEC A) prefetches B, passes VMUL and the
-    store, prefetches the forwarding product C and stops at the plain D. Exec then holds the
-    VMUL (waiting for B) and a new scan starts after C, the newest queued MATVEC, with the
-    store still ahead of Exec: it must still count as past a store, so D's read waits for the
-    store's write response (a plain read sent before the store would read stale rows)."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
-    p = [
-        make(Op.SETI, rd=2, imm=5),
-        make(Op.SETI, rd=4, imm=4),
-        make(Op.SETI, rd=6, imm=128),
-        make(Op.VSET, dst=0, imm=0x3C00, len=256),
-        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),  # A
-        make(Op.VADD, dst=512, a=256, b=384, len=64),
-        make(Op.MATVEC, dst=768, src=0, line=60, rows=64, cols=64),  # B
-        make(Op.VMUL, dst=832, a=768, b=384, len=64),
-        make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
-        make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),  # C
-        make(Op.MATVEC, dst=704, src=64, line=50, rows=64, cols=64),  # D
-        make(Op.HALT),
-    ]
-    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, write_cycles=50)
-    assert got["status"] == 0
-    at = dict(zip(log, got["cycles"], strict=True))
-    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
-    store = next(c for e, c in at.items() if e[0] == "store")
-    assert reads[6] < store and reads[9] < store, (reads, store)  # B and C prefetched
-    assert reads[10] >= store + 50, (reads, store)
 
 
 def test_forwarding_product_without_lookahead_ignores_writes():
