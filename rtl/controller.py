@@ -140,7 +140,8 @@ class Controller(GeometryComponent):
 
     Errors: VBUF operands past ``vbuf_elems`` (``VBUF_RANGE``) are checked at issue; the DMA
     reports ``HBM_RANGE`` and ``AXI_ERROR`` with the pc of the failing instruction
-    (:attr:`dma_error`, :attr:`dma_error_tag`); the watchdog fires after ``watchdog`` cycles
+    (:attr:`dma_error`, :attr:`dma_error_tag`; a prefetched read's ``HBM_RANGE`` stops the run
+    only when Exec reaches its MATVEC, :attr:`dma_error_read`); the watchdog fires after ``watchdog`` cycles
     (0: 2**24) without an instruction issued (``WATCHDOG``). On any stop the controller
     stops issuing, waits for the units to drain (bounded by the watchdog; MATVECs whose weights
     were read but whose MPU commands were not sent are sent then, so no tile is left for the next
@@ -176,7 +177,7 @@ class Controller(GeometryComponent):
     dma_store : Out(stream.Signature(StoreIssue))
     record : Out(StatusRecordLayout fields)
         The record a ``STATUS`` store writes.
-    dma_error : In(DMAErrors), dma_error_tag : In(16)
+    dma_error : In(DMAErrors), dma_error_tag : In(16), dma_error_read : In(1)
     mpu : Out(stream.Signature(MpuIssue))
     mpu_argmax : In(stream.Signature(16))
     vpu : Out(stream.Signature(VectorCommand))
@@ -215,6 +216,7 @@ class Controller(GeometryComponent):
                 "record": Out(StatusRecordLayout),
                 "dma_error": In(DMAErrors),
                 "dma_error_tag": In(16),
+                "dma_error_read": In(1),
                 "mpu": Out(stream.Signature(MpuIssue)),
                 "mpu_argmax": In(stream.Signature(16)),
                 "vpu": Out(stream.Signature(VectorCommand)),
@@ -574,6 +576,16 @@ class Controller(GeometryComponent):
 
         c.dma_err = Signal()
         m.d.comb += c.dma_err.eq(self.dma_error.hbm_range | self.dma_error.axi_error)
+        # A prefetched read's HBM range error waits until Exec reaches its MATVEC (dma_stop:
+        # the error stops the run now): the ISA names the first failing instruction in program
+        # order, and Exec may still issue earlier ones (stores the look-ahead passed) that fail
+        # too. The tag is then a queued pc (reads are checked in order, so a tag at or past the
+        # oldest queued one is a queued MATVEC's; Exec is before it). A stop at such a MATVEC
+        # follows the DMA's tag through the drain (stop_follow): a store Exec issued before
+        # it may fail later, and its error replaces the read's (rtl/dma.py).
+        c.dma_queued = Signal()  # the error is a queued MATVEC's read's range error
+        c.dma_stop = Signal()
+        c.stop_follow = Signal()
         c.dma_err_bits = Signal(8)
         m.d.comb += c.dma_err_bits.eq(
             Mux(self.dma_error.hbm_range, Status.HBM_RANGE, 0)
@@ -606,27 +618,36 @@ class Controller(GeometryComponent):
             m.d.sync += c.watchdog.eq(0)
             m.next = "Drain"
 
-        c.finish, c.stop = finish, stop
+        def stop_dma():
+            """Go to Drain for a DMA error (following the DMA's tag if it is a deferred read's)."""
+            stop(c.dma_err_bits, self.dma_error_tag)
+            m.d.sync += c.stop_follow.eq(c.dma_queued)
+
+        c.finish, c.stop, c.stop_dma = finish, stop, stop_dma
 
     def _lookahead(self, m, c):
         """Weight prefetch. While a vector op waits in Exec (for a MATVEC to finish, or LOADV
         rows), a second read port of the instruction memory scans the words after it, one per
-        cycle, through vector ops and MATVECs. At each ``MATVEC`` it sends that MATVEC's weight
-        read to the DMA as soon as the DMA slot is free and every HBM write is answered (a
-        forwarding product's, tandem.isa, without waiting for writes), and queues its pc and MPU
-        command (up to :data:`PF_QUEUE`: ``pf_n``, oldest ``pf_pc``); Exec then issues the oldest
-        without a read. The scan ends at any other
+        cycle, through vector ops, MATVECs and the stores ``STROW`` and ``STCOL``. At each
+        ``MATVEC`` it sends that MATVEC's weight read to the DMA as soon as the DMA slot is free
+        and every HBM write is answered (a forwarding product's, tandem.isa, without waiting for
+        writes), and queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest
+        ``pf_pc``); Exec then issues the oldest without a read. Past a store only forwarding
+        products are prefetched (the scan ends at any other MATVEC). The scan ends at any other
         instruction (it may write a register, branch, read or write HBM), after a MATVEC with ARGMAX (its
         register may change what follows), with the queue full, or at the end of the memory; it
         starts again, after the newest queued MATVEC, when Exec retires an instruction that is
         not a vector op.
 
-        Why it is safe: the words between Exec and a prefetched MATVEC are vector ops and
-        MATVECs without ARGMAX, which change no register, read no HBM but weights (in program
-        order) and do not branch, so Exec reaches that MATVEC with the operands the scan
+        Why it is safe: the words between Exec and a prefetched MATVEC are vector ops,
+        MATVECs without ARGMAX and stores, which change no register, read no HBM but weights (in
+        program order) and do not branch, so Exec reaches that MATVEC with the operands the scan
         resolved, and the DMA gets its reads in program order (the weights of every earlier
-        MATVEC were sent before). The scan does not pass stores: a read sent before an earlier
-        store could report its HBM error first (the DMA keeps the first error's tag). The prefetched tiles wait in the
+        MATVEC were sent before). A read sent before a store it passed is a forwarding
+        product's, which by the ISA's rule meets no store in flight but into the row it takes
+        from the VBUF. A prefetched read's HBM range error stops the run only when Exec reaches
+        its MATVEC (:meth:`_stops`), so an earlier instruction's error (such a store's) is the
+        one reported, as in the ISA simulator. The prefetched tiles wait in the
         DMA's read FIFOs until the MPU takes them, after the vector ops. A MATVEC with a VBUF
         operand out of range, with no live row or column, or that is an illegal instruction (a
         reserved weight format or bit: the DMA and the MPU could disagree on its tiles) is not
@@ -645,6 +666,11 @@ class Controller(GeometryComponent):
         c.pf_valid = Signal()
         m.d.comb += c.pf_valid.eq(c.pf_n != 0)
         c.pf_pc, c.pf_cmd = pf_pcs[0], pf_cmds[0]
+        tag = self.dma_error_tag
+        m.d.comb += [
+            c.dma_queued.eq(self.dma_error_read & c.pf_valid & (c.pf_pc <= tag)),
+            c.dma_stop.eq(c.dma_err & ~(c.dma_queued & (c.pc < tag))),
+        ]
         c.pf_pop = Signal()  # the oldest leaves (set by Exec and the drain)
         pf_push = Signal()
         pf_new_pc = Signal(16)
@@ -690,10 +716,27 @@ class Controller(GeometryComponent):
         # and MATVECs already prefetched), else after Exec
         first = Mux(c.pf_valid, pf_last + 1, c.pc + 1)
         room = (c.pf_n < PF_QUEUE) & ~(c.pf_valid & pf_last_argmax)
+        # a store (STROW, STCOL: it reads the VBUF and writes HBM, nothing else) is passed, but
+        # after one only forwarding products are prefetched: no other read may overtake a store
+        is_store = (word[:8] == int(Op.STROW)) | (word[:8] == int(Op.STCOL))
+        past_store = Signal()
         m.d.comb += [
             start.eq(exec_vec & ~on & ~done & room & (first < g.imem_words)),
-            more.eq(on & have & is_vector(word[:8]) & (nxt < g.imem_words)),
+            more.eq(on & have & (is_vector(word[:8]) | is_store) & (nxt < g.imem_words)),
         ]
+        # ... and a scan that starts after queued MATVECs some of which lie past a store (Exec
+        # may not have issued it yet) starts past a store too (pf_store: a queued one was
+        # prefetched past a store; cleared when the queue empties)
+        pf_store = Signal()
+        left = c.pf_n - c.pf_pop  # queued MATVECs after this cycle's pop, before its push
+        with m.If(pf_push):
+            m.d.sync += pf_store.eq(past_store | (pf_store & (left != 0)))
+        with m.Elif(left == 0):
+            m.d.sync += pf_store.eq(0)
+        with m.If(start):
+            m.d.sync += past_store.eq(c.pf_valid & pf_store)
+        with m.Elif(more & is_store):
+            m.d.sync += past_store.eq(1)
         addr = Mux(start, first, nxt)
         m.d.comb += [la.addr.eq(addr), la.en.eq(start | more | go_on)]
         with m.If(start | more | go_on):
@@ -709,7 +752,7 @@ class Controller(GeometryComponent):
             with m.If(word[:8] == int(Op.MATVEC)):
                 with m.If(~o.checked):
                     m.d.sync += have.eq(1)  # its operands are registered next cycle
-                with m.Elif(o.bad | o.nothing | ~dec.legal):
+                with m.Elif(o.bad | o.nothing | ~dec.legal | (past_store & ~o.fwd)):
                     end()
                 with m.Elif(
                     exec_vec
@@ -764,6 +807,7 @@ class Controller(GeometryComponent):
                 c.pf_n.eq(0),
                 c.stop_status.eq(0),
                 c.stop_pc.eq(0),
+                c.stop_follow.eq(0),
             ]
             m.d.sync += [r.eq(0) for r in c.regs]
             m.next = "Fetch-Check"
@@ -814,8 +858,8 @@ class Controller(GeometryComponent):
         rd, pc = c.rd, c.pc
         with m.State("Read"):
             m.d.comb += [rd.addr.eq(pc), rd.en.eq(1)]
-            with m.If(c.dma_err):
-                c.stop(c.dma_err_bits, self.dma_error_tag)
+            with m.If(c.dma_stop):
+                c.stop_dma()
             with m.Elif(pc >= g.imem_words):
                 c.stop(Status.ILLEGAL_INSTRUCTION, pc)
             with m.Else():
@@ -823,15 +867,15 @@ class Controller(GeometryComponent):
         with m.State("Decode"):
             c.load_ir()
             m.d.comb += [rd.addr.eq(pc + 1), rd.en.eq(1)]
-            with m.If(c.dma_err):
-                c.stop(c.dma_err_bits, self.dma_error_tag)
+            with m.If(c.dma_stop):
+                c.stop_dma()
             with m.Else():
                 m.next = "Exec"
         with m.State("Exec"):
             m.d.comb += [c.in_exec.eq(1), rd.addr.eq(pc + 2)]
             self._exec(m, c)
-            with m.If(c.dma_err):
-                c.stop(c.dma_err_bits, self.dma_error_tag)
+            with m.If(c.dma_stop):
+                c.stop_dma()
             with m.Elif(c.stop_now):
                 m.d.sync += c.watchdog.eq(0)
                 m.next = "Drain"
@@ -857,7 +901,7 @@ class Controller(GeometryComponent):
             # the beats with the error response.
             with m.If(c.pf_valid & (c.n_pending < MAX_PENDING)):
                 m.d.comb += [c.push.eq(1), c.push_cmd.eq(c.pf_cmd), c.pf_pop.eq(1)]
-            with m.If(c.dma_err & (c.stop_status == 0)):
+            with m.If(c.dma_err & ((c.stop_status == 0) | c.stop_follow)):
                 m.d.sync += [c.stop_status.eq(c.dma_err_bits), c.stop_pc.eq(self.dma_error_tag)]
             with m.If((c.all_idle & ~c.pf_valid & ~c.waiting) | c.wd_fire):
                 m.d.sync += [

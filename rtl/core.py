@@ -83,6 +83,7 @@ LEVELS = {
     "record": ("ctrl", "dma"),
     "dma_error": ("dma", "ctrl"),
     "dma_error_tag": ("dma", "ctrl"),
+    "dma_error_read": ("dma", "ctrl"),
     "hold": ("mpu_feeder", "store_feeder"),
     "sample_feed": ("mpu", "sampler"),
     "sample_result": ("sampler", "mpu"),
@@ -334,6 +335,7 @@ class DecodeCore(GeometryComponent):
             dma.record.eq(delay("record", ctrl.record.as_value())),
             ctrl.dma_error.eq(delay("dma_error", dma.error.as_value())),
             ctrl.dma_error_tag.eq(delay("dma_error_tag", dma.error_tag)),
+            ctrl.dma_error_read.eq(delay("dma_error_read", dma.error_read)),
         ]
 
         # ---- DMA reads: program fetch, LOADV rows, LDW words --------------------------------

@@ -589,7 +589,11 @@ class DMAEngine(GeometryComponent):
     set until ``clear``. ``error_tag`` is the ``tag`` of the command of the first error since
     ``clear``, of either kind: for an AXI error, the command whose burst got the response (every
     channel run and burst carries its command's tag), valid in the cycle ``error.axi_error``
-    rises. STATUS is never range checked: the core always writes its record.
+    rises. One exception: a store's range error after a read's range error takes its place
+    (``error_read``, high while ``error_tag`` is a read's range error and there is no AXI
+    error, falls): the controller lets Exec go on after a prefetched read's range error until
+    it reaches that MATVEC, and the stores it issues meanwhile come first in program order.
+    STATUS is never range checked: the core always writes its record.
 
     **Ordering.** Reads complete in order, and so do stores, but a read is not ordered after
     an earlier store: before reading what was stored, wait for :attr:`write_idle` (every write
@@ -626,6 +630,8 @@ class DMAEngine(GeometryComponent):
         Sampled when a ``STATUS`` command is accepted.
     error : Out(DMAErrors)
     error_tag : Out(16)
+    error_read : Out(1)
+        ``error_tag`` is a read's HBM range error (no store range error or AXI error since).
     read_idle : Out(1)
         No read command anywhere in the engine and nothing left to deliver.
     write_idle : Out(1)
@@ -688,6 +694,7 @@ class DMAEngine(GeometryComponent):
                 "record": In(StatusRecordLayout),
                 "error": Out(DMAErrors),
                 "error_tag": Out(16),
+                "error_read": Out(1),
                 "read_idle": Out(1),
                 "write_idle": Out(1),
             }
@@ -732,19 +739,32 @@ class DMAEngine(GeometryComponent):
             with m.If(c.axi_error):
                 m.d.comb += axi_tag.eq(c.error_tag)
         # error_tag: the first error's tag, held from the cycle after it shows; an AXI error's
-        # tag comes from its channel in the cycle the flag rises
+        # tag comes from its channel in the cycle the flag rises. One exception: a store's HBM
+        # range error replaces a read's (error_read says the tag is a read's range error). The
+        # controller defers a prefetched read's error until Exec reaches its MATVEC, and every
+        # store Exec issues before that comes first in program order (docs/rtl.md).
         tag = Signal(16)
         tagged = Signal()
-        m.d.comb += self.error_tag.eq(Mux(tagged, tag, axi_tag))
+        read_first = Signal()
+        m.d.comb += [
+            self.error_tag.eq(Mux(tagged, tag, axi_tag)),
+            self.error_read.eq(tagged & read_first & ~axi_error),
+        ]
         with m.If(self.clear):
-            m.d.sync += [hbm_range.eq(0), tagged.eq(0)]
+            m.d.sync += [hbm_range.eq(0), tagged.eq(0), read_first.eq(0)]
         with m.Else():
             with m.If(read_bad | store_bad):
                 m.d.sync += hbm_range.eq(1)
             with m.If(~tagged & axi_error):
                 m.d.sync += [tag.eq(axi_tag), tagged.eq(1)]
             with m.Elif(~tagged & (read_bad | store_bad)):
-                m.d.sync += [tag.eq(Mux(read_bad, read_tag, store_tag)), tagged.eq(1)]
+                m.d.sync += [
+                    tag.eq(Mux(store_bad, store_tag, read_tag)),
+                    tagged.eq(1),
+                    read_first.eq(~store_bad),
+                ]
+            with m.Elif(read_first & store_bad):
+                m.d.sync += [tag.eq(store_tag), read_first.eq(0)]
         m.d.comb += [
             self.error.hbm_range.eq(hbm_range),
             self.error.axi_error.eq(axi_error),

@@ -71,8 +71,8 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
 
 The score products forward their last live row (tandem.isa): row T-1 of K_h, the row the STROW
 just stored, comes from k_h = VBUF[q_h + P] (``R_KOFF`` holds P), so their HBM reads of K need not
-wait for the store. The q scaling comes before the stores (it writes only q, the stores read only
-k and v), so the score products follow the stores directly.
+wait for the store. The q scaling comes before the stores: it writes only q, the stores read only
+k and v, and the core's look-ahead then starts from a waiting vector op.
 
 VDOT's ``a`` operand is the weight side of the block-floating-point dot product, as in
 ``tandem.numerics.dot_fp16(a, b)``. Every ``STW`` writes one output token (the core counts
@@ -410,8 +410,8 @@ class _Emitter:
         self.matvec("qkv", "y", pre + "c_attn.weight", bias=True)
         if layer > 0:  # beside c_attn, which reads y and writes qkv (layer 0's came first)
             self.layer_loads(layer, LAYER_VECTORS_LATE)
-        # q scaled in place before the stores (they read only k and v), so the score products
-        # follow the stores directly
+        # q scaled in place before the stores (they read only k and v): the core's look-ahead
+        # then starts from a vector op waiting for c_attn
         n_q = self.cfg.n_head * BLOCK
         p(Op.VMUL, dst=a("qkv"), a=a("qkv"), b=a("scale"), len=n_q, flags=B)
         kv = [(self.kv(layer, h, "k"), self.kv(layer, h, "v")) for h in range(self.cfg.n_head)]

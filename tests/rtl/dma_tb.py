@@ -714,9 +714,18 @@ async def range_errors(dut):
     )
     assert tb.errors() == (1, 0), tb.errors()
     assert int(dut.error_tag.value) == 7, "error_tag is not the first failing command's tag"
+    assert int(dut.error_read.value) == 1, "error_read is low after a read's range error"
     assert all(t == 0 for t in tb.tiles.items) and len(tb.tiles.items) == tiles
     assert len(tb.rows.items) == 2 and tb.words.items == [0]
     assert not any(tb.ar.bursts), f"out-of-range reads reached the memory: {tb.ar.bursts}"
+
+    # a store's range error after a read's takes its place (the controller's deferred reads)
+    tb.src_rows.send([0])
+    tb.src_store.send(
+        [tb.store_cmd.pack(**store_command(StoreKind.VECTOR, offset=limit, length=64, tag=19))]
+    )
+    await tb.run(until=tb.idle)
+    assert int(dut.error_tag.value) == 19 and int(dut.error_read.value) == 0
 
     await tb.clear_errors()
     assert tb.errors() == (0, 0)
@@ -737,6 +746,7 @@ async def range_errors(dut):
         tb.src_store.send([tb.store_cmd.pack(**c)])
     await tb.run(until=tb.idle)
     assert tb.errors() == (1, 0) and int(dut.error_tag.value) == 20
+    assert int(dut.error_read.value) == 0
     assert not any(tb.aw.bursts), "out-of-range stores reached the memory"
     assert (tb.memory() == before).all(), "out-of-range stores changed memory"
 

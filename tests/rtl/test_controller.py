@@ -46,12 +46,16 @@ def run_controller(
     vpu_hang=False,
     store_cycles=0,
     write_cycles=0,
+    bad_tags=None,
     max_cycles=20000,
 ):
     """Run the controller once over ``image``; returns (status dict, log of issued commands).
     The status dict's ``cycles`` holds the cycle of each log entry; a store keeps ``busy.store``
     high for ``store_cycles`` cycles after it is taken (the store feeder reading the VBUF), and
-    ``busy.dma_write`` for ``write_cycles`` (its HBM write waiting for the response)."""
+    ``busy.dma_write`` for ``write_cycles`` (its HBM write waiting for the response).
+    ``bad_tags`` maps a pc to a delay: a read or store with that tag gets an HBM range error
+    that many cycles after it is taken, reported as the DMA does (rtl/dma.py: the first
+    error's tag, but a store's replaces a read's; ``error_read``)."""
     dut = Controller(GEOM)
     log = []
     result = {}
@@ -70,7 +74,18 @@ def run_controller(
         cycles = result["cycles"] = []
         word_q = []
         argmax_q = []
+        errors = []  # (cycle due, tag, is a read)
+        err_tag = err_read = None  # the DMA's error_tag and error_read (None: no error)
         for cyc in range(max_cycles):
+            for due, tag, is_read in [e for e in errors if e[0] == cyc]:
+                if err_tag is None:
+                    err_tag, err_read = tag, is_read
+                elif err_read and not is_read:
+                    err_tag, err_read = tag, False
+            if err_tag is not None:
+                ctx.set(dut.dma_error.hbm_range, 1)
+                ctx.set(dut.dma_error_tag, err_tag)
+                ctx.set(dut.dma_error_read, err_read)
             # fetch
             if ctx.get(dut.fetch_cmd.valid):
                 cmd = ctx.get(dut.fetch_cmd.payload)
@@ -133,6 +148,9 @@ def run_controller(
             if write_busy:
                 write_busy -= 1
             n_log = len(log)
+            for cmd, is_read in ((rd, True), (st.cmd if st is not None and st.cmd.kind != StoreKind.STATUS else None, False)):
+                if cmd is not None and cmd.tag in (bad_tags or {}):
+                    errors.append((cyc + 1 + bad_tags[cmd.tag], cmd.tag, is_read))
             if rd is not None:
                 log.append(("read", rd.kind, rd.offset, rd.tag))
                 if rd.kind == ReadKind.TILES:
@@ -635,11 +653,11 @@ def _forwarding_program(second_fwd: bool):
 
 @pytest.mark.parametrize("second_fwd", [False, True], ids=["then-plain", "then-fwd"])
 def test_forwarding_products_are_read_beside_stores(second_fwd):
-    """A forwarding product's read need not wait for stores' write responses (tandem.isa):
-    it goes out right after the store (the look-ahead does not pass stores: an earlier store's
-    HBM error must come first), a plain MATVEC's read waits for the store's write response
-    (``busy.dma_write``). The MPU command carries the forwarded row's index (R2 - 1 = 4) and
-    VBUF row ((0 + R6) / 64 = 2)."""
+    """A forwarding product's read need not wait for stores (tandem.isa): the look-ahead, from
+    the vector op waiting for the running MATVEC, passes the store and sends the forwarding
+    product's read before it; after a store it prefetches nothing else (a plain MATVEC's read
+    waits for the store's write response, ``busy.dma_write``). The MPU command carries the
+    forwarded row's index (R2 - 1 = 4) and VBUF row ((0 + R6) / 64 = 2)."""
     got, log, _ = check_against_isasim(
         _forwarding_program(second_fwd), {}, mpu_cycles=60, write_cycles=50
     )
@@ -647,15 +665,91 @@ def test_forwarding_products_are_read_beside_stores(second_fwd):
     at = dict(zip(log, got["cycles"], strict=True))
     reads = {e[3]: c for e, c in at.items() if e[0] == "read"}  # by tag (pc)
     store = next(c for e, c in at.items() if e[0] == "store")
-    assert store < reads[7] < store + 10, (reads, store)
+    assert reads[7] < store, (reads, store)  # prefetched past the store
     mpus = [e for e in log if e[0] == "mpu"]
     assert mpus[1][-3:] == ("fwd", 4, 2)
     if second_fwd:
-        assert reads[8] < store + 20
+        assert reads[8] < store
         assert mpus[2][-3:] == ("fwd", 4, 3)
     else:
         assert reads[8] >= store + 50, (reads, store)  # after the write's response
         assert "fwd" not in mpus[2]
+
+
+def test_a_scan_after_queued_forwarding_products_stays_past_the_store():
+    """A scan from a vector op (VADD, waiting for MATVEC A) prefetches B, passes VMUL and the
+    store, prefetches the forwarding product C and stops at the plain D. Exec then holds the
+    VMUL (waiting for B) and a new scan starts after C, the newest queued MATVEC, with the
+    store still ahead of Exec: it must still count as past a store, so D's read waits for the
+    store's write response (a plain read sent before the store would read stale rows)."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    p = [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=4, imm=4),
+        make(Op.SETI, rd=6, imm=128),
+        make(Op.VSET, dst=0, imm=0x3C00, len=256),
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),  # A
+        make(Op.VADD, dst=512, a=256, b=384, len=64),
+        make(Op.MATVEC, dst=768, src=0, line=60, rows=64, cols=64),  # B
+        make(Op.VMUL, dst=832, a=768, b=384, len=64),
+        make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
+        make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),  # C
+        make(Op.MATVEC, dst=704, src=64, line=50, rows=64, cols=64),  # D
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, write_cycles=50)
+    assert got["status"] == 0
+    at = dict(zip(log, got["cycles"], strict=True))
+    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
+    store = next(c for e, c in at.items() if e[0] == "store")
+    assert reads[6] < store and reads[9] < store, (reads, store)  # B and C prefetched
+    assert reads[10] >= store + 50, (reads, store)
+
+
+@pytest.mark.parametrize("read_delay", [1, 30])
+def test_a_store_error_comes_before_a_prefetched_reads(read_delay):
+    """The K row's store (pc 6) and the forwarding product over it (pc 7) are both past
+    ``hbm_bytes``; the product's read goes out before the store (the look-ahead passes it) and
+    its error may come first (delay 1) or after the store's (30): the run stops with the
+    store's pc either way, as in the ISA simulator."""
+    got, log, res = check_against_isasim(
+        _forwarding_program(False),
+        {"hbm_bytes": 2688},
+        mpu_cycles=60,
+        write_cycles=50,
+        bad_tags={6: 5, 7: read_delay},
+    )
+    assert got["status"] == Status.HBM_RANGE and got["error_pc"] == 6
+    at = dict(zip(log, got["cycles"], strict=True))
+    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
+    store = next(c for e, c in at.items() if e[0] == "store")
+    assert reads[7] < store, (reads, store)  # the read did go first
+
+
+def test_a_prefetched_reads_error_waits_for_exec():
+    """MATVEC B's read (pc 7) is prefetched while the VMUL waits for A, and fails at once; the
+    run goes on to the VADD at pc 6, whose VBUF operand is out of range, and stops there with
+    VBUF_RANGE (the ISA simulator's first error). Without a bad VADD it stops at B's pc."""
+    for dst, status, pc in ((4096, Status.VBUF_RANGE, 6), (0, Status.HBM_RANGE, 7)):
+        p = [
+            make(Op.VSET, dst=0, imm=0x3C00, len=256),
+            make(Op.SETI, rd=1, imm=0),
+            make(Op.SETI, rd=1, imm=0),
+            make(Op.SETI, rd=1, imm=0),
+            make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),  # A
+            make(Op.VMUL, dst=512, a=256, b=384, len=64),
+            make(Op.VADD, dst=dst, a=0, b=0, len=64),
+            make(Op.MATVEC, dst=640, src=0, line=50, rows=64, cols=64),  # B
+            make(Op.HALT),
+        ]
+        got, log, _ = check_against_isasim(
+            p, {"hbm_bytes": 2816}, mpu_cycles=60, bad_tags={7: 1}
+        )
+        assert (got["status"], got["error_pc"]) == (status, pc)
+        at = dict(zip(log, got["cycles"], strict=True))
+        reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
+        vmul = next(c for e, c in at.items() if e[0] == "vpu" and e[2] == 512)
+        assert reads[7] + 10 < vmul, (reads, vmul)  # B's error came long before
 
 
 def test_forwarding_product_without_lookahead_ignores_writes():
