@@ -576,14 +576,14 @@ class Controller(GeometryComponent):
 
         c.dma_err = Signal()
         m.d.comb += c.dma_err.eq(self.dma_error.hbm_range | self.dma_error.axi_error)
-        # A prefetched read's HBM range error waits until Exec reaches its MATVEC (dma_stop:
-        # the error stops the run now): the ISA names the first failing instruction in program
-        # order, and Exec may still issue earlier ones (stores the look-ahead passed) that fail
-        # too. The tag is then a queued pc (reads are checked in order, so a tag at or past the
-        # oldest queued one is a queued MATVEC's; Exec is before it). A stop at such a MATVEC
-        # follows the DMA's tag through the drain (stop_follow): a store Exec issued before
-        # it may fail later, and its error replaces the read's (rtl/dma.py).
-        c.dma_queued = Signal()  # the error is a queued MATVEC's read's range error
+        # The DMA reports the error of the lowest tag (pc) so far. A prefetched read's error
+        # waits until Exec reaches its MATVEC (dma_stop: the error stops the run now): the ISA
+        # names the first failing instruction in program order, and Exec may still issue
+        # earlier ones that fail (a vector op, a store the look-ahead passed). The tag is then
+        # a queued pc: Exec issues its own reads at its pc, before the oldest queued one. A
+        # stop for a DMA error follows the DMA's report through the drain (stop_follow): an
+        # earlier store's error may come after a later read's.
+        c.dma_queued = Signal()  # the error is a queued MATVEC's read's
         c.dma_stop = Signal()
         c.stop_follow = Signal()
         c.dma_err_bits = Signal(8)
@@ -619,9 +619,9 @@ class Controller(GeometryComponent):
             m.next = "Drain"
 
         def stop_dma():
-            """Go to Drain for a DMA error (following the DMA's tag if it is a deferred read's)."""
+            """Go to Drain for a DMA error, and follow the DMA's report there."""
             stop(c.dma_err_bits, self.dma_error_tag)
-            m.d.sync += c.stop_follow.eq(c.dma_queued)
+            m.d.sync += c.stop_follow.eq(1)
 
         c.finish, c.stop, c.stop_dma = finish, stop, stop_dma
 

@@ -269,9 +269,10 @@ class ChannelDMA(GeometryComponent):
     their response; ``bready`` is always high.
 
     Any response other than OKAY (SLVERR, DECERR) sets the sticky ``axi_error`` until ``clear``;
-    the transfer still completes, so nothing waits forever. ``error_tag`` is then the ``tag`` of
-    the run whose burst got the first such response since ``clear`` (each outstanding burst's
-    tag waits in a FIFO beside it: ``max_reads`` and ``max_writes`` entries of 16 bits).
+    the transfer still completes, so nothing waits forever. ``error_tag`` is then the lowest
+    ``tag`` of the runs whose bursts got such a response since ``clear`` (each outstanding
+    burst's tag waits in a FIFO beside it: ``max_reads`` and ``max_writes`` entries of 16 bits);
+    tags are pcs, and the lowest is the first in program order (:class:`DMAEngine`).
 
     Parameters
     ----------
@@ -299,7 +300,11 @@ class ChannelDMA(GeometryComponent):
     clear : In(1)
     axi_error : Out(1)
     error_tag : Out(16)
-        The tag of the first error response's run (valid with ``axi_error``).
+        The lowest tag of the error responses' runs (valid with ``axi_error``).
+    error_read : Out(1)
+        That run is a read.
+    error_new : Out(1)
+        ``axi_error``, ``error_tag`` or ``error_read`` may have changed this cycle.
     rd_idle : Out(1)
         No read run waiting, no burst outstanding, no beat left in the read FIFO.
     wr_idle : Out(1)
@@ -352,6 +357,8 @@ class ChannelDMA(GeometryComponent):
                 "clear": In(1),
                 "axi_error": Out(1),
                 "error_tag": Out(16),
+                "error_read": Out(1),
+                "error_new": Out(1),
                 "rd_idle": Out(1),
                 "wr_idle": Out(1),
             },
@@ -494,12 +501,16 @@ class ChannelDMA(GeometryComponent):
 
         r_err = r_beat & (axi.rresp != Resp.OKAY)
         b_err = b_done & (axi.bresp != Resp.OKAY)
+        # the lower tag of this cycle's responses (a read's and a write's may come together)
+        pick_w = b_err & (~r_err | (wr_tags.r_data < rd_tags.r_data))
+        new_tag = Mux(pick_w, wr_tags.r_data, rd_tags.r_data)
+        m.d.sync += self.error_new.eq(r_err | b_err)
         with m.If(self.clear):
             m.d.sync += error.eq(0)
         with m.Elif(r_err | b_err):
             m.d.sync += error.eq(1)
-            with m.If(~error):
-                m.d.sync += self.error_tag.eq(Mux(r_err, rd_tags.r_data, wr_tags.r_data))
+            with m.If(~error | (new_tag < self.error_tag)):
+                m.d.sync += [self.error_tag.eq(new_tag), self.error_read.eq(~pick_w)]
         return m
 
 
@@ -585,15 +596,16 @@ class DMAEngine(GeometryComponent):
     ``WORD``) is compared with the ``hbm_bytes`` argument (0: no limit, as in the ISA
     simulator). Past it, the command completes without touching memory -- reads deliver the
     expected number of all-zero tiles, rows or words, stores consume their rows -- and
-    ``error.hbm_range`` is set. A response other than OKAY sets ``error.axi_error``. Both stay
-    set until ``clear``. ``error_tag`` is the ``tag`` of the command of the first error since
-    ``clear``, of either kind: for an AXI error, the command whose burst got the response (every
-    channel run and burst carries its command's tag), valid in the cycle ``error.axi_error``
-    rises. One exception: a store's range error after a read's range error takes its place
-    (``error_read``, high while ``error_tag`` is a read's range error and there is no AXI
-    error, falls): the controller lets Exec go on after a prefetched read's range error until
-    it reaches that MATVEC, and the stores it issues meanwhile come first in program order.
-    STATUS is never range checked: the core always writes its record.
+    ``error.hbm_range`` is set. A response other than OKAY sets ``error.axi_error``.
+    ``error_tag`` is the lowest ``tag`` among the commands of every error since ``clear``, of
+    either kind (for an AXI error, the command whose burst got the response: every channel run
+    and burst carries its command's tag), ``error`` says that error's kind (one flag, both low
+    when there is none) and ``error_read`` whether that command is a read. Tags are pcs, so
+    within one straight run of the program the lowest is the first in program order: reads and
+    stores are range checked by separate planners, and a read's error response may come back
+    before an earlier store's, but the report does not depend on which comes first. An error
+    shows in the outputs 2 cycles after the range check (AXI: after the response, 2 plus
+    log2(channels)); the idle outputs stay low until it has. STATUS is never range checked: the core always writes its record.
 
     **Ordering.** Reads complete in order, and so do stores, but a read is not ordered after
     an earlier store: before reading what was stored, wait for :attr:`write_idle` (every write
@@ -631,7 +643,7 @@ class DMAEngine(GeometryComponent):
     error : Out(DMAErrors)
     error_tag : Out(16)
     error_read : Out(1)
-        ``error_tag`` is a read's HBM range error (no store range error or AXI error since).
+        ``error_tag``'s command is a read.
     read_idle : Out(1)
         No read command anywhere in the engine and nothing left to deliver.
     write_idle : Out(1)
@@ -729,47 +741,69 @@ class DMAEngine(GeometryComponent):
 
         read_idle, read_bad, read_tag = self._reads(m, chans, limit)
         write_idle, store_bad, store_tag = self._stores(m, chans, limit)
-        m.d.comb += [self.read_idle.eq(read_idle), self.write_idle.eq(write_idle)]
-
-        hbm_range = Signal()
-        axi_error = Signal()
-        m.d.comb += axi_error.eq(Cat(*(c.axi_error for c in chans)).any())
-        axi_tag = Signal(16)  # the erring channel's tag (the lowest channel if several)
-        for c in reversed(chans):
-            with m.If(c.axi_error):
-                m.d.comb += axi_tag.eq(c.error_tag)
-        # error_tag: the first error's tag, held from the cycle after it shows; an AXI error's
-        # tag comes from its channel in the cycle the flag rises. One exception: a store's HBM
-        # range error replaces a read's (error_read says the tag is a read's range error). The
-        # controller defers a prefetched read's error until Exec reaches its MATVEC, and every
-        # store Exec issues before that comes first in program order (docs/rtl.md).
-        tag = Signal(16)
-        tagged = Signal()
-        read_first = Signal()
-        m.d.comb += [
-            self.error_tag.eq(Mux(tagged, tag, axi_tag)),
-            self.error_read.eq(tagged & read_first & ~axi_error),
-        ]
-        with m.If(self.clear):
-            m.d.sync += [hbm_range.eq(0), tagged.eq(0), read_first.eq(0)]
-        with m.Else():
-            with m.If(read_bad | store_bad):
-                m.d.sync += hbm_range.eq(1)
-            with m.If(~tagged & axi_error):
-                m.d.sync += [tag.eq(axi_tag), tagged.eq(1)]
-            with m.Elif(~tagged & (read_bad | store_bad)):
-                m.d.sync += [
-                    tag.eq(Mux(store_bad, store_tag, read_tag)),
-                    tagged.eq(1),
-                    read_first.eq(~store_bad),
-                ]
-            with m.Elif(read_first & store_bad):
-                m.d.sync += [tag.eq(store_tag), read_first.eq(0)]
-        m.d.comb += [
-            self.error.hbm_range.eq(hbm_range),
-            self.error.axi_error.eq(axi_error),
-        ]
+        self._errors(m, chans, read_bad, read_tag, store_bad, store_tag, read_idle, write_idle)
         return m
+
+    def _errors(self, m, chans, read_bad, read_tag, store_bad, store_tag, read_idle, write_idle):
+        """The reported error: the lowest tag of every error since ``clear``, and its kind.
+
+        Range errors come from the two planners (``*_bad`` in the cycle of the check) and are
+        kept in a register; each channel keeps the lowest tag of its AXI error responses, and a
+        registered tree of pairwise minima (one level per cycle) brings the channels' to one.
+        A last register takes the lower of the two. Tags are pcs, so within one straight run
+        of the program the lowest is the first in program order. The idle outputs wait until
+        an error has gone through (``settle``), so a controller that waits for them sees it."""
+        Item = data.StructLayout({"valid": 1, "tag": 16, "read": 1})
+
+        def lower(a, b):
+            """b if it is the lower error (valid and a lower tag, or a not valid), else a."""
+            return Mux(b.valid & (~a.valid | (b.tag < a.tag)), b, a)
+
+        def reg(value, name):
+            r = Signal(Item, name=name)
+            m.d.sync += r.eq(Mux(self.clear, 0, value))
+            return r
+
+        items = []
+        for i, c in enumerate(chans):
+            it = Signal(Item, name=f"axi_err{i}")
+            m.d.comb += [it.valid.eq(c.axi_error), it.tag.eq(c.error_tag), it.read.eq(c.error_read)]
+            items.append(it)
+        level = 0
+        while len(items) > 1:
+            pairs = [items[i : i + 2] for i in range(0, len(items), 2)]
+            items = [
+                reg(lower(*p) if len(p) == 2 else p[0], f"axi_min{level}_{k}")
+                for k, p in enumerate(pairs)
+            ]
+            level += 1
+        axi = items[0]
+
+        rng_new = Signal(Item)
+        m.d.comb += [
+            rng_new.valid.eq(read_bad | store_bad),
+            rng_new.tag.eq(Mux(store_bad & (~read_bad | (store_tag < read_tag)), store_tag, read_tag)),
+            rng_new.read.eq(~(store_bad & (~read_bad | (store_tag < read_tag)))),
+        ]
+        rng = Signal(Item, name="range_err")
+        m.d.sync += rng.eq(Mux(self.clear, 0, lower(rng, rng_new)))
+        fin = reg(lower(rng, axi), "error_min")
+        fin_axi = Signal()  # the reported error is an AXI error
+        m.d.sync += fin_axi.eq(~self.clear & axi.valid & (~rng.valid | (axi.tag < rng.tag)))
+        m.d.comb += [
+            self.error.hbm_range.eq(fin.valid & ~fin_axi),
+            self.error.axi_error.eq(fin.valid & fin_axi),
+            self.error_tag.eq(fin.tag),
+            self.error_read.eq(fin.valid & fin.read),
+        ]
+        settle = Signal(range(level + 3))
+        new = Cat(*(c.error_new for c in chans), read_bad, store_bad).any()
+        m.d.sync += settle.eq(Mux(new, level + 2, Mux(settle == 0, 0, settle - 1)))
+        settled = ~new & (settle == 0)
+        m.d.comb += [
+            self.read_idle.eq(read_idle & settled),
+            self.write_idle.eq(write_idle & settled),
+        ]
 
     # ---- reads --------------------------------------------------------------------------------
 

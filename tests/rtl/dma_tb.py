@@ -719,13 +719,16 @@ async def range_errors(dut):
     assert len(tb.rows.items) == 2 and tb.words.items == [0]
     assert not any(tb.ar.bursts), f"out-of-range reads reached the memory: {tb.ar.bursts}"
 
-    # a store's range error after a read's takes its place (the controller's deferred reads)
-    tb.src_rows.send([0])
-    tb.src_store.send(
-        [tb.store_cmd.pack(**store_command(StoreKind.VECTOR, offset=limit, length=64, tag=19))]
-    )
-    await tb.run(until=tb.idle)
-    assert int(dut.error_tag.value) == 19 and int(dut.error_read.value) == 0
+    # the lowest tag is reported, whichever comes first: a later store's (tag 9) does not
+    # replace it, an earlier one's (tag 5) does
+    for tag, want in ((9, 7), (5, 5)):
+        tb.src_rows.send([0])
+        tb.src_store.send(
+            [tb.store_cmd.pack(**store_command(StoreKind.VECTOR, offset=limit, length=64, tag=tag))]
+        )
+        await tb.run(until=tb.idle)
+        assert int(dut.error_tag.value) == want and int(dut.error_read.value) == (want == 7)
+    assert tb.errors() == (1, 0), tb.errors()
 
     await tb.clear_errors()
     assert tb.errors() == (0, 0)
@@ -800,4 +803,21 @@ async def axi_errors(dut):
     assert int(dut.error_tag.value) == 21, "error_tag is not the failing store's tag"
     await tb.clear_errors()
     await run_stores(tb, [(store_command(StoreKind.WORD, offset=0x100, value=5), 0)])
+    assert tb.errors() == (0, 0)
+
+    # The lowest tag of all errors is reported, of either kind: a failing read (30), then a
+    # failing store with a lower tag (25), then an out-of-range read with a lower one still (24)
+    tb.src_read.send([tb.read_cmd.pack(**{**c, "tag": 30})])
+    await tb.run(until=lambda: tb.idle() and len(tb.rows.items) >= 4 * g.lanes)
+    assert tb.errors() == (0, 1) and int(dut.error_tag.value) == 30
+    assert int(dut.error_read.value) == 1
+    await run_stores(tb, [(store_command(StoreKind.WORD, offset=0x4010, value=5, tag=25), 0)])
+    assert tb.errors() == (0, 1) and int(dut.error_tag.value) == 25
+    assert int(dut.error_read.value) == 0
+    tb.set_args(hbm_bytes=0x1000)
+    tb.src_read.send([tb.read_cmd.pack(**read_command(ReadKind.WORD, offset=0x2000, tag=24))])
+    await tb.run(until=lambda: tb.idle() and len(tb.words.items) >= 2)
+    assert tb.errors() == (1, 0), "the reported error's kind is the lowest tag's"
+    assert int(dut.error_tag.value) == 24 and int(dut.error_read.value) == 1
+    await tb.clear_errors()
     assert tb.errors() == (0, 0)

@@ -54,8 +54,8 @@ def run_controller(
     high for ``store_cycles`` cycles after it is taken (the store feeder reading the VBUF), and
     ``busy.dma_write`` for ``write_cycles`` (its HBM write waiting for the response).
     ``bad_tags`` maps a pc to a delay: a read or store with that tag gets an HBM range error
-    that many cycles after it is taken, reported as the DMA does (rtl/dma.py: the first
-    error's tag, but a store's replaces a read's; ``error_read``)."""
+    that many cycles after it is taken, reported as the DMA does (rtl/dma.py: the lowest tag so
+    far, and ``error_read``)."""
     dut = Controller(GEOM)
     log = []
     result = {}
@@ -78,10 +78,8 @@ def run_controller(
         err_tag = err_read = None  # the DMA's error_tag and error_read (None: no error)
         for cyc in range(max_cycles):
             for due, tag, is_read in [e for e in errors if e[0] == cyc]:
-                if err_tag is None:
+                if err_tag is None or tag < err_tag:
                     err_tag, err_read = tag, is_read
-                elif err_read and not is_read:
-                    err_tag, err_read = tag, False
             if err_tag is not None:
                 ctx.set(dut.dma_error.hbm_range, 1)
                 ctx.set(dut.dma_error_tag, err_tag)
@@ -771,6 +769,13 @@ def test_forwarding_product_without_lookahead_ignores_writes():
     reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
     store = next(c for e, c in at.items() if e[0] == "store")
     assert reads[4] < store + 10 and reads[5] >= store + 50, (reads, store)
+    # the store (pc 3) and the product (pc 4) both past hbm_bytes: the product's error comes
+    # first (its read goes without waiting), the store's 30 cycles later, after Exec stopped;
+    # the run reports the store, as the ISA simulator does
+    got, log, _ = check_against_isasim(
+        p, {"hbm_bytes": 2688}, mpu_cycles=4, write_cycles=50, bad_tags={3: 30, 4: 1}
+    )
+    assert (got["status"], got["error_pc"]) == (Status.HBM_RANGE, 3)
 
 
 @pytest.mark.parametrize(
