@@ -44,7 +44,8 @@ does), so a program must have no store in flight into the product's live rows ot
 forwarded row, whose HBM copy the product does not use; a program that breaks this rule may read
 stale rows. One that keeps it has sequential semantics, the forwarded row replacing row ``n - 1``
 of the matrix (what the ISA simulator, which runs in order, does). The core still reads every live
-tile from HBM, the forwarded row's included.
+tile from HBM, the forwarded row's included. Errors stay in program order: if an earlier store and
+the product's read both fail (``HBM_RANGE``, ``AXI_ERROR``), the status names the store.
 
 The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
 zero), with ``label:`` lines, branch targets given as labels or numbers, flags as ``A|B`` and
