@@ -302,7 +302,8 @@ class Controller(GeometryComponent):
         c.dec = self._decode_register(pre, "dec")
         c.views = {op: data.View(instruction_layout(op), c.ir) for op in isa.Op}
         c.known, c.legal = c.dec.known, c.dec.legal
-        # `dec.n` and `dec.live` read the register file when the word is decoded; a register
+        # `dec.n`, `dec.live` and `dec.fwd_off` read the register file when the word is
+        # decoded; a register
         # written in that cycle or later makes them stale, and Exec reads them again (one cycle)
         # before it issues a vector op or a MATVEC (_exec; the flag is set in _results)
         c.dec_stale = Signal()
@@ -316,8 +317,10 @@ class Controller(GeometryComponent):
             c.dec.load(m)
 
         def refresh():
-            """Read ``dec.n`` and ``dec.live`` again, from ``ir`` and the registers now."""
+            """Read ``dec.n``, ``dec.live`` and ``dec.fwd_off`` again, from ``ir`` and the
+            registers now."""
             m.d.sync += [c.dec.n.eq(fresh.n), c.dec.live.eq(fresh.live), c.dec_stale.eq(0)]
+            m.d.sync += c.dec.fwd_off.eq(fresh.fwd_off)
             m.d.comb += c.dec_changed.eq(1)
 
         c.load_ir, c.refresh = load_ir, refresh
@@ -341,9 +344,12 @@ class Controller(GeometryComponent):
     def _register_operands(self, m, c, word, name):
         """A word's register-length operands (combinational): ``n`` = ``R[lreg]`` if ``lreg``
         else ``len`` (a vector op's length), ``live`` = ``R[lreg]`` (a MATVEC's live rows or
-        columns); ``lreg`` and ``len`` are 0 in formats without them (``R[0]`` is 0)."""
+        columns), ``fwd_off`` = ``R[sreg]`` (a forwarding MATVEC's row offset, tandem.isa: its
+        low 16 bits, and bit 16 set if any higher bit is, so past any VBUF);
+        ``lreg``, ``sreg`` and ``len`` are 0 in formats without them (``R[0]`` is 0)."""
         opcode = word[:8]
         lreg = Signal(4, name=f"{name}_lreg")
+        sreg = Signal(4, name=f"{name}_sreg")
         n_field = Signal(16, name=f"{name}_len")
         with m.Switch(opcode):
             for op in isa.Op:
@@ -354,9 +360,17 @@ class Controller(GeometryComponent):
                         m.d.comb += lreg.eq(v.lreg)
                         if "len" in names:
                             m.d.comb += n_field.eq(v.len)
-        o = SimpleNamespace(n=Signal(32, name=f"{name}_n"), live=Signal(32, name=f"{name}_live"))
+                        if "sreg" in names:
+                            m.d.comb += sreg.eq(v.sreg)
+        o = SimpleNamespace(
+            n=Signal(32, name=f"{name}_n"),
+            live=Signal(32, name=f"{name}_live"),
+            fwd_off=Signal(17, name=f"{name}_fwd_off"),
+        )
+        sval = c.regs[sreg]
         m.d.comb += [
             o.live.eq(c.regs[lreg]),
+            o.fwd_off.eq(Cat(sval[:16], sval[16:].any())),
             o.n.eq(Mux(lreg != 0, c.regs[lreg], n_field)),
         ]
         return o
@@ -371,7 +385,7 @@ class Controller(GeometryComponent):
         opcode = word[:8]
         p = SimpleNamespace(known=Signal(name=f"{name}_known"), legal=Signal(name=f"{name}_legal"))
         ops = self._register_operands(m, c, word, name)
-        p.n, p.live = ops.n, ops.live
+        p.n, p.live, p.fwd_off = ops.n, ops.live, ops.fwd_off
         p.uses_len = Signal(name=f"{name}_uses_len")
         m.d.comb += p.uses_len.eq(
             Cat(*(opcode == int(op) for op in (*_VPU_OPS, isa.Op.MATVEC))).any()
@@ -453,6 +467,7 @@ class Controller(GeometryComponent):
             legal=Signal(name=f"{name}_legal"),
             n=Signal(32, name=f"{name}_n"),
             live=Signal(32, name=f"{name}_live"),
+            fwd_off=Signal(17, name=f"{name}_fwd_off"),
             uses_len=Signal(name=f"{name}_uses_len"),
             room={f: Signal(signed(18), name=f"{name}_room_{f}") for f in pre.room},
             same={f: Signal(name=f"{name}_same_{f}") for f in pre.same},
@@ -462,7 +477,7 @@ class Controller(GeometryComponent):
 
         def load(m):
             m.d.sync += [r.known.eq(pre.known), r.legal.eq(pre.legal), r.uses_len.eq(pre.uses_len)]
-            m.d.sync += [r.n.eq(pre.n), r.live.eq(pre.live)]
+            m.d.sync += [r.n.eq(pre.n), r.live.eq(pre.live), r.fwd_off.eq(pre.fwd_off)]
             m.d.sync += [r.room[f].eq(pre.room[f]) for f in pre.room]
             m.d.sync += [r.same[f].eq(pre.same[f]) for f in pre.same]
             m.d.sync += [r.dist[f].eq(pre.dist[f]) for f in pre.dist]
@@ -1149,8 +1164,9 @@ class Controller(GeometryComponent):
             fwd=Signal(name=f"{name}_fwd"),
         )
         fwd = ~argmax & (v.sreg != 0)
-        fwd_at = Signal(33, name=f"{name}_fwd_at")  # the forwarded row's first element
-        m.d.comb += fwd_at.eq(v.src + reg(v.sreg))
+        # the forwarded row's first element (R[sreg] read at decode, as R[lreg] is)
+        fwd_at = Signal(33, name=f"{name}_fwd_at")
+        m.d.comb += fwd_at.eq(v.src + dec.fwd_off)
         fwd_row = Signal(16, name=f"{name}_fwd_row")
         clamp_r = Signal(16, name=f"{name}_clamp_r")
         clamp_c = Signal(16, name=f"{name}_clamp_c")
@@ -1169,11 +1185,15 @@ class Controller(GeometryComponent):
             o.fwd.eq(fwd & (live_r != 0)),
             fwd_row.eq(fwd_at[_ROW_SHIFT:]),
         ]
-        # the forwarded row must be a VBUF row inside the buffer (checked with a live row)
+        # the forwarded row must be a VBUF row inside the buffer (checked with a live row): src
+        # is row aligned (else illegal), so R[sreg] must be, and R[sreg] + 64 must not pass
+        # the room after src (registered at decode), which keeps the path short
+        off = dec.fwd_off
         with m.If(
             fwd
-            & (live_r != 0)
-            & ((fwd_at[:_ROW_SHIFT] != 0) | (fwd_at + BLOCK > self._geom.vbuf_elems))
+            & (n_rows != 0)
+            & (v.rows != 0)
+            & ((off[:_ROW_SHIFT] != 0) | over(dec, "src", off + BLOCK))
         ):
             m.d.sync += o.bad.eq(1)
         o.cmd = Signal(MpuIssue, name=f"{name}_cmd")

@@ -780,8 +780,14 @@ def test_forwarding_product_without_lookahead_ignores_writes():
 
 @pytest.mark.parametrize(
     "r6, status",
-    [(96, Status.VBUF_RANGE), (4096, Status.VBUF_RANGE), (4032, 0)],
-    ids=["unaligned", "past-end", "last-row"],
+    [
+        (96, Status.VBUF_RANGE),
+        (4096, Status.VBUF_RANGE),
+        (4032, 0),
+        (1 << 16, Status.VBUF_RANGE),
+        ((1 << 31) + 128, Status.VBUF_RANGE),
+    ],
+    ids=["unaligned", "past-end", "last-row", "2^16", "2^31+128"],
 )
 def test_forwarded_row_out_of_range(r6, status):
     """The forwarded row must be a VBUF row inside the buffer (tiny: 4,096 elements):
@@ -799,6 +805,21 @@ def test_forwarded_row_out_of_range(r6, status):
     if status:
         assert got["error_pc"] == 2
         assert not [e for e in log if e[0] == "read" and e[1] == ReadKind.TILES]
+
+
+@pytest.mark.parametrize("src, status", [(3968, 0), (4032, Status.VBUF_RANGE)])
+def test_forwarded_row_counts_from_src(src, status):
+    """The forwarded row is VBUF[src + R[sreg]]: with R6 = 64 it is the buffer's last row
+    (4,032) from src = 3,968, past the buffer from src = 4,032 (whose own 64 columns fit)."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    p = [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=6, imm=64),
+        make(Op.MATVEC, dst=640, src=src, line=40, rows=64, cols=64, **fwd),
+        make(Op.HALT),
+    ]
+    got, _, _ = check_against_isasim(p, {})
+    assert got["status"] == status
 
 
 @pytest.mark.parametrize(
