@@ -140,8 +140,9 @@ class Controller(GeometryComponent):
 
     Errors: VBUF operands past ``vbuf_elems`` (``VBUF_RANGE``) are checked at issue; the DMA
     reports ``HBM_RANGE`` and ``AXI_ERROR`` with the pc of the failing instruction
-    (:attr:`dma_error`, :attr:`dma_error_tag`; a prefetched read's ``HBM_RANGE`` stops the run
-    only when Exec reaches its MATVEC, :attr:`dma_error_read`); the watchdog fires after ``watchdog`` cycles
+    (:attr:`dma_error`, :attr:`dma_error_tag`: the lowest pc of all errors; a prefetched read's
+    error stops the run only when Exec reaches its MATVEC, :attr:`dma_error_read`); the
+    watchdog fires after ``watchdog`` cycles
     (0: 2**24) without an instruction issued (``WATCHDOG``). On any stop the controller
     stops issuing, waits for the units to drain (bounded by the watchdog; MATVECs whose weights
     were read but whose MPU commands were not sent are sent then, so no tile is left for the next
@@ -303,9 +304,9 @@ class Controller(GeometryComponent):
         c.views = {op: data.View(instruction_layout(op), c.ir) for op in isa.Op}
         c.known, c.legal = c.dec.known, c.dec.legal
         # `dec.n`, `dec.live` and `dec.fwd_off` read the register file when the word is
-        # decoded; a register
-        # written in that cycle or later makes them stale, and Exec reads them again (one cycle)
-        # before it issues a vector op or a MATVEC (_exec; the flag is set in _results)
+        # decoded; a register written in that cycle or later makes them stale, and Exec reads
+        # them again (one cycle) before it issues a vector op or a MATVEC (_exec; the flag is
+        # set in _results)
         c.dec_stale = Signal()
         c.dec_changed = Signal()  # ir or dec is loaded this cycle
         fresh = self._register_operands(m, c, c.ir, "ir")
@@ -660,9 +661,9 @@ class Controller(GeometryComponent):
         resolved, and the DMA gets its reads in program order (the weights of every earlier
         MATVEC were sent before). A read sent before a store it passed is a forwarding
         product's, which by the ISA's rule meets no store in flight but into the row it takes
-        from the VBUF. A prefetched read's HBM range error stops the run only when Exec reaches
-        its MATVEC (:meth:`_stops`), so an earlier instruction's error (such a store's) is the
-        one reported, as in the ISA simulator. The prefetched tiles wait in the
+        from the VBUF. A prefetched read's HBM error stops the run only when Exec reaches its
+        MATVEC (:meth:`_stops`), so an earlier instruction's error (such a store's) is the one
+        reported, as in the ISA simulator. The prefetched tiles wait in the
         DMA's read FIFOs until the MPU takes them, after the vector ops. A MATVEC with a VBUF
         operand out of range, with no live row or column, or that is an illegal instruction (a
         reserved weight format or bit: the DMA and the MPU could disagree on its tiles) is not
@@ -1164,10 +1165,7 @@ class Controller(GeometryComponent):
             fwd=Signal(name=f"{name}_fwd"),
         )
         fwd = ~argmax & (v.sreg != 0)
-        # the forwarded row's first element (R[sreg] read at decode, as R[lreg] is)
-        fwd_at = Signal(33, name=f"{name}_fwd_at")
-        m.d.comb += fwd_at.eq(v.src + dec.fwd_off)
-        fwd_row = Signal(16, name=f"{name}_fwd_row")
+        fwd_row = Signal(16, name=f"{name}_fwd_row")  # (src + R[sreg]) / 64, R[sreg] at decode
         clamp_r = Signal(16, name=f"{name}_clamp_r")
         clamp_c = Signal(16, name=f"{name}_clamp_c")
         live_r = Mux(n_rows < v.rows, n_rows, v.rows)
@@ -1183,7 +1181,7 @@ class Controller(GeometryComponent):
             o.nothing.eq((live_r == 0) | (live_c == 0)),
             o.checked.eq(~invalidate),
             o.fwd.eq(fwd & (live_r != 0)),
-            fwd_row.eq(fwd_at[_ROW_SHIFT:]),
+            fwd_row.eq((v.src + dec.fwd_off)[_ROW_SHIFT:]),
         ]
         # the forwarded row must be a VBUF row inside the buffer (checked with a live row): src
         # is row aligned (else illegal), so R[sreg] must be, and R[sreg] + 64 must not pass

@@ -753,11 +753,11 @@ class DMAEngine(GeometryComponent):
         A last register takes the lower of the two. Tags are pcs, so within one straight run
         of the program the lowest is the first in program order. The idle outputs wait until
         an error has gone through (``settle``), so a controller that waits for them sees it."""
-        Item = data.StructLayout({"valid": 1, "tag": 16, "read": 1})
+        Item = data.StructLayout({"valid": 1, "tag": 16, "read": 1, "axi": 1})
 
         def lower(a, b):
             """b if it is the lower error (valid and a lower tag, or a not valid), else a."""
-            return Mux(b.valid & (~a.valid | (b.tag < a.tag)), b, a)
+            return Item(Mux(b.valid & (~a.valid | (b.tag < a.tag)), b, a))
 
         def reg(value, name):
             r = Signal(Item, name=name)
@@ -767,7 +767,12 @@ class DMAEngine(GeometryComponent):
         items = []
         for i, c in enumerate(chans):
             it = Signal(Item, name=f"axi_err{i}")
-            m.d.comb += [it.valid.eq(c.axi_error), it.tag.eq(c.error_tag), it.read.eq(c.error_read)]
+            m.d.comb += [
+                it.valid.eq(c.axi_error),
+                it.tag.eq(c.error_tag),
+                it.read.eq(c.error_read),
+                it.axi.eq(1),
+            ]
             items.append(it)
         level = 0
         while len(items) > 1:
@@ -779,20 +784,20 @@ class DMAEngine(GeometryComponent):
             level += 1
         axi = items[0]
 
-        rng_new = Signal(Item)
+        bad_read, bad_store = Signal(Item), Signal(Item)  # this cycle's range errors
         m.d.comb += [
-            rng_new.valid.eq(read_bad | store_bad),
-            rng_new.tag.eq(Mux(store_bad & (~read_bad | (store_tag < read_tag)), store_tag, read_tag)),
-            rng_new.read.eq(~(store_bad & (~read_bad | (store_tag < read_tag)))),
+            bad_read.valid.eq(read_bad),
+            bad_read.tag.eq(read_tag),
+            bad_read.read.eq(1),
+            bad_store.valid.eq(store_bad),
+            bad_store.tag.eq(store_tag),
         ]
         rng = Signal(Item, name="range_err")
-        m.d.sync += rng.eq(Mux(self.clear, 0, lower(rng, rng_new)))
+        m.d.sync += rng.eq(Mux(self.clear, 0, lower(rng, lower(bad_read, bad_store))))
         fin = reg(lower(rng, axi), "error_min")
-        fin_axi = Signal()  # the reported error is an AXI error
-        m.d.sync += fin_axi.eq(~self.clear & axi.valid & (~rng.valid | (axi.tag < rng.tag)))
         m.d.comb += [
-            self.error.hbm_range.eq(fin.valid & ~fin_axi),
-            self.error.axi_error.eq(fin.valid & fin_axi),
+            self.error.hbm_range.eq(fin.valid & ~fin.axi),
+            self.error.axi_error.eq(fin.valid & fin.axi),
             self.error_tag.eq(fin.tag),
             self.error_read.eq(fin.valid & fin.read),
         ]

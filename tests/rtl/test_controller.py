@@ -629,6 +629,13 @@ def test_stores_go_back_to_back():
     assert vpu[1] >= stores[2] + 20, (stores, vpu)
 
 
+def _read_and_store_cycles(got, log):
+    """The cycle of each read by its tag (pc), and of the first store, from a run's log."""
+    at = dict(zip(log, got["cycles"], strict=True))
+    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
+    return reads, next(c for e, c in at.items() if e[0] == "store")
+
+
 def _forwarding_program(second_fwd: bool):
     """A long MATVEC; a vector op waiting for it; a store (K row R4 of the matrix at line 40);
     a forwarding product over that matrix (row R2 - 1 from VBUF[0 + R6]); a second MATVEC
@@ -660,9 +667,7 @@ def test_forwarding_products_are_read_beside_stores(second_fwd):
         _forwarding_program(second_fwd), {}, mpu_cycles=60, write_cycles=50
     )
     assert got["status"] == 0
-    at = dict(zip(log, got["cycles"], strict=True))
-    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}  # by tag (pc)
-    store = next(c for e, c in at.items() if e[0] == "store")
+    reads, store = _read_and_store_cycles(got, log)
     assert reads[7] < store, (reads, store)  # prefetched past the store
     mpus = [e for e in log if e[0] == "mpu"]
     assert mpus[1][-3:] == ("fwd", 4, 2)
@@ -697,9 +702,7 @@ def test_a_scan_after_queued_forwarding_products_stays_past_the_store():
     ]
     got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, write_cycles=50)
     assert got["status"] == 0
-    at = dict(zip(log, got["cycles"], strict=True))
-    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
-    store = next(c for e, c in at.items() if e[0] == "store")
+    reads, store = _read_and_store_cycles(got, log)
     assert reads[6] < store and reads[9] < store, (reads, store)  # B and C prefetched
     assert reads[10] >= store + 50, (reads, store)
 
@@ -718,9 +721,7 @@ def test_a_store_error_comes_before_a_prefetched_reads(read_delay):
         bad_tags={6: 5, 7: read_delay},
     )
     assert got["status"] == Status.HBM_RANGE and got["error_pc"] == 6
-    at = dict(zip(log, got["cycles"], strict=True))
-    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
-    store = next(c for e, c in at.items() if e[0] == "store")
+    reads, store = _read_and_store_cycles(got, log)
     assert reads[7] < store, (reads, store)  # the read did go first
 
 
@@ -765,9 +766,7 @@ def test_forwarding_product_without_lookahead_ignores_writes():
     ]
     got, log, _ = check_against_isasim(p, {}, mpu_cycles=4, write_cycles=50)
     assert got["status"] == 0
-    at = dict(zip(log, got["cycles"], strict=True))
-    reads = {e[3]: c for e, c in at.items() if e[0] == "read"}
-    store = next(c for e, c in at.items() if e[0] == "store")
+    reads, store = _read_and_store_cycles(got, log)
     assert reads[4] < store + 10 and reads[5] >= store + 50, (reads, store)
     # the store (pc 3) and the product (pc 4) both past hbm_bytes: the product's error comes
     # first (its read goes without waiting), the store's 30 cycles later, after Exec stopped;
