@@ -534,8 +534,8 @@ def measure(args, ap, timing) -> dict:
     """Compile, build (cached), run one job over the HBM model ``timing``; the raw record."""
 
     from tandem import layout as L
-    from tandem.sim import rtljob
     from tandem.isa import disassemble_one
+    from tandem.sim import rtljob
 
     cfg, g = bench_model(args, ap)
     t_all = time.monotonic()
@@ -608,7 +608,14 @@ def measure(args, ap, timing) -> dict:
         "counters": res.counters,
         "hbm": res.hbm,
         "profile": profile_sites(c, res.profile) if args.profile else None,
-        "profile_pcs": [{"pc": pc, "asm": disassemble_one(ins), **e} for pc, (ins, e) in enumerate(zip(c.program, res.profile, strict=False))] if args.profile else None,
+        "profile_pcs": (
+            [
+                {"pc": pc, "asm": disassemble_one(ins), **e}
+                for pc, (ins, e) in enumerate(zip(c.program, res.profile, strict=False))
+            ]
+            if args.profile
+            else None
+        ),
         "build": {
             "core": core_rev,
             "opt_fast": args.opt,
