@@ -51,7 +51,7 @@ class MpuFeeder(GeometryComponent):
     the previous one.
 
     The writer writes the MPU's ``result`` rows to ``write`` (row ``dst_row + g`` for row group
-    ``g``, with a mask of the live elements) for a queue of up to two commands, in order; a
+    ``g``, with a mask of the live elements) for a queue of up to :attr:`WQ` commands, in order; a
     command with ``argmax`` (its index goes from the MPU straight to the controller) or with no
     live row has none. A command whose x rows, bias rows or forwarded row meet result rows still
     to be written waits (read after write through the VBUF).
@@ -91,8 +91,12 @@ class MpuFeeder(GeometryComponent):
     made after the row is taken). ``issue`` is ready again two cycles after the last input row
     is taken (and the command handed over), so with ``n`` input rows (``n_cb``, plus one with
     ``fwd``, plus ``n_groups`` with ``bias``) and streams that never stall, commands are taken every
-    ``max(3, 2 * n + 2)`` cycles. One result row per cycle. The queue holds two commands with
-    result rows: a third waits until the first one's last row is written.
+    ``max(3, 2 * n + 2)`` cycles. One result row per cycle. The queue holds :attr:`WQ` commands
+    with result rows: one more waits until the first one's last row is written. A command's
+    result rows come about 50 cycles after it is taken at u55c (the MPU's x latency, tiles and
+    drain, and the floorplan's stages both ways), so the queue must hold the products of that
+    long for short ones (an attention head's: about 14 MPU cycles each) to follow each other
+    at the MPU's pace; with two, each waited for the one two before it (about 30 cycles each).
 
     Logic depth (an estimate from the structure, not a timing report): the deepest path is
     ``issue.payload`` to ``issue.ready``, combinational (the controller sees it in the same
@@ -102,8 +106,8 @@ class MpuFeeder(GeometryComponent):
     beside a 7-bit shift decode.
     """
 
-    WQ = 2
-    """Commands whose result rows the writer can have outstanding."""
+    WQ = 8
+    """Commands whose result rows the writer can have outstanding (docstring, *Throughput*)."""
 
     def __init__(self, geom: CoreGeometry):
         check_geometry(geom)
@@ -135,7 +139,10 @@ class MpuFeeder(GeometryComponent):
         rd_wait = Signal()  # a read is in flight (data next cycle)
         held = Signal()  # read data waiting for the stream
         cmd_sent = Signal()
+        # the queue of commands with result rows to write, oldest first: the first row, the
+        # row after the last (for the hazard compares, registered at push) and the live rows
         wq_dst = [Signal(16, name=f"wq_dst{i}") for i in range(WQ)]
+        wq_end = [Signal(17, name=f"wq_end{i}") for i in range(WQ)]
         wq_rows = [Signal(32, name=f"wq_rows{i}") for i in range(WQ)]  # live result rows
         wq_n = Signal(range(WQ + 1))
         res_i = Signal(16)  # result rows of wq[0] written
@@ -150,8 +157,7 @@ class MpuFeeder(GeometryComponent):
 
         def overlaps(lo, n, i):
             """VBUF rows [lo, lo + n) meet wq[i]'s result rows still to come."""
-            hi = wq_dst[i] + _rows_of(wq_rows[i])
-            return (i < wq_n) & (n != 0) & (lo < hi) & (wq_dst[i] < lo + n)
+            return (i < wq_n) & (n != 0) & (lo < wq_end[i]) & (wq_dst[i] < lo + n)
 
         hazard = Signal()
         m.d.comb += hazard.eq(
@@ -247,12 +253,21 @@ class MpuFeeder(GeometryComponent):
         push = accept & makes_rows
         # wq: pop on the last result row of wq[0], push at the tail
         with m.If(res_last):
-            m.d.sync += [wq_dst[0].eq(wq_dst[1]), wq_rows[0].eq(wq_rows[1])]
+            for i in range(WQ - 1):
+                m.d.sync += [
+                    wq_dst[i].eq(wq_dst[i + 1]),
+                    wq_end[i].eq(wq_end[i + 1]),
+                    wq_rows[i].eq(wq_rows[i + 1]),
+                ]
         with m.If(push):
             slot = Mux(res_last, wq_n - 1, wq_n)
             for i in range(WQ):
                 with m.If(slot == i):
-                    m.d.sync += [wq_dst[i].eq(inc.dst_row), wq_rows[i].eq(lr)]
+                    m.d.sync += [
+                        wq_dst[i].eq(inc.dst_row),
+                        wq_end[i].eq(inc.dst_row + inc_groups),
+                        wq_rows[i].eq(lr),
+                    ]
         m.d.sync += wq_n.eq(wq_n + push - res_last)
         m.d.comb += self.busy.eq(rd_active | (wq_n != 0))
         return m

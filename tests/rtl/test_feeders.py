@@ -263,6 +263,49 @@ def test_mpu_feeder_timing():
     assert gaps == [2 * 3 + 2, 3, 2 * 4 + 2], taken
 
 
+def test_mpu_feeder_result_queue():
+    """``WQ`` commands with result rows are taken back to back while none of their results has
+    come (short products follow each other at the MPU's pace); one more waits until the first
+    command's result row is written, and is taken in the next cycle."""
+    n = MpuFeeder.WQ + 1
+    cmds = [
+        {"cmd": {"rows": 64, "cols": 64, "live_rows": 64, "live_cols": 64, "flags": {}},
+         "src_row": 40 + i, "dst_row": i}
+        for i in range(n)
+    ]  # fmt: skip
+    dut = MpuFeeder(GEOM)
+    issue = Source(dut.issue, [MpuIssue.const(c).as_bits() for c in cmds])
+    sinks = [Sink(p) for p in (dut.cmd, dut.x, dut.bias, dut.write)]
+    result = Source(dut.result)
+    rd = ReadPortModel(dut.read, [0] * ROWS)
+    taken, wrote = [], []
+    answer = 100  # the first result row comes long after the queue has filled
+
+    async def bench(ctx):
+        for cyc in range(answer + 20):
+            if cyc == answer:
+                result.items.append(0)
+            for s in (issue, result, *sinks):
+                s.drive(ctx)
+            for s in (issue, result, *sinks):
+                s.sample(ctx)
+            rd.sample(ctx)
+            if issue.fire:
+                taken.append(cyc)
+            if ctx.get(dut.write.valid) and ctx.get(dut.write.ready):
+                wrote.append(cyc)
+            await ctx.tick()
+            for s in (issue, result, *sinks):
+                s.update()
+            rd.update(ctx)
+
+    run(dut, bench)
+    gaps = [b - a for a, b in itertools.pairwise(taken)]
+    assert gaps[: n - 2] == [4] * (n - 2), taken  # max(3, 2 * 1 + 2): one x row each
+    assert wrote == [answer], wrote
+    assert taken[-1] == answer + 1, taken
+
+
 # ---- store feeder -----------------------------------------------------------------------------
 
 
