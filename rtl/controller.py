@@ -428,6 +428,10 @@ class Controller(GeometryComponent):
                 v = data.View(instruction_layout(isa.Op.MATVEC), word)
                 span("w_lo", "w_hi", v.dst, v.rows)
                 span("r_lo", "r_hi", v.src, v.cols)
+            for op in (isa.Op.STOREV, isa.Op.STROW, isa.Op.STCOL):  # the rows a store reads
+                with m.Case(int(op)):
+                    v = data.View(instruction_layout(op), word)
+                    span("r_lo", "r_hi", v.src, v.len)
         p.room = {}
         for f in isa.VBUF_FIELDS:
             p.room[f] = Signal(signed(18), name=f"{name}_room_{f}")
@@ -513,10 +517,27 @@ class Controller(GeometryComponent):
         m.d.comb += c.vbuf_quiet.eq(c.vpu_may_issue & ~busy.vpu)
         # Stores only read the VBUF, and the store path takes them in order (the store feeder
         # reads one after the other), so a store waits for the VBUF's writers only: a run of
-        # stores goes out back to back, their HBM write latencies overlapping.
+        # stores goes out back to back, their HBM write latencies overlapping. Vector ops
+        # running (or queued) need not be done when they write none of the store's rows (the
+        # rows every vector op issued since the VPU was last quiet may write: ``vpu_rows``), so
+        # the attention's K/V stores go out while the q scaling runs.
+        empty = (1 << _SPAN_BITS) - 1, 0  # lo at its largest
+        c.vpu_rows = [Signal(_SPAN_BITS, name=f"vpu_rows_{k}", init=v) for k, v in
+                      zip(("lo", "hi"), empty, strict=True)]  # fmt: skip
+        c.vpu_issue = Signal()  # a vector op issues this cycle (set in Exec) ...
+        c.vpu_issue_rows = [Signal(_SPAN_BITS, name=f"vpu_issue_{k}") for k in ("lo", "hi")]
+        with m.If(c.vpu_issue):  # ... and may write rows [lo, hi)
+            new, old = c.vpu_issue_rows, c.vpu_rows
+            m.d.sync += [
+                old[0].eq(Mux(c.vpu_quiet | (new[0] < old[0]), new[0], old[0])),
+                old[1].eq(Mux(c.vpu_quiet | (new[1] > old[1]), new[1], old[1])),
+            ]
+        with m.Elif(c.vpu_quiet):
+            m.d.sync += [c.vpu_rows[0].eq(empty[0]), c.vpu_rows[1].eq(empty[1])]
+        vpu_apart = (c.dec.span["r_hi"] <= c.vpu_rows[0]) | (c.dec.span["r_lo"] >= c.vpu_rows[1])
         c.store_may_issue = Signal()
         m.d.comb += c.store_may_issue.eq(
-            c.mpu_quiet & loadv_quiet & c.vpu_quiet & ~self.dma_store.valid
+            c.mpu_quiet & loadv_quiet & (c.vpu_quiet | vpu_apart) & ~self.dma_store.valid
         )
         # LOADVs follow each other without waiting: the DMA delivers their rows in order through
         # the one VBUF write port, so a LOADV needs only the other VBUF users quiet, or the MPU
@@ -650,8 +671,9 @@ class Controller(GeometryComponent):
         writes), and queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest
         ``pf_pc``); Exec then issues the oldest without a read. Past a store only forwarding
         products are prefetched (the scan ends at any other MATVEC). The scan ends at any other
-        instruction (it may write a register, branch, read or write HBM), after a MATVEC with ARGMAX (its
-        register may change what follows), with the queue full, or at the end of the memory; it
+        instruction (it may write a register, branch, read or write HBM), after a MATVEC with
+        ARGMAX (its register may change what follows), with the queue full, or at the end of
+        the memory; it
         starts again, after the newest queued MATVEC, when Exec retires an instruction that is
         not a vector op.
 
@@ -1279,6 +1301,13 @@ class Controller(GeometryComponent):
                     c.finish(Status.VBUF_RANGE, pc)
                 with m.Elif(c.vpu_may_issue):
                     p = self.vpu.payload
+                    # the rows it may write, for the stores that may run beside it
+                    wn = 1 if op in (Op.VMAX, Op.VDOT) else n[:18]
+                    m.d.comb += [
+                        c.vpu_issue.eq(1),
+                        c.vpu_issue_rows[0].eq(v.dst[_ROW_SHIFT:]),
+                        c.vpu_issue_rows[1].eq((v.dst + wn + BLOCK - 1)[_ROW_SHIFT:]),
+                    ]
                     m.d.sync += [
                         self.vpu.valid.eq(1),
                         p.eq(0),

@@ -605,7 +605,8 @@ class DMAEngine(GeometryComponent):
     stores are range checked by separate planners, and a read's error response may come back
     before an earlier store's, but the report does not depend on which comes first. An error
     shows in the outputs 2 cycles after the range check (AXI: after the response, 2 plus
-    log2(channels)); the idle outputs stay low until it has. STATUS is never range checked: the core always writes its record.
+    log2(channels)); the idle outputs stay low until it has. STATUS is never range checked: the
+    core always writes its record.
 
     **Ordering.** Reads complete in order, and so do stores, but a read is not ordered after
     an earlier store: before reading what was stored, wait for :attr:`write_idle` (every write

@@ -209,10 +209,11 @@ class MatrixUnit(GeometryComponent):
     the two-stage sum of a tile's block terms; FP16's AccumulatorShift, 2, is delayed to the
     same stage so that commands of different formats overlap), AccToFP16 ``R`` = 5. The x load
     is ``n_cb`` cycles at one block per cycle; a forwarding product's row is one more
-    transfer, during the x latency (it adds no cycle when it arrives within it). Commands overlap: after the last tile of a command
-    without ARGMAX the unit takes the next command and loads its x while the pipeline drains
-    (every stage after the input takes the command's state, xe_max, the x non-finite flag, BIAS
-    and ARGMAX, from the tile's tag), so a run of commands costs the sum of the formula. The
+    transfer, during the x latency (it adds no cycle when it arrives within it). Commands
+    overlap: after the last tile of a command without ARGMAX the unit takes the next command
+    and loads its x while the pipeline drains (every stage after the input takes the
+    command's state, xe_max, the x non-finite flag, BIAS and ARGMAX, from the tile's tag), so
+    a run of commands costs the sum of the formula. The
     last result row leaves :attr:`drain_latency` (P + 3, 28) cycles after the last tile;
     ``busy`` stays high until then. An ARGMAX command's index transfer is the last thing it
     does: the next command waits for it.

@@ -462,7 +462,8 @@ async def shapes_and_cycle_formula(dut):
     cases.append(make_case(rng, 130, 200, live_rows=77, live_cols=90, bias=True, label="live"))
     cases.append(make_case(rng, 130, 200, live_rows=100, live_cols=1, argmax=True, label="live am"))
     # forwarding products (the attention's score products): the last live row from x's stream
-    for rows, live_rows, cols, bias in ((128, 5, 64, False), (130, 64, 64, True), (70, 70, 40, False)):
+    fwd_shapes = ((128, 5, 64, False), (130, 64, 64, True), (70, 70, 40, False))
+    for rows, live_rows, cols, bias in fwd_shapes:
         label = f"fwd {live_rows}/{rows}x{cols}{' bias' if bias else ''}"
         cases.append(
             make_case(rng, rows, cols, live_rows=live_rows, bias=bias, fwd=True, label=label)

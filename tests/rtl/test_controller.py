@@ -77,7 +77,7 @@ def run_controller(
         errors = []  # (cycle due, tag, is a read)
         err_tag = err_read = None  # the DMA's error_tag and error_read (None: no error)
         for cyc in range(max_cycles):
-            for due, tag, is_read in [e for e in errors if e[0] == cyc]:
+            for _due, tag, is_read in [e for e in errors if e[0] == cyc]:
                 if err_tag is None or tag < err_tag:
                     err_tag, err_read = tag, is_read
             if err_tag is not None:
@@ -146,7 +146,8 @@ def run_controller(
             if write_busy:
                 write_busy -= 1
             n_log = len(log)
-            for cmd, is_read in ((rd, True), (st.cmd if st is not None and st.cmd.kind != StoreKind.STATUS else None, False)):
+            st_cmd = st.cmd if st is not None and st.cmd.kind != StoreKind.STATUS else None
+            for cmd, is_read in ((rd, True), (st_cmd, False)):
                 if cmd is not None and cmd.tag in (bad_tags or {}):
                     errors.append((cyc + 1 + bad_tags[cmd.tag], cmd.tag, is_read))
             if rd is not None:
@@ -629,6 +630,33 @@ def test_stores_go_back_to_back():
     assert vpu[1] >= stores[2] + 20, (stores, vpu)
 
 
+def test_a_store_runs_beside_vector_ops_that_write_other_rows():
+    """A store waits for the vector ops running only when one of them may write a row it
+    reads (``vpu_rows``): the first STOREV (row 0) goes out while the VMUL (row 4) runs, the
+    second (row 4) waits until the VPU is done; beside a VDOT of 128 elements, whose one result
+    is in row 5, a store of row 6 goes out and one of row 5 waits."""
+    p = [
+        make(Op.VSET, dst=0, imm=0x3C00, len=192),
+        make(Op.SYNC),
+        make(Op.VMUL, dst=256, a=0, b=64, len=64),
+        make(Op.STOREV, src=0, len=64, line=30),
+        make(Op.STOREV, src=256, len=64, line=31),
+        make(Op.VDOT, dst=320, a=0, b=64, len=128),
+        make(Op.STOREV, src=384, len=64, line=32),
+        make(Op.STOREV, src=320, len=1, line=33),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, vpu_cycles=30)
+    assert got["status"] == 0
+    at = list(zip(log, got["cycles"], strict=True))
+    vpu = [c for e, c in at if e[0] == "vpu"]
+    stores = [c for e, c in at if e[0] == "store" and e[1] != StoreKind.STATUS]
+    assert stores[0] < vpu[1] + 30, (vpu, stores)  # beside the VMUL
+    assert stores[1] >= vpu[1] + 30, (vpu, stores)  # the VMUL's row: after it
+    assert stores[2] < vpu[2] + 30, (vpu, stores)  # beside the VDOT (row 6 is not its)
+    assert stores[3] >= vpu[2] + 30, (vpu, stores)  # the VDOT's result row: after it
+
+
 def _read_and_store_cycles(got, log):
     """The cycle of each read by its tag (pc), and of the first store, from a run's log."""
     at = dict(zip(log, got["cycles"], strict=True))
@@ -713,7 +741,7 @@ def test_a_store_error_comes_before_a_prefetched_reads(read_delay):
     ``hbm_bytes``; the product's read goes out before the store (the look-ahead passes it) and
     its error may come first (delay 1) or after the store's (30): the run stops with the
     store's pc either way, as in the ISA simulator."""
-    got, log, res = check_against_isasim(
+    got, log, _res = check_against_isasim(
         _forwarding_program(False),
         {"hbm_bytes": 2688},
         mpu_cycles=60,
