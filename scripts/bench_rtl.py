@@ -672,17 +672,26 @@ def format_profile(rows: list[dict], positions: int, top: int = 30) -> str:
     total = sum(r["cycles"] for r in rows)
     idle = sum(r["idle"] for r in rows)
     per = f"{total / positions:,.0f} cycles, {idle / positions:,.0f} with no HBM read beat"
+    mpu = "tiles" in (rows[0] if rows else {})  # records before the MPU columns lack them
+    head = "| site | first pc | pcs | cycles / position | of which HBM idle | share of idle |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if mpu:
+        head += " MPU tiles | MPU waiting for a tile |"
+        rule += "---:|---:|"
     out = [
         f"Profile by instruction site ({positions} positions; per position: {per}): where "
         "Exec waits",
-        "| site | first pc | pcs | cycles / position | of which HBM idle | share of idle |",
-        "|---|---:|---:|---:|---:|---:|",
+        head,
+        rule,
     ]
     for r in sorted(rows, key=lambda r: -r["idle"])[:top]:
-        out.append(
+        line = (
             f"| {r['site']} | {r['first']} | {r['pcs']} | {r['cycles'] / positions:,.0f} | "
             f"{r['idle'] / positions:,.0f} | {r['idle'] / max(idle, 1):.1%} |"
         )
+        if mpu:
+            line += f" {r['tiles'] / positions:,.0f} | {r['starved'] / positions:,.0f} |"
+        out.append(line)
     return "\n".join(out)
 
 

@@ -101,9 +101,11 @@ COUNTERS = (
 EV_TOKEN = 1
 EV_STATUS = 2
 
-PROFILE_FIELDS = ("cycles", "idle")
-"""Per instruction (pc): the counted cycles the controller's Exec stage held it, and those
-with no HBM read beat on any channel (:class:`JobTop`'s profile)."""
+PROFILE_FIELDS = ("cycles", "idle", "tiles", "starved")
+"""Per instruction (pc): the counted cycles the controller's Exec stage held it, those with no
+HBM read beat on any channel, the MPU's tiles taken and its cycles waiting for a tile (busy
+and ready, no tile: the ``tiles`` and ``mpu_starved`` counters) in them (:class:`JobTop`'s
+profile)."""
 
 
 class RtlJobError(RuntimeError):
@@ -142,9 +144,10 @@ class JobTop(GeometryComponent):
     (live) and ``snap_<c>`` (at the last event) for every ``c`` in :data:`COUNTERS`, ``ev_count``
     (events so far, counted over the whole simulation), ``ev_kind`` (:data:`EV_TOKEN` or
     :data:`EV_STATUS`), ``ev_value`` (the token id an STW stored), ``runs`` (start pulses seen),
-    ``prof_addr`` / ``prof_cycles`` / ``prof_idle`` (the profile: for the instruction at
-    ``prof_addr``, the counted cycles Exec held it and those of them with no R beat on any
-    channel, summed over every run of the simulation; :data:`PROFILE_FIELDS`).
+    ``prof_addr`` / ``prof_<f>`` for every ``f`` in :data:`PROFILE_FIELDS` (the profile: for
+    the instruction at ``prof_addr``, the counted cycles Exec held it, those of them with no R
+    beat on any channel, the tiles the MPU took and its cycles waiting for one, summed over
+    every run of the simulation).
 
     Channel ``ch``'s memory is at byte address :meth:`base`, the pointer to pass as ``hbm<ch>``.
     """
@@ -281,7 +284,14 @@ class JobTop(GeometryComponent):
                 m.d.tb += self.ev_kind.eq(EV_STATUS)
             for c in COUNTERS:
                 m.d.tb += getattr(self, f"snap_{c}").eq(counters[c])
-        self._profile(m, perf.pc, counting, perf.done, {"cycles": 1, "idle": ~any_r})
+        prof = {
+            "cycles": 1,
+            "idle": ~any_r,
+            "tiles": incs["tiles"],
+            "starved": incs["mpu_starved"],
+        }
+        assert set(prof) == set(PROFILE_FIELDS)
+        self._profile(m, perf.pc, counting, perf.done, prof)
         return m
 
     def _profile(self, m, pc, counting, done, incs):
@@ -446,7 +456,8 @@ class JobResult:
     the controller issued the store; ``counters`` at ``done``; ``timings`` in seconds;
     ``hbm`` the memory model's parameters (:meth:`tandem.sim.hbm_model.HBMTiming.as_dict`);
     ``profile`` (with ``run_job(profile=n)``): for each pc below ``n``, a dict of
-    :data:`PROFILE_FIELDS` (cycles Exec held it, of which no R beat on any channel).
+    :data:`PROFILE_FIELDS` (cycles Exec held it, of which no R beat on any channel; the MPU's
+    tiles and starved cycles meanwhile).
     """
 
     status: object

@@ -108,6 +108,8 @@ def test_tiny_job_equals_isasim():
     idle = res.counters["cycles"] - res.counters["r_cycles"]
     assert sum(e["idle"] for e in prof) == idle, (idle, prof)
     assert all(e["idle"] <= e["cycles"] for e in prof)
+    assert sum(e["tiles"] for e in prof) == res.counters["tiles"], prof
+    assert sum(e["starved"] for e in prof) == res.counters["mpu_starved"], prof
     assert not any(e["cycles"] for e in prof[len(c.program) :])  # no pc past the program
     # Exec held the MATVECs' successors, the stores and the HALT; not just one pc
     held = [pc for pc, e in enumerate(prof) if e["cycles"]]
