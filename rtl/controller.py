@@ -26,11 +26,11 @@ _ROW_SHIFT = BLOCK.bit_length() - 1
 ``_ROW_SHIFT`` bits are zero when it is row aligned (``tandem.isa.VBUF_ALIGN``)."""
 _SPANS = ("w_lo", "w_hi", "r_lo", "r_hi")  # VBUF rows written and read (rtl: _predecode)
 _SPAN_BITS = 18 - _ROW_SHIFT  # (a 16-bit address + a 16-bit length + 63) >> 6
-PF_QUEUE = 8
+PF_QUEUE = 16
 """MATVECs whose weight reads the look-ahead may send before Exec reaches them
 (:meth:`Controller._lookahead`), beyond the :data:`MAX_PENDING` ones Exec sent."""
 DEFAULT_WATCHDOG = 1 << 24
-MAX_PENDING = 8
+MAX_PENDING = 16
 """MATVECs whose weight read is with the DMA and whose MPU command has not gone to the core's
 MPU feeder yet: short products (attention heads) keep this many HBM reads in flight."""
 Status = regmap.Status
