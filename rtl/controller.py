@@ -459,9 +459,7 @@ class Controller(GeometryComponent):
         legal = known & (~quant | ((v.stride == 0) & ((v.flags & live) == 0)))
         # a forwarding product (sreg without ARGMAX): LIVE_ROWS only, FP16, 1..64 columns
         fwd = ~v.flags[1] & (v.sreg != 0)
-        fwd_ok = (
-            (v.flags[2:4] == 0b01) & ~quant & (v.cols != 0) & (v.cols <= BLOCK)
-        )
+        fwd_ok = (v.flags[2:4] == 0b01) & ~quant & (v.cols != 0) & (v.cols <= BLOCK)
         return legal & (~fwd | fwd_ok)
 
     @staticmethod
@@ -526,18 +524,29 @@ class Controller(GeometryComponent):
                       zip(("lo", "hi"), empty, strict=True)]  # fmt: skip
         c.vpu_issue = Signal()  # a vector op issues this cycle (set in Exec) ...
         c.vpu_issue_rows = [Signal(_SPAN_BITS, name=f"vpu_issue_{k}") for k in ("lo", "hi")]
-        with m.If(c.vpu_issue):  # ... and may write rows [lo, hi)
-            new, old = c.vpu_issue_rows, c.vpu_rows
+        # ... and may write rows [lo, hi): registered, then joined to the box the next cycle
+        # (two short paths; a store waits in that cycle, `joining`). The VPU is not quiet
+        # then (the op is in its command register), so the join keeps the box.
+        joining = Signal()
+        new = [Signal(_SPAN_BITS, name=f"vpu_new_{k}") for k in ("lo", "hi")]
+        m.d.sync += joining.eq(c.vpu_issue)
+        with m.If(c.vpu_issue):
+            m.d.sync += [new[0].eq(c.vpu_issue_rows[0]), new[1].eq(c.vpu_issue_rows[1])]
+        old = c.vpu_rows
+        with m.If(joining):
             m.d.sync += [
-                old[0].eq(Mux(c.vpu_quiet | (new[0] < old[0]), new[0], old[0])),
-                old[1].eq(Mux(c.vpu_quiet | (new[1] > old[1]), new[1], old[1])),
+                old[0].eq(Mux(new[0] < old[0], new[0], old[0])),
+                old[1].eq(Mux(new[1] > old[1], new[1], old[1])),
             ]
         with m.Elif(c.vpu_quiet):
-            m.d.sync += [c.vpu_rows[0].eq(empty[0]), c.vpu_rows[1].eq(empty[1])]
-        vpu_apart = (c.dec.span["r_hi"] <= c.vpu_rows[0]) | (c.dec.span["r_lo"] >= c.vpu_rows[1])
+            m.d.sync += [old[0].eq(empty[0]), old[1].eq(empty[1])]
+        vpu_apart = (c.dec.span["r_hi"] <= old[0]) | (c.dec.span["r_lo"] >= old[1])
         c.store_may_issue = Signal()
         m.d.comb += c.store_may_issue.eq(
-            c.mpu_quiet & loadv_quiet & (c.vpu_quiet | vpu_apart) & ~self.dma_store.valid
+            c.mpu_quiet
+            & loadv_quiet
+            & (c.vpu_quiet | (vpu_apart & ~joining))
+            & ~self.dma_store.valid
         )
         # LOADVs follow each other without waiting: the DMA delivers their rows in order through
         # the one VBUF write port, so a LOADV needs only the other VBUF users quiet, or the MPU
