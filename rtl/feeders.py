@@ -96,7 +96,8 @@ class MpuFeeder(GeometryComponent):
     result rows come about 50 cycles after it is taken at u55c (the MPU's x latency, tiles and
     drain, and the floorplan's stages both ways), so the queue must hold the products of that
     long for short ones (an attention head's: about 14 MPU cycles each) to follow each other
-    at the MPU's pace; with two, each waited for the one two before it (about 30 cycles each).
+    at the MPU's pace (issue 17: 2 before; with 16 pending MATVECs a layer's 12 score products
+    now take about 209 cycles, docs/performance.md).
 
     Logic depth (an estimate from the structure, not a timing report): the deepest path is
     ``issue.payload`` to ``issue.ready``, combinational (the controller sees it in the same
