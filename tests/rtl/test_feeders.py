@@ -220,6 +220,37 @@ def test_mpu_feeder(stall, seed):
     assert vmem == want_mem
 
 
+def _run_feeder_unstalled(cmds, cycles, each_cycle=None):
+    """An MpuFeeder taking ``cmds`` with every stream always ready, for ``cycles`` cycles;
+    ``each_cycle(ctx, cyc, dut, result)`` runs before each clock edge. Returns the cycles in
+    which a command was taken."""
+    dut = MpuFeeder(GEOM)
+    issue = Source(dut.issue, [MpuIssue.const(c).as_bits() for c in cmds])
+    sinks = [Sink(p) for p in (dut.cmd, dut.x, dut.bias, dut.write)]
+    result = Source(dut.result)
+    rd = ReadPortModel(dut.read, [0] * ROWS)
+    taken = []
+
+    async def bench(ctx):
+        for cyc in range(cycles):
+            for s in (issue, result, *sinks):
+                s.drive(ctx)
+            for s in (issue, result, *sinks):
+                s.sample(ctx)
+            rd.sample(ctx)
+            if issue.fire:
+                taken.append(cyc)
+            if each_cycle is not None:
+                each_cycle(ctx, cyc, dut, result)
+            await ctx.tick()
+            for s in (issue, result, *sinks):
+                s.update()
+            rd.update(ctx)
+
+    run(dut, bench)
+    return taken
+
+
 def test_mpu_feeder_timing():
     """Without stalls, commands with ``n`` input rows are taken every ``max(3, 2n + 2)``
     cycles, and a result row is written in the cycle it is valid (as the docstring says)."""
@@ -233,32 +264,14 @@ def test_mpu_feeder_timing():
         {"cmd": {"rows": 0, "cols": 64, "live_rows": 0, "live_cols": 64,
                  "flags": {}}, "src_row": 0, "dst_row": 0},  # command only
     ]  # fmt: skip
-    dut = MpuFeeder(GEOM)
-    issue = Source(dut.issue, [MpuIssue.const(c).as_bits() for c in cmds])
-    sinks = [Sink(p) for p in (dut.cmd, dut.x, dut.bias, dut.write)]
-    result = Source(dut.result)
-    rd = ReadPortModel(dut.read, [0] * ROWS)
-    taken = []
 
-    async def bench(ctx):
-        for cyc in range(60):
-            for s in (issue, result, *sinks):
-                s.drive(ctx)
-            for s in (issue, result, *sinks):
-                s.sample(ctx)
-            rd.sample(ctx)
-            if issue.fire:
-                taken.append(cyc)
-            if cyc == 40:
-                assert ctx.get(dut.write.valid) == 0
-                ctx.set(dut.result.valid, 1)
-                assert ctx.get(dut.write.valid) == 1
-            await ctx.tick()
-            for s in (issue, result, *sinks):
-                s.update()
-            rd.update(ctx)
+    def at_40(ctx, cyc, dut, result):
+        if cyc == 40:
+            assert ctx.get(dut.write.valid) == 0
+            ctx.set(dut.result.valid, 1)
+            assert ctx.get(dut.write.valid) == 1
 
-    run(dut, bench)
+    taken = _run_feeder_unstalled(cmds, 60, at_40)
     gaps = [b - a for a, b in itertools.pairwise(taken)]
     assert gaps == [2 * 3 + 2, 3, 2 * 4 + 2], taken
 
@@ -273,33 +286,16 @@ def test_mpu_feeder_result_queue():
          "src_row": 40 + i, "dst_row": i}
         for i in range(n)
     ]  # fmt: skip
-    dut = MpuFeeder(GEOM)
-    issue = Source(dut.issue, [MpuIssue.const(c).as_bits() for c in cmds])
-    sinks = [Sink(p) for p in (dut.cmd, dut.x, dut.bias, dut.write)]
-    result = Source(dut.result)
-    rd = ReadPortModel(dut.read, [0] * ROWS)
-    taken, wrote = [], []
     answer = 100  # the first result row comes long after the queue has filled
+    wrote = []
 
-    async def bench(ctx):
-        for cyc in range(answer + 20):
-            if cyc == answer:
-                result.items.append(0)
-            for s in (issue, result, *sinks):
-                s.drive(ctx)
-            for s in (issue, result, *sinks):
-                s.sample(ctx)
-            rd.sample(ctx)
-            if issue.fire:
-                taken.append(cyc)
-            if ctx.get(dut.write.valid) and ctx.get(dut.write.ready):
-                wrote.append(cyc)
-            await ctx.tick()
-            for s in (issue, result, *sinks):
-                s.update()
-            rd.update(ctx)
+    def answer_late(ctx, cyc, dut, result):
+        if cyc == answer - 1:  # offered from cycle `answer` on
+            result.items.append(0)
+        if ctx.get(dut.write.valid) and ctx.get(dut.write.ready):
+            wrote.append(cyc)
 
-    run(dut, bench)
+    taken = _run_feeder_unstalled(cmds, answer + 20, answer_late)
     gaps = [b - a for a, b in itertools.pairwise(taken)]
     assert gaps[: n - 2] == [4] * (n - 2), taken  # max(3, 2 * 1 + 2): one x row each
     assert wrote == [answer], wrote
