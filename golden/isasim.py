@@ -36,11 +36,11 @@ aligned into a ``numerics.PreparedMatrix`` once and cached; any write overlappin
 program or by the host through :meth:`IsaSim.invalidate`) drops the cached copy. Matrices read
 with ``LIVE_ROWS`` / ``LIVE_COLS`` (the KV cache) are gathered with ``layout.tiled_address`` on
 every use, live part only; a forwarding ``MATVEC`` (``sreg`` without ``ARGMAX``: tandem.isa)
-then has its last live row replaced by the VBUF row it names. The simulator runs in order, so
-the rule that a forwarding product's HBM read does not wait for earlier stores changes nothing
-here. A group of attention heads in the compiler's normative form is executed
-as one batched computation over the heads (see :func:`_head_groups`), bit for bit what
-the instructions give one by one; ``batch_heads=False`` turns that off.
+then has its last live row (``LIVE_ROWS``) or column (``LIVE_COLS``) replaced by the VBUF vector
+it names. The simulator runs in order, so the rule that a forwarding product's HBM read does not
+wait for earlier stores changes nothing here. A group of attention heads in the compiler's
+normative form is executed as one batched computation over the heads (see :func:`_head_groups`),
+bit for bit what the instructions give one by one; ``batch_heads=False`` turns that off.
 """
 
 from __future__ import annotations
@@ -581,21 +581,31 @@ class IsaSim:
             self._update_span()
         return got[0]
 
-    def _forwarded_row(self, f, n_rows: int) -> tuple[int, np.ndarray] | None:
-        """A forwarding MATVEC's (row index, VBUF row of ``cols`` elements), or None when the
-        MATVEC does not forward or has no live row (tandem.isa)."""
-        n = min(n_rows, f["rows"])
-        if not isa.is_forwarding(f) or n == 0:
+    def _forwarded(self, f, n_rows: int, n_cols: int) -> tuple[int, int, np.ndarray] | None:
+        """A forwarding MATVEC's (axis, index, VBUF vector) (tandem.isa): axis 0, a row of
+        ``cols`` elements from VBUF[src + R[sreg]] (LIVE_ROWS), or axis 1, a column of ``rows``
+        elements from VBUF[dst + R[sreg]] (LIVE_COLS); None when the MATVEC does not forward or
+        has no live row or column."""
+        if not isa.is_forwarding(f):
             return None
+        column = bool(f["flags"] & MatFlag.LIVE_COLS)
+        axis, n, length, base = (
+            (1, min(n_cols, f["cols"]), f["rows"], f["dst"])
+            if column
+            else (0, min(n_rows, f["rows"]), f["cols"], f["src"])
+        )
+        if n == 0:
+            return None
+        what = "column" if column else "row"
         off = self.regs[f["sreg"]]
         if off % isa.VBUF_ALIGN:
             raise _Stop(
                 Status.VBUF_RANGE,
-                f"MATVEC forwarded row offset R[{f['sreg']}] = {off} is not a multiple of "
+                f"MATVEC forwarded {what} offset R[{f['sreg']}] = {off} is not a multiple of "
                 f"{isa.VBUF_ALIGN}",
             )
-        row = self.vbuf[self._vb(f["src"] + off, BLOCK, "MATVEC forwarded row")]
-        return n - 1, row[: f["cols"]].copy()
+        vec = self.vbuf[self._vb(base + off, BLOCK, f"MATVEC forwarded {what}")]
+        return axis, n - 1, vec[:length].copy()
 
     def _MATVEC(self, f):
         if f["wfmt"]:
@@ -607,7 +617,8 @@ class IsaSim:
         base = f["line"] * LINE
         stride = f["stride"] or dense_stride(self.geom)
         x = self.vbuf[self._vb(f["src"], n_cols, "MATVEC src")]
-        fwd = self._forwarded_row(f, n_rows)  # forwarding: LIVE_ROWS, 1 <= cols = n_cols <= 64
+        # forwarding: LIVE_ROWS, 1 <= cols = n_cols <= 64, or LIVE_COLS, 1 <= rows = n_rows <= 64
+        fwd = self._forwarded(f, n_rows, n_cols)
         self._hbm(base, base + self._tiled_extent(n_rows, n_cols, cols, stride), "MATVEC")
         if n_cols == 0:  # no live column: one all-zero block
             mat = nm.PreparedMatrix(np.zeros((n_rows, nm.BLOCK), np.uint16))
@@ -618,7 +629,11 @@ class IsaSim:
             ch, half = self._tiled_addresses(rows, cols, n_rows, n_cols, stride)
             bits = self.u16[ch, base // 2 + half]  # a copy (fancy indexing)
             if fwd is not None:
-                bits[fwd[0]] = fwd[1]
+                axis, i, vec = fwd
+                if axis:
+                    bits[:, i] = vec
+                else:
+                    bits[i] = vec
             mat = nm.PreparedMatrix(bits)
         self.hbm_read += self._tiles_bytes(n_rows, n_cols)
         bias = None
@@ -760,6 +775,11 @@ class IsaSim:
             if off % isa.VBUF_ALIGN:
                 return None
             spans += [(a + off, a + off + BLOCK, True) for a in g.q]
+        if g.v_fwd_reg:  # forwarding value products: column T-1 of V^T_h from VBUF[att_h + v_off]
+            v_off = self.regs[g.v_fwd_reg]
+            if v_off % isa.VBUF_ALIGN:
+                return None
+            spans += [(a + v_off, a + v_off + BLOCK, True) for a in g.att]
         spans += [(a, a + T, False) for a in g.s] + [(a, a + 1, False) for a in g.sc]
         spans += [(a, a + BLOCK, False) for a in g.att]
         if not _disjoint(spans, self.geom.vbuf_elems):
@@ -787,6 +807,8 @@ class IsaSim:
         r = nm.lookup("recip", z)  # [H]
         # att_h = (V^T_h[:, :T] e) * r
         vbits = u16[vch[None, :, :T], g.v_base[:, None, None] // 2 + vhalf[None, :, :T]]
+        if g.v_fwd_reg:
+            vbits[:, :, T - 1] = vbuf[(g.att + v_off)[:, None] + lane]
         vq, ve, vnf = nm.bfp_blocks(nm.pad_to_block(vbits))  # [H, 64, nb*64], [H, 64, nb]
         vq = vq.reshape(H, BLOCK, nb, BLOCK).transpose(0, 2, 1, 3).astype(np.float32)
         o = _round(*_matvec_batch(vq, ve.transpose(0, 2, 1), vnf.any(axis=2), e))  # [H, 64]
@@ -810,7 +832,9 @@ class IsaSim:
 # acc_to_fp16, the tables), bit for bit what the instructions give in sequence (tests compare both
 # ways). The group must match exactly; anything else runs one instruction at a time. The score
 # products may forward row T-1 of K_h from VBUF[q_h + R[sreg]] (tandem.isa), all with the same
-# sreg; a group whose products differ in that runs one instruction at a time.
+# sreg, and the value products column T-1 of V^T_h from VBUF[att_h + R[sreg]], all with the same
+# sreg (the two sregs may differ); a group whose score products, or whose value products, differ
+# in that runs one instruction at a time.
 #
 #   MATVEC s_i, q_h, K_h, LIVE_ROWS T (sreg: all or none)  for each head
 #   VMAX sc_i, s_i                                       for each head
@@ -818,7 +842,7 @@ class IsaSim:
 #   VEXP s_i, s_i                                        for each head
 #   VDOT sc_i, s_i, one[s]                               for each head
 #   VRECIP sc_i, sc_i (len 1)                            for each head
-#   MATVEC att_h, s_i, V^T_h, LIVE_COLS T                for each head
+#   MATVEC att_h, s_i, V^T_h, LIVE_COLS T (sreg: all or none)  for each head
 #   VMUL att_h, att_h, sc_i[s] (len 64)                  for each head
 
 _SOFTMAX_OPS = (Op.VMAX, Op.VSUB, Op.VEXP, Op.VDOT, Op.VRECIP)
@@ -831,6 +855,7 @@ class _HeadGroup:
     counts: dict  # (unit, op) -> instructions
     r_len: int  # register with T, the live length
     fwd_reg: int  # the score products' sreg: non-zero, row T-1 of K_h is VBUF[q_h + R[fwd_reg]]
+    v_fwd_reg: int  # the value products' sreg: column T-1 of V^T_h is VBUF[att_h + R[v_fwd_reg]]
     k_rows: int
     k_stride: int
     v_cols: int
@@ -861,7 +886,7 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
     f = [decoded[pc + i][1] for i in range(len(want))]
     ks, soft, vs, outs = f[:n], f[n : 6 * n], f[6 * n : 7 * n], f[7 * n :]
     k0, v0 = ks[0], vs[0]
-    t, B, fwd_reg = k0["lreg"], VecFlag.B_SCALAR, k0["sreg"]
+    t, B, fwd_reg, v_fwd_reg = k0["lreg"], VecFlag.B_SCALAR, k0["sreg"], v0["sreg"]
     one = soft[3 * n]["b"]
     for i in range(n):
         k, v, o = ks[i], vs[i], outs[i]
@@ -872,7 +897,8 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
             and (k["lreg"], k["rows"], k["cols"], k["stride"], k["sreg"])
             == (t, k0["rows"], BLOCK, k0["stride"], fwd_reg)
             and k["stride"] > 0
-            and (v["flags"], v["lreg"], v["src"], v["rows"]) == (MatFlag.LIVE_COLS, t, s, BLOCK)
+            and (v["flags"], v["lreg"], v["src"], v["rows"], v["sreg"])
+            == (MatFlag.LIVE_COLS, t, s, BLOCK, v_fwd_reg)
             and (v["cols"], v["stride"]) == (v0["cols"], v0["stride"])
             and v["stride"] > 0
             and (vmax["a"], vmax["lreg"]) == (s, t)
@@ -891,6 +917,7 @@ def _head_group(decoded: list, pc: int) -> _HeadGroup | None:
         counts=dict(Counter((e[2], e[3]) for e in decoded[pc : pc + len(want)])),
         r_len=t,
         fwd_reg=fwd_reg,
+        v_fwd_reg=v_fwd_reg,
         k_rows=k0["rows"],
         k_stride=k0["stride"],
         v_cols=v0["cols"],

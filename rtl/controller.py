@@ -63,7 +63,7 @@ class MpuIssue(data.Struct):
     cmd: MatvecCommand
     src_row: unsigned(16)
     dst_row: unsigned(16)
-    fwd_row: unsigned(16)  # a forwarding product's row (src + R[sreg]) / 64
+    fwd_row: unsigned(16)  # a forwarding product's row (src, dst for a column, + R[sreg]) / 64
 
 
 class StoreIssue(data.Struct):
@@ -457,10 +457,12 @@ class Controller(GeometryComponent):
         quant = v.wfmt != int(isa.WFmt.FP16)
         live = int(isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS)
         legal = known & (~quant | ((v.stride == 0) & ((v.flags & live) == 0)))
-        # a forwarding product (sreg without ARGMAX): LIVE_ROWS only, FP16, 1..64 columns
+        # a forwarding product (sreg without ARGMAX), FP16: LIVE_ROWS only with 1..64 columns
+        # (a forwarded row) or LIVE_COLS only with 1..64 rows (a forwarded column)
         fwd = ~v.flags[1] & (v.sreg != 0)
-        fwd_ok = (v.flags[2:4] == 0b01) & ~quant & (v.cols != 0) & (v.cols <= BLOCK)
-        return legal & (~fwd | fwd_ok)
+        fwd_row = (v.flags[2:4] == 0b01) & (v.cols != 0) & (v.cols <= BLOCK)
+        fwd_col = (v.flags[2:4] == 0b10) & (v.rows != 0) & (v.rows <= BLOCK)
+        return legal & (~fwd | (~quant & (fwd_row | fwd_col)))
 
     @staticmethod
     def _decode_register(pre, name):
@@ -1191,12 +1193,16 @@ class Controller(GeometryComponent):
             bad=Signal(name=f"{name}_bad"),
             nothing=Signal(name=f"{name}_nothing"),
             checked=Signal(name=f"{name}_checked"),
-            # a forwarding product (tandem.isa: sreg without ARGMAX) with a live row: its row
-            # R[lreg] - 1 comes from VBUF[src + R[sreg]], so its read need not wait for stores
+            # a forwarding product (tandem.isa: sreg without ARGMAX) with a live row and
+            # column: its row R[lreg] - 1 comes from VBUF[src + R[sreg]] (LIVE_ROWS), or its
+            # column R[lreg] - 1 from VBUF[dst + R[sreg]] (LIVE_COLS), so its read need not
+            # wait for stores
             fwd=Signal(name=f"{name}_fwd"),
         )
         fwd = ~argmax & (v.sreg != 0)
-        fwd_row = Signal(16, name=f"{name}_fwd_row")  # (src + R[sreg]) / 64, R[sreg] at decode
+        col = flags[3]  # a forwarded column (legal forwarding words set one LIVE flag)
+        # (src or dst + R[sreg]) / 64, R[sreg] at decode
+        fwd_row = Signal(16, name=f"{name}_fwd_row")
         clamp_r = Signal(16, name=f"{name}_clamp_r")
         clamp_c = Signal(16, name=f"{name}_clamp_c")
         live_r = Mux(n_rows < v.rows, n_rows, v.rows)
@@ -1211,18 +1217,22 @@ class Controller(GeometryComponent):
             ),
             o.nothing.eq((live_r == 0) | (live_c == 0)),
             o.checked.eq(~invalidate),
-            o.fwd.eq(fwd & (live_r != 0)),
-            fwd_row.eq((v.src + dec.fwd_off)[_ROW_SHIFT:]),
+            o.fwd.eq(fwd & (live_r != 0) & (live_c != 0)),
+            fwd_row.eq((Mux(col, v.dst, v.src) + dec.fwd_off)[_ROW_SHIFT:]),
         ]
-        # the forwarded row must be a VBUF row inside the buffer (checked with a live row): src
-        # is row aligned (else illegal), so R[sreg] must be, and R[sreg] + 64 must not pass
-        # the room after src (registered at decode), which keeps the path short
+        # the forwarded row must be a VBUF row inside the buffer (checked with a live row and
+        # column): src and dst are row aligned (else illegal), so R[sreg] must be, and
+        # R[sreg] + 64 must not pass the room after src (dst for a column; registered at
+        # decode), which keeps the path short
         off = dec.fwd_off
+        room_over = Mux(col, over(dec, "dst", off + BLOCK), over(dec, "src", off + BLOCK))
         with m.If(
             fwd
             & (n_rows != 0)
             & (v.rows != 0)
-            & ((off[:_ROW_SHIFT] != 0) | over(dec, "src", off + BLOCK))
+            & (n_cols != 0)
+            & (v.cols != 0)
+            & ((off[:_ROW_SHIFT] != 0) | room_over)
         ):
             m.d.sync += o.bad.eq(1)
         o.cmd = Signal(MpuIssue, name=f"{name}_cmd")
@@ -1241,7 +1251,8 @@ class Controller(GeometryComponent):
             o.cmd.src_row.eq(v.src >> _ROW_SHIFT),
             o.cmd.dst_row.eq(v.dst >> _ROW_SHIFT),
             o.cmd.cmd.fwd.eq(o.fwd),
-            o.cmd.cmd.fwd_index.eq(clamp_r - 1),
+            o.cmd.cmd.fwd_col.eq(col),
+            o.cmd.cmd.fwd_index.eq(Mux(col, clamp_c, clamp_r) - 1),
             o.cmd.fwd_row.eq(fwd_row),
         ]
 

@@ -44,8 +44,8 @@ class MpuFeeder(GeometryComponent):
     its command to the MPU (``cmd``) and reads the command's input rows from the VBUF: the
     ``n_cb = ceil(live_cols / 64)`` x rows from ``src_row`` onto ``x`` (with ``fwd``, a
     forwarding product, then row ``fwd_row`` onto ``x``: the row the MPU puts in place of matrix
-    row ``fwd_index``), then, with the ``bias``
-    flag, the ``n_groups = ceil(live_rows / 64)`` bias rows from ``dst_row`` onto ``bias``. A
+    row ``fwd_index``, or with ``fwd_col`` of column ``fwd_index``), then, with the ``bias`` flag,
+    the ``n_groups = ceil(live_rows / 64)`` bias rows from ``dst_row`` onto ``bias``. A
     command with no live column reads no x row (the MPU computes on zeros), one with no live row
     is a command only. Then the reader may take the next command while the MPU still works on
     the previous one.

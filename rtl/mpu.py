@@ -71,7 +71,8 @@ class MatvecCommand(data.Struct):
     to ``rows``/``cols`` (the controller refuses anything else as an illegal instruction).
     ``fwd``: a forwarding product (tandem.isa): after the x blocks one more transfer on ``x``
     carries a row that replaces matrix row ``fwd_index`` (FP16, one column block; set only
-    with a live row and column).
+    with a live row and column); with ``fwd_col`` it replaces column ``fwd_index`` instead (its
+    element ``r`` is row ``r``; FP16, one row group, ``fwd_index`` the last live column).
     """
 
     rows: unsigned(16)
@@ -83,6 +84,7 @@ class MatvecCommand(data.Struct):
     wfmt: unsigned(2)
     wgroup: unsigned(2)
     fwd: 1
+    fwd_col: 1
     fwd_index: unsigned(16)
 
     def eff_rows(self):
@@ -151,7 +153,9 @@ class MatrixUnit(GeometryComponent):
         The ``n_cb`` live input blocks, in order, at the start of each command; with
         ``fwd`` (a forwarding product, tandem.isa) then one more transfer, the row that
         replaces matrix row ``fwd_index`` (taken raw and put in that row's lane in place of its
-        tile's: the row's HBM copy may be stale, a store to it still in flight).
+        tile's: the row's HBM copy may be stale, a store to it still in flight); with
+        ``fwd_col``, the column that replaces matrix column ``fwd_index`` (element ``r`` in place
+        of row ``r``'s element there).
     weights : In(stream.Signature(ArrayLayout(Block, lanes)))
         One tile per transfer; ``payload[lane][j]`` is row ``rb*lanes + lane`` of the group,
         column ``cb*64 + j``. Its bits are the channel beats of one tile concatenated (channel 0
@@ -464,6 +468,8 @@ class MatrixUnit(GeometryComponent):
         do_bias = Signal()
         do_argmax = Signal()
         do_fwd = Signal()  # a forwarding product: one more x transfer, its row patched in
+        do_fwd_col = Signal()  # ... its column patched in instead (the last live column)
+        fwd_sel = Signal(BLOCK)  # one-hot: the forwarded column within its block
         fwd_index = Signal(16)
         fwd_vec = Signal(Block)
         rows_left = Signal(17)  # live rows from the current group on
@@ -486,6 +492,8 @@ class MatrixUnit(GeometryComponent):
             do_bias=do_bias,
             do_argmax=do_argmax,
             do_fwd=do_fwd,
+            do_fwd_col=do_fwd_col,
+            fwd_sel=fwd_sel,
             fwd_index=fwd_index,
             fwd_vec=fwd_vec,
             fwd_loading=Signal(),
@@ -747,13 +755,26 @@ class MatrixUnit(GeometryComponent):
                     m.d.sync += [q_scale[lane][b].eq(sc), q_zero[lane][b].eq(zr)]
         # A forwarding product's row fwd_index comes from fwd_vec, not from its tile: the lane
         # whose row it is takes it (one compare of the tile's row and the registered index; in
-        # the same LUT as the column mask, one more input per bit).
+        # the same LUT as the column mask, one more input per bit). A forwarded column is the
+        # last live one, so it lies in the last column block: there each lane's element
+        # fwd_index % 64 (one-hot fwd_sel) is the lane's row of fwd_vec, which shifts down by a
+        # row block per tile so that the lane always takes element `lane` (no index mux).
         lanes_log2 = _log2(lanes)
         row_hit = c.do_fwd & (c.fwd_index[lanes_log2:] == Cat(rb, grp))
+        col_hit = Signal()
+        col_mask = Signal(BLOCK * 16)  # the forwarded column's bits (whole-word ops, as in
+        m.d.comb += [  # the x load's mask)
+            col_hit.eq(c.do_fwd_col & is_last_cb),
+            col_mask.eq(Cat(*(b.replicate(16) for b in c.fwd_sel)) & col_hit.replicate(16 * BLOCK)),
+        ]
         beat_in = Signal(data.ArrayLayout(Block, lanes))
         for lane in range(lanes):
             hit = row_hit & (c.fwd_index[:lanes_log2] == lane) if lanes_log2 else row_hit
-            m.d.comb += beat_in[lane].eq(Mux(hit, c.fwd_vec, self.weights.payload[lane]))
+            row = Mux(hit, c.fwd_vec.as_value(), self.weights.payload[lane].as_value())
+            elem = c.fwd_vec[lane].replicate(BLOCK)
+            m.d.comb += beat_in[lane].eq((row & ~col_mask) | (elem & col_mask))
+        with m.If(tile_take & col_hit):
+            m.d.sync += c.fwd_vec.eq(c.fwd_vec.as_value() >> (16 * lanes))
         with m.If(tile_take):
             m.d.sync += tile_in.eq(Mux(x.no_cols, 0, beat_in.as_value() & w_keep))
             with m.If(rb == stride - 1):
@@ -1147,7 +1168,9 @@ class MatrixUnit(GeometryComponent):
                         ),
                         c.do_bias.eq(cmd.flags.bias),
                         c.do_argmax.eq(cmd.flags.argmax),
-                        c.do_fwd.eq(cmd.fwd & (c.cbs != 0)),
+                        c.do_fwd.eq(cmd.fwd & ~cmd.fwd_col & (c.cbs != 0)),
+                        c.do_fwd_col.eq(cmd.fwd & cmd.fwd_col & (c.cbs != 0)),
+                        c.fwd_sel.eq(Cat(*(cmd.fwd_index[:6] == j for j in range(BLOCK)))),
                         c.fwd_index.eq(cmd.fwd_index),
                         cr.bias_todo.eq(Mux(cmd.flags.bias, c.groups, 0)),
                         c.rows_left.eq(c.eff_rows),
@@ -1171,7 +1194,7 @@ class MatrixUnit(GeometryComponent):
                     m.d.sync += x.count.eq(x.count + 1)
                     with m.If(x.last_block):
                         m.next = "Wait-X"
-                        with m.If(c.do_fwd):
+                        with m.If(c.do_fwd | c.do_fwd_col):
                             m.next = "Load-F"
             with m.State("Load-F"):  # a forwarding product's row, after the x blocks
                 m.d.comb += c.fwd_loading.eq(1)

@@ -634,11 +634,12 @@ def block_designs():
     whole ``VectorUnit`` of the tiny geometry (its table ROMs too; not a stream unit, so
     ``--free-running`` leaves it as it is: its units run free inside it), and the
     ``Controller`` of the tiny and u55c geometries (instruction memory, decode, scoreboard),
+    the tiny geometry's ``MatrixUnit`` (its tile input: the forwarded row and column patches),
     and the tiny geometry's ``DMAEngine`` (its channels are the u55c's, fewer of them), with the
     default queues (4 reads planned ahead, 4 runs per channel FIFO) and as the core builds it
     (``MAX_PENDING`` of each: the difference is what issue 17's 8 pending reads cost)."""
     from tandem.geometry import geometry
-    from tandem.rtl import controller, dma, vpu
+    from tandem.rtl import controller, dma, mpu, vpu
 
     pending = controller.MAX_PENDING
 
@@ -647,6 +648,7 @@ def block_designs():
         ("VectorUnit(tiny)", lambda: vpu.VectorUnit(geometry("tiny"))),
         ("Controller(tiny)", lambda: controller.Controller(geometry("tiny"))),
         ("Controller(u55c)", lambda: controller.Controller(geometry("u55c"))),
+        ("MatrixUnit(tiny)", lambda: mpu.MatrixUnit(geometry("tiny"))),
         ("DMAEngine(tiny)", lambda: dma.DMAEngine(geometry("tiny"))),
         (
             f"DMAEngine(tiny, {pending} pending)",

@@ -14,6 +14,8 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
 
     prologue   LDARG start_pos, prompt_len, n_new, sampling, seed; k = 0
                koff = P  (q_h + koff: head h's K part of qkv, the score products' forwarded row)
+               voff = 3P  (att_h + voff: head h's V part of qkv, the value products' forwarded
+                          column; att lies just before qkv)
                start_pos >= prompt_len (also prompt_len == 0) -> HALT BAD_ARGS
                n_new == 0 -> HALT 0
                VSET c_n = 1/E, eps, scale = 1/sqrt(head_dim), one = 1.0  (binary16)
@@ -41,7 +43,8 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
                s_i = VEXP(s_i) len T                               each h
                sc_i = VDOT(s_i, one[s]) len T                      each h
                sc_i = VRECIP(sc_i) len 1                           each h
-               att_h = MATVEC(V^T_h, s_i, LIVE_COLS T)             each h     [64]
+               att_h = MATVEC(V^T_h, s_i, LIVE_COLS T,             each h     [64]
+                              column T-1 from v_h: sreg = R_VOFF)
                att_h = VMUL(att_h, sc_i[s]) len 64                 each h
                a = MATVEC(attn.c_proj, att, BIAS); x = VADD(x, a)
                layer_norm(x; ln2_g, ln2_b) -> y
@@ -71,8 +74,12 @@ Scalars live in their own 64-element VBUF row; ``[s]`` marks a ``B_SCALAR`` (bro
 
 The score products forward their last live row (tandem.isa): row T-1 of K_h, the row the STROW
 just stored, comes from k_h = VBUF[q_h + P] (``R_KOFF`` holds P), so their HBM reads of K need not
-wait for the store. The q scaling comes before the stores: it writes only q, the stores read only
-k and v, and the core's look-ahead then starts from a waiting vector op.
+wait for the store. The value products likewise forward their last live column: column T-1 of
+V^T_h, the column the STCOL just stored, comes from v_h = VBUF[att_h + R_VOFF] (a forwarded
+column counts from the product's ``dst``, att_h; ``att`` is allocated just before ``qkv``, so
+``R_VOFF`` = qkv + 2P - att = 3P is one offset for every head), so their HBM reads of V need not
+wait for the stores either. The q scaling comes before the stores: it writes only q, the stores
+read only k and v, and the core's look-ahead then starts from a waiting vector op.
 
 VDOT's ``a`` operand is the weight side of the block-floating-point dot product, as in
 ``tandem.numerics.dot_fp16(a, b)``. Every ``STW`` writes one output token (the core counts
@@ -141,6 +148,8 @@ R_SAMP = 11  # sampling argument (temperature, top-k; tandem.sampling)
 R_SEED = 12  # seed argument: R_SAMP + 1, as MATVEC's sreg field requires
 R_SPOS = 13  # copy of R_POS at the LM head: R_SAMP + 2, the position keying the sampling stream
 R_KOFF = 14  # P = padded_heads: head h's K part of qkv is q_h + R_KOFF (the forwarded K row)
+R_VOFF = 15  # qkv + 2P - att = 3P: head h's V part of qkv is att_h + R_VOFF (the forwarded V
+# column; vbuf_plan puts att just before qkv)
 
 LAYER_VECTORS_EARLY = (
     ("ln1_g", "ln_1.weight"),
@@ -206,8 +215,10 @@ def vbuf_plan(cfg: GPT2Config, geom: CoreGeometry) -> dict[str, VbufSlot]:
         ("ln1_b", e),
         ("ln2_g", e),  # ln_2 weight and bias
         ("ln2_b", e),
-        ("qkv", 3 * p),  # q (scaled in place), k, v of every head
+        # the attention output just before qkv: v_h = att_h + 3P, one offset for every head's
+        # forwarded V column (R_VOFF)
         ("att", p),  # attention output, heads side by side
+        ("qkv", 3 * p),  # q (scaled in place), k, v of every head
         ("a", e),  # attention projection output
         ("hm", f),  # MLP hidden
         ("mo", e),  # MLP projection output
@@ -319,6 +330,14 @@ class _Emitter:
 
     # helpers ------------------------------------------------------------------------------
 
+    def v_offset(self) -> int:
+        """R_VOFF: the VBUF distance from att_h to v_h (qkv + 2P + h*64), the value products'
+        forwarded column; a multiple of 64 and not negative, as the plan makes it."""
+        off = self.addr("qkv", 2 * self.P) - self.addr("att")
+        if off < 0 or off % isa.VBUF_ALIGN:
+            raise LayoutError(f"VBUF: v is {off} elements after att, not a VBUF row at or after it")
+        return off
+
     def addr(self, name: str, offset: int = 0) -> int:
         return self.v[name].addr + offset
 
@@ -345,7 +364,8 @@ class _Emitter:
 
     def kv_product(self, dst: int, src: int, r: Region, live: MatFlag, sreg: int = 0) -> None:
         """dst = r . src over the live part of a KV matrix (T rows of K or T columns of V^T);
-        a non-zero ``sreg`` forwards row T-1 of K from VBUF[src + R[sreg]] (tandem.isa)."""
+        a non-zero ``sreg`` forwards row T-1 of K from VBUF[src + R[sreg]] or column T-1 of V^T
+        from VBUF[dst + R[sreg]] (tandem.isa)."""
         self.p(
             Op.MATVEC,
             dst=dst,
@@ -444,8 +464,8 @@ class _Emitter:
                 p(Op.VDOT, dst=sc, a=s, b=a("one"), flags=B, lreg=R_T)
             for _, _, sc in heads:
                 p(Op.VRECIP, dst=sc, a=sc, len=1)
-            for h, s, _ in heads:
-                self.kv_product(a("att", h * BLOCK), s, kv[h][1], MatFlag.LIVE_COLS)
+            for h, s, _ in heads:  # column T-1 of V^T_h forwarded from v_h = VBUF[att_h + voff]
+                self.kv_product(a("att", h * BLOCK), s, kv[h][1], MatFlag.LIVE_COLS, R_VOFF)
             for h, _, sc in heads:
                 o = a("att", h * BLOCK)
                 p(Op.VMUL, dst=o, a=o, b=sc, len=BLOCK, flags=B)
@@ -519,6 +539,7 @@ class _Emitter:
         p(Op.SETI, rd=R_CTX, imm=cfg.n_ctx)
         p(Op.SETI, rd=R_VOCAB, imm=cfg.n_vocab)
         p(Op.SETI, rd=R_KOFF, imm=self.P)
+        p(Op.SETI, rd=R_VOFF, imm=self.v_offset())
         p(Op.BGE, ra=R_START, rb=R_PLEN, target="bad_args")
         p(Op.BGE, ra=R_K, rb=R_NNEW, target="done")
         constants = {

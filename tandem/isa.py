@@ -29,23 +29,35 @@ tandem.numerics.matvec_quant. A quantized ``MATVEC`` streams a dense matrix whol
 be 0 and neither ``LIVE_ROWS`` nor ``LIVE_COLS`` may be set; that, and ``wfmt = 3``, is an illegal
 instruction. The RTL core computes all three formats on one matrix unit (docs/rtl.md).
 
-A ``MATVEC`` without ``ARGMAX`` whose ``sreg`` field is non-zero is a *forwarding* product: row
-``n - 1`` of the matrix, where ``n = min(R[lreg], rows)`` is the live row count, is taken from
-``VBUF[src + R[sreg] : src + R[sreg] + cols]`` instead of from HBM; every other row comes from HBM
-as before, and with ``n = 0`` nothing is forwarded. (With ``ARGMAX``, ``sreg`` keeps its sampling
-meaning.) It is the attention's score product reading the K row just computed (and stored with
-``STROW``) from the VBUF. A forwarding ``MATVEC`` must set ``LIVE_ROWS``, must not set
-``LIVE_COLS``, must have ``wfmt`` FP16 and ``1 <= cols <= 64`` (one 64-column block); anything
-else is an illegal instruction. When it executes with ``n >= 1``, ``R[sreg]`` must be a multiple
-of 64 (:data:`VBUF_ALIGN`) and the forwarded row ``VBUF[src + R[sreg] : src + R[sreg] + 64]``
-must lie inside the VBUF; otherwise it is an operand error (``Status.VBUF_RANGE``). HBM ordering:
-a forwarding product's HBM read of the matrix does not wait for earlier stores (every other read
-does), so a program must have no store in flight into the product's live rows other than into the
-forwarded row, whose HBM copy the product does not use; a program that breaks this rule may read
-stale rows. One that keeps it has sequential semantics, the forwarded row replacing row ``n - 1``
-of the matrix (what the ISA simulator, which runs in order, does). The core still reads every live
-tile from HBM, the forwarded row's included. Errors stay in program order: if an earlier store and
-the product's read both fail (``HBM_RANGE``, ``AXI_ERROR``), the status names the store.
+A ``MATVEC`` without ``ARGMAX`` whose ``sreg`` field is non-zero is a *forwarding* product: one
+row or one column of its matrix comes from the VBUF instead of from HBM. It sets exactly one of
+``LIVE_ROWS`` and ``LIVE_COLS``, and ``n`` is its live row count ``min(R[lreg], rows)`` or its
+live column count ``min(R[lreg], cols)``:
+
+* ``LIVE_ROWS``, a forwarded row: row ``n - 1`` of the matrix (columns ``0..cols-1``) is
+  ``VBUF[src + R[sreg] + c]``; it must have ``1 <= cols <= 64`` (one 64-column block). It is the
+  attention's score product reading the K row just computed (and stored with ``STROW``).
+* ``LIVE_COLS``, a forwarded column: column ``n - 1`` of the matrix (rows ``0..rows-1``) is
+  ``VBUF[dst + R[sreg] + r]``, counted from ``dst``, not ``src``, so that one offset serves every
+  head; it must have ``1 <= rows <= 64`` (one 64-row block). It is the attention's value product
+  reading the V column just computed (and stored with ``STCOL``).
+
+Every other row or column comes from HBM as before, and with ``n = 0`` nothing is forwarded.
+(With ``ARGMAX``, ``sreg`` keeps its sampling meaning.) A forwarding ``MATVEC`` must have ``wfmt``
+FP16; one that sets both or neither of ``LIVE_ROWS`` and ``LIVE_COLS``, has a quantized ``wfmt``,
+or has ``cols`` (a forwarded row) or ``rows`` (a forwarded column) outside ``1..64`` is an
+illegal instruction. When it executes with ``n >= 1``, ``R[sreg]`` must be a multiple of 64
+(:data:`VBUF_ALIGN`) and ``VBUF[base + R[sreg] : base + R[sreg] + 64]``, with ``base`` = ``src``
+for a row and ``dst`` for a column, must lie inside the VBUF; otherwise it is an operand error
+(``Status.VBUF_RANGE``). With ``n = 0`` nothing is checked. HBM ordering: a forwarding product's
+HBM read of the matrix does not wait for earlier stores (every other read does), so a program
+must have no store in flight into the product's live part other than into the forwarded row or
+column, whose HBM copy the product does not use; a program that breaks this rule may read stale
+rows or columns. One that keeps it has sequential semantics, the forwarded row or column
+replacing row or column ``n - 1`` of the matrix (what the ISA simulator, which runs in order,
+does). The core still reads every live tile from HBM, the forwarded row's or column's included.
+Errors stay in program order: if an earlier store and the product's read both fail
+(``HBM_RANGE``, ``AXI_ERROR``), the status names the store.
 
 The assembler text format is one instruction per line, ``op field=value ...`` (fields left out are
 zero), with ``label:`` lines, branch targets given as labels or numbers, flags as ``A|B`` and
@@ -265,7 +277,8 @@ FORMATS: dict[Op, tuple[Field, ...]] = {
             "sreg",
             _REG,
             "with ARGMAX: sampling word R[sreg], seed R[sreg+1], position R[sreg+2]; without "
-            "ARGMAX, if non-zero: a forwarding product, live row n-1 = VBUF[src + R[sreg] :], "
+            "ARGMAX, if non-zero: a forwarding product, with LIVE_ROWS live row n-1 = "
+            "VBUF[src + R[sreg] :], with LIVE_COLS live column n-1 = VBUF[dst + R[sreg] :], "
             "R[sreg] a multiple of 64 (module docstring)",
         ),
         _f("wfmt", 2, "weight format (WFmt): 0 FP16, 1 INT8, 2 INT4; 3 is illegal"),
@@ -343,12 +356,16 @@ SEMANTICS: dict[Op, str] = {
         "tandem.sampling, docs/numerics.md). sreg = 0 reads R0 = 0: greedy. With wfmt INT8 or "
         "INT4 the matrix is quantized (tandem.layout's quantized tiled form, groups of wgroup) and "
         "the product is tandem.numerics.matvec_quant's. Without ARGMAX, a non-zero sreg makes "
-        "a forwarding product: with n = min(R[lreg], rows) live rows, row n-1 of W (columns "
-        "0..cols-1) is VBUF[src+R[sreg]+c] instead of the HBM row (nothing if n = 0). It must "
-        "set LIVE_ROWS, not LIVE_COLS, with wfmt FP16 and 1 <= cols <= 64 (else illegal); "
-        "R[sreg] not a multiple of 64, or VBUF[src+R[sreg] : src+R[sreg]+64] past the VBUF, is "
-        "VBUF_RANGE (checked when n >= 1). Its HBM read of W does not wait for earlier stores: "
-        "no store may be in flight into its live rows but the forwarded row's."
+        "a forwarding product, which sets exactly one of LIVE_ROWS and LIVE_COLS and has wfmt "
+        "FP16 (else illegal). With LIVE_ROWS and n = min(R[lreg], rows) live rows, row n-1 of "
+        "W (columns 0..cols-1) is VBUF[src+R[sreg]+c] instead of the HBM row, and 1 <= cols <= "
+        "64; with LIVE_COLS and n = min(R[lreg], cols) live columns, column n-1 of W (rows "
+        "0..rows-1) is VBUF[dst+R[sreg]+r] instead of the HBM column, and 1 <= rows <= 64 (else "
+        "illegal); nothing is forwarded if n = 0. R[sreg] not a multiple of 64, or "
+        "VBUF[base+R[sreg] : base+R[sreg]+64] past the VBUF (base = src for a row, dst for a "
+        "column), is VBUF_RANGE (checked when n >= 1). Its HBM read of W does not wait for "
+        "earlier stores: no store may be in flight into its live part but into the forwarded "
+        "row or column."
     ),
     Op.VADD: "VBUF[dst+i] = VBUF[a+i] + b_i (binary16, nearest even).",
     Op.VSUB: "VBUF[dst+i] = VBUF[a+i] - b_i.",
@@ -395,8 +412,9 @@ class Instr:
                 )
             items.append((f.name, v))
         if op is Op.MATVEC:
-            _check_quantized_matvec(dict(items))
+            # the forwarding rules first: a quantized forwarding product is told it must be FP16
             _check_forwarding_matvec(dict(items))
+            _check_quantized_matvec(dict(items))
         return cls(Op(op), tuple(items))
 
     def __getitem__(self, name: str) -> int:
@@ -449,15 +467,30 @@ def _check_forwarding_matvec(f: dict[str, int]) -> None:
     if not is_forwarding(f):
         return
     what = f"MATVEC with sreg = {f['sreg']} and no ARGMAX (a forwarding product)"
-    if not f["flags"] & MatFlag.LIVE_ROWS:
-        raise IllegalInstruction(f"{what} does not set LIVE_ROWS: it forwards the last live row")
-    if f["flags"] & MatFlag.LIVE_COLS:
-        raise IllegalInstruction(f"{what} sets LIVE_COLS: it forwards a whole row")
+    if f["wfmt"] not in {int(w) for w in WFmt}:
+        return  # reserved: _check_quantized_matvec says so
     if f["wfmt"] != WFmt.FP16:
         raise IllegalInstruction(f"{what} has wfmt = {WFmt(f['wfmt']).name}: it must be FP16")
-    if not 1 <= f["cols"] <= VBUF_ALIGN:
+    live = f["flags"] & (MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS)
+    if live == MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS:
         raise IllegalInstruction(
-            f"{what} has cols = {f['cols']}: it forwards one 64-column block (1 <= cols <= 64)"
+            f"{what} sets both LIVE_ROWS and LIVE_COLS: it forwards either its last live row "
+            "(LIVE_ROWS) or its last live column (LIVE_COLS)"
+        )
+    if not live:
+        raise IllegalInstruction(
+            f"{what} sets neither LIVE_ROWS nor LIVE_COLS: it forwards either its last live row "
+            "(LIVE_ROWS) or its last live column (LIVE_COLS)"
+        )
+    if live == MatFlag.LIVE_ROWS and not 1 <= f["cols"] <= VBUF_ALIGN:
+        raise IllegalInstruction(
+            f"{what} with LIVE_ROWS has cols = {f['cols']}: it forwards a row of one 64-column "
+            "block (1 <= cols <= 64)"
+        )
+    if live == MatFlag.LIVE_COLS and not 1 <= f["rows"] <= VBUF_ALIGN:
+        raise IllegalInstruction(
+            f"{what} with LIVE_COLS has rows = {f['rows']}: it forwards a column of one 64-row "
+            "block (1 <= rows <= 64)"
         )
 
 

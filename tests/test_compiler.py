@@ -12,6 +12,7 @@ from tandem.compiler import (
     R_KOFF,
     R_POS,
     R_T,
+    R_VOFF,
     compile_model,
     fits,
     head_groups,
@@ -129,7 +130,8 @@ def test_attention_is_the_normative_sequence(odd):
     assert k_mv["flags"] == MatFlag.LIVE_ROWS and k_mv["rows"] == odd.cfg.n_ctx
     assert v_mv["flags"] == MatFlag.LIVE_COLS and v_mv["cols"] == odd.cfg.n_ctx
     assert k_mv["lreg"] == v_mv["lreg"] != 0
-    assert k_mv["sreg"] == R_KOFF and v_mv["sreg"] == 0  # the score product forwards row T-1
+    # the score product forwards row T-1 of K, the value product column T-1 of V^T
+    assert k_mv["sreg"] == R_KOFF and v_mv["sreg"] == R_VOFF
     assert v_mv["src"] == k_mv["dst"] == odd.vbuf_map["s"].addr
     assert v_mv["dst"] == odd.vbuf_map["att"].addr
     k = odd.layout.kv_head(0, 0, "k")
@@ -178,12 +180,59 @@ def check_forwarded_rows(cfg, geom, prog):
         row = mv["src"] + koff
         assert row == st["src"] + h * BLOCK == vb["qkv"].addr + P + h * BLOCK  # k_h
         assert st["src"] <= row and row + BLOCK <= st["src"] + st["len"]
-        for i in prog[st_pc + 1 : pc]:  # k_h unchanged between the store and the product
-            dst = i.get("dst", -1)
-            n = i.get("rows") if i.op is Op.MATVEC else i.get("len")
-            if i.op in (Op.MATVEC, Op.LOADV, Op.VSET) or i.unit is isa.Unit.VPU:
-                n = n or cfg.n_ctx  # a register length: at most a score vector
-                assert dst + n <= row or dst >= row + BLOCK, (pc, i)
+        check_unwritten(cfg, prog[st_pc + 1 : pc], row)  # k_h: between store and product
+    assert len(seen) == cfg.n_layer * cfg.n_head
+
+
+def check_unwritten(cfg, instrs, addr):
+    """None of ``instrs`` writes VBUF[addr : addr + 64]."""
+    for i in instrs:
+        dst = i.get("dst", -1)
+        n = i.get("rows") if i.op is Op.MATVEC else i.get("len")
+        if i.op in (Op.MATVEC, Op.LOADV, Op.VSET) or i.unit is isa.Unit.VPU:
+            n = n or cfg.n_ctx  # a register length: at most a score vector
+            assert dst + n <= addr or dst >= addr + BLOCK, i
+
+
+def check_forwarded_columns(cfg, geom, prog):
+    """Every layer's every head's value product forwards, as its column T-1 = pos, the V column
+    that head's STCOL stores: VBUF[dst + R_VOFF] (dst = att_h) is the STCOL's src, v_h = qkv +
+    2P + h*64, and nothing writes it between the store and the product. R_VOFF is set once, in
+    the prologue, to the plan's distance from att to v (3P: att lies just before qkv)."""
+    layout, vb = L.HBMLayout(cfg, geom), vbuf_plan(cfg, geom)
+    P = cfg.n_head * BLOCK
+    writes = [i for i in prog if i.get("rd", 0) == R_VOFF]
+    voff = vb["qkv"].addr + 2 * P - vb["att"].addr
+    assert voff == 3 * P and vb["att"].end == vb["qkv"].addr
+    assert [(i.op, i["imm"]) for i in writes] == [(Op.SETI, voff)]
+    assert prog.index(writes[0]) < loop_start(prog)
+    assert isa.make(Op.ADDI, rd=R_T, ra=R_POS, imm=1) in prog  # T - 1 = pos: the STCOL's column
+    values = [
+        (pc, i)
+        for pc, i in enumerate(prog)
+        if i.op is Op.MATVEC and i["flags"] & MatFlag.LIVE_COLS and not i["flags"] & MatFlag.ARGMAX
+    ]
+    assert len(values) == cfg.n_layer * cfg.n_head
+    vhead = {
+        layout.kv_head(layer, h, "v").line: (layer, h)
+        for layer in range(cfg.n_layer)
+        for h in range(cfg.n_head)
+    }
+    stcols = {i["line"]: pc for pc, i in enumerate(prog) if i.op is Op.STCOL}
+    assert set(stcols) == set(vhead)  # one store per head and layer
+    seen = set()
+    for pc, mv in values:
+        layer, h = vhead[mv["line"]]
+        seen.add((layer, h))
+        st_pc = stcols[mv["line"]]
+        st = prog[st_pc]
+        assert st_pc < pc and st["ri"] == R_POS and st["len"] == mv["rows"] == BLOCK
+        assert (st["cols"], st["stride"]) == (mv["cols"], mv["stride"])  # the same matrix
+        assert (mv["sreg"], mv["lreg"]) == (R_VOFF, R_T) and isa.is_forwarding(mv)
+        assert mv["dst"] == vb["att"].addr + h * BLOCK  # att_h
+        col = mv["dst"] + voff
+        assert col == st["src"] == vb["qkv"].addr + 2 * P + h * BLOCK  # v_h
+        check_unwritten(cfg, prog[st_pc + 1 : pc], col)  # v_h: between store and product
     assert len(seen) == cfg.n_layer * cfg.n_head
 
 
@@ -196,10 +245,20 @@ def test_score_products_forward_the_stored_k_row(odd):
     check_forwarded_rows(odd.cfg, odd.geom, odd.program)
 
 
+def test_value_products_forward_the_stored_v_column(odd):
+    check_forwarded_columns(odd.cfg, odd.geom, odd.program)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-medium"])  # one group of heads, and two
 def test_score_products_forward_the_stored_k_row_at_gpt2_shapes(name):
     cfg, geom = preset(name), geometry("u55c")
     check_forwarded_rows(cfg, geom, program(cfg, geom))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium"])
+def test_value_products_forward_the_stored_v_column_at_gpt2_shapes(name):
+    cfg, geom = preset(name), geometry("u55c")
+    check_forwarded_columns(cfg, geom, program(cfg, geom))
 
 
 def test_one_matvec_per_weight_matrix_per_layer(odd):

@@ -36,10 +36,11 @@ def random_instr(rng: random.Random, op: Op) -> isa.Instr:
         if isa.is_forwarding(values):  # sreg without ARGMAX: a legal forwarding product
             if rng.random() < 0.5:
                 values["sreg"] = 0
-            else:
+            else:  # a forwarded row (LIVE_ROWS, 1..64 columns) or column (LIVE_COLS, rows)
                 values["wfmt"] = isa.WFmt.FP16
-                values["flags"] = values["flags"] & MatFlag.BIAS | MatFlag.LIVE_ROWS
-                values["cols"] = rng.randint(1, 64)
+                live, count = rng.choice([(MatFlag.LIVE_ROWS, "cols"), (MatFlag.LIVE_COLS, "rows")])
+                values["flags"] = values["flags"] & MatFlag.BIAS | live
+                values[count] = rng.randint(1, 64)
     return isa.make(op, **values)
 
 
@@ -179,32 +180,49 @@ def test_other_illegal_inputs():
 
 
 FWD = {"flags": MatFlag.LIVE_ROWS, "lreg": 2, "sreg": 14, "rows": 1024, "cols": 64}
+FWD_COL = {"flags": MatFlag.LIVE_COLS, "lreg": 2, "sreg": 15, "rows": 64, "cols": 1024}
 
 
 @pytest.mark.parametrize(
-    "change, match",
+    "base, change, match",
     [
-        ({"flags": 0}, "does not set LIVE_ROWS"),
-        ({"flags": MatFlag.BIAS}, "does not set LIVE_ROWS"),
-        ({"flags": MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS}, "sets LIVE_COLS"),
-        ({"flags": MatFlag.LIVE_COLS}, "does not set LIVE_ROWS"),
-        ({"cols": 0}, "cols = 0"),
-        ({"cols": 65}, "cols = 65"),
-        ({"cols": 128}, "cols = 128"),
-        ({"wfmt": isa.WFmt.INT8}, "LIVE_ROWS"),  # the quantized rules say it first
-        ({"wfmt": isa.WFmt.INT4}, "LIVE_ROWS"),
+        (FWD, {"flags": 0}, "sets neither LIVE_ROWS nor LIVE_COLS"),
+        (FWD, {"flags": MatFlag.BIAS}, "sets neither LIVE_ROWS nor LIVE_COLS"),
+        (FWD, {"flags": MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS}, "sets both LIVE_ROWS and"),
+        (FWD, {"flags": MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS | MatFlag.BIAS}, "sets both"),
+        (FWD, {"cols": 0}, "LIVE_ROWS has cols = 0"),
+        (FWD, {"cols": 65}, "LIVE_ROWS has cols = 65"),
+        (FWD, {"cols": 128}, "LIVE_ROWS has cols = 128"),
+        (FWD, {"wfmt": isa.WFmt.INT8}, "wfmt = INT8: it must be FP16"),
+        (FWD, {"wfmt": isa.WFmt.INT4}, "wfmt = INT4: it must be FP16"),
+        (FWD, {"wfmt": isa.WFmt.INT8, "flags": 0}, "wfmt = INT8: it must be FP16"),
+        # the forwarded column: rows, not cols, is the one 64-element block
+        (FWD_COL, {"rows": 0}, "LIVE_COLS has rows = 0"),
+        (FWD_COL, {"rows": 65}, "LIVE_COLS has rows = 65"),
+        (FWD_COL, {"rows": 1024, "cols": 64}, "LIVE_COLS has rows = 1024"),
+        (FWD_COL, {"flags": MatFlag.LIVE_COLS | MatFlag.LIVE_ROWS}, "sets both LIVE_ROWS and"),
+        (FWD_COL, {"wfmt": isa.WFmt.INT8}, "wfmt = INT8: it must be FP16"),
+        (FWD_COL, {"wfmt": isa.WFmt.INT4}, "wfmt = INT4: it must be FP16"),
     ],
 )
-def test_forwarding_matvec_rules(change, match):
-    """A MATVEC with sreg and no ARGMAX forwards its last live row from the VBUF: it must set
-    LIVE_ROWS, not LIVE_COLS, be FP16 and have 1..64 columns; anything else is illegal, from
-    make and from decode alike."""
+def test_forwarding_matvec_rules(base, change, match):
+    """A MATVEC with sreg and no ARGMAX forwards its last live row (LIVE_ROWS) or column
+    (LIVE_COLS) from the VBUF: it must set exactly one of them, be FP16 and have 1..64 columns
+    (a row) or rows (a column); anything else is illegal, from make and from decode alike."""
+    sreg = base["sreg"]
     with pytest.raises(IllegalInstruction, match=match):
-        isa.make(Op.MATVEC, **{**FWD, **change})
-    if not change.get("wfmt"):  # legal without sreg: the same word with sreg set is not
-        word = isa.encode(isa.make(Op.MATVEC, **{**FWD, "sreg": 0, **change}))
-        with pytest.raises(IllegalInstruction, match=match):
-            isa.decode(word | 14 << field_shift(Op.MATVEC, "sreg"))
+        isa.make(Op.MATVEC, **{**base, **change})
+    legal = {**base, "sreg": 0, **change}
+    if legal.get("wfmt"):  # a quantized one is dense and whole without sreg: drop LIVE_*
+        legal["flags"] &= ~(MatFlag.LIVE_ROWS | MatFlag.LIVE_COLS)
+    # legal without sreg: the same word with sreg set is not
+    word = isa.encode(isa.make(Op.MATVEC, **legal))
+    with pytest.raises(IllegalInstruction, match=match):
+        isa.decode(word | sreg << field_shift(Op.MATVEC, "sreg"))
+    text = isa.disassemble([isa.make(Op.MATVEC, **legal)]).strip() + f" sreg={sreg}"
+    if not legal.get("wfmt"):  # the assembler says it too
+        with pytest.raises(IllegalInstruction, match="line 1: .*" + match):
+            isa.assemble(text)
 
 
 def test_forwarding_matvec_legal_forms():
@@ -216,6 +234,17 @@ def test_forwarding_matvec_legal_forms():
     assert isa.assemble("matvec rows=8 cols=64 flags=LIVE_ROWS lreg=2 sreg=14") == [
         isa.make(Op.MATVEC, rows=8, cols=64, flags=MatFlag.LIVE_ROWS, lreg=2, sreg=14)
     ]
+    # a forwarded column: LIVE_COLS, 1..64 rows, any number of columns
+    for rows in (1, 33, 64):
+        for cols in (1, 64, 1024, 50257):
+            ins = isa.make(Op.MATVEC, **{**FWD_COL, "rows": rows, "cols": cols})
+            assert isa.is_forwarding(ins) and isa.decode(isa.encode(ins)) == ins
+            assert isa.assemble(isa.disassemble([ins])) == [ins]
+    ins = isa.make(Op.MATVEC, **{**FWD_COL, "flags": MatFlag.LIVE_COLS | MatFlag.BIAS})
+    assert isa.is_forwarding(ins) and isa.decode(isa.encode(ins)) == ins
+    assert isa.assemble("matvec rows=64 cols=1024 flags=LIVE_COLS lreg=2 sreg=15") == [
+        isa.make(Op.MATVEC, rows=64, cols=1024, flags=MatFlag.LIVE_COLS, lreg=2, sreg=15)
+    ]
     # with ARGMAX, sreg is the sampling register: no forwarding, none of its rules
     for flags in (MatFlag.ARGMAX, MatFlag.ARGMAX | MatFlag.LIVE_COLS):
         ins = isa.make(Op.MATVEC, rows=50257, cols=768, flags=flags, lreg=2, sreg=11)
@@ -223,6 +252,10 @@ def test_forwarding_matvec_legal_forms():
     ins = isa.make(Op.MATVEC, rows=64, cols=64, flags=MatFlag.ARGMAX, sreg=3, wfmt=isa.WFmt.INT8)
     assert not isa.is_forwarding(ins)
     assert not isa.is_forwarding(isa.make(Op.MATVEC, **{**FWD, "sreg": 0, "cols": 512}))
+    assert not isa.is_forwarding(isa.make(Op.MATVEC, **{**FWD_COL, "sreg": 0, "rows": 512}))
+    # a reserved weight format says so whether or not the product forwards
+    with pytest.raises(IllegalInstruction, match="wfmt = 3 is reserved"):
+        isa.decode(isa.encode(isa.make(Op.MATVEC, **FWD)) | 3 << field_shift(Op.MATVEC, "wfmt"))
 
 
 def test_every_op_has_semantics_and_a_unit():

@@ -478,57 +478,124 @@ def test_forwarding_matvec_takes_the_last_live_row_from_the_vbuf(t, cols):
     assert np.array_equal(out[14][:-1], out[0][:-1]) and out[14][-1] != out[0][-1]
 
 
-def test_forwarding_matvec_operand_errors():
-    """R[sreg] not a multiple of 64, or a forwarded row past the VBUF, is VBUF_RANGE at the
-    MATVEC's pc, checked only when a row is live; the last row of the VBUF may be forwarded."""
+@pytest.mark.parametrize("axis", ["row", "column"])
+def test_forwarding_matvec_operand_errors(axis):
+    """R[sreg] not a multiple of 64, or the forwarded row VBUF[src + R[sreg]:][:64] (LIVE_ROWS)
+    or column VBUF[dst + R[sreg]:][:64] (LIVE_COLS) past the VBUF, is VBUF_RANGE at the MATVEC's
+    pc, checked only when a row or column is live; the last row of the VBUF may be forwarded. A
+    column counts from dst: src + R[sreg] past the VBUF does not matter."""
     g = geometry("tiny")
-    src, dst = 128, 1024
-    k = fp16_values(np.random.default_rng(3), (64, 64))
+    row = axis == "row"
+    src, dst = (128, 1024) if row else (1024, 128)
+    m = fp16_values(np.random.default_rng(3), (64, 64))
+    x = fp16_values(np.random.default_rng(5), 64)
+    flags = "LIVE_ROWS" if row else "LIVE_COLS"
 
     def run(t, off):
         text = f"""
             seti rd=3 imm={t}
             seti rd=5 imm={off}
             vset dst={dst} imm=0x1234 len=64
-            matvec dst={dst} src={src} line={FWD_LINE} rows=64 cols=64 flags=LIVE_ROWS lreg=3 sreg=5
+            matvec dst={dst} src={src} line={FWD_LINE} rows=64 cols=64 flags={flags} lreg=3 sreg=5
             halt
         """
-        sim = fwd_sim(text, [(FWD_LINE, k)])
+        sim = fwd_sim(text, [(FWD_LINE, m)], [(src, x)])
         return sim, sim.run()
 
-    last = g.vbuf_elems - 64 - src
+    base = src if row else dst
+    last = g.vbuf_elems - 64 - base
     for off in (32, 1, last + 64, last + 32, (1 << 32) - 64):
         _, r = run(5, off)
         assert r.status == Status.VBUF_RANGE and r.pc == 3, (off, r.message)
-        assert "forwarded row" in r.message
+        assert f"forwarded {axis}" in r.message
     sim, r = run(5, last)
     assert r.ok
-    assert np.array_equal(sim.vbuf[dst : dst + 4], product(k[:4], sim.vbuf[src : src + 64]))
-    # no live row: nothing forwarded, nothing checked, nothing written
+    fwd = sim.vbuf[base + last : base + last + 64]
+    live = m[:5].copy() if row else m[:, :5].copy()
+    want = product(live, x) if row else product(live, x[:5])
+    patched = live.copy()
+    if row:
+        patched[4] = fwd
+    else:
+        patched[:, 4] = fwd
+    got = sim.vbuf[dst : dst + len(want)]
+    assert np.array_equal(got, product(patched, x if row else x[:5]))
+    assert not np.array_equal(got, want)  # the HBM row or column would give another product
+    # none live: nothing forwarded, nothing checked; no row is written, no column gives +0
     for off in (32, last + 64):
         sim, r = run(0, off)
-        assert r.ok and (sim.vbuf[dst : dst + 64] == 0x1234).all()
+        assert r.ok and (sim.vbuf[dst : dst + 64] == (0x1234 if row else 0)).all()
+
+
+@pytest.mark.parametrize("t", [1, 2, 37, 64, 65, 128])
+@pytest.mark.parametrize("rows, bias", [(64, False), (40, True)])
+def test_forwarding_matvec_takes_the_last_live_column_from_the_vbuf(t, rows, bias):
+    """LIVE_COLS: column T-1 comes from VBUF[dst + R[sreg]] (dst, not src: a decoy at
+    src + R[sreg] is not used), the other live columns from HBM; the HBM column T-1 differs, so
+    the product differs from the same one without forwarding. Rows past ``rows`` of the
+    forwarded VBUF row do not count; the bias at dst is read as without forwarding."""
+    rng = np.random.default_rng(t * 100 + rows)
+    v = fp16_values(rng, (rows, 128))
+    x, col, decoy = fp16_values(rng, 128), fp16_values(rng, 64), fp16_values(rng, 64)
+    b = fp16_values(rng, rows)
+    src, off, dst = 256, 1024, 2048
+    flags = "LIVE_COLS|BIAS" if bias else "LIVE_COLS"
+    text = f"""
+        seti rd=2 imm={t}
+        seti rd=15 imm={off}
+        matvec dst={dst} src={src} line={FWD_LINE} rows={rows} cols=128 flags={flags} lreg=2 sreg=SREG
+        halt
+    """  # noqa: E501
+    out = {}
+    for sreg in (15, 0):
+        vb = [(src, x), (dst, b), (dst + off, col), (src + off, decoy)]
+        sim = fwd_sim(text.replace("SREG", str(sreg)), [(FWD_LINE, v)], vb)
+        r = sim.run()
+        assert r.ok, r.message
+        out[sreg] = sim.vbuf[dst : dst + rows].copy()
+        g = sim.geom
+        assert r.hbm_read == -(-rows // g.lanes) * -(-t // 64) * g.channels * g.beat_bytes
+    patched = v[:, :t].copy()
+    patched[:, t - 1] = col[:rows]
+    bias_bits = b if bias else None
+    assert np.array_equal(out[15], nm.matvec_fp16(nm.PreparedMatrix(patched), x[:t], bias_bits))
+    assert np.array_equal(out[0], nm.matvec_fp16(nm.PreparedMatrix(v[:, :t]), x[:t], bias_bits))
+    assert not np.array_equal(out[15], out[0])  # the stale HBM column gives another product
+    from_src = patched.copy()
+    from_src[:, t - 1] = decoy[:rows]
+    assert not np.array_equal(
+        out[15], nm.matvec_fp16(nm.PreparedMatrix(from_src), x[:t], bias_bits)
+    )
 
 
 @pytest.mark.parametrize(
-    "flags, cols, wfmt",
+    "flags, rows, cols, wfmt",
     [
-        (0, 64, 0),  # no LIVE_ROWS
-        (isa.MatFlag.BIAS, 64, 0),
-        (isa.MatFlag.LIVE_COLS, 64, 0),
-        (isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS, 64, 0),
-        (isa.MatFlag.LIVE_ROWS, 0, 0),
-        (isa.MatFlag.LIVE_ROWS, 65, 0),
-        (0, 64, 1),  # a quantized one, legal without sreg
-        (0, 64, 2),
+        (0, 64, 64, 0),  # neither LIVE_ROWS nor LIVE_COLS
+        (isa.MatFlag.BIAS, 64, 64, 0),
+        (isa.MatFlag.LIVE_ROWS | isa.MatFlag.LIVE_COLS, 64, 64, 0),
+        (isa.MatFlag.LIVE_ROWS, 64, 0, 0),
+        (isa.MatFlag.LIVE_ROWS, 64, 65, 0),
+        (isa.MatFlag.LIVE_COLS, 0, 64, 0),  # a forwarded column of no rows
+        (isa.MatFlag.LIVE_COLS, 65, 64, 0),
+        (isa.MatFlag.LIVE_COLS, 128, 64, 0),
+        (0, 64, 64, 1),  # a quantized one, legal without sreg
+        (0, 64, 64, 2),
     ],
 )
-def test_illegal_forwarding_matvec_stops_the_run(flags, cols, wfmt):
+def test_illegal_forwarding_matvec_stops_the_run(flags, rows, cols, wfmt):
     """A word that would be a forwarding MATVEC of an illegal form is ILLEGAL_INSTRUCTION at its
     pc; with ARGMAX the same sreg is the sampling register and the word is legal."""
     g = geometry("tiny")
     base = isa.make(  # legal: sreg = 0
-        isa.Op.MATVEC, src=64, line=FWD_LINE, rows=64, cols=cols, flags=flags, lreg=2, wfmt=wfmt
+        isa.Op.MATVEC,
+        src=64,
+        line=FWD_LINE,
+        rows=rows,
+        cols=cols,
+        flags=flags,
+        lreg=2,
+        wfmt=wfmt,
     )
 
     def shift(name):
@@ -546,12 +613,15 @@ def test_illegal_forwarding_matvec_stops_the_run(flags, cols, wfmt):
 
 
 H_FWD = 3
+V_OFF = 1024  # the value products' forwarded columns: att_h + V_OFF
 
 
-def head_group_text(sregs, t, off, c=128):
+def head_group_text(sregs, t, off, c=128, v_sregs=(0,) * H_FWD, v_off=V_OFF):
     """One attention head group in the compiler's normative form (the batched path's), H_FWD
     heads: q_h at 64h, k_h at 64h + off, scores at 1024 + c*i, scalars at 1600 + 64i, outputs at
-    2048 + 64h, one at 2560; K_h and V^T_h dense in HBM."""
+    2048 + 64h, v_h at 2048 + 64h + v_off, one at 2560; K_h and V^T_h dense in HBM. The score
+    products' sreg of head h is ``sregs[h]`` (R14 = off), the value products' ``v_sregs[h]``
+    (R15 = v_off)."""
     ds = L.dense_stride(geometry("tiny"))
     kb = L.tiled_bytes(geometry("tiny"), c, 64) // isa.LINE
     k_line = [FWD_LINE + 2 * h * kb for h in range(H_FWD)]
@@ -560,7 +630,8 @@ def head_group_text(sregs, t, off, c=128):
     sc = [1600 + 64 * i for i in range(H_FWD)]
     att = [2048 + 64 * i for i in range(H_FWD)]
     one, hs = 2560, range(H_FWD)
-    lines = [f"seti rd=2 imm={t}", f"seti rd=14 imm={off}", f"vset dst={one} imm=0x3c00 len=1"]
+    lines = [f"seti rd=2 imm={t}", f"seti rd=14 imm={off}", f"seti rd=15 imm={v_off}"]
+    lines += [f"vset dst={one} imm=0x3c00 len=1"]
     lines += [
         f"matvec dst={s[h]} src={64 * h} line={k_line[h]} rows={c} cols=64 stride={ds} "
         f"flags=LIVE_ROWS lreg=2 sreg={sregs[h]}"
@@ -573,61 +644,103 @@ def head_group_text(sregs, t, off, c=128):
     lines += [f"vrecip dst={sc[h]} a={sc[h]} len=1" for h in hs]
     lines += [
         f"matvec dst={att[h]} src={s[h]} line={v_line[h]} rows=64 cols={c} stride={ds} "
-        "flags=LIVE_COLS lreg=2"
+        f"flags=LIVE_COLS lreg=2 sreg={v_sregs[h]}"
         for h in hs
     ]
     lines += [f"vmul dst={att[h]} a={att[h]} b={sc[h]} len=64 flags=B_SCALAR" for h in hs]
     return "\n".join([*lines, "halt"]), k_line, v_line, att
 
 
-def head_group_run(sregs, t, off=192, batch=True, patch_hbm=False, seed=5):
-    """Run :func:`head_group_text` on random K, V, q and k rows whose HBM row t-1 differs from
-    the VBUF row (``patch_hbm``: the HBM row made equal to it). Returns (sim, result, att)."""
+V_PC = 4 + 6 * H_FWD  # head_group_text's first value product (its first score product: 4)
+
+
+def head_group_run(
+    sregs,
+    t,
+    off=192,
+    batch=True,
+    patch_hbm=(),
+    seed=5,
+    v_sregs=(0,) * H_FWD,
+    v_off=V_OFF,
+):
+    """Run :func:`head_group_text` on random K, V, q, k rows and v columns whose HBM row or
+    column t-1 differs from the VBUF's (``patch_hbm``: "k" makes the HBM rows equal to the VBUF
+    rows, "v" the HBM columns to the VBUF columns). Returns (sim, result, att)."""
     rng = np.random.default_rng(seed)
-    text, k_line, v_line, att = head_group_text(sregs, t, off)
+    text, k_line, v_line, att = head_group_text(sregs, t, off, v_sregs=v_sregs, v_off=v_off)
     ks = [fp16_values(rng, (128, 64)) for _ in range(H_FWD)]
     vs = [fp16_values(rng, (64, 128)) for _ in range(H_FWD)]
     q, rows = fp16_values(rng, 64 * H_FWD, 0.3), fp16_values(rng, (H_FWD, 64))
-    if patch_hbm:
+    cols = fp16_values(rng, (H_FWD, 64))
+    if "k" in patch_hbm:
         for k, row in zip(ks, rows, strict=True):
             k[t - 1] = row
+    if "v" in patch_hbm:
+        for v, col in zip(vs, cols, strict=True):
+            v[:, t - 1] = col
     mats = list(zip(k_line, ks, strict=True)) + list(zip(v_line, vs, strict=True))
     vb = [(0, q)] + [(64 * h + off, rows[h]) for h in range(H_FWD) if 64 * h + off < 4096]
+    vb += [(a + v_off, cols[h]) for h, a in enumerate(att) if a + v_off < 4096]
     sim = fwd_sim(text, mats, vb, batch_heads=batch)
     r = sim.run()
     return sim, r, np.concatenate([sim.vbuf[a : a + 64] for a in att])
 
 
 @pytest.mark.parametrize("t", [1, 2, 64, 100, 128])
-def test_forwarding_head_group_batched_equals_one_instruction_at_a_time(t):
-    """The batched head group forwards row T-1 of every head's K as the instructions do: same
-    VBUF, registers and status both ways; the same as the non-forwarding group over an HBM whose
-    row T-1 is the VBUF row; not the same as the non-forwarding group over the HBM as it is."""
-    fwd = [14] * H_FWD
-    a, ra, att_a = head_group_run(fwd, t, batch=True)
-    b, rb, _ = head_group_run(fwd, t, batch=False)
+@pytest.mark.parametrize("parts", ["k", "v", "kv"])
+def test_forwarding_head_group_batched_equals_one_instruction_at_a_time(t, parts):
+    """The batched head group forwards row T-1 of every head's K ("k": the score products) and
+    column T-1 of every head's V^T ("v": the value products) as the instructions do: same VBUF,
+    registers and status both ways; the same as the non-forwarding group over an HBM whose row
+    or column T-1 is the VBUF's; not the same as the non-forwarding group over the HBM as it
+    is."""
+    fwd = {"sregs": [14 if "k" in parts else 0] * H_FWD}
+    fwd["v_sregs"] = [15 if "v" in parts else 0] * H_FWD
+    a, ra, att_a = head_group_run(t=t, batch=True, **fwd)
+    b, rb, _ = head_group_run(t=t, batch=False, **fwd)
     assert ra.ok and ra == rb and a.regs == b.regs
     assert a.batched_groups == 1 and b.batched_groups == 0
     assert np.array_equal(a.vbuf, b.vbuf)
     for batch in (True, False):
-        c, rc, att_c = head_group_run([0] * H_FWD, t, batch=batch, patch_hbm=True)
+        c, rc, att_c = head_group_run([0] * H_FWD, t, batch=batch, patch_hbm=parts)
         assert rc.ok and c.batched_groups == int(batch) and np.array_equal(att_c, att_a)
         _, _, att_d = head_group_run([0] * H_FWD, t, batch=batch)
-        # forwarding was not ignored (one position's softmax is 1 whatever its score)
-        assert np.array_equal(att_d, att_a) == (t == 1)
+        # forwarding was not ignored (one position's softmax is 1 whatever its score, but its
+        # output is V's column 0)
+        assert np.array_equal(att_d, att_a) == (t == 1 and parts == "k")
 
 
 def test_forwarding_head_group_mixed_or_out_of_range_runs_one_by_one():
-    """Score products that do not all forward with one sreg are not batched (and give what the
-    instructions give); a bad forwarding offset stops at the first score product, batched or
-    not."""
-    for sregs in ([14, 0, 14], [14, 13, 14]):
-        a, ra, _ = head_group_run(sregs, 50, batch=True)
-        b, rb, _ = head_group_run(sregs, 50, batch=False)
+    """Score products, or value products, that do not all forward with one sreg are not
+    batched (and give what the instructions give); a bad forwarding offset stops at the first
+    product it concerns, batched or not."""
+    ok = [14] * H_FWD
+    for sregs, v_sregs in (
+        ([14, 0, 14], ok),
+        ([14, 13, 14], ok),
+        (ok, [15, 0, 15]),
+        (ok, [0, 0, 15]),
+        (ok, [15, 13, 15]),
+    ):
+        a, ra, _ = head_group_run(sregs, 50, batch=True, v_sregs=v_sregs)
+        b, rb, _ = head_group_run(sregs, 50, batch=False, v_sregs=v_sregs)
         assert ra.ok and ra == rb and a.batched_groups == 0 and np.array_equal(a.vbuf, b.vbuf)
+    # one sreg for the score and the value products (R14 = 192 = both offsets): batched, equal
+    one_reg = {"v_sregs": ok, "v_off": 192}
+    a, ra, _ = head_group_run(ok, 50, batch=True, **one_reg)
+    b, rb, _ = head_group_run(ok, 50, batch=False, **one_reg)
+    assert ra.ok and ra == rb and a.batched_groups == 1 and np.array_equal(a.vbuf, b.vbuf)
     for off in (96, 4096 - 128):  # not a multiple of 64; head 2's row past the VBUF
         for batch in (True, False):
-            sim, r, _ = head_group_run([14] * H_FWD, 50, off=off, batch=batch)
-            first = 3 + (2 if off == 4096 - 128 else 0)
+            sim, r, _ = head_group_run(ok, 50, off=off, batch=batch)
+            first = 4 + (2 if off == 4096 - 128 else 0)
             assert r.status == Status.VBUF_RANGE and r.pc == first, (off, batch, r.message)
-            assert sim.batched_groups == 0
+            assert "forwarded row" in r.message and sim.batched_groups == 0
+    # not a multiple of 64; head 2's column past the VBUF (att_2 = 2176)
+    for v_off in (96, 4096 - 2176):
+        for batch in (True, False):
+            sim, r, _ = head_group_run(ok, 50, batch=batch, v_sregs=[15] * H_FWD, v_off=v_off)
+            first = V_PC + (2 if v_off == 4096 - 2176 else 0)
+            assert r.status == Status.VBUF_RANGE and r.pc == first, (v_off, batch, r.message)
+            assert "forwarded column" in r.message and sim.batched_groups == 0

@@ -54,6 +54,7 @@ def _cmd_word(
     wfmt=0,
     wgroup=0,
     fwd_index=None,
+    fwd_col=False,
 ) -> int:
     flags = _FLAGS.pack(bias=bias, argmax=argmax)
     word, seed, pos = sampling
@@ -67,6 +68,7 @@ def _cmd_word(
         wfmt=wfmt,
         wgroup=wgroup,
         fwd=int(fwd_index is not None),
+        fwd_col=int(fwd_col),
         fwd_index=fwd_index or 0,
     )
 
@@ -94,8 +96,9 @@ class Case:
     label: str = ""
     sampling: tuple[int, int, int] = (0, 0, 0)  # (word, seed, position), tandem.sampling
     # a forwarding product (tandem.isa): the 64 elements that replace the last live row (the
-    # matrix's copy of that row is stale)
+    # matrix's copy of that row is stale), or with ``fwd_col`` the last live column
     fwd: np.ndarray | None = None
+    fwd_col: bool = False
     expect_rows: list[np.ndarray] = field(default_factory=list)
     expect_argmax: int | None = None
 
@@ -124,7 +127,10 @@ class Case:
         w, x = self.w[:r, :c], self.x[:c]
         if self.fwd is not None and c:
             w = w.copy()
-            w[r - 1] = self.fwd[:c]
+            if self.fwd_col:
+                w[:, c - 1] = self.fwd[:r]
+            else:
+                w[r - 1] = self.fwd[:c]
         if c == 0:  # no live column: one all-zero block (isasim), so the result is the bias
             w, x = np.zeros((r, BLOCK), np.uint16), np.zeros(BLOCK, np.uint16)
         mat = nm.PreparedMatrix(w)
@@ -138,6 +144,14 @@ class Case:
         padded[:r] = y
         self.expect_rows = [padded[g * BLOCK : (g + 1) * BLOCK] for g in range(self.n_groups)]
 
+    @property
+    def fwd_index(self) -> int | None:
+        """The forwarded row's (column's) index, None when nothing is forwarded: the command
+        has no live row or column (as the controller sends it)."""
+        if self.fwd is None or self.eff_rows == 0 or self.eff_cols == 0:
+            return None
+        return (self.eff_cols if self.fwd_col else self.eff_rows) - 1
+
     def streams(self, geom):
         """(cmd word, x beats, weight tiles, bias rows) as stream payload integers."""
         cmd = _cmd_word(
@@ -148,7 +162,8 @@ class Case:
             int(self.bias is not None),
             int(self.argmax),
             self.sampling,
-            fwd_index=None if self.fwd is None or self.eff_rows == 0 else self.eff_rows - 1,
+            fwd_index=self.fwd_index,
+            fwd_col=self.fwd_col,
         )
         if self.n_groups == 0:  # the MPU takes nothing but the command
             return cmd, [], [], []
@@ -306,7 +321,8 @@ def make_case(
     fwd=False,
 ) -> Case:
     """A random MATVEC; ``fwd``: a forwarding product (``cols`` <= 64, no ARGMAX), whose last
-    live row comes with x (its matrix copy stays garbage)."""
+    live row comes with x (its matrix copy stays garbage); ``fwd="col"``: one whose last live
+    column comes with x (``rows`` <= 64)."""
     live_rows = rows if live_rows is None else live_rows
     live_cols = cols if live_cols is None else live_cols
     ga, ca = -(-rows // BLOCK), -(-cols // BLOCK)
@@ -320,7 +336,13 @@ def make_case(
         b = garbage_bits(rng, ga * BLOCK)
         b[:r] = normal_bits(rng, r, 4.0) if values is None else values(rng, r)
     case = Case(w, rows, cols, live_rows, live_cols, x, b, argmax, label, sampling)
-    if fwd:
+    if fwd == "col":
+        assert rows <= BLOCK and not argmax
+        case.fwd, case.fwd_col = garbage_bits(rng, BLOCK), True
+        case.fwd[:r] = normal_bits(rng, r) if values is None else values(rng, r)
+        if c:
+            w[:, c - 1] = garbage_bits(rng, w.shape[0])  # the stale copy the column replaces
+    elif fwd:
         assert cols <= BLOCK and not argmax
         case.fwd = garbage_bits(rng, BLOCK)
         case.fwd[:c] = normal_bits(rng, c) if values is None else values(rng, c)
@@ -469,6 +491,15 @@ async def shapes_and_cycle_formula(dut):
             make_case(rng, rows, cols, live_rows=live_rows, bias=bias, fwd=True, label=label)
         )
     cases.append(make_case(rng, 64, 64, live_rows=0, fwd=True, label="fwd no live row"))
+    # ... and the value products: the last live column (index 69 in the second block, 63 at a
+    # block's end, 0, the last of 300)
+    fwd_cols = ((64, 128, 70, False), (64, 200, 64, True), (40, 64, 1, False), (5, 300, 300, True))
+    for rows, cols, live_cols, bias in fwd_cols:
+        label = f"fwd col {rows}x{live_cols}/{cols}{' bias' if bias else ''}"
+        cases.append(
+            make_case(rng, rows, cols, live_cols=live_cols, bias=bias, fwd="col", label=label)
+        )
+    cases.append(make_case(rng, 64, 64, live_cols=0, fwd="col", label="fwd no live column"))
     # no live row (nothing happens) or no live column (results = bias, or +0)
     degenerate = [(0, 64, True, False), (0, 0, True, True), (130, 0, True, False)]
     degenerate += [(64, 0, True, True), (70, 0, False, False)]
@@ -589,19 +620,26 @@ async def stalls_and_random_shapes(dut):
             rows = int(rng.integers(1, 200))
             cols = int(rng.integers(1, 300))
             live = rng.random() < 0.4
-            fwd = rng.random() < 0.25  # a forwarding product: one column block, live rows
-            if fwd:
+            # a forwarding product: one column block and live rows (a forwarded row), or one
+            # row group and live columns (a forwarded column)
+            draw = rng.random()
+            fwd = True if draw < 0.15 else "col" if draw < 0.3 else False
+            if fwd is True:
                 cols = int(rng.integers(1, BLOCK + 1))
+            elif fwd:
+                rows = int(rng.integers(1, BLOCK + 1))
+            fwd_rows, fwd_cols = fwd is True, fwd == "col"
             cases.append(
                 make_case(
                     rng,
                     rows,
                     cols,
-                    live_rows=int(rng.integers(1, rows + 1)) if live or fwd else None,
-                    live_cols=int(rng.integers(1, cols + 1)) if live and not fwd else None,
+                    live_rows=int(rng.integers(1, rows + 1)) if live or fwd_rows else None,
+                    live_cols=int(rng.integers(1, cols + 1)) if live or fwd_cols else None,
                     bias=bool(rng.random() < 0.5),
                     argmax=not fwd and bool(rng.random() < 0.3),
-                    label=f"pattern {k} case {i}{' fwd' if fwd else ''}",
+                    label=f"pattern {k} case {i}{' fwd' if fwd_rows else ''}"
+                    f"{' fwd col' if fwd_cols else ''}",
                     fwd=fwd,
                 )
             )

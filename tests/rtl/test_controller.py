@@ -179,8 +179,8 @@ def run_controller(
                         *(c.wfmt, c.wgroup),
                     )
                 )
-                if c.fwd:  # a forwarding product: its row's index and VBUF row
-                    log[-1] += ("fwd", c.fwd_index, mp.fwd_row)
+                if c.fwd:  # a forwarding product: its row's (column's) index and VBUF row
+                    log[-1] += ("fwd-col" if c.fwd_col else "fwd", c.fwd_index, mp.fwd_row)
                 mpu_busy = mpu_cycles
                 if c.flags.argmax:
                     argmax_q.append(argmax)
@@ -294,11 +294,14 @@ def _fwd_word(**fields) -> int:
     return isa.encode(make(Op.MATVEC, **fields)) | 6 << _field_pos(Op.MATVEC, "sreg")
 
 
-_ILLEGAL_FWD = {  # tandem.isa's rules of a forwarding MATVEC: LIVE_ROWS only, FP16, 1..64 cols
-    "fwd-no-live-rows": _fwd_word(rows=64, cols=64),
-    "fwd-live-cols": _fwd_word(rows=64, cols=64, flags=4 | 8, lreg=4),
+_ILLEGAL_FWD = {  # tandem.isa's rules of a forwarding MATVEC: FP16, LIVE_ROWS only with 1..64
+    # columns, or LIVE_COLS only with 1..64 rows
+    "fwd-no-live": _fwd_word(rows=64, cols=64),
+    "fwd-both-live": _fwd_word(rows=64, cols=64, flags=4 | 8, lreg=4),
     "fwd-cols-65": _fwd_word(rows=64, cols=65, flags=4, lreg=4),
     "fwd-cols-0": _fwd_word(rows=64, cols=0, flags=4, lreg=4),
+    "fwd-col-rows-65": _fwd_word(rows=65, cols=64, flags=8, lreg=4),
+    "fwd-col-rows-0": _fwd_word(rows=0, cols=64, flags=8, lreg=4),
     "fwd-int8": _quant_word(1, rows=64, cols=64) | 6 << _field_pos(Op.MATVEC, "sreg"),
 }
 
@@ -705,6 +708,59 @@ def test_forwarding_products_are_read_beside_stores(second_fwd):
     else:
         assert reads[8] >= store + 50, (reads, store)  # after the write's response
         assert "fwd" not in mpus[2]
+
+
+def test_forwarded_columns_are_read_beside_stores():
+    """The value products (tandem.isa: LIVE_COLS with sreg, the last live column from
+    VBUF[dst + R[sreg]]) are read beside the STCOL that writes that column: prefetched by the
+    look-ahead past the store, with the column's index (R2 - 1 = 4) and VBUF row
+    ((640 + R6) / 64 = 12) in the MPU command; a plain product after them waits for the
+    store's response. (The V matrix at line 80 lies clear of the HBM bytes the harness
+    compares: it does not apply column stores.)"""
+    fwd = {"flags": int(isa.MatFlag.LIVE_COLS), "lreg": 2, "sreg": 6}
+    p = [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=4, imm=4),
+        make(Op.SETI, rd=6, imm=128),
+        make(Op.VSET, dst=0, imm=0x3C00, len=1024),
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        make(Op.VMUL, dst=512, a=256, b=384, len=64),
+        make(Op.STCOL, src=768, len=64, line=80, ri=4, cols=64),
+        make(Op.MATVEC, dst=640, src=0, line=80, rows=64, cols=64, **fwd),
+        make(Op.MATVEC, dst=704, src=64, line=80, rows=64, cols=64, **fwd),
+        make(Op.MATVEC, dst=896, src=64, line=50, rows=64, cols=64),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=60, write_cycles=50)
+    assert got["status"] == 0
+    reads, store = _read_and_store_cycles(got, log)
+    assert reads[7] < store and reads[8] < store, (reads, store)  # prefetched past the store
+    assert reads[9] >= store + 50, (reads, store)  # after the write's response
+    mpus = [e for e in log if e[0] == "mpu"]
+    assert mpus[1][-3:] == ("fwd-col", 4, 12)
+    assert mpus[2][-3:] == ("fwd-col", 4, 13)
+    assert "fwd" not in mpus[3] and "fwd-col" not in mpus[3]
+
+
+@pytest.mark.parametrize("dst, status", [(3904, 0), (3968, Status.VBUF_RANGE)])
+def test_forwarded_column_counts_from_dst(dst, status):
+    """A forwarded column is VBUF[dst + R[sreg]] (tiny: 4,096 elements): with R6 = 128 it is
+    the buffer's last row (4,032) from dst = 3,904, past the buffer from dst = 3,968 (whose own
+    64 rows fit); src (0) plays no part. VBUF_RANGE at the product's pc, with no read."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_COLS), "lreg": 2, "sreg": 6}
+    p = [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=6, imm=128),
+        make(Op.MATVEC, dst=dst, src=0, line=40, rows=64, cols=64, **fwd),
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {})
+    assert got["status"] == status
+    if status:
+        assert got["error_pc"] == 2
+        assert not [e for e in log if e[0] == "read" and e[1] == ReadKind.TILES]
+    else:
+        assert next(e for e in log if e[0] == "mpu")[-3:] == ("fwd-col", 4, 63)
 
 
 def test_a_scan_after_queued_forwarding_products_stays_past_the_store():
