@@ -712,10 +712,6 @@ class MatrixUnit(GeometryComponent):
             tags[0].fmt.eq(c.fmt),
         ]
         tile_in = Signal(data.ArrayLayout(Block, lanes))
-        w_keep = Signal(BLOCK * 16 * lanes)
-        m.d.comb += w_keep.eq(
-            Mux(is_last_cb & ~quant, x.last_keep.replicate(lanes), Const(-1, len(w_keep)))
-        )
         # Each lane's scale beat share (tandem.layout.pack_quant_tiled): 32 binary16 scales in
         # bits 0..511, then 32 zero points of `bits` bits. The registers shift by the tile's e
         # entries as tiles are taken, so the tile's entries are always the first ones; block b
@@ -767,16 +763,28 @@ class MatrixUnit(GeometryComponent):
             col_hit.eq(c.do_fwd_col & is_last_cb),
             col_mask.eq(Cat(*(b.replicate(16) for b in c.fwd_sel)) & col_hit.replicate(16 * BLOCK)),
         ]
+        # The bits every lane keeps from its row: the live columns (the dead ones of the last
+        # block are +0), none without a live column, not the forwarded column's. One mask for
+        # all lanes, so that each bit of a lane is one LUT of six inputs: its tile bit, the
+        # forwarded row's, the lane's row hit, the kept and column masks, the column element.
+        keep = Signal(BLOCK * 16)
+        m.d.comb += keep.eq(
+            Mux(
+                x.no_cols,
+                0,
+                Mux(is_last_cb & ~quant, x.last_keep, Const(-1, BLOCK * 16)) & ~col_mask,
+            )
+        )
         beat_in = Signal(data.ArrayLayout(Block, lanes))
         for lane in range(lanes):
             hit = row_hit & (c.fwd_index[:lanes_log2] == lane) if lanes_log2 else row_hit
             row = Mux(hit, c.fwd_vec.as_value(), self.weights.payload[lane].as_value())
             elem = c.fwd_vec[lane].replicate(BLOCK)
-            m.d.comb += beat_in[lane].eq((row & ~col_mask) | (elem & col_mask))
+            m.d.comb += beat_in[lane].eq((row & keep) | (elem & col_mask))
         with m.If(tile_take & col_hit):
             m.d.sync += c.fwd_vec.eq(c.fwd_vec.as_value() >> (16 * lanes))
         with m.If(tile_take):
-            m.d.sync += tile_in.eq(Mux(x.no_cols, 0, beat_in.as_value() & w_keep))
+            m.d.sync += tile_in.eq(beat_in)
             with m.If(rb == stride - 1):
                 m.d.sync += rb.eq(0)
                 with m.If(is_last_cb):
