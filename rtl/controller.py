@@ -4,8 +4,8 @@
 
 from types import SimpleNamespace
 
-from amaranth import Array, Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, memory, stream
+from amaranth import Array, Cat, Module, Mux, ResetInserter, Signal, signed, unsigned
+from amaranth.lib import data, fifo, memory, stream
 from amaranth.lib.wiring import In, Out
 
 from tandem import isa, regmap
@@ -228,6 +228,7 @@ class Controller(GeometryComponent):
     def elaborate(self, platform):
         m = Module()
         c = SimpleNamespace()  # the registers, signals and helpers the pieces below share
+        c.queues_clear = Signal()  # a run starts: the MATVEC queues are emptied (_queue)
         self._registers(m, c)
         self._decode(m, c)
         self._scoreboard(m, c)
@@ -565,12 +566,23 @@ class Controller(GeometryComponent):
             with m.If(s.ready):
                 m.d.sync += s.valid.eq(0)
 
+    @staticmethod
+    def _queue(m, c, name, layout, depth):
+        """A first-in first-out queue of ``depth`` entries of ``layout`` in distributed RAM
+        (``amaranth.lib.fifo.SyncFIFO``: its head read asynchronously, so an entry pushed in
+        one cycle is the head in the next, as a shift register's would be; a few LUTs per
+        entry bit instead of a register and a multiplexer). The caller keeps the count and
+        pushes (``w_en``, ``w_data``) and pops (``r_en``) only within it; ``c.queues_clear``
+        (a run's start) empties it. Returns the FIFO and its head as a ``layout`` view."""
+        q = fifo.SyncFIFO(width=data.Layout.cast(layout).size, depth=depth)
+        m.submodules[name] = ResetInserter(c.queues_clear)(q)
+        return q, data.View(layout, q.r_data)
+
     def _mpu_queue(self, m, c):
-        """MATVECs waiting for the VBUF after their weight read went to the DMA:
-        ``pending[0]`` is the oldest; a MATVEC joins at ``pending[n_pending]`` (one slot lower
-        if one leaves in the same cycle)."""
+        """MATVECs waiting for the VBUF after their weight read went to the DMA, oldest first
+        (:meth:`_queue`, ``n_pending`` of them)."""
         busy, n_pending = self.busy, c.n_pending
-        pending = [Signal(MpuIssue, name=f"pending{i}") for i in range(MAX_PENDING)]
+        queue, head = self._queue(m, c, "pending", MpuIssue, MAX_PENDING)
         c.push = Signal()  # a MATVEC issues this cycle (set in Exec)
         c.push_cmd = Signal(MpuIssue)
         # The next MATVEC may go to the core's MPU feeder while the previous one still runs:
@@ -581,14 +593,12 @@ class Controller(GeometryComponent):
             c.mpu_pending & ~self.mpu.valid & c.vpu_quiet & ~busy.loadv & c.store_quiet
         )
         with m.If(send):
-            m.d.sync += [self.mpu.payload.eq(pending[0]), self.mpu.valid.eq(1)]
-            for i in range(MAX_PENDING - 1):
-                m.d.sync += pending[i].eq(pending[i + 1])
-        with m.If(c.push):
-            slot = Mux(send, n_pending - 1, n_pending)
-            for i in range(MAX_PENDING):
-                with m.If(slot == i):
-                    m.d.sync += pending[i].eq(c.push_cmd)
+            m.d.sync += [self.mpu.payload.eq(head), self.mpu.valid.eq(1)]
+        m.d.comb += [
+            queue.r_en.eq(send),
+            queue.w_en.eq(c.push),
+            queue.w_data.eq(c.push_cmd.as_value()),
+        ]
         m.d.sync += n_pending.eq(n_pending + c.push - send)
 
         # The VBUF rows of the MATVECs issued since the MPU was last quiet, the x rows read and
@@ -709,12 +719,12 @@ class Controller(GeometryComponent):
         c.in_exec = Signal()  # the FSM is in Exec (set there)
         # the prefetched MATVECs, oldest first: pc and MPU command (for a stop before Exec
         # reaches them); Exec (or the drain) pops the oldest, the scan pushes
-        pf_pcs = [Signal(16, name=f"pf_pc{i}") for i in range(PF_QUEUE)]
-        pf_cmds = [Signal(MpuIssue, name=f"pf_cmd{i}") for i in range(PF_QUEUE)]
+        pf_entry = data.StructLayout({"pc": 16, "cmd": MpuIssue})
+        pf_queue, pf_head = self._queue(m, c, "prefetched", pf_entry, PF_QUEUE)
         c.pf_n = Signal(range(PF_QUEUE + 1))
         c.pf_valid = Signal()
         m.d.comb += c.pf_valid.eq(c.pf_n != 0)
-        c.pf_pc, c.pf_cmd = pf_pcs[0], pf_cmds[0]
+        c.pf_pc, c.pf_cmd = pf_head.pc, pf_head.cmd
         tag = self.dma_error_tag
         m.d.comb += [
             c.dma_queued.eq(self.dma_error_read & c.pf_valid & (c.pf_pc <= tag)),
@@ -726,14 +736,12 @@ class Controller(GeometryComponent):
         pf_new_cmd = Signal(MpuIssue)
         pf_last = Signal(16)  # the newest one's pc: a new scan starts after it
         pf_last_argmax = Signal()  # ... and it is an ARGMAX (its register stops the scan)
-        with m.If(c.pf_pop):
-            for i in range(PF_QUEUE - 1):
-                m.d.sync += [pf_pcs[i].eq(pf_pcs[i + 1]), pf_cmds[i].eq(pf_cmds[i + 1])]
+        m.d.comb += [
+            pf_queue.r_en.eq(c.pf_pop),
+            pf_queue.w_en.eq(pf_push),
+            pf_queue.w_data.eq(Cat(pf_new_pc, pf_new_cmd.as_value())),
+        ]
         with m.If(pf_push):
-            slot = Mux(c.pf_pop, c.pf_n - 1, c.pf_n)
-            for i in range(PF_QUEUE):
-                with m.If(slot == i):
-                    m.d.sync += [pf_pcs[i].eq(pf_new_pc), pf_cmds[i].eq(pf_new_cmd)]
             m.d.sync += pf_last.eq(pf_new_pc)
         m.d.sync += c.pf_n.eq(c.pf_n + pf_push - c.pf_pop)
 
@@ -837,6 +845,7 @@ class Controller(GeometryComponent):
         g = self._geom
         words_per_beat = g.beat_bytes // isa.WORD_BYTES
         with m.State("Idle"), m.If(self.start):
+            m.d.comb += c.queues_clear.eq(1)  # the queues are emptied (their counts below)
             m.d.sync += [
                 c.running.eq(1),
                 c.cycles.eq(0),
