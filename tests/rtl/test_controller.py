@@ -667,6 +667,20 @@ def _read_and_store_cycles(got, log):
     return reads, next(c for e, c in at.items() if e[0] == "store")
 
 
+def _behind_a_waiting_vector_op(ones: int) -> list:
+    """Six words, pcs 0-5: R2 = 5 (live rows or columns), R4 = 4 (the position a store writes),
+    R6 = 128 (the forwarding offset), VBUF[0:ones] = 1.0, a long MATVEC and a vector op waiting
+    for it, from which the look-ahead scans what follows."""
+    return [
+        make(Op.SETI, rd=2, imm=5),
+        make(Op.SETI, rd=4, imm=4),
+        make(Op.SETI, rd=6, imm=128),
+        make(Op.VSET, dst=0, imm=0x3C00, len=ones),
+        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
+        make(Op.VMUL, dst=512, a=256, b=384, len=64),
+    ]
+
+
 def _forwarding_program(second_fwd: bool):
     """A long MATVEC; a vector op waiting for it; a store (K row R4 of the matrix at line 40);
     a forwarding product over that matrix (row R2 - 1 from VBUF[0 + R6]); a second MATVEC
@@ -674,12 +688,7 @@ def _forwarding_program(second_fwd: bool):
     fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
     second = fwd if second_fwd else {}
     return [
-        make(Op.SETI, rd=2, imm=5),
-        make(Op.SETI, rd=4, imm=4),
-        make(Op.SETI, rd=6, imm=128),
-        make(Op.VSET, dst=0, imm=0x3C00, len=256),
-        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
-        make(Op.VMUL, dst=512, a=256, b=384, len=64),
+        *_behind_a_waiting_vector_op(256),
         make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
         make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),
         make(Op.MATVEC, dst=704, src=64, line=50, rows=64, cols=64, **second),
@@ -719,12 +728,7 @@ def test_forwarded_columns_are_read_beside_stores():
     compares: it does not apply column stores.)"""
     fwd = {"flags": int(isa.MatFlag.LIVE_COLS), "lreg": 2, "sreg": 6}
     p = [
-        make(Op.SETI, rd=2, imm=5),
-        make(Op.SETI, rd=4, imm=4),
-        make(Op.SETI, rd=6, imm=128),
-        make(Op.VSET, dst=0, imm=0x3C00, len=1024),
-        make(Op.MATVEC, dst=256, src=0, line=10, rows=64, cols=64),
-        make(Op.VMUL, dst=512, a=256, b=384, len=64),
+        *_behind_a_waiting_vector_op(1024),
         make(Op.STCOL, src=768, len=64, line=80, ri=4, cols=64),
         make(Op.MATVEC, dst=640, src=0, line=80, rows=64, cols=64, **fwd),
         make(Op.MATVEC, dst=704, src=64, line=80, rows=64, cols=64, **fwd),
