@@ -690,13 +690,13 @@ class Controller(GeometryComponent):
         ``MATVEC`` it sends that MATVEC's weight read to the DMA as soon as the DMA slot is free
         and every HBM write is answered (a forwarding product's, tandem.isa, without waiting for
         writes), and queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest
-        ``pf_pc``); Exec then issues the oldest without a read. Past a store only forwarding
-        products are prefetched (the scan ends at any other MATVEC). The scan ends at any other
-        instruction (it may write a register, branch, read or write HBM), after a MATVEC with
-        ARGMAX (its register may change what follows), with the queue full, or at the end of
-        the memory; it
-        starts again, after the newest queued MATVEC, when Exec retires an instruction that is
-        not a vector op.
+        ``pf_pc``); Exec then issues the oldest without a read. Past a store Exec has not issued
+        only forwarding products are prefetched (the scan ends at any other MATVEC); once Exec
+        has issued it, a plain product's read waits for its write's answer (``write_quiet``) as
+        Exec's own does. The scan ends at any other instruction (it may write a register,
+        branch, read or write HBM), after a MATVEC with ARGMAX (its register may change what
+        follows), with the queue full, or at the end of the memory; it starts again, after the
+        newest queued MATVEC, when Exec retires an instruction that is not a vector op.
 
         Why it is safe: the words between Exec and a prefetched MATVEC are vector ops,
         MATVECs without ARGMAX and stores, which change no register, read no HBM but weights (in
