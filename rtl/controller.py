@@ -690,13 +690,13 @@ class Controller(GeometryComponent):
         ``MATVEC`` it sends that MATVEC's weight read to the DMA as soon as the DMA slot is free
         and every HBM write is answered (a forwarding product's, tandem.isa, without waiting for
         writes), and queues its pc and MPU command (up to :data:`PF_QUEUE`: ``pf_n``, oldest
-        ``pf_pc``); Exec then issues the oldest without a read. Past a store only forwarding
-        products are prefetched (the scan ends at any other MATVEC). The scan ends at any other
-        instruction (it may write a register, branch, read or write HBM), after a MATVEC with
-        ARGMAX (its register may change what follows), with the queue full, or at the end of
-        the memory; it
-        starts again, after the newest queued MATVEC, when Exec retires an instruction that is
-        not a vector op.
+        ``pf_pc``); Exec then issues the oldest without a read. Past a store Exec has not issued
+        only forwarding products are prefetched (the scan ends at any other MATVEC); once Exec
+        has issued it, a plain product's read waits for its write's answer (``write_quiet``) as
+        Exec's own does. The scan ends at any other instruction (it may write a register,
+        branch, read or write HBM), after a MATVEC with ARGMAX (its register may change what
+        follows), with the queue full, or at the end of the memory; it starts again, after the
+        newest queued MATVEC, when Exec retires an instruction that is not a vector op.
 
         Why it is safe: the words between Exec and a prefetched MATVEC are vector ops,
         MATVECs without ARGMAX and stores, which change no register, read no HBM but weights (in
@@ -781,19 +781,22 @@ class Controller(GeometryComponent):
             start.eq(exec_vec & ~on & ~done & room & (first < g.imem_words)),
             more.eq(on & have & (is_vector(word[:8]) | is_store) & (nxt < g.imem_words)),
         ]
-        # ... and a scan that starts after queued MATVECs some of which lie past a store (Exec
-        # may not have issued it yet) starts past a store too (pf_store: a queued one was
-        # prefetched past a store; cleared when the queue empties)
+        # ... and a scan that starts after queued MATVECs some of which lie past a store starts
+        # past a store too while Exec has not issued that store (pf_store: a queued one was
+        # prefetched past a store, cleared when the queue empties; store_pc: the newest store a
+        # scan passed). Once Exec is past it, the store is in flight or written, and a read
+        # waits for its answer as Exec's own does (``write_quiet``)
         pf_store = Signal()
+        store_pc = Signal(16)
         left = c.pf_n - c.pf_pop  # queued MATVECs after this cycle's pop, before its push
         with m.If(pf_push):
             m.d.sync += pf_store.eq(past_store | (pf_store & (left != 0)))
         with m.Elif(left == 0):
             m.d.sync += pf_store.eq(0)
         with m.If(start):
-            m.d.sync += past_store.eq(c.pf_valid & pf_store)
+            m.d.sync += past_store.eq(c.pf_valid & pf_store & (c.pc <= store_pc))
         with m.Elif(more & is_store):
-            m.d.sync += past_store.eq(1)
+            m.d.sync += [past_store.eq(1), store_pc.eq(at)]
         addr = Mux(start, first, nxt)
         m.d.comb += [la.addr.eq(addr), la.en.eq(start | more | go_on)]
         with m.If(start | more | go_on):

@@ -795,6 +795,31 @@ def test_a_scan_after_queued_forwarding_products_stays_past_the_store():
     assert reads[10] >= store + 50, (reads, store)
 
 
+def test_a_scan_after_exec_passed_the_store_is_not_past_it():
+    """The first scan (from the VMUL waiting for A) passes the store, prefetches the forwarding
+    products C1 and C2 and stops at the plain D. Exec issues the store and C1 and waits at VMUL2
+    (for C1) with C2 still queued: the new scan starts after C2, but the store is behind Exec
+    now, in flight or written, so D is prefetched as soon as the store's write is answered,
+    while VMUL2 still waits (not when Exec reaches D)."""
+    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    p = [
+        *_behind_a_waiting_vector_op(256),
+        make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
+        make(Op.MATVEC, dst=640, src=0, line=40, rows=64, cols=64, **fwd),  # C1
+        make(Op.VMUL, dst=960, a=640, b=384, len=64),  # VMUL2
+        make(Op.MATVEC, dst=704, src=64, line=40, rows=64, cols=64, **fwd),  # C2
+        make(Op.MATVEC, dst=896, src=64, line=50, rows=64, cols=64),  # D
+        make(Op.HALT),
+    ]
+    got, log, _ = check_against_isasim(p, {}, mpu_cycles=150, write_cycles=50)
+    assert got["status"] == 0
+    reads, store = _read_and_store_cycles(got, log)
+    at = dict(zip(log, got["cycles"], strict=True))
+    vmul2 = next(c for e, c in at.items() if e[0] == "vpu" and e[2] == 960)
+    assert reads[7] < store and reads[9] < store, (reads, store)  # C1, C2 past the store
+    assert store + 50 <= reads[10] < vmul2, (reads, store, vmul2)
+
+
 @pytest.mark.parametrize("read_delay", [1, 30])
 def test_a_store_error_comes_before_a_prefetched_reads(read_delay):
     """The K row's store (pc 6) and the forwarding product over it (pc 7) are both past
