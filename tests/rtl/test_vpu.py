@@ -29,12 +29,12 @@ BUILD_ARGS = {"verilator": ["--no-public-flat-rw"], "icarus": []}
 EXTRA_SOURCES = {"verilator": [Path(__file__).with_name("top_ports.vlt")], "icarus": []}
 
 
-def run_vpu(sim: str, **params):
+def run_vpu(sim: str, name: str | None = None, **params):
     params = {"geom": "tiny", "seed": 1, **params}
     runner.run(
         lambda: vpu_tb.build(params),
         TB,
-        name=f"vpu-{params['geom']}",
+        name=name or f"vpu-{params['geom']}",
         sim=sim,
         params=params,
         build_args=BUILD_ARGS[sim],
@@ -57,6 +57,15 @@ def test_vpu_small():
         pytest.skip("SIM selects another simulator")
     vpu = {"table_lanes": {"exp": 2, "gelu": 1}}
     run_vpu("verilator", geom="small", seed=2, runs=15, contexts=[65], vpu=vpu)
+
+
+@pytest.mark.long
+def test_vpu_adds_a_whole_row_per_cycle():
+    """Adds and multiplies on 64 lanes, a whole VBUF row per cycle (as u55c's, whose exp and
+    GELU tables keep 32), beside the tiny geometry's 4-lane tables, once on Verilator."""
+    if "verilator" not in runner.simulators():
+        pytest.skip("SIM selects another simulator")
+    run_vpu("verilator", name="vpu-tiny-64", seed=3, runs=15, vpu={"lanes": 64})
 
 
 # --------------------------------------------------------------------------------------------
