@@ -233,16 +233,17 @@ class VectorUnit(GeometryComponent):
     Parameters
     ----------
     geom : CoreGeometry
-        ``vbuf_elems`` sets the address widths, ``vpu_lanes`` the default lanes.
+        ``vbuf_elems`` sets the address widths, ``vpu_lanes`` and ``table_lanes`` the default
+        lanes.
     lanes : int, optional
         Elements per cycle of ``VADD``, ``VSUB`` and ``VMUL`` (a power of two, 1..64; default
         ``geom.vpu_lanes``).
     table_lanes : mapping of str to int, optional
         Lookups per cycle of each function (a power of two, 1..64), overriding the default
-        ``{"exp": vpu_lanes, "gelu": vpu_lanes, "recip": 1, "rsqrt": 1}``. Every two lanes
-        share one two-port :class:`FP16Table` ROM (:attr:`table_roms`). The compiled program
-        applies exp (softmax) and GELU (MLP) to whole vectors, but recip and rsqrt only to
-        single elements, hence one lane each.
+        ``{"exp": table_lanes, "gelu": table_lanes, "recip": 1, "rsqrt": 1}`` (``geom``'s).
+        Every two lanes share one two-port :class:`FP16Table` ROM (:attr:`table_roms`). The
+        compiled program applies exp (softmax) and GELU (MLP) to whole vectors, but recip and
+        rsqrt only to single elements, hence one lane each.
 
     Members
     -------
@@ -354,7 +355,8 @@ class VectorUnit(GeometryComponent):
         if not is_pow2(lanes) or lanes > ROW_ELEMS:
             raise ValueError(f"lanes must be a power of two from 1 to {ROW_ELEMS}, not {lanes!r}")
         tables = {
-            f: 1 if f in self.DEFAULT_SCALAR_TABLES else geom.vpu_lanes for f in TABLE_OPS.values()
+            f: 1 if f in self.DEFAULT_SCALAR_TABLES else geom.table_lanes
+            for f in TABLE_OPS.values()
         }
         if table_lanes is not None:
             unknown = set(table_lanes) - set(tables)

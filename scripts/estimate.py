@@ -631,7 +631,9 @@ def unit_designs():
 
 def block_designs():
     """Blocks of the core, for ``--unit`` only (not in ``--units``): the VPU's ``RowMax``, the
-    whole ``VectorUnit`` of the tiny geometry (its table ROMs too; not a stream unit, so
+    whole ``VectorUnit`` of the tiny and u55c geometries (the u55c's also with its adds and
+    multiplies at 32 lanes, as before issue 17's session 19; its table ROMs too; not a stream
+    unit, so
     ``--free-running`` leaves it as it is: its units run free inside it), and the
     ``Controller`` of the tiny and u55c geometries (instruction memory, decode, scoreboard),
     the tiny geometry's ``MatrixUnit`` (its tile input: the forwarded row and column patches),
@@ -646,6 +648,8 @@ def block_designs():
     return [
         ("RowMax", vpu.RowMax),
         ("VectorUnit(tiny)", lambda: vpu.VectorUnit(geometry("tiny"))),
+        ("VectorUnit(u55c)", lambda: vpu.VectorUnit(geometry("u55c"))),
+        ("VectorUnit(u55c, 32 lanes)", lambda: vpu.VectorUnit(geometry("u55c"), lanes=32)),
         ("Controller(tiny)", lambda: controller.Controller(geometry("tiny"))),
         ("Controller(u55c)", lambda: controller.Controller(geometry("u55c"))),
         ("MatrixUnit(tiny)", lambda: mpu.MatrixUnit(geometry("tiny"))),

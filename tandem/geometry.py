@@ -39,7 +39,10 @@ class CoreGeometry:
     tree : int
         Products per lane per cycle; must equal the numeric block size, 64.
     vpu_lanes : int
-        binary16 elements the vector unit handles per cycle.
+        binary16 elements the vector unit adds or multiplies per cycle (VADD, VSUB, VMUL).
+    table_lanes : int
+        binary16 elements per cycle of the vector unit's exp and GELU tables (VEXP, VGELU; every
+        two lanes share one block-RAM table, so this sets the tables' block RAM).
     vbuf_elems : int
         On-chip vector buffer capacity in binary16 elements.
     imem_words : int
@@ -58,6 +61,7 @@ class CoreGeometry:
     lanes: int
     tree: int = BLOCK
     vpu_lanes: int = 16
+    table_lanes: int = 16
     vbuf_elems: int = 32768
     imem_words: int = 4096
     channel_bytes: int = 512 << 20
@@ -70,7 +74,15 @@ class CoreGeometry:
     def check_rules(self) -> None:
         """Raise ``ValueError`` naming the first rule this geometry breaks (construction runs
         it; a unit may run it again on an object built some other way)."""
-        for field in ("channels", "port_bits", "lanes", "tree", "vpu_lanes", "vbuf_elems"):
+        for field in (
+            "channels",
+            "port_bits",
+            "lanes",
+            "tree",
+            "vpu_lanes",
+            "table_lanes",
+            "vbuf_elems",
+        ):
             v = getattr(self, field)
             if not is_pow2(v):
                 raise ValueError(f"{field} must be a power of two, not {v!r}")
@@ -93,8 +105,9 @@ class CoreGeometry:
                 f"{self.lanes} x {self.tree} = {self.lanes * self.tree}; they must be equal "
                 "(a weight tile is one beat of every channel)"
             )
-        if self.vpu_lanes > BLOCK:
-            raise ValueError(f"vpu_lanes must be at most {BLOCK}, not {self.vpu_lanes}")
+        for field in ("vpu_lanes", "table_lanes"):
+            if getattr(self, field) > BLOCK:
+                raise ValueError(f"{field} must be at most {BLOCK}, not {getattr(self, field)}")
         if self.vbuf_elems < 4 * BLOCK:
             raise ValueError(f"vbuf_elems must be at least {4 * BLOCK}, not {self.vbuf_elems}")
         if self.channel_bytes % 4096:
@@ -147,7 +160,8 @@ GEOMETRIES: dict[str, CoreGeometry] = {
         channels=32,
         port_bits=512,
         lanes=16,
-        vpu_lanes=32,
+        vpu_lanes=64,
+        table_lanes=32,
         vbuf_elems=32768,
         imem_words=8192,
     ),
@@ -158,6 +172,7 @@ GEOMETRIES: dict[str, CoreGeometry] = {
         port_bits=512,
         lanes=2,
         vpu_lanes=4,
+        table_lanes=4,
         vbuf_elems=4096,
         imem_words=2048,
         channel_bytes=64 << 20,
@@ -168,6 +183,7 @@ GEOMETRIES: dict[str, CoreGeometry] = {
         port_bits=256,
         lanes=2,
         vpu_lanes=8,
+        table_lanes=8,
         vbuf_elems=8192,
         imem_words=2048,
         channel_bytes=128 << 20,

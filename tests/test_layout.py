@@ -143,3 +143,10 @@ def test_geometry_validation():
         CoreGeometry(name="x", channels=4, port_bits=512, lanes=4)
     with pytest.raises(ValueError, match="tree"):
         CoreGeometry(name="x", channels=4, port_bits=512, lanes=4, tree=32)
+    ok = {"name": "x", "channels": 4, "port_bits": 512, "lanes": 2}
+    with pytest.raises(ValueError, match="table_lanes must be a power of two"):
+        CoreGeometry(**ok, table_lanes=24)
+    with pytest.raises(ValueError, match="table_lanes must be at most 64"):
+        CoreGeometry(**ok, table_lanes=128)
+    with pytest.raises(ValueError, match="vpu_lanes must be at most 64"):
+        CoreGeometry(**ok, vpu_lanes=128)

@@ -29,12 +29,12 @@ BUILD_ARGS = {"verilator": ["--no-public-flat-rw"], "icarus": []}
 EXTRA_SOURCES = {"verilator": [Path(__file__).with_name("top_ports.vlt")], "icarus": []}
 
 
-def run_vpu(sim: str, **params):
+def run_vpu(sim: str, name: str | None = None, **params):
     params = {"geom": "tiny", "seed": 1, **params}
     runner.run(
         lambda: vpu_tb.build(params),
         TB,
-        name=f"vpu-{params['geom']}",
+        name=name or f"vpu-{params['geom']}",
         sim=sim,
         params=params,
         build_args=BUILD_ARGS[sim],
@@ -57,6 +57,15 @@ def test_vpu_small():
         pytest.skip("SIM selects another simulator")
     vpu = {"table_lanes": {"exp": 2, "gelu": 1}}
     run_vpu("verilator", geom="small", seed=2, runs=15, contexts=[65], vpu=vpu)
+
+
+@pytest.mark.long
+def test_vpu_adds_a_whole_row_per_cycle():
+    """Adds and multiplies on 64 lanes, a whole VBUF row per cycle (as u55c's, whose exp and
+    GELU tables keep 32), beside the tiny geometry's 4-lane tables, once on Verilator."""
+    if "verilator" not in runner.simulators():
+        pytest.skip("SIM selects another simulator")
+    run_vpu("verilator", name="vpu-tiny-64", seed=3, runs=15, vpu={"lanes": 64})
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,9 +106,10 @@ def test_construction_errors():
 def test_cycle_formula():
     """The documented formula at the u55c geometry (the RTL tests check it cycle by cycle)."""
     v = VectorUnit(geometry("u55c"))
-    assert v.lanes == 32 and v.table_lanes == {"exp": 32, "recip": 1, "rsqrt": 1, "gelu": 32}
-    assert v.cycles(VectorOp.VADD, 768) == 24 + 5 + 5
+    assert v.lanes == 64 and v.table_lanes == {"exp": 32, "recip": 1, "rsqrt": 1, "gelu": 32}
+    assert v.cycles(VectorOp.VADD, 768) == 12 + 5 + 5
     assert v.cycles(VectorOp.VMUL, 0) == 1 + 5 + 4
+    assert v.cycles(VectorOp.VEXP, 768) == 24 + 5 + 2
     assert v.cycles(VectorOp.VGELU, 3072) == 96 + 5 + 2
     assert v.cycles(VectorOp.VRECIP, 1) == 1 + 5 + 2
     assert v.cycles(VectorOp.VMAX, 130) == 3 + 5 + 4
@@ -146,7 +156,8 @@ def test_schedule_overlaps_only_independent_commands():
         cmd(VectorOp.VADD, y, y, bias, 768),
     ]
     plan = v.schedule(ln)
-    assert serial(ln) == 262 and plan[-1][1] == 246
+    # u55c adds and multiplies 64 elements per cycle (262 and 246 with 32 lanes)
+    assert serial(ln) == 202 and plan[-1][1] == 186
     # each waits in the buffer until the one before it has written its last result
     assert all(t0 < p1 for (t0, _), (_, p1) in zip(plan[1:], plan, strict=False))
 
