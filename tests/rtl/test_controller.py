@@ -660,6 +660,12 @@ def test_a_store_runs_beside_vector_ops_that_write_other_rows():
     assert stores[3] >= vpu[2] + 30, (vpu, stores)  # the VDOT's result row: after it
 
 
+# A forwarding product's fields (tandem.isa): R2 live rows or columns, the row or column
+# forwarded from R6 past src (LIVE_ROWS) or dst (LIVE_COLS); _behind_a_waiting_vector_op sets both
+_FWD_ROW = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+_FWD_COL = {"flags": int(isa.MatFlag.LIVE_COLS), "lreg": 2, "sreg": 6}
+
+
 def _read_and_store_cycles(got, log):
     """The cycle of each read by its tag (pc), and of the first store, from a run's log."""
     at = dict(zip(log, got["cycles"], strict=True))
@@ -685,7 +691,7 @@ def _forwarding_program(second_fwd: bool):
     """A long MATVEC; a vector op waiting for it; a store (K row R4 of the matrix at line 40);
     a forwarding product over that matrix (row R2 - 1 from VBUF[0 + R6]); a second MATVEC
     (forwarding or not) over another matrix; HALT."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_ROW
     second = fwd if second_fwd else {}
     return [
         *_behind_a_waiting_vector_op(256),
@@ -726,7 +732,7 @@ def test_forwarded_columns_are_read_beside_stores():
     ((640 + R6) / 64 = 12) in the MPU command; a plain product after them waits for the
     store's response. (The V matrix at line 80 lies clear of the HBM bytes the harness
     compares: it does not apply column stores.)"""
-    fwd = {"flags": int(isa.MatFlag.LIVE_COLS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_COL
     p = [
         *_behind_a_waiting_vector_op(1024),
         make(Op.STCOL, src=768, len=64, line=80, ri=4, cols=64),
@@ -751,7 +757,7 @@ def test_forwarded_column_counts_from_dst(dst, status):
     """A forwarded column is VBUF[dst + R[sreg]] (tiny: 4,096 elements): with R6 = 128 it is
     the buffer's last row (4,032) from dst = 3,904, past the buffer from dst = 3,968 (whose own
     64 rows fit); src (0) plays no part. VBUF_RANGE at the product's pc, with no read."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_COLS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_COL
     p = [
         make(Op.SETI, rd=2, imm=5),
         make(Op.SETI, rd=6, imm=128),
@@ -773,7 +779,7 @@ def test_a_scan_after_queued_forwarding_products_stays_past_the_store():
     VMUL (waiting for B) and a new scan starts after C, the newest queued MATVEC, with the
     store still ahead of Exec: it must still count as past a store, so D's read waits for the
     store's write response (a plain read sent before the store would read stale rows)."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_ROW
     p = [
         make(Op.SETI, rd=2, imm=5),
         make(Op.SETI, rd=4, imm=4),
@@ -801,7 +807,7 @@ def test_a_scan_after_exec_passed_the_store_is_not_past_it():
     (for C1) with C2 still queued: the new scan starts after C2, but the store is behind Exec
     now, in flight or written, so D is prefetched as soon as the store's write is answered,
     while VMUL2 still waits (not when Exec reaches D)."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_ROW
     p = [
         *_behind_a_waiting_vector_op(256),
         make(Op.STROW, src=128, len=64, line=40, ri=4, cols=64),
@@ -867,7 +873,7 @@ def test_a_prefetched_reads_error_waits_for_exec():
 def test_forwarding_product_without_lookahead_ignores_writes():
     """Exec itself sends a forwarding product's read while a write is outstanding (no vector
     op before it, so no look-ahead); a plain MATVEC waits for the response."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_ROW
     p = [
         make(Op.SETI, rd=2, imm=5),
         make(Op.SETI, rd=4, imm=4),
@@ -905,7 +911,7 @@ def test_forwarded_row_out_of_range(r6, status):
     """The forwarded row must be a VBUF row inside the buffer (tiny: 4,096 elements):
     VBUF_RANGE at the product's pc, as the ISA simulator says, and no read for it; the last
     row is fine."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_ROW
     p = [
         make(Op.SETI, rd=2, imm=5),
         make(Op.SETI, rd=6, imm=r6),
@@ -923,7 +929,7 @@ def test_forwarded_row_out_of_range(r6, status):
 def test_forwarded_row_counts_from_src(src, status):
     """The forwarded row is VBUF[src + R[sreg]]: with R6 = 64 it is the buffer's last row
     (4,032) from src = 3,968, past the buffer from src = 4,032 (whose own 64 columns fit)."""
-    fwd = {"flags": int(isa.MatFlag.LIVE_ROWS), "lreg": 2, "sreg": 6}
+    fwd = _FWD_ROW
     p = [
         make(Op.SETI, rd=2, imm=5),
         make(Op.SETI, rd=6, imm=64),
