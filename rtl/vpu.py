@@ -297,8 +297,8 @@ class VectorUnit(GeometryComponent):
       results are not all written (read after write): it waits until they are, unless it
       *follows* that command's writes and the command has written its first row (chaining:
       the command is row-rate, a whole row per cycle in order, and each operand of the head
-      that meets its rows is a vector starting at or before their first row, so the head
-      reads each row at least a cycle after it is written);
+      that meets its rows starts at or before their first row, so the head reads each row at
+      least a cycle after it is written);
     * it is a ``VDOT`` with a first pass (its ``xe_max`` is one register) and a ``VDOT`` has
       results still to write;
     * :attr:`MAX_IN_FLIGHT` commands are started and not yet reported on ``done``.
@@ -478,12 +478,12 @@ class VectorUnit(GeometryComponent):
             accept = max(accept + 1, starts[k - 3] + 1 if k >= 3 else 0)
             t = max(t, accept + 2)
             rows = max(1, -(-c.length // ROW_ELEMS))
-            reads = []  # (first row, end row, read once at the start)
+            reads = []  # (first row, end row)
             if op is not VectorOp.VSET:
-                reads.append((c.a // ROW_ELEMS, c.a // ROW_ELEMS + rows, False))
+                reads.append((c.a // ROW_ELEMS, c.a // ROW_ELEMS + rows))
             if op in _READS_B:
                 b = c.b // ROW_ELEMS
-                reads.append((b, b + (1 if c.b_scalar else rows), bool(c.b_scalar)))
+                reads.append((b, b + (1 if c.b_scalar else rows)))
             pass1 = op is VectorOp.VDOT and not c.b_scalar
             while True:
                 t0 = t
@@ -494,11 +494,11 @@ class VectorUnit(GeometryComponent):
                     if pass1 and (dot or not chain):  # the first pass's xe_max register
                         t = w + 1
                         continue
-                    met = [(a, scalar) for a, b, scalar in reads if a < hi and lo < b]
+                    met = [a for a, b in reads if a < hi and lo < b]
                     if not met:
                         continue
                     # chaining: reads that follow a row-rate command's writes, row by row
-                    follows = chain and row_rate and all(a <= lo and not s for a, s in met)
+                    follows = chain and row_rate and all(a <= lo for a in met)
                     t = max(t, (w1 if follows else w) + 1)
                 busy = sorted(w for _, _, w, *_ in flight if w + 1 >= t)
                 if len(busy) >= self.MAX_IN_FLIGHT:
@@ -682,10 +682,10 @@ class VectorUnit(GeometryComponent):
 
         def follows(x, lo, hi, row_rate):
             # x may read the rows [lo, hi) of a row-rate command as they are written: each of
-            # its operands that meets them is a vector (not a scalar b) whose first row is at or
-            # before lo, so x reads row lo + k no earlier than k cycles after its first read
+            # its operands that meets them starts at or before lo, so x reads row lo + k no
+            # earlier than k cycles after its first read (a scalar b that meets them is row lo)
             a_ok = ~((x.a_row < hi) & (lo < x.a_hi)) | (x.a_row <= lo)
-            b_ok = ~((x.b_row < hi) & (lo < x.b_hi)) | ((x.b_row <= lo) & ~x.scalar)
+            b_ok = ~((x.b_row < hi) & (lo < x.b_hi)) | (x.b_row <= lo)
             return row_rate & a_ok & b_ok
 
         alloc = [ring.alloc_ptr[: ring.ptr_bits - 1] == j for j in range(K)]

@@ -378,10 +378,10 @@ READS_B = (VectorOp.VADD, VectorOp.VSUB, VectorOp.VMUL, VectorOp.VDOT)
 
 
 def chained_command(rng, rows: int, prev: Command, row_rate: list[VectorOp]) -> Command:
-    """A random legal command that reads the rows ``prev`` writes: from their first row (``a``
-    or a vector ``b``), from a row before it, or as a scalar ``b`` (which may not follow the
-    writes); half the time one of the ``row_rate`` ops (a row per cycle: the ones whose writes
-    a reader may follow)."""
+    """A random legal command that reads the rows ``prev`` writes, through ``a`` or ``b``
+    (vector or scalar), from their first row, a row before it, or a row after it (which may
+    not follow the writes); half the time one of the ``row_rate`` ops (a row per cycle: the
+    ones whose writes a reader may follow)."""
     for _ in range(100):
         c = random_command(rng, rows)
         if rng.random() < 0.5:
@@ -390,11 +390,12 @@ def chained_command(rng, rows: int, prev: Command, row_rate: list[VectorOp]) -> 
         if c.op is VectorOp.VSET:
             return c
         n = max(1, -(-c.length // ROW_ELEMS))
-        src = prev.dst - (ROW_ELEMS if prev.dst and rng.random() < 0.25 else 0)
-        if src + n * ROW_ELEMS > rows * ROW_ELEMS:
+        shift = int(rng.choice([0, 0, -1, 1])) * ROW_ELEMS  # from the first row, before, after
+        src = prev.dst + shift
+        if src < 0 or src + n * ROW_ELEMS > rows * ROW_ELEMS:
             continue
         if c.op in READS_B and rng.random() < 0.4:
-            c = replace(c, b=prev.dst if c.b_scalar else src)
+            c = replace(c, b=src)
         else:
             c = replace(c, a=src)
         if c.op in (VectorOp.VMAX, VectorOp.VDOT):
