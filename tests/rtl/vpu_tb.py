@@ -390,7 +390,7 @@ def chained_command(rng, rows: int, prev: Command, row_rate: list[VectorOp]) -> 
         if c.op is VectorOp.VSET:
             return c
         n = max(1, -(-c.length // ROW_ELEMS))
-        shift = int(rng.choice([0, 0, -1, 1])) * ROW_ELEMS  # from the first row, before, after
+        shift = int(rng.choice([0, 0, -1, 1, 2, 3])) * ROW_ELEMS  # the first row, before, after
         src = prev.dst + shift
         if src < 0 or src + n * ROW_ELEMS > rows * ROW_ELEMS:
             continue
@@ -532,12 +532,22 @@ async def vpu_chains(dut):
     tb, params, rng = await setup(dut)
     row_rate = [o for o in VectorOp if tb.vpu.op_lanes(o) == ROW_ELEMS]
     row_rate = [o for o in row_rate if o not in (VectorOp.VMAX, VectorOp.VDOT)]
+    # directed: a VSET of rows 2..5 and a VMAX of row 4 alone, which may not follow it (its
+    # row is written two cycles after the first): -Inf, not the 1.0s row 4 held before
+    await tb.write(0, random_rows(rng, tb.rows))
+    await tb.write(4 * ROW_ELEMS, np.full(ROW_ELEMS, nm.to_bits(1.0), np.uint16))
+    directed = [
+        Command(VectorOp.VSET, 2 * ROW_ELEMS, length=4 * ROW_ELEMS, imm=int(nm.NEG_INF)),
+        Command(VectorOp.VMAX, 10 * ROW_ELEMS, 4 * ROW_ELEMS, length=ROW_ELEMS),
+    ]
+    await tb.run(directed)
+    await tb.check("a VMAX of the VSET's third row")
     saved = 0
     for k in range(params.get("runs", 30) // 2):
         await tb.write(0, random_rows(rng, tb.rows))
-        cmds = [random_command(rng, 8)]
+        cmds = [random_command(rng, 24)]  # up to 8 rows each, over 24
         for _ in range(int(rng.integers(6, 14))):
-            cmds.append(chained_command(rng, 8, cmds[-1], row_rate))
+            cmds.append(chained_command(rng, 24, cmds[-1], row_rate))
         valid, ready = HANDSHAKES[k % len(HANDSHAKES)] if k % 2 else ("always", "always")
         await tb.run(cmds, valid=valid, ready=ready, seed=k)
         await tb.check("\n  ".join(["commands", *map(str, cmds)]))
