@@ -62,6 +62,8 @@ TABLE_OPS = {
 
 _BINARY_OPS = (VectorOp.VADD, VectorOp.VSUB, VectorOp.VMUL)
 _READS_B = (*_BINARY_OPS, VectorOp.VDOT)
+_POINT_OPS = (VectorOp.VMAX, VectorOp.VDOT)
+"""Ops that write one element, after reading all their rows."""
 
 
 class VectorCommand(data.Struct):
@@ -292,8 +294,12 @@ class VectorUnit(GeometryComponent):
       port takes one command's results at a time, in order): it waits while a command with a
       larger ``U`` drains;
     * a row it reads (``a``, ``b``, or the scalar ``b``) is the destination of a command whose
-      results are not all written (read after write): it waits until they are;
-    * it is a ``VDOT`` with a first pass (its ``xe_max`` is one register) and any command has
+      results are not all written (read after write): it waits until they are, unless it
+      *follows* that command's writes and the command has written its first row (chaining:
+      the command is row-rate, a whole row per cycle in order, and each operand of the head
+      that meets its rows starts at or before their first row, so the head reads each row at
+      least a cycle after it is written);
+    * it is a ``VDOT`` with a first pass (its ``xe_max`` is one register) and a ``VDOT`` has
       results still to write;
     * :attr:`MAX_IN_FLIGHT` commands are started and not yet reported on ``done``.
 
@@ -303,9 +309,9 @@ class VectorUnit(GeometryComponent):
     accept and ``done`` cycles of a run (with both streams always ready). Writes of later
     commands never overtake earlier ones, and reads never see a row before an earlier
     command's write to it, so a run gives exactly the ISA's sequential results. For GPT-2 on
-    u55c a LayerNorm over 768 elements (a chain, each op reading the one before) takes 246
-    cycles; the softmax of 12 heads at T = 5, issued op by op over the heads, 83 cycles
-    (:meth:`schedule`; 696 one by one).
+    u55c a LayerNorm over 768 elements (a chain, each op reading the one before) takes 158
+    cycles (186 without chaining, ``schedule(cmds, chain=False)``); the softmax of 12 heads
+    at T = 5, issued op by op over the heads, 83 cycles (:meth:`schedule`; 696 one by one).
 
     Logic depth: a decode register and the buffer sit between ``cmd`` and the start of a
     command, so the start and issue logic work from registers (the read-after-write check is
@@ -449,12 +455,14 @@ class VectorUnit(GeometryComponent):
         pass1 = max(1, -(-length // ROW_ELEMS)) if op is VectorOp.VDOT and not b_scalar else 0
         return pass1 + beats + 5 + self.unit_latency(op)
 
-    def schedule(self, cmds) -> list[tuple[int, int]]:
+    def schedule(self, cmds, *, chain: bool = True) -> list[tuple[int, int]]:
         """``(accept, done)`` cycles of each of ``cmds`` (objects with ``op``, ``dst``, ``a``,
         ``b``, ``length`` and ``b_scalar``) sent back to back with ``cmd.valid`` and
         ``done.ready`` always high, counted from the first accept: the input buffer and the
-        overlap rules of the class docstring, cycle for cycle."""
-        flight = []  # (dst rows lo, hi, last write cycle)
+        overlap rules of the class docstring, cycle for cycle. ``chain=False`` gives the cycles
+        of a unit that never chains (every read waits for the last write of the rows it reads,
+        and a first pass for every write), to measure what chaining saves."""
+        flight = []  # (dst rows lo, hi, last write cycle, first write cycle, row rate, VDOT)
         starts = []  # the cycle each command started (left the input buffer)
         accept = -1
         t = 0
@@ -470,7 +478,7 @@ class VectorUnit(GeometryComponent):
             accept = max(accept + 1, starts[k - 3] + 1 if k >= 3 else 0)
             t = max(t, accept + 2)
             rows = max(1, -(-c.length // ROW_ELEMS))
-            reads = []
+            reads = []  # (first row, end row)
             if op is not VectorOp.VSET:
                 reads.append((c.a // ROW_ELEMS, c.a // ROW_ELEMS + rows))
             if op in _READS_B:
@@ -480,10 +488,19 @@ class VectorUnit(GeometryComponent):
             while True:
                 t0 = t
                 t = max(t, issue_end, horizon - 2 - u)
-                for lo, hi, w in flight:
-                    if w >= t and (pass1 or any(a < hi and lo < b for a, b in reads)):
+                for lo, hi, w, w1, row_rate, dot in flight:
+                    if w < t:
+                        continue
+                    if pass1 and (dot or not chain):  # the first pass's xe_max register
                         t = w + 1
-                busy = sorted(w for _, _, w in flight if w + 1 >= t)
+                        continue
+                    met = [a for a, b in reads if a < hi and lo < b]
+                    if not met:
+                        continue
+                    # chaining: reads that follow a row-rate command's writes, row by row
+                    follows = chain and row_rate and all(a <= lo for a in met)
+                    t = max(t, (w1 if follows else w) + 1)
+                busy = sorted(w for _, _, w, *_ in flight if w + 1 >= t)
                 if len(busy) >= self.MAX_IN_FLIGHT:
                     t = max(t, busy[len(busy) - self.MAX_IN_FLIGHT] + 2)
                 if t == t0:
@@ -491,7 +508,10 @@ class VectorUnit(GeometryComponent):
             w = t + n + 2 + u
             d = c.dst // ROW_ELEMS
             point = op in (VectorOp.VMAX, VectorOp.VDOT)
-            flight.append((d, d + (1 if point else rows), w))
+            row_rate = self.op_lanes(op) == ROW_ELEMS and not point
+            flight.append(
+                (d, d + (1 if point else rows), w, w - n + 1, row_rate, op is VectorOp.VDOT)
+            )
             issue_end, horizon = t + n, w
             starts.append(t)
             out.append((accept, w + 1))
@@ -545,10 +565,14 @@ class VectorUnit(GeometryComponent):
             "last_mask": ROW_ELEMS,  # live elements of the last row
             "u2": range(max_u + 3),  # 2 + U
             "u3": range(max_u + 4),  # 3 + U
+            "row_rate": 1,  # writes a whole row per cycle, rows in order (may be chained)
         }
         if buffered:
             fields["last_beat"] = range(self._geom.vbuf_elems)  # of the main pass
             fields["meets"] = self.MAX_IN_FLIGHT
+            # ring entries whose rows it meets only by reads that may follow their writes row
+            # by row (row-rate entries whose first row it reads first: see _issue)
+            fields["chains"] = self.MAX_IN_FLIGHT
         else:
             fields["empty"] = 1
             fields["length_m1"] = 16
@@ -572,7 +596,7 @@ class VectorUnit(GeometryComponent):
         is_ = {o: cmd.op == o for o in VectorOp}
         reads_a = ~is_[VectorOp.VSET]
         reads_b = Cat(*(is_[o] for o in _READS_B)).any()
-        point = is_[VectorOp.VMAX] | is_[VectorOp.VDOT]  # writes one element
+        point = Cat(*(is_[o] for o in _POINT_OPS)).any()  # writes one element
         pass1 = is_[VectorOp.VDOT] & ~cmd.b_scalar
         rem = length[:6]
         rows = Mux(empty, 1, (length + (ROW_ELEMS - 1)) >> 6)  # max(1, ceil(length / 64))
@@ -585,6 +609,7 @@ class VectorUnit(GeometryComponent):
                 with m.Case(o):
                     n = self._op_lanes[o]
                     m.d.comb += [
+                        dec.row_rate.eq(int(n == ROW_ELEMS and o not in _POINT_OPS)),
                         dec.lanes.eq(1 << classes.index(n)),
                         single.eq(length <= n),
                         log_lanes.eq(n.bit_length() - 1),
@@ -655,6 +680,14 @@ class VectorUnit(GeometryComponent):
         def touches(x, lo, hi):  # the operand rows of x meet the rows [lo, hi)
             return ((x.a_row < hi) & (lo < x.a_hi)) | ((x.b_row < hi) & (lo < x.b_hi))
 
+        def follows(x, lo, hi, row_rate):
+            # x may read the rows [lo, hi) of a row-rate command as they are written: each of
+            # its operands that meets them starts at or before lo, so x reads row lo + k no
+            # earlier than k cycles after its first read (a scalar b that meets them is row lo)
+            a_ok = ~((x.a_row < hi) & (lo < x.a_hi)) | (x.a_row <= lo)
+            b_ok = ~((x.b_row < hi) & (lo < x.b_hi)) | (x.b_row <= lo)
+            return row_rate & a_ok & b_ok
+
         alloc = [ring.alloc_ptr[: ring.ptr_bits - 1] == j for j in range(K)]
         h = e0
         inc = Signal(layout)  # the decode register's command as the buffer takes it
@@ -668,21 +701,39 @@ class VectorUnit(GeometryComponent):
         m.d.comb += inc.last_beat.eq(Mux(p.empty, 0, last_beat))
         p_meets_head = touches(p, h.dst_row, h.dst_hi)
         e1_meets_head = touches(e1, h.dst_row, h.dst_hi)
-        m.d.comb += inc.meets.eq(
-            Cat(
-                *(
-                    Mux(take & alloc[j], p_meets_head, touches(p, ring.e_lo[j], ring.e_hi[j]))
-                    for j in range(K)
+        p_follows_head = follows(p, h.dst_row, h.dst_hi, h.row_rate)
+        e1_follows_head = follows(e1, h.dst_row, h.dst_hi, h.row_rate)
+        m.d.comb += [
+            inc.meets.eq(
+                Cat(
+                    *(
+                        Mux(take & alloc[j], p_meets_head, touches(p, ring.e_lo[j], ring.e_hi[j]))
+                        for j in range(K)
+                    )
                 )
-            )
-        )
+            ),
+            inc.chains.eq(
+                Cat(
+                    *(
+                        Mux(
+                            take & alloc[j],
+                            p_follows_head,
+                            follows(p, ring.e_lo[j], ring.e_hi[j], ring.e_row_rate[j]),
+                        )
+                        for j in range(K)
+                    )
+                )
+            ),
+        ]
         moved = Signal(K)  # e1's meets once the head has started (it moves to e0)
-        m.d.comb += moved.eq(
-            Cat(*(Mux(alloc[j], e1_meets_head, e1.meets[j]) for j in range(K)))
-        )
+        moved_chains = Signal(K)
+        m.d.comb += [
+            moved.eq(Cat(*(Mux(alloc[j], e1_meets_head, e1.meets[j]) for j in range(K)))),
+            moved_chains.eq(Cat(*(Mux(alloc[j], e1_follows_head, e1.chains[j]) for j in range(K)))),
+        ]
         with m.If(~v0 | take):
             with m.If(v1):
-                m.d.sync += [e0.eq(e1), e0.meets.eq(moved)]
+                m.d.sync += [e0.eq(e1), e0.meets.eq(moved), e0.chains.eq(moved_chains)]
             with m.Else():
                 m.d.sync += e0.eq(inc)
         with m.If(pmove):
@@ -692,7 +743,9 @@ class VectorUnit(GeometryComponent):
             v1.eq(Mux(v1, ~take | pmove, pmove & v0 & ~take)),
         ]
         hazard = Signal()  # an operand row of the head still to be written by a command
-        m.d.comb += hazard.eq((ring.e_unwritten & h.meets).any())
+        m.d.comb += hazard.eq(
+            (ring.e_unwritten & h.meets & ~(h.chains & ring.e_first)).any()
+        )
         return SimpleNamespace(e=e0, valid=v0, take=take, hazard=hazard, pending=pv)
 
     def _in_flight(self, m):
@@ -715,6 +768,9 @@ class VectorUnit(GeometryComponent):
             e_lo=[Signal(row_bits, name=f"fl{j}_lo") for j in range(K)],  # dst rows [lo, hi)
             e_hi=[Signal(row_bits + 1, name=f"fl{j}_hi") for j in range(K)],
             e_unwritten=Signal(K),
+            e_row_rate=Signal(K),  # writes a whole row per cycle, in order
+            e_dot=Signal(K),  # a VDOT (its second pass uses the first pass's xe_max)
+            e_first=Signal(K),  # has written its first row
         )
 
     def _issue(self, m, head, ring):
@@ -768,7 +824,7 @@ class VectorUnit(GeometryComponent):
             & in_order
             & ~head.hazard
             & (n_flight < K)
-            & (~h.pass1 | (ring.e_unwritten == 0))
+            & (~h.pass1 | ~(ring.e_unwritten & ring.e_dot).any())
         )
         take = head.take
         with m.If(take):
@@ -811,6 +867,8 @@ class VectorUnit(GeometryComponent):
                         ring.e_op[j].eq(h.op),
                         ring.e_lo[j].eq(h.dst_row),
                         ring.e_hi[j].eq(h.dst_hi),
+                        ring.e_row_rate[j].eq(h.row_rate),
+                        ring.e_dot[j].eq(h.op == VectorOp.VDOT),
                     ]
             m.d.sync += ring.alloc_ptr.eq(ring.alloc_ptr + 1)
 
@@ -943,6 +1001,16 @@ class VectorUnit(GeometryComponent):
             xe2.eq(Mux(b_exp == 0, 1, b_exp)),
         ]
         m.d.sync += [s2_go[u].eq(s1_valid & s1_go[u]) for u in units]
+        # the adders' operands isolated in registers of their own (zeros unless an add or a
+        # subtraction runs), so no AND with the valid flag sits in front of their exponent
+        # compare (7 LUT levels to its register, 8 with the AND in some mappings)
+        s2_add_a = Signal(Row)
+        s2_add_b = Signal(Row)
+        add_go = s1_valid & s1_go["add"]
+        m.d.sync += [
+            s2_add_a.as_value().eq(_isolate(a_op, add_go)),
+            s2_add_b.as_value().eq(_isolate(b_sel, add_go)),
+        ]
         return SimpleNamespace(
             valid=s2_valid,
             a=s2_a,
@@ -953,6 +1021,8 @@ class VectorUnit(GeometryComponent):
             last=s2_last,
             pass1=s2_pass1,
             go=s2_go,
+            add_a=s2_add_a,
+            add_b=s2_add_b,
             dst=dst2,
             imm=imm2,
             scalar=scalar2,
@@ -969,9 +1039,10 @@ class VectorUnit(GeometryComponent):
             t = i.payload.tag
             return [t.row.eq(s2.row), t.mask.eq(s2.mask), t.last.eq(s2.last)]
 
-        def lane_group(name, n, make, operands, valid, *, ports=1):
+        def lane_group(name, n, make, operands, valid, *, ports=1, isolated=False):
             """``n`` lanes from ``n // ports`` units ``make(tag)`` of ``ports`` stream pairs
-            each (a two-port table serves two lanes); returns the lanes' (i, o) streams."""
+            each (a two-port table serves two lanes); returns the lanes' (i, o) streams.
+            ``isolated``: the operands are already zero unless ``valid``."""
             lanes = []
             for k in range(n // ports):
                 u = make(wtag if k == 0 else unsigned(0))
@@ -980,7 +1051,7 @@ class VectorUnit(GeometryComponent):
             for k, (i, o) in enumerate(lanes):
                 m.d.comb += [i.valid.eq(valid), o.ready.eq(1)]
                 m.d.comb += [
-                    getattr(i.payload, port).eq(_isolate(row[k], valid))
+                    getattr(i.payload, port).eq(row[k] if isolated else _isolate(row[k], valid))
                     for port, row in operands.items()
                 ]
             i, o = lanes[0]
@@ -1001,8 +1072,9 @@ class VectorUnit(GeometryComponent):
             "add",
             self._lanes,
             lambda tag: FP16Add(tag=tag),
-            {"a": s2.a, "b": s2.b},
+            {"a": s2.add_a, "b": s2.add_b},
             s2.go["add"],
+            isolated=True,
         )
         m.d.comb += [i.payload.op.eq(Mux(s2.go["sub"], AddOp.SUB, AddOp.ADD)) for i, _ in adders]
         lane_group(
@@ -1173,9 +1245,11 @@ class VectorUnit(GeometryComponent):
             m.d.sync += ring.wr_ptr.eq(ring.wr_ptr + 1)
         for j in range(K):
             with m.If(accept & (ring.alloc_ptr[: ptr_bits - 1] == j)):
-                m.d.sync += ring.e_unwritten[j].eq(1)
-            with m.Elif(wrote & (ring.wr_ptr[: ptr_bits - 1] == j)):
-                m.d.sync += ring.e_unwritten[j].eq(0)
+                m.d.sync += [ring.e_unwritten[j].eq(1), ring.e_first[j].eq(0)]
+            with m.Elif(w_valid & (ring.wr_ptr[: ptr_bits - 1] == j)):
+                m.d.sync += ring.e_first[j].eq(1)
+                with m.If(w_last):
+                    m.d.sync += ring.e_unwritten[j].eq(0)
         m.d.comb += [
             self.done.valid.eq(ring.done_ptr != ring.wr_ptr),
             self.done.payload.eq(Array(ring.e_op)[ring.done_ptr[: ptr_bits - 1]]),
