@@ -507,7 +507,7 @@ class VectorUnit(GeometryComponent):
                     break
             w = t + n + 2 + u
             d = c.dst // ROW_ELEMS
-            point = op in (VectorOp.VMAX, VectorOp.VDOT)
+            point = op in _POINT_OPS
             row_rate = self.op_lanes(op) == ROW_ELEMS and not point
             flight.append(
                 (d, d + (1 if point else rows), w, w - n + 1, row_rate, op is VectorOp.VDOT)
@@ -570,8 +570,8 @@ class VectorUnit(GeometryComponent):
         if buffered:
             fields["last_beat"] = range(self._geom.vbuf_elems)  # of the main pass
             fields["meets"] = self.MAX_IN_FLIGHT
-            # ring entries whose rows it meets only by reads that may follow their writes row
-            # by row (row-rate entries whose first row it reads first: see _issue)
+            # ring entries whose writes its reads may follow row by row (row-rate entries
+            # whose first row its operands reach first: chaining, in the class docstring)
             fields["chains"] = self.MAX_IN_FLIGHT
         else:
             fields["empty"] = 1
