@@ -677,16 +677,19 @@ class VectorUnit(GeometryComponent):
             m.d.sync += p.eq(dec)
         m.d.sync += pv.eq(xfer | (pv & ~pmove))
 
+        def meets(x, lo, hi):  # whether x's a and b operand rows meet the rows [lo, hi)
+            return (x.a_row < hi) & (lo < x.a_hi), (x.b_row < hi) & (lo < x.b_hi)
+
         def touches(x, lo, hi):  # the operand rows of x meet the rows [lo, hi)
-            return ((x.a_row < hi) & (lo < x.a_hi)) | ((x.b_row < hi) & (lo < x.b_hi))
+            a, b = meets(x, lo, hi)
+            return a | b
 
         def follows(x, lo, hi, row_rate):
             # x may read the rows [lo, hi) of a row-rate command as they are written: each of
             # its operands that meets them starts at or before lo, so x reads row lo + k no
             # earlier than k cycles after its first read (a scalar b that meets them is row lo)
-            a_ok = ~((x.a_row < hi) & (lo < x.a_hi)) | (x.a_row <= lo)
-            b_ok = ~((x.b_row < hi) & (lo < x.b_hi)) | (x.b_row <= lo)
-            return row_rate & a_ok & b_ok
+            a, b = meets(x, lo, hi)
+            return row_rate & (~a | (x.a_row <= lo)) & (~b | (x.b_row <= lo))
 
         alloc = [ring.alloc_ptr[: ring.ptr_bits - 1] == j for j in range(K)]
         h = e0
